@@ -1,0 +1,23 @@
+//! Sensorhub's domain types, and the one place where input is validated.
+//!
+//! Every way a reading enters the system (HTTP seed format, HTTP batches, MQTT topics) is parsed here
+//! into a [`Reading`], whose parts can only be built through checking constructors: code that holds a
+//! `Reading` knows it is valid. The queue message format lives here too, so the ingest services and the
+//! persister cannot disagree about it.
+
+mod error;
+mod ids;
+mod message;
+mod parse;
+mod reading;
+
+pub use error::ValidationError;
+pub use ids::{DeviceId, MetricName, ReadingId};
+pub use message::{MESSAGE_VERSION, MessageError, ReadingBatchMessage};
+pub use parse::{
+    MAX_READINGS_PER_REQUEST, parse_device_topic_payload, parse_readings_body, parse_seed_body,
+};
+pub use reading::{
+    MAX_FUTURE_SKEW, MAX_METRICS, Metrics, OLDEST_TIMESTAMP, Reading, parse_timestamp_millis,
+    parse_timestamp_rfc3339,
+};

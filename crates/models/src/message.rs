@@ -1,0 +1,106 @@
+//! What travels on the queue between the ingest services and the persister: one AMQP message carries a
+//! batch of readings, so that many small requests share one publish, one confirm and one ack.
+
+use serde::{Deserialize, Serialize};
+
+use crate::Reading;
+
+/// Bumped on any change the persister must know about; a persister refuses versions it does not know
+/// (the message is dead-lettered with the reason, never guessed at).
+pub const MESSAGE_VERSION: u32 = 1;
+
+/// `{"v": 1, "readings": [...]}`, each reading as `{"d", "i", "t", "m"}` (see [`Reading`]'s serde).
+pub struct ReadingBatchMessage;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MessageError {
+    #[error("unsupported message version {0} (this build reads version {MESSAGE_VERSION})")]
+    UnsupportedVersion(u32),
+    #[error("malformed message: {0}")]
+    Malformed(String),
+    #[error("message carries no readings")]
+    Empty,
+}
+
+impl ReadingBatchMessage {
+    pub const CONTENT_TYPE: &'static str = "application/vnd.sensorhub.readings.v1+json";
+
+    pub fn encode(readings: &[Reading]) -> Vec<u8> {
+        #[derive(Serialize)]
+        struct Out<'a> {
+            v: u32,
+            readings: &'a [Reading],
+        }
+        // Serializing our own types to a Vec cannot fail: every key is a string and every float is
+        // finite (Metrics refuses anything else).
+        serde_json::to_vec(&Out {
+            v: MESSAGE_VERSION,
+            readings,
+        })
+        .unwrap_or_default()
+    }
+
+    /// Decodes and re-validates (through the domain types' deserializers) a message body.
+    pub fn decode(body: &[u8]) -> Result<Vec<Reading>, MessageError> {
+        #[derive(Deserialize)]
+        struct Version {
+            v: u32,
+        }
+        #[derive(Deserialize)]
+        struct In {
+            readings: Vec<Reading>,
+        }
+        let version: Version =
+            serde_json::from_slice(body).map_err(|e| MessageError::Malformed(e.to_string()))?;
+        if version.v != MESSAGE_VERSION {
+            return Err(MessageError::UnsupportedVersion(version.v));
+        }
+        let message: In =
+            serde_json::from_slice(body).map_err(|e| MessageError::Malformed(e.to_string()))?;
+        if message.readings.is_empty() {
+            return Err(MessageError::Empty);
+        }
+        Ok(message.readings)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::parse_readings_body;
+
+    #[test]
+    fn batches_round_trip() {
+        let now = chrono::Utc::now();
+        let readings = parse_readings_body(
+            br#"[{"device_id":"a","metrics":{"t":1}},{"device_id":"b","id":"x","metrics":{"h":-2.5e-3}}]"#,
+            now,
+        )
+        .unwrap();
+        let bytes = ReadingBatchMessage::encode(&readings);
+        assert_eq!(ReadingBatchMessage::decode(&bytes).unwrap(), readings);
+    }
+
+    #[test]
+    fn undecodable_messages_say_why() {
+        assert!(matches!(
+            ReadingBatchMessage::decode(b"not json"),
+            Err(MessageError::Malformed(_))
+        ));
+        assert!(matches!(
+            ReadingBatchMessage::decode(br#"{"v":2,"readings":[]}"#),
+            Err(MessageError::UnsupportedVersion(2))
+        ));
+        assert!(matches!(
+            ReadingBatchMessage::decode(br#"{"v":1,"readings":[]}"#),
+            Err(MessageError::Empty)
+        ));
+        // a reading that breaks a rule is caught by the domain types on the way in
+        let bad =
+            br#"{"v":1,"readings":[{"d":"bad id","i":"x","t":1795600800000000,"m":{"t":1}}]}"#;
+        assert!(matches!(
+            ReadingBatchMessage::decode(bad),
+            Err(MessageError::Malformed(_))
+        ));
+    }
+}
