@@ -1,1 +1,11 @@
+//! What every Sensorhub service sets up the same way, once: layered configuration, telemetry, the JSON
+//! error shape, the `/healthz` `/readyz` `/metrics` endpoints, and the shutdown signal.
 
+pub mod config;
+pub mod error;
+pub mod ops;
+pub mod shutdown;
+pub mod telemetry;
+
+pub use error::{ApiError, ErrorBody};
+pub use ops::{Ops, Readiness};

@@ -1,0 +1,138 @@
+//! The one JSON error shape of every Sensorhub endpoint, and its mapping to HTTP:
+//! `{"error": "<code>", "message": "<for people>", "field": "<where, for bad input>"}`.
+
+use actix_web::http::StatusCode;
+use actix_web::http::header::{self, HeaderValue};
+use actix_web::{HttpResponse, ResponseError};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// Stable and machine-readable: clients branch on this, never on `message`.
+    pub error: String,
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+}
+
+/// An error as it is answered: services map their own error enums into this, in one place each.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{status}: {}", body.message)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub body: ErrorBody,
+    /// Seconds; set on 503 and 429 so well-behaved clients back off.
+    pub retry_after: Option<u64>,
+    /// Set on 401: how to authenticate.
+    pub www_authenticate: Option<&'static str>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            body: ErrorBody {
+                error: code.to_owned(),
+                message: message.into(),
+                field: None,
+            },
+            retry_after: None,
+            www_authenticate: None,
+        }
+    }
+
+    /// 400 naming the field and why it is refused.
+    pub fn invalid_field(field: impl Into<String>, reason: impl std::fmt::Display) -> Self {
+        let field = field.into();
+        let mut e = Self::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_input",
+            format!("{field}: {reason}"),
+        );
+        e.body.field = Some(field);
+        e
+    }
+
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+
+    /// 503 with `Retry-After`: a dependency (broker, database) cannot take the request now.
+    pub fn unavailable(message: impl Into<String>, retry_after_secs: u64) -> Self {
+        let mut e = Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message);
+        e.retry_after = Some(retry_after_secs);
+        e
+    }
+
+    /// 500 whose body reveals nothing; the cause is logged here, once.
+    pub fn internal(cause: &dyn std::fmt::Display) -> Self {
+        tracing::error!(error = %cause, "internal error");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "internal error; it has been logged",
+        )
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        self.status
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let mut response = HttpResponse::build(self.status);
+        if let Some(secs) = self.retry_after {
+            response.insert_header((header::RETRY_AFTER, HeaderValue::from(secs)));
+        }
+        if let Some(challenge) = self.www_authenticate {
+            response.insert_header((header::WWW_AUTHENTICATE, challenge));
+        }
+        response.json(&self.body)
+    }
+}
+
+/// actix's own extractor failures (bad query string, bad path) in our shape.
+pub fn query_error(err: actix_web::error::QueryPayloadError) -> actix_web::Error {
+    ApiError::new(StatusCode::BAD_REQUEST, "invalid_input", err.to_string()).into()
+}
+
+pub fn path_error(err: actix_web::error::PathError) -> actix_web::Error {
+    ApiError::new(StatusCode::BAD_REQUEST, "invalid_input", err.to_string()).into()
+}
+
+/// The default service: unknown paths answer 404 in our shape, not actix's empty body.
+pub async fn unknown_route(req: actix_web::HttpRequest) -> HttpResponse {
+    ApiError::not_found(format!("no route for {} {}", req.method(), req.path())).error_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use actix_web::body::to_bytes;
+
+    use super::*;
+
+    #[actix_web::test]
+    async fn the_error_shape_is_pinned() {
+        let e = ApiError::invalid_field("temperature", "must be a number");
+        let response = e.error_response();
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+        let body = to_bytes(response.into_body()).await.unwrap();
+        assert_eq!(
+            std::str::from_utf8(&body).unwrap(),
+            r#"{"error":"invalid_input","message":"temperature: must be a number","field":"temperature"}"#
+        );
+    }
+
+    #[actix_web::test]
+    async fn unavailable_carries_retry_after_and_no_field() {
+        let response = ApiError::unavailable("broker down", 2).error_response();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers().get("retry-after").unwrap(), "2");
+        let body = to_bytes(response.into_body()).await.unwrap();
+        assert_eq!(
+            std::str::from_utf8(&body).unwrap(),
+            r#"{"error":"unavailable","message":"broker down"}"#
+        );
+    }
+}
