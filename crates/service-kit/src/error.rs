@@ -6,9 +6,10 @@ use actix_web::http::header::{self, HeaderValue};
 use actix_web::{HttpResponse, ResponseError};
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ErrorBody {
     /// Stable and machine-readable: clients branch on this, never on `message`.
+    #[schema(example = "invalid_input")]
     pub error: String,
     pub message: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -1,1 +1,223 @@
+//! Test fixtures: every integration test gets its own migrated database and its own queue names, so
+//! tests run in parallel, twice in a row, and leave nothing behind when they pass.
+//!
+//! The servers come from the environment, defaulting to the local ones `scripts/test` starts:
+//! `TEST_DATABASE_URL` (an admin connection, default `postgres://postgres@127.0.0.1:5432/postgres`),
+//! `TEST_AMQP_URL` (default `amqp://guest:guest@127.0.0.1:5672/%2f`), `TEST_MQTT_HOST`/`TEST_MQTT_PORT`.
 
+use std::future::Future;
+use std::hash::{Hash, Hasher};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use diesel::connection::SimpleConnection;
+use diesel::prelude::*;
+use diesel::sql_types::{BigInt, Bool, Text};
+
+pub fn admin_database_url() -> String {
+    std::env::var("TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+pub fn amqp_url() -> String {
+    std::env::var("TEST_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
+}
+
+pub fn mqtt_host() -> String {
+    std::env::var("TEST_MQTT_HOST").unwrap_or_else(|_| "127.0.0.1".to_owned())
+}
+
+pub fn mqtt_port() -> u16 {
+    std::env::var("TEST_MQTT_PORT")
+        .ok()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(1883)
+}
+
+/// A short unique name for this test's queues, exchanges, databases and client ids.
+pub fn unique_name(prefix: &str) -> String {
+    format!(
+        "{prefix}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    )
+}
+
+/// A database of its own, migrated, dropped when this value is (connections and all).
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+}
+
+impl TestDb {
+    pub fn migrated() -> Self {
+        let template = migrated_template();
+        Self::create(Some(&template))
+    }
+
+    /// An empty database, for tests of what happens before `sensorctl migrate`.
+    pub fn unmigrated() -> Self {
+        Self::create(None)
+    }
+
+    fn create(template: Option<&str>) -> Self {
+        let name = unique_name("sh_test").replace('-', "_");
+        let mut admin = admin_connection();
+        let template_clause = template
+            .map(|t| format!(" TEMPLATE \"{t}\""))
+            .unwrap_or_default();
+        retry(|| admin.batch_execute(&format!("CREATE DATABASE \"{name}\"{template_clause}")));
+        let url = database_url_for(&name);
+        Self { name, url }
+    }
+
+    pub fn connect(&self) -> PgConnection {
+        PgConnection::establish(&self.url).expect("connect to the test database")
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        if let Ok(mut admin) = PgConnection::establish(&admin_database_url()) {
+            let _ = admin.batch_execute(&format!(
+                "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
+                self.name
+            ));
+        }
+    }
+}
+
+fn admin_connection() -> PgConnection {
+    PgConnection::establish(&admin_database_url())
+        .expect("connect to PostgreSQL (is it running? scripts/test starts it)")
+}
+
+fn database_url_for(name: &str) -> String {
+    let admin = admin_database_url();
+    let base = admin
+        .rsplit_once('/')
+        .map(|(base, _)| base)
+        .unwrap_or(&admin);
+    format!("{base}/{name}")
+}
+
+/// CREATE DATABASE fails while another session copies the same template; that passes quickly.
+fn retry(mut attempt: impl FnMut() -> QueryResult<()>) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match attempt() {
+            Ok(()) => return,
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => panic!("creating a test database: {e}"),
+        }
+    }
+}
+
+#[derive(QueryableByName)]
+struct Exists {
+    #[diesel(sql_type = Bool)]
+    exists: bool,
+}
+
+/// A database migrated once per version of `migrations/` and copied for each test: copying is far
+/// quicker than migrating. Its name carries a hash of the migrations, so a change makes a new one.
+fn migrated_template() -> String {
+    let name = format!("sh_template_{:016x}", migrations_hash());
+    let mut admin = admin_connection();
+    diesel::sql_query("SELECT pg_advisory_lock($1)")
+        .bind::<BigInt, _>(0x5e45_0123_i64)
+        .execute(&mut admin)
+        .expect("take the template lock");
+    let exists =
+        diesel::sql_query("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1) AS exists")
+            .bind::<Text, _>(&name)
+            .get_result::<Exists>(&mut admin)
+            .expect("look for the template")
+            .exists;
+    if !exists {
+        // Built under another name and renamed when complete: a run killed halfway leaves no
+        // half-migrated template behind.
+        let building = format!("{name}_building");
+        admin
+            .batch_execute(&format!(
+                "DROP DATABASE IF EXISTS \"{building}\" WITH (FORCE)"
+            ))
+            .expect("drop a half-built template");
+        admin
+            .batch_execute(&format!("CREATE DATABASE \"{building}\""))
+            .expect("create the template database");
+        {
+            let mut conn =
+                PgConnection::establish(&database_url_for(&building)).expect("connect to template");
+            store::run_migrations(&mut conn).expect("migrate the template");
+        }
+        admin
+            .batch_execute(&format!(
+                "ALTER DATABASE \"{building}\" RENAME TO \"{name}\""
+            ))
+            .expect("publish the template");
+    }
+    let _ = diesel::sql_query("SELECT pg_advisory_unlock($1)")
+        .bind::<BigInt, _>(0x5e45_0123_i64)
+        .execute(&mut admin);
+    name
+}
+
+fn migrations_hash() -> u64 {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../migrations");
+    let mut files = Vec::new();
+    collect_files(&dir, &mut files);
+    files.sort();
+    let mut hasher = std::hash::DefaultHasher::new();
+    for file in files {
+        file.strip_prefix(&dir).unwrap_or(&file).hash(&mut hasher);
+        std::fs::read(&file).unwrap_or_default().hash(&mut hasher);
+    }
+    hasher.finish()
+}
+
+fn collect_files(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            collect_files(&path, out);
+        } else {
+            out.push(path);
+        }
+    }
+}
+
+/// Polls `check` until it returns `Some`, or panics with `what` after `timeout`.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Counts a table's rows in a test database (a blocking call, fine in tests).
+pub fn count_rows(url: &str, table: &str) -> i64 {
+    #[derive(QueryableByName)]
+    struct Count {
+        #[diesel(sql_type = BigInt)]
+        n: i64,
+    }
+    let mut conn = PgConnection::establish(url).expect("connect");
+    diesel::sql_query(format!("SELECT count(*) AS n FROM {table}"))
+        .get_result::<Count>(&mut conn)
+        .expect("count rows")
+        .n
+}

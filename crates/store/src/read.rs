@@ -1,0 +1,201 @@
+//! The read queries behind query-api. Pagination is by keyset (the last row's time and id), never by
+//! offset, so page 1,000 costs what page 1 does.
+
+use chrono::{DateTime, Utc};
+use diesel::pg::data_types::PgInterval;
+use diesel::prelude::*;
+use diesel::sql_types::{Double, Interval, Text, Timestamptz};
+
+use crate::StoreError;
+use crate::schema::{devices, readings};
+
+#[derive(Debug, Clone, PartialEq, Queryable, Selectable)]
+#[diesel(table_name = devices)]
+pub struct DeviceSummary {
+    pub device_id: String,
+    pub first_seen: DateTime<Utc>,
+    pub last_seen: DateTime<Utc>,
+    /// Never holds NULL (the persister writes names only); PostgreSQL arrays cannot say so.
+    pub metrics: Vec<Option<String>>,
+}
+
+pub fn device(
+    conn: &mut PgConnection,
+    device_id: &str,
+) -> Result<Option<DeviceSummary>, StoreError> {
+    Ok(devices::table
+        .find(device_id)
+        .select(DeviceSummary::as_select())
+        .first(conn)
+        .optional()?)
+}
+
+/// Devices by id, after `after` (exclusive), at most `limit`.
+pub fn list_devices(
+    conn: &mut PgConnection,
+    after: Option<&str>,
+    limit: i64,
+) -> Result<Vec<DeviceSummary>, StoreError> {
+    let mut query = devices::table
+        .select(DeviceSummary::as_select())
+        .order(devices::device_id)
+        .limit(limit)
+        .into_boxed();
+    if let Some(after) = after {
+        query = query.filter(devices::device_id.gt(after.to_owned()));
+    }
+    Ok(query.load(conn)?)
+}
+
+#[derive(Debug, Clone, PartialEq, Queryable)]
+pub struct StoredReading {
+    pub ts: DateTime<Utc>,
+    pub reading_id: String,
+    pub metrics: serde_json::Value,
+}
+
+/// A page of one device's readings, newest first.
+#[derive(Debug, Clone, Default)]
+pub struct ReadingsQuery {
+    pub device_id: String,
+    /// Inclusive.
+    pub from: Option<DateTime<Utc>>,
+    /// Exclusive.
+    pub to: Option<DateTime<Utc>>,
+    /// Only readings holding at least one of these metrics (all readings when empty).
+    pub metrics: Vec<String>,
+    /// Continue after this (ts, reading_id), exclusive, in newest-first order.
+    pub before: Option<(DateTime<Utc>, String)>,
+    pub limit: i64,
+}
+
+pub fn readings_page(
+    conn: &mut PgConnection,
+    q: &ReadingsQuery,
+) -> Result<Vec<StoredReading>, StoreError> {
+    let mut query = readings::table
+        .filter(readings::device_id.eq(&q.device_id))
+        .select((readings::ts, readings::reading_id, readings::metrics))
+        .order((readings::ts.desc(), readings::reading_id.desc()))
+        .limit(q.limit)
+        .into_boxed();
+    if let Some(from) = q.from {
+        query = query.filter(readings::ts.ge(from));
+    }
+    if let Some(to) = q.to {
+        query = query.filter(readings::ts.lt(to));
+    }
+    if !q.metrics.is_empty() {
+        query = query.filter(readings::metrics.has_any_key(q.metrics.clone()));
+    }
+    if let Some((ts, id)) = &q.before {
+        // `ts <= cursor` alone lets the index bound the scan; the OR breaks ties within a timestamp.
+        query = query
+            .filter(readings::ts.le(*ts))
+            .filter(readings::ts.lt(*ts).or(readings::reading_id.lt(id.clone())));
+    }
+    Ok(query.load(conn)?)
+}
+
+#[derive(Debug, Clone, PartialEq, QueryableByName)]
+pub struct LatestValue {
+    #[diesel(sql_type = Text)]
+    pub metric: String,
+    #[diesel(sql_type = Timestamptz)]
+    pub ts: DateTime<Utc>,
+    #[diesel(sql_type = Double)]
+    pub value: f64,
+}
+
+/// The newest value of each of the device's metrics, by metric name.
+pub fn latest(conn: &mut PgConnection, device_id: &str) -> Result<Vec<LatestValue>, StoreError> {
+    Ok(diesel::sql_query(
+        "SELECT m.name AS metric, r.ts, (r.metrics ->> m.name)::float8 AS value
+         FROM devices d
+         CROSS JOIN LATERAL unnest(d.metrics) AS m(name)
+         CROSS JOIN LATERAL (
+             SELECT ts, metrics FROM readings
+             WHERE device_id = d.device_id AND metrics ? m.name
+             ORDER BY ts DESC, reading_id DESC
+             LIMIT 1
+         ) r
+         WHERE d.device_id = $1
+         ORDER BY m.name",
+    )
+    .bind::<Text, _>(device_id)
+    .load(conn)?)
+}
+
+/// How a bucket's values are combined.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Aggregate {
+    Avg,
+    Min,
+    Max,
+    Sum,
+    Count,
+}
+
+impl Aggregate {
+    pub const NAMES: &'static str = "avg, min, max, sum or count";
+
+    pub fn parse(name: &str) -> Option<Self> {
+        Some(match name {
+            "avg" => Self::Avg,
+            "min" => Self::Min,
+            "max" => Self::Max,
+            "sum" => Self::Sum,
+            "count" => Self::Count,
+            _ => return None,
+        })
+    }
+
+    fn sql(self) -> &'static str {
+        match self {
+            Self::Avg => "avg",
+            Self::Min => "min",
+            Self::Max => "max",
+            Self::Sum => "sum",
+            Self::Count => "count",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, QueryableByName)]
+pub struct Bucket {
+    #[diesel(sql_type = Timestamptz)]
+    pub start: DateTime<Utc>,
+    #[diesel(sql_type = Double)]
+    pub value: f64,
+}
+
+#[derive(Debug, Clone)]
+pub struct SeriesQuery {
+    pub device_id: String,
+    pub metric: String,
+    pub from: DateTime<Utc>,
+    pub to: DateTime<Utc>,
+    pub bucket_micros: i64,
+    pub aggregate: Aggregate,
+}
+
+/// One metric in time buckets aligned to 2000-01-01T00:00:00Z (so `1d` buckets start at midnight
+/// UTC), oldest first; buckets without values are left out.
+pub fn series(conn: &mut PgConnection, q: &SeriesQuery) -> Result<Vec<Bucket>, StoreError> {
+    let sql = format!(
+        "SELECT date_bin($1, ts, TIMESTAMPTZ '2000-01-01 00:00:00+00') AS start,
+                {}((metrics ->> $2)::float8)::float8 AS value
+         FROM readings
+         WHERE device_id = $3 AND ts >= $4 AND ts < $5 AND metrics ? $2
+         GROUP BY 1
+         ORDER BY 1",
+        q.aggregate.sql()
+    );
+    Ok(diesel::sql_query(sql)
+        .bind::<Interval, _>(PgInterval::from_microseconds(q.bucket_micros))
+        .bind::<Text, _>(&q.metric)
+        .bind::<Text, _>(&q.device_id)
+        .bind::<Timestamptz, _>(q.from)
+        .bind::<Timestamptz, _>(q.to)
+        .load(conn)?)
+}

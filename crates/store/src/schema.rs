@@ -1,0 +1,21 @@
+// @generated automatically by Diesel CLI.
+
+diesel::table! {
+    devices (device_id) {
+        device_id -> Text,
+        first_seen -> Timestamptz,
+        last_seen -> Timestamptz,
+        metrics -> Array<Nullable<Text>>,
+    }
+}
+
+diesel::table! {
+    readings (device_id, ts, reading_id) {
+        device_id -> Text,
+        ts -> Timestamptz,
+        reading_id -> Text,
+        metrics -> Jsonb,
+    }
+}
+
+diesel::allow_tables_to_appear_in_same_query!(devices, readings,);

@@ -1,0 +1,169 @@
+//! The persister's write path: a batch of readings in one transaction, idempotent under redelivery.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::io::Write;
+
+use chrono::{DateTime, Datelike, Utc};
+use diesel::pg::Pg;
+use diesel::prelude::*;
+use diesel::serialize::{IsNull, Output, ToSql};
+use diesel::sql_types::{Jsonb, Timestamptz};
+use models::{Metrics, Reading};
+
+use crate::StoreError;
+use crate::schema::readings;
+
+/// Rows per INSERT statement: PostgreSQL takes at most 65,535 bind parameters, and a row has 4.
+const ROWS_PER_STATEMENT: usize = 10_000;
+
+/// What a write did: readings newly stored, and readings already there (a redelivery or a retry).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct WriteOutcome {
+    pub inserted: usize,
+    pub duplicates: usize,
+}
+
+/// The monthly partitions this writer has seen created, so it asks PostgreSQL only for new months.
+#[derive(Debug, Default)]
+pub struct KnownPartitions(HashSet<(i32, u32)>);
+
+/// The metrics of a reading, written as jsonb straight from the domain type (no intermediate
+/// `serde_json::Value` per row).
+#[derive(Debug, diesel::expression::AsExpression)]
+#[diesel(sql_type = Jsonb)]
+struct MetricsJson<'a>(&'a Metrics);
+
+impl ToSql<Jsonb, Pg> for MetricsJson<'_> {
+    fn to_sql<'b>(&'b self, out: &mut Output<'b, '_, Pg>) -> diesel::serialize::Result {
+        out.write_all(&[1])?; // jsonb binary format version
+        serde_json::to_writer(out, self.0)?;
+        Ok(IsNull::No)
+    }
+}
+
+#[derive(Insertable)]
+#[diesel(table_name = readings)]
+struct NewReading<'a> {
+    device_id: &'a str,
+    ts: DateTime<Utc>,
+    reading_id: &'a str,
+    metrics: MetricsJson<'a>,
+}
+
+/// Stores `batch` in one transaction: readings already stored are skipped (same device, time and
+/// id), and each device's first/last seen times and metric names are updated.
+pub fn write_readings(
+    conn: &mut PgConnection,
+    batch: &[Reading],
+    known: &mut KnownPartitions,
+) -> Result<WriteOutcome, StoreError> {
+    if batch.is_empty() {
+        return Ok(WriteOutcome::default());
+    }
+    ensure_partitions(conn, batch, known)?;
+    let devices = device_updates(batch);
+    let inserted = conn.transaction::<_, StoreError, _>(|conn| {
+        let mut inserted = 0;
+        for chunk in batch.chunks(ROWS_PER_STATEMENT) {
+            let rows: Vec<NewReading> = chunk
+                .iter()
+                .map(|r| NewReading {
+                    device_id: r.device_id.as_str(),
+                    ts: r.ts,
+                    reading_id: r.id.as_str(),
+                    metrics: MetricsJson(&r.metrics),
+                })
+                .collect();
+            inserted += diesel::insert_into(readings::table)
+                .values(&rows)
+                .on_conflict_do_nothing()
+                .execute(conn)?;
+        }
+        upsert_devices(conn, &devices)?;
+        Ok(inserted)
+    })?;
+    Ok(WriteOutcome {
+        inserted,
+        duplicates: batch.len() - inserted,
+    })
+}
+
+/// Creates missing monthly partitions in their own short transactions, before the batch's: creating
+/// a partition locks the parent table, which must not be held while the batch is written.
+fn ensure_partitions(
+    conn: &mut PgConnection,
+    batch: &[Reading],
+    known: &mut KnownPartitions,
+) -> Result<(), StoreError> {
+    let mut months: BTreeMap<(i32, u32), DateTime<Utc>> = BTreeMap::new();
+    for reading in batch {
+        let month = (reading.ts.year(), reading.ts.month());
+        if !known.0.contains(&month) {
+            months.entry(month).or_insert(reading.ts);
+        }
+    }
+    for (month, ts) in months {
+        diesel::select(ensure_readings_partition(ts)).execute(conn)?;
+        known.0.insert(month);
+    }
+    Ok(())
+}
+
+diesel::define_sql_function! {
+    #[sql_name = "sensorhub_ensure_readings_partition"]
+    fn ensure_readings_partition(at: Timestamptz) -> diesel::sql_types::Text;
+}
+
+#[derive(serde::Serialize)]
+struct DeviceUpdate<'a> {
+    device_id: &'a str,
+    first_seen: DateTime<Utc>,
+    last_seen: DateTime<Utc>,
+    metrics: BTreeSet<&'a str>,
+}
+
+fn device_updates(batch: &[Reading]) -> Vec<DeviceUpdate<'_>> {
+    let mut by_device: BTreeMap<&str, DeviceUpdate> = BTreeMap::new();
+    for r in batch {
+        let update = by_device
+            .entry(r.device_id.as_str())
+            .or_insert_with(|| DeviceUpdate {
+                device_id: r.device_id.as_str(),
+                first_seen: r.ts,
+                last_seen: r.ts,
+                metrics: BTreeSet::new(),
+            });
+        update.first_seen = update.first_seen.min(r.ts);
+        update.last_seen = update.last_seen.max(r.ts);
+        update
+            .metrics
+            .extend(r.metrics.iter().map(|(name, _)| name.as_str()));
+    }
+    // BTreeMap order: every writer locks device rows in the same order, so concurrent persisters
+    // cannot deadlock on them.
+    by_device.into_values().collect()
+}
+
+/// One statement for all the batch's devices; rows change only when something moved.
+fn upsert_devices(conn: &mut PgConnection, devices: &[DeviceUpdate]) -> Result<(), StoreError> {
+    let payload = serde_json::to_value(devices)
+        .map_err(|e| StoreError::Query(diesel::result::Error::SerializationError(e.into())))?;
+    diesel::sql_query(
+        "INSERT INTO devices AS d (device_id, first_seen, last_seen, metrics)
+         SELECT u.device_id, u.first_seen, u.last_seen,
+                ARRAY(SELECT jsonb_array_elements_text(u.metrics))
+         FROM jsonb_to_recordset($1)
+              AS u(device_id text, first_seen timestamptz, last_seen timestamptz, metrics jsonb)
+         ORDER BY u.device_id
+         ON CONFLICT (device_id) DO UPDATE SET
+             first_seen = LEAST(d.first_seen, EXCLUDED.first_seen),
+             last_seen = GREATEST(d.last_seen, EXCLUDED.last_seen),
+             metrics = ARRAY(SELECT DISTINCT m FROM unnest(d.metrics || EXCLUDED.metrics) AS m ORDER BY m)
+         WHERE EXCLUDED.first_seen < d.first_seen
+            OR EXCLUDED.last_seen > d.last_seen
+            OR NOT (EXCLUDED.metrics <@ d.metrics)",
+    )
+    .bind::<Jsonb, _>(payload)
+    .execute(conn)?;
+    Ok(())
+}

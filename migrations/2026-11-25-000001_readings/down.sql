@@ -1,0 +1,3 @@
+DROP FUNCTION sensorhub_ensure_readings_partition(timestamptz);
+DROP TABLE readings;
+DROP TABLE devices;

@@ -1,0 +1,409 @@
+//! The read API's routes, their response shapes, and the OpenAPI description generated from them.
+
+use std::collections::BTreeMap;
+
+use actix_web::{HttpResponse, get, web};
+use chrono::{DateTime, Duration, Utc};
+use serde::{Deserialize, Serialize};
+use store::read::{Aggregate, ReadingsQuery, SeriesQuery};
+use store::{PgConnection, PgPool, StoreError};
+use utoipa::{IntoParams, OpenApi, ToSchema};
+use utoipa_actix_web::service_config::ServiceConfig;
+
+use crate::error::QueryError;
+use crate::params;
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Sensorhub query API",
+        description = "Read the readings Sensorhub stored: devices, readings by time range, latest values, time buckets."
+    ),
+    components(schemas(service_kit::ErrorBody))
+)]
+pub struct ApiDoc;
+
+/// Registers every documented route; `startup` adds the ops endpoints and `/openapi.json`.
+pub fn routes(cfg: &mut ServiceConfig) {
+    cfg.service(list_devices)
+        .service(get_device)
+        .service(device_readings)
+        .service(device_latest)
+        .service(device_series);
+}
+
+/// Runs a store call on the blocking pool with a pooled connection, in the request's span.
+async fn with_conn<T, F>(pool: &web::Data<PgPool>, call: F) -> Result<T, QueryError>
+where
+    T: Send + 'static,
+    F: FnOnce(&mut PgConnection) -> Result<T, StoreError> + Send + 'static,
+{
+    let pool = pool.clone();
+    let span = tracing::Span::current();
+    web::block(move || {
+        span.in_scope(|| {
+            let mut conn = pool.get()?;
+            call(&mut conn)
+        })
+    })
+    .await?
+    .map_err(QueryError::from)
+}
+
+async fn require_device(pool: &web::Data<PgPool>, device_id: &str) -> Result<(), QueryError> {
+    let id = device_id.to_owned();
+    match with_conn(pool, move |conn| store::read::device(conn, &id)).await? {
+        Some(_) => Ok(()),
+        None => Err(QueryError::UnknownDevice(device_id.to_owned())),
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Device {
+    #[schema(example = "raspi-01")]
+    pub device_id: String,
+    /// Time of the device's oldest stored reading.
+    pub first_seen: DateTime<Utc>,
+    /// Time of the device's newest stored reading.
+    pub last_seen: DateTime<Utc>,
+    /// Every metric name the device has sent.
+    pub metrics: Vec<String>,
+}
+
+impl From<store::read::DeviceSummary> for Device {
+    fn from(d: store::read::DeviceSummary) -> Self {
+        Self {
+            device_id: d.device_id,
+            first_seen: d.first_seen,
+            last_seen: d.last_seen,
+            metrics: d.metrics.into_iter().flatten().collect(),
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DeviceList {
+    pub devices: Vec<Device>,
+    /// Pass as `cursor` for the next page; null when there is none.
+    pub next_cursor: Option<String>,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct PageParams {
+    /// How many items, 1–10,000 (default 100).
+    #[param(value_type = Option<u32>)]
+    pub limit: Option<String>,
+    /// `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+}
+
+/// Every device that has sent readings, by id.
+#[utoipa::path(
+    tag = "devices",
+    params(PageParams),
+    responses(
+        (status = 200, body = DeviceList),
+        (status = 400, body = service_kit::ErrorBody),
+    )
+)]
+#[get("/v1/devices")]
+async fn list_devices(
+    pool: web::Data<PgPool>,
+    query: web::Query<PageParams>,
+) -> Result<web::Json<DeviceList>, QueryError> {
+    let limit = params::limit(query.limit.as_deref())?;
+    let after = params::decode_device_cursor(query.cursor.as_deref())?;
+    let mut devices = with_conn(&pool, move |conn| {
+        store::read::list_devices(conn, after.as_deref(), limit + 1)
+    })
+    .await?;
+    let next_cursor =
+        next_page(&mut devices, limit).map(|last| params::encode_device_cursor(&last.device_id));
+    Ok(web::Json(DeviceList {
+        devices: devices.into_iter().map(Device::from).collect(),
+        next_cursor,
+    }))
+}
+
+/// Keeps the first `limit` of `items` (fetched as `limit + 1`); returns the last kept one when more
+/// follow, so that a next cursor exists exactly when there is a next page.
+fn next_page<T>(items: &mut Vec<T>, limit: i64) -> Option<&T> {
+    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+    if items.len() > limit {
+        items.truncate(limit);
+        items.last()
+    } else {
+        None
+    }
+}
+
+/// One device.
+#[utoipa::path(
+    tag = "devices",
+    params(("id" = String, Path, description = "Device id")),
+    responses((status = 200, body = Device), (status = 404, body = service_kit::ErrorBody))
+)]
+#[get("/v1/devices/{id}")]
+async fn get_device(
+    pool: web::Data<PgPool>,
+    id: web::Path<String>,
+) -> Result<web::Json<Device>, QueryError> {
+    let device_id = id.into_inner();
+    let lookup = device_id.clone();
+    with_conn(&pool, move |conn| store::read::device(conn, &lookup))
+        .await?
+        .map(|d| web::Json(Device::from(d)))
+        .ok_or(QueryError::UnknownDevice(device_id))
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Reading {
+    /// The reading's id: the device's own, or the UUIDv7 assigned at ingest.
+    pub id: String,
+    pub ts: DateTime<Utc>,
+    #[schema(value_type = Object, example = json!({"temperature": 25.5, "humidity": 60.3}))]
+    pub metrics: serde_json::Value,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ReadingPage {
+    pub device_id: String,
+    /// Newest first.
+    pub readings: Vec<Reading>,
+    /// Pass as `cursor` for the next (older) page; null when there is none.
+    pub next_cursor: Option<String>,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ReadingsParams {
+    /// Oldest time, inclusive (RFC 3339 or epoch milliseconds).
+    pub from: Option<String>,
+    /// Newest time, exclusive (RFC 3339 or epoch milliseconds).
+    pub to: Option<String>,
+    /// Only readings with this metric (or any of several, comma-separated), showing only those.
+    pub metric: Option<String>,
+    /// How many readings, 1–10,000 (default 100).
+    #[param(value_type = Option<u32>)]
+    pub limit: Option<String>,
+    /// `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+}
+
+/// A device's readings, newest first, a page at a time.
+#[utoipa::path(
+    tag = "readings",
+    params(("id" = String, Path, description = "Device id"), ReadingsParams),
+    responses(
+        (status = 200, body = ReadingPage),
+        (status = 400, body = service_kit::ErrorBody),
+        (status = 404, body = service_kit::ErrorBody),
+    )
+)]
+#[get("/v1/devices/{id}/readings")]
+async fn device_readings(
+    pool: web::Data<PgPool>,
+    id: web::Path<String>,
+    query: web::Query<ReadingsParams>,
+) -> Result<web::Json<ReadingPage>, QueryError> {
+    let device_id = id.into_inner();
+    let limit = params::limit(query.limit.as_deref())?;
+    let metrics = params::metrics(query.metric.as_deref())?;
+    let q = ReadingsQuery {
+        device_id: device_id.clone(),
+        from: params::optional_time("from", query.from.as_deref())?,
+        to: params::optional_time("to", query.to.as_deref())?,
+        metrics: metrics.clone(),
+        before: params::decode_reading_cursor(query.cursor.as_deref())?,
+        limit: limit + 1,
+    };
+    let mut rows = with_conn(&pool, move |conn| store::read::readings_page(conn, &q)).await?;
+    if rows.is_empty() {
+        require_device(&pool, &device_id).await?;
+    }
+    let next_cursor = next_page(&mut rows, limit)
+        .map(|last| params::encode_reading_cursor(last.ts, &last.reading_id));
+    let readings = rows
+        .into_iter()
+        .map(|row| {
+            let mut values = row.metrics;
+            if !metrics.is_empty()
+                && let Some(object) = values.as_object_mut()
+            {
+                object.retain(|name, _| metrics.iter().any(|m| m == name));
+            }
+            Reading {
+                id: row.reading_id,
+                ts: row.ts,
+                metrics: values,
+            }
+        })
+        .collect();
+    Ok(web::Json(ReadingPage {
+        device_id,
+        readings,
+        next_cursor,
+    }))
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct LatestValue {
+    pub value: f64,
+    /// Time of the reading that carried it.
+    pub ts: DateTime<Utc>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Latest {
+    pub device_id: String,
+    /// By metric name.
+    pub metrics: BTreeMap<String, LatestValue>,
+}
+
+/// The newest value of each of a device's metrics.
+#[utoipa::path(
+    tag = "readings",
+    params(("id" = String, Path, description = "Device id")),
+    responses((status = 200, body = Latest), (status = 404, body = service_kit::ErrorBody))
+)]
+#[get("/v1/devices/{id}/latest")]
+async fn device_latest(
+    pool: web::Data<PgPool>,
+    id: web::Path<String>,
+) -> Result<web::Json<Latest>, QueryError> {
+    let device_id = id.into_inner();
+    let lookup = device_id.clone();
+    let values = with_conn(&pool, move |conn| store::read::latest(conn, &lookup)).await?;
+    if values.is_empty() {
+        require_device(&pool, &device_id).await?;
+    }
+    Ok(web::Json(Latest {
+        device_id,
+        metrics: values
+            .into_iter()
+            .map(|v| {
+                (
+                    v.metric,
+                    LatestValue {
+                        value: v.value,
+                        ts: v.ts,
+                    },
+                )
+            })
+            .collect(),
+    }))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct SeriesParams {
+    /// The metric to aggregate (required).
+    pub metric: Option<String>,
+    /// Start, inclusive (default: 24 hours before `to`).
+    pub from: Option<String>,
+    /// End, exclusive (default: now).
+    pub to: Option<String>,
+    /// Bucket width: a whole number and s, m, h, d or w (default `1h`).
+    pub bucket: Option<String>,
+    /// avg, min, max, sum or count (default avg).
+    pub agg: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Point {
+    /// The bucket's start; buckets align to 2000-01-01T00:00:00Z, so `1d` starts at midnight UTC.
+    pub ts: DateTime<Utc>,
+    pub value: f64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Series {
+    pub device_id: String,
+    pub metric: String,
+    pub agg: String,
+    pub bucket: String,
+    pub from: DateTime<Utc>,
+    pub to: DateTime<Utc>,
+    /// Oldest first; buckets without readings are left out.
+    pub points: Vec<Point>,
+}
+
+/// One metric of a device in time buckets, aggregated in PostgreSQL.
+#[utoipa::path(
+    tag = "readings",
+    params(("id" = String, Path, description = "Device id"), SeriesParams),
+    responses(
+        (status = 200, body = Series),
+        (status = 400, body = service_kit::ErrorBody),
+        (status = 404, body = service_kit::ErrorBody),
+    )
+)]
+#[get("/v1/devices/{id}/series")]
+async fn device_series(
+    pool: web::Data<PgPool>,
+    id: web::Path<String>,
+    query: web::Query<SeriesParams>,
+) -> Result<web::Json<Series>, QueryError> {
+    let device_id = id.into_inner();
+    let metric = match query.metric.as_deref() {
+        None => return Err(QueryError::invalid("metric", "is required")),
+        Some(name) => models::MetricName::parse(name)
+            .map_err(|reason| QueryError::invalid("metric", reason))?
+            .into_string(),
+    };
+    let to = params::optional_time("to", query.to.as_deref())?.unwrap_or_else(Utc::now);
+    let from =
+        params::optional_time("from", query.from.as_deref())?.unwrap_or(to - Duration::hours(24));
+    if from >= to {
+        return Err(QueryError::invalid("from", "must be before `to`"));
+    }
+    let bucket = query.bucket.clone().unwrap_or_else(|| "1h".to_owned());
+    let bucket_micros = params::bucket(&bucket)?;
+    let span_micros = (to - from).num_microseconds().unwrap_or(i64::MAX);
+    if span_micros / bucket_micros >= params::MAX_BUCKETS {
+        return Err(QueryError::invalid(
+            "bucket",
+            format!(
+                "gives more than {} buckets between from and to; choose a wider bucket",
+                params::MAX_BUCKETS
+            ),
+        ));
+    }
+    let agg = query.agg.clone().unwrap_or_else(|| "avg".to_owned());
+    let aggregate = Aggregate::parse(&agg).ok_or_else(|| {
+        QueryError::invalid("agg", format!("must be one of {}", Aggregate::NAMES))
+    })?;
+    let q = SeriesQuery {
+        device_id: device_id.clone(),
+        metric: metric.clone(),
+        from,
+        to,
+        bucket_micros,
+        aggregate,
+    };
+    let buckets = with_conn(&pool, move |conn| store::read::series(conn, &q)).await?;
+    if buckets.is_empty() {
+        require_device(&pool, &device_id).await?;
+    }
+    Ok(web::Json(Series {
+        device_id,
+        metric,
+        agg,
+        bucket,
+        from,
+        to,
+        points: buckets
+            .into_iter()
+            .map(|b| Point {
+                ts: b.start,
+                value: b.value,
+            })
+            .collect(),
+    }))
+}
+
+/// Serves the description generated from the routes above.
+pub async fn openapi_json(doc: web::Data<utoipa::openapi::OpenApi>) -> HttpResponse {
+    HttpResponse::Ok().json(doc.get_ref())
+}

@@ -1,0 +1,55 @@
+use actix_web::http::StatusCode;
+use actix_web::{HttpResponse, ResponseError};
+use service_kit::ApiError;
+use store::StoreError;
+
+/// Everything a query-api request can fail with; mapped to HTTP in one place, below.
+#[derive(Debug, thiserror::Error)]
+pub enum QueryError {
+    #[error("{field}: {reason}")]
+    InvalidParameter { field: &'static str, reason: String },
+    #[error("no device {0:?}")]
+    UnknownDevice(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("the database call was cancelled: {0}")]
+    Blocking(#[from] actix_web::error::BlockingError),
+}
+
+impl QueryError {
+    pub fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
+        Self::InvalidParameter {
+            field,
+            reason: reason.into(),
+        }
+    }
+
+    fn to_api_error(&self) -> ApiError {
+        match self {
+            QueryError::InvalidParameter { field, reason } => {
+                ApiError::invalid_field(*field, reason)
+            }
+            QueryError::UnknownDevice(id) => ApiError::not_found(format!("no device {id:?}")),
+            QueryError::Store(e) if e.is_transient() => {
+                tracing::warn!(error = %e, "database unavailable");
+                ApiError::unavailable("the database is unavailable; try again shortly", 2)
+            }
+            other => ApiError::internal(other),
+        }
+    }
+}
+
+impl ResponseError for QueryError {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            QueryError::InvalidParameter { .. } => StatusCode::BAD_REQUEST,
+            QueryError::UnknownDevice(_) => StatusCode::NOT_FOUND,
+            QueryError::Store(e) if e.is_transient() => StatusCode::SERVICE_UNAVAILABLE,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        self.to_api_error().error_response()
+    }
+}

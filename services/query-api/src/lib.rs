@@ -1,0 +1,12 @@
+//! query-api: the read side of Sensorhub. Apps list devices, page through a device's readings, ask
+//! for the latest values, and get time buckets aggregated in PostgreSQL.
+
+mod api;
+mod error;
+mod params;
+pub mod settings;
+pub mod startup;
+
+pub use api::ApiDoc;
+pub use settings::Settings;
+pub use startup::Application;

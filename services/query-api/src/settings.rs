@@ -1,0 +1,40 @@
+use std::path::Path;
+
+use serde::Deserialize;
+use service_kit::telemetry::LogFormat;
+use store::PoolSettings;
+
+/// Every setting of query-api; README's configuration table documents each.
+#[derive(Clone, Deserialize)]
+pub struct Settings {
+    pub http_addr: String,
+    pub http_workers: usize,
+    pub database_url: String,
+    pub db_max_connections: u32,
+    pub db_acquire_timeout_ms: u64,
+    pub db_statement_timeout_ms: u64,
+    pub startup_wait_ms: u64,
+    pub log_format: LogFormat,
+}
+
+impl Settings {
+    pub const DEFAULTS: &'static str = include_str!("defaults.toml");
+
+    pub fn load(file: Option<&Path>) -> Result<Self, service_kit::config::ConfigError> {
+        service_kit::config::load(Self::DEFAULTS, file)
+    }
+
+    /// The defaults alone, for tests that then point the service at their own database.
+    pub fn defaults() -> Self {
+        service_kit::config::load(Self::DEFAULTS, None).expect("built-in defaults parse")
+    }
+
+    pub fn pool(&self) -> PoolSettings {
+        PoolSettings {
+            max_connections: self.db_max_connections,
+            acquire_timeout_ms: self.db_acquire_timeout_ms,
+            statement_timeout_ms: self.db_statement_timeout_ms,
+            application_name: "query-api".into(),
+        }
+    }
+}
