@@ -1,7 +1,7 @@
 //! What travels on the queue between the ingest services and the persister: one AMQP message carries a
 //! batch of readings, so that many small requests share one publish, one confirm and one ack.
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
 use crate::Reading;
 
@@ -26,18 +26,27 @@ impl ReadingBatchMessage {
     pub const CONTENT_TYPE: &'static str = "application/vnd.sensorhub.readings.v1+json";
 
     pub fn encode(readings: &[Reading]) -> Vec<u8> {
-        #[derive(Serialize)]
-        struct Out<'a> {
-            v: u32,
-            readings: &'a [Reading],
+        Self::encode_chunks(std::iter::once(readings))
+    }
+
+    /// One message from the readings of several requests, without gathering them into one Vec.
+    pub fn encode_chunks<'a>(chunks: impl IntoIterator<Item = &'a [Reading]>) -> Vec<u8> {
+        let mut out = Vec::with_capacity(4096);
+        out.extend_from_slice(b"{\"v\":");
+        out.extend_from_slice(MESSAGE_VERSION.to_string().as_bytes());
+        out.extend_from_slice(b",\"readings\":[");
+        let mut first = true;
+        for reading in chunks.into_iter().flatten() {
+            if !first {
+                out.push(b',');
+            }
+            first = false;
+            // Writing our own types to a Vec cannot fail: every key is a string and every float is
+            // finite (Metrics refuses anything else).
+            let _ = serde_json::to_writer(&mut out, reading);
         }
-        // Serializing our own types to a Vec cannot fail: every key is a string and every float is
-        // finite (Metrics refuses anything else).
-        serde_json::to_vec(&Out {
-            v: MESSAGE_VERSION,
-            readings,
-        })
-        .unwrap_or_default()
+        out.extend_from_slice(b"]}");
+        out
     }
 
     /// Decodes and re-validates (through the domain types' deserializers) a message body.
@@ -79,6 +88,20 @@ mod tests {
         .unwrap();
         let bytes = ReadingBatchMessage::encode(&readings);
         assert_eq!(ReadingBatchMessage::decode(&bytes).unwrap(), readings);
+    }
+
+    #[test]
+    fn chunks_make_one_message() {
+        let now = chrono::Utc::now();
+        let a = parse_readings_body(br#"{"device_id":"a","metrics":{"t":1}}"#, now).unwrap();
+        let b = parse_readings_body(
+            br#"[{"device_id":"b","metrics":{"t":2}},{"device_id":"c","metrics":{"t":3}}]"#,
+            now,
+        )
+        .unwrap();
+        let bytes = ReadingBatchMessage::encode_chunks([a.as_slice(), b.as_slice()]);
+        let decoded = ReadingBatchMessage::decode(&bytes).unwrap();
+        assert_eq!(decoded, [a, b].concat());
     }
 
     #[test]

@@ -1,0 +1,205 @@
+//! The publisher against a real RabbitMQ, with a topology of its own per test.
+
+use std::time::Duration;
+
+use bus::lapin::options::{BasicAckOptions, BasicGetOptions};
+use bus::{PublishError, Publisher, PublisherMetrics, PublisherSettings, Topology};
+use models::{ReadingBatchMessage, parse_readings_body};
+
+struct TestBus {
+    topology: Topology,
+    channel: bus::lapin::Channel,
+    _connection: bus::lapin::Connection,
+}
+
+impl TestBus {
+    async fn new() -> Self {
+        let topology = Topology::with_prefix(&testkit::unique_name("bus-test"));
+        let connection = bus::connect(&testkit::amqp_url(), "bus-test")
+            .await
+            .expect("RabbitMQ is running");
+        let channel = connection.create_channel().await.unwrap();
+        bus::declare_topology(&channel, &topology).await.unwrap();
+        Self {
+            topology,
+            channel,
+            _connection: connection,
+        }
+    }
+
+    /// Every message in the readings queue, decoded.
+    async fn drain(&self) -> Vec<Vec<models::Reading>> {
+        let mut messages = Vec::new();
+        while let Some(message) = self
+            .channel
+            .basic_get(
+                self.topology.readings_queue.as_str().into(),
+                BasicGetOptions::default(),
+            )
+            .await
+            .unwrap()
+        {
+            messages.push(ReadingBatchMessage::decode(&message.delivery.data).unwrap());
+            message
+                .delivery
+                .ack(BasicAckOptions::default())
+                .await
+                .unwrap();
+        }
+        messages
+    }
+
+    async fn cleanup(self) {
+        bus::delete_topology(&self.channel, &self.topology)
+            .await
+            .unwrap();
+    }
+}
+
+fn readings(device: &str, n: usize) -> Vec<models::Reading> {
+    let items: Vec<String> = (0..n)
+        .map(|i| format!(r#"{{"device_id":"{device}","id":"{i}","metrics":{{"t":{i}.5}}}}"#))
+        .collect();
+    parse_readings_body(
+        format!("[{}]", items.join(",")).as_bytes(),
+        chrono::Utc::now(),
+    )
+    .unwrap()
+}
+
+fn start(url: String, topology: &Topology, settings: PublisherSettings) -> Publisher {
+    Publisher::start(
+        url,
+        topology.clone(),
+        settings,
+        PublisherMetrics::unregistered(),
+        "bus-test".into(),
+    )
+}
+
+#[tokio::test]
+async fn a_confirmed_publish_is_in_the_queue_exactly() {
+    let bus = TestBus::new().await;
+    let publisher = start(
+        testkit::amqp_url(),
+        &bus.topology,
+        PublisherSettings::default(),
+    );
+    assert!(publisher.wait_connected(Duration::from_secs(10)).await);
+    let sent = readings("raspi-01", 3);
+    publisher.publish(sent.clone()).await.unwrap();
+    let received: Vec<_> = bus.drain().await.into_iter().flatten().collect();
+    assert_eq!(received, sent);
+    publisher.close().await;
+    bus.cleanup().await;
+}
+
+#[tokio::test]
+async fn concurrent_requests_share_messages_and_each_is_answered() {
+    let bus = TestBus::new().await;
+    let settings = PublisherSettings {
+        publish_linger_ms: 20,
+        publish_max_in_flight: 1,
+        ..Default::default()
+    };
+    let publisher = start(testkit::amqp_url(), &bus.topology, settings);
+    assert!(publisher.wait_connected(Duration::from_secs(10)).await);
+    let tasks: Vec<_> = (0..200)
+        .map(|i| {
+            let publisher = publisher.clone();
+            tokio::spawn(async move { publisher.publish(readings(&format!("d{i}"), 1)).await })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap().unwrap();
+    }
+    let messages = bus.drain().await;
+    let total: usize = messages.iter().map(Vec::len).sum();
+    assert_eq!(total, 200, "every reading arrives once");
+    assert!(
+        messages.len() < 50,
+        "200 requests in {} messages: they should share",
+        messages.len()
+    );
+    publisher.close().await;
+    bus.cleanup().await;
+}
+
+#[tokio::test]
+async fn an_unreachable_broker_is_refused_at_once_not_buffered() {
+    // nothing listens on port 1 of localhost
+    let topology = Topology::with_prefix(&testkit::unique_name("bus-test"));
+    let publisher = start(
+        "amqp://guest:guest@127.0.0.1:1/%2f".into(),
+        &topology,
+        PublisherSettings::default(),
+    );
+    let started = std::time::Instant::now();
+    let err = publisher.publish(readings("d", 1)).await.unwrap_err();
+    assert!(matches!(err, PublishError::Unavailable(_)), "{err:?}");
+    assert!(started.elapsed() < Duration::from_secs(1));
+    assert!(!publisher.is_connected());
+    publisher.close().await;
+}
+
+#[tokio::test]
+async fn a_missing_queue_is_an_error_not_a_silent_loss() {
+    let bus = TestBus::new().await;
+    let publisher = start(
+        testkit::amqp_url(),
+        &bus.topology,
+        PublisherSettings::default(),
+    );
+    assert!(publisher.wait_connected(Duration::from_secs(10)).await);
+    // someone deletes the queue behind the publisher's back: the message is unroutable
+    bus.channel
+        .queue_delete(
+            bus.topology.readings_queue.as_str().into(),
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    let err = publisher.publish(readings("d", 1)).await.unwrap_err();
+    assert!(matches!(err, PublishError::Unavailable(_)), "{err:?}");
+    publisher.close().await;
+    bus.cleanup().await;
+}
+
+#[tokio::test]
+async fn close_publishes_what_was_handed_over_then_refuses() {
+    let bus = TestBus::new().await;
+    let settings = PublisherSettings {
+        publish_linger_ms: 50,
+        ..Default::default()
+    };
+    let publisher = start(testkit::amqp_url(), &bus.topology, settings);
+    assert!(publisher.wait_connected(Duration::from_secs(10)).await);
+    let waiting: Vec<_> = (0..20)
+        .map(|i| {
+            let publisher = publisher.clone();
+            tokio::spawn(async move { publisher.publish(readings(&format!("d{i}"), 5)).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    publisher.close().await;
+    let mut confirmed = 0;
+    for task in waiting {
+        if task.await.unwrap().is_ok() {
+            confirmed += 5;
+        }
+    }
+    assert_eq!(
+        confirmed, 100,
+        "requests handed over before close are published"
+    );
+    let stored: usize = bus.drain().await.iter().map(Vec::len).sum();
+    assert_eq!(
+        stored, confirmed,
+        "every confirmed reading is in the queue, and only those"
+    );
+    assert_eq!(
+        publisher.publish(readings("late", 1)).await,
+        Err(PublishError::ShuttingDown)
+    );
+    bus.cleanup().await;
+}
