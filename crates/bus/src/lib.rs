@@ -14,6 +14,8 @@ mod topology;
 pub use connection::{BusSettings, DeadLetterError, connect, open_consumer, publish_dead_letter};
 pub use metrics::PublisherMetrics;
 pub use publisher::{PublishError, Publisher, PublisherSettings};
-pub use topology::{Topology, declare_topology, delete_topology};
+pub use topology::{
+    INVALID_ROUTING_KEY, READINGS_ROUTING_KEY, Topology, declare_topology, delete_topology,
+};
 
 pub use lapin;

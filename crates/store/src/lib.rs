@@ -17,3 +17,9 @@ pub use pool::{PgPool, PoolSettings, connect_pool, ping};
 pub use write::{KnownPartitions, WriteOutcome, write_readings};
 
 pub use diesel::PgConnection;
+
+/// One connection outside a pool, for tools (`sensorctl`).
+pub fn connect(database_url: &str) -> Result<PgConnection, StoreError> {
+    use diesel::Connection;
+    Ok(PgConnection::establish(database_url)?)
+}

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use actix_web::{HttpResponse, get, web};
-use chrono::{DateTime, Duration, Utc};
+use chrono::{DateTime, Duration, SubsecRound, Utc};
 use serde::{Deserialize, Serialize};
 use store::read::{Aggregate, ReadingsQuery, SeriesQuery};
 use store::{PgConnection, PgPool, StoreError};
@@ -352,7 +352,8 @@ async fn device_series(
             .map_err(|reason| QueryError::invalid("metric", reason))?
             .into_string(),
     };
-    let to = params::optional_time("to", query.to.as_deref())?.unwrap_or_else(Utc::now);
+    let to = params::optional_time("to", query.to.as_deref())?
+        .unwrap_or_else(|| Utc::now().trunc_subsecs(6));
     let from =
         params::optional_time("from", query.from.as_deref())?.unwrap_or(to - Duration::hours(24));
     if from >= to {

@@ -4,7 +4,7 @@ use service_kit::cli::ServiceArgs;
 
 /// Sensorhub's read API: devices, readings by time range, latest values, time buckets.
 #[derive(Parser)]
-#[command(version, about)]
+#[command(version)]
 struct Args {
     #[command(flatten)]
     service: ServiceArgs,

@@ -1,0 +1,12 @@
+//! ingest-http: the HTTP way in for readings. Validates with `models`, publishes with `bus`, and
+//! answers 2xx only after RabbitMQ confirmed the message carrying the request's readings.
+
+mod api;
+mod error;
+mod metrics;
+pub mod settings;
+pub mod startup;
+
+pub use api::ApiDoc;
+pub use settings::Settings;
+pub use startup::Application;

@@ -1,0 +1,41 @@
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointLabels {
+    pub endpoint: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RejectionLabels {
+    pub endpoint: &'static str,
+    pub reason: &'static str,
+}
+
+#[derive(Clone)]
+pub struct IngestMetrics {
+    pub readings_accepted: Family<EndpointLabels, Counter>,
+    pub requests_rejected: Family<RejectionLabels, Counter>,
+}
+
+impl IngestMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self {
+            readings_accepted: Family::default(),
+            requests_rejected: Family::default(),
+        };
+        registry.register(
+            "readings_accepted",
+            "Readings confirmed by RabbitMQ and acknowledged to the device",
+            m.readings_accepted.clone(),
+        );
+        registry.register(
+            "requests_rejected",
+            "Ingest requests refused, by reason",
+            m.requests_rejected.clone(),
+        );
+        m
+    }
+}

@@ -1,0 +1,30 @@
+use std::path::Path;
+
+use bus::PublisherSettings;
+use serde::Deserialize;
+use service_kit::telemetry::LogFormat;
+
+/// Every setting of ingest-http; README's configuration table documents each.
+#[derive(Clone, Deserialize)]
+pub struct Settings {
+    pub http_addr: String,
+    pub http_workers: usize,
+    pub max_body_bytes: usize,
+    pub amqp_url: String,
+    pub amqp_prefix: String,
+    #[serde(flatten)]
+    pub publisher: PublisherSettings,
+    pub log_format: LogFormat,
+}
+
+impl Settings {
+    pub const DEFAULTS: &'static str = include_str!("defaults.toml");
+
+    pub fn load(file: Option<&Path>) -> Result<Self, service_kit::config::ConfigError> {
+        service_kit::config::load(Self::DEFAULTS, file)
+    }
+
+    pub fn defaults() -> Self {
+        service_kit::config::load(Self::DEFAULTS, None).expect("built-in defaults parse")
+    }
+}

@@ -1,0 +1,122 @@
+//! The persister: RabbitMQ → PostgreSQL.
+//!
+//! A consuming task takes messages (at most `prefetch` unacknowledged), packs them into batches and
+//! hands them to `db_writers` writing tasks. A writer stores its batch in one transaction and only
+//! then acknowledges the batch's messages, so a crash at any point leaves them on the queue to be
+//! delivered again, and the store's unique key makes that second write a no-op.
+//!
+//! A message that cannot be decoded goes to the dead-letter queue with the reason, counted. A
+//! database that is down is waited for: writes are retried with backoff while the messages stay
+//! unacknowledged, and the queue holds everything else.
+
+mod consumer;
+mod metrics;
+pub mod settings;
+mod writer;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use actix_web::dev::ServerHandle;
+use anyhow::Context;
+use prometheus_client::registry::Registry;
+use service_kit::{Ops, Readiness};
+use tokio::sync::watch;
+
+pub use metrics::PersisterMetrics;
+pub use settings::Settings;
+
+/// A persister, connected to its database and bound to its ops port, not yet consuming.
+pub struct Persister {
+    settings: Settings,
+    pool: store::PgPool,
+    metrics: PersisterMetrics,
+    ops_port: u16,
+    ops_server: actix_web::dev::Server,
+    amqp_connected: Arc<AtomicBool>,
+    shutdown: watch::Sender<bool>,
+}
+
+impl Persister {
+    /// Waits for PostgreSQL (up to `startup_wait_ms`), refuses an unmigrated database, and binds the
+    /// ops endpoints on `http_addr`.
+    pub async fn build(settings: &Settings) -> anyhow::Result<Self> {
+        let pool = store::connect_pool(&settings.database_url, &settings.pool())?;
+        let wait = Duration::from_millis(settings.startup_wait_ms);
+        let check_pool = pool.clone();
+        tokio::task::spawn_blocking(move || store::wait_for_migrated_database(&check_pool, wait))
+            .await
+            .context("start-up check")??;
+
+        let mut registry = Registry::default();
+        let metrics = PersisterMetrics::register(&mut registry);
+        let amqp_connected = Arc::new(AtomicBool::new(false));
+        let ready_pool = pool.clone();
+        let ready_amqp = amqp_connected.clone();
+        let readiness = Readiness::default()
+            .with_check("postgres", move || {
+                let pool = ready_pool.clone();
+                async move {
+                    tokio::task::spawn_blocking(move || {
+                        store::ping(&pool).map_err(|e| e.to_string())
+                    })
+                    .await
+                    .map_err(|e| e.to_string())?
+                }
+            })
+            .with_check("rabbitmq", move || {
+                let connected = ready_amqp.load(Ordering::SeqCst);
+                async move {
+                    if connected {
+                        Ok(())
+                    } else {
+                        Err("not consuming from RabbitMQ".to_owned())
+                    }
+                }
+            });
+        let (ops_addr, ops_server) = Ops::new(registry, readiness)
+            .serve(&settings.http_addr)
+            .with_context(|| format!("cannot listen on {}", settings.http_addr))?;
+        let (shutdown, _) = watch::channel(false);
+        Ok(Self {
+            settings: settings.clone(),
+            pool,
+            metrics,
+            ops_port: ops_addr.port(),
+            ops_server,
+            amqp_connected,
+            shutdown,
+        })
+    }
+
+    pub fn ops_port(&self) -> u16 {
+        self.ops_port
+    }
+
+    /// Consumes until `stop` resolves, then finishes and acknowledges the batches in hand, and returns.
+    pub async fn run_until(self, stop: impl Future<Output = ()>) {
+        let ops_handle: ServerHandle = self.ops_server.handle();
+        let ops = tokio::spawn(self.ops_server);
+        let shutdown = self.shutdown.clone();
+        let consuming = tokio::spawn(consumer::consume(
+            self.settings.clone(),
+            self.pool.clone(),
+            self.metrics.clone(),
+            self.amqp_connected.clone(),
+            self.shutdown.subscribe(),
+        ));
+        tokio::pin!(stop);
+        tokio::select! {
+            _ = &mut stop => {}
+            _ = shutdown.closed() => {}
+        }
+        shutdown.send_replace(true);
+        if let Err(e) = consuming.await {
+            tracing::error!(error = %e, "the consuming task failed");
+        }
+        ops_handle.stop(true).await;
+        let _ = ops.await;
+    }
+}

@@ -1,0 +1,87 @@
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
+#[derive(Clone)]
+pub struct PersisterMetrics {
+    pub readings_stored: Counter,
+    pub readings_duplicate: Counter,
+    pub messages_acked: Counter,
+    pub messages_dead_lettered: Family<ReasonLabels, Counter>,
+    pub batch_readings: Histogram,
+    pub batch_write_seconds: Histogram,
+    pub write_failures: Counter,
+    /// Messages waiting in the readings queue, sampled every few seconds.
+    pub queue_messages: Gauge,
+    pub amqp_connected: Gauge,
+}
+
+impl PersisterMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self {
+            readings_stored: Counter::default(),
+            readings_duplicate: Counter::default(),
+            messages_acked: Counter::default(),
+            messages_dead_lettered: Family::default(),
+            batch_readings: Histogram::new(exponential_buckets(1.0, 2.0, 15)),
+            batch_write_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
+            write_failures: Counter::default(),
+            queue_messages: Gauge::default(),
+            amqp_connected: Gauge::default(),
+        };
+        registry.register(
+            "readings_stored",
+            "Readings newly stored",
+            m.readings_stored.clone(),
+        );
+        registry.register(
+            "readings_duplicate",
+            "Readings received again and not stored twice (redeliveries, retries)",
+            m.readings_duplicate.clone(),
+        );
+        registry.register(
+            "messages_acked",
+            "Queue messages acknowledged after their commit",
+            m.messages_acked.clone(),
+        );
+        registry.register(
+            "messages_dead_lettered",
+            "Queue messages that can never be stored, kept on the dead-letter queue, by reason",
+            m.messages_dead_lettered.clone(),
+        );
+        registry.register(
+            "batch_readings",
+            "Readings per database batch",
+            m.batch_readings.clone(),
+        );
+        registry.register(
+            "batch_write_seconds",
+            "Time to write one batch",
+            m.batch_write_seconds.clone(),
+        );
+        registry.register(
+            "write_failures",
+            "Batch writes that failed and were retried",
+            m.write_failures.clone(),
+        );
+        registry.register(
+            "queue_messages",
+            "Messages waiting in the readings queue (the persisters' lag)",
+            m.queue_messages.clone(),
+        );
+        registry.register(
+            "amqp_connected",
+            "1 while consuming from RabbitMQ",
+            m.amqp_connected.clone(),
+        );
+        m
+    }
+}
