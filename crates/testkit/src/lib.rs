@@ -221,3 +221,74 @@ pub fn count_rows(url: &str, table: &str) -> i64 {
         .expect("count rows")
         .n
 }
+
+/// A TCP relay in front of a real server (RabbitMQ, PostgreSQL, Mosquitto) that a test can cut and
+/// restore, to see what services do when their broker or database goes away, without stopping the
+/// shared server other tests use.
+pub struct TcpProxy {
+    pub port: u16,
+    state: std::sync::Arc<ProxyState>,
+}
+
+struct ProxyState {
+    open: std::sync::atomic::AtomicBool,
+    /// Bumped on every cut: relays of an older generation close.
+    generation: tokio::sync::watch::Sender<u64>,
+}
+
+impl TcpProxy {
+    /// Relays a free local port to `target` (`host:port`).
+    pub async fn start(target: &str) -> Self {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let port = listener.local_addr().expect("proxy addr").port();
+        let (generation, _) = tokio::sync::watch::channel(0);
+        let state = std::sync::Arc::new(ProxyState {
+            open: std::sync::atomic::AtomicBool::new(true),
+            generation,
+        });
+        let target = target.to_owned();
+        let accept_state = state.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else { return };
+                if !accept_state.open.load(Ordering::SeqCst) {
+                    drop(inbound);
+                    continue;
+                }
+                let target = target.clone();
+                let mut cut = accept_state.generation.subscribe();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cut.changed() => {}
+                    }
+                });
+            }
+        });
+        Self { port, state }
+    }
+
+    /// Drops every relayed connection and refuses new ones, as a dead server would.
+    pub fn cut(&self) {
+        self.state.open.store(false, std::sync::atomic::Ordering::SeqCst);
+        self.state.generation.send_modify(|g| *g += 1);
+    }
+
+    pub fn restore(&self) {
+        self.state.open.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// An AMQP URL through this proxy (with a short heartbeat, so a cut is noticed quickly).
+    pub fn amqp_url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f?heartbeat=2", self.port)
+    }
+}
+
+/// Runs SQL on a connection, panicking with the statement on failure (tests only).
+pub fn execute(conn: &mut PgConnection, sql: &str) {
+    conn.batch_execute(sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
+}

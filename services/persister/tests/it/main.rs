@@ -1,1 +1,319 @@
+//! The persister against real RabbitMQ and PostgreSQL: its own database and queue names per test.
 
+use std::time::Duration;
+
+use bus::lapin::options::{BasicGetOptions, BasicPublishOptions};
+use bus::lapin::BasicProperties;
+use bus::{Publisher, PublisherMetrics, PublisherSettings, Topology};
+use models::Reading;
+use persister::{Persister, Settings};
+use testkit::{TestDb, count_rows, eventually};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+struct Fixture {
+    db: TestDb,
+    prefix: String,
+    topology: Topology,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        service_kit::telemetry::init_for_tests();
+        let prefix = testkit::unique_name("persister-test");
+        Self { db: TestDb::migrated(), topology: Topology::with_prefix(&prefix), prefix }
+    }
+
+    fn settings(&self) -> Settings {
+        let mut s = Settings::defaults();
+        s.http_addr = "127.0.0.1:0".into();
+        s.database_url = self.db.url.clone();
+        s.amqp_url = testkit::amqp_url();
+        s.amqp_prefix = self.prefix.clone();
+        s.batch_linger_ms = 5;
+        s.retry_max_backoff_ms = 500;
+        s
+    }
+
+    async fn publisher(&self) -> Publisher {
+        let p = Publisher::start(
+            testkit::amqp_url(),
+            self.topology.clone(),
+            PublisherSettings::default(),
+            PublisherMetrics::unregistered(),
+            "persister-test".into(),
+        );
+        assert!(p.wait_connected(Duration::from_secs(10)).await, "RabbitMQ is running");
+        p
+    }
+
+    fn stored(&self) -> i64 {
+        count_rows(&self.db.url, "readings")
+    }
+
+    async fn wait_stored(&self, expected: i64) {
+        eventually(WAIT, &format!("{expected} readings stored"), || async {
+            (self.stored() >= expected).then_some(())
+        })
+        .await;
+        // and no more arrive later
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(self.stored(), expected);
+    }
+
+    async fn channel(&self) -> (bus::lapin::Connection, bus::lapin::Channel) {
+        let conn = bus::connect(&testkit::amqp_url(), "persister-test").await.unwrap();
+        let channel = conn.create_channel().await.unwrap();
+        bus::declare_topology(&channel, &self.topology).await.unwrap();
+        (conn, channel)
+    }
+
+    async fn cleanup(self) {
+        let (_conn, channel) = self.channel().await;
+        bus::delete_topology(&channel, &self.topology).await.unwrap();
+    }
+}
+
+struct Running {
+    ops_port: u16,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    async fn start(settings: &Settings) -> Self {
+        let persister = Persister::build(settings).await.expect("persister starts");
+        let ops_port = persister.ops_port();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(persister.run_until(async {
+            let _ = stopped.await;
+        }));
+        Self { ops_port, stop, task }
+    }
+
+    async fn metrics(&self) -> String {
+        reqwest::get(format!("http://127.0.0.1:{}/metrics", self.ops_port))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    async fn readyz(&self) -> u16 {
+        reqwest::get(format!("http://127.0.0.1:{}/readyz", self.ops_port))
+            .await
+            .map(|r| r.status().as_u16())
+            .unwrap_or(0)
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        self.task.await.unwrap();
+    }
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// `n` readings of `device`, ids `{tag}-{i}`, one second apart.
+fn readings(device: &str, tag: &str, n: usize) -> Vec<Reading> {
+    let items: Vec<String> = (0..n)
+        .map(|i| {
+            format!(
+                r#"{{"device_id":"{device}","id":"{tag}-{i}","ts":{},"metrics":{{"t":{i}.25,"h":-{i}}}}}"#,
+                1_795_000_000_000u64 + i as u64 * 1000
+            )
+        })
+        .collect();
+    models::parse_readings_body(format!("[{}]", items.join(",")).as_bytes(), chrono::Utc::now()).unwrap()
+}
+
+#[tokio::test]
+async fn readings_are_stored_exactly_and_an_undecodable_message_is_dead_lettered() {
+    let f = Fixture::new();
+    let running = Running::start(&f.settings()).await;
+    let publisher = f.publisher().await;
+    let (_conn, channel) = f.channel().await;
+
+    publisher.publish(readings("raspi-01", "a", 3)).await.unwrap();
+    // a message no persister can read, between two good ones
+    channel
+        .basic_publish(
+            f.topology.readings_exchange.as_str().into(),
+            bus::READINGS_ROUTING_KEY.into(),
+            BasicPublishOptions::default(),
+            b"this is not a reading batch",
+            BasicProperties::default().with_delivery_mode(2),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    publisher.publish(readings("raspi-02", "b", 2)).await.unwrap();
+
+    f.wait_stored(5).await;
+    let page = store::read::readings_page(
+        &mut f.db.connect(),
+        &store::read::ReadingsQuery { device_id: "raspi-01".into(), limit: 10, ..Default::default() },
+    )
+    .unwrap();
+    assert_eq!(page.len(), 3);
+    assert_eq!(page[0].reading_id, "a-2");
+    assert_eq!(page[0].metrics, serde_json::json!({"h": -2.0, "t": 2.25}));
+    assert_eq!(page[0].ts.timestamp_millis(), 1_795_000_002_000);
+
+    let dead = eventually(WAIT, "the dead letter", || async {
+        channel
+            .basic_get(f.topology.dead_readings_queue.as_str().into(), BasicGetOptions { no_ack: true })
+            .await
+            .unwrap()
+    })
+    .await;
+    assert_eq!(dead.delivery.data, b"this is not a reading batch");
+    let headers = dead.delivery.properties.headers().clone().unwrap();
+    let reason = headers.inner()["x-sensorhub-reason"].as_long_string().unwrap().to_string();
+    assert!(reason.starts_with("malformed message"), "{reason}");
+    let text = running.metrics().await;
+    assert_eq!(metric(&text, "messages_dead_lettered_total{reason=\"malformed\"}"), 1.0, "{text}");
+    assert_eq!(metric(&text, "readings_stored_total"), 5.0);
+
+    running.stop().await;
+    publisher.close().await;
+    f.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_reading_delivered_twice_is_stored_once() {
+    let f = Fixture::new();
+    let running = Running::start(&f.settings()).await;
+    let publisher = f.publisher().await;
+    let batch = readings("raspi-01", "dup", 50);
+    publisher.publish(batch.clone()).await.unwrap();
+    publisher.publish(batch[10..20].to_vec()).await.unwrap();
+    publisher.publish(batch).await.unwrap();
+    f.wait_stored(50).await;
+    let text = eventually(WAIT, "duplicates counted", || async {
+        let text = running.metrics().await;
+        (metric(&text, "readings_duplicate_total") >= 60.0).then_some(text)
+    })
+    .await;
+    assert_eq!(metric(&text, "readings_duplicate_total"), 60.0);
+    running.stop().await;
+    publisher.close().await;
+    f.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_database_outage_is_waited_out_and_nothing_is_lost() {
+    let f = Fixture::new();
+    let running = Running::start(&f.settings()).await;
+    let publisher = f.publisher().await;
+    publisher.publish(readings("d", "before", 10)).await.unwrap();
+    f.wait_stored(10).await;
+
+    // This test's database goes away (others' stay): no new connections, existing ones killed.
+    let mut admin = store::connect(&testkit::admin_database_url()).unwrap();
+    let outage = format!(
+        "ALTER DATABASE \"{0}\" ALLOW_CONNECTIONS false; \
+         SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{0}'",
+        f.db.name
+    );
+    testkit::execute(&mut admin, &outage);
+    for i in 0..5 {
+        publisher.publish(readings("d", &format!("during{i}"), 20)).await.unwrap();
+    }
+    eventually(WAIT, "readiness to report the database", || async {
+        (running.readyz().await == 503).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    testkit::execute(&mut admin, &format!("ALTER DATABASE \"{}\" ALLOW_CONNECTIONS true", f.db.name));
+    f.wait_stored(110).await;
+    eventually(WAIT, "readiness to recover", || async { (running.readyz().await == 200).then_some(()) }).await;
+    let text = running.metrics().await;
+    assert!(metric(&text, "write_failures_total") >= 1.0, "{text}");
+    running.stop().await;
+    publisher.close().await;
+    f.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_persister_killed_mid_stream_loses_nothing() {
+    let f = Fixture::new();
+    let publisher = f.publisher().await;
+    let spawn = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_persister"))
+            .env("HTTP_ADDR", "127.0.0.1:0")
+            .env("DATABASE_URL", &f.db.url)
+            .env("AMQP_URL", testkit::amqp_url())
+            .env("AMQP_PREFIX", &f.prefix)
+            .env("BATCH_MAX_READINGS", "500")
+            .env("RUST_LOG", "warn")
+            .spawn()
+            .expect("start the persister binary")
+    };
+    let mut first = spawn();
+    // 200 messages of 100 readings, published while the persister works through them
+    let sender = {
+        let publisher = publisher.clone();
+        tokio::spawn(async move {
+            for m in 0..200 {
+                publisher.publish(readings(&format!("pi-{}", m % 7), &format!("m{m}"), 100)).await.unwrap();
+            }
+        })
+    };
+    eventually(WAIT, "the persister to be part way", || async { (f.stored() >= 2000).then_some(()) }).await;
+    first.kill().unwrap(); // SIGKILL: no chance to finish its batch or ack
+    first.wait().unwrap();
+    let at_kill = f.stored();
+    sender.await.unwrap();
+    let mut second = spawn();
+    f.wait_stored(20_000).await;
+    second.kill().unwrap();
+    second.wait().unwrap();
+    assert!(at_kill < 20_000, "the kill came too late to test anything ({at_kill} stored)");
+    publisher.close().await;
+    f.cleanup().await;
+}
+
+#[tokio::test]
+async fn several_persisters_share_the_queue() {
+    let f = Fixture::new();
+    let mut settings = f.settings();
+    settings.prefetch = 4;
+    let a = Running::start(&settings).await;
+    let b = Running::start(&settings).await;
+    let publisher = f.publisher().await;
+    let mut sends = Vec::new();
+    for m in 0..100 {
+        let publisher = publisher.clone();
+        sends.push(tokio::spawn(async move { publisher.publish(readings("d", &format!("s{m}"), 20)).await }));
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    for s in sends {
+        s.await.unwrap().unwrap();
+    }
+    f.wait_stored(2000).await;
+    let (ma, mb) = (metric(&a.metrics().await, "readings_stored_total"), metric(&b.metrics().await, "readings_stored_total"));
+    assert_eq!(ma + mb, 2000.0);
+    assert!(ma > 0.0 && mb > 0.0, "both persisters worked: {ma} and {mb}");
+    a.stop().await;
+    b.stop().await;
+    publisher.close().await;
+    f.cleanup().await;
+}
+
+#[tokio::test]
+async fn an_unmigrated_database_is_refused_at_start() {
+    let f = Fixture::new();
+    let empty = TestDb::unmigrated();
+    let mut settings = f.settings();
+    settings.database_url = empty.url.clone();
+    let err = Persister::build(&settings).await.err().expect("refused");
+    assert!(err.to_string().contains("sensorctl migrate"), "{err}");
+}
