@@ -1,0 +1,330 @@
+//! ingest-http driven as a Pi drives it, against real RabbitMQ and PostgreSQL, with the persister
+//! and query-api running beside it for the round trips.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use testkit::{TcpProxy, TestDb, count_rows, eventually};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// One test's stack: its own database and queue names; services started on demand on free ports.
+struct Stack {
+    db: TestDb,
+    prefix: String,
+    client: reqwest::Client,
+}
+
+struct Ingest {
+    url: String,
+    handle: actix_web::dev::ServerHandle,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Ingest {
+    async fn stop(self) {
+        self.handle.stop(true).await;
+        self.task.await.unwrap().unwrap();
+    }
+}
+
+impl Stack {
+    fn new() -> Self {
+        service_kit::telemetry::init_for_tests();
+        Self {
+            db: TestDb::migrated(),
+            prefix: testkit::unique_name("ingest-test"),
+            client: reqwest::Client::new(),
+        }
+    }
+
+    async fn ingest_via(&self, amqp_url: String) -> Ingest {
+        let mut settings = ingest_http::Settings::defaults();
+        settings.http_addr = "127.0.0.1:0".into();
+        settings.http_workers = 2;
+        settings.amqp_url = amqp_url;
+        settings.amqp_prefix = self.prefix.clone();
+        settings.max_body_bytes = 256 * 1024;
+        let app = ingest_http::Application::build(&settings).unwrap();
+        let url = format!("http://127.0.0.1:{}", app.port());
+        let (handle, run) = app.into_parts();
+        let task = tokio::spawn(run);
+        let ingest = Ingest { url, handle, task };
+        eventually(WAIT, "ingest-http ready", || async {
+            let r = self.client.get(format!("{}/readyz", ingest.url)).send().await.ok()?;
+            r.status().is_success().then_some(())
+        })
+        .await;
+        ingest
+    }
+
+    async fn ingest(&self) -> Ingest {
+        self.ingest_via(testkit::amqp_url()).await
+    }
+
+    /// The persister, stopped when the returned sender is dropped or fired.
+    async fn persister(&self) -> tokio::sync::oneshot::Sender<()> {
+        let mut settings = persister::Settings::defaults();
+        settings.http_addr = "127.0.0.1:0".into();
+        settings.database_url = self.db.url.clone();
+        settings.amqp_url = testkit::amqp_url();
+        settings.amqp_prefix = self.prefix.clone();
+        settings.batch_linger_ms = 5;
+        let p = persister::Persister::build(&settings).await.unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(p.run_until(async {
+            let _ = stopped.await;
+        }));
+        stop
+    }
+
+    async fn query_api(&self) -> String {
+        let mut settings = query_api::Settings::defaults();
+        settings.http_addr = "127.0.0.1:0".into();
+        settings.http_workers = 1;
+        settings.database_url = self.db.url.clone();
+        let app = query_api::Application::build(&settings).await.unwrap();
+        let url = format!("http://127.0.0.1:{}", app.port());
+        tokio::spawn(app.run_until_stopped());
+        url
+    }
+
+    async fn post(&self, url: String, body: Value) -> (u16, Value) {
+        let response = self.client.post(url).json(&body).send().await.unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn get(&self, url: String) -> Value {
+        self.client.get(url).send().await.unwrap().json().await.unwrap()
+    }
+
+    fn stored(&self) -> i64 {
+        count_rows(&self.db.url, "readings")
+    }
+
+    async fn wait_stored(&self, n: i64) {
+        eventually(WAIT, &format!("{n} readings stored"), || async {
+            (self.stored() >= n).then_some(())
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(self.stored(), n);
+    }
+
+    /// Messages waiting in this test's readings queue.
+    async fn queued_messages(&self) -> u32 {
+        let conn = bus::connect(&testkit::amqp_url(), "ingest-test").await.unwrap();
+        let channel = conn.create_channel().await.unwrap();
+        let topology = bus::Topology::with_prefix(&self.prefix);
+        bus::declare_topology(&channel, &topology).await.unwrap();
+        let q = channel
+            .queue_declare(
+                topology.readings_queue.as_str().into(),
+                bus::lapin::options::QueueDeclareOptions { passive: true, ..Default::default() },
+                Default::default(),
+            )
+            .await
+            .unwrap();
+        q.message_count()
+    }
+
+    async fn cleanup(self) {
+        let conn = bus::connect(&testkit::amqp_url(), "ingest-test").await.unwrap();
+        let channel = conn.create_channel().await.unwrap();
+        bus::delete_topology(&channel, &bus::Topology::with_prefix(&self.prefix)).await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn the_seed_snippet_is_stored_and_read_back_through_query_api() {
+    let stack = Stack::new();
+    let ingest = stack.ingest().await;
+    let _persister = stack.persister().await;
+    let query = stack.query_api().await;
+
+    // requests.post(url, json={"device_id": "raspi-01", "temperature": 25.5, "humidity": 60.3})
+    let (status, body) = stack
+        .post(format!("{}/data", ingest.url), json!({"device_id": "raspi-01", "temperature": 25.5, "humidity": 60.3}))
+        .await;
+    assert_eq!((status, body), (200, json!({"status": "success"})));
+
+    let page = eventually(WAIT, "the reading in query-api", || async {
+        let page = stack.get(format!("{query}/v1/devices/raspi-01/readings")).await;
+        (page["readings"].as_array().map_or(0, Vec::len) == 1).then_some(page)
+    })
+    .await;
+    assert_eq!(page["readings"][0]["metrics"], json!({"temperature": 25.5, "humidity": 60.3}));
+    assert_eq!(page["next_cursor"], Value::Null);
+    let latest = stack.get(format!("{query}/v1/devices/raspi-01/latest")).await;
+    assert_eq!(latest["metrics"]["humidity"]["value"], json!(60.3));
+    let devices = stack.get(format!("{query}/v1/devices")).await;
+    assert_eq!(devices["devices"][0]["metrics"], json!(["humidity", "temperature"]));
+
+    ingest.stop().await;
+    stack.cleanup().await;
+}
+
+#[tokio::test]
+async fn batches_are_stored_exactly_and_a_retried_reading_once() {
+    let stack = Stack::new();
+    let ingest = stack.ingest().await;
+    let _persister = stack.persister().await;
+    let batch: Vec<Value> = (0..1000)
+        .map(|i| {
+            json!({"device_id": format!("pi-{}", i % 10), "id": format!("r{i}"),
+                   "ts": 1_795_000_000_000u64 + i, "metrics": {"t": i as f64 / 4.0, "n": -(i as f64)}})
+        })
+        .collect();
+    let (status, body) = stack.post(format!("{}/v1/readings", ingest.url), Value::Array(batch.clone())).await;
+    assert_eq!((status, body), (202, json!({"accepted": 1000})));
+    // the device did not hear the answer and sends some again, same ids and times
+    let (status, _) = stack.post(format!("{}/v1/readings", ingest.url), Value::Array(batch[..100].to_vec())).await;
+    assert_eq!(status, 202);
+    let (status, _) = stack.post(format!("{}/v1/readings", ingest.url), batch[7].clone()).await;
+    assert_eq!(status, 202);
+    stack.wait_stored(1000).await;
+    let mut conn = stack.db.connect();
+    let page = store::read::readings_page(
+        &mut conn,
+        &store::read::ReadingsQuery { device_id: "pi-7".into(), limit: 1, ..Default::default() },
+    )
+    .unwrap();
+    assert_eq!(page[0].reading_id, "r997");
+    assert_eq!(page[0].metrics, json!({"t": 249.25, "n": -997.0}));
+    assert_eq!(page[0].ts.timestamp_millis(), 1_795_000_000_997);
+    ingest.stop().await;
+    stack.cleanup().await;
+}
+
+#[tokio::test]
+async fn every_invalid_request_is_refused_with_its_field_and_nothing_is_queued() {
+    let stack = Stack::new();
+    let ingest = stack.ingest().await;
+    let data = format!("{}/data", ingest.url);
+    let readings = format!("{}/v1/readings", ingest.url);
+    let future = (chrono::Utc::now() + chrono::Duration::minutes(6)).to_rfc3339();
+    let many: Vec<Value> = (0..1001).map(|_| json!({"device_id": "a", "metrics": {"t": 1}})).collect();
+    let cases: Vec<(&str, Value, &str)> = vec![
+        (&data, json!({"temperature": 1}), "device_id"),
+        (&data, json!({"device_id": "", "t": 1}), "device_id"),
+        (&data, json!({"device_id": "x".repeat(65), "t": 1}), "device_id"),
+        (&data, json!({"device_id": "bad/id", "t": 1}), "device_id"),
+        (&data, json!({"device_id": "a"}), "body"),
+        (&data, json!({"device_id": "a", "temperature": "hot"}), "temperature"),
+        (&data, json!({"device_id": "a", "bad name": 1}), "bad name"),
+        (&data, json!({"device_id": "a", "t": 1, "ts": future}), "ts"),
+        (&data, json!({"device_id": "a", "t": 1, "ts": "noon"}), "ts"),
+        (&data, json!({"device_id": "a", "t": 1, "ts": 0}), "ts"),
+        (&data, json!({"device_id": "a", "t": 1, "id": "x".repeat(65)}), "id"),
+        (&data, json!([1, 2]), "body"),
+        (&readings, json!({"device_id": "a", "metrics": {}}), "metrics"),
+        (&readings, json!({"device_id": "a"}), "metrics"),
+        (&readings, json!({"device_id": "a", "metrics": {"t": null}}), "metrics.t"),
+        (&readings, json!({"device_id": "a", "metrics": {"t": 1}, "extra": 1}), "extra"),
+        (&readings, json!([{"device_id": "a", "metrics": {"t": 1}}, {"device_id": "a", "metrics": {"t": true}}]), "[1].metrics.t"),
+        (&readings, json!([]), "body"),
+        (&readings, Value::Array(many), "body"),
+    ];
+    for (url, body, field) in cases {
+        let (status, answer) = stack.post(url.to_owned(), body.clone()).await;
+        assert_eq!(status, 400, "{body} -> {answer}");
+        assert_eq!(answer["error"], "invalid_input", "{answer}");
+        assert_eq!(answer["field"], field, "{body} -> {answer}");
+    }
+
+    let too_big = json!({"device_id": "a", "t": 1, "pad": "x".repeat(300 * 1024)});
+    let (status, answer) = stack.post(data.clone(), too_big).await;
+    assert_eq!((status, answer["error"].as_str()), (413, Some("payload_too_large")));
+
+    let response = stack
+        .client
+        .post(&data)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("device_id=a&t=1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 415);
+
+    let response = stack.client.post(&data).header("content-type", "application/json").body("{oops").send().await.unwrap();
+    assert_eq!(response.status(), 400);
+
+    assert_eq!(stack.queued_messages().await, 0, "nothing invalid reaches the queue");
+    let metrics = stack.client.get(format!("{}/metrics", ingest.url)).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("requests_rejected_total{endpoint=\"/data\",reason=\"invalid\"} 13"), "{metrics}");
+    ingest.stop().await;
+    stack.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_broker_that_is_down_gets_503_and_no_acknowledged_reading_is_lost() {
+    let stack = Stack::new();
+    let proxy = TcpProxy::start("127.0.0.1:5672").await;
+    let ingest = stack.ingest_via(proxy.amqp_url()).await;
+    let mut acknowledged = Vec::new();
+    let mut refused = 0;
+    for i in 0..120 {
+        if i == 40 {
+            proxy.cut();
+        }
+        if i == 80 {
+            proxy.restore();
+            // the publisher reconnects with backoff; ingest answers 503 until then
+        }
+        let id = format!("r{i}");
+        let response = stack
+            .client
+            .post(format!("{}/data", ingest.url))
+            .json(&json!({"device_id": "raspi-01", "id": id, "ts": 1_795_000_000_000u64 + i, "t": i}))
+            .send()
+            .await
+            .unwrap();
+        match response.status().as_u16() {
+            200 => acknowledged.push(id),
+            503 => {
+                assert!(response.headers().contains_key("retry-after"));
+                refused += 1;
+            }
+            other => panic!("unexpected status {other}"),
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(refused >= 10, "the outage was seen ({refused} refused)");
+    assert!(acknowledged.len() >= 40, "service resumed ({} acknowledged)", acknowledged.len());
+    let _persister = stack.persister().await;
+    let acked = acknowledged.len() as i64;
+    eventually(WAIT, "every acknowledged reading stored", || async {
+        (stack.stored() >= acked).then_some(())
+    })
+    .await;
+    let mut conn = stack.db.connect();
+    let stored = store::read::readings_page(
+        &mut conn,
+        &store::read::ReadingsQuery { device_id: "raspi-01".into(), limit: 1000, ..Default::default() },
+    )
+    .unwrap();
+    for id in &acknowledged {
+        assert!(stored.iter().any(|r| &r.reading_id == id), "acknowledged reading {id} was lost");
+    }
+    ingest.stop().await;
+    stack.cleanup().await;
+}
+
+#[tokio::test]
+async fn the_openapi_description_lists_exactly_the_served_routes() {
+    let stack = Stack::new();
+    let ingest = stack.ingest().await;
+    let doc = stack.get(format!("{}/openapi.json", ingest.url)).await;
+    let paths: Vec<&String> = doc["paths"].as_object().unwrap().keys().collect();
+    assert_eq!(paths, ["/data", "/v1/readings"]);
+    for path in paths {
+        let methods: Vec<&String> = doc["paths"][path].as_object().unwrap().keys().collect();
+        assert_eq!(methods, ["post"]);
+        // served: a bad body is this route's 400, not the unknown-route 404
+        let (status, answer) = stack.post(format!("{}{path}", ingest.url), json!(null)).await;
+        assert_eq!(status, 400, "{path}: {answer}");
+    }
+    ingest.stop().await;
+    stack.cleanup().await;
+}
