@@ -240,7 +240,9 @@ impl TcpProxy {
     /// Relays a free local port to `target` (`host:port`).
     pub async fn start(target: &str) -> Self {
         use std::sync::atomic::Ordering;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind proxy");
         let port = listener.local_addr().expect("proxy addr").port();
         let (generation, _) = tokio::sync::watch::channel(0);
         let state = std::sync::Arc::new(ProxyState {
@@ -251,7 +253,9 @@ impl TcpProxy {
         let accept_state = state.clone();
         tokio::spawn(async move {
             loop {
-                let Ok((mut inbound, _)) = listener.accept().await else { return };
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    return;
+                };
                 if !accept_state.open.load(Ordering::SeqCst) {
                     drop(inbound);
                     continue;
@@ -274,12 +278,16 @@ impl TcpProxy {
 
     /// Drops every relayed connection and refuses new ones, as a dead server would.
     pub fn cut(&self) {
-        self.state.open.store(false, std::sync::atomic::Ordering::SeqCst);
+        self.state
+            .open
+            .store(false, std::sync::atomic::Ordering::SeqCst);
         self.state.generation.send_modify(|g| *g += 1);
     }
 
     pub fn restore(&self) {
-        self.state.open.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.state
+            .open
+            .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// An AMQP URL through this proxy (with a short heartbeat, so a cut is noticed quickly).
@@ -290,5 +298,6 @@ impl TcpProxy {
 
 /// Runs SQL on a connection, panicking with the statement on failure (tests only).
 pub fn execute(conn: &mut PgConnection, sql: &str) {
-    conn.batch_execute(sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
+    conn.batch_execute(sql)
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
 }

@@ -51,7 +51,12 @@ impl Stack {
         let task = tokio::spawn(run);
         let ingest = Ingest { url, handle, task };
         eventually(WAIT, "ingest-http ready", || async {
-            let r = self.client.get(format!("{}/readyz", ingest.url)).send().await.ok()?;
+            let r = self
+                .client
+                .get(format!("{}/readyz", ingest.url))
+                .send()
+                .await
+                .ok()?;
             r.status().is_success().then_some(())
         })
         .await;
@@ -96,7 +101,14 @@ impl Stack {
     }
 
     async fn get(&self, url: String) -> Value {
-        self.client.get(url).send().await.unwrap().json().await.unwrap()
+        self.client
+            .get(url)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
     }
 
     fn stored(&self) -> i64 {
@@ -114,14 +126,19 @@ impl Stack {
 
     /// Messages waiting in this test's readings queue.
     async fn queued_messages(&self) -> u32 {
-        let conn = bus::connect(&testkit::amqp_url(), "ingest-test").await.unwrap();
+        let conn = bus::connect(&testkit::amqp_url(), "ingest-test")
+            .await
+            .unwrap();
         let channel = conn.create_channel().await.unwrap();
         let topology = bus::Topology::with_prefix(&self.prefix);
         bus::declare_topology(&channel, &topology).await.unwrap();
         let q = channel
             .queue_declare(
                 topology.readings_queue.as_str().into(),
-                bus::lapin::options::QueueDeclareOptions { passive: true, ..Default::default() },
+                bus::lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
                 Default::default(),
             )
             .await
@@ -130,9 +147,13 @@ impl Stack {
     }
 
     async fn cleanup(self) {
-        let conn = bus::connect(&testkit::amqp_url(), "ingest-test").await.unwrap();
+        let conn = bus::connect(&testkit::amqp_url(), "ingest-test")
+            .await
+            .unwrap();
         let channel = conn.create_channel().await.unwrap();
-        bus::delete_topology(&channel, &bus::Topology::with_prefix(&self.prefix)).await.unwrap();
+        bus::delete_topology(&channel, &bus::Topology::with_prefix(&self.prefix))
+            .await
+            .unwrap();
     }
 }
 
@@ -145,21 +166,34 @@ async fn the_seed_snippet_is_stored_and_read_back_through_query_api() {
 
     // requests.post(url, json={"device_id": "raspi-01", "temperature": 25.5, "humidity": 60.3})
     let (status, body) = stack
-        .post(format!("{}/data", ingest.url), json!({"device_id": "raspi-01", "temperature": 25.5, "humidity": 60.3}))
+        .post(
+            format!("{}/data", ingest.url),
+            json!({"device_id": "raspi-01", "temperature": 25.5, "humidity": 60.3}),
+        )
         .await;
     assert_eq!((status, body), (200, json!({"status": "success"})));
 
     let page = eventually(WAIT, "the reading in query-api", || async {
-        let page = stack.get(format!("{query}/v1/devices/raspi-01/readings")).await;
+        let page = stack
+            .get(format!("{query}/v1/devices/raspi-01/readings"))
+            .await;
         (page["readings"].as_array().map_or(0, Vec::len) == 1).then_some(page)
     })
     .await;
-    assert_eq!(page["readings"][0]["metrics"], json!({"temperature": 25.5, "humidity": 60.3}));
+    assert_eq!(
+        page["readings"][0]["metrics"],
+        json!({"temperature": 25.5, "humidity": 60.3})
+    );
     assert_eq!(page["next_cursor"], Value::Null);
-    let latest = stack.get(format!("{query}/v1/devices/raspi-01/latest")).await;
+    let latest = stack
+        .get(format!("{query}/v1/devices/raspi-01/latest"))
+        .await;
     assert_eq!(latest["metrics"]["humidity"]["value"], json!(60.3));
     let devices = stack.get(format!("{query}/v1/devices")).await;
-    assert_eq!(devices["devices"][0]["metrics"], json!(["humidity", "temperature"]));
+    assert_eq!(
+        devices["devices"][0]["metrics"],
+        json!(["humidity", "temperature"])
+    );
 
     ingest.stop().await;
     stack.cleanup().await;
@@ -176,18 +210,34 @@ async fn batches_are_stored_exactly_and_a_retried_reading_once() {
                    "ts": 1_795_000_000_000u64 + i, "metrics": {"t": i as f64 / 4.0, "n": -(i as f64)}})
         })
         .collect();
-    let (status, body) = stack.post(format!("{}/v1/readings", ingest.url), Value::Array(batch.clone())).await;
+    let (status, body) = stack
+        .post(
+            format!("{}/v1/readings", ingest.url),
+            Value::Array(batch.clone()),
+        )
+        .await;
     assert_eq!((status, body), (202, json!({"accepted": 1000})));
     // the device did not hear the answer and sends some again, same ids and times
-    let (status, _) = stack.post(format!("{}/v1/readings", ingest.url), Value::Array(batch[..100].to_vec())).await;
+    let (status, _) = stack
+        .post(
+            format!("{}/v1/readings", ingest.url),
+            Value::Array(batch[..100].to_vec()),
+        )
+        .await;
     assert_eq!(status, 202);
-    let (status, _) = stack.post(format!("{}/v1/readings", ingest.url), batch[7].clone()).await;
+    let (status, _) = stack
+        .post(format!("{}/v1/readings", ingest.url), batch[7].clone())
+        .await;
     assert_eq!(status, 202);
     stack.wait_stored(1000).await;
     let mut conn = stack.db.connect();
     let page = store::read::readings_page(
         &mut conn,
-        &store::read::ReadingsQuery { device_id: "pi-7".into(), limit: 1, ..Default::default() },
+        &store::read::ReadingsQuery {
+            device_id: "pi-7".into(),
+            limit: 1,
+            ..Default::default()
+        },
     )
     .unwrap();
     assert_eq!(page[0].reading_id, "r997");
@@ -204,25 +254,55 @@ async fn every_invalid_request_is_refused_with_its_field_and_nothing_is_queued()
     let data = format!("{}/data", ingest.url);
     let readings = format!("{}/v1/readings", ingest.url);
     let future = (chrono::Utc::now() + chrono::Duration::minutes(6)).to_rfc3339();
-    let many: Vec<Value> = (0..1001).map(|_| json!({"device_id": "a", "metrics": {"t": 1}})).collect();
+    let many: Vec<Value> = (0..1001)
+        .map(|_| json!({"device_id": "a", "metrics": {"t": 1}}))
+        .collect();
     let cases: Vec<(&str, Value, &str)> = vec![
         (&data, json!({"temperature": 1}), "device_id"),
         (&data, json!({"device_id": "", "t": 1}), "device_id"),
-        (&data, json!({"device_id": "x".repeat(65), "t": 1}), "device_id"),
+        (
+            &data,
+            json!({"device_id": "x".repeat(65), "t": 1}),
+            "device_id",
+        ),
         (&data, json!({"device_id": "bad/id", "t": 1}), "device_id"),
         (&data, json!({"device_id": "a"}), "body"),
-        (&data, json!({"device_id": "a", "temperature": "hot"}), "temperature"),
+        (
+            &data,
+            json!({"device_id": "a", "temperature": "hot"}),
+            "temperature",
+        ),
         (&data, json!({"device_id": "a", "bad name": 1}), "bad name"),
         (&data, json!({"device_id": "a", "t": 1, "ts": future}), "ts"),
         (&data, json!({"device_id": "a", "t": 1, "ts": "noon"}), "ts"),
         (&data, json!({"device_id": "a", "t": 1, "ts": 0}), "ts"),
-        (&data, json!({"device_id": "a", "t": 1, "id": "x".repeat(65)}), "id"),
+        (
+            &data,
+            json!({"device_id": "a", "t": 1, "id": "x".repeat(65)}),
+            "id",
+        ),
         (&data, json!([1, 2]), "body"),
-        (&readings, json!({"device_id": "a", "metrics": {}}), "metrics"),
+        (
+            &readings,
+            json!({"device_id": "a", "metrics": {}}),
+            "metrics",
+        ),
         (&readings, json!({"device_id": "a"}), "metrics"),
-        (&readings, json!({"device_id": "a", "metrics": {"t": null}}), "metrics.t"),
-        (&readings, json!({"device_id": "a", "metrics": {"t": 1}, "extra": 1}), "extra"),
-        (&readings, json!([{"device_id": "a", "metrics": {"t": 1}}, {"device_id": "a", "metrics": {"t": true}}]), "[1].metrics.t"),
+        (
+            &readings,
+            json!({"device_id": "a", "metrics": {"t": null}}),
+            "metrics.t",
+        ),
+        (
+            &readings,
+            json!({"device_id": "a", "metrics": {"t": 1}, "extra": 1}),
+            "extra",
+        ),
+        (
+            &readings,
+            json!([{"device_id": "a", "metrics": {"t": 1}}, {"device_id": "a", "metrics": {"t": true}}]),
+            "[1].metrics.t",
+        ),
         (&readings, json!([]), "body"),
         (&readings, Value::Array(many), "body"),
     ];
@@ -235,7 +315,10 @@ async fn every_invalid_request_is_refused_with_its_field_and_nothing_is_queued()
 
     let too_big = json!({"device_id": "a", "t": 1, "pad": "x".repeat(300 * 1024)});
     let (status, answer) = stack.post(data.clone(), too_big).await;
-    assert_eq!((status, answer["error"].as_str()), (413, Some("payload_too_large")));
+    assert_eq!(
+        (status, answer["error"].as_str()),
+        (413, Some("payload_too_large"))
+    );
 
     let response = stack
         .client
@@ -247,12 +330,34 @@ async fn every_invalid_request_is_refused_with_its_field_and_nothing_is_queued()
         .unwrap();
     assert_eq!(response.status(), 415);
 
-    let response = stack.client.post(&data).header("content-type", "application/json").body("{oops").send().await.unwrap();
+    let response = stack
+        .client
+        .post(&data)
+        .header("content-type", "application/json")
+        .body("{oops")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 400);
 
-    assert_eq!(stack.queued_messages().await, 0, "nothing invalid reaches the queue");
-    let metrics = stack.client.get(format!("{}/metrics", ingest.url)).send().await.unwrap().text().await.unwrap();
-    assert!(metrics.contains("requests_rejected_total{endpoint=\"/data\",reason=\"invalid\"} 13"), "{metrics}");
+    assert_eq!(
+        stack.queued_messages().await,
+        0,
+        "nothing invalid reaches the queue"
+    );
+    let metrics = stack
+        .client
+        .get(format!("{}/metrics", ingest.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("requests_rejected_total{endpoint=\"/data\",reason=\"invalid\"} 13"),
+        "{metrics}"
+    );
     ingest.stop().await;
     stack.cleanup().await;
 }
@@ -276,7 +381,9 @@ async fn a_broker_that_is_down_gets_503_and_no_acknowledged_reading_is_lost() {
         let response = stack
             .client
             .post(format!("{}/data", ingest.url))
-            .json(&json!({"device_id": "raspi-01", "id": id, "ts": 1_795_000_000_000u64 + i, "t": i}))
+            .json(
+                &json!({"device_id": "raspi-01", "id": id, "ts": 1_795_000_000_000u64 + i, "t": i}),
+            )
             .send()
             .await
             .unwrap();
@@ -291,7 +398,11 @@ async fn a_broker_that_is_down_gets_503_and_no_acknowledged_reading_is_lost() {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     assert!(refused >= 10, "the outage was seen ({refused} refused)");
-    assert!(acknowledged.len() >= 40, "service resumed ({} acknowledged)", acknowledged.len());
+    assert!(
+        acknowledged.len() >= 40,
+        "service resumed ({} acknowledged)",
+        acknowledged.len()
+    );
     let _persister = stack.persister().await;
     let acked = acknowledged.len() as i64;
     eventually(WAIT, "every acknowledged reading stored", || async {
@@ -301,11 +412,18 @@ async fn a_broker_that_is_down_gets_503_and_no_acknowledged_reading_is_lost() {
     let mut conn = stack.db.connect();
     let stored = store::read::readings_page(
         &mut conn,
-        &store::read::ReadingsQuery { device_id: "raspi-01".into(), limit: 1000, ..Default::default() },
+        &store::read::ReadingsQuery {
+            device_id: "raspi-01".into(),
+            limit: 1000,
+            ..Default::default()
+        },
     )
     .unwrap();
     for id in &acknowledged {
-        assert!(stored.iter().any(|r| &r.reading_id == id), "acknowledged reading {id} was lost");
+        assert!(
+            stored.iter().any(|r| &r.reading_id == id),
+            "acknowledged reading {id} was lost"
+        );
     }
     ingest.stop().await;
     stack.cleanup().await;
@@ -322,7 +440,9 @@ async fn the_openapi_description_lists_exactly_the_served_routes() {
         let methods: Vec<&String> = doc["paths"][path].as_object().unwrap().keys().collect();
         assert_eq!(methods, ["post"]);
         // served: a bad body is this route's 400, not the unknown-route 404
-        let (status, answer) = stack.post(format!("{}{path}", ingest.url), json!(null)).await;
+        let (status, answer) = stack
+            .post(format!("{}{path}", ingest.url), json!(null))
+            .await;
         assert_eq!(status, 400, "{path}: {answer}");
     }
     ingest.stop().await;

@@ -2,8 +2,8 @@
 
 use std::time::Duration;
 
-use bus::lapin::options::{BasicGetOptions, BasicPublishOptions};
 use bus::lapin::BasicProperties;
+use bus::lapin::options::{BasicGetOptions, BasicPublishOptions};
 use bus::{Publisher, PublisherMetrics, PublisherSettings, Topology};
 use models::Reading;
 use persister::{Persister, Settings};
@@ -21,7 +21,11 @@ impl Fixture {
     fn new() -> Self {
         service_kit::telemetry::init_for_tests();
         let prefix = testkit::unique_name("persister-test");
-        Self { db: TestDb::migrated(), topology: Topology::with_prefix(&prefix), prefix }
+        Self {
+            db: TestDb::migrated(),
+            topology: Topology::with_prefix(&prefix),
+            prefix,
+        }
     }
 
     fn settings(&self) -> Settings {
@@ -43,7 +47,10 @@ impl Fixture {
             PublisherMetrics::unregistered(),
             "persister-test".into(),
         );
-        assert!(p.wait_connected(Duration::from_secs(10)).await, "RabbitMQ is running");
+        assert!(
+            p.wait_connected(Duration::from_secs(10)).await,
+            "RabbitMQ is running"
+        );
         p
     }
 
@@ -62,15 +69,21 @@ impl Fixture {
     }
 
     async fn channel(&self) -> (bus::lapin::Connection, bus::lapin::Channel) {
-        let conn = bus::connect(&testkit::amqp_url(), "persister-test").await.unwrap();
+        let conn = bus::connect(&testkit::amqp_url(), "persister-test")
+            .await
+            .unwrap();
         let channel = conn.create_channel().await.unwrap();
-        bus::declare_topology(&channel, &self.topology).await.unwrap();
+        bus::declare_topology(&channel, &self.topology)
+            .await
+            .unwrap();
         (conn, channel)
     }
 
     async fn cleanup(self) {
         let (_conn, channel) = self.channel().await;
-        bus::delete_topology(&channel, &self.topology).await.unwrap();
+        bus::delete_topology(&channel, &self.topology)
+            .await
+            .unwrap();
     }
 }
 
@@ -88,7 +101,11 @@ impl Running {
         let task = tokio::spawn(persister.run_until(async {
             let _ = stopped.await;
         }));
-        Self { ops_port, stop, task }
+        Self {
+            ops_port,
+            stop,
+            task,
+        }
     }
 
     async fn metrics(&self) -> String {
@@ -129,7 +146,11 @@ fn readings(device: &str, tag: &str, n: usize) -> Vec<Reading> {
             )
         })
         .collect();
-    models::parse_readings_body(format!("[{}]", items.join(",")).as_bytes(), chrono::Utc::now()).unwrap()
+    models::parse_readings_body(
+        format!("[{}]", items.join(",")).as_bytes(),
+        chrono::Utc::now(),
+    )
+    .unwrap()
 }
 
 #[tokio::test]
@@ -139,7 +160,10 @@ async fn readings_are_stored_exactly_and_an_undecodable_message_is_dead_lettered
     let publisher = f.publisher().await;
     let (_conn, channel) = f.channel().await;
 
-    publisher.publish(readings("raspi-01", "a", 3)).await.unwrap();
+    publisher
+        .publish(readings("raspi-01", "a", 3))
+        .await
+        .unwrap();
     // a message no persister can read, between two good ones
     channel
         .basic_publish(
@@ -153,12 +177,19 @@ async fn readings_are_stored_exactly_and_an_undecodable_message_is_dead_lettered
         .unwrap()
         .await
         .unwrap();
-    publisher.publish(readings("raspi-02", "b", 2)).await.unwrap();
+    publisher
+        .publish(readings("raspi-02", "b", 2))
+        .await
+        .unwrap();
 
     f.wait_stored(5).await;
     let page = store::read::readings_page(
         &mut f.db.connect(),
-        &store::read::ReadingsQuery { device_id: "raspi-01".into(), limit: 10, ..Default::default() },
+        &store::read::ReadingsQuery {
+            device_id: "raspi-01".into(),
+            limit: 10,
+            ..Default::default()
+        },
     )
     .unwrap();
     assert_eq!(page.len(), 3);
@@ -168,17 +199,27 @@ async fn readings_are_stored_exactly_and_an_undecodable_message_is_dead_lettered
 
     let dead = eventually(WAIT, "the dead letter", || async {
         channel
-            .basic_get(f.topology.dead_readings_queue.as_str().into(), BasicGetOptions { no_ack: true })
+            .basic_get(
+                f.topology.dead_readings_queue.as_str().into(),
+                BasicGetOptions { no_ack: true },
+            )
             .await
             .unwrap()
     })
     .await;
     assert_eq!(dead.delivery.data, b"this is not a reading batch");
     let headers = dead.delivery.properties.headers().clone().unwrap();
-    let reason = headers.inner()["x-sensorhub-reason"].as_long_string().unwrap().to_string();
+    let reason = headers.inner()["x-sensorhub-reason"]
+        .as_long_string()
+        .unwrap()
+        .to_string();
     assert!(reason.starts_with("malformed message"), "{reason}");
     let text = running.metrics().await;
-    assert_eq!(metric(&text, "messages_dead_lettered_total{reason=\"malformed\"}"), 1.0, "{text}");
+    assert_eq!(
+        metric(&text, "messages_dead_lettered_total{reason=\"malformed\"}"),
+        1.0,
+        "{text}"
+    );
     assert_eq!(metric(&text, "readings_stored_total"), 5.0);
 
     running.stop().await;
@@ -212,7 +253,10 @@ async fn a_database_outage_is_waited_out_and_nothing_is_lost() {
     let f = Fixture::new();
     let running = Running::start(&f.settings()).await;
     let publisher = f.publisher().await;
-    publisher.publish(readings("d", "before", 10)).await.unwrap();
+    publisher
+        .publish(readings("d", "before", 10))
+        .await
+        .unwrap();
     f.wait_stored(10).await;
 
     // This test's database goes away (others' stay): no new connections, existing ones killed.
@@ -224,7 +268,10 @@ async fn a_database_outage_is_waited_out_and_nothing_is_lost() {
     );
     testkit::execute(&mut admin, &outage);
     for i in 0..5 {
-        publisher.publish(readings("d", &format!("during{i}"), 20)).await.unwrap();
+        publisher
+            .publish(readings("d", &format!("during{i}"), 20))
+            .await
+            .unwrap();
     }
     eventually(WAIT, "readiness to report the database", || async {
         (running.readyz().await == 503).then_some(())
@@ -232,9 +279,15 @@ async fn a_database_outage_is_waited_out_and_nothing_is_lost() {
     .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
 
-    testkit::execute(&mut admin, &format!("ALTER DATABASE \"{}\" ALLOW_CONNECTIONS true", f.db.name));
+    testkit::execute(
+        &mut admin,
+        &format!("ALTER DATABASE \"{}\" ALLOW_CONNECTIONS true", f.db.name),
+    );
     f.wait_stored(110).await;
-    eventually(WAIT, "readiness to recover", || async { (running.readyz().await == 200).then_some(()) }).await;
+    eventually(WAIT, "readiness to recover", || async {
+        (running.readyz().await == 200).then_some(())
+    })
+    .await;
     let text = running.metrics().await;
     assert!(metric(&text, "write_failures_total") >= 1.0, "{text}");
     running.stop().await;
@@ -263,11 +316,17 @@ async fn a_persister_killed_mid_stream_loses_nothing() {
         let publisher = publisher.clone();
         tokio::spawn(async move {
             for m in 0..200 {
-                publisher.publish(readings(&format!("pi-{}", m % 7), &format!("m{m}"), 100)).await.unwrap();
+                publisher
+                    .publish(readings(&format!("pi-{}", m % 7), &format!("m{m}"), 100))
+                    .await
+                    .unwrap();
             }
         })
     };
-    eventually(WAIT, "the persister to be part way", || async { (f.stored() >= 2000).then_some(()) }).await;
+    eventually(WAIT, "the persister to be part way", || async {
+        (f.stored() >= 2000).then_some(())
+    })
+    .await;
     first.kill().unwrap(); // SIGKILL: no chance to finish its batch or ack
     first.wait().unwrap();
     let at_kill = f.stored();
@@ -276,7 +335,10 @@ async fn a_persister_killed_mid_stream_loses_nothing() {
     f.wait_stored(20_000).await;
     second.kill().unwrap();
     second.wait().unwrap();
-    assert!(at_kill < 20_000, "the kill came too late to test anything ({at_kill} stored)");
+    assert!(
+        at_kill < 20_000,
+        "the kill came too late to test anything ({at_kill} stored)"
+    );
     publisher.close().await;
     f.cleanup().await;
 }
@@ -292,16 +354,24 @@ async fn several_persisters_share_the_queue() {
     let mut sends = Vec::new();
     for m in 0..100 {
         let publisher = publisher.clone();
-        sends.push(tokio::spawn(async move { publisher.publish(readings("d", &format!("s{m}"), 20)).await }));
+        sends.push(tokio::spawn(async move {
+            publisher.publish(readings("d", &format!("s{m}"), 20)).await
+        }));
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     for s in sends {
         s.await.unwrap().unwrap();
     }
     f.wait_stored(2000).await;
-    let (ma, mb) = (metric(&a.metrics().await, "readings_stored_total"), metric(&b.metrics().await, "readings_stored_total"));
+    let (ma, mb) = (
+        metric(&a.metrics().await, "readings_stored_total"),
+        metric(&b.metrics().await, "readings_stored_total"),
+    );
     assert_eq!(ma + mb, 2000.0);
-    assert!(ma > 0.0 && mb > 0.0, "both persisters worked: {ma} and {mb}");
+    assert!(
+        ma > 0.0 && mb > 0.0,
+        "both persisters worked: {ma} and {mb}"
+    );
     a.stop().await;
     b.stop().await;
     publisher.close().await;

@@ -1,0 +1,300 @@
+//! query-api over a known data set in a real PostgreSQL: exact rows, pages and buckets.
+
+use chrono::{DateTime, Duration, Utc};
+use models::{DeviceId, MetricName, Metrics, Reading, ReadingId};
+use serde_json::{Value, json};
+use testkit::TestDb;
+
+struct Api {
+    url: String,
+    client: reqwest::Client,
+    _db: TestDb,
+}
+
+fn t0() -> DateTime<Utc> {
+    models::parse_timestamp_rfc3339("2026-11-24T00:00:00Z").unwrap()
+}
+
+fn reading(device: &str, id: &str, ts: DateTime<Utc>, metrics: &[(&str, f64)]) -> Reading {
+    let metrics = metrics
+        .iter()
+        .map(|(n, v)| (MetricName::parse(*n).unwrap(), *v))
+        .collect();
+    Reading::new(
+        DeviceId::parse(device).unwrap(),
+        ReadingId::parse(id).unwrap(),
+        ts,
+        Metrics::new(metrics).unwrap(),
+    )
+    .unwrap()
+}
+
+/// pi-1: 250 readings a minute apart from t0, `t` = i, every 10th also `h` = 100 + i.
+/// pi-2: one reading. dev-000..dev-004: one reading each.
+async fn api_with_data() -> Api {
+    service_kit::telemetry::init_for_tests();
+    let db = TestDb::migrated();
+    let mut batch: Vec<Reading> = (0..250)
+        .map(|i| {
+            let ts = t0() + Duration::minutes(i);
+            if i % 10 == 0 {
+                reading(
+                    "pi-1",
+                    &format!("r{i:03}"),
+                    ts,
+                    &[("t", i as f64), ("h", 100.0 + i as f64)],
+                )
+            } else {
+                reading("pi-1", &format!("r{i:03}"), ts, &[("t", i as f64)])
+            }
+        })
+        .collect();
+    batch.push(reading("pi-2", "only", t0(), &[("co2", 415.0)]));
+    batch.extend((0..5).map(|i| reading(&format!("dev-{i:03}"), "x", t0(), &[("v", 1.0)])));
+    store::write_readings(&mut db.connect(), &batch, &mut Default::default()).unwrap();
+
+    let mut settings = query_api::Settings::defaults();
+    settings.http_addr = "127.0.0.1:0".into();
+    settings.http_workers = 1;
+    settings.database_url = db.url.clone();
+    let app = query_api::Application::build(&settings).await.unwrap();
+    let url = format!("http://127.0.0.1:{}", app.port());
+    tokio::spawn(app.run_until_stopped());
+    Api {
+        url,
+        client: reqwest::Client::new(),
+        _db: db,
+    }
+}
+
+impl Api {
+    async fn get(&self, path: &str) -> (u16, Value) {
+        let response = self
+            .client
+            .get(format!("{}{path}", self.url))
+            .send()
+            .await
+            .unwrap();
+        (response.status().as_u16(), response.json().await.unwrap())
+    }
+
+    async fn ok(&self, path: &str) -> Value {
+        let (status, body) = self.get(path).await;
+        assert_eq!(status, 200, "{path}: {body}");
+        body
+    }
+}
+
+fn ids(page: &Value) -> Vec<String> {
+    page["readings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn readings_come_newest_first_in_pages_that_end_exactly() {
+    let api = api_with_data().await;
+    let first = api.ok("/v1/devices/pi-1/readings").await;
+    assert_eq!(ids(&first).len(), 100, "default limit");
+    assert_eq!(ids(&first)[0], "r249");
+    assert_eq!(first["readings"][0]["ts"], "2026-11-24T04:09:00Z");
+
+    // walk everything in pages of 100: 100 + 100 + 50, and the last page says so
+    let mut all = ids(&first);
+    let mut cursor = first["next_cursor"].as_str().unwrap().to_owned();
+    loop {
+        let page = api
+            .ok(&format!("/v1/devices/pi-1/readings?cursor={cursor}"))
+            .await;
+        all.extend(ids(&page));
+        match page["next_cursor"].as_str() {
+            Some(next) => cursor = next.to_owned(),
+            None => break,
+        }
+    }
+    let expected: Vec<String> = (0..250).rev().map(|i| format!("r{i:03}")).collect();
+    assert_eq!(all, expected);
+
+    // a page that ends exactly at the last reading has no next cursor
+    let exact = api.ok("/v1/devices/pi-1/readings?limit=250").await;
+    assert_eq!(exact["next_cursor"], Value::Null);
+    let one_short = api.ok("/v1/devices/pi-1/readings?limit=249").await;
+    assert!(one_short["next_cursor"].is_string());
+}
+
+#[tokio::test]
+async fn readings_filter_by_time_range_and_metric() {
+    let api = api_with_data().await;
+    // [00:10, 00:20): ten readings, 19 down to 10
+    let page = api
+        .ok("/v1/devices/pi-1/readings?from=2026-11-24T00:10:00Z&to=2026-11-24T00:20:00Z")
+        .await;
+    assert_eq!(
+        ids(&page),
+        (10..20)
+            .rev()
+            .map(|i| format!("r{i:03}"))
+            .collect::<Vec<_>>()
+    );
+    // epoch milliseconds work too, and an unencoded +00:00 offset
+    let from_ms = (t0() + Duration::minutes(10)).timestamp_millis();
+    let page = api
+        .ok(&format!(
+            "/v1/devices/pi-1/readings?from={from_ms}&to=2026-11-24T00:20:00+00:00"
+        ))
+        .await;
+    assert_eq!(ids(&page).len(), 10);
+    // metric=h: only the 25 readings with h, showing only h
+    let page = api
+        .ok("/v1/devices/pi-1/readings?metric=h&limit=1000")
+        .await;
+    assert_eq!(ids(&page).len(), 25);
+    assert_eq!(page["readings"][0]["metrics"], json!({"h": 340.0}));
+}
+
+#[tokio::test]
+async fn devices_are_listed_with_their_metrics_in_pages() {
+    let api = api_with_data().await;
+    let all = api.ok("/v1/devices").await;
+    let names: Vec<&str> = all["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["device_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "dev-000", "dev-001", "dev-002", "dev-003", "dev-004", "pi-1", "pi-2"
+        ]
+    );
+    let pi1 = &all["devices"][5];
+    assert_eq!(pi1["metrics"], json!(["h", "t"]));
+    assert_eq!(pi1["first_seen"], "2026-11-24T00:00:00Z");
+    assert_eq!(pi1["last_seen"], "2026-11-24T04:09:00Z");
+
+    let page1 = api.ok("/v1/devices?limit=3").await;
+    assert_eq!(page1["devices"].as_array().unwrap().len(), 3);
+    let cursor = page1["next_cursor"].as_str().unwrap();
+    let page2 = api
+        .ok(&format!("/v1/devices?limit=4&cursor={cursor}"))
+        .await;
+    assert_eq!(page2["devices"][0]["device_id"], "dev-003");
+    assert_eq!(page2["next_cursor"], Value::Null);
+
+    assert_eq!(api.ok("/v1/devices/pi-2").await["metrics"], json!(["co2"]));
+}
+
+#[tokio::test]
+async fn latest_gives_each_metrics_newest_value() {
+    let api = api_with_data().await;
+    let latest = api.ok("/v1/devices/pi-1/latest").await;
+    assert_eq!(
+        latest["metrics"],
+        json!({
+            "t": {"value": 249.0, "ts": "2026-11-24T04:09:00Z"},
+            "h": {"value": 340.0, "ts": "2026-11-24T04:00:00Z"},
+        })
+    );
+}
+
+#[tokio::test]
+async fn series_buckets_are_computed_exactly() {
+    let api = api_with_data().await;
+    let base = "/v1/devices/pi-1/series?metric=t&from=2026-11-24T00:00:00Z&to=2026-11-24T02:00:00Z";
+    let hourly = api.ok(&format!("{base}&bucket=1h&agg=avg")).await;
+    // hour 0: t = 0..59 → avg 29.5; hour 1: 60..119 → 89.5
+    assert_eq!(
+        hourly["points"],
+        json!([{"ts": "2026-11-24T00:00:00Z", "value": 29.5}, {"ts": "2026-11-24T01:00:00Z", "value": 89.5}])
+    );
+    let sums = api.ok(&format!("{base}&bucket=30m&agg=sum")).await;
+    let values: Vec<f64> = sums["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["value"].as_f64().unwrap())
+        .collect();
+    // 0..29, 30..59, 60..89, 90..119
+    assert_eq!(values, [435.0, 1335.0, 2235.0, 3135.0]);
+    let counts = api.ok(&format!("{base}&bucket=1d&agg=count")).await;
+    assert_eq!(
+        counts["points"],
+        json!([{"ts": "2026-11-24T00:00:00Z", "value": 120.0}])
+    );
+    let max_h = api.ok("/v1/devices/pi-1/series?metric=h&from=2026-11-24T00:00:00Z&to=2026-11-25T00:00:00Z&bucket=1d&agg=max").await;
+    assert_eq!(max_h["points"][0]["value"], 340.0);
+    let min_10m = api.ok(&format!("{base}&bucket=10m&agg=min")).await;
+    assert_eq!(min_10m["points"].as_array().unwrap().len(), 12);
+    assert_eq!(min_10m["points"][11]["value"], 110.0);
+}
+
+#[tokio::test]
+async fn unknown_devices_are_404_and_bad_parameters_400_in_one_shape() {
+    let api = api_with_data().await;
+    for path in [
+        "/v1/devices/nobody",
+        "/v1/devices/nobody/readings",
+        "/v1/devices/nobody/latest",
+        "/v1/devices/nobody/series?metric=t",
+    ] {
+        let (status, body) = api.get(path).await;
+        assert_eq!(status, 404, "{path}");
+        assert_eq!(body["error"], "not_found");
+    }
+    let cases = [
+        ("/v1/devices/pi-1/readings?limit=0", "limit"),
+        ("/v1/devices/pi-1/readings?limit=10001", "limit"),
+        ("/v1/devices/pi-1/readings?limit=many", "limit"),
+        ("/v1/devices/pi-1/readings?from=yesterday", "from"),
+        ("/v1/devices/pi-1/readings?to=later", "to"),
+        ("/v1/devices/pi-1/readings?cursor=forged", "cursor"),
+        ("/v1/devices/pi-1/readings?metric=a%20b", "metric"),
+        ("/v1/devices?cursor=%25%25", "cursor"),
+        ("/v1/devices/pi-1/series", "metric"),
+        ("/v1/devices/pi-1/series?metric=t&bucket=1y", "bucket"),
+        (
+            "/v1/devices/pi-1/series?metric=t&bucket=1s&from=2026-01-01T00:00:00Z",
+            "bucket",
+        ),
+        ("/v1/devices/pi-1/series?metric=t&agg=median", "agg"),
+        (
+            "/v1/devices/pi-1/series?metric=t&from=2026-11-25T00:00:00Z&to=2026-11-24T00:00:00Z",
+            "from",
+        ),
+    ];
+    for (path, field) in cases {
+        let (status, body) = api.get(path).await;
+        assert_eq!(status, 400, "{path}: {body}");
+        assert_eq!(body["error"], "invalid_input", "{path}");
+        assert_eq!(body["field"], field, "{path}: {body}");
+    }
+}
+
+#[tokio::test]
+async fn the_openapi_description_lists_exactly_the_served_routes() {
+    let api = api_with_data().await;
+    let doc = api.ok("/openapi.json").await;
+    let paths: Vec<&String> = doc["paths"].as_object().unwrap().keys().collect();
+    assert_eq!(
+        paths,
+        [
+            "/v1/devices",
+            "/v1/devices/{id}",
+            "/v1/devices/{id}/latest",
+            "/v1/devices/{id}/readings",
+            "/v1/devices/{id}/series"
+        ]
+    );
+    for path in paths {
+        let served = path.replace("{id}", "pi-1") + "?metric=t";
+        let (status, body) = api.get(&served).await;
+        assert_eq!(
+            status, 200,
+            "{path} is documented but {served} answers {body}"
+        );
+    }
+}
