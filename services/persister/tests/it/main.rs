@@ -387,3 +387,47 @@ async fn an_unmigrated_database_is_refused_at_start() {
     let err = Persister::build(&settings).await.err().expect("refused");
     assert!(err.to_string().contains("sensorctl migrate"), "{err}");
 }
+
+#[tokio::test]
+async fn sigterm_under_load_finishes_its_batches_and_loses_nothing() {
+    let f = Fixture::new();
+    let publisher = f.publisher().await;
+    let spawn = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_persister"))
+            .env("HTTP_ADDR", "127.0.0.1:0")
+            .env("DATABASE_URL", &f.db.url)
+            .env("AMQP_URL", testkit::amqp_url())
+            .env("AMQP_PREFIX", &f.prefix)
+            .env("BATCH_MAX_READINGS", "300")
+            .env("RUST_LOG", "warn")
+            .spawn()
+            .expect("start the persister binary")
+    };
+    for m in 0..100 {
+        publisher
+            .publish(readings(&format!("pi-{}", m % 3), &format!("m{m}"), 100))
+            .await
+            .unwrap();
+    }
+    let mut first = spawn();
+    eventually(WAIT, "the persister to be part way", || async {
+        (f.stored() >= 1000).then_some(())
+    })
+    .await;
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &first.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let stopped = tokio::task::spawn_blocking(move || first.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(stopped.success(), "a graceful stop exits 0: {stopped:?}");
+    let mut second = spawn();
+    f.wait_stored(10_000).await;
+    second.kill().unwrap();
+    second.wait().unwrap();
+    publisher.close().await;
+    f.cleanup().await;
+}
