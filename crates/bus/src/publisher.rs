@@ -70,8 +70,26 @@ pub enum PublishError {
 }
 
 struct Job {
-    readings: Vec<Reading>,
+    content: Content,
     reply: oneshot::Sender<Result<(), PublishError>>,
+}
+
+enum Content {
+    Readings(Vec<Reading>),
+    /// A payload refused at ingest, kept on the invalid queue for an operator to inspect.
+    Invalid {
+        body: Vec<u8>,
+        headers: Vec<(&'static str, String)>,
+    },
+}
+
+impl Job {
+    fn readings(&self) -> usize {
+        match &self.content {
+            Content::Readings(r) => r.len(),
+            Content::Invalid { .. } => 0,
+        }
+    }
 }
 
 struct State {
@@ -167,13 +185,29 @@ impl Publisher {
         if readings.is_empty() {
             return Ok(());
         }
+        self.submit(Content::Readings(readings)).await
+    }
+
+    /// Keeps a payload refused at ingest on the invalid queue (`<prefix>.invalid`), with the reason
+    /// and whatever else identifies it as headers; returns once RabbitMQ confirmed it.
+    pub async fn keep_invalid(
+        &self,
+        body: Vec<u8>,
+        reason: &str,
+        mut headers: Vec<(&'static str, String)>,
+    ) -> Result<(), PublishError> {
+        headers.insert(0, ("x-sensorhub-reason", reason.to_owned()));
+        self.submit(Content::Invalid { body, headers }).await
+    }
+
+    async fn submit(&self, content: Content) -> Result<(), PublishError> {
         if self.state.shutting_down.load(Ordering::SeqCst) {
             return Err(PublishError::ShuttingDown);
         }
         self.check_available()?;
         let (reply, answer) = oneshot::channel();
         self.jobs
-            .try_send(Job { readings, reply })
+            .try_send(Job { content, reply })
             .map_err(|e| match e {
                 mpsc::error::TrySendError::Full(_) => PublishError::Overloaded,
                 mpsc::error::TrySendError::Closed(_) => PublishError::ShuttingDown,
@@ -397,31 +431,45 @@ async fn publish_loop(
                 _ = lost.changed() => continue,
             }
         };
-        let mut count = first.readings.len();
-        let mut batch = vec![first];
+        let mut invalid = Vec::new();
+        let mut batch = Vec::new();
+        let mut count = 0;
+        let mut take = |job: Job, count: &mut usize| match job.content {
+            Content::Readings(_) => {
+                *count += job.readings();
+                batch.push(job);
+            }
+            Content::Invalid { .. } => invalid.push(job),
+        };
+        take(first, &mut count);
         while count < max_batch {
             match jobs.try_recv() {
-                Ok(job) => {
-                    count += job.readings.len();
-                    batch.push(job);
-                }
+                Ok(job) => take(job, &mut count),
                 Err(_) => break,
             }
         }
-        if count < max_batch && !linger.is_zero() && !draining {
+        if count > 0 && count < max_batch && !linger.is_zero() && !draining {
             let until = tokio::time::Instant::now() + linger;
             while count < max_batch {
                 match tokio::time::timeout_at(until, jobs.recv()).await {
-                    Ok(Some(job)) => {
-                        count += job.readings.len();
-                        batch.push(job);
-                    }
+                    Ok(Some(job)) => take(job, &mut count),
                     _ => break,
                 }
             }
         }
+        for job in invalid {
+            if let Err(e) = publish_invalid(channel, topology, job, confirm_timeout).await {
+                return Stopped::ConnectionLost(e);
+            }
+        }
+        if batch.is_empty() {
+            continue;
+        }
 
-        let body = ReadingBatchMessage::encode_chunks(batch.iter().map(|j| j.readings.as_slice()));
+        let body = ReadingBatchMessage::encode_chunks(batch.iter().filter_map(|j| match &j.content {
+            Content::Readings(readings) => Some(readings.as_slice()),
+            Content::Invalid { .. } => None,
+        }));
         let properties = BasicProperties::default()
             .with_delivery_mode(2)
             .with_content_type(ReadingBatchMessage::CONTENT_TYPE.into())
@@ -489,6 +537,57 @@ async fn publish_loop(
             answer(batch, outcome);
             drop(permit);
         });
+    }
+}
+
+/// Invalid payloads are rare: each is published on its own, its confirm awaited in a task.
+async fn publish_invalid(
+    channel: &Channel,
+    topology: &Topology,
+    job: Job,
+    confirm_timeout: Duration,
+) -> Result<(), String> {
+    let Content::Invalid { body, headers } = &job.content else {
+        return Ok(());
+    };
+    let mut table = lapin::types::FieldTable::default();
+    for (name, value) in headers {
+        // bounded, so a huge reason cannot make the message itself unpublishable
+        let value: String = value.chars().take(1000).collect();
+        table.insert((*name).into(), lapin::types::AMQPValue::LongString(value.into()));
+    }
+    let properties = BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_headers(table);
+    let published = channel
+        .basic_publish(
+            topology.dead_letter_exchange.as_str().into(),
+            crate::topology::INVALID_ROUTING_KEY.into(),
+            BasicPublishOptions {
+                mandatory: true,
+                ..Default::default()
+            },
+            body,
+            properties,
+        )
+        .await;
+    match published {
+        Ok(confirm) => {
+            tokio::spawn(async move {
+                let outcome = match tokio::time::timeout(confirm_timeout, confirm).await {
+                    Ok(Ok(Confirmation::Ack(None))) => Ok(()),
+                    Ok(Ok(_)) => Err(PublishError::Nacked),
+                    Ok(Err(e)) => Err(PublishError::Unavailable(e.to_string())),
+                    Err(_) => Err(PublishError::Timeout),
+                };
+                let _ = job.reply.send(outcome);
+            });
+            Ok(())
+        }
+        Err(e) => {
+            let _ = job.reply.send(Err(PublishError::Unavailable(e.to_string())));
+            Err(e.to_string())
+        }
     }
 }
 
