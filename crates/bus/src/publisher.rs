@@ -466,10 +466,11 @@ async fn publish_loop(
             continue;
         }
 
-        let body = ReadingBatchMessage::encode_chunks(batch.iter().filter_map(|j| match &j.content {
-            Content::Readings(readings) => Some(readings.as_slice()),
-            Content::Invalid { .. } => None,
-        }));
+        let body =
+            ReadingBatchMessage::encode_chunks(batch.iter().filter_map(|j| match &j.content {
+                Content::Readings(readings) => Some(readings.as_slice()),
+                Content::Invalid { .. } => None,
+            }));
         let properties = BasicProperties::default()
             .with_delivery_mode(2)
             .with_content_type(ReadingBatchMessage::CONTENT_TYPE.into())
@@ -554,7 +555,10 @@ async fn publish_invalid(
     for (name, value) in headers {
         // bounded, so a huge reason cannot make the message itself unpublishable
         let value: String = value.chars().take(1000).collect();
-        table.insert((*name).into(), lapin::types::AMQPValue::LongString(value.into()));
+        table.insert(
+            (*name).into(),
+            lapin::types::AMQPValue::LongString(value.into()),
+        );
     }
     let properties = BasicProperties::default()
         .with_delivery_mode(2)
@@ -585,7 +589,9 @@ async fn publish_invalid(
             Ok(())
         }
         Err(e) => {
-            let _ = job.reply.send(Err(PublishError::Unavailable(e.to_string())));
+            let _ = job
+                .reply
+                .send(Err(PublishError::Unavailable(e.to_string())));
             Err(e.to_string())
         }
     }

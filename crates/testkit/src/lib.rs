@@ -5,6 +5,8 @@
 //! `TEST_DATABASE_URL` (an admin connection, default `postgres://postgres@127.0.0.1:5432/postgres`),
 //! `TEST_AMQP_URL` (default `amqp://guest:guest@127.0.0.1:5672/%2f`), `TEST_MQTT_HOST`/`TEST_MQTT_PORT`.
 
+pub mod mqtt;
+
 use std::future::Future;
 use std::hash::{Hash, Hasher};
 use std::path::Path;

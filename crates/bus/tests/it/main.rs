@@ -207,17 +207,28 @@ async fn close_publishes_what_was_handed_over_then_refuses() {
 #[tokio::test]
 async fn refused_payloads_are_kept_on_the_invalid_queue_with_their_reason() {
     let bus = TestBus::new().await;
-    let publisher = start(testkit::amqp_url(), &bus.topology, PublisherSettings::default());
+    let publisher = start(
+        testkit::amqp_url(),
+        &bus.topology,
+        PublisherSettings::default(),
+    );
     assert!(publisher.wait_connected(Duration::from_secs(10)).await);
     let (good, bad) = tokio::join!(
         publisher.publish(readings("d", 2)),
-        publisher.keep_invalid(b"{not json".to_vec(), "body: is not valid JSON", vec![("x-mqtt-topic", "sensor/data".into())]),
+        publisher.keep_invalid(
+            b"{not json".to_vec(),
+            "body: is not valid JSON",
+            vec![("x-mqtt-topic", "sensor/data".into())]
+        ),
     );
     good.unwrap();
     bad.unwrap();
     let kept = bus
         .channel
-        .basic_get(bus.topology.invalid_queue.as_str().into(), BasicGetOptions { no_ack: true })
+        .basic_get(
+            bus.topology.invalid_queue.as_str().into(),
+            BasicGetOptions { no_ack: true },
+        )
         .await
         .unwrap()
         .expect("the invalid payload is kept");
@@ -226,7 +237,11 @@ async fn refused_payloads_are_kept_on_the_invalid_queue_with_their_reason() {
     let header = |name: &str| headers.inner()[name].as_long_string().unwrap().to_string();
     assert_eq!(header("x-sensorhub-reason"), "body: is not valid JSON");
     assert_eq!(header("x-mqtt-topic"), "sensor/data");
-    assert_eq!(bus.drain().await.concat().len(), 2, "the readings went to the readings queue");
+    assert_eq!(
+        bus.drain().await.concat().len(),
+        2,
+        "the readings went to the readings queue"
+    );
     publisher.close().await;
     bus.cleanup().await;
 }

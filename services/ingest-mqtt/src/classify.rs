@@ -1,0 +1,173 @@
+//! What an MQTT message is: readings to publish, or a payload to refuse (with the reason).
+
+use chrono::{DateTime, Utc};
+use models::{DeviceId, Reading};
+
+#[derive(Debug, PartialEq)]
+pub enum Classified {
+    Readings(Vec<Reading>),
+    Invalid { kind: &'static str, reason: String },
+}
+
+fn invalid(kind: &'static str, reason: impl Into<String>) -> Classified {
+    Classified::Invalid {
+        kind,
+        reason: reason.into(),
+    }
+}
+
+/// `devices/<id>/readings` carries the `/v1/readings` format (device id optional, and if present the
+/// topic's); the legacy topic carries the seed's flat format.
+pub fn classify(
+    topic: &[u8],
+    payload: &[u8],
+    legacy_topic: Option<&str>,
+    now: DateTime<Utc>,
+) -> Classified {
+    let Ok(topic) = std::str::from_utf8(topic) else {
+        return invalid("topic", "topic: is not UTF-8");
+    };
+    if legacy_topic == Some(topic) {
+        return match models::parse_seed_body(payload, now) {
+            Ok(reading) => Classified::Readings(vec![reading]),
+            Err(e) => invalid(kind_of(&e), e.to_string()),
+        };
+    }
+    let device = match topic.split('/').collect::<Vec<_>>().as_slice() {
+        ["devices", device, "readings"] => *device,
+        _ => {
+            return invalid(
+                "topic",
+                format!("topic: {topic:?} is not devices/<id>/readings"),
+            );
+        }
+    };
+    let device = match DeviceId::parse(device) {
+        Ok(device) => device,
+        Err(reason) => return invalid("topic", format!("topic: device id {reason}")),
+    };
+    match models::parse_device_topic_payload(&device, payload, now) {
+        Ok(readings) => Classified::Readings(readings),
+        Err(e) => invalid(kind_of(&e), e.to_string()),
+    }
+}
+
+fn kind_of(e: &models::ValidationError) -> &'static str {
+    if e.field.ends_with("device_id") && e.reason.contains("topic") {
+        "device_mismatch"
+    } else if e.field == "body" && e.reason.starts_with("is not valid JSON") {
+        "not_json"
+    } else {
+        "invalid_reading"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn now() -> DateTime<Utc> {
+        models::parse_timestamp_rfc3339("2026-11-25T10:00:00Z").unwrap()
+    }
+
+    fn kind(c: Classified) -> &'static str {
+        match c {
+            Classified::Invalid { kind, .. } => kind,
+            Classified::Readings(r) => panic!("accepted {r:?}"),
+        }
+    }
+
+    #[test]
+    fn the_seed_topic_takes_the_flat_format() {
+        let c = classify(
+            b"sensor/data",
+            br#"{"device_id": "raspi-01", "temperature": 25.5, "humidity": 60.3}"#,
+            Some("sensor/data"),
+            now(),
+        );
+        let Classified::Readings(r) = c else {
+            panic!("{c:?}")
+        };
+        assert_eq!(r[0].device_id.as_str(), "raspi-01");
+        assert_eq!(r[0].metrics.get("humidity"), Some(60.3));
+    }
+
+    #[test]
+    fn device_topics_take_readings_for_that_device() {
+        let c = classify(
+            b"devices/raspi-01/readings",
+            br#"[{"metrics":{"t":1}},{"metrics":{"t":2}}]"#,
+            None,
+            now(),
+        );
+        let Classified::Readings(r) = c else {
+            panic!("{c:?}")
+        };
+        assert_eq!(r.len(), 2);
+        assert!(r.iter().all(|r| r.device_id.as_str() == "raspi-01"));
+    }
+
+    #[test]
+    fn every_kind_of_bad_message_is_named() {
+        assert_eq!(
+            kind(classify(b"devices/a/readings", b"not json", None, now())),
+            "not_json"
+        );
+        assert_eq!(
+            kind(classify(
+                b"devices/a/readings",
+                br#"{"device_id":"b","metrics":{"t":1}}"#,
+                None,
+                now()
+            )),
+            "device_mismatch"
+        );
+        assert_eq!(
+            kind(classify(
+                b"devices/a/readings",
+                br#"{"metrics":{"t":"x"}}"#,
+                None,
+                now()
+            )),
+            "invalid_reading"
+        );
+        assert_eq!(
+            kind(classify(
+                b"devices/a b/readings",
+                br#"{"metrics":{"t":1}}"#,
+                None,
+                now()
+            )),
+            "topic"
+        );
+        assert_eq!(
+            kind(classify(
+                b"devices/a/other",
+                br#"{"metrics":{"t":1}}"#,
+                None,
+                now()
+            )),
+            "topic"
+        );
+        assert_eq!(kind(classify(&[0xff, 0xfe], b"{}", None, now())), "topic");
+        // the legacy topic is just another unexpected topic when turned off
+        assert_eq!(
+            kind(classify(
+                b"sensor/data",
+                br#"{"device_id":"a","t":1}"#,
+                None,
+                now()
+            )),
+            "topic"
+        );
+        assert_eq!(
+            kind(classify(
+                b"sensor/data",
+                br#"{"t":1}"#,
+                Some("sensor/data"),
+                now()
+            )),
+            "invalid_reading"
+        );
+    }
+}

@@ -1,0 +1,356 @@
+//! ingest-mqtt: Mosquitto → RabbitMQ, losing nothing in between.
+//!
+//! It holds a persistent MQTT session (fixed client id, no clean start, a long session expiry) with
+//! QoS 1 subscriptions and manual acknowledgements. Each message is handled in its own task: parsed
+//! and validated with `models`, published with confirms, and only then acknowledged (PUBACK). While
+//! RabbitMQ is down, messages stay unacknowledged and are retried; Mosquitto stops sending once its
+//! window of unacknowledged messages is full, and keeps the rest in the session. A message that was
+//! published but not yet acknowledged when the process dies is delivered again after it restarts.
+//!
+//! A payload that can never be a reading (not JSON, invalid, wrong device) is kept on RabbitMQ's
+//! invalid queue with the reason, counted, and acknowledged, so it is not redelivered forever.
+
+mod classify;
+mod metrics;
+pub mod settings;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::Context;
+use bus::{PublishError, Publisher, PublisherMetrics, Topology};
+use prometheus_client::registry::Registry;
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5::{Packet, Publish};
+use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
+use service_kit::{Ops, Readiness};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+pub use classify::{Classified, classify};
+pub use metrics::MqttMetrics;
+pub use settings::Settings;
+
+use crate::metrics::KindLabels;
+
+/// How long a stop waits for messages in flight to reach RabbitMQ before leaving them to Mosquitto.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
+pub struct IngestMqtt {
+    settings: Settings,
+    client_id: String,
+    publisher: Publisher,
+    metrics: MqttMetrics,
+    mqtt_connected: Arc<AtomicBool>,
+    ops_port: u16,
+    ops_server: actix_web::dev::Server,
+}
+
+impl IngestMqtt {
+    /// Starts the RabbitMQ publisher (it connects in the background) and binds the ops endpoints.
+    pub fn build(settings: &Settings) -> anyhow::Result<Self> {
+        settings.endpoint().map_err(anyhow::Error::msg)?;
+        let mut registry = Registry::default();
+        let metrics = MqttMetrics::register(&mut registry);
+        let publisher = Publisher::start(
+            settings.amqp_url.clone(),
+            Topology::with_prefix(&settings.amqp_prefix),
+            settings.publisher.clone(),
+            PublisherMetrics::register(&mut registry),
+            "ingest-mqtt".to_owned(),
+        );
+        let mqtt_connected = Arc::new(AtomicBool::new(false));
+        let (ready_publisher, ready_mqtt) = (publisher.clone(), mqtt_connected.clone());
+        let readiness = Readiness::default()
+            .with_check("rabbitmq", move || {
+                let available = ready_publisher.check_available().map_err(|e| e.to_string());
+                async move { available }
+            })
+            .with_check("mosquitto", move || {
+                let connected = ready_mqtt.load(Ordering::SeqCst);
+                async move {
+                    connected
+                        .then_some(())
+                        .ok_or_else(|| "not connected and subscribed to Mosquitto".to_owned())
+                }
+            });
+        let (ops_addr, ops_server) = Ops::new(registry, readiness)
+            .serve(&settings.http_addr)
+            .with_context(|| format!("cannot listen on {}", settings.http_addr))?;
+        Ok(Self {
+            client_id: settings.client_id(),
+            settings: settings.clone(),
+            publisher,
+            metrics,
+            mqtt_connected,
+            ops_port: ops_addr.port(),
+            ops_server,
+        })
+    }
+
+    pub fn ops_port(&self) -> u16 {
+        self.ops_port
+    }
+
+    pub fn client_id(&self) -> &str {
+        &self.client_id
+    }
+
+    /// Bridges until `stop` resolves; then stops taking messages, lets those in flight reach
+    /// RabbitMQ and be acknowledged (up to a grace period), and disconnects, keeping the session.
+    pub async fn run_until(self, stop: impl Future<Output = ()>) {
+        let ops_handle = self.ops_server.handle();
+        let ops = tokio::spawn(self.ops_server);
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let bridge = tokio::spawn(bridge(
+            self.settings.clone(),
+            self.client_id.clone(),
+            self.publisher.clone(),
+            self.metrics.clone(),
+            self.mqtt_connected.clone(),
+            shutdown_rx,
+        ));
+        stop.await;
+        shutdown.send_replace(true);
+        if let Err(e) = bridge.await {
+            tracing::error!(error = %e, "the MQTT bridge failed");
+        }
+        self.publisher.close().await;
+        ops_handle.stop(true).await;
+        let _ = ops.await;
+    }
+}
+
+fn mqtt_options(settings: &Settings, client_id: &str) -> MqttOptions {
+    // Checked in `build`; the defaults are valid.
+    let endpoint = settings
+        .endpoint()
+        .unwrap_or_else(|_| settings::MqttEndpoint {
+            host: "127.0.0.1".into(),
+            port: 1883,
+            credentials: None,
+        });
+    let mut options = MqttOptions::new(client_id, endpoint.host, endpoint.port);
+    options
+        .set_keep_alive(Duration::from_secs(settings.mqtt_keep_alive_secs.max(5)))
+        .set_clean_start(false)
+        .set_session_expiry_interval(Some(settings.mqtt_session_expiry_secs))
+        .set_receive_maximum(Some(settings.mqtt_receive_maximum.max(1)))
+        .set_max_packet_size(Some(settings.mqtt_max_packet_bytes))
+        .set_manual_acks(true);
+    if let Some((user, password)) = endpoint.credentials {
+        options.set_credentials(user, password);
+    }
+    options
+}
+
+fn subscriptions(settings: &Settings) -> Vec<String> {
+    let mut filters = vec!["devices/+/readings".to_owned()];
+    if !settings.mqtt_legacy_topic.is_empty() {
+        filters.push(settings.mqtt_legacy_topic.clone());
+    }
+    if settings.mqtt_shared_group.is_empty() {
+        filters
+    } else {
+        filters
+            .into_iter()
+            .map(|f| format!("$share/{}/{f}", settings.mqtt_shared_group))
+            .collect()
+    }
+}
+
+async fn bridge(
+    settings: Settings,
+    client_id: String,
+    publisher: Publisher,
+    metrics: MqttMetrics,
+    connected: Arc<AtomicBool>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let (client, mut events): (AsyncClient, EventLoop) =
+        AsyncClient::new(mqtt_options(&settings, &client_id), 4096);
+    let filters = subscriptions(&settings);
+    let legacy =
+        (!settings.mqtt_legacy_topic.is_empty()).then(|| settings.mqtt_legacy_topic.clone());
+    let max_backoff = Duration::from_millis(settings.retry_max_backoff_ms.max(100));
+    let mut backoff = Duration::from_millis(100);
+    let mut handlers = JoinSet::new();
+    let mut stopping = false;
+    let mut stop_deadline = None;
+    loop {
+        while handlers.try_join_next().is_some() {}
+        if stopping
+            && (handlers.is_empty()
+                || stop_deadline.is_some_and(|d| tokio::time::Instant::now() > d))
+        {
+            break;
+        }
+        let event = tokio::select! {
+            event = events.poll() => event,
+            _ = shutdown.changed(), if !stopping => {
+                stopping = true;
+                stop_deadline = Some(tokio::time::Instant::now() + STOP_GRACE);
+                continue;
+            }
+            // while stopping, wake up to see whether the handlers are done
+            _ = tokio::time::sleep(Duration::from_millis(50)), if stopping => continue,
+        };
+        match event {
+            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                backoff = Duration::from_millis(100);
+                tracing::info!(
+                    session_present = ack.session_present,
+                    "connected to Mosquitto"
+                );
+                if ack.session_present {
+                    // the session's subscriptions are in place: ready
+                    connected.store(true, Ordering::SeqCst);
+                    metrics.connected.set(1);
+                } else {
+                    // A new session has no subscriptions (and rumqttc dropped queued requests).
+                    for filter in &filters {
+                        if let Err(e) = client.try_subscribe(filter.as_str(), QoS::AtLeastOnce) {
+                            tracing::error!(error = %e, %filter, "cannot subscribe");
+                        }
+                    }
+                }
+            }
+            Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                let refused: Vec<_> = ack
+                    .return_codes
+                    .iter()
+                    .filter(|code| {
+                        !matches!(
+                            code,
+                            rumqttc::v5::mqttbytes::v5::SubscribeReasonCode::Success(_)
+                        )
+                    })
+                    .collect();
+                if refused.is_empty() {
+                    tracing::info!(filters = ?filters, "subscribed");
+                    connected.store(true, Ordering::SeqCst);
+                    metrics.connected.set(1);
+                } else {
+                    tracing::error!(codes = ?refused, filters = ?filters, "Mosquitto refused a subscription (check the ACL)");
+                }
+            }
+            Ok(Event::Incoming(Packet::Publish(publish))) => {
+                if stopping {
+                    // Not acknowledged: Mosquitto keeps it in the session for next time.
+                    continue;
+                }
+                metrics.messages_received.inc();
+                metrics.messages_in_flight.inc();
+                handlers.spawn(handle(
+                    publish,
+                    client.clone(),
+                    publisher.clone(),
+                    metrics.clone(),
+                    legacy.clone(),
+                    max_backoff,
+                    shutdown.clone(),
+                ));
+            }
+            Ok(_) => {}
+            Err(e) => {
+                connected.store(false, Ordering::SeqCst);
+                metrics.connected.set(0);
+                if stopping {
+                    break;
+                }
+                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "MQTT connection failed");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = shutdown.changed() => {}
+                }
+                backoff = (backoff * 2).min(max_backoff);
+            }
+        }
+    }
+    handlers.abort_all();
+    // Acknowledgements queued by the handlers go out before the DISCONNECT (requests are in order).
+    let _ = client.try_disconnect();
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        loop {
+            match events.poll().await {
+                Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    connected.store(false, Ordering::SeqCst);
+    metrics.connected.set(0);
+}
+
+/// One message: to RabbitMQ (readings, or the invalid queue), retried while RabbitMQ is away, then
+/// PUBACK. On shutdown a message not yet confirmed is left unacknowledged for the next session.
+async fn handle(
+    publish: Publish,
+    client: AsyncClient,
+    publisher: Publisher,
+    metrics: MqttMetrics,
+    legacy_topic: Option<String>,
+    max_backoff: Duration,
+    shutdown: watch::Receiver<bool>,
+) {
+    let classified = classify(
+        &publish.topic,
+        &publish.payload,
+        legacy_topic.as_deref(),
+        chrono::Utc::now(),
+    );
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let result = match &classified {
+            Classified::Readings(readings) => publisher.publish(readings.clone()).await,
+            Classified::Invalid { kind, reason } => {
+                tracing::debug!(%reason, kind, "refusing an MQTT message");
+                publisher
+                    .keep_invalid(
+                        publish.payload.to_vec(),
+                        reason,
+                        vec![(
+                            "x-mqtt-topic",
+                            String::from_utf8_lossy(&publish.topic).into_owned(),
+                        )],
+                    )
+                    .await
+            }
+        };
+        match result {
+            Ok(()) => break,
+            Err(PublishError::ShuttingDown) => {
+                metrics.messages_in_flight.dec();
+                return;
+            }
+            Err(e) => {
+                if *shutdown.borrow() {
+                    metrics.messages_in_flight.dec();
+                    return;
+                }
+                metrics.publish_retries.inc();
+                tracing::debug!(error = %e, "RabbitMQ unavailable; holding the MQTT message");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(max_backoff);
+            }
+        }
+    }
+    match &classified {
+        Classified::Readings(readings) => {
+            metrics.readings_accepted.inc_by(readings.len() as u64);
+        }
+        Classified::Invalid { kind, .. } => {
+            metrics
+                .messages_invalid
+                .get_or_create(&KindLabels { kind })
+                .inc();
+        }
+    }
+    if client.ack(&publish).await.is_ok() {
+        metrics.messages_acked.inc();
+    }
+    metrics.messages_in_flight.dec();
+}

@@ -1,0 +1,74 @@
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: &'static str,
+}
+
+#[derive(Clone)]
+pub struct MqttMetrics {
+    pub messages_received: Counter,
+    pub messages_acked: Counter,
+    /// By kind: not_json, invalid_reading, device_mismatch, topic.
+    pub messages_invalid: Family<KindLabels, Counter>,
+    pub readings_accepted: Counter,
+    /// Messages received and not yet acknowledged (waiting for RabbitMQ).
+    pub messages_in_flight: Gauge,
+    pub publish_retries: Counter,
+    pub connected: Gauge,
+}
+
+impl MqttMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self {
+            messages_received: Counter::default(),
+            messages_acked: Counter::default(),
+            messages_invalid: Family::default(),
+            readings_accepted: Counter::default(),
+            messages_in_flight: Gauge::default(),
+            publish_retries: Counter::default(),
+            connected: Gauge::default(),
+        };
+        let r = registry.sub_registry_with_prefix("mqtt");
+        r.register(
+            "messages_received",
+            "MQTT messages received",
+            m.messages_received.clone(),
+        );
+        r.register(
+            "messages_acked",
+            "MQTT messages acknowledged (PUBACK) after RabbitMQ confirmed them",
+            m.messages_acked.clone(),
+        );
+        r.register(
+            "messages_invalid",
+            "MQTT messages refused (kept on the invalid queue), by kind",
+            m.messages_invalid.clone(),
+        );
+        r.register(
+            "messages_in_flight",
+            "MQTT messages waiting for RabbitMQ",
+            m.messages_in_flight.clone(),
+        );
+        r.register(
+            "publish_retries",
+            "Publishes to RabbitMQ retried while it was unavailable",
+            m.publish_retries.clone(),
+        );
+        r.register(
+            "connected",
+            "1 while connected to Mosquitto and subscribed",
+            m.connected.clone(),
+        );
+        registry.register(
+            "readings_accepted",
+            "Readings confirmed by RabbitMQ and acknowledged to the device",
+            m.readings_accepted.clone(),
+        );
+        m
+    }
+}

@@ -1,0 +1,458 @@
+//! ingest-mqtt against a real Mosquitto (a private one per test), RabbitMQ and PostgreSQL, with the
+//! persister storing what it publishes.
+
+mod acl;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use ingest_mqtt::{IngestMqtt, Settings};
+use serde_json::json;
+use testkit::mqtt::{Device, Mosquitto};
+use testkit::{TcpProxy, TestDb, count_rows, eventually};
+
+const WAIT: Duration = Duration::from_secs(90);
+
+struct Stack {
+    db: TestDb,
+    prefix: String,
+    mosquitto: Mosquitto,
+}
+
+struct Running {
+    ops_port: u16,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    async fn metric(&self, name: &str) -> f64 {
+        let text = reqwest::get(format!("http://127.0.0.1:{}/metrics", self.ops_port))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        metric(&text, name)
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        self.task.await.unwrap();
+    }
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+impl Stack {
+    fn new() -> Self {
+        service_kit::telemetry::init_for_tests();
+        Self {
+            db: TestDb::migrated(),
+            prefix: testkit::unique_name("mqtt-test"),
+            mosquitto: Mosquitto::anonymous(),
+        }
+    }
+
+    fn settings(&self, client_id: &str) -> Settings {
+        let mut s = Settings::defaults();
+        s.http_addr = "127.0.0.1:0".into();
+        s.mqtt_url = format!("mqtt://127.0.0.1:{}", self.mosquitto.port);
+        s.mqtt_client_id = client_id.into();
+        s.amqp_url = testkit::amqp_url();
+        s.amqp_prefix = self.prefix.clone();
+        s.retry_max_backoff_ms = 500;
+        s
+    }
+
+    async fn ingest(&self, settings: &Settings) -> Running {
+        let ingest = IngestMqtt::build(settings).unwrap();
+        let ops_port = ingest.ops_port();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(ingest.run_until(async {
+            let _ = stopped.await;
+        }));
+        let running = Running {
+            ops_port,
+            stop,
+            task,
+        };
+        // subscribed before devices publish (a brand new session only gets what comes after)
+        eventually(WAIT, "ingest-mqtt ready", || async {
+            let r = reqwest::get(format!("http://127.0.0.1:{ops_port}/readyz"))
+                .await
+                .ok()?;
+            r.status().is_success().then_some(())
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        running
+    }
+
+    async fn persister(&self) -> tokio::sync::oneshot::Sender<()> {
+        let mut settings = persister::Settings::defaults();
+        settings.http_addr = "127.0.0.1:0".into();
+        settings.database_url = self.db.url.clone();
+        settings.amqp_url = testkit::amqp_url();
+        settings.amqp_prefix = self.prefix.clone();
+        settings.batch_linger_ms = 5;
+        let p = persister::Persister::build(&settings).await.unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(p.run_until(async {
+            let _ = stopped.await;
+        }));
+        stop
+    }
+
+    fn device(&self, id: &str) -> Device {
+        Device::new(&testkit::unique_name(id), self.mosquitto.port)
+    }
+
+    fn stored(&self) -> i64 {
+        count_rows(&self.db.url, "readings")
+    }
+
+    async fn wait_stored(&self, n: i64) {
+        eventually(WAIT, &format!("{n} readings stored"), || async {
+            (self.stored() >= n).then_some(())
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(self.stored(), n);
+    }
+
+    fn stored_ids(&self, device: &str) -> Vec<String> {
+        store::read::readings_page(
+            &mut self.db.connect(),
+            &store::read::ReadingsQuery {
+                device_id: device.into(),
+                limit: 10_000,
+                ..Default::default()
+            },
+        )
+        .unwrap()
+        .into_iter()
+        .map(|r| r.reading_id)
+        .collect()
+    }
+
+    async fn cleanup(self) {
+        let conn = bus::connect(&testkit::amqp_url(), "mqtt-test")
+            .await
+            .unwrap();
+        let channel = conn.create_channel().await.unwrap();
+        bus::delete_topology(&channel, &bus::Topology::with_prefix(&self.prefix))
+            .await
+            .unwrap();
+    }
+}
+
+/// `n` messages for `device` on its own topic, ids `{device}-{i}`, with times, as a careful Pi sends.
+fn device_messages(device: &str, n: usize) -> Vec<(String, Vec<u8>)> {
+    (0..n)
+        .map(|i| {
+            let body = json!({"id": format!("{device}-{i}"), "ts": 1_795_000_000_000u64 + i as u64,
+                              "metrics": {"t": i as f64 + 0.5}});
+            (
+                format!("devices/{device}/readings"),
+                body.to_string().into_bytes(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn the_seed_snippet_and_device_topics_are_stored_exactly() {
+    let stack = Stack::new();
+    let _persister = stack.persister().await;
+    let ingest = stack.ingest(&stack.settings("ingest-a")).await;
+
+    // client.publish("sensor/data", json.dumps({...}), qos=1)
+    let seed = json!({"device_id": "raspi-01", "temperature": 25.5, "humidity": 60.3});
+    let batch = json!([{"metrics": {"co2": 415}, "id": "c1", "ts": "2026-11-25T01:00:00Z"},
+                       {"device_id": "raspi-02", "metrics": {"co2": 416.5}, "id": "c2", "ts": "2026-11-25T01:00:01Z"}]);
+    let acked = stack
+        .device("raspi")
+        .publish_all(
+            vec![
+                ("sensor/data".into(), seed.to_string().into_bytes()),
+                (
+                    "devices/raspi-02/readings".into(),
+                    batch.to_string().into_bytes(),
+                ),
+            ],
+            Duration::ZERO,
+            WAIT,
+        )
+        .await;
+    assert_eq!(acked, 2);
+    stack.wait_stored(3).await;
+    let mut conn = stack.db.connect();
+    let query = |device: &str| store::read::ReadingsQuery {
+        device_id: device.into(),
+        limit: 10,
+        ..Default::default()
+    };
+    let r1 = store::read::readings_page(&mut conn, &query("raspi-01")).unwrap();
+    assert_eq!(
+        r1[0].metrics,
+        json!({"temperature": 25.5, "humidity": 60.3})
+    );
+    let r2 = store::read::readings_page(&mut conn, &query("raspi-02")).unwrap();
+    assert_eq!(
+        r2.iter()
+            .map(|r| (r.reading_id.as_str(), r.metrics.clone()))
+            .collect::<Vec<_>>(),
+        [("c2", json!({"co2": 416.5})), ("c1", json!({"co2": 415.0}))]
+    );
+    assert_eq!(ingest.metric("mqtt_messages_acked_total").await, 2.0);
+    ingest.stop().await;
+    stack.cleanup().await;
+}
+
+#[tokio::test]
+async fn ten_thousand_messages_from_ten_devices_are_all_stored_once() {
+    let stack = Stack::new();
+    let _persister = stack.persister().await;
+    let ingest = stack.ingest(&stack.settings("ingest-load")).await;
+    let sends: Vec<_> = (0..10)
+        .map(|d| {
+            let device = stack.device(&format!("pi{d}"));
+            let messages = device_messages(&format!("pi-{d}"), 1000);
+            tokio::spawn(async move { device.publish_all(messages, Duration::ZERO, WAIT).await })
+        })
+        .collect();
+    for send in sends {
+        assert_eq!(send.await.unwrap(), 1000);
+    }
+    stack.wait_stored(10_000).await;
+    for d in 0..10 {
+        let ids: HashSet<String> = stack.stored_ids(&format!("pi-{d}")).into_iter().collect();
+        assert_eq!(ids.len(), 1000);
+    }
+    assert_eq!(
+        ingest.metric("mqtt_messages_received_total").await,
+        10_000.0,
+        "none delivered twice"
+    );
+    ingest.stop().await;
+    stack.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_killed_ingest_resumes_its_session_and_stores_everything_once() {
+    let stack = Stack::new();
+    let _persister = stack.persister().await;
+    let spawn = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_ingest-mqtt"))
+            .env("HTTP_ADDR", "127.0.0.1:0")
+            .env(
+                "MQTT_URL",
+                format!("mqtt://127.0.0.1:{}", stack.mosquitto.port),
+            )
+            .env("MQTT_CLIENT_ID", "ingest-killed")
+            .env("AMQP_URL", testkit::amqp_url())
+            .env("AMQP_PREFIX", &stack.prefix)
+            .env("RUST_LOG", "warn")
+            .spawn()
+            .expect("start the ingest-mqtt binary")
+    };
+    let mut first = spawn();
+    // the first run creates the session and its subscriptions
+    eventually(WAIT, "the first run subscribed", || async {
+        let got = stack
+            .device("probe")
+            .publish_all(device_messages("probe", 1), Duration::ZERO, WAIT)
+            .await;
+        (got == 1 && stack.stored() == 1).then_some(())
+    })
+    .await;
+    let devices: Vec<_> = (0..3)
+        .map(|d| {
+            let device = stack.device(&format!("k{d}"));
+            let messages = device_messages(&format!("k-{d}"), 1000);
+            tokio::spawn(async move {
+                device
+                    .publish_all(messages, Duration::from_millis(2), WAIT)
+                    .await
+            })
+        })
+        .collect();
+    eventually(WAIT, "part of the stream stored", || async {
+        (stack.stored() >= 600).then_some(())
+    })
+    .await;
+    first.kill().unwrap(); // SIGKILL: messages in flight are neither confirmed nor acknowledged
+    first.wait().unwrap();
+    let at_kill = stack.stored();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut second = spawn();
+    for device in devices {
+        assert_eq!(
+            device.await.unwrap(),
+            1000,
+            "Mosquitto acknowledged every publish"
+        );
+    }
+    stack.wait_stored(3001).await;
+    for d in 0..3 {
+        assert_eq!(stack.stored_ids(&format!("k-{d}")).len(), 1000);
+    }
+    assert!(at_kill < 3001, "the kill came too late to test anything");
+    second.kill().unwrap();
+    second.wait().unwrap();
+    stack.cleanup().await;
+}
+
+#[tokio::test]
+async fn while_rabbitmq_is_unreachable_nothing_is_acknowledged_and_everything_arrives_after() {
+    let stack = Stack::new();
+    let _persister = stack.persister().await;
+    let proxy = TcpProxy::start("127.0.0.1:5672").await;
+    let mut settings = stack.settings("ingest-outage");
+    settings.amqp_url = proxy.amqp_url();
+    let ingest = stack.ingest(&settings).await;
+    proxy.cut();
+    let acked = stack
+        .device("o")
+        .publish_all(device_messages("o-1", 300), Duration::ZERO, WAIT)
+        .await;
+    assert_eq!(acked, 300, "Mosquitto holds them");
+    eventually(WAIT, "ingest-mqtt to hold messages", || async {
+        (ingest.metric("mqtt_messages_in_flight").await > 0.0).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        ingest.metric("mqtt_messages_acked_total").await,
+        0.0,
+        "nothing acknowledged while RabbitMQ is away"
+    );
+    assert_eq!(stack.stored(), 0);
+    proxy.restore();
+    stack.wait_stored(300).await;
+    assert_eq!(ingest.metric("mqtt_messages_acked_total").await, 300.0);
+    ingest.stop().await;
+    stack.cleanup().await;
+}
+
+#[tokio::test]
+async fn two_instances_share_the_load_and_nothing_is_stored_twice() {
+    let stack = Stack::new();
+    let _persister = stack.persister().await;
+    let a = stack.ingest(&stack.settings("ingest-share-a")).await;
+    let b = stack.ingest(&stack.settings("ingest-share-b")).await;
+    let sends: Vec<_> = (0..4)
+        .map(|d| {
+            let device = stack.device(&format!("s{d}"));
+            let messages = device_messages(&format!("s-{d}"), 500);
+            tokio::spawn(async move { device.publish_all(messages, Duration::ZERO, WAIT).await })
+        })
+        .collect();
+    for send in sends {
+        assert_eq!(send.await.unwrap(), 500);
+    }
+    stack.wait_stored(2000).await;
+    let (ra, rb) = (
+        a.metric("mqtt_messages_received_total").await,
+        b.metric("mqtt_messages_received_total").await,
+    );
+    assert_eq!(ra + rb, 2000.0, "each message went to one instance");
+    assert!(ra > 0.0 && rb > 0.0, "both took a share: {ra} and {rb}");
+    a.stop().await;
+    b.stop().await;
+    stack.cleanup().await;
+}
+
+#[tokio::test]
+async fn every_kind_of_bad_payload_is_refused_counted_and_kept_and_the_service_goes_on() {
+    let stack = Stack::new();
+    let _persister = stack.persister().await;
+    let ingest = stack.ingest(&stack.settings("ingest-bad")).await;
+    let bad: Vec<(String, Vec<u8>)> = vec![
+        ("devices/b-1/readings".into(), b"not json at all".to_vec()),
+        (
+            "devices/b-1/readings".into(),
+            br#"{"metrics": {"t": "warm"}}"#.to_vec(),
+        ),
+        (
+            "devices/b-1/readings".into(),
+            br#"{"device_id": "b-2", "metrics": {"t": 1}}"#.to_vec(),
+        ),
+        ("sensor/data".into(), br#"{"temperature": 20}"#.to_vec()),
+        ("sensor/data".into(), vec![0xff, 0x00, 0x13]),
+    ];
+    let good = device_messages("b-1", 1);
+    let mut messages = bad.clone();
+    messages.extend(good);
+    assert_eq!(
+        stack
+            .device("bad")
+            .publish_all(messages, Duration::ZERO, WAIT)
+            .await,
+        6
+    );
+    stack.wait_stored(1).await;
+    eventually(WAIT, "all six acknowledged", || async {
+        (ingest.metric("mqtt_messages_acked_total").await == 6.0).then_some(())
+    })
+    .await;
+    assert_eq!(
+        ingest
+            .metric("mqtt_messages_invalid_total{kind=\"not_json\"}")
+            .await,
+        2.0
+    );
+    assert_eq!(
+        ingest
+            .metric("mqtt_messages_invalid_total{kind=\"invalid_reading\"}")
+            .await,
+        2.0
+    );
+    assert_eq!(
+        ingest
+            .metric("mqtt_messages_invalid_total{kind=\"device_mismatch\"}")
+            .await,
+        1.0
+    );
+
+    // kept on the invalid queue, with the reason and the topic
+    let conn = bus::connect(&testkit::amqp_url(), "mqtt-test")
+        .await
+        .unwrap();
+    let channel = conn.create_channel().await.unwrap();
+    let topology = bus::Topology::with_prefix(&stack.prefix);
+    let mut kept = Vec::new();
+    while let Some(m) = channel
+        .basic_get(
+            topology.invalid_queue.as_str().into(),
+            bus::lapin::options::BasicGetOptions { no_ack: true },
+        )
+        .await
+        .unwrap()
+    {
+        let headers = m.delivery.properties.headers().clone().unwrap();
+        let header = |name: &str| headers.inner()[name].as_long_string().unwrap().to_string();
+        kept.push((
+            header("x-mqtt-topic"),
+            m.delivery.data.clone(),
+            header("x-sensorhub-reason"),
+        ));
+    }
+    assert_eq!(kept.len(), 5);
+    for (topic, payload) in bad {
+        let found = kept.iter().find(|(t, p, _)| *t == topic && *p == payload);
+        assert!(found.is_some(), "{topic} {payload:?} not kept");
+    }
+    let mismatch = kept
+        .iter()
+        .find(|(_, p, _)| p.starts_with(br#"{"device_id": "b-2""#))
+        .unwrap();
+    assert!(mismatch.2.contains("device_id"), "{}", mismatch.2);
+    ingest.stop().await;
+    stack.cleanup().await;
+}
