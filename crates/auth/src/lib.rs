@@ -6,6 +6,8 @@
 //! (read the API), `admin` (also manage devices). Every token has an id (`jti`) that is logged in its
 //! place, and revocation works by id (see the device registry in the ingest services).
 
+mod registry;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -14,6 +16,8 @@ use ed25519_dalek::pkcs8::spki::der::pem::LineEnding;
 use ed25519_dalek::pkcs8::{EncodePrivateKey, EncodePublicKey};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
+
+pub use registry::{Access, CredentialChange, DeviceRegistry, keep_fresh};
 
 /// Every Sensorhub token says it was issued by Sensorhub.
 pub const ISSUER: &str = "sensorhub";

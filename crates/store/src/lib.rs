@@ -4,6 +4,7 @@
 //!
 //! Everything here is synchronous diesel; async callers run it on a blocking thread.
 
+pub mod credentials;
 mod error;
 mod migrate;
 mod pool;

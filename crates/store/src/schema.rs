@@ -1,6 +1,16 @@
 // @generated automatically by Diesel CLI.
 
 diesel::table! {
+    device_credentials (device_id) {
+        device_id -> Text,
+        token_id -> Text,
+        created_at -> Timestamptz,
+        revoked_at -> Nullable<Timestamptz>,
+        updated_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
     devices (device_id) {
         device_id -> Text,
         first_seen -> Timestamptz,
@@ -18,4 +28,4 @@ diesel::table! {
     }
 }
 
-diesel::allow_tables_to_appear_in_same_query!(devices, readings,);
+diesel::allow_tables_to_appear_in_same_query!(device_credentials, devices, readings,);
