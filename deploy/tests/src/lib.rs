@@ -140,6 +140,23 @@ pub struct Process {
     pub port: u16,
     pub log: PathBuf,
     child: Option<Child>,
+    /// How to start a service again on another port (None for Traefik).
+    spec: Option<Spec>,
+}
+
+#[derive(Clone)]
+struct Spec {
+    dir: PathBuf,
+    binary: String,
+    env: Vec<(&'static str, String)>,
+}
+
+/// A free port is found by binding port 0 and letting it go, so another process (or an outgoing
+/// connection's ephemeral port) may take it before the service binds it: then start again.
+fn lost_its_port(process: &mut Process) -> bool {
+    !process.is_running()
+        && std::fs::read_to_string(&process.log)
+            .is_ok_and(|log| log.to_lowercase().contains("address already in use"))
 }
 
 impl Process {
@@ -312,24 +329,39 @@ impl Topology {
                 )
             })
             .collect::<Vec<_>>();
+        let (mut persisters, mut ingest_http, mut ingest_mqtt, mut query_api) =
+            (persisters, ingest_http, ingest_mqtt, query_api);
         for process in persisters
-            .iter()
-            .chain(&ingest_http)
-            .chain(&ingest_mqtt)
-            .chain([&query_api])
+            .iter_mut()
+            .chain(&mut ingest_http)
+            .chain(&mut ingest_mqtt)
+            .chain([&mut query_api])
         {
             wait_ready(process).await;
         }
         // ingest-mqtt is subscribed once ready; give Mosquitto a moment to register the shares
         tokio::time::sleep(Duration::from_millis(300)).await;
 
-        let traefik = start_traefik(
+        let mut traefik = start_traefik(
             &dir,
             &ingest_http,
             &query_api,
             mosquitto.port,
             &options.traefik_env,
         );
+        for _ in 0..5 {
+            if !wait_ping(&mut traefik).await {
+                break;
+            }
+            // it lost one of its ports: again, on others
+            traefik = start_traefik(
+                &dir,
+                &ingest_http,
+                &query_api,
+                mosquitto.port,
+                &options.traefik_env,
+            );
+        }
         let topology = Self {
             traefik,
             ingest_http,
@@ -345,23 +377,8 @@ impl Topology {
         topology
     }
 
-    /// Waits for Traefik's ping, then for its health checks to find every replica up.
+    /// Waits for Traefik's health checks to find every replica up.
     async fn wait_traefik(&self) {
-        let ping = format!("http://127.0.0.1:{}/ping", self.traefik.ping);
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if let Ok(r) = reqwest::get(&ping).await
-                && r.status().is_success()
-            {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "Traefik did not start:\n{}",
-                self.traefik.process.tail()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
         for (service, replicas) in [
             ("ingest-http@file", self.ingest_http.len()),
             ("query-api@file", 1),
@@ -489,7 +506,12 @@ impl Drop for Topology {
     }
 }
 
-fn spawn(dir: &Path, binary_name: &str, label: &str, env: Vec<(&str, String)>) -> Process {
+fn spawn(dir: &Path, binary_name: &str, label: &str, env: Vec<(&'static str, String)>) -> Process {
+    let spec = Spec {
+        dir: dir.to_owned(),
+        binary: binary_name.to_owned(),
+        env: env.clone(),
+    };
     let port = free_port();
     let log = dir.join(format!("{label}.log"));
     let file = File::create(&log).expect("a log file");
@@ -524,23 +546,55 @@ fn spawn(dir: &Path, binary_name: &str, label: &str, env: Vec<(&str, String)>) -
         port,
         log,
         child: Some(child),
+        spec: Some(spec),
     }
 }
 
-async fn wait_ready(process: &Process) {
-    let url = format!("{}/readyz", process.url());
+async fn wait_ready(process: &mut Process) {
     let deadline = Instant::now() + WAIT;
+    let mut restarts = 0;
     loop {
+        let url = format!("{}/readyz", process.url());
         if let Ok(r) = reqwest::get(&url).await
             && r.status().is_success()
         {
             return;
+        }
+        if restarts < 5
+            && lost_its_port(process)
+            && let Some(spec) = process.spec.clone()
+        {
+            restarts += 1;
+            *process = spawn(&spec.dir, &spec.binary, &process.label, spec.env);
+            continue;
         }
         assert!(
             Instant::now() < deadline,
             "{} is not ready:\n{}",
             process.label,
             process.tail()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits for Traefik's ping; true when Traefik exited because a port was taken (start it again).
+async fn wait_ping(traefik: &mut Traefik) -> bool {
+    let ping = format!("http://127.0.0.1:{}/ping", traefik.ping);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Ok(r) = reqwest::get(&ping).await
+            && r.status().is_success()
+        {
+            return false;
+        }
+        if lost_its_port(&mut traefik.process) {
+            return true;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "Traefik did not start:\n{}",
+            traefik.process.tail()
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -590,6 +644,7 @@ fn start_traefik(
         port: websecure,
         log,
         child: Some(child),
+        spec: None,
     };
     Traefik {
         process,
