@@ -65,6 +65,32 @@ impl ApiError {
         e
     }
 
+    /// 401 with the `WWW-Authenticate` challenge (RFC 6750): `invalid_token` when one was sent.
+    pub fn unauthorized(message: impl Into<String>, token_sent: bool) -> Self {
+        let mut e = Self::new(StatusCode::UNAUTHORIZED, "unauthorized", message);
+        e.www_authenticate = Some(if token_sent {
+            "Bearer realm=\"sensorhub\", error=\"invalid_token\""
+        } else {
+            "Bearer realm=\"sensorhub\""
+        });
+        e
+    }
+
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "forbidden", message)
+    }
+
+    /// 429 with `Retry-After` (whole seconds, at least 1).
+    pub fn too_many_requests(retry_after: std::time::Duration) -> Self {
+        let mut e = Self::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            "too many requests; slow down",
+        );
+        e.retry_after = Some(retry_after.as_secs_f64().ceil().max(1.0) as u64);
+        e
+    }
+
     /// 500 whose body reveals nothing; the cause is logged here, once.
     pub fn internal(cause: &dyn std::fmt::Display) -> Self {
         tracing::error!(error = %cause, "internal error");

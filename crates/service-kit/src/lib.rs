@@ -4,6 +4,7 @@
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod net;
 pub mod ops;
 pub mod shutdown;
 pub mod telemetry;

@@ -303,3 +303,64 @@ pub fn execute(conn: &mut PgConnection, sql: &str) {
     conn.batch_execute(sql)
         .unwrap_or_else(|e| panic!("{sql}: {e}"));
 }
+
+/// A key pair of its own, and tokens signed with it, as `sensorctl` makes them.
+pub struct TestKeys {
+    pub dir: std::path::PathBuf,
+    signer: auth::TokenSigner,
+}
+
+impl TestKeys {
+    pub fn new() -> Self {
+        let dir = std::env::temp_dir().join(unique_name("keys"));
+        let (signing, _) = auth::generate_key_pair(&dir, false).expect("generate keys");
+        let signer = auth::TokenSigner::from_file(&signing).expect("read signing key");
+        Self { dir, signer }
+    }
+
+    pub fn verifying_key_file(&self) -> String {
+        self.dir
+            .join(auth::VERIFYING_KEY_FILE)
+            .display()
+            .to_string()
+    }
+
+    pub fn signing_key_file(&self) -> String {
+        self.dir.join(auth::SIGNING_KEY_FILE).display().to_string()
+    }
+
+    fn now() -> i64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0)
+    }
+
+    pub fn sign(&self, claims: &auth::Claims) -> String {
+        self.signer.sign(claims).expect("sign")
+    }
+
+    pub fn app_token(&self, role: auth::Role) -> String {
+        self.sign(&auth::Claims::app("test-app", role, 3600, Self::now()))
+    }
+
+    /// Registers `device` in the database at `database_url` and returns its token.
+    pub fn register_device(&self, database_url: &str, device: &str) -> String {
+        let claims = auth::Claims::device(device, Self::now());
+        let mut conn = PgConnection::establish(database_url).expect("connect");
+        store::credentials::register_device(&mut conn, device, &claims.jti).expect("register");
+        self.sign(&claims)
+    }
+}
+
+impl Default for TestKeys {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for TestKeys {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

@@ -7,11 +7,13 @@ use actix_web::web::{self, BytesMut};
 use actix_web::{HttpRequest, HttpResponse, post};
 use bus::Publisher;
 use futures_util::StreamExt;
-use models::Reading;
+use models::{Reading, ValidationError};
 use serde::{Deserialize, Serialize};
+use service_kit::net::{KeyedLimit, TrustedProxies};
 use utoipa::{OpenApi, ToSchema};
 use utoipa_actix_web::service_config::ServiceConfig;
 
+use crate::device_auth::{Authenticator, Writer};
 use crate::error::IngestError;
 use crate::metrics::{EndpointLabels, IngestMetrics, RejectionLabels};
 
@@ -29,6 +31,10 @@ pub struct IngestState {
     pub publisher: Publisher,
     pub metrics: IngestMetrics,
     pub max_body_bytes: usize,
+    pub body_timeout: std::time::Duration,
+    pub authenticator: Authenticator,
+    pub rate_limit: KeyedLimit,
+    pub trusted_proxies: TrustedProxies,
 }
 
 pub fn routes(cfg: &mut ServiceConfig) {
@@ -93,16 +99,10 @@ async fn post_data(
     payload: web::Payload,
     state: web::Data<IngestState>,
 ) -> Result<HttpResponse, IngestError> {
-    let endpoint = "/data";
-    let result = async {
-        let body = read_json_body(&req, payload, state.max_body_bytes).await?;
-        let reading = models::parse_seed_body(&body, chrono::Utc::now())?;
-        publish(&state, endpoint, vec![reading]).await
-    }
-    .await;
-    respond(&state, endpoint, result, |_| {
-        HttpResponse::Ok().json(SeedAccepted { status: "success" })
-    })
+    let parse = |body: &[u8], now| models::parse_seed_body(body, now).map(|r| vec![r]);
+    ingest(&req, payload, &state, "/data", parse)
+        .await
+        .map(|_| HttpResponse::Ok().json(SeedAccepted { status: "success" }))
 }
 
 /// Takes one reading or an array of up to 1,000.
@@ -123,41 +123,73 @@ async fn post_readings(
     payload: web::Payload,
     state: web::Data<IngestState>,
 ) -> Result<HttpResponse, IngestError> {
-    let endpoint = "/v1/readings";
+    ingest(
+        &req,
+        payload,
+        &state,
+        "/v1/readings",
+        models::parse_readings_body,
+    )
+    .await
+    .map(|accepted| HttpResponse::Accepted().json(Accepted { accepted }))
+}
+
+/// Every write, in order: who (401/403), how often (429), what (415/413/400), as whom (403), and
+/// then RabbitMQ (503); each outcome lands in the audit trail and the metrics.
+async fn ingest(
+    req: &HttpRequest,
+    payload: web::Payload,
+    state: &IngestState,
+    endpoint: &'static str,
+    parse: impl FnOnce(&[u8], chrono::DateTime<chrono::Utc>) -> Result<Vec<Reading>, ValidationError>,
+) -> Result<usize, IngestError> {
+    let client = state.trusted_proxies.client_addr(req);
+    let mut writer = None;
     let result = async {
-        let body = read_json_body(&req, payload, state.max_body_bytes).await?;
-        let readings = models::parse_readings_body(&body, chrono::Utc::now())?;
-        publish(&state, endpoint, readings).await
+        let who = state.authenticator.authenticate(req)?;
+        let limit_key = match &who {
+            Writer::Device { id, .. } => id.clone(),
+            Writer::Anonymous => client.map(|a| a.to_string()).unwrap_or_default(),
+        };
+        writer = Some(who.clone());
+        state
+            .rate_limit
+            .check(&limit_key)
+            .map_err(IngestError::RateLimited)?;
+        let body = tokio::time::timeout(
+            state.body_timeout,
+            read_json_body(req, payload, state.max_body_bytes),
+        )
+        .await
+        .map_err(|_| IngestError::Timeout)??;
+        let readings = parse(&body, chrono::Utc::now())?;
+        if let Some(device) = who.device_id()
+            && let Some(other) = readings.iter().find(|r| r.device_id.as_str() != device)
+        {
+            return Err(IngestError::Forbidden(format!(
+                "device_id {:?} is not this token's device {device:?}; nothing was stored",
+                other.device_id.as_str()
+            )));
+        }
+        let count = readings.len();
+        state.publisher.publish(readings).await?;
+        Ok(count)
     }
     .await;
-    respond(&state, endpoint, result, |accepted| {
-        HttpResponse::Accepted().json(Accepted { accepted })
-    })
-}
 
-async fn publish(
-    state: &IngestState,
-    endpoint: &'static str,
-    readings: Vec<Reading>,
-) -> Result<usize, IngestError> {
-    let count = readings.len();
-    state.publisher.publish(readings).await?;
-    state
-        .metrics
-        .readings_accepted
-        .get_or_create(&EndpointLabels { endpoint })
-        .inc_by(count as u64);
-    Ok(count)
-}
-
-fn respond(
-    state: &IngestState,
-    endpoint: &'static str,
-    result: Result<usize, IngestError>,
-    ok: impl FnOnce(usize) -> HttpResponse,
-) -> Result<HttpResponse, IngestError> {
-    match result {
-        Ok(count) => Ok(ok(count)),
+    let device = writer.as_ref().and_then(Writer::device_id).unwrap_or("-");
+    let token = writer.as_ref().and_then(Writer::token_id).unwrap_or("-");
+    let client = client.map(|a| a.to_string()).unwrap_or_default();
+    match &result {
+        Ok(count) => {
+            state
+                .metrics
+                .readings_accepted
+                .get_or_create(&EndpointLabels { endpoint })
+                .inc_by(*count as u64);
+            tracing::info!(target: "audit", outcome = "accepted", endpoint, device.id = device,
+                token.id = token, client.addr = %client, readings = count);
+        }
         Err(error) => {
             state
                 .metrics
@@ -167,13 +199,12 @@ fn respond(
                     reason: error.kind(),
                 })
                 .inc();
-            match &error {
-                IngestError::Publish(e) => tracing::warn!(error = %e, "readings not accepted"),
-                other => tracing::debug!(error = %other, "request refused"),
-            }
-            Err(error)
+            tracing::info!(target: "audit", outcome = "refused", endpoint, device.id = device,
+                token.id = token, client.addr = %client, readings = 0, reason = error.kind(),
+                detail = %error);
         }
     }
+    result
 }
 
 /// JSON or nothing said (as with `curl --data`-less scripts); anything else is refused before

@@ -17,6 +17,16 @@ pub enum IngestError {
     Body(String),
     #[error(transparent)]
     Publish(#[from] PublishError),
+    #[error("{reason}")]
+    Unauthorized { reason: String, token_sent: bool },
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("rate limited")]
+    RateLimited(std::time::Duration),
+    #[error("the device registry is not loaded yet; devices cannot be checked")]
+    RegistryUnavailable,
+    #[error("the request body took too long to arrive")]
+    Timeout,
 }
 
 impl IngestError {
@@ -27,7 +37,11 @@ impl IngestError {
             IngestError::TooLarge { .. } => "too_large",
             IngestError::UnsupportedMediaType(_) => "unsupported_media_type",
             IngestError::Body(_) => "bad_body",
-            IngestError::Publish(_) => "unavailable",
+            IngestError::Publish(_) | IngestError::RegistryUnavailable => "unavailable",
+            IngestError::Unauthorized { .. } => "unauthorized",
+            IngestError::Forbidden(_) => "forbidden",
+            IngestError::RateLimited(_) => "rate_limited",
+            IngestError::Timeout => "timeout",
         }
     }
 }
@@ -38,7 +52,13 @@ impl ResponseError for IngestError {
             IngestError::Invalid(_) | IngestError::Body(_) => StatusCode::BAD_REQUEST,
             IngestError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             IngestError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            IngestError::Publish(_) => StatusCode::SERVICE_UNAVAILABLE,
+            IngestError::Publish(_) | IngestError::RegistryUnavailable => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            IngestError::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
+            IngestError::Forbidden(_) => StatusCode::FORBIDDEN,
+            IngestError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
+            IngestError::Timeout => StatusCode::REQUEST_TIMEOUT,
         }
     }
 
@@ -59,6 +79,13 @@ impl ResponseError for IngestError {
                 // Not stored, or not known to be: the device keeps the reading and retries.
                 ApiError::unavailable(format!("readings not accepted, retry later: {e}"), 1)
             }
+            IngestError::RegistryUnavailable => ApiError::unavailable(self.to_string(), 2),
+            IngestError::Unauthorized { reason, token_sent } => {
+                ApiError::unauthorized(reason.clone(), *token_sent)
+            }
+            IngestError::Forbidden(reason) => ApiError::forbidden(reason.clone()),
+            IngestError::RateLimited(wait) => ApiError::too_many_requests(*wait),
+            IngestError::Timeout => ApiError::new(status, "timeout", self.to_string()),
         };
         error.error_response()
     }

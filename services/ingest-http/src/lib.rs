@@ -2,6 +2,7 @@
 //! answers 2xx only after RabbitMQ confirmed the message carrying the request's readings.
 
 mod api;
+mod device_auth;
 mod error;
 mod metrics;
 pub mod settings;

@@ -14,6 +14,16 @@ pub struct Settings {
     pub amqp_prefix: String,
     #[serde(flatten)]
     pub publisher: PublisherSettings,
+    pub auth_public_key_file: String,
+    pub auth_allow_anonymous: bool,
+    pub database_url: String,
+    pub auth_refresh_ms: u64,
+    pub rate_limit_per_second: u32,
+    pub rate_limit_burst: u32,
+    pub trusted_proxies: String,
+    pub http_header_timeout_ms: u64,
+    pub http_body_timeout_ms: u64,
+    pub http_keep_alive_secs: u64,
     pub log_format: LogFormat,
 }
 

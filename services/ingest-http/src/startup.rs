@@ -1,17 +1,22 @@
 use std::net::TcpListener;
+use std::sync::Arc;
+use std::time::Duration;
 
 use actix_web::dev::Server;
 use actix_web::middleware::from_fn;
 use actix_web::{App, HttpServer, web};
 use anyhow::Context;
+use auth::{CredentialChange, DeviceRegistry, TokenVerifier};
 use bus::{Publisher, PublisherMetrics, Topology};
 use prometheus_client::registry::Registry;
+use service_kit::net::{KeyedLimit, TrustedProxies};
 use service_kit::ops::HttpMetrics;
 use service_kit::{Ops, Readiness};
 use utoipa::OpenApi;
 use utoipa_actix_web::AppExt;
 
 use crate::api::{self, ApiDoc, IngestState};
+use crate::device_auth::Authenticator;
 use crate::metrics::IngestMetrics;
 use crate::settings::Settings;
 
@@ -41,11 +46,17 @@ impl Application {
             let available = ready_publisher.check_available().map_err(|e| e.to_string());
             async move { available }
         });
+        let (authenticator, readiness) = authenticator(settings, readiness)?;
         let ops = Ops::new(registry, readiness);
         let state = web::Data::new(IngestState {
             publisher: publisher.clone(),
             metrics: ingest_metrics,
             max_body_bytes: settings.max_body_bytes,
+            body_timeout: Duration::from_millis(settings.http_body_timeout_ms),
+            authenticator,
+            rate_limit: KeyedLimit::new(settings.rate_limit_per_second, settings.rate_limit_burst),
+            trusted_proxies: TrustedProxies::parse(&settings.trusted_proxies)
+                .map_err(anyhow::Error::msg)?,
         });
 
         let listener = TcpListener::bind(&settings.http_addr)
@@ -70,6 +81,8 @@ impl Application {
                 .default_service(web::to(service_kit::error::unknown_route))
         })
         .workers(workers)
+        .client_request_timeout(Duration::from_millis(settings.http_header_timeout_ms))
+        .keep_alive(Duration::from_secs(settings.http_keep_alive_secs))
         .listen(listener)?
         .run();
         Ok(Self {
@@ -101,4 +114,81 @@ impl Application {
         let handle = self.server.handle();
         (handle, self.run_until_stopped())
     }
+}
+
+/// The device check: the public key, and the device registry followed from PostgreSQL. Without a
+/// key, only an explicit `auth_allow_anonymous` lets the service start, and it says so loudly.
+fn authenticator(
+    settings: &Settings,
+    readiness: Readiness,
+) -> anyhow::Result<(Authenticator, Readiness)> {
+    let registry = Arc::new(DeviceRegistry::default());
+    if settings.auth_allow_anonymous {
+        tracing::warn!(
+            "ANONYMOUS INGEST IS ON: anyone who can reach this service can write readings as any \
+             device. For local development only; set auth_allow_anonymous = false in production."
+        );
+    }
+    if settings.auth_public_key_file.is_empty() {
+        anyhow::ensure!(
+            settings.auth_allow_anonymous,
+            "auth_public_key_file is not set: point it at the verifying key from `sensorctl keys \
+             init` (or, for local development only, set auth_allow_anonymous = true)"
+        );
+        let authenticator = Authenticator {
+            verifier: None,
+            registry,
+            allow_anonymous: true,
+        };
+        return Ok((authenticator, readiness));
+    }
+    let verifier = TokenVerifier::from_file(std::path::Path::new(&settings.auth_public_key_file))
+        .context("loading auth_public_key_file")?;
+    let pool = store::connect_pool(
+        &settings.database_url,
+        &store::PoolSettings {
+            max_connections: 1,
+            acquire_timeout_ms: 5_000,
+            statement_timeout_ms: 10_000,
+            application_name: "ingest-http registry".into(),
+        },
+    )?;
+    let interval = Duration::from_millis(settings.auth_refresh_ms.max(100));
+    tokio::spawn(auth::keep_fresh(registry.clone(), interval, move |since| {
+        let pool = pool.clone();
+        async move {
+            tokio::task::spawn_blocking(move || load_changes(&pool, since))
+                .await
+                .map_err(|e| e.to_string())?
+        }
+    }));
+    let ready_registry = registry.clone();
+    let readiness = readiness.with_check("device_registry", move || {
+        let health = ready_registry.health(interval * 5 + Duration::from_secs(5));
+        async move { health }
+    });
+    let authenticator = Authenticator {
+        verifier: Some(verifier),
+        registry,
+        allow_anonymous: settings.auth_allow_anonymous,
+    };
+    Ok((authenticator, readiness))
+}
+
+fn load_changes(
+    pool: &store::PgPool,
+    since: Option<chrono::DateTime<chrono::Utc>>,
+) -> Result<Vec<CredentialChange>, String> {
+    let mut conn = pool.get().map_err(|e| e.to_string())?;
+    let rows = store::credentials::credential_changes_since(&mut conn, since)
+        .map_err(|e| e.to_string())?;
+    Ok(rows
+        .into_iter()
+        .map(|c| CredentialChange {
+            revoked: c.revoked_at.is_some(),
+            device_id: c.device_id,
+            token_id: c.token_id,
+            updated_at: c.updated_at,
+        })
+        .collect())
 }

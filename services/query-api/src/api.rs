@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use actix_web::{HttpResponse, get, web};
+use actix_web::{HttpResponse, delete, get, post, web};
 use chrono::{DateTime, Duration, SubsecRound, Utc};
 use serde::{Deserialize, Serialize};
 use store::read::{Aggregate, ReadingsQuery, SeriesQuery};
@@ -19,13 +19,44 @@ use crate::params;
         title = "Sensorhub query API",
         description = "Read the readings Sensorhub stored: devices, readings by time range, latest values, time buckets."
     ),
-    components(schemas(service_kit::ErrorBody))
+    components(schemas(service_kit::ErrorBody)),
+    modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;
+
+/// Every route needs `Authorization: Bearer <token>` (a reader or admin token from sensorctl).
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{
+            HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme,
+        };
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("JWT")
+                    .build(),
+            ),
+        );
+        openapi.security = Some(vec![SecurityRequirement::new(
+            "bearer",
+            Vec::<String>::new(),
+        )]);
+    }
+}
+
+/// Mints device tokens on `POST /v1/devices` when query-api was given the signing key.
+pub struct DeviceTokens(pub Option<auth::TokenSigner>);
 
 /// Registers every documented route; `startup` adds the ops endpoints and `/openapi.json`.
 pub fn routes(cfg: &mut ServiceConfig) {
     cfg.service(list_devices)
+        .service(register_device)
+        .service(revoke_device)
         .service(get_device)
         .service(device_readings)
         .service(device_latest)
@@ -407,4 +438,101 @@ async fn device_series(
 /// Serves the description generated from the routes above.
 pub async fn openapi_json(doc: web::Data<utoipa::openapi::OpenApi>) -> HttpResponse {
     HttpResponse::Ok().json(doc.get_ref())
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct NewDevice {
+    #[schema(example = "raspi-01")]
+    pub device_id: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RegisteredDevice {
+    pub device_id: String,
+    /// Logged in place of the token; what revocation names.
+    pub token_id: String,
+    /// The device's bearer token for ingest (shown once; Sensorhub keeps only its id).
+    pub token: String,
+}
+
+/// Registers a device and returns its token (admin). Needs query-api to hold the signing key;
+/// otherwise register devices with `sensorctl device add`.
+#[utoipa::path(
+    tag = "devices",
+    request_body = NewDevice,
+    responses(
+        (status = 201, body = RegisteredDevice),
+        (status = 400, body = service_kit::ErrorBody),
+        (status = 403, body = service_kit::ErrorBody),
+        (status = 409, description = "Already registered", body = service_kit::ErrorBody),
+        (status = 501, description = "No signing key here", body = service_kit::ErrorBody),
+    )
+)]
+#[post("/v1/devices")]
+async fn register_device(
+    pool: web::Data<PgPool>,
+    tokens: web::Data<DeviceTokens>,
+    body: web::Json<NewDevice>,
+) -> Result<HttpResponse, QueryError> {
+    let device = models::DeviceId::parse(body.device_id.as_str())
+        .map_err(|reason| QueryError::invalid("device_id", reason))?;
+    let Some(signer) = &tokens.0 else {
+        return Err(QueryError::NotConfigured(
+            "this query-api holds no signing key: register devices with `sensorctl device add`",
+        ));
+    };
+    let claims = auth::Claims::device(device.as_str(), Utc::now().timestamp());
+    let token = signer
+        .sign(&claims)
+        .map_err(|e| QueryError::NotConfigured(signing_failed(e)))?;
+    let (id, token_id) = (device.as_str().to_owned(), claims.jti.clone());
+    let registration = with_conn(&pool, move |conn| {
+        store::credentials::register_device(conn, &id, &token_id)
+    })
+    .await?;
+    match registration {
+        store::credentials::Registration::Registered => {
+            Ok(HttpResponse::Created().json(RegisteredDevice {
+                device_id: device.into_string(),
+                token_id: claims.jti,
+                token,
+            }))
+        }
+        store::credentials::Registration::AlreadyActive => Err(QueryError::Conflict(format!(
+            "{device} is already registered; revoke it first to issue a new token"
+        ))),
+    }
+}
+
+fn signing_failed(e: auth::AuthError) -> &'static str {
+    tracing::error!(error = %e, "cannot sign a device token");
+    "cannot sign tokens with the configured signing key"
+}
+
+/// Revokes a device's token (admin): ingest refuses it within seconds.
+#[utoipa::path(
+    tag = "devices",
+    params(("id" = String, Path, description = "Device id")),
+    responses(
+        (status = 204, description = "Revoked"),
+        (status = 403, body = service_kit::ErrorBody),
+        (status = 404, description = "Not an active registered device", body = service_kit::ErrorBody),
+    )
+)]
+#[delete("/v1/devices/{id}")]
+async fn revoke_device(
+    pool: web::Data<PgPool>,
+    id: web::Path<String>,
+) -> Result<HttpResponse, QueryError> {
+    let device_id = id.into_inner();
+    let lookup = device_id.clone();
+    if with_conn(&pool, move |conn| {
+        store::credentials::revoke_device(conn, &lookup)
+    })
+    .await?
+    {
+        Ok(HttpResponse::NoContent().finish())
+    } else {
+        Err(QueryError::UnknownDevice(device_id))
+    }
 }

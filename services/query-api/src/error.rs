@@ -14,6 +14,16 @@ pub enum QueryError {
     Store(#[from] StoreError),
     #[error("the database call was cancelled: {0}")]
     Blocking(#[from] actix_web::error::BlockingError),
+    #[error("{reason}")]
+    Unauthorized { reason: String, token_sent: bool },
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("rate limited")]
+    RateLimited(std::time::Duration),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    NotConfigured(&'static str),
 }
 
 impl QueryError {
@@ -34,6 +44,17 @@ impl QueryError {
                 tracing::warn!(error = %e, "database unavailable");
                 ApiError::unavailable("the database is unavailable; try again shortly", 2)
             }
+            QueryError::Unauthorized { reason, token_sent } => {
+                ApiError::unauthorized(reason.clone(), *token_sent)
+            }
+            QueryError::Forbidden(reason) => ApiError::forbidden(reason.clone()),
+            QueryError::RateLimited(wait) => ApiError::too_many_requests(*wait),
+            QueryError::Conflict(reason) => {
+                ApiError::new(StatusCode::CONFLICT, "conflict", reason.clone())
+            }
+            QueryError::NotConfigured(reason) => {
+                ApiError::new(StatusCode::NOT_IMPLEMENTED, "not_configured", *reason)
+            }
             other => ApiError::internal(other),
         }
     }
@@ -45,6 +66,11 @@ impl ResponseError for QueryError {
             QueryError::InvalidParameter { .. } => StatusCode::BAD_REQUEST,
             QueryError::UnknownDevice(_) => StatusCode::NOT_FOUND,
             QueryError::Store(e) if e.is_transient() => StatusCode::SERVICE_UNAVAILABLE,
+            QueryError::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
+            QueryError::Forbidden(_) => StatusCode::FORBIDDEN,
+            QueryError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
+            QueryError::Conflict(_) => StatusCode::CONFLICT,
+            QueryError::NotConfigured(_) => StatusCode::NOT_IMPLEMENTED,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

@@ -1,6 +1,7 @@
 //! query-api: the read side of Sensorhub. Apps list devices, page through a device's readings, ask
 //! for the latest values, and get time buckets aggregated in PostgreSQL.
 
+mod access;
 mod api;
 mod error;
 mod params;

@@ -14,6 +14,14 @@ pub struct Settings {
     pub db_acquire_timeout_ms: u64,
     pub db_statement_timeout_ms: u64,
     pub startup_wait_ms: u64,
+    pub auth_public_key_file: String,
+    pub auth_signing_key_file: String,
+    pub rate_limit_per_second: u32,
+    pub rate_limit_burst: u32,
+    pub cors_allowed_origins: String,
+    pub trusted_proxies: String,
+    pub http_header_timeout_ms: u64,
+    pub http_keep_alive_secs: u64,
     pub log_format: LogFormat,
 }
 

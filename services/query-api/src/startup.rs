@@ -1,7 +1,10 @@
 use std::net::TcpListener;
+use std::path::Path;
 use std::time::Duration;
 
+use actix_cors::Cors;
 use actix_web::dev::Server;
+use actix_web::http::header;
 use actix_web::middleware::from_fn;
 use actix_web::{App, HttpServer, web};
 use anyhow::Context;
@@ -12,7 +15,8 @@ use store::PgPool;
 use utoipa::OpenApi;
 use utoipa_actix_web::AppExt;
 
-use crate::api::{self, ApiDoc};
+use crate::access::{self, Access};
+use crate::api::{self, ApiDoc, DeviceTokens};
 use crate::settings::Settings;
 
 /// query-api, built and bound, ready to run.
@@ -49,11 +53,49 @@ impl Application {
             0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
             n => n,
         };
+        let access = web::Data::new(access(settings)?);
+        let device_tokens =
+            web::Data::new(DeviceTokens(if settings.auth_signing_key_file.is_empty() {
+                None
+            } else {
+                Some(
+                    auth::TokenSigner::from_file(Path::new(&settings.auth_signing_key_file))
+                        .context("loading auth_signing_key_file")?,
+                )
+            }));
+        let origins: Vec<String> = settings
+            .cors_allowed_origins
+            .split(',')
+            .map(str::trim)
+            .filter(|o| !o.is_empty())
+            .map(str::to_owned)
+            .collect();
         let server = HttpServer::new(move || {
+            let cors = origins.iter().fold(
+                Cors::default()
+                    .allowed_methods(["GET", "POST", "DELETE"])
+                    .allowed_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
+                    .max_age(3600),
+                |cors, origin| cors.allowed_origin(origin),
+            );
             let (app, openapi) = App::new()
                 .into_utoipa_app()
                 .openapi(ApiDoc::openapi())
                 .app_data(web::Data::new(pool.clone()))
+                .app_data(access.clone())
+                .app_data(device_tokens.clone())
+                .app_data(
+                    web::JsonConfig::default()
+                        .limit(16 * 1024)
+                        .error_handler(|e, _| {
+                            service_kit::ApiError::new(
+                                actix_web::http::StatusCode::BAD_REQUEST,
+                                "invalid_input",
+                                e.to_string(),
+                            )
+                            .into()
+                        }),
+                )
                 .app_data(
                     web::QueryConfig::default()
                         .error_handler(|e, _| service_kit::error::query_error(e)),
@@ -66,12 +108,16 @@ impl Application {
                 .split_for_parts();
             app.app_data(web::Data::new(openapi))
                 .app_data(web::Data::new(http_metrics.clone()))
+                .wrap(from_fn(access::require_token))
                 .wrap(from_fn(HttpMetrics::record))
+                .wrap(cors)
                 .configure(|cfg| ops.routes(cfg))
                 .route("/openapi.json", web::get().to(api::openapi_json))
                 .default_service(web::to(service_kit::error::unknown_route))
         })
         .workers(workers)
+        .client_request_timeout(Duration::from_millis(settings.http_header_timeout_ms))
+        .keep_alive(Duration::from_secs(settings.http_keep_alive_secs))
         .listen(listener)?
         .run();
         Ok(Self { port, server })
@@ -91,4 +137,21 @@ async fn database_check(pool: PgPool) -> Result<(), String> {
     tokio::task::spawn_blocking(move || store::ping(&pool).map_err(|e| e.to_string()))
         .await
         .map_err(|e| e.to_string())?
+}
+
+fn access(settings: &Settings) -> anyhow::Result<Access> {
+    anyhow::ensure!(
+        !settings.auth_public_key_file.is_empty(),
+        "auth_public_key_file is not set: point it at the verifying key from `sensorctl keys init`"
+    );
+    Ok(Access {
+        verifier: auth::TokenVerifier::from_file(Path::new(&settings.auth_public_key_file))
+            .context("loading auth_public_key_file")?,
+        rate_limit: service_kit::net::KeyedLimit::new(
+            settings.rate_limit_per_second,
+            settings.rate_limit_burst,
+        ),
+        trusted_proxies: service_kit::net::TrustedProxies::parse(&settings.trusted_proxies)
+            .map_err(anyhow::Error::msg)?,
+    })
 }

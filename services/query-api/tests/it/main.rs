@@ -3,12 +3,16 @@
 use chrono::{DateTime, Duration, Utc};
 use models::{DeviceId, MetricName, Metrics, Reading, ReadingId};
 use serde_json::{Value, json};
-use testkit::TestDb;
+use testkit::{TestDb, TestKeys};
+
+mod security;
 
 struct Api {
     url: String,
     client: reqwest::Client,
-    _db: TestDb,
+    keys: TestKeys,
+    reader: String,
+    db: TestDb,
 }
 
 fn t0() -> DateTime<Utc> {
@@ -53,17 +57,28 @@ async fn api_with_data() -> Api {
     batch.extend((0..5).map(|i| reading(&format!("dev-{i:03}"), "x", t0(), &[("v", 1.0)])));
     store::write_readings(&mut db.connect(), &batch, &mut Default::default()).unwrap();
 
+    start(db, |_| {}).await
+}
+
+/// query-api on `db`, with its own keys; `adjust` changes settings before it starts.
+async fn start(db: TestDb, adjust: impl FnOnce(&mut query_api::Settings)) -> Api {
+    let keys = TestKeys::new();
     let mut settings = query_api::Settings::defaults();
     settings.http_addr = "127.0.0.1:0".into();
     settings.http_workers = 1;
     settings.database_url = db.url.clone();
+    settings.auth_public_key_file = keys.verifying_key_file();
+    adjust(&mut settings);
     let app = query_api::Application::build(&settings).await.unwrap();
     let url = format!("http://127.0.0.1:{}", app.port());
     tokio::spawn(app.run_until_stopped());
+    let reader = keys.app_token(auth::Role::Reader);
     Api {
         url,
         client: reqwest::Client::new(),
-        _db: db,
+        keys,
+        reader,
+        db,
     }
 }
 
@@ -72,6 +87,7 @@ impl Api {
         let response = self
             .client
             .get(format!("{}{path}", self.url))
+            .bearer_auth(&self.reader)
             .send()
             .await
             .unwrap();

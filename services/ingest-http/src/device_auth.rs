@@ -1,0 +1,89 @@
+//! Who is writing: a device with its current token, or (development only) anyone.
+
+use std::sync::Arc;
+
+use actix_web::HttpRequest;
+use actix_web::http::header;
+use auth::{Access, DeviceRegistry, Role, TokenVerifier};
+
+use crate::error::IngestError;
+
+/// The writer of a request, for the device check and the audit trail.
+#[derive(Debug, Clone)]
+pub enum Writer {
+    Device {
+        id: String,
+        token_id: String,
+    },
+    /// `auth_allow_anonymous`: local development only.
+    Anonymous,
+}
+
+impl Writer {
+    pub fn device_id(&self) -> Option<&str> {
+        match self {
+            Writer::Device { id, .. } => Some(id),
+            Writer::Anonymous => None,
+        }
+    }
+
+    pub fn token_id(&self) -> Option<&str> {
+        match self {
+            Writer::Device { token_id, .. } => Some(token_id),
+            Writer::Anonymous => None,
+        }
+    }
+}
+
+pub struct Authenticator {
+    /// None only when anonymous ingest is allowed and no key is configured.
+    pub verifier: Option<TokenVerifier>,
+    pub registry: Arc<DeviceRegistry>,
+    pub allow_anonymous: bool,
+}
+
+impl Authenticator {
+    pub fn authenticate(&self, req: &HttpRequest) -> Result<Writer, IngestError> {
+        let Some(value) = req.headers().get(header::AUTHORIZATION) else {
+            return if self.allow_anonymous {
+                Ok(Writer::Anonymous)
+            } else {
+                Err(IngestError::Unauthorized {
+                    reason: "an Authorization: Bearer <device token> header is required".into(),
+                    token_sent: false,
+                })
+            };
+        };
+        let invalid = |reason: String| IngestError::Unauthorized {
+            reason,
+            token_sent: true,
+        };
+        let token = value
+            .to_str()
+            .ok()
+            .and_then(auth::bearer_token)
+            .ok_or_else(|| invalid("the Authorization header is not `Bearer <token>`".into()))?;
+        let Some(verifier) = &self.verifier else {
+            return Err(invalid(
+                "tokens cannot be checked: no key is configured".into(),
+            ));
+        };
+        let claims = verifier.verify(token).map_err(|e| invalid(e.to_string()))?;
+        if claims.role != Role::Device {
+            return Err(IngestError::Forbidden(format!(
+                "a {} token cannot write readings; use the device's token",
+                claims.role.as_str()
+            )));
+        }
+        match self.registry.check(&claims.sub, &claims.jti) {
+            Access::Allowed => Ok(Writer::Device {
+                id: claims.sub,
+                token_id: claims.jti,
+            }),
+            Access::Refused => Err(invalid(
+                "the device is not registered, or this token was revoked or replaced".into(),
+            )),
+            Access::NotLoaded => Err(IngestError::RegistryUnavailable),
+        }
+    }
+}

@@ -1,0 +1,253 @@
+//! sensorctl: what an operator does by hand. Results go to standard output (a token alone on its
+//! line, so scripts can capture it); explanations go to standard error.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use auth::{Claims, Role, TokenSigner};
+use clap::{Parser, Subcommand};
+
+/// Sensorhub's operator tool: migrations, keys, devices and tokens.
+#[derive(Parser)]
+#[command(version)]
+pub struct Cli {
+    /// PostgreSQL to work on.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/sensorhub",
+        global = true
+    )]
+    pub database_url: String,
+    /// Where the key pair lives (`signing-key.pem` is needed to issue tokens).
+    #[arg(
+        long,
+        env = "SENSORHUB_KEYS_DIR",
+        default_value = "keys",
+        global = true
+    )]
+    pub keys_dir: PathBuf,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Apply every pending database migration (safe to run again: applies nothing then).
+    Migrate,
+    /// List migrations not applied yet; exits 1 if there are any.
+    Pending,
+    /// The signing key pair.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// Devices allowed to write.
+    #[command(subcommand)]
+    Device(DeviceCommand),
+    /// Tokens for apps.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Subcommand)]
+pub enum KeysCommand {
+    /// Create the key pair in --keys-dir: give the services `verifying-key.pem`, keep
+    /// `signing-key.pem` to yourself.
+    Init {
+        /// Replace an existing key pair (every token issued with it stops working).
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum DeviceCommand {
+    /// Register a device and print its token (a new one if the device was revoked).
+    Add { device_id: String },
+    /// List registered devices.
+    List,
+    /// Revoke a device's token: refused by ingest within seconds, without restarts.
+    Revoke { device_id: String },
+}
+
+#[derive(Subcommand)]
+pub enum TokenCommand {
+    /// Issue a token for an app: `--role reader` reads the API, `--role admin` also manages devices.
+    Issue {
+        #[arg(long)]
+        role: String,
+        /// How long it is valid: 90s, 30m, 12h, 30d.
+        #[arg(long, default_value = "30d")]
+        ttl: String,
+        /// Who it is for (shown in logs with the token's id).
+        #[arg(long, default_value = "app")]
+        name: String,
+    },
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Migrate => {
+            let applied = store::run_migrations(&mut connect(&cli.database_url)?)?;
+            if applied.is_empty() {
+                eprintln!("database is up to date");
+            }
+            for name in applied {
+                println!("applied {name}");
+            }
+        }
+        Command::Pending => {
+            let pending = store::pending_migrations(&mut connect(&cli.database_url)?)?;
+            for name in &pending {
+                println!("pending {name}");
+            }
+            if !pending.is_empty() {
+                std::process::exit(1);
+            }
+            eprintln!("database is up to date");
+        }
+        Command::Keys(KeysCommand::Init { force }) => {
+            let (signing, verifying) = auth::generate_key_pair(&cli.keys_dir, force)?;
+            eprintln!(
+                "created {} (keep it secret: it mints tokens) and {} (give it to the services)",
+                signing.display(),
+                verifying.display()
+            );
+        }
+        Command::Device(DeviceCommand::Add { device_id }) => {
+            let device = models::DeviceId::parse(device_id.as_str())
+                .map_err(|reason| anyhow::anyhow!("device id {device_id:?} {reason}"))?;
+            let signer = signer(&cli.keys_dir)?;
+            let claims = Claims::device(device.as_str(), now());
+            let token = signer.sign(&claims)?;
+            let mut conn = connect(&cli.database_url)?;
+            match store::credentials::register_device(&mut conn, device.as_str(), &claims.jti)? {
+                store::credentials::Registration::Registered => {
+                    eprintln!("registered {device} (token id {}); its token:", claims.jti);
+                    println!("{token}");
+                }
+                store::credentials::Registration::AlreadyActive => {
+                    bail!("{device} is already registered; revoke it first to issue a new token")
+                }
+            }
+        }
+        Command::Device(DeviceCommand::List) => {
+            let mut conn = connect(&cli.database_url)?;
+            println!("{:<32} {:<10} {:<25} token id", "device", "state", "since");
+            for c in store::credentials::list_credentials(&mut conn)? {
+                let (state, since) = match c.revoked_at {
+                    Some(at) => ("revoked", at),
+                    None => ("active", c.created_at),
+                };
+                println!(
+                    "{:<32} {:<10} {:<25} {}",
+                    c.device_id,
+                    state,
+                    since.format("%Y-%m-%dT%H:%M:%SZ"),
+                    c.token_id
+                );
+            }
+        }
+        Command::Device(DeviceCommand::Revoke { device_id }) => {
+            let mut conn = connect(&cli.database_url)?;
+            if !store::credentials::revoke_device(&mut conn, &device_id)? {
+                bail!("{device_id} is not an active registered device");
+            }
+            eprintln!("revoked {device_id}: ingest refuses its token within seconds");
+        }
+        Command::Token(TokenCommand::Issue { role, ttl, name }) => {
+            let role = Role::parse(&role)
+                .filter(|r| *r != Role::Device)
+                .ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "--role must be reader or admin (device tokens come from `device add`)"
+                    )
+                })?;
+            let ttl = parse_ttl(&ttl)?;
+            let claims = Claims::app(&name, role, ttl, now());
+            let token = signer(&cli.keys_dir)?.sign(&claims)?;
+            eprintln!(
+                "{} token for {name:?}, id {}, valid for {}s",
+                role.as_str(),
+                claims.jti,
+                ttl
+            );
+            println!("{token}");
+        }
+    }
+    Ok(())
+}
+
+fn connect(url: &str) -> anyhow::Result<store::PgConnection> {
+    store::connect(url).with_context(|| format!("cannot connect to {}", redact(url)))
+}
+
+fn signer(keys_dir: &Path) -> anyhow::Result<TokenSigner> {
+    let path = keys_dir.join(auth::SIGNING_KEY_FILE);
+    TokenSigner::from_file(&path).with_context(|| {
+        format!(
+            "cannot read the signing key {} (create it with `sensorctl keys init`, or pass --keys-dir)",
+            path.display()
+        )
+    })
+}
+
+fn now() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+/// `90s`, `30m`, `12h`, `30d` → seconds.
+pub fn parse_ttl(text: &str) -> anyhow::Result<u64> {
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (count, unit) = text.split_at(split);
+    let count: u64 = count
+        .parse()
+        .with_context(|| format!("--ttl {text:?}: expected e.g. 30d"))?;
+    let unit = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => bail!("--ttl {text:?}: the unit must be s, m, h or d"),
+    };
+    if count == 0 {
+        bail!("--ttl must be more than zero");
+    }
+    Ok(count.saturating_mul(unit))
+}
+
+/// The URL without its password, for messages.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let credentials = &url[scheme + 3..at];
+            match credentials.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ttls_parse() {
+        assert_eq!(parse_ttl("30d").unwrap(), 30 * 86_400);
+        assert_eq!(parse_ttl("90s").unwrap(), 90);
+        assert!(parse_ttl("0d").is_err());
+        assert!(parse_ttl("30").is_err());
+        assert!(parse_ttl("d").is_err());
+        assert!(parse_ttl("1y").is_err());
+    }
+
+    #[test]
+    fn passwords_are_not_shown() {
+        assert_eq!(redact("postgres://u:secret@h/db"), "postgres://u:***@h/db");
+        assert_eq!(redact("postgres://u@h/db"), "postgres://u@h/db");
+    }
+}
