@@ -1,18 +1,27 @@
 //! ingest-http driven as a Pi drives it, against real RabbitMQ and PostgreSQL, with the persister
 //! and query-api running beside it for the round trips.
 
+mod security;
+
+use std::collections::HashMap;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use testkit::{TcpProxy, TestDb, count_rows, eventually};
+use testkit::{TcpProxy, TestDb, TestKeys, count_rows, eventually};
 
 const WAIT: Duration = Duration::from_secs(60);
+/// How often ingest-http re-reads the device registry in these tests.
+const REGISTRY_REFRESH: Duration = Duration::from_millis(200);
 
 /// One test's stack: its own database and queue names; services started on demand on free ports.
 struct Stack {
     db: TestDb,
     prefix: String,
     client: reqwest::Client,
+    keys: TestKeys,
+    /// Registered devices' tokens.
+    tokens: Mutex<HashMap<String, String>>,
 }
 
 struct Ingest {
@@ -35,16 +44,43 @@ impl Stack {
             db: TestDb::migrated(),
             prefix: testkit::unique_name("ingest-test"),
             client: reqwest::Client::new(),
+            keys: TestKeys::new(),
+            tokens: Mutex::new(HashMap::new()),
         }
     }
 
+    /// The token of `device`, registered on first use (and then given the time the services'
+    /// registry refresh takes in these tests to see it).
+    async fn token(&self, device: &str) -> String {
+        if let Some(token) = self.tokens.lock().unwrap().get(device) {
+            return token.clone();
+        }
+        let token = self.keys.register_device(&self.db.url, device);
+        self.tokens
+            .lock()
+            .unwrap()
+            .insert(device.to_owned(), token.clone());
+        tokio::time::sleep(REGISTRY_REFRESH * 3).await;
+        token
+    }
+
     async fn ingest_via(&self, amqp_url: String) -> Ingest {
+        self.ingest_with(|s| s.amqp_url = amqp_url).await
+    }
+
+    /// ingest-http with this stack's keys and database; `adjust` changes settings first.
+    async fn ingest_with(&self, adjust: impl FnOnce(&mut ingest_http::Settings)) -> Ingest {
         let mut settings = ingest_http::Settings::defaults();
+        settings.auth_public_key_file = self.keys.verifying_key_file();
+        settings.database_url = self.db.url.clone();
+        settings.auth_refresh_ms = REGISTRY_REFRESH.as_millis() as u64;
+        settings.rate_limit_per_second = 0;
+        settings.amqp_url = testkit::amqp_url();
         settings.http_addr = "127.0.0.1:0".into();
         settings.http_workers = 2;
-        settings.amqp_url = amqp_url;
         settings.amqp_prefix = self.prefix.clone();
         settings.max_body_bytes = 256 * 1024;
+        adjust(&mut settings);
         let app = ingest_http::Application::build(&settings).unwrap();
         let url = format!("http://127.0.0.1:{}", app.port());
         let (handle, run) = app.into_parts();
@@ -88,14 +124,34 @@ impl Stack {
         settings.http_addr = "127.0.0.1:0".into();
         settings.http_workers = 1;
         settings.database_url = self.db.url.clone();
+        settings.auth_public_key_file = self.keys.verifying_key_file();
         let app = query_api::Application::build(&settings).await.unwrap();
         let url = format!("http://127.0.0.1:{}", app.port());
         tokio::spawn(app.run_until_stopped());
         url
     }
 
+    /// Posts as the device the body names (its first reading's), with that device's token.
     async fn post(&self, url: String, body: Value) -> (u16, Value) {
-        let response = self.client.post(url).json(&body).send().await.unwrap();
+        let named = |v: &Value| {
+            v.get("device_id")
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+        };
+        let device = named(&body)
+            .or_else(|| body.get(0).and_then(named))
+            .filter(|d| models::DeviceId::parse(d.as_str()).is_ok())
+            .unwrap_or_else(|| "a".to_owned());
+        let token = self.token(&device).await;
+        self.post_with(url, Some(&token), body).await
+    }
+
+    async fn post_with(&self, url: String, token: Option<&str>, body: Value) -> (u16, Value) {
+        let mut request = self.client.post(url).json(&body);
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().await.unwrap();
         let status = response.status().as_u16();
         (status, response.json().await.unwrap_or(Value::Null))
     }
@@ -103,6 +159,7 @@ impl Stack {
     async fn get(&self, url: String) -> Value {
         self.client
             .get(url)
+            .bearer_auth(self.keys.app_token(auth::Role::Reader))
             .send()
             .await
             .unwrap()
@@ -210,19 +267,18 @@ async fn batches_are_stored_exactly_and_a_retried_reading_once() {
                    "ts": 1_795_000_000_000u64 + i, "metrics": {"t": i as f64 / 4.0, "n": -(i as f64)}})
         })
         .collect();
-    let (status, body) = stack
-        .post(
-            format!("{}/v1/readings", ingest.url),
-            Value::Array(batch.clone()),
-        )
-        .await;
-    assert_eq!((status, body), (202, json!({"accepted": 1000})));
-    // the device did not hear the answer and sends some again, same ids and times
+    // each device sends its own 100 (a device token writes only as its device)
+    for d in 0..10 {
+        let own: Vec<Value> = batch.iter().skip(d).step_by(10).cloned().collect();
+        let (status, body) = stack
+            .post(format!("{}/v1/readings", ingest.url), Value::Array(own))
+            .await;
+        assert_eq!((status, body), (202, json!({"accepted": 100})));
+    }
+    // a device did not hear the answer and sends some again, same ids and times
+    let again: Vec<Value> = batch.iter().step_by(10).take(50).cloned().collect();
     let (status, _) = stack
-        .post(
-            format!("{}/v1/readings", ingest.url),
-            Value::Array(batch[..100].to_vec()),
-        )
+        .post(format!("{}/v1/readings", ingest.url), Value::Array(again))
         .await;
     assert_eq!(status, 202);
     let (status, _) = stack
@@ -323,6 +379,7 @@ async fn every_invalid_request_is_refused_with_its_field_and_nothing_is_queued()
     let response = stack
         .client
         .post(&data)
+        .bearer_auth(stack.token("a").await)
         .header("content-type", "application/x-www-form-urlencoded")
         .body("device_id=a&t=1")
         .send()
@@ -333,6 +390,7 @@ async fn every_invalid_request_is_refused_with_its_field_and_nothing_is_queued()
     let response = stack
         .client
         .post(&data)
+        .bearer_auth(stack.token("a").await)
         .header("content-type", "application/json")
         .body("{oops")
         .send()
@@ -381,6 +439,7 @@ async fn a_broker_that_is_down_gets_503_and_no_acknowledged_reading_is_lost() {
         let response = stack
             .client
             .post(format!("{}/data", ingest.url))
+            .bearer_auth(stack.token("raspi-01").await)
             .json(
                 &json!({"device_id": "raspi-01", "id": id, "ts": 1_795_000_000_000u64 + i, "t": i}),
             )
