@@ -9,6 +9,23 @@ use std::time::{Duration, Instant};
 
 use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
 
+/// The dynamic security admin of [`Mosquitto::production`] instances.
+pub const DYNSEC_ADMIN: (&str, &str) = ("admin", "admin-secret");
+
+/// Where the distribution keeps the dynamic security plugin (the production file names the
+/// official image's path).
+fn dynsec_plugin() -> PathBuf {
+    [
+        "/usr/lib/x86_64-linux-gnu",
+        "/usr/lib/aarch64-linux-gnu",
+        "/usr/lib",
+    ]
+    .iter()
+    .map(|d| Path::new(d).join("mosquitto_dynamic_security.so"))
+    .find(|p| p.exists())
+    .expect("mosquitto's dynamic security plugin (Debian's mosquitto package has it)")
+}
+
 /// A Mosquitto process of its own, on a free port, stopped (SIGKILL) when dropped.
 pub struct Mosquitto {
     pub port: u16,
@@ -37,6 +54,65 @@ impl Mosquitto {
                 dir.display()
             )
         })
+    }
+
+    /// deploy/mosquitto/mosquitto.conf with only its ports and paths changed, its dynamic security
+    /// file made as deploy/README.md has the operator make it (admin: [`DYNSEC_ADMIN`]). The TLS
+    /// listener's port is `tls_port`, its certificate `dir/server.crt`.
+    pub fn production() -> Self {
+        Self::start_with(|port, dir| {
+            let tls_port = free_port();
+            let run = |cmd: &mut Command| {
+                let out = cmd.output().expect("run a tool");
+                assert!(
+                    out.status.success(),
+                    "{cmd:?}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            };
+            run(Command::new("openssl")
+                .args([
+                    "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                ])
+                .args(["-subj", "/CN=localhost", "-keyout"])
+                .arg(dir.join("server.key"))
+                .arg("-out")
+                .arg(dir.join("server.crt")));
+            std::fs::create_dir_all(dir.join("data")).expect("data dir");
+            std::fs::write(dir.join("tls_port"), tls_port.to_string()).expect("tls port");
+            run(Command::new("mosquitto_ctrl")
+                .args(["dynsec", "init"])
+                .arg(dir.join("data/dynamic-security.json"))
+                .args([DYNSEC_ADMIN.0, DYNSEC_ADMIN.1]));
+            let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/mosquitto");
+            std::fs::read_to_string(deploy.join("mosquitto.conf"))
+                .expect("deploy/mosquitto/mosquitto.conf")
+                .replace("listener 1883", &format!("listener {port} 127.0.0.1"))
+                .replace("listener 8883", &format!("listener {tls_port} 127.0.0.1"))
+                .replace(
+                    "/usr/lib/mosquitto_dynamic_security.so",
+                    &dynsec_plugin().display().to_string(),
+                )
+                .replace("/mosquitto/data/", &format!("{}/data/", dir.display()))
+                .replace("/mosquitto/certs/", &format!("{}/", dir.display()))
+                .replace("log_dest stdout", "log_dest stderr")
+        })
+    }
+
+    /// The TLS listener's port of a [`Mosquitto::production`] instance.
+    pub fn tls_port(&self) -> u16 {
+        std::fs::read_to_string(self.dir.join("tls_port"))
+            .ok()
+            .and_then(|p| p.parse().ok())
+            .expect("a production instance")
+    }
+
+    /// `mqtt://admin:password@127.0.0.1:port`, the dynamic security admin of a production instance.
+    pub fn admin_url(&self) -> String {
+        format!(
+            "mqtt://{}:{}@127.0.0.1:{}",
+            DYNSEC_ADMIN.0, DYNSEC_ADMIN.1, self.port
+        )
     }
 
     /// `config(port, dir)` returns the configuration to run with (the port is free, the directory

@@ -127,7 +127,7 @@ fn mqtt_options(settings: &Settings, client_id: &str) -> MqttOptions {
     // Checked in `build`; the defaults are valid.
     let endpoint = settings
         .endpoint()
-        .unwrap_or_else(|_| settings::MqttEndpoint {
+        .unwrap_or_else(|_| service_kit::net::MqttEndpoint {
             host: "127.0.0.1".into(),
             port: 1883,
             credentials: None,

@@ -2,6 +2,7 @@ use std::path::Path;
 
 use bus::PublisherSettings;
 use serde::Deserialize;
+use service_kit::net::{MqttEndpoint, parse_mqtt_url};
 use service_kit::telemetry::LogFormat;
 
 /// Every setting of ingest-mqtt; README's configuration table documents each.
@@ -24,14 +25,6 @@ pub struct Settings {
     #[serde(flatten)]
     pub publisher: PublisherSettings,
     pub log_format: LogFormat,
-}
-
-/// Where Mosquitto is, from `mqtt_url` and the credential settings.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MqttEndpoint {
-    pub host: String,
-    pub port: u16,
-    pub credentials: Option<(String, String)>,
 }
 
 impl Settings {
@@ -61,68 +54,5 @@ impl Settings {
             endpoint.credentials = Some((self.mqtt_username.clone(), self.mqtt_password.clone()));
         }
         Ok(endpoint)
-    }
-}
-
-/// `mqtt://[user:password@]host[:port]` (also `tcp://`).
-pub fn parse_mqtt_url(url: &str) -> Result<MqttEndpoint, String> {
-    let rest = url
-        .strip_prefix("mqtt://")
-        .or_else(|| url.strip_prefix("tcp://"))
-        .ok_or_else(|| {
-            format!(
-                "mqtt_url {url:?} must start with mqtt:// (TLS is terminated in front of Mosquitto)"
-            )
-        })?;
-    let rest = rest.trim_end_matches('/');
-    let (credentials, address) = match rest.rsplit_once('@') {
-        Some((userinfo, address)) => {
-            let (user, password) = userinfo.split_once(':').unwrap_or((userinfo, ""));
-            (Some((user.to_owned(), password.to_owned())), address)
-        }
-        None => (None, rest),
-    };
-    let (host, port) = match address.rsplit_once(':') {
-        Some((host, port)) => (
-            host,
-            port.parse()
-                .map_err(|_| format!("mqtt_url {url:?}: bad port {port:?}"))?,
-        ),
-        None => (address, 1883),
-    };
-    if host.is_empty() {
-        return Err(format!("mqtt_url {url:?} has no host"));
-    }
-    Ok(MqttEndpoint {
-        host: host.to_owned(),
-        port,
-        credentials,
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn mqtt_urls_parse() {
-        assert_eq!(
-            parse_mqtt_url("mqtt://127.0.0.1:1884").unwrap(),
-            MqttEndpoint {
-                host: "127.0.0.1".into(),
-                port: 1884,
-                credentials: None
-            }
-        );
-        assert_eq!(parse_mqtt_url("tcp://broker").unwrap().port, 1883);
-        assert_eq!(
-            parse_mqtt_url("mqtt://ingest:s3cret@mosquitto:1883")
-                .unwrap()
-                .credentials,
-            Some(("ingest".into(), "s3cret".into()))
-        );
-        assert!(parse_mqtt_url("mqtts://x").is_err());
-        assert!(parse_mqtt_url("mqtt://:1").is_err());
-        assert!(parse_mqtt_url("mqtt://x:port").is_err());
     }
 }

@@ -27,6 +27,10 @@ pub struct Cli {
         global = true
     )]
     pub keys_dir: PathBuf,
+    /// Mosquitto's dynamic security admin, `mqtt://admin:password@host:1883`: when set, `device add`
+    /// and `device revoke` also create and remove the device's MQTT account.
+    #[arg(long, env = "SENSORHUB_MQTT_ADMIN_URL", global = true)]
+    pub mqtt_admin_url: Option<String>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -46,6 +50,21 @@ pub enum Command {
     /// Tokens for apps.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Mosquitto's accounts (through its dynamic security plugin; needs --mqtt-admin-url).
+    #[command(subcommand)]
+    Mqtt(MqttCommand),
+}
+
+#[derive(Subcommand)]
+pub enum MqttCommand {
+    /// Create (or update the password of) ingest-mqtt's account, `sensorhub-ingest`.
+    Init {
+        #[arg(long, env = "MQTT_INGEST_PASSWORD")]
+        ingest_password: String,
+        /// Let ingest-mqtt read the seed's topic too (empty: no).
+        #[arg(long, default_value = "sensor/data")]
+        legacy_topic: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -61,8 +80,15 @@ pub enum KeysCommand {
 
 #[derive(Subcommand)]
 pub enum DeviceCommand {
-    /// Register a device and print its token (a new one if the device was revoked).
-    Add { device_id: String },
+    /// Register a device and print its token (a new one if the device was revoked). With
+    /// --mqtt-admin-url it also gets an MQTT account: user name its id, password its token.
+    Add {
+        device_id: String,
+        /// Also let it publish the seed's `sensor/data` topic. ingest-mqtt cannot tell who
+        /// published there, so any device so allowed can write as any other: avoid.
+        #[arg(long)]
+        allow_legacy_topic: bool,
+    },
     /// List registered devices.
     List,
     /// Revoke a device's token: refused by ingest within seconds, without restarts.
@@ -113,7 +139,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 verifying.display()
             );
         }
-        Command::Device(DeviceCommand::Add { device_id }) => {
+        Command::Device(DeviceCommand::Add {
+            device_id,
+            allow_legacy_topic,
+        }) => {
             let device = models::DeviceId::parse(device_id.as_str())
                 .map_err(|reason| anyhow::anyhow!("device id {device_id:?} {reason}"))?;
             let signer = signer(&cli.keys_dir)?;
@@ -122,6 +151,25 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             let mut conn = connect(&cli.database_url)?;
             match store::credentials::register_device(&mut conn, device.as_str(), &claims.jti)? {
                 store::credentials::Registration::Registered => {
+                    if let Some(admin) = mqtt_admin(cli.mqtt_admin_url.as_deref())? {
+                        let legacy = allow_legacy_topic.then_some("sensor/data");
+                        let mut commands = mqtt_admin::remove_device(device.as_str());
+                        commands.extend(mqtt_admin::device_account(
+                            device.as_str(),
+                            &token,
+                            legacy,
+                        ));
+                        if let Err(e) =
+                            block_on(mqtt_admin::execute(&admin, commands, &["not found"]))?
+                        {
+                            // all or nothing: a device half set up is worse than none
+                            store::credentials::revoke_device(&mut conn, device.as_str())?;
+                            bail!(
+                                "{device} not registered: its MQTT account could not be made: {e}"
+                            );
+                        }
+                        eprintln!("MQTT account: user name {device}, password its token");
+                    }
                     eprintln!("registered {device} (token id {}); its token:", claims.jti);
                     println!("{token}");
                 }
@@ -149,7 +197,16 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Device(DeviceCommand::Revoke { device_id }) => {
             let mut conn = connect(&cli.database_url)?;
-            if !store::credentials::revoke_device(&mut conn, &device_id)? {
+            let revoked = store::credentials::revoke_device(&mut conn, &device_id)?;
+            if let Some(admin) = mqtt_admin(cli.mqtt_admin_url.as_deref())? {
+                block_on(mqtt_admin::execute(
+                    &admin,
+                    mqtt_admin::remove_device(&device_id),
+                    &["not found"],
+                ))??;
+                eprintln!("removed {device_id}'s MQTT account (disconnected now)");
+            }
+            if !revoked {
                 bail!("{device_id} is not an active registered device");
             }
             eprintln!("revoked {device_id}: ingest refuses its token within seconds");
@@ -173,8 +230,35 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             );
             println!("{token}");
         }
+        Command::Mqtt(MqttCommand::Init {
+            ingest_password,
+            legacy_topic,
+        }) => {
+            let admin = mqtt_admin(cli.mqtt_admin_url.as_deref())?.ok_or_else(|| {
+                anyhow::anyhow!("--mqtt-admin-url (SENSORHUB_MQTT_ADMIN_URL) is required")
+            })?;
+            let legacy = (!legacy_topic.is_empty()).then_some(legacy_topic.as_str());
+            let mut commands = mqtt_admin::ingest_account(&ingest_password, legacy);
+            commands.push(serde_json::json!({"command": "setClientPassword",
+                "username": mqtt_admin::INGEST_USER, "password": ingest_password}));
+            block_on(mqtt_admin::execute(&admin, commands, &["already exists"]))??;
+            eprintln!("MQTT account {} ready", mqtt_admin::INGEST_USER);
+        }
     }
     Ok(())
+}
+
+fn mqtt_admin(url: Option<&str>) -> anyhow::Result<Option<service_kit::net::MqttEndpoint>> {
+    url.filter(|u| !u.is_empty())
+        .map(|u| service_kit::net::parse_mqtt_url(u).map_err(anyhow::Error::msg))
+        .transpose()
+}
+
+fn block_on<T>(future: impl std::future::Future<Output = T>) -> anyhow::Result<T> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(future))
 }
 
 fn connect(url: &str) -> anyhow::Result<store::PgConnection> {

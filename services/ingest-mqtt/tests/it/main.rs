@@ -1,7 +1,7 @@
 //! ingest-mqtt against a real Mosquitto (a private one per test), RabbitMQ and PostgreSQL, with the
 //! persister storing what it publishes.
 
-mod acl;
+mod security;
 
 use std::collections::HashSet;
 use std::time::Duration;

@@ -1,1 +1,189 @@
+//! sensorctl driven as an operator drives it: the real binary, a real PostgreSQL and a real
+//! Mosquitto with the production configuration.
 
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use auth::{Role, TokenVerifier};
+use testkit::TestDb;
+use testkit::mqtt::{Device, Mosquitto};
+
+struct Operator {
+    db: TestDb,
+    keys_dir: std::path::PathBuf,
+    mqtt_admin: Option<String>,
+}
+
+impl Operator {
+    fn new() -> Self {
+        Self::on(TestDb::migrated())
+    }
+
+    fn on(db: TestDb) -> Self {
+        Self {
+            db,
+            keys_dir: std::env::temp_dir().join(testkit::unique_name("sensorctl-keys")),
+            mqtt_admin: None,
+        }
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_sensorctl"));
+        cmd.args(args)
+            .env("DATABASE_URL", &self.db.url)
+            .env("SENSORHUB_KEYS_DIR", &self.keys_dir)
+            .env_remove("SENSORHUB_MQTT_ADMIN_URL");
+        if let Some(admin) = &self.mqtt_admin {
+            cmd.env("SENSORHUB_MQTT_ADMIN_URL", admin);
+        }
+        cmd.output().expect("run sensorctl")
+    }
+
+    /// Standard output of a command that must succeed.
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "sensorctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn fails(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(!out.status.success(), "sensorctl {args:?} should fail");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    fn verifier(&self) -> TokenVerifier {
+        TokenVerifier::from_file(&self.keys_dir.join(auth::VERIFYING_KEY_FILE)).unwrap()
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.keys_dir);
+    }
+}
+
+#[test]
+fn migrate_is_safe_to_run_again() {
+    let op = Operator::on(TestDb::unmigrated());
+    assert!(op.ok(&["migrate"]).contains("applied"));
+    assert_eq!(op.ok(&["migrate"]), "");
+    op.ok(&["pending"]);
+}
+
+#[test]
+fn keys_devices_and_tokens_from_the_command_line() {
+    let op = Operator::new();
+    op.ok(&["keys", "init"]);
+    assert!(
+        op.fails(&["keys", "init"]).contains("--force"),
+        "an existing key pair is kept"
+    );
+
+    let token = op.ok(&["device", "add", "raspi-01"]);
+    let claims = op.verifier().verify(token.trim()).unwrap();
+    assert_eq!(
+        (claims.sub.as_str(), claims.role),
+        ("raspi-01", Role::Device)
+    );
+    assert!(
+        op.fails(&["device", "add", "raspi-01"])
+            .contains("already registered")
+    );
+    assert!(op.fails(&["device", "add", "bad id"]).contains("device id"));
+
+    let listed = op.ok(&["device", "list"]);
+    assert!(
+        listed.contains("raspi-01") && listed.contains("active") && listed.contains(&claims.jti),
+        "{listed}"
+    );
+    op.ok(&["device", "revoke", "raspi-01"]);
+    assert!(op.ok(&["device", "list"]).contains("revoked"));
+    assert!(
+        op.fails(&["device", "revoke", "raspi-01"])
+            .contains("not an active")
+    );
+    // registered again: a new token, the old one stays revoked
+    let again = op.ok(&["device", "add", "raspi-01"]);
+    assert_ne!(op.verifier().verify(again.trim()).unwrap().jti, claims.jti);
+
+    let reader = op.ok(&[
+        "token",
+        "issue",
+        "--role",
+        "reader",
+        "--ttl",
+        "30d",
+        "--name",
+        "dashboard",
+    ]);
+    let claims = op.verifier().verify(reader.trim()).unwrap();
+    assert_eq!(
+        (claims.role, claims.sub.as_str()),
+        (Role::Reader, "dashboard")
+    );
+    let ttl = claims.exp.unwrap() - claims.iat;
+    assert_eq!(ttl, 30 * 86_400);
+    assert!(
+        op.fails(&["token", "issue", "--role", "device"])
+            .contains("reader or admin")
+    );
+    assert!(
+        op.fails(&["token", "issue", "--role", "reader", "--ttl", "forever"])
+            .contains("--ttl")
+    );
+}
+
+#[tokio::test]
+async fn devices_get_and_lose_their_mqtt_accounts() {
+    let mosquitto = Mosquitto::production();
+    let mut op = Operator::new();
+    op.mqtt_admin = Some(mosquitto.admin_url());
+    let op = op;
+    let blocking = |args: Vec<&'static str>| {
+        let out = op.run(&args);
+        assert!(
+            out.status.success(),
+            "sensorctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    blocking(vec!["keys", "init"]);
+    blocking(vec!["mqtt", "init", "--ingest-password", "ingest-pw"]);
+    blocking(vec!["mqtt", "init", "--ingest-password", "ingest-pw"]); // again: harmless
+    let token = blocking(vec!["device", "add", "raspi-01"]);
+    let token = token.trim();
+    let topic = || {
+        vec![(
+            "devices/raspi-01/readings".to_owned(),
+            br#"{"metrics":{"t":1}}"#.to_vec(),
+        )]
+    };
+    let wait = Duration::from_secs(3);
+    let pi = Device::new("pi", mosquitto.port).with_credentials("raspi-01", token);
+    assert_eq!(
+        pi.publish_all(topic(), Duration::ZERO, wait).await,
+        1,
+        "the token is the MQTT password"
+    );
+    let ingest = Device::new("ingest", mosquitto.port)
+        .with_credentials(mqtt_admin::INGEST_USER, "ingest-pw");
+    assert!(
+        ingest
+            .subscribe_and_collect("devices/+/readings", Duration::from_millis(300))
+            .await
+            .is_some()
+    );
+    blocking(vec!["device", "revoke", "raspi-01"]);
+    let pi = Device::new("pi", mosquitto.port).with_credentials("raspi-01", token);
+    assert_eq!(
+        pi.publish_all(topic(), Duration::ZERO, wait).await,
+        0,
+        "revoked: refused"
+    );
+}
