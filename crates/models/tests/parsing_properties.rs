@@ -26,7 +26,10 @@ fn assert_valid(r: &Reading) {
     assert!(r.ts >= OLDEST_TIMESTAMP && r.ts <= now() + MAX_FUTURE_SKEW);
     // and it survives the queue unchanged
     let bytes = ReadingBatchMessage::encode(std::slice::from_ref(r));
-    assert_eq!(ReadingBatchMessage::decode(&bytes).unwrap(), vec![r.clone()]);
+    assert_eq!(
+        ReadingBatchMessage::decode(&bytes).unwrap(),
+        vec![r.clone()]
+    );
 }
 
 fn check_all(bytes: &[u8]) {
@@ -47,7 +50,9 @@ fn check_all(bytes: &[u8]) {
 /// JSON scalars as devices send them, right and wrong.
 fn scalar() -> impl Strategy<Value = Value> {
     prop_oneof![
-        any::<f64>().prop_filter("JSON numbers are finite", |f| f.is_finite()).prop_map(|f| json!(f)),
+        any::<f64>()
+            .prop_filter("JSON numbers are finite", |f| f.is_finite())
+            .prop_map(|f| json!(f)),
         any::<i64>().prop_map(|i| json!(i)),
         (1_700_000_000_000i64..1_900_000_000_000).prop_map(|ms| json!(ms)),
         "[a-zA-Z0-9._ /-]{0,70}".prop_map(Value::String),

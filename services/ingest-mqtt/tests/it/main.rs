@@ -1,6 +1,7 @@
 //! ingest-mqtt against a real Mosquitto (a private one per test), RabbitMQ and PostgreSQL, with the
 //! persister storing what it publishes.
 
+mod readme;
 mod security;
 
 use std::collections::HashSet;
@@ -17,6 +18,7 @@ struct Stack {
     db: TestDb,
     prefix: String,
     mosquitto: Mosquitto,
+    keys: testkit::TestKeys,
 }
 
 struct Running {
@@ -55,6 +57,7 @@ impl Stack {
             db: TestDb::migrated(),
             prefix: testkit::unique_name("mqtt-test"),
             mosquitto: Mosquitto::anonymous(),
+            keys: testkit::TestKeys::new(),
         }
     }
 
@@ -106,6 +109,23 @@ impl Stack {
             let _ = stopped.await;
         }));
         stop
+    }
+
+    /// ingest-http on this stack's queue and registry; returns its base URL.
+    async fn ingest_http(&self, _broker: &security::Production) -> String {
+        let mut settings = ingest_http::Settings::defaults();
+        settings.http_addr = "127.0.0.1:0".into();
+        settings.http_workers = 1;
+        settings.amqp_url = testkit::amqp_url();
+        settings.amqp_prefix = self.prefix.clone();
+        settings.database_url = self.db.url.clone();
+        settings.auth_public_key_file = self.keys.verifying_key_file();
+        settings.auth_refresh_ms = 200;
+        let app = ingest_http::Application::build(&settings).unwrap();
+        let url = format!("http://127.0.0.1:{}", app.port());
+        let (_handle, run) = app.into_parts();
+        tokio::spawn(run);
+        url
     }
 
     fn device(&self, id: &str) -> Device {
