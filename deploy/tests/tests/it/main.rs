@@ -1,24 +1,37 @@
-//! The deployment's routing, TLS, middlewares and load balancing, through a real Traefik in front
-//! of real, scaled service processes (see the crate's documentation for how they are started).
+//! The deployment's routing, TLS, middlewares, load balancing and authentication, through a real
+//! Traefik in front of real, scaled service processes (see the crate's documentation for how they
+//! are started). Every device posts its own readings with its own token; apps read with a reader
+//! token.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use auth::Role;
 use deploy_tests::{Options, Topology, WAIT, reading, traefik_or_skip};
 use futures_util::StreamExt;
 use reqwest::StatusCode;
 use serde_json::json;
 
 type Acknowledged = HashSet<(String, String)>;
+/// Device id → its token.
+type Tokens = HashMap<String, String>;
 
 fn key(reading: &serde_json::Value) -> (String, String) {
     (
         reading["device_id"].as_str().unwrap_or_default().to_owned(),
         reading["id"].as_str().unwrap_or_default().to_owned(),
     )
+}
+
+/// The token of the device a reading is from: each device writes only as itself.
+fn token_of<'a>(tokens: &'a Tokens, reading: &serde_json::Value) -> &'a str {
+    let device = reading["device_id"].as_str().unwrap_or_default();
+    tokens
+        .get(device)
+        .unwrap_or_else(|| panic!("{device} is not registered"))
 }
 
 /// Outcome of sending one reading as a careful device does: again, with the same `id` and `ts`,
@@ -31,11 +44,12 @@ struct Sent {
 async fn send_until_acknowledged(
     client: &reqwest::Client,
     url: &str,
+    token: &str,
     body: &serde_json::Value,
 ) -> Sent {
     let mut failed_attempts = 0;
     for _ in 0..60 {
-        match client.post(url).json(body).send().await {
+        match client.post(url).bearer_auth(token).json(body).send().await {
             Ok(r) if r.status().is_success() => {
                 return Sent {
                     acknowledged: true,
@@ -85,13 +99,17 @@ async fn every_public_path_is_routed_over_tls_and_nothing_else() {
     if !traefik_or_skip("every_public_path_is_routed_over_tls_and_nothing_else") {
         return;
     }
-    let t = Topology::start(Options::default()).await;
+    let mut t = Topology::start(Options::default()).await;
+    let tokens = t.register_devices(["raspi-01"]).await;
+    let device = &tokens["raspi-01"];
+    let reader = t.app_token(Role::Reader);
     let client = t.https();
     let base = chrono::Utc::now() - chrono::Duration::hours(1);
 
     // the seed's POST /data, answered by ingest-http
     let r = client
         .post(t.url("/data"))
+        .bearer_auth(device)
         .json(
             &json!({"device_id": "raspi-01", "id": "seed-1", "ts": base.to_rfc3339(),
                       "temperature": 25.5, "humidity": 60.3}),
@@ -114,6 +132,7 @@ async fn every_public_path_is_routed_over_tls_and_nothing_else() {
     let batch: Vec<_> = (0..3).map(|i| reading("raspi-01", i, base)).collect();
     let r = client
         .post(t.url("/v1/readings"))
+        .bearer_auth(device)
         .json(&batch)
         .send()
         .await
@@ -145,11 +164,17 @@ async fn every_public_path_is_routed_over_tls_and_nothing_else() {
         "/v1/devices/raspi-01/series?metric=temperature&bucket=1h",
         "/v1/devices/raspi-02/readings",
     ] {
-        let r = client.get(t.url(path)).send().await.unwrap();
+        let r = client
+            .get(t.url(path))
+            .bearer_auth(&reader)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), StatusCode::OK, "GET {path}");
     }
     let readings: serde_json::Value = client
         .get(t.url("/v1/devices/raspi-02/readings"))
+        .bearer_auth(&reader)
         .send()
         .await
         .unwrap()
@@ -277,7 +302,7 @@ async fn the_rate_limit_answers_429() {
     if !traefik_or_skip("the_rate_limit_answers_429") {
         return;
     }
-    let t = Topology::start(Options {
+    let mut t = Topology::start(Options {
         traefik_env: vec![
             ("SENSORHUB_INGEST_RATE_AVERAGE", "2".into()),
             ("SENSORHUB_INGEST_RATE_BURST", "4".into()),
@@ -287,6 +312,9 @@ async fn the_rate_limit_answers_429() {
         ..Options::default()
     })
     .await;
+    let tokens = t.register_devices(["burst"]).await;
+    let device = &tokens["burst"];
+    let reader = t.app_token(Role::Reader);
     let client = t.https();
     let base = chrono::Utc::now() - chrono::Duration::hours(1);
 
@@ -296,7 +324,14 @@ async fn the_rate_limit_answers_429() {
             let client = client.clone();
             let url = t.url("/v1/readings");
             async move {
-                let status = client.post(url).json(r).send().await.unwrap().status();
+                let status = client
+                    .post(url)
+                    .bearer_auth(device)
+                    .json(r)
+                    .send()
+                    .await
+                    .unwrap()
+                    .status();
                 (status, r.clone())
             }
         })
@@ -332,7 +367,11 @@ async fn the_rate_limit_answers_429() {
         .map(|_| {
             let client = client.clone();
             let url = t.url("/v1/devices");
-            async move { client.get(url).send().await.unwrap().status() }
+            let reader = reader.clone();
+            async move {
+                let r = client.get(url).bearer_auth(reader).send().await.unwrap();
+                r.status()
+            }
         })
         .buffer_unordered(30)
         .collect()
@@ -344,6 +383,7 @@ async fn the_rate_limit_answers_429() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     let r = client
         .post(t.url("/v1/readings"))
+        .bearer_auth(device)
         .json(&reading("burst", 99, base))
         .send()
         .await
@@ -356,13 +396,15 @@ async fn load_spreads_across_every_replica() {
     if !traefik_or_skip("load_spreads_across_every_replica") {
         return;
     }
-    let t = Topology::start(Options {
+    let mut t = Topology::start(Options {
         ingest_http: 3,
         persisters: 2,
         ingest_mqtt: 2,
         ..Options::default()
     })
     .await;
+    let devices: Vec<String> = (0..7).map(|d| format!("http-{d}")).collect();
+    let tokens = t.register_devices(devices.iter().map(String::as_str)).await;
     let client = t.https();
     let base = chrono::Utc::now() - chrono::Duration::hours(1);
 
@@ -374,8 +416,9 @@ async fn load_spreads_across_every_replica() {
         .map(|r| {
             let client = client.clone();
             let url = t.url("/v1/readings");
+            let token = token_of(&tokens, r);
             async move {
-                let sent = send_until_acknowledged(&client, &url, r).await;
+                let sent = send_until_acknowledged(&client, &url, token, r).await;
                 (sent.acknowledged && sent.failed_attempts == 0, r.clone())
             }
         })
@@ -446,6 +489,8 @@ async fn a_replica_killed_mid_load_is_taken_out_and_nothing_is_lost_or_doubled()
         ..Options::default()
     })
     .await;
+    let devices: Vec<String> = (0..11).map(|d| format!("pi-{d}")).collect();
+    let tokens = t.register_devices(devices.iter().map(String::as_str)).await;
     let client = t.https();
     let base = chrono::Utc::now() - chrono::Duration::hours(1);
     let victim = t.ingest_http[0].url();
@@ -459,14 +504,16 @@ async fn a_replica_killed_mid_load_is_taken_out_and_nothing_is_lost_or_doubled()
         let acked = acked.clone();
         let readings = readings.clone();
         let client = client.clone();
+        let tokens = tokens.clone();
         tokio::spawn(async move {
             futures_util::stream::iter(readings)
                 .map(|r| {
                     let client = client.clone();
                     let url = url.clone();
                     let acked = acked.clone();
+                    let token = token_of(&tokens, &r).to_owned();
                     async move {
-                        let sent = send_until_acknowledged(&client, &url, &r).await;
+                        let sent = send_until_acknowledged(&client, &url, &token, &r).await;
                         if sent.acknowledged {
                             acked.fetch_add(1, Ordering::SeqCst);
                         }
@@ -525,7 +572,12 @@ async fn a_replica_killed_mid_load_is_taken_out_and_nothing_is_lost_or_doubled()
         .map(|i| reading(&format!("pi-{}", i % 11), i, base))
         .collect();
     for r in &after_kill {
-        let status = client.post(t.url("/v1/readings")).json(r).send().await;
+        let status = client
+            .post(t.url("/v1/readings"))
+            .bearer_auth(token_of(&tokens, r))
+            .json(r)
+            .send()
+            .await;
         assert_eq!(
             status.map(|r| r.status()).ok(),
             Some(StatusCode::ACCEPTED),
