@@ -22,6 +22,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
@@ -196,6 +197,16 @@ impl Process {
         metric_sum(&text.text().await.unwrap_or_default(), name)
     }
 
+    /// The audit trail this replica logged so far: its `audit` events (its log is JSON lines).
+    pub fn audit_trail(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .filter(|event| event["target"] == "audit")
+            .collect()
+    }
+
     fn tail(&self) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
@@ -294,6 +305,8 @@ impl Topology {
                 ("AMQP_URL", amqp.clone()),
                 ("AMQP_PREFIX", prefix.clone()),
                 ("DATABASE_URL", db.url.clone()),
+                // as compose runs them: JSON logs (the audit trail is read from them here)
+                ("LOG_FORMAT", "json".into()),
             ];
             env.extend(extra);
             env
@@ -424,8 +437,15 @@ impl Topology {
     /// An HTTPS client that trusts only the locally generated certificate, and finds `localhost`
     /// at 127.0.0.1.
     pub fn https(&self) -> reqwest::Client {
+        self.https_from(None)
+    }
+
+    /// As [`Topology::https`], connecting from `local` (e.g. 127.0.0.2: another client than
+    /// Traefik, whose address is 127.0.0.1, as far as the services can tell).
+    pub fn https_from(&self, local: Option<IpAddr>) -> reqwest::Client {
         let pem = std::fs::read(self.traefik.cert_path()).expect("the local certificate");
         reqwest::Client::builder()
+            .local_address(local)
             .tls_certs_only([reqwest::Certificate::from_pem(&pem).expect("a PEM certificate")])
             .resolve("localhost", ([127, 0, 0, 1], self.traefik.websecure).into())
             .redirect(reqwest::redirect::Policy::none())
