@@ -162,6 +162,14 @@ impl Bench {
         if only.contains(&Workload::Copy) {
             self.copy_ceiling().await?;
         }
+        if only.contains(&Workload::Writer) {
+            if self.args.reset_db {
+                self.write_path(&sides[0]).await?;
+            } else {
+                self.notes
+                    .push("The writer workload needs --reset-db (it writes test rows).".into());
+            }
+        }
         if only.contains(&Workload::Http) {
             for connections in self.args.connections.clone() {
                 let label = format!("HTTP POST /data, {connections} conn");
@@ -245,6 +253,42 @@ impl Bench {
             }
         }
         blocking(move || db::drop_copy_table(&mut db::connect(&url)?)).await?;
+        Ok(())
+    }
+
+    /// The persister's write path alone, 2 connections as the persister's default `db_writers`.
+    async fn write_path(&mut self, side: &Side) -> anyhow::Result<()> {
+        for batch in self.args.write_batches.clone() {
+            for run in 1..=self.args.runs {
+                self.prepare(side).await?;
+                let counter = self.progress.phase(format!(
+                    "persister write path, batches of {batch}, 2 conn, run {run}/{}",
+                    self.args.runs
+                ));
+                let deadline =
+                    std::time::Instant::now() + Duration::from_secs_f64(self.args.copy_secs);
+                let started = std::time::Instant::now();
+                let mut workers = Vec::new();
+                for worker in 0..2 {
+                    let (url, fleet) = (side.db_url.clone(), self.args.fleet);
+                    workers.push(tokio::task::spawn_blocking(move || {
+                        db::write_path_until(&url, worker, batch, fleet, deadline)
+                    }));
+                }
+                let mut stored = 0u64;
+                for w in workers {
+                    stored += w.await.context("a writer failed")??;
+                }
+                counter.store(stored, std::sync::atomic::Ordering::Relaxed);
+                let rate = stored as f64 / started.elapsed().as_secs_f64();
+                self.runs
+                    .push(&format!("writer{batch}"), SideKind::Sensorhub, rate);
+                self.say(format!(
+                    "persister write path, batches of {batch}, run {run}: {} readings/s",
+                    crate::report::thousands(rate)
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -865,7 +909,30 @@ impl Bench {
             None,
             None,
         );
-        figure(&w, "2 connections", "rows/s", copy2, None, None, None, None);
+        figure(
+            &w,
+            "2 connections",
+            "rows/s",
+            copy2.clone(),
+            None,
+            None,
+            None,
+            None,
+        );
+        for batch in &self.args.write_batches {
+            let a = s(&format!("writer{batch}"), Sensorhub);
+            let r = ratio(&a, &copy2);
+            figure(
+                "persister write path alone (store::write_readings, 2 conn)",
+                &format!("batches of {batch}"),
+                "readings/s",
+                a,
+                None,
+                r,
+                Some("COPY, 2 conn".into()),
+                None,
+            );
+        }
 
         // the memory target, over every workload
         let ours: Vec<&str> = sides

@@ -309,3 +309,54 @@ mod tests {
         );
     }
 }
+
+/// The persister's own write path (`store::write_readings`: partitions, the idempotent insert, the
+/// devices upsert, one transaction per batch) on one connection, batches of `batch` readings over
+/// `fleet` devices, until `deadline`; returns the readings stored. Needs a migrated database it may
+/// write to (`--reset-db`).
+pub fn write_path_until(
+    url: &str,
+    worker: usize,
+    batch: usize,
+    fleet: usize,
+    deadline: std::time::Instant,
+) -> anyhow::Result<u64> {
+    let mut conn = connect(url)?;
+    let mut known = store::KnownPartitions::default();
+    let base = Utc::now() - chrono::Duration::seconds(worker as i64 * 3600 + 60);
+    let metric = |name: &str| models::MetricName::parse(name).map_err(anyhow::Error::msg);
+    let (temperature, humidity) = (metric("temperature")?, metric("humidity")?);
+    let mut readings = Vec::with_capacity(batch);
+    for i in 0..batch {
+        let metrics = models::Metrics::new(vec![
+            (temperature.clone(), 15.0 + (i % 200) as f64 / 10.0),
+            (humidity.clone(), 40.0 + (i % 300) as f64 / 10.0),
+        ])
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        readings.push(
+            models::Reading::new(
+                models::DeviceId::parse(crate::http::device_name(i % fleet.max(1)))
+                    .map_err(anyhow::Error::msg)?,
+                models::ReadingId::parse(format!("wp-w{worker}-{i}"))
+                    .map_err(anyhow::Error::msg)?,
+                base,
+                metrics,
+            )
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?,
+        );
+    }
+    let mut stored = 0u64;
+    let mut round: i64 = 0;
+    while std::time::Instant::now() < deadline {
+        // every reading new: its time moves by a microsecond each round
+        let ts = base + chrono::Duration::microseconds(round);
+        for r in &mut readings {
+            r.ts = ts;
+        }
+        let outcome = store::write_readings(&mut conn, &readings, &mut known)
+            .map_err(|e| anyhow::anyhow!("write_readings: {e}"))?;
+        stored += outcome.inserted as u64;
+        round += 1;
+    }
+    Ok(stored)
+}

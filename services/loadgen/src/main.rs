@@ -101,12 +101,15 @@ pub struct Args {
     /// Unacknowledged QoS 1 publishes per device at once.
     #[arg(long, default_value_t = 20)]
     pub mqtt_inflight: u16,
-    /// Seconds of COPY per ceiling run.
+    /// Seconds of each COPY ceiling run and of each writer run.
     #[arg(long, default_value_t = 5.0)]
     pub copy_secs: f64,
     /// Rows per COPY statement.
     #[arg(long, default_value_t = 10_000)]
     pub copy_rows: usize,
+    /// Readings per batch of the `writer` workload (the persister's write path alone).
+    #[arg(long, value_delimiter = ',', default_value = "250,5000")]
+    pub write_batches: Vec<usize>,
     /// Seconds of the half-load (end-to-end latency) runs.
     #[arg(long, default_value_t = 10.0)]
     pub e2e_secs: f64,
@@ -159,6 +162,8 @@ pub struct Args {
 #[serde(rename_all = "lowercase")]
 pub enum Workload {
     Copy,
+    /// `store::write_readings`, the persister's write path, without RabbitMQ (needs --reset-db).
+    Writer,
     Http,
     Batch,
     Mqtt,
