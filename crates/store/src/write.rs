@@ -43,6 +43,8 @@ impl ToSql<Jsonb, Pg> for MetricsJson<'_> {
 
 #[derive(Insertable)]
 #[diesel(table_name = readings)]
+// binary COPY needs every column given (diesel's COPY support requires this setting)
+#[diesel(treat_none_as_default_value = false)]
 struct NewReading<'a> {
     device_id: &'a str,
     ts: DateTime<Utc>,
@@ -50,8 +52,26 @@ struct NewReading<'a> {
     metrics: MetricsJson<'a>,
 }
 
+fn new_rows(chunk: &[Reading]) -> Vec<NewReading<'_>> {
+    chunk
+        .iter()
+        .map(|r| NewReading {
+            device_id: r.device_id.as_str(),
+            ts: r.ts,
+            reading_id: r.id.as_str(),
+            metrics: MetricsJson(&r.metrics),
+        })
+        .collect()
+}
+
 /// Stores `batch` in one transaction: readings already stored are skipped (same device, time and
 /// id), and each device's first/last seen times and metric names are updated.
+///
+/// Almost every batch is new readings only, so it is first written with binary COPY, which costs
+/// PostgreSQL a fraction of an INSERT (no statement to parse and plan per batch, no speculative
+/// insertion per row). A batch holding a reading already stored (a redelivery, a retry) makes the COPY
+/// fail on the key; the transaction is then rolled back and the batch written again with
+/// `INSERT ... ON CONFLICT DO NOTHING`, which skips the repeats and counts them.
 pub fn write_readings(
     conn: &mut PgConnection,
     batch: &[Reading],
@@ -62,26 +82,34 @@ pub fn write_readings(
     }
     ensure_partitions(conn, batch, known)?;
     let devices = device_updates(batch);
-    let inserted = conn.transaction::<_, StoreError, _>(|conn| {
-        let mut inserted = 0;
+    let copied = conn.transaction::<_, StoreError, _>(|conn| {
+        let mut copied = 0;
         for chunk in batch.chunks(ROWS_PER_STATEMENT) {
-            let rows: Vec<NewReading> = chunk
-                .iter()
-                .map(|r| NewReading {
-                    device_id: r.device_id.as_str(),
-                    ts: r.ts,
-                    reading_id: r.id.as_str(),
-                    metrics: MetricsJson(&r.metrics),
-                })
-                .collect();
-            inserted += diesel::insert_into(readings::table)
-                .values(&rows)
-                .on_conflict_do_nothing()
+            copied += diesel::copy_from(readings::table)
+                .from_insertable(new_rows(chunk))
                 .execute(conn)?;
         }
         upsert_devices(conn, &devices)?;
-        Ok(inserted)
-    })?;
+        Ok(copied)
+    });
+    let inserted = match copied {
+        Ok(copied) => copied,
+        Err(StoreError::Query(diesel::result::Error::DatabaseError(
+            diesel::result::DatabaseErrorKind::UniqueViolation,
+            _,
+        ))) => conn.transaction::<_, StoreError, _>(|conn| {
+            let mut inserted = 0;
+            for chunk in batch.chunks(ROWS_PER_STATEMENT) {
+                inserted += diesel::insert_into(readings::table)
+                    .values(&new_rows(chunk))
+                    .on_conflict_do_nothing()
+                    .execute(conn)?;
+            }
+            upsert_devices(conn, &devices)?;
+            Ok(inserted)
+        })?,
+        Err(e) => return Err(e),
+    };
     Ok(WriteOutcome {
         inserted,
         duplicates: batch.len() - inserted,
