@@ -281,35 +281,6 @@ pub fn copy_until(
     Ok(copied)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn passwords_are_not_shown() {
-        assert_eq!(
-            redact("postgres://u:secret@h:5432/db"),
-            "postgres://u:***@h:5432/db"
-        );
-        assert_eq!(redact("postgres://h/db"), "postgres://h/db");
-    }
-
-    #[test]
-    fn table_names_are_plain() {
-        assert!(check_table_name("sensor_data").is_ok());
-        assert!(check_table_name("public.readings").is_ok());
-        assert!(check_table_name("x; drop table y").is_err());
-    }
-
-    #[test]
-    fn sample_times_are_exact_milliseconds() {
-        assert_eq!(
-            millis_rfc3339(1_764_064_800_123),
-            "2025-11-25T10:00:00.123Z"
-        );
-    }
-}
-
 /// The persister's own write path (`store::write_readings`: partitions, the idempotent insert, the
 /// devices upsert, one transaction per batch) on one connection, batches of `batch` readings over
 /// `fleet` devices, until `deadline`; returns the readings stored. Needs a migrated database it may
@@ -359,4 +330,33 @@ pub fn write_path_until(
         round += 1;
     }
     Ok(stored)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_not_shown() {
+        assert_eq!(
+            redact("postgres://u:secret@h:5432/db"),
+            "postgres://u:***@h:5432/db"
+        );
+        assert_eq!(redact("postgres://h/db"), "postgres://h/db");
+    }
+
+    #[test]
+    fn table_names_are_plain() {
+        assert!(check_table_name("sensor_data").is_ok());
+        assert!(check_table_name("public.readings").is_ok());
+        assert!(check_table_name("x; drop table y").is_err());
+    }
+
+    #[test]
+    fn sample_times_are_exact_milliseconds() {
+        assert_eq!(
+            millis_rfc3339(1_764_064_800_123),
+            "2025-11-25T10:00:00.123Z"
+        );
+    }
 }
