@@ -461,11 +461,7 @@ impl Bench {
         if sides.is_empty() {
             return Ok(());
         }
-        let label = format!(
-            "MQTT QoS 1, {} devices, burst of {}",
-            self.args.mqtt_devices,
-            crate::report::thousands(self.args.mqtt_messages as f64)
-        );
+        let label = format!("MQTT QoS 1, {} devices", self.args.mqtt_devices);
         let peaks: Vec<_> = sides
             .iter()
             .map(|s| PeakWindow::start(&s.watched))
@@ -483,7 +479,12 @@ impl Bench {
                         .peer_mqtt_messages
                         .unwrap_or(self.args.mqtt_messages),
                 };
-                let phase = format!("{label}, {}, run {run}/{}", side.name(), self.args.runs);
+                let phase = format!(
+                    "{label}, burst of {}, {}, run {run}/{}",
+                    crate::report::thousands(messages as f64),
+                    side.name(),
+                    self.args.runs
+                );
                 let before = self.prepare(side).await?;
                 let counter = self.progress.phase(&phase);
                 let window = CpuWindow::start(&side.watched);
@@ -802,7 +803,7 @@ impl Bench {
         );
 
         let w = format!(
-            "MQTT QoS 1, {} devices, burst of {} (seed: {})",
+            "MQTT QoS 1, {} devices, bursts of {} (seed: {})",
             self.args.mqtt_devices,
             crate::report::thousands(self.args.mqtt_messages as f64),
             crate::report::thousands(

@@ -146,7 +146,7 @@ pub struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "copy,http,batch,mqtt,e2e"
+        default_value = "copy,writer,http,batch,mqtt,e2e"
     )]
     pub only: Vec<Workload>,
     /// Directory for the JSON figures (bench-<time>.json and latest.json).
