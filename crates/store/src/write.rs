@@ -52,9 +52,9 @@ struct NewReading<'a> {
     metrics: MetricsJson<'a>,
 }
 
-fn new_rows(chunk: &[Reading]) -> Vec<NewReading<'_>> {
+fn new_rows<'a>(chunk: impl IntoIterator<Item = &'a Reading>) -> Vec<NewReading<'a>> {
     chunk
-        .iter()
+        .into_iter()
         .map(|r| NewReading {
             device_id: r.device_id.as_str(),
             ts: r.ts,
@@ -82,11 +82,21 @@ pub fn write_readings(
     }
     ensure_partitions(conn, batch, known)?;
     let devices = device_updates(batch);
+    // In key order, consecutive rows go to the same pages of the primary key index: profiled under
+    // HTTP batches, half of PostgreSQL's time was btree insertion (_bt_doinsert) at random places.
+    let mut sorted: Vec<&Reading> = batch.iter().collect();
+    sorted.sort_unstable_by(|a, b| {
+        (a.device_id.as_str(), a.ts, a.id.as_str()).cmp(&(
+            b.device_id.as_str(),
+            b.ts,
+            b.id.as_str(),
+        ))
+    });
     let copied = conn.transaction::<_, StoreError, _>(|conn| {
         let mut copied = 0;
-        for chunk in batch.chunks(ROWS_PER_STATEMENT) {
+        for chunk in sorted.chunks(ROWS_PER_STATEMENT) {
             copied += diesel::copy_from(readings::table)
-                .from_insertable(new_rows(chunk))
+                .from_insertable(new_rows(chunk.iter().copied()))
                 .execute(conn)?;
         }
         upsert_devices(conn, &devices)?;
