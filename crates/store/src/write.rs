@@ -7,7 +7,7 @@ use chrono::{DateTime, Datelike, Utc};
 use diesel::pg::Pg;
 use diesel::prelude::*;
 use diesel::serialize::{IsNull, Output, ToSql};
-use diesel::sql_types::{Jsonb, Timestamptz};
+use diesel::sql_types::{Array, Jsonb, Text, Timestamptz};
 use models::{Metrics, Reading};
 
 use crate::StoreError;
@@ -43,6 +43,8 @@ impl ToSql<Jsonb, Pg> for MetricsJson<'_> {
 
 #[derive(Insertable)]
 #[diesel(table_name = readings)]
+// binary COPY needs every column given (diesel's COPY support requires this setting)
+#[diesel(treat_none_as_default_value = false)]
 struct NewReading<'a> {
     device_id: &'a str,
     ts: DateTime<Utc>,
@@ -50,8 +52,26 @@ struct NewReading<'a> {
     metrics: MetricsJson<'a>,
 }
 
+fn new_rows<'a>(chunk: impl IntoIterator<Item = &'a Reading>) -> Vec<NewReading<'a>> {
+    chunk
+        .into_iter()
+        .map(|r| NewReading {
+            device_id: r.device_id.as_str(),
+            ts: r.ts,
+            reading_id: r.id.as_str(),
+            metrics: MetricsJson(&r.metrics),
+        })
+        .collect()
+}
+
 /// Stores `batch` in one transaction: readings already stored are skipped (same device, time and
 /// id), and each device's first/last seen times and metric names are updated.
+///
+/// Almost every batch is new readings only, so it is first written with binary COPY, which costs
+/// PostgreSQL a fraction of an INSERT (no statement to parse and plan per batch, no speculative
+/// insertion per row). A batch holding a reading already stored (a redelivery, a retry) makes the COPY
+/// fail on the key; the transaction is then rolled back and the batch written again with
+/// `INSERT ... ON CONFLICT DO NOTHING`, which skips the repeats and counts them.
 pub fn write_readings(
     conn: &mut PgConnection,
     batch: &[Reading],
@@ -62,26 +82,44 @@ pub fn write_readings(
     }
     ensure_partitions(conn, batch, known)?;
     let devices = device_updates(batch);
-    let inserted = conn.transaction::<_, StoreError, _>(|conn| {
-        let mut inserted = 0;
-        for chunk in batch.chunks(ROWS_PER_STATEMENT) {
-            let rows: Vec<NewReading> = chunk
-                .iter()
-                .map(|r| NewReading {
-                    device_id: r.device_id.as_str(),
-                    ts: r.ts,
-                    reading_id: r.id.as_str(),
-                    metrics: MetricsJson(&r.metrics),
-                })
-                .collect();
-            inserted += diesel::insert_into(readings::table)
-                .values(&rows)
-                .on_conflict_do_nothing()
+    // In key order, consecutive rows go to the same pages of the primary key index: profiled under
+    // HTTP batches, half of PostgreSQL's time was btree insertion (_bt_doinsert) at random places.
+    let mut sorted: Vec<&Reading> = batch.iter().collect();
+    sorted.sort_unstable_by(|a, b| {
+        (a.device_id.as_str(), a.ts, a.id.as_str()).cmp(&(
+            b.device_id.as_str(),
+            b.ts,
+            b.id.as_str(),
+        ))
+    });
+    let copied = conn.transaction::<_, StoreError, _>(|conn| {
+        let mut copied = 0;
+        for chunk in sorted.chunks(ROWS_PER_STATEMENT) {
+            copied += diesel::copy_from(readings::table)
+                .from_insertable(new_rows(chunk.iter().copied()))
                 .execute(conn)?;
         }
         upsert_devices(conn, &devices)?;
-        Ok(inserted)
-    })?;
+        Ok(copied)
+    });
+    let inserted = match copied {
+        Ok(copied) => copied,
+        Err(StoreError::Query(diesel::result::Error::DatabaseError(
+            diesel::result::DatabaseErrorKind::UniqueViolation,
+            _,
+        ))) => conn.transaction::<_, StoreError, _>(|conn| {
+            let mut inserted = 0;
+            for chunk in batch.chunks(ROWS_PER_STATEMENT) {
+                inserted += diesel::insert_into(readings::table)
+                    .values(&new_rows(chunk))
+                    .on_conflict_do_nothing()
+                    .execute(conn)?;
+            }
+            upsert_devices(conn, &devices)?;
+            Ok(inserted)
+        })?,
+        Err(e) => return Err(e),
+    };
     Ok(WriteOutcome {
         inserted,
         duplicates: batch.len() - inserted,
@@ -114,7 +152,6 @@ diesel::define_sql_function! {
     fn ensure_readings_partition(at: Timestamptz) -> diesel::sql_types::Text;
 }
 
-#[derive(serde::Serialize)]
 struct DeviceUpdate<'a> {
     device_id: &'a str,
     first_seen: DateTime<Utc>,
@@ -144,26 +181,38 @@ fn device_updates(batch: &[Reading]) -> Vec<DeviceUpdate<'_>> {
     by_device.into_values().collect()
 }
 
-/// One statement for all the batch's devices; rows change only when something moved.
+/// One statement for all the batch's devices; rows change only when something moved. The devices go
+/// as four arrays (metric names comma-joined: names never hold a comma), which PostgreSQL unnests
+/// far more cheaply than it parses a JSON document; the metric names are merged only when the batch
+/// brings a new one.
 fn upsert_devices(conn: &mut PgConnection, devices: &[DeviceUpdate]) -> Result<(), StoreError> {
-    let payload = serde_json::to_value(devices)
-        .map_err(|e| StoreError::Query(diesel::result::Error::SerializationError(e.into())))?;
+    let ids: Vec<&str> = devices.iter().map(|d| d.device_id).collect();
+    let first_seen: Vec<DateTime<Utc>> = devices.iter().map(|d| d.first_seen).collect();
+    let last_seen: Vec<DateTime<Utc>> = devices.iter().map(|d| d.last_seen).collect();
+    let metrics: Vec<String> = devices
+        .iter()
+        .map(|d| d.metrics.iter().copied().collect::<Vec<_>>().join(","))
+        .collect();
     diesel::sql_query(
         "INSERT INTO devices AS d (device_id, first_seen, last_seen, metrics)
-         SELECT u.device_id, u.first_seen, u.last_seen,
-                ARRAY(SELECT jsonb_array_elements_text(u.metrics))
-         FROM jsonb_to_recordset($1)
-              AS u(device_id text, first_seen timestamptz, last_seen timestamptz, metrics jsonb)
+         SELECT u.device_id, u.first_seen, u.last_seen, string_to_array(u.metrics, ',')
+         FROM unnest($1::text[], $2::timestamptz[], $3::timestamptz[], $4::text[])
+              AS u(device_id, first_seen, last_seen, metrics)
          ORDER BY u.device_id
          ON CONFLICT (device_id) DO UPDATE SET
              first_seen = LEAST(d.first_seen, EXCLUDED.first_seen),
              last_seen = GREATEST(d.last_seen, EXCLUDED.last_seen),
-             metrics = ARRAY(SELECT DISTINCT m FROM unnest(d.metrics || EXCLUDED.metrics) AS m ORDER BY m)
+             metrics = CASE WHEN EXCLUDED.metrics <@ d.metrics THEN d.metrics
+                       ELSE ARRAY(SELECT DISTINCT m FROM unnest(d.metrics || EXCLUDED.metrics) AS m ORDER BY m)
+                       END
          WHERE EXCLUDED.first_seen < d.first_seen
             OR EXCLUDED.last_seen > d.last_seen
             OR NOT (EXCLUDED.metrics <@ d.metrics)",
     )
-    .bind::<Jsonb, _>(payload)
+    .bind::<Array<Text>, _>(ids)
+    .bind::<Array<Timestamptz>, _>(first_seen)
+    .bind::<Array<Timestamptz>, _>(last_seen)
+    .bind::<Array<Text>, _>(metrics)
     .execute(conn)?;
     Ok(())
 }

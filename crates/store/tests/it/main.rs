@@ -91,6 +91,28 @@ fn a_batch_is_stored_once_however_often_it_is_written() {
 }
 
 #[test]
+fn a_reading_twice_in_one_batch_is_stored_once_and_the_batch_is_kept() {
+    // The fast path (COPY) fails on the repeat; the batch must still be stored, by the slow path.
+    let db = TestDb::migrated();
+    let mut conn = db.connect();
+    let mut known = KnownPartitions::default();
+    let t = at("2026-11-25T10:00:00Z");
+    let r = reading("raspi-01", "twice", t, &[("temperature", 20.0)]);
+    let other = reading("raspi-02", "once", t, &[("humidity", 50.0)]);
+    let outcome = write_readings(&mut conn, &[r.clone(), other, r], &mut known).unwrap();
+    assert_eq!(
+        outcome,
+        WriteOutcome {
+            inserted: 2,
+            duplicates: 1
+        }
+    );
+    assert_eq!(testkit::count_rows(&db.url, "readings"), 2);
+    let devices = store::read::list_devices(&mut conn, None, 10).unwrap();
+    assert_eq!(devices.len(), 2, "devices are updated on the slow path too");
+}
+
+#[test]
 fn readings_in_new_months_get_their_partitions() {
     let db = TestDb::migrated();
     let mut conn = db.connect();

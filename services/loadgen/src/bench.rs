@@ -1,0 +1,1029 @@
+//! The benchmark's course: each workload run `runs` times, Sensorhub and the seed design alternating
+//! run by run (so drift on a shared machine hits both alike), then the figures.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::http::{self, Body, Endpoint};
+use crate::mqtt::{self, Broker, Format};
+use crate::procs::{CpuWindow, PeakWindow, Watched};
+use crate::progress::Progress;
+use crate::report::{Figure, Machine, Report, Resource, Target};
+use crate::stats::Summary;
+use crate::{Args, Workload, db};
+
+/// The name loadgen's own process is shown under.
+const LOADGEN: &str = "loadgen (this)";
+
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+enum SideKind {
+    Sensorhub,
+    Seed,
+}
+
+#[derive(Clone)]
+struct Side {
+    kind: SideKind,
+    ingest: String,
+    db_url: String,
+    table: String,
+    reset: Vec<String>,
+    mqtt: Option<Broker>,
+    format: Format,
+    watched: Vec<Watched>,
+}
+
+impl Side {
+    fn name(&self) -> &'static str {
+        match self.kind {
+            SideKind::Sensorhub => "Sensorhub",
+            SideKind::Seed => "seed",
+        }
+    }
+}
+
+/// Per-run values of each figure, by side.
+#[derive(Default)]
+struct Runs(BTreeMap<(String, SideKind), Vec<f64>>);
+
+impl Runs {
+    fn push(&mut self, key: &str, side: SideKind, value: f64) {
+        self.0
+            .entry((key.to_owned(), side))
+            .or_default()
+            .push(value);
+    }
+
+    fn summary(&self, key: &str, side: SideKind) -> Option<Summary> {
+        self.0
+            .get(&(key.to_owned(), side))
+            .and_then(|v| Summary::of(v))
+    }
+}
+
+pub struct Bench {
+    args: Args,
+    progress: Progress,
+    runs: Runs,
+    resources: Vec<Resource>,
+    notes: Vec<String>,
+    tag_base: String,
+    tag_seq: u64,
+    started_at: String,
+}
+
+impl Bench {
+    pub fn new(args: Args) -> Self {
+        let now = chrono::Utc::now();
+        Self {
+            args,
+            progress: Progress::start(),
+            runs: Runs::default(),
+            resources: Vec::new(),
+            notes: Vec::new(),
+            // short and different every time, so reading ids never repeat across runs
+            tag_base: format!("{:x}", now.timestamp() % 0x100_0000),
+            tag_seq: 0,
+            started_at: now.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        }
+    }
+
+    fn tag(&mut self, what: &str) -> String {
+        self.tag_seq += 1;
+        format!("{what}{}x{}", self.tag_base, self.tag_seq)
+    }
+
+    fn sides(&self) -> anyhow::Result<Vec<Side>> {
+        // loadgen shares the machine's cores with what it measures: show what it takes
+        let me = Watched {
+            name: LOADGEN.into(),
+            pid: std::process::id(),
+            tree: false,
+        };
+        let mut watched = self.args.pids.clone();
+        watched.extend(self.args.pid_trees.iter().cloned());
+        watched.extend(self.args.shared_pid_trees.iter().cloned());
+        watched.push(me.clone());
+        let mqtt = if self.args.mqtt_url.is_empty() {
+            None
+        } else {
+            Some(Broker::parse(&self.args.mqtt_url)?)
+        };
+        let mut sides = vec![Side {
+            kind: SideKind::Sensorhub,
+            ingest: self.args.ingest_url.clone(),
+            db_url: self.args.database_url.clone(),
+            table: "readings".into(),
+            reset: vec!["readings".into(), "devices".into()],
+            mqtt,
+            format: Format::DeviceTopic,
+            watched,
+        }];
+        if let Some(peer) = &self.args.peer_url {
+            let mut watched = self.args.peer_pids.clone();
+            watched.extend(self.args.peer_pid_trees.iter().cloned());
+            watched.extend(self.args.shared_pid_trees.iter().cloned());
+            watched.push(me);
+            sides.push(Side {
+                kind: SideKind::Seed,
+                ingest: peer.clone(),
+                db_url: self.args.peer_database_url.clone(),
+                table: self.args.peer_table.clone(),
+                reset: vec![self.args.peer_table.clone()],
+                mqtt: self
+                    .args
+                    .peer_mqtt_url
+                    .as_deref()
+                    .map(Broker::parse)
+                    .transpose()?,
+                format: Format::Seed,
+                watched,
+            });
+        }
+        Ok(sides)
+    }
+
+    pub async fn run(mut self) -> anyhow::Result<()> {
+        let sides = self.sides()?;
+        let only = self.args.only.clone();
+        let started = Instant::now();
+        // Fail early on a wrong URL rather than after minutes of load.
+        for side in &sides {
+            let (url, table) = (side.db_url.clone(), side.table.clone());
+            blocking(move || db::count_rows(&mut db::connect(&url)?, &table))
+                .await
+                .with_context(|| format!("{}: its database", side.name()))?;
+        }
+
+        if only.contains(&Workload::Copy) {
+            self.copy_ceiling().await?;
+        }
+        if only.contains(&Workload::Writer) {
+            if self.args.reset_db {
+                self.write_path(&sides[0]).await?;
+            } else {
+                self.notes
+                    .push("The writer workload needs --reset-db (it writes test rows).".into());
+            }
+        }
+        if only.contains(&Workload::Http) {
+            for connections in self.args.connections.clone() {
+                let label = format!("HTTP POST /data, {connections} conn");
+                self.http_workload(&sides, &label, Body::Seed, connections)
+                    .await?;
+            }
+        }
+        if only.contains(&Workload::Batch) {
+            let label = format!(
+                "HTTP POST /v1/readings ×{}, {} conn",
+                self.args.batch_size, self.args.batch_connections
+            );
+            // the seed design has no batch endpoint
+            self.http_workload(
+                &sides[..1],
+                &label,
+                Body::Batch(self.args.batch_size),
+                self.args.batch_connections,
+            )
+            .await?;
+        }
+        if only.contains(&Workload::Mqtt) {
+            self.mqtt_workload(&sides).await?;
+        }
+        if only.contains(&Workload::E2e) {
+            self.half_load(&sides[0]).await?;
+        }
+        self.progress.done();
+
+        let report = self.report(&sides);
+        let markdown = report.markdown();
+        println!("{markdown}");
+        let written = write_json(&self.args.out, &report)?;
+        eprintln!(
+            "figures written to {} ({:.0} s in all)",
+            written.display(),
+            started.elapsed().as_secs_f64()
+        );
+        Ok(())
+    }
+
+    async fn copy_ceiling(&mut self) -> anyhow::Result<()> {
+        let url = self
+            .args
+            .copy_database_url
+            .clone()
+            .unwrap_or_else(|| self.args.database_url.clone());
+        let setup_url = url.clone();
+        blocking(move || db::create_copy_table(&mut db::connect(&setup_url)?)).await?;
+        for connections in [1usize, 2] {
+            for run in 1..=self.args.runs {
+                let reset_url = url.clone();
+                blocking(move || db::truncate_copy_table(&mut db::connect(&reset_url)?)).await?;
+                let counter = self.progress.phase(format!(
+                    "COPY ceiling, {connections} conn, run {run}/{}",
+                    self.args.runs
+                ));
+                let deadline =
+                    std::time::Instant::now() + Duration::from_secs_f64(self.args.copy_secs);
+                let started = std::time::Instant::now();
+                let mut workers = Vec::new();
+                for worker in 0..connections {
+                    let (url, rows, fleet) =
+                        (url.clone(), self.args.copy_rows.max(1), self.args.fleet);
+                    workers.push(tokio::task::spawn_blocking(move || {
+                        db::copy_until(&url, worker, rows, fleet, deadline)
+                    }));
+                }
+                let mut copied = 0u64;
+                for w in workers {
+                    copied += w.await.context("a COPY worker failed")??;
+                }
+                counter.store(copied, std::sync::atomic::Ordering::Relaxed);
+                let rate = copied as f64 / started.elapsed().as_secs_f64();
+                self.runs
+                    .push(&format!("copy{connections}"), SideKind::Sensorhub, rate);
+                self.say(format!(
+                    "COPY ceiling, {connections} conn, run {run}: {} rows/s",
+                    crate::report::thousands(rate)
+                ));
+            }
+        }
+        blocking(move || db::drop_copy_table(&mut db::connect(&url)?)).await?;
+        Ok(())
+    }
+
+    /// The persister's write path alone, 2 connections as the persister's default `db_writers`.
+    async fn write_path(&mut self, side: &Side) -> anyhow::Result<()> {
+        for batch in self.args.write_batches.clone() {
+            for run in 1..=self.args.runs {
+                self.prepare(side).await?;
+                let counter = self.progress.phase(format!(
+                    "persister write path, batches of {batch}, 2 conn, run {run}/{}",
+                    self.args.runs
+                ));
+                let deadline =
+                    std::time::Instant::now() + Duration::from_secs_f64(self.args.copy_secs);
+                let started = std::time::Instant::now();
+                let mut workers = Vec::new();
+                for worker in 0..2 {
+                    let (url, fleet) = (side.db_url.clone(), self.args.fleet);
+                    workers.push(tokio::task::spawn_blocking(move || {
+                        db::write_path_until(&url, worker, batch, fleet, deadline)
+                    }));
+                }
+                let mut stored = 0u64;
+                for w in workers {
+                    stored += w.await.context("a writer failed")??;
+                }
+                counter.store(stored, std::sync::atomic::Ordering::Relaxed);
+                let rate = stored as f64 / started.elapsed().as_secs_f64();
+                self.runs
+                    .push(&format!("writer{batch}"), SideKind::Sensorhub, rate);
+                self.say(format!(
+                    "persister write path, batches of {batch}, run {run}: {} readings/s",
+                    crate::report::thousands(rate)
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    async fn http_workload(
+        &mut self,
+        sides: &[Side],
+        label: &str,
+        body: Body,
+        connections: usize,
+    ) -> anyhow::Result<()> {
+        let peaks: Vec<_> = sides
+            .iter()
+            .map(|s| PeakWindow::start(&s.watched))
+            .collect();
+        let mut cpu: BTreeMap<(SideKind, String), Vec<f64>> = BTreeMap::new();
+        for run in 1..=self.args.runs {
+            for side in sides {
+                let phase = format!("{label}, {}, run {run}/{}", side.name(), self.args.runs);
+                let r = self
+                    .http_run(
+                        side,
+                        &phase,
+                        body,
+                        connections,
+                        Duration::from_secs_f64(self.args.duration_secs),
+                        None,
+                    )
+                    .await?;
+                let key = |f: &str| format!("{label}|{f}");
+                let k = side.kind;
+                self.runs.push(&key("accepted"), k, r.accepted_per_s);
+                if let Some(v) = r.p50 {
+                    self.runs.push(&key("p50"), k, v);
+                }
+                if let Some(v) = r.p99 {
+                    self.runs.push(&key("p99"), k, v);
+                }
+                self.runs.push(&key("persisted"), k, r.persisted_per_s);
+                self.runs.push(&key("refused"), k, r.refused as f64);
+                for (name, value) in r.cpu {
+                    cpu.entry((k, name)).or_default().push(value);
+                }
+                self.say(format!(
+                    "{phase}: accepted {}/s, ack p50 {} ms p99 {} ms, persisted {}/s{}{}",
+                    crate::report::thousands(r.accepted_per_s),
+                    r.p50.map_or("–".into(), crate::report::thousands),
+                    r.p99.map_or("–".into(), crate::report::thousands),
+                    crate::report::thousands(r.persisted_per_s),
+                    if r.refused > 0 {
+                        format!(", {} refused or failed", r.refused)
+                    } else {
+                        String::new()
+                    },
+                    if r.complete {
+                        String::new()
+                    } else {
+                        format!(", NOT ALL STORED ({} of {})", r.stored, r.acked)
+                    }
+                ));
+                if !r.complete {
+                    self.notes.push(format!(
+                        "{phase}: only {} of {} acknowledged readings were stored when the wait ended.",
+                        r.stored, r.acked
+                    ));
+                }
+            }
+        }
+        self.record_resources(label, sides, peaks, cpu);
+        Ok(())
+    }
+
+    async fn http_run(
+        &mut self,
+        side: &Side,
+        phase: &str,
+        body: Body,
+        connections: usize,
+        duration: Duration,
+        rate: Option<f64>,
+    ) -> anyhow::Result<HttpRun> {
+        let path = match body {
+            Body::Seed => "/data",
+            Body::Batch(_) => "/v1/readings",
+        };
+        let before = self.prepare(side).await?;
+        let counter = self.progress.phase(phase);
+        let cpu = CpuWindow::start(&side.watched);
+        let plan = http::Plan {
+            endpoint: Endpoint::parse(&side.ingest, path)?,
+            body,
+            connections,
+            duration,
+            rate,
+            fleet: self.args.fleet,
+            run_tag: self.tag("h"),
+            sample_every: 0,
+        };
+        let started = Instant::now();
+        let mut outcome = http::run(plan, counter, None).await;
+        let drained = self
+            .drain(side, phase, before, outcome.ok_readings as i64)
+            .await?;
+        let cpu = cpu.finish();
+        let persisted_time = (drained.last_growth - started).as_secs_f64().max(1e-3);
+        Ok(HttpRun {
+            accepted_per_s: outcome.ok_readings as f64 / outcome.elapsed.as_secs_f64(),
+            p50: outcome.latencies.percentile_ms(50.0),
+            p99: outcome.latencies.percentile_ms(99.0),
+            persisted_per_s: drained.stored as f64 / persisted_time,
+            refused: outcome.refused + outcome.failures,
+            acked: outcome.ok_readings as i64,
+            stored: drained.stored,
+            complete: drained.complete,
+            cpu: cpu
+                .into_iter()
+                .filter_map(|u| Some((u.name, u.cpu_percent?)))
+                .collect(),
+        })
+    }
+
+    /// Empties the side's tables when allowed, and returns the rows there now.
+    async fn prepare(&self, side: &Side) -> anyhow::Result<i64> {
+        let (url, table, reset) = (
+            side.db_url.clone(),
+            side.table.clone(),
+            self.args.reset_db.then(|| side.reset.clone()),
+        );
+        blocking(move || {
+            let mut conn = db::connect(&url)?;
+            if let Some(tables) = reset {
+                let tables: Vec<&str> = tables.iter().map(String::as_str).collect();
+                db::truncate(&mut conn, &tables)?;
+            }
+            db::count_rows(&mut conn, &table)
+        })
+        .await
+    }
+
+    async fn drain(
+        &self,
+        side: &Side,
+        phase: &str,
+        before: i64,
+        expected: i64,
+    ) -> anyhow::Result<db::Drained> {
+        let counter = self
+            .progress
+            .phase(format!("{phase}: waiting for PostgreSQL"));
+        let (url, table) = (side.db_url.clone(), side.table.clone());
+        let (stall, timeout) = (
+            Duration::from_secs_f64(self.args.stall_secs),
+            Duration::from_secs_f64(self.args.drain_timeout_secs),
+        );
+        blocking(move || {
+            db::wait_stored(
+                &mut db::connect(&url)?,
+                &table,
+                before,
+                expected,
+                stall,
+                timeout,
+                |n| counter.store(n.max(0) as u64, std::sync::atomic::Ordering::Relaxed),
+            )
+        })
+        .await
+    }
+
+    async fn mqtt_workload(&mut self, sides: &[Side]) -> anyhow::Result<()> {
+        let sides: Vec<Side> = sides.iter().filter(|s| s.mqtt.is_some()).cloned().collect();
+        if sides.is_empty() {
+            return Ok(());
+        }
+        let label = format!("MQTT QoS 1, {} devices", self.args.mqtt_devices);
+        let peaks: Vec<_> = sides
+            .iter()
+            .map(|s| PeakWindow::start(&s.watched))
+            .collect();
+        let mut cpu: BTreeMap<(SideKind, String), Vec<f64>> = BTreeMap::new();
+        for run in 1..=self.args.runs {
+            for side in &sides {
+                let Some(broker) = side.mqtt.clone() else {
+                    continue;
+                };
+                let messages = match side.kind {
+                    SideKind::Sensorhub => self.args.mqtt_messages,
+                    SideKind::Seed => self
+                        .args
+                        .peer_mqtt_messages
+                        .unwrap_or(self.args.mqtt_messages),
+                };
+                let phase = format!(
+                    "{label}, burst of {}, {}, run {run}/{}",
+                    crate::report::thousands(messages as f64),
+                    side.name(),
+                    self.args.runs
+                );
+                let before = self.prepare(side).await?;
+                let counter = self.progress.phase(&phase);
+                let window = CpuWindow::start(&side.watched);
+                let plan = mqtt::Plan {
+                    broker,
+                    format: side.format,
+                    devices: self.args.mqtt_devices,
+                    messages,
+                    inflight: self.args.mqtt_inflight,
+                    run_tag: self.tag("m"),
+                    timeout: Duration::from_secs_f64(self.args.drain_timeout_secs),
+                };
+                let started = Instant::now();
+                let outcome = mqtt::run(plan, counter).await;
+                let drained = self
+                    .drain(side, &phase, before, outcome.acked as i64)
+                    .await?;
+                for u in window.finish() {
+                    if let Some(v) = u.cpu_percent {
+                        cpu.entry((side.kind, u.name)).or_default().push(v);
+                    }
+                }
+                let acked_per_s = outcome.acked as f64 / outcome.elapsed.as_secs_f64().max(1e-3);
+                let persisted_per_s =
+                    drained.stored as f64 / (drained.last_growth - started).as_secs_f64().max(1e-3);
+                let lost = (outcome.acked as i64 - drained.stored).max(0);
+                let k = side.kind;
+                self.runs.push("mqtt|acked", k, acked_per_s);
+                self.runs.push("mqtt|persisted", k, persisted_per_s);
+                self.runs.push("mqtt|lost", k, lost as f64);
+                self.runs.push(
+                    "mqtt|lost_pct",
+                    k,
+                    100.0 * lost as f64 / (outcome.acked.max(1)) as f64,
+                );
+                self.say(format!(
+                    "{phase}: {} published, {} PUBACKed ({}/s), {} stored ({}/s), lost {lost}{}",
+                    outcome.published,
+                    outcome.acked,
+                    crate::report::thousands(acked_per_s),
+                    drained.stored,
+                    crate::report::thousands(persisted_per_s),
+                    if outcome.failed_devices > 0 {
+                        format!(", {} devices failed", outcome.failed_devices)
+                    } else {
+                        String::new()
+                    }
+                ));
+                if outcome.failed_devices > 0 || outcome.acked < messages as u64 {
+                    self.notes.push(format!(
+                        "{phase}: {} of {messages} messages PUBACKed, {} device clients failed.",
+                        outcome.acked, outcome.failed_devices
+                    ));
+                }
+            }
+        }
+        self.record_resources(&label, &sides, peaks, cpu);
+        Ok(())
+    }
+
+    /// Ack and ack-to-queryable latency at half the peak: an open-loop rate over 64 connections, a
+    /// sample of readings looked up in the database until each is visible.
+    async fn half_load(&mut self, side: &Side) -> anyhow::Result<()> {
+        let first = self
+            .args
+            .connections
+            .first()
+            .map(|c| format!("HTTP POST /data, {c} conn|persisted"));
+        let peak = first
+            .as_deref()
+            .and_then(|k| self.runs.summary(k, SideKind::Sensorhub))
+            .map(|s| s.median);
+        let Some(rate) = self.args.e2e_rate.or(peak.map(|p| p / 2.0)) else {
+            self.notes.push(
+                "Half load skipped: no peak measured (run the http workload or give --e2e-rate)."
+                    .into(),
+            );
+            return Ok(());
+        };
+        let connections = 64;
+        let label = format!(
+            "half load: {} req/s POST /data, {connections} conn",
+            crate::report::thousands(rate)
+        );
+        let peaks = vec![PeakWindow::start(&side.watched)];
+        let mut cpu: BTreeMap<(SideKind, String), Vec<f64>> = BTreeMap::new();
+        for run in 1..=self.args.runs {
+            let phase = format!("{label}, run {run}/{}", self.args.runs);
+            let before = self.prepare(side).await?;
+            let counter = self.progress.phase(&phase);
+            let window = CpuWindow::start(&side.watched);
+            let (tx, rx) = mpsc::unbounded_channel();
+            let url = side.db_url.clone();
+            let wait = Duration::from_secs(30);
+            let watcher = tokio::task::spawn_blocking(move || {
+                db::watch_visibility(&mut db::connect(&url)?, rx, wait)
+            });
+            let plan = http::Plan {
+                endpoint: Endpoint::parse(&side.ingest, "/data")?,
+                body: Body::Seed,
+                connections,
+                duration: Duration::from_secs_f64(self.args.e2e_secs),
+                rate: Some(rate),
+                fleet: self.args.fleet,
+                run_tag: self.tag("e"),
+                // about 200 sampled readings a second
+                sample_every: (rate / 200.0).max(1.0) as u64,
+            };
+            let mut outcome = http::run(plan, counter, Some(tx)).await;
+            let mut visible = watcher.await.context("the visibility watcher failed")??;
+            let drained = self
+                .drain(side, &phase, before, outcome.ok_readings as i64)
+                .await?;
+            for u in window.finish() {
+                if let Some(v) = u.cpu_percent {
+                    cpu.entry((side.kind, u.name)).or_default().push(v);
+                }
+            }
+            let k = side.kind;
+            let achieved = outcome.ok_requests as f64 / outcome.elapsed.as_secs_f64();
+            self.runs.push("e2e|rate", k, achieved);
+            let (p50, p99) = (
+                outcome.latencies.percentile_ms(50.0),
+                outcome.latencies.percentile_ms(99.0),
+            );
+            let (v50, v99) = (
+                visible.latencies.percentile_ms(50.0),
+                visible.latencies.percentile_ms(99.0),
+            );
+            for (key, value) in [
+                ("e2e|p50", p50),
+                ("e2e|p99", p99),
+                ("e2e|v50", v50),
+                ("e2e|v99", v99),
+            ] {
+                if let Some(v) = value {
+                    self.runs.push(key, k, v);
+                }
+            }
+            self.runs.push("e2e|unseen", k, visible.unseen as f64);
+            self.say(format!(
+                "{phase}: {} req/s, ack p50 {} p99 {} ms; queryable p50 {} p99 {} ms ({} samples, {} never seen){}",
+                crate::report::thousands(achieved),
+                p50.map_or("–".into(), crate::report::thousands),
+                p99.map_or("–".into(), crate::report::thousands),
+                v50.map_or("–".into(), crate::report::thousands),
+                v99.map_or("–".into(), crate::report::thousands),
+                visible.latencies.len(),
+                visible.unseen,
+                if drained.complete { "" } else { ", NOT ALL STORED" }
+            ));
+        }
+        self.record_resources(&label, std::slice::from_ref(side), peaks, cpu);
+        Ok(())
+    }
+
+    fn record_resources(
+        &mut self,
+        label: &str,
+        sides: &[Side],
+        peaks: Vec<PeakWindow>,
+        cpu: BTreeMap<(SideKind, String), Vec<f64>>,
+    ) {
+        for (side, peak) in sides.iter().zip(peaks) {
+            let peaks = peak.finish();
+            for w in &side.watched {
+                // a process both sides use (PostgreSQL) is shown under each, for that side's runs
+                let peak = peaks.iter().find(|p| p.name == w.name);
+                self.resources.push(Resource {
+                    workload: format!("{label}, {}", side.name()),
+                    process: if w.tree {
+                        format!("{} (all processes)", w.name)
+                    } else {
+                        w.name.clone()
+                    },
+                    cpu_percent: cpu
+                        .get(&(side.kind, w.name.clone()))
+                        .and_then(|v| Summary::of(v)),
+                    peak_rss_mib: peak.and_then(|p| p.peak_mib),
+                    peak_since_workload_start: peak.is_some_and(|p| p.since_reset),
+                });
+            }
+        }
+    }
+
+    fn say(&self, text: String) {
+        self.progress.say(&text);
+    }
+
+    fn report(&self, sides: &[Side]) -> Report {
+        let mut figures = Vec::new();
+        let s = |key: &str, side| self.runs.summary(key, side);
+        let ratio = |a: &Option<Summary>, b: &Option<Summary>| match (a, b) {
+            (Some(a), Some(b)) if b.median > 0.0 => Some(a.median / b.median),
+            _ => None,
+        };
+        let mut figure = |workload: &str,
+                          name: &str,
+                          unit: &'static str,
+                          ours: Option<Summary>,
+                          seed: Option<Summary>,
+                          ratio: Option<f64>,
+                          ratio_of: Option<String>,
+                          target: Option<Target>| {
+            if ours.is_none() && seed.is_none() {
+                return;
+            }
+            figures.push(Figure {
+                workload: workload.to_owned(),
+                name: name.to_owned(),
+                unit,
+                sensorhub: ours,
+                seed,
+                ratio,
+                ratio_of,
+                target,
+            });
+        };
+        use SideKind::{Seed, Sensorhub};
+
+        let copy2 = s("copy2", Sensorhub);
+        for (i, c) in self.args.connections.iter().enumerate() {
+            let w = format!("HTTP POST /data, {c} conn");
+            let k = |f: &str| format!("{w}|{f}");
+            let (a, b) = (s(&k("accepted"), Sensorhub), s(&k("accepted"), Seed));
+            let r = ratio(&a, &b);
+            figure(&w, "accepted", "readings/s", a, b, r, None, None);
+            figure(
+                &w,
+                "ack latency p50",
+                "ms",
+                s(&k("p50"), Sensorhub),
+                s(&k("p50"), Seed),
+                None,
+                None,
+                None,
+            );
+            figure(
+                &w,
+                "ack latency p99",
+                "ms",
+                s(&k("p99"), Sensorhub),
+                s(&k("p99"), Seed),
+                None,
+                None,
+                None,
+            );
+            let (a, b) = (s(&k("persisted"), Sensorhub), s(&k("persisted"), Seed));
+            let r = ratio(&a, &b);
+            let target = (i == 0).then_some(()).and(r).map(|r| Target {
+                text: "≥ 10× seed".into(),
+                met: r >= 10.0,
+            });
+            figure(&w, "persisted", "readings/s", a, b, r, None, target);
+            figure(
+                &w,
+                "refused or failed requests",
+                "",
+                s(&k("refused"), Sensorhub),
+                s(&k("refused"), Seed),
+                None,
+                None,
+                None,
+            );
+        }
+        let w = format!(
+            "HTTP POST /v1/readings ×{}, {} conn",
+            self.args.batch_size, self.args.batch_connections
+        );
+        let k = |f: &str| format!("{w}|{f}");
+        figure(
+            &w,
+            "accepted",
+            "readings/s",
+            s(&k("accepted"), Sensorhub),
+            None,
+            None,
+            None,
+            None,
+        );
+        let a = s(&k("persisted"), Sensorhub);
+        let r = ratio(&a, &copy2);
+        let target = r.map(|r| Target {
+            text: "≥ 50% of COPY, 2 conn".into(),
+            met: r >= 0.5,
+        });
+        figure(
+            &w,
+            "persisted",
+            "readings/s",
+            a,
+            None,
+            r,
+            Some("COPY, 2 conn".into()),
+            target,
+        );
+        figure(
+            &w,
+            "ack latency p99",
+            "ms",
+            s(&k("p99"), Sensorhub),
+            None,
+            None,
+            None,
+            None,
+        );
+        figure(
+            &w,
+            "refused or failed requests",
+            "",
+            s(&k("refused"), Sensorhub),
+            None,
+            None,
+            None,
+            None,
+        );
+
+        let w = format!(
+            "MQTT QoS 1, {} devices, bursts of {} (seed: {})",
+            self.args.mqtt_devices,
+            crate::report::thousands(self.args.mqtt_messages as f64),
+            crate::report::thousands(
+                self.args
+                    .peer_mqtt_messages
+                    .unwrap_or(self.args.mqtt_messages) as f64
+            )
+        );
+        let (a, b) = (s("mqtt|acked", Sensorhub), s("mqtt|acked", Seed));
+        let r = ratio(&a, &b);
+        figure(&w, "PUBACKed", "msgs/s", a, b, r, None, None);
+        let (a, b) = (s("mqtt|persisted", Sensorhub), s("mqtt|persisted", Seed));
+        let r = ratio(&a, &b);
+        let target = r.map(|r| Target {
+            text: "≥ 10× seed".into(),
+            met: r >= 10.0,
+        });
+        figure(&w, "persisted", "readings/s", a, b, r, None, target);
+        let lost = s("mqtt|lost", Sensorhub);
+        let target = lost.as_ref().map(|l| Target {
+            text: "0".into(),
+            met: l.max == 0.0,
+        });
+        figure(
+            &w,
+            "lost (PUBACKed, not stored)",
+            "readings",
+            lost,
+            s("mqtt|lost", Seed),
+            None,
+            None,
+            target,
+        );
+        figure(
+            &w,
+            "lost",
+            "%",
+            s("mqtt|lost_pct", Sensorhub),
+            s("mqtt|lost_pct", Seed),
+            None,
+            None,
+            None,
+        );
+
+        if let Some(rate) = s("e2e|rate", Sensorhub) {
+            let w = format!(
+                "half load: {} req/s POST /data, 64 conn",
+                crate::report::thousands(rate.median)
+            );
+            let p99 = s("e2e|p99", Sensorhub);
+            let t = p99.as_ref().map(|p| Target {
+                text: "≤ 20 ms".into(),
+                met: p.median <= 20.0,
+            });
+            figure(
+                &w,
+                "ack latency p50",
+                "ms",
+                s("e2e|p50", Sensorhub),
+                None,
+                None,
+                None,
+                None,
+            );
+            figure(&w, "ack latency p99", "ms", p99, None, None, None, t);
+            figure(
+                &w,
+                "ack → queryable p50",
+                "ms",
+                s("e2e|v50", Sensorhub),
+                None,
+                None,
+                None,
+                None,
+            );
+            let v99 = s("e2e|v99", Sensorhub);
+            let t = v99.as_ref().map(|p| Target {
+                text: "≤ 1,000 ms".into(),
+                met: p.median <= 1000.0,
+            });
+            figure(&w, "ack → queryable p99", "ms", v99, None, None, None, t);
+            figure(
+                &w,
+                "samples never seen",
+                "",
+                s("e2e|unseen", Sensorhub),
+                None,
+                None,
+                None,
+                None,
+            );
+        }
+        let w = format!(
+            "ceiling: PostgreSQL binary COPY, {} rows per COPY",
+            crate::report::thousands(self.args.copy_rows as f64)
+        );
+        figure(
+            &w,
+            "1 connection",
+            "rows/s",
+            s("copy1", Sensorhub),
+            None,
+            None,
+            None,
+            None,
+        );
+        figure(
+            &w,
+            "2 connections",
+            "rows/s",
+            copy2.clone(),
+            None,
+            None,
+            None,
+            None,
+        );
+        for batch in &self.args.write_batches {
+            let a = s(&format!("writer{batch}"), Sensorhub);
+            let r = ratio(&a, &copy2);
+            figure(
+                "persister write path alone (store::write_readings, 2 conn)",
+                &format!("batches of {batch}"),
+                "readings/s",
+                a,
+                None,
+                r,
+                Some("COPY, 2 conn".into()),
+                None,
+            );
+        }
+
+        // the memory target, over every workload
+        let ours: Vec<&str> = sides
+            .first()
+            .map(|s| {
+                s.watched
+                    .iter()
+                    .filter(|w| !w.tree && w.name != LOADGEN)
+                    .map(|w| w.name.as_str())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let peak = self
+            .resources
+            .iter()
+            .filter(|r| ours.contains(&r.process.as_str()))
+            .filter_map(|r| r.peak_rss_mib.map(|p| (p, r.process.clone())))
+            .max_by(|a, b| a.0.total_cmp(&b.0));
+        if let Some((peak, process)) = peak {
+            figure(
+                "memory",
+                &format!("largest peak RSS of a Sensorhub service ({process})"),
+                "MiB",
+                Summary::of(&[peak]),
+                None,
+                None,
+                None,
+                Some(Target {
+                    text: "≤ 64 MiB".into(),
+                    met: peak <= 64.0,
+                }),
+            );
+        }
+
+        Report {
+            started_at: self.started_at.clone(),
+            machine: Machine::here(),
+            settings: serde_json::json!({
+                "runs": self.args.runs,
+                "duration_secs": self.args.duration_secs,
+                "connections": self.args.connections,
+                "batch_connections": self.args.batch_connections,
+                "batch_size": self.args.batch_size,
+                "fleet": self.args.fleet,
+                "mqtt_devices": self.args.mqtt_devices,
+                "mqtt_messages": self.args.mqtt_messages,
+                "peer_mqtt_messages": self.args.peer_mqtt_messages.unwrap_or(self.args.mqtt_messages),
+                "mqtt_inflight": self.args.mqtt_inflight,
+                "copy_secs": self.args.copy_secs,
+                "copy_rows": self.args.copy_rows,
+                "e2e_secs": self.args.e2e_secs,
+                "ingest_url": self.args.ingest_url,
+                "peer_url": self.args.peer_url,
+                "quick": self.args.quick,
+                "workloads": self.args.only,
+            }),
+            figures,
+            resources: self.resources.clone(),
+            notes: self.notes.clone(),
+        }
+    }
+}
+
+struct HttpRun {
+    accepted_per_s: f64,
+    p50: Option<f64>,
+    p99: Option<f64>,
+    persisted_per_s: f64,
+    refused: u64,
+    acked: i64,
+    stored: i64,
+    complete: bool,
+    cpu: Vec<(String, f64)>,
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> anyhow::Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .context("a database task failed")?
+}
+
+fn write_json(dir: &std::path::Path, report: &Report) -> anyhow::Result<std::path::PathBuf> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let json = serde_json::to_string_pretty(report)?;
+    let stamp = report.started_at.replace(':', "");
+    let path = dir.join(format!("bench-{stamp}.json"));
+    std::fs::write(&path, &json).with_context(|| format!("writing {}", path.display()))?;
+    std::fs::write(dir.join("latest.json"), &json)?;
+    std::fs::write(dir.join("latest.md"), report.markdown())?;
+    Ok(path)
+}
