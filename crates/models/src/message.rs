@@ -49,7 +49,8 @@ impl ReadingBatchMessage {
         out
     }
 
-    /// Decodes and re-validates (through the domain types' deserializers) a message body.
+    /// Decodes and re-validates (through the domain types' deserializers) a message body. A
+    /// well-formed message is parsed once; only a failure is looked at again, to say why.
     pub fn decode(body: &[u8]) -> Result<Vec<Reading>, MessageError> {
         #[derive(Deserialize)]
         struct Version {
@@ -57,19 +58,23 @@ impl ReadingBatchMessage {
         }
         #[derive(Deserialize)]
         struct In {
+            v: u32,
             readings: Vec<Reading>,
         }
-        let version: Version =
-            serde_json::from_slice(body).map_err(|e| MessageError::Malformed(e.to_string()))?;
-        if version.v != MESSAGE_VERSION {
-            return Err(MessageError::UnsupportedVersion(version.v));
+        match serde_json::from_slice::<In>(body) {
+            Ok(message) if message.v != MESSAGE_VERSION => {
+                Err(MessageError::UnsupportedVersion(message.v))
+            }
+            Ok(message) if message.readings.is_empty() => Err(MessageError::Empty),
+            Ok(message) => Ok(message.readings),
+            Err(e) => match serde_json::from_slice::<Version>(body) {
+                // another version's readings need not parse as ours
+                Ok(version) if version.v != MESSAGE_VERSION => {
+                    Err(MessageError::UnsupportedVersion(version.v))
+                }
+                _ => Err(MessageError::Malformed(e.to_string())),
+            },
         }
-        let message: In =
-            serde_json::from_slice(body).map_err(|e| MessageError::Malformed(e.to_string()))?;
-        if message.readings.is_empty() {
-            return Err(MessageError::Empty);
-        }
-        Ok(message.readings)
     }
 }
 
