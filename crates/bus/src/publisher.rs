@@ -287,10 +287,11 @@ async fn run(
             Ok((connection, channel)) => {
                 backoff = initial_backoff;
                 let (lost_tx, lost_rx) = watch::channel(None);
+                let lost_tx = Arc::new(lost_tx);
                 let watcher = tokio::spawn(watch_connection(
                     connection.events_listener(),
                     state.clone(),
-                    lost_tx,
+                    lost_tx.clone(),
                 ));
                 state.set_connected(true);
                 tracing::info!(exchange = %topology.readings_exchange, "publisher connected to RabbitMQ");
@@ -300,7 +301,7 @@ async fn run(
                     &settings,
                     &state,
                     &mut jobs,
-                    lost_rx,
+                    (lost_tx, lost_rx),
                     &mut shutdown,
                     &connection_name,
                 )
@@ -361,7 +362,7 @@ async fn open(
 async fn watch_connection(
     mut events: impl futures_util::Stream<Item = Event> + Unpin,
     state: Arc<State>,
-    lost: watch::Sender<Option<String>>,
+    lost: Arc<watch::Sender<Option<String>>>,
 ) {
     while let Some(event) = events.next().await {
         match event {
@@ -390,7 +391,10 @@ async fn publish_loop(
     settings: &PublisherSettings,
     state: &Arc<State>,
     jobs: &mut mpsc::Receiver<Job>,
-    mut lost: watch::Receiver<Option<String>>,
+    (fail, mut lost): (
+        Arc<watch::Sender<Option<String>>>,
+        watch::Receiver<Option<String>>,
+    ),
     shutdown: &mut watch::Receiver<bool>,
     app_id: &str,
 ) -> Stopped {
@@ -476,30 +480,34 @@ async fn publish_loop(
             .with_content_type(ReadingBatchMessage::CONTENT_TYPE.into())
             .with_message_id(uuid::Uuid::now_v7().to_string().into())
             .with_app_id(app_id.to_owned().into());
-        let started = Instant::now();
-        let published = channel
-            .basic_publish(
-                topology.readings_exchange.as_str().into(),
-                READINGS_ROUTING_KEY.into(),
-                // mandatory: a message no queue takes is returned, and counts as not confirmed
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..Default::default()
-                },
-                &body,
-                properties,
-            )
-            .await;
-        let confirm = match published {
-            Ok(confirm) => confirm,
-            Err(e) => {
-                state.metrics.message("failed");
-                answer(batch, Err(PublishError::Unavailable(e.to_string())));
-                return Stopped::ConnectionLost(e.to_string());
-            }
-        };
-        let metrics = state.metrics.clone();
+        // Handing the frames to lapin's I/O and waiting for the confirm both happen in the task, so
+        // the loop is already gathering the next message meanwhile.
+        let (metrics, channel, fail) = (state.metrics.clone(), channel.clone(), fail.clone());
+        let exchange = topology.readings_exchange.clone();
         tokio::spawn(async move {
+            let started = Instant::now();
+            let published = channel
+                .basic_publish(
+                    exchange.as_str().into(),
+                    READINGS_ROUTING_KEY.into(),
+                    // mandatory: a message no queue takes is returned, and counts as not confirmed
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..Default::default()
+                    },
+                    &body,
+                    properties,
+                )
+                .await;
+            let confirm = match published {
+                Ok(confirm) => confirm,
+                Err(e) => {
+                    metrics.message("failed");
+                    answer(batch, Err(PublishError::Unavailable(e.to_string())));
+                    fail.send_replace(Some(e.to_string()));
+                    return;
+                }
+            };
             let outcome = match tokio::time::timeout(confirm_timeout, confirm).await {
                 Ok(Ok(Confirmation::Ack(None))) => Ok(()),
                 Ok(Ok(Confirmation::Ack(Some(_)))) => {
