@@ -221,6 +221,54 @@ impl TokenVerifier {
     }
 }
 
+/// A [`TokenVerifier`] that remembers the tokens it has verified: a device sends the same token with
+/// every request, and checking an Ed25519 signature costs far more than the rest of an ingest
+/// request. Only tokens that verified are kept (a changed token is another string, and is checked
+/// in full); expiry is checked at every use; revocation is the device registry's business. Bounded:
+/// when full, it starts afresh.
+pub struct CachedVerifier {
+    verifier: TokenVerifier,
+    verified: std::sync::Mutex<std::collections::HashMap<String, Claims>>,
+    capacity: usize,
+}
+
+impl CachedVerifier {
+    pub fn new(verifier: TokenVerifier, capacity: usize) -> Self {
+        Self {
+            verifier,
+            verified: Default::default(),
+            capacity: capacity.max(1),
+        }
+    }
+
+    pub fn verify(&self, token: &str) -> Result<Claims, AuthError> {
+        let cached = self
+            .verified
+            .lock()
+            .ok()
+            .and_then(|verified| verified.get(token).cloned());
+        if let Some(claims) = cached {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64);
+            return match claims.exp {
+                Some(exp) if now > exp.saturating_add(self.verifier.validation.leeway as i64) => {
+                    Err(AuthError::Expired)
+                }
+                _ => Ok(claims),
+            };
+        }
+        let claims = self.verifier.verify(token)?;
+        if let Ok(mut verified) = self.verified.lock() {
+            if verified.len() >= self.capacity {
+                verified.clear();
+            }
+            verified.insert(token.to_owned(), claims.clone());
+        }
+        Ok(claims)
+    }
+}
+
 /// The token of an `Authorization: Bearer <token>` header value.
 pub fn bearer_token(header: &str) -> Option<&str> {
     let (scheme, token) = header.trim().split_once(' ')?;
@@ -345,6 +393,39 @@ mod tests {
     fn base64url(text: &str) -> String {
         use base64::Engine;
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(text)
+    }
+
+    #[test]
+    fn the_cache_answers_as_the_verifier_does() {
+        let (_dir, signer, verifier) = keys();
+        let cached = CachedVerifier::new(verifier, 2);
+        let token = signer.sign(&Claims::device("raspi-01", now())).unwrap();
+        for _ in 0..3 {
+            assert_eq!(cached.verify(&token).unwrap().sub, "raspi-01");
+        }
+        let mut forged = token.clone();
+        forged.pop();
+        assert!(
+            cached.verify(&forged).is_err(),
+            "another string is checked in full"
+        );
+        // expiry is checked on every use, also of a token verified while it was valid
+        let short = signer
+            .sign(&Claims::app("x", Role::Reader, 1, now() - 30))
+            .unwrap();
+        assert!(cached.verify(&short).is_ok(), "within the leeway");
+        let mut stale = Claims::app("x", Role::Reader, 1, now() - 30);
+        stale.exp = Some(now() - 31);
+        let stale = signer.sign(&stale).unwrap();
+        assert!(matches!(cached.verify(&stale), Err(AuthError::Expired)));
+        // bounded
+        for i in 0..5 {
+            let t = signer
+                .sign(&Claims::device(&format!("d{i}"), now()))
+                .unwrap();
+            cached.verify(&t).unwrap();
+        }
+        assert!(cached.verified.lock().unwrap().len() <= 2);
     }
 
     #[test]

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use actix_web::HttpRequest;
 use actix_web::http::header;
-use auth::{Access, DeviceRegistry, Role, TokenVerifier};
+use auth::{Access, CachedVerifier, DeviceRegistry, Role};
 
 use crate::error::IngestError;
 
@@ -37,7 +37,7 @@ impl Writer {
 
 pub struct Authenticator {
     /// None only when anonymous ingest is allowed and no key is configured.
-    pub verifier: Option<TokenVerifier>,
+    pub verifier: Option<CachedVerifier>,
     pub registry: Arc<DeviceRegistry>,
     pub allow_anonymous: bool,
 }

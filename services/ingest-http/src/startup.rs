@@ -168,7 +168,8 @@ fn authenticator(
         async move { health }
     });
     let authenticator = Authenticator {
-        verifier: Some(verifier),
+        // a fleet's worth of device tokens (about 300 bytes each)
+        verifier: Some(auth::CachedVerifier::new(verifier, 20_000)),
         registry,
         allow_anonymous: settings.auth_allow_anonymous,
     };

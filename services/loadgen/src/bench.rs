@@ -2,6 +2,7 @@
 //! run by run (so drift on a shared machine hits both alike), then the figures.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -35,6 +36,8 @@ struct Side {
     mqtt: Option<Broker>,
     format: Format,
     watched: Vec<Watched>,
+    /// Device tokens by fleet index, when the fleet was registered (`--keys-dir`).
+    tokens: Option<Arc<Vec<String>>>,
 }
 
 impl Side {
@@ -122,6 +125,7 @@ impl Bench {
             mqtt,
             format: Format::DeviceTopic,
             watched,
+            tokens: None,
         }];
         if let Some(peer) = &self.args.peer_url {
             let mut watched = self.args.peer_pids.clone();
@@ -142,13 +146,23 @@ impl Bench {
                     .transpose()?,
                 format: Format::Seed,
                 watched,
+                tokens: None,
             });
         }
         Ok(sides)
     }
 
     pub async fn run(mut self) -> anyhow::Result<()> {
-        let sides = self.sides()?;
+        let mut sides = self.sides()?;
+        if let Some(keys) = self.args.keys_dir.clone() {
+            let (url, fleet) = (self.args.database_url.clone(), self.args.fleet);
+            let tokens = blocking(move || db::register_fleet(&url, &keys, fleet))
+                .await
+                .context("registering the fleet's devices")?;
+            sides[0].tokens = Some(Arc::new(tokens));
+            // ingest-http re-reads its device registry every AUTH_REFRESH_MS (2 s by default)
+            tokio::time::sleep(Duration::from_secs(3)).await;
+        }
         let only = self.args.only.clone();
         let started = Instant::now();
         // Fail early on a wrong URL rather than after minutes of load.
@@ -385,6 +399,7 @@ impl Bench {
             fleet: self.args.fleet,
             run_tag: self.tag("h"),
             sample_every: 0,
+            tokens: side.tokens.clone(),
         };
         let started = Instant::now();
         let mut outcome = http::run(plan, counter, None).await;
@@ -592,6 +607,7 @@ impl Bench {
                 run_tag: self.tag("e"),
                 // about 200 sampled readings a second
                 sample_every: (rate / 200.0).max(1.0) as u64,
+                tokens: side.tokens.clone(),
             };
             let mut outcome = http::run(plan, counter, Some(tx)).await;
             let mut visible = watcher.await.context("the visibility watcher failed")??;

@@ -332,6 +332,27 @@ pub fn write_path_until(
     Ok(stored)
 }
 
+/// Registers devices `pi-00000`.. of a fleet of `fleet` in Sensorhub's registry (again, where an
+/// earlier run registered them) and returns their tokens, signed with the key in `keys_dir`.
+pub fn register_fleet(
+    url: &str,
+    keys_dir: &std::path::Path,
+    fleet: usize,
+) -> anyhow::Result<Vec<String>> {
+    let signer = auth::TokenSigner::from_file(&keys_dir.join(auth::SIGNING_KEY_FILE))?;
+    let mut conn = connect(url)?;
+    let now = chrono::Utc::now().timestamp();
+    (0..fleet)
+        .map(|i| {
+            let device = crate::http::device_name(i);
+            let claims = auth::Claims::device(&device, now);
+            store::credentials::revoke_device(&mut conn, &device)?;
+            store::credentials::register_device(&mut conn, &device, &claims.jti)?;
+            Ok(signer.sign(&claims)?)
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,7 +11,7 @@ use anyhow::{Context, bail};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1;
-use hyper::header::{CONTENT_TYPE, HOST};
+use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HOST};
 use hyper::{Request, Uri};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
@@ -91,6 +91,8 @@ pub struct Plan {
     pub run_tag: String,
     /// Every this many requests of a connection, the (first) reading is sent for end-to-end timing.
     pub sample_every: u64,
+    /// Each device's token, by fleet index (a request carries one device's readings only).
+    pub tokens: Option<Arc<Vec<String>>>,
 }
 
 #[derive(Default)]
@@ -194,10 +196,13 @@ async fn connection(
             let sample = plan.sample_every > 0 && seq.is_multiple_of(plan.sample_every);
             let first = fill_body(&mut body, &plan, index, seq);
             seq += 1;
-            let request = Request::post(plan.endpoint.path.as_str())
+            let mut request = Request::post(plan.endpoint.path.as_str())
                 .header(HOST, plan.endpoint.authority.as_str())
-                .header(CONTENT_TYPE, "application/json")
-                .body(Full::new(Bytes::copy_from_slice(body.as_bytes())));
+                .header(CONTENT_TYPE, "application/json");
+            if let Some(token) = plan.tokens.as_ref().and_then(|t| t.get(first.device_index)) {
+                request = request.header(AUTHORIZATION, format!("Bearer {token}"));
+            }
+            let request = request.body(Full::new(Bytes::copy_from_slice(body.as_bytes())));
             let Ok(request) = request else {
                 // Our own path and header values: always a valid request.
                 out.failures += 1;
@@ -252,6 +257,7 @@ async fn open(endpoint: &Endpoint) -> anyhow::Result<http1::SendRequest<Full<Byt
 
 /// The identity of the first reading of a body.
 struct First {
+    device_index: usize,
     device_id: String,
     ts_millis: i64,
     reading_id: String,
@@ -270,12 +276,14 @@ fn fill_body(out: &mut String, plan: &Plan, conn: usize, seq: u64) -> First {
     if matches!(plan.body, Body::Batch(_)) {
         out.push('[');
     }
+    // spread over the fleet, each connection walking its own stride through it; a request is one
+    // device's (a device token writes only its own readings), as a Pi sends its backlog
+    let device_index =
+        (conn + (seq as usize).wrapping_mul(plan.connections.max(1))) % plan.fleet.max(1);
+    let device = device_name(device_index);
     for k in 0..readings {
-        // spread over the fleet, each connection walking its own stride through it
         let n = seq * readings + k;
-        let device = device_name(
-            (conn + (n as usize).wrapping_mul(plan.connections.max(1))) % plan.fleet.max(1),
-        );
+        let device = device.clone();
         let id = format!("{}-c{conn}-{n}", plan.run_tag);
         let temperature = 15.0 + (n % 200) as f64 / 10.0;
         let humidity = 40.0 + (n % 300) as f64 / 10.0;
@@ -297,6 +305,7 @@ fn fill_body(out: &mut String, plan: &Plan, conn: usize, seq: u64) -> First {
         };
         if first.is_none() {
             first = Some(First {
+                device_index,
                 device_id: device,
                 ts_millis,
                 reading_id: id,
@@ -308,6 +317,7 @@ fn fill_body(out: &mut String, plan: &Plan, conn: usize, seq: u64) -> First {
     }
     // `readings` is at least 1, so the loop ran.
     first.unwrap_or(First {
+        device_index: 0,
         device_id: String::new(),
         ts_millis,
         reading_id: String::new(),
@@ -328,6 +338,7 @@ mod tests {
             fleet: 10,
             run_tag: "t".into(),
             sample_every: 0,
+            tokens: None,
         }
     }
 
@@ -357,5 +368,16 @@ mod tests {
             .map(|r| r["id"].as_str().unwrap().to_owned())
             .collect();
         assert_eq!(ids.len(), 100);
+        let devices: std::collections::HashSet<_> = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["device_id"].as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(
+            devices.len(),
+            1,
+            "a request is one device's, as its token allows"
+        );
     }
 }

@@ -44,6 +44,11 @@ pub struct Args {
         default_value = "postgres://postgres@127.0.0.1:5432/sensorhub"
     )]
     pub database_url: String,
+    /// The operator's key directory (`signing-key.pem`): every device of the fleet is registered in
+    /// Sensorhub's database and sends with its own token, as in production. Without it, requests
+    /// carry no token (an ingest-http in development mode).
+    #[arg(long, env = "LOADGEN_KEYS_DIR")]
+    pub keys_dir: Option<std::path::PathBuf>,
     /// The Mosquitto that ingest-mqtt reads (devices/<id>/readings); empty: no MQTT workload.
     #[arg(
         long,

@@ -6,13 +6,13 @@ use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::http::{Method, header};
 use actix_web::middleware::Next;
 use actix_web::web;
-use auth::{Role, TokenVerifier};
+use auth::{CachedVerifier, Role};
 use service_kit::net::{KeyedLimit, TrustedProxies};
 
 use crate::error::QueryError;
 
 pub struct Access {
-    pub verifier: TokenVerifier,
+    pub verifier: CachedVerifier,
     pub rate_limit: KeyedLimit,
     pub trusted_proxies: TrustedProxies,
 }

@@ -145,8 +145,11 @@ fn access(settings: &Settings) -> anyhow::Result<Access> {
         "auth_public_key_file is not set: point it at the verifying key from `sensorctl keys init`"
     );
     Ok(Access {
-        verifier: auth::TokenVerifier::from_file(Path::new(&settings.auth_public_key_file))
-            .context("loading auth_public_key_file")?,
+        verifier: auth::CachedVerifier::new(
+            auth::TokenVerifier::from_file(Path::new(&settings.auth_public_key_file))
+                .context("loading auth_public_key_file")?,
+            10_000,
+        ),
         rate_limit: service_kit::net::KeyedLimit::new(
             settings.rate_limit_per_second,
             settings.rate_limit_burst,
