@@ -364,3 +364,32 @@ impl Drop for TestKeys {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// Waits until `table` holds `expected` rows, then a moment more, and asserts that no more came:
+/// "all of them, and only once".
+pub async fn wait_for_exactly(url: &str, table: &str, expected: i64, timeout: Duration) {
+    eventually(timeout, &format!("{expected} rows in {table}"), || async {
+        (count_rows(url, table) >= expected).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(count_rows(url, table), expected, "rows in {table}");
+}
+
+/// A sample's value in Prometheus text (`name` with its labels, as written), 0 when absent.
+pub fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Deletes the exchanges and queues a test made under `prefix`.
+pub async fn delete_amqp_topology(prefix: &str) {
+    let conn = bus::connect(&amqp_url(), "test-cleanup")
+        .await
+        .expect("RabbitMQ for the clean-up");
+    let channel = conn.create_channel().await.expect("a channel");
+    bus::delete_topology(&channel, &bus::Topology::with_prefix(prefix))
+        .await
+        .expect("delete the test's queues");
+}

@@ -173,12 +173,7 @@ impl Stack {
     }
 
     async fn wait_stored(&self, n: i64) {
-        eventually(WAIT, &format!("{n} readings stored"), || async {
-            (self.stored() >= n).then_some(())
-        })
-        .await;
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        assert_eq!(self.stored(), n);
+        testkit::wait_for_exactly(&self.db.url, "readings", n, WAIT).await;
     }
 
     /// Messages waiting in this test's readings queue.
@@ -204,13 +199,7 @@ impl Stack {
     }
 
     async fn cleanup(self) {
-        let conn = bus::connect(&testkit::amqp_url(), "ingest-test")
-            .await
-            .unwrap();
-        let channel = conn.create_channel().await.unwrap();
-        bus::delete_topology(&channel, &bus::Topology::with_prefix(&self.prefix))
-            .await
-            .unwrap();
+        testkit::delete_amqp_topology(&self.prefix).await;
     }
 }
 

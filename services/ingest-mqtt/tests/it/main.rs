@@ -35,19 +35,13 @@ impl Running {
             .text()
             .await
             .unwrap();
-        metric(&text, name)
+        testkit::metric(&text, name)
     }
 
     async fn stop(self) {
         let _ = self.stop.send(());
         self.task.await.unwrap();
     }
-}
-
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or(0.0)
 }
 
 impl Stack {
@@ -137,12 +131,7 @@ impl Stack {
     }
 
     async fn wait_stored(&self, n: i64) {
-        eventually(WAIT, &format!("{n} readings stored"), || async {
-            (self.stored() >= n).then_some(())
-        })
-        .await;
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        assert_eq!(self.stored(), n);
+        testkit::wait_for_exactly(&self.db.url, "readings", n, WAIT).await;
     }
 
     fn stored_ids(&self, device: &str) -> Vec<String> {
@@ -161,13 +150,7 @@ impl Stack {
     }
 
     async fn cleanup(self) {
-        let conn = bus::connect(&testkit::amqp_url(), "mqtt-test")
-            .await
-            .unwrap();
-        let channel = conn.create_channel().await.unwrap();
-        bus::delete_topology(&channel, &bus::Topology::with_prefix(&self.prefix))
-            .await
-            .unwrap();
+        testkit::delete_amqp_topology(&self.prefix).await;
     }
 }
 

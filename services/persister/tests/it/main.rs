@@ -59,13 +59,7 @@ impl Fixture {
     }
 
     async fn wait_stored(&self, expected: i64) {
-        eventually(WAIT, &format!("{expected} readings stored"), || async {
-            (self.stored() >= expected).then_some(())
-        })
-        .await;
-        // and no more arrive later
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        assert_eq!(self.stored(), expected);
+        testkit::wait_for_exactly(&self.db.url, "readings", expected, WAIT).await;
     }
 
     async fn channel(&self) -> (bus::lapin::Connection, bus::lapin::Channel) {
@@ -80,10 +74,7 @@ impl Fixture {
     }
 
     async fn cleanup(self) {
-        let (_conn, channel) = self.channel().await;
-        bus::delete_topology(&channel, &self.topology)
-            .await
-            .unwrap();
+        testkit::delete_amqp_topology(&self.prefix).await;
     }
 }
 
@@ -128,12 +119,6 @@ impl Running {
         let _ = self.stop.send(());
         self.task.await.unwrap();
     }
-}
-
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or(0.0)
 }
 
 /// `n` readings of `device`, ids `{tag}-{i}`, one second apart.
@@ -216,11 +201,11 @@ async fn readings_are_stored_exactly_and_an_undecodable_message_is_dead_lettered
     assert!(reason.starts_with("malformed message"), "{reason}");
     let text = running.metrics().await;
     assert_eq!(
-        metric(&text, "messages_dead_lettered_total{reason=\"malformed\"}"),
+        testkit::metric(&text, "messages_dead_lettered_total{reason=\"malformed\"}"),
         1.0,
         "{text}"
     );
-    assert_eq!(metric(&text, "readings_stored_total"), 5.0);
+    assert_eq!(testkit::metric(&text, "readings_stored_total"), 5.0);
 
     running.stop().await;
     publisher.close().await;
@@ -239,10 +224,10 @@ async fn a_reading_delivered_twice_is_stored_once() {
     f.wait_stored(50).await;
     let text = eventually(WAIT, "duplicates counted", || async {
         let text = running.metrics().await;
-        (metric(&text, "readings_duplicate_total") >= 60.0).then_some(text)
+        (testkit::metric(&text, "readings_duplicate_total") >= 60.0).then_some(text)
     })
     .await;
-    assert_eq!(metric(&text, "readings_duplicate_total"), 60.0);
+    assert_eq!(testkit::metric(&text, "readings_duplicate_total"), 60.0);
     running.stop().await;
     publisher.close().await;
     f.cleanup().await;
@@ -289,7 +274,10 @@ async fn a_database_outage_is_waited_out_and_nothing_is_lost() {
     })
     .await;
     let text = running.metrics().await;
-    assert!(metric(&text, "write_failures_total") >= 1.0, "{text}");
+    assert!(
+        testkit::metric(&text, "write_failures_total") >= 1.0,
+        "{text}"
+    );
     running.stop().await;
     publisher.close().await;
     f.cleanup().await;
@@ -364,8 +352,8 @@ async fn several_persisters_share_the_queue() {
     }
     f.wait_stored(2000).await;
     let (ma, mb) = (
-        metric(&a.metrics().await, "readings_stored_total"),
-        metric(&b.metrics().await, "readings_stored_total"),
+        testkit::metric(&a.metrics().await, "readings_stored_total"),
+        testkit::metric(&b.metrics().await, "readings_stored_total"),
     );
     assert_eq!(ma + mb, 2000.0);
     assert!(
