@@ -37,6 +37,8 @@ use crate::metrics::KindLabels;
 
 /// How long a stop waits for messages in flight to reach RabbitMQ before leaving them to Mosquitto.
 const STOP_GRACE: Duration = Duration::from_secs(10);
+/// The longest wait between two attempts to reconnect to Mosquitto.
+const MAX_RECONNECT_BACKOFF: Duration = Duration::from_secs(1);
 
 pub struct IngestMqtt {
     settings: Settings,
@@ -204,16 +206,12 @@ async fn bridge(
                     session_present = ack.session_present,
                     "connected to Mosquitto"
                 );
-                if ack.session_present {
-                    // the session's subscriptions are in place: ready
-                    connected.store(true, Ordering::SeqCst);
-                    metrics.connected.set(1);
-                } else {
-                    // A new session has no subscriptions (and rumqttc dropped queued requests).
-                    for filter in &filters {
-                        if let Err(e) = client.try_subscribe(filter.as_str(), QoS::AtLeastOnce) {
-                            tracing::error!(error = %e, %filter, "cannot subscribe");
-                        }
+                // Subscribe on every connection, even when Mosquitto says it kept the session: a
+                // Mosquitto that died between two saves of its state keeps an older session, whose
+                // subscriptions may predate ours. Subscribing again is harmless. Ready at the SUBACK.
+                for filter in &filters {
+                    if let Err(e) = client.try_subscribe(filter.as_str(), QoS::AtLeastOnce) {
+                        tracing::error!(error = %e, %filter, "cannot subscribe");
                     }
                 }
             }
@@ -265,7 +263,9 @@ async fn bridge(
                     _ = tokio::time::sleep(backoff) => {}
                     _ = shutdown.changed() => {}
                 }
-                backoff = (backoff * 2).min(max_backoff);
+                // Readings wait in Mosquitto for as long as we are away, and trying one broker
+                // again is cheap: reconnect at least every second.
+                backoff = (backoff * 2).min(max_backoff).min(MAX_RECONNECT_BACKOFF);
             }
         }
     }

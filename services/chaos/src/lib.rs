@@ -1,0 +1,218 @@
+//! chaos: proves "acknowledged means stored exactly once" under faults (issue 5).
+//!
+//! It runs its own PostgreSQL, RabbitMQ node and Mosquitto and the services of the write path
+//! (`stack`), and for each step of a plan (`plan`) lets simulated Pis send over HTTP and MQTT
+//! (`fleet`) while a fault is injected and repaired (`run`); then it compares what the devices were
+//! told was received with what PostgreSQL stored (`verify`), and prints a table (`report`).
+
+pub mod fleet;
+pub mod plan;
+pub mod report;
+pub mod run;
+pub mod stack;
+pub mod verify;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use serde::Serialize;
+
+use crate::fleet::FleetPlan;
+use crate::plan::Step;
+use crate::run::{Runner, StepOutcome, Timing};
+use crate::stack::{AMQP_PREFIX, Component, Ports, Stack};
+
+pub struct Options {
+    pub steps: Vec<Step>,
+    pub fleet: FleetPlan,
+    pub timing: Timing,
+    pub bin_dir: PathBuf,
+    pub work_dir: PathBuf,
+    pub port_base: u16,
+    pub out: PathBuf,
+    /// Steps marked as known gaps fail the run too.
+    pub strict: bool,
+}
+
+#[derive(Serialize)]
+struct Figures<'a> {
+    finished_at: String,
+    fleet: String,
+    strict: bool,
+    passed: bool,
+    steps: &'a [StepOutcome],
+    /// Seconds until the readings queue was empty after the last step; None: it never was.
+    queue_drained_secs: Option<f64>,
+    dead_lettered: u64,
+}
+
+fn progress(message: &str) {
+    eprintln!("\x1b[1m==> {message}\x1b[0m");
+}
+
+/// Runs every step and prints the table; Ok(true) when nothing acknowledged was lost or duplicated.
+pub async fn run(options: Options) -> anyhow::Result<bool> {
+    let started = std::time::Instant::now();
+    progress(&format!(
+        "starting PostgreSQL, RabbitMQ, Mosquitto and the services in {}",
+        options.work_dir.display()
+    ));
+    let mut stack = Stack::prepare(
+        &options.work_dir,
+        &options.bin_dir,
+        Ports::from_base(options.port_base),
+    )?;
+    let ready = options.timing.ready_timeout;
+    stack.start_ready(Component::Postgres, ready).await?;
+    stack.create_database()?;
+    let tokens = register_devices(&stack, &options)?;
+    for component in &Component::ALL[1..] {
+        stack
+            .start_ready(*component, ready)
+            .await
+            .with_context(|| format!("{} did not start", component.name()))?;
+    }
+    progress(&format!(
+        "up in {:.0} s; {} steps, each with {} HTTP, {} batch ({} readings) and {} MQTT devices",
+        started.elapsed().as_secs_f64(),
+        options.steps.len(),
+        options.fleet.http_devices,
+        options.fleet.batch_devices,
+        options.fleet.batch_size,
+        options.fleet.mqtt_devices
+    ));
+
+    let mut runner = Runner {
+        stack: &mut stack,
+        fleet: options.fleet.clone(),
+        tokens,
+        timing: options.timing.clone(),
+    };
+    let mut outcomes = Vec::new();
+    for (index, step) in options.steps.iter().enumerate() {
+        progress(&format!(
+            "[{}/{}] {}",
+            index + 1,
+            options.steps.len(),
+            step.name
+        ));
+        let outcome = runner
+            .run_step(index, step)
+            .await
+            .with_context(|| format!("step {:?}", step.name))?;
+        eprintln!(
+            "    sent {} acknowledged {} stored {} lost {} duplicated {} caught up in {}; {}",
+            outcome.sent,
+            outcome.acknowledged,
+            outcome.stored,
+            outcome.lost,
+            outcome.duplicated,
+            outcome
+                .catch_up_secs
+                .map_or_else(|| "never".to_owned(), |s| format!("{s:.1} s")),
+            outcome.notes.join("; ")
+        );
+        outcomes.push(outcome);
+    }
+    // Everything acknowledged is stored; what is left on the queue are repeats (messages published
+    // again after a lost confirm, redeliveries). The persister must still get through them: a queue
+    // that does not empty means messages stuck somewhere.
+    let drained = wait_queue_empty(runner.stack, Duration::from_secs(60)).await;
+    // late redeliveries, if any, have arrived by now: count again
+    for outcome in &mut outcomes {
+        runner.recount(outcome).await?;
+    }
+    drop(runner);
+    let dead = stack.queue_messages("readings.dead").unwrap_or(0);
+    stack.shutdown().await;
+
+    let passed = drained.is_ok()
+        && dead == 0
+        && outcomes
+            .iter()
+            .all(|o| o.clean() || (o.known_gap.is_some() && !options.strict));
+    let table = report::table(&outcomes);
+    let details = report::details(&outcomes);
+    println!("\n{table}\n{details}");
+    match &drained {
+        Ok(took) => println!(
+            "After the last step the readings queue was empty in {:.1} s.",
+            took.as_secs_f64()
+        ),
+        Err(left) => println!("❌ {left} messages were still on the readings queue after 60 s."),
+    }
+    if dead > 0 {
+        println!("❌ {dead} messages were dead-lettered ({AMQP_PREFIX}.readings.dead).");
+    }
+    let figures = Figures {
+        finished_at: chrono::Utc::now().to_rfc3339(),
+        fleet: format!("{:?}", options.fleet),
+        strict: options.strict,
+        passed,
+        steps: &outcomes,
+        queue_drained_secs: drained.as_ref().ok().map(Duration::as_secs_f64),
+        dead_lettered: dead,
+    };
+    std::fs::create_dir_all(&options.out)?;
+    std::fs::write(
+        options.out.join("latest.json"),
+        serde_json::to_string_pretty(&figures)?,
+    )?;
+    std::fs::write(options.out.join("latest.md"), format!("{table}\n{details}"))?;
+    progress(&format!(
+        "{} in {:.0} s; table in {}",
+        if passed {
+            "passed: nothing acknowledged was lost or stored twice"
+        } else {
+            "FAILED"
+        },
+        started.elapsed().as_secs_f64(),
+        options.out.join("latest.md").display()
+    ));
+    Ok(passed)
+}
+
+/// Ok(how long it took), or Err(messages left).
+async fn wait_queue_empty(stack: &Stack, timeout: Duration) -> Result<Duration, u64> {
+    let started = std::time::Instant::now();
+    let mut left = u64::MAX;
+    while started.elapsed() < timeout {
+        if let Ok(messages) = stack.queue_messages("readings") {
+            left = messages;
+            if messages == 0 {
+                return Ok(started.elapsed());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    Err(left)
+}
+
+/// Every device of every step, registered with its token, before the services start.
+fn register_devices(stack: &Stack, options: &Options) -> anyhow::Result<HashMap<String, String>> {
+    let signer = auth::TokenSigner::from_file(&stack.keys_dir().join(auth::SIGNING_KEY_FILE))?;
+    let mut conn = store::connect(&stack.database_url())?;
+    let now = chrono::Utc::now().timestamp();
+    let mut tokens = HashMap::new();
+    for index in 0..options.steps.len() {
+        for (device, _) in options.fleet.devices(&run::step_tag(index)) {
+            let claims = auth::Claims::device(&device, now);
+            store::credentials::register_device(&mut conn, &device, &claims.jti)?;
+            tokens.insert(device, signer.sign(&claims)?);
+        }
+    }
+    Ok(tokens)
+}
+
+/// Default timings: a few seconds of load on either side of the fault.
+pub fn timing(before: Duration, after: Duration) -> Timing {
+    Timing {
+        before,
+        after,
+        retry_for: Duration::from_secs(90),
+        drain_timeout: Duration::from_secs(120),
+        ready_timeout: Duration::from_secs(120),
+    }
+}

@@ -1,0 +1,130 @@
+//! The table (Markdown) and the figures (JSON).
+
+use std::fmt::Write as _;
+
+use crate::run::StepOutcome;
+
+fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// What a step's row says in its last column.
+fn verdict(outcome: &StepOutcome) -> String {
+    if outcome.clean() {
+        "✅".to_owned()
+    } else if outcome.known_gap.is_some() {
+        "⚠️ known gap".to_owned()
+    } else {
+        "❌".to_owned()
+    }
+}
+
+pub fn table(outcomes: &[StepOutcome]) -> String {
+    let mut out = String::from(
+        "| fault | sent | acknowledged | stored | lost | duplicated | retries | caught up in | |\n\
+         |---|---|---|---|---|---|---|---|---|\n",
+    );
+    for o in outcomes {
+        let catch_up = o
+            .catch_up_secs
+            .map_or_else(|| "never".to_owned(), |s| format!("{s:.1} s"));
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            o.name,
+            thousands(o.sent),
+            thousands(o.acknowledged),
+            thousands(o.stored),
+            thousands(o.lost),
+            thousands(o.duplicated),
+            thousands(o.retries),
+            catch_up,
+            verdict(o)
+        );
+    }
+    out
+}
+
+/// What happened in each step beyond the counts: refusals the devices saw, what was observed.
+pub fn details(outcomes: &[StepOutcome]) -> String {
+    let mut out = String::new();
+    for o in outcomes {
+        let mut parts = o.notes.clone();
+        if !o.refusals.is_empty() {
+            let seen: Vec<String> = o
+                .refusals
+                .iter()
+                .map(|(why, n)| format!("{why} ×{}", thousands(*n)))
+                .collect();
+            parts.push(format!("devices saw: {}", seen.join(", ")));
+        }
+        if o.unacknowledged > 0 {
+            parts.push(format!(
+                "{} readings never acknowledged",
+                thousands(o.unacknowledged)
+            ));
+        }
+        if let Some(gap) = o.known_gap {
+            parts.push(format!("known gap: {gap}"));
+        }
+        let _ = writeln!(out, "- **{}**: {}.", o.name, parts.join("; "));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::Fault;
+    use std::collections::BTreeMap;
+
+    fn outcome(lost: u64, gap: Option<&'static str>) -> StepOutcome {
+        StepOutcome {
+            name: "SIGKILL persister".into(),
+            tag: "s01".into(),
+            fault: Fault::MemoryAlarm {
+                held: std::time::Duration::from_secs(1),
+            },
+            known_gap: gap,
+            sent: 12_345,
+            acknowledged: 12_000,
+            stored: 12_000 - lost,
+            lost,
+            duplicated: 0,
+            unacknowledged: 0,
+            retries: 7,
+            refusals: BTreeMap::from([("HTTP 503".to_owned(), 7)]),
+            catch_up_secs: Some(1.25),
+            notes: vec!["killed while a batch was being written".into()],
+            acknowledged_ids: vec![],
+        }
+    }
+
+    #[test]
+    fn a_row_per_step_with_its_verdict() {
+        let text = table(&[outcome(0, None), outcome(3, None), outcome(3, Some("why"))]);
+        let rows: Vec<&str> = text.lines().skip(2).collect();
+        assert_eq!(rows.len(), 3);
+        assert!(rows[0].contains("| 12,345 | 12,000 | 12,000 | 0 | 0 | 7 | 1.2 s | ✅ |"));
+        assert!(rows[1].ends_with("❌ |"));
+        assert!(rows[2].ends_with("⚠️ known gap |"));
+        let details = details(&[outcome(3, Some("why"))]);
+        assert!(details.contains("HTTP 503 ×7") && details.contains("known gap: why"));
+    }
+
+    #[test]
+    fn thousands_are_grouped() {
+        assert_eq!(thousands(0), "0");
+        assert_eq!(thousands(999), "999");
+        assert_eq!(thousands(1000), "1,000");
+        assert_eq!(thousands(1234567), "1,234,567");
+    }
+}

@@ -1,0 +1,346 @@
+//! One step: devices send, a fault is injected and repaired, the devices stop making new readings
+//! and send again what was not acknowledged, then the run waits until every acknowledged reading is
+//! stored and says how long that took.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use diesel::sql_types::BigInt;
+use diesel::{QueryableByName, RunQueryDsl};
+use serde::Serialize;
+use tokio::time::Instant;
+
+use crate::fleet::{FleetPlan, Kind, RunningFleet, Targets};
+use crate::plan::{Fault, Step};
+use crate::stack::{Component, Stack};
+use crate::verify::Stored;
+
+#[derive(Debug, Clone)]
+pub struct Timing {
+    /// Load before the fault.
+    pub before: Duration,
+    /// Load after everything is back.
+    pub after: Duration,
+    /// How long devices keep sending a reading not yet acknowledged, after the load stopped.
+    pub retry_for: Duration,
+    /// How long to wait for every acknowledged reading to be stored.
+    pub drain_timeout: Duration,
+    /// How long a restarted component may take to be ready.
+    pub ready_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StepOutcome {
+    pub name: String,
+    pub tag: String,
+    pub fault: Fault,
+    pub known_gap: Option<&'static str>,
+    pub sent: u64,
+    pub acknowledged: u64,
+    pub stored: u64,
+    pub lost: u64,
+    pub duplicated: u64,
+    /// Readings the devices gave up on (never acknowledged): not lost, but a system that did not
+    /// recover.
+    pub unacknowledged: u64,
+    pub retries: u64,
+    pub refusals: BTreeMap<String, u64>,
+    /// From the end of the load until every acknowledged reading was stored; None: never.
+    pub catch_up_secs: Option<f64>,
+    /// What was observed while the fault lasted.
+    pub notes: Vec<String>,
+    #[serde(skip)]
+    pub acknowledged_ids: Vec<(String, String)>,
+}
+
+impl StepOutcome {
+    pub fn clean(&self) -> bool {
+        self.lost == 0
+            && self.duplicated == 0
+            && self.unacknowledged == 0
+            && self.catch_up_secs.is_some()
+            && self.acknowledged > 0
+    }
+}
+
+pub struct Runner<'a> {
+    pub stack: &'a mut Stack,
+    pub fleet: FleetPlan,
+    pub tokens: HashMap<String, String>,
+    pub timing: Timing,
+}
+
+impl Runner<'_> {
+    pub async fn run_step(&mut self, index: usize, step: &Step) -> anyhow::Result<StepOutcome> {
+        let tag = step_tag(index);
+        let devices: Vec<(String, Kind, String)> = self
+            .fleet
+            .devices(&tag)
+            .into_iter()
+            .map(|(id, kind)| {
+                let token = self.tokens.get(&id).cloned().unwrap_or_default();
+                (id, kind, token)
+            })
+            .collect();
+        let targets = Targets {
+            ingest_url: self.stack.ingest_url(),
+            mqtt_port: self.stack.mqtt_port(),
+        };
+        let fleet = RunningFleet::start(&self.fleet, devices, targets)?;
+        tokio::time::sleep(self.timing.before).await;
+        let mut notes = Vec::new();
+        if fleet.acknowledged_so_far() == 0 {
+            notes.push("nothing was acknowledged before the fault".to_owned());
+        }
+        self.inject(&step.fault, &mut notes).await?;
+        tokio::time::sleep(self.timing.after).await;
+
+        let load_stopped = Instant::now();
+        let ledger = fleet.finish(load_stopped + self.timing.retry_for).await;
+        let acknowledged = ledger.acknowledged();
+        let catch_up = self.wait_stored(&tag, &acknowledged, load_stopped).await;
+        for (component, status) in self.stack.exited() {
+            notes.push(format!("{} exited by itself ({status})", component.name()));
+        }
+        let stored = self.load_stored(&tag).await.unwrap_or_default();
+        let refusals = ledger.refusals();
+        Ok(StepOutcome {
+            name: step.name.clone(),
+            tag,
+            fault: step.fault.clone(),
+            known_gap: step.known_gap,
+            sent: ledger.sent.load(std::sync::atomic::Ordering::Relaxed),
+            acknowledged: acknowledged.len() as u64,
+            stored: stored.distinct(),
+            lost: stored.missing(&acknowledged),
+            duplicated: stored.duplicated(),
+            unacknowledged: ledger
+                .unacknowledged
+                .load(std::sync::atomic::Ordering::Relaxed),
+            retries: ledger.retries.load(std::sync::atomic::Ordering::Relaxed),
+            refusals,
+            catch_up_secs: catch_up.map(|d| d.as_secs_f64()),
+            notes,
+            acknowledged_ids: acknowledged,
+        })
+    }
+
+    async fn inject(&mut self, fault: &Fault, notes: &mut Vec<String>) -> anyhow::Result<()> {
+        match fault {
+            Fault::Kill { components, down } => {
+                if components.contains(&Component::Persister) {
+                    notes.push(if self.wait_for_write_in_progress().await {
+                        "killed while a batch was being written".to_owned()
+                    } else {
+                        "no write in progress was seen before the kill".to_owned()
+                    });
+                }
+                for component in components {
+                    self.stack.kill(*component)?;
+                }
+                let down_since = Instant::now();
+                self.watch_outage(*down, notes).await;
+                let mut order = components.clone();
+                order.sort(); // databases and brokers before the services that use them
+                for component in order {
+                    self.stack
+                        .start_ready(component, self.timing.ready_timeout)
+                        .await?;
+                }
+                notes.push(format!(
+                    "down {:.1} s in all",
+                    down_since.elapsed().as_secs_f64()
+                ));
+            }
+            Fault::Terminate { component } => {
+                match self
+                    .stack
+                    .terminate(*component, Duration::from_secs(30))
+                    .await?
+                {
+                    Some(took) => notes.push(format!(
+                        "{} stopped by itself in {:.1} s",
+                        component.name(),
+                        took.as_secs_f64()
+                    )),
+                    None => notes.push(format!(
+                        "{} did not stop within 30 s: killed",
+                        component.name()
+                    )),
+                }
+                self.stack
+                    .start_ready(*component, self.timing.ready_timeout)
+                    .await?;
+            }
+            Fault::MemoryAlarm { held } => {
+                self.stack
+                    .rabbitmqctl(&["set_vm_memory_high_watermark", "absolute", "1"])?;
+                self.watch_outage(*held, notes).await;
+                self.stack
+                    .rabbitmqctl(&["set_vm_memory_high_watermark", "0.4"])?;
+            }
+        }
+        Ok(())
+    }
+
+    /// While a fault lasts: how deep the readings queue grew (persister's /metrics) and what the
+    /// services' readiness said.
+    async fn watch_outage(&self, duration: Duration, notes: &mut Vec<String>) {
+        let until = Instant::now() + duration;
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_millis(500))
+            .build()
+            .ok();
+        let mut deepest_queue: Option<i64> = None;
+        let mut not_ready: BTreeMap<&'static str, u32> = BTreeMap::new();
+        while Instant::now() < until {
+            if let Some(client) = &client {
+                for component in [
+                    Component::IngestHttp,
+                    Component::IngestMqtt,
+                    Component::Persister,
+                ] {
+                    let (true, Some(url)) = (
+                        self.stack.is_running(component),
+                        self.stack.ops_url(component),
+                    ) else {
+                        continue;
+                    };
+                    if let Ok(r) = client.get(format!("{url}/readyz")).send().await
+                        && !r.status().is_success()
+                    {
+                        *not_ready.entry(component.name()).or_default() += 1;
+                    }
+                    if component == Component::Persister
+                        && let Some(depth) = queue_depth(client, &url).await
+                    {
+                        deepest_queue = Some(deepest_queue.unwrap_or(0).max(depth));
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(500).min(duration)).await;
+        }
+        if !not_ready.is_empty() {
+            let names: Vec<_> = not_ready.keys().copied().collect();
+            notes.push(format!("not ready meanwhile: {}", names.join(", ")));
+        }
+        if let Some(depth) = deepest_queue.filter(|d| *d > 0) {
+            notes.push(format!("queue grew to {depth} messages"));
+        }
+    }
+
+    /// Waits (up to 3 s) until the persister is writing a batch: a COPY or INSERT into readings
+    /// active in PostgreSQL.
+    async fn wait_for_write_in_progress(&self) -> bool {
+        #[derive(QueryableByName)]
+        struct Active {
+            #[diesel(sql_type = BigInt)]
+            writes: i64,
+        }
+        let url = self.stack.database_url();
+        tokio::task::spawn_blocking(move || {
+            let Ok(mut conn) = store::connect(&url) else {
+                return false;
+            };
+            let deadline = std::time::Instant::now() + Duration::from_secs(3);
+            while std::time::Instant::now() < deadline {
+                let active: Result<Vec<Active>, _> = diesel::sql_query(
+                    "SELECT count(*) AS writes FROM pg_stat_activity \
+                     WHERE state = 'active' AND pid <> pg_backend_pid() \
+                     AND (query ILIKE 'copy%readings%' OR query ILIKE 'insert into%readings%')",
+                )
+                .load(&mut conn);
+                if active.is_ok_and(|a| a.first().is_some_and(|a| a.writes > 0)) {
+                    return true;
+                }
+            }
+            false
+        })
+        .await
+        .unwrap_or(false)
+    }
+
+    async fn load_stored(&self, tag: &str) -> anyhow::Result<Stored> {
+        let (url, tag) = (self.stack.database_url(), tag.to_owned());
+        tokio::task::spawn_blocking(move || Stored::load(&url, &tag)).await?
+    }
+
+    /// Polls the database until every acknowledged reading is there.
+    async fn wait_stored(
+        &self,
+        tag: &str,
+        acknowledged: &[(String, String)],
+        since: Instant,
+    ) -> Option<Duration> {
+        let deadline = Instant::now() + self.timing.drain_timeout;
+        loop {
+            if let Ok(stored) = self.load_stored(tag).await
+                && stored.missing(acknowledged) == 0
+            {
+                return Some(since.elapsed());
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Counts again at the end of the run, when redeliveries have long settled.
+    pub async fn recount(&self, outcome: &mut StepOutcome) -> anyhow::Result<()> {
+        let stored = self.load_stored(&outcome.tag).await?;
+        outcome.stored = stored.distinct();
+        outcome.lost = stored.missing(&outcome.acknowledged_ids);
+        outcome.duplicated = stored.duplicated();
+        Ok(())
+    }
+}
+
+pub fn step_tag(index: usize) -> String {
+    format!("s{:02}", index + 1)
+}
+
+async fn queue_depth(client: &reqwest::Client, ops_url: &str) -> Option<i64> {
+    let text = client
+        .get(format!("{ops_url}/metrics"))
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    metric_value(&text, "queue_messages")
+}
+
+/// The value of the first sample whose name ends with `suffix` (services prefix their metrics).
+fn metric_value(text: &str, suffix: &str) -> Option<i64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let (name, value) = l.split_once(' ')?;
+            name.ends_with(suffix)
+                .then(|| value.trim().parse::<f64>().ok())?
+        })
+        .map(|v| v as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_a_gauge_from_prometheus_text() {
+        let text = "# HELP persister_queue_messages Messages waiting\n\
+                    # TYPE persister_queue_messages gauge\n\
+                    persister_queue_messages 1234\n\
+                    persister_readings_stored_total 5\n";
+        assert_eq!(metric_value(text, "queue_messages"), Some(1234));
+        assert_eq!(metric_value(text, "nothing"), None);
+    }
+
+    #[test]
+    fn step_tags_sort_in_step_order() {
+        assert_eq!(step_tag(0), "s01");
+        assert!(step_tag(8) < step_tag(9) && step_tag(9) < step_tag(10));
+    }
+}

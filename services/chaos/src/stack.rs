@@ -1,0 +1,717 @@
+//! The system under test, as processes this run owns: its own PostgreSQL, RabbitMQ node and
+//! Mosquitto (on their own ports and data directories, so the machine's services and whatever else
+//! uses them are not disturbed), and the Sensorhub services on the write path. Each can be killed
+//! with SIGKILL (the process and every process it started, as a crashed container), stopped with
+//! SIGTERM, and started again on the same data.
+
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde::Serialize;
+
+/// A process of the system under test.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Component {
+    Postgres,
+    Rabbitmq,
+    Mosquitto,
+    Persister,
+    IngestHttp,
+    IngestMqtt,
+}
+
+impl Component {
+    /// In the order they are started.
+    pub const ALL: [Component; 6] = [
+        Component::Postgres,
+        Component::Rabbitmq,
+        Component::Mosquitto,
+        Component::Persister,
+        Component::IngestHttp,
+        Component::IngestMqtt,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Component::Postgres => "postgres",
+            Component::Rabbitmq => "rabbitmq",
+            Component::Mosquitto => "mosquitto",
+            Component::Persister => "persister",
+            Component::IngestHttp => "ingest-http",
+            Component::IngestMqtt => "ingest-mqtt",
+        }
+    }
+}
+
+/// Where everything listens: consecutive ports from a base.
+#[derive(Debug, Clone, Copy)]
+pub struct Ports {
+    pub postgres: u16,
+    pub amqp: u16,
+    pub amqp_dist: u16,
+    pub mqtt: u16,
+    pub ingest_http: u16,
+    pub persister: u16,
+    pub ingest_mqtt: u16,
+}
+
+impl Ports {
+    pub fn from_base(base: u16) -> Self {
+        Self {
+            postgres: base,
+            amqp: base + 1,
+            amqp_dist: base + 2,
+            mqtt: base + 3,
+            ingest_http: base + 4,
+            persister: base + 5,
+            ingest_mqtt: base + 6,
+        }
+    }
+
+    fn all(&self) -> [u16; 7] {
+        [
+            self.postgres,
+            self.amqp,
+            self.amqp_dist,
+            self.mqtt,
+            self.ingest_http,
+            self.persister,
+            self.ingest_mqtt,
+        ]
+    }
+}
+
+pub const AMQP_PREFIX: &str = "sensorhub-chaos";
+const DATABASE: &str = "sensorhub";
+const RABBITMQ_NODE: &str = "sensorhub-chaos@localhost";
+
+pub struct Stack {
+    pub ports: Ports,
+    /// Data directories and logs.
+    dir: PathBuf,
+    /// The Sensorhub binaries.
+    bin_dir: PathBuf,
+    pg_bin: PathBuf,
+    /// Who PostgreSQL and RabbitMQ run as when this runs as root (they refuse root, or own their files).
+    postgres_user: Option<(u32, u32)>,
+    rabbitmq_user: Option<(u32, u32)>,
+    running: HashMap<Component, Child>,
+}
+
+impl Stack {
+    /// Makes fresh data directories under `dir` (removing an earlier run's): a PostgreSQL cluster,
+    /// a RabbitMQ node's, Mosquitto's and a key pair for device tokens.
+    pub fn prepare(dir: &Path, bin_dir: &Path, ports: Ports) -> anyhow::Result<Self> {
+        for port in ports.all() {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                bail!(
+                    "port {port} is taken (another chaos run? choose other ports with --port-base)"
+                );
+            }
+        }
+        for bin in ["ingest-http", "ingest-mqtt", "persister"] {
+            if !bin_dir.join(bin).is_file() {
+                bail!(
+                    "{} not found: build the services first (cargo build --bins)",
+                    bin_dir.join(bin).display()
+                );
+            }
+        }
+        if dir.exists() {
+            fs::remove_dir_all(dir).with_context(|| format!("cannot remove {}", dir.display()))?;
+        }
+        fs::create_dir_all(dir.join("logs"))?;
+        let root = is_root();
+        let stack = Self {
+            ports,
+            dir: dir.to_owned(),
+            bin_dir: bin_dir.to_owned(),
+            pg_bin: postgres_bin_dir()?,
+            postgres_user: if root {
+                Some(user_ids("postgres")?)
+            } else {
+                None
+            },
+            rabbitmq_user: if root {
+                Some(user_ids("rabbitmq")?)
+            } else {
+                None
+            },
+            running: HashMap::new(),
+        };
+        stack.prepare_postgres()?;
+        stack.prepare_rabbitmq()?;
+        stack.prepare_mosquitto()?;
+        auth::generate_key_pair(&stack.keys_dir(), true)?;
+        Ok(stack)
+    }
+
+    pub fn keys_dir(&self) -> PathBuf {
+        self.dir.join("keys")
+    }
+
+    pub fn database_url(&self) -> String {
+        format!(
+            "postgres://postgres@127.0.0.1:{}/{DATABASE}",
+            self.ports.postgres
+        )
+    }
+
+    fn admin_database_url(&self) -> String {
+        format!(
+            "postgres://postgres@127.0.0.1:{}/postgres",
+            self.ports.postgres
+        )
+    }
+
+    pub fn amqp_url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.ports.amqp)
+    }
+
+    pub fn ingest_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.ports.ingest_http)
+    }
+
+    pub fn mqtt_port(&self) -> u16 {
+        self.ports.mqtt
+    }
+
+    pub fn ops_url(&self, component: Component) -> Option<String> {
+        let port = match component {
+            Component::IngestHttp => self.ports.ingest_http,
+            Component::Persister => self.ports.persister,
+            Component::IngestMqtt => self.ports.ingest_mqtt,
+            _ => return None,
+        };
+        Some(format!("http://127.0.0.1:{port}"))
+    }
+
+    fn pg_dir(&self) -> PathBuf {
+        self.dir.join("postgres")
+    }
+
+    fn rabbitmq_dir(&self) -> PathBuf {
+        self.dir.join("rabbitmq")
+    }
+
+    fn mosquitto_dir(&self) -> PathBuf {
+        self.dir.join("mosquitto")
+    }
+
+    fn prepare_postgres(&self) -> anyhow::Result<()> {
+        let dir = self.pg_dir();
+        fs::create_dir_all(&dir)?;
+        chown(&dir, self.postgres_user)?;
+        let mut initdb = Command::new(self.pg_bin.join("initdb"));
+        initdb
+            .arg("-D")
+            .arg(dir.join("data"))
+            .args(["-A", "trust", "-U", "postgres", "--no-sync"]);
+        as_user(&mut initdb, self.postgres_user);
+        run_quietly(&mut initdb)
+    }
+
+    fn prepare_rabbitmq(&self) -> anyhow::Result<()> {
+        let dir = self.rabbitmq_dir();
+        fs::create_dir_all(dir.join("mnesia"))?;
+        fs::create_dir_all(dir.join("log"))?;
+        // no plugins: the machine's node may have the management plugin on its fixed port
+        fs::write(dir.join("enabled_plugins"), "[].\n")?;
+        fs::write(
+            dir.join("rabbitmq.conf"),
+            format!(
+                "listeners.tcp.local = 127.0.0.1:{}\nloopback_users.guest = true\n",
+                self.ports.amqp
+            ),
+        )?;
+        chown_tree(&dir, self.rabbitmq_user)
+    }
+
+    /// deploy/mosquitto/mosquitto.conf's persistence and queue settings, anonymous (device
+    /// accounts are not what this run is about).
+    fn prepare_mosquitto(&self) -> anyhow::Result<()> {
+        let dir = self.mosquitto_dir();
+        fs::create_dir_all(&dir)?;
+        let mut conf = format!(
+            "listener {} 127.0.0.1\nallow_anonymous true\npersistence true\n\
+             persistence_location {}/\nautosave_interval 30\npersistent_client_expiration 7d\n\
+             max_queued_messages 0\nmax_queued_bytes 1073741824\nmax_inflight_messages 1000\n\
+             max_packet_size 1048576\nlog_dest stderr\nlog_type error\nlog_type warning\n",
+            self.ports.mqtt,
+            dir.display()
+        );
+        if is_root() {
+            conf.push_str("user root\n");
+        }
+        fs::write(dir.join("mosquitto.conf"), conf)?;
+        Ok(())
+    }
+
+    fn log_file(&self, component: Component) -> anyhow::Result<File> {
+        Ok(OpenOptions::new().create(true).append(true).open(
+            self.dir
+                .join("logs")
+                .join(format!("{}.log", component.name())),
+        )?)
+    }
+
+    pub fn log_path(&self, component: Component) -> PathBuf {
+        self.dir
+            .join("logs")
+            .join(format!("{}.log", component.name()))
+    }
+
+    fn command(&self, component: Component) -> Command {
+        let service = |name: &str, port: u16| {
+            let mut cmd = Command::new(self.bin_dir.join(name));
+            cmd.env("HTTP_ADDR", format!("127.0.0.1:{port}"))
+                .env("AMQP_URL", self.amqp_url())
+                .env("AMQP_PREFIX", AMQP_PREFIX)
+                .env("DATABASE_URL", self.database_url())
+                .env("LOG_FORMAT", "text")
+                .env("RUST_LOG", "info");
+            cmd
+        };
+        match component {
+            Component::Postgres => {
+                let mut cmd = Command::new(self.pg_bin.join("postgres"));
+                cmd.arg("-D")
+                    .arg(self.pg_dir().join("data"))
+                    .arg("-k")
+                    .arg(self.pg_dir())
+                    .args(["-p", &self.ports.postgres.to_string()])
+                    .args(["-c", "listen_addresses=127.0.0.1"])
+                    // durability as in production: a commit is on disk before it returns
+                    .args(["-c", "fsync=on", "-c", "synchronous_commit=on"])
+                    .args(["-c", "shared_buffers=64MB", "-c", "max_connections=50"]);
+                as_user(&mut cmd, self.postgres_user);
+                cmd
+            }
+            Component::Rabbitmq => {
+                let dir = self.rabbitmq_dir();
+                let mut cmd = Command::new("/usr/lib/rabbitmq/bin/rabbitmq-server");
+                cmd.current_dir("/")
+                    .env("HOME", "/var/lib/rabbitmq") // the Erlang cookie rabbitmqctl uses too
+                    .env("RABBITMQ_NODENAME", RABBITMQ_NODE)
+                    .env("RABBITMQ_NODE_PORT", self.ports.amqp.to_string())
+                    .env("RABBITMQ_DIST_PORT", self.ports.amqp_dist.to_string())
+                    .env("RABBITMQ_MNESIA_BASE", dir.join("mnesia"))
+                    .env("RABBITMQ_LOG_BASE", dir.join("log"))
+                    .env("RABBITMQ_PID_FILE", dir.join("pid"))
+                    .env("RABBITMQ_ENABLED_PLUGINS_FILE", dir.join("enabled_plugins"))
+                    .env("RABBITMQ_CONFIG_FILE", dir.join("rabbitmq.conf"))
+                    .env("RABBITMQ_ADVANCED_CONFIG_FILE", dir.join("advanced.config"));
+                as_user(&mut cmd, self.rabbitmq_user);
+                cmd
+            }
+            Component::Mosquitto => {
+                let mut cmd = Command::new("mosquitto");
+                cmd.arg("-c")
+                    .arg(self.mosquitto_dir().join("mosquitto.conf"));
+                cmd
+            }
+            Component::Persister => service("persister", self.ports.persister),
+            Component::IngestHttp => {
+                let mut cmd = service("ingest-http", self.ports.ingest_http);
+                cmd.env(
+                    "AUTH_PUBLIC_KEY_FILE",
+                    self.keys_dir().join(auth::VERIFYING_KEY_FILE),
+                )
+                // simulated Pis send far more often than real ones
+                .env("RATE_LIMIT_PER_SECOND", "0");
+                cmd
+            }
+            Component::IngestMqtt => {
+                let mut cmd = service("ingest-mqtt", self.ports.ingest_mqtt);
+                cmd.env("MQTT_URL", format!("mqtt://127.0.0.1:{}", self.ports.mqtt))
+                    .env("MQTT_CLIENT_ID", "sensorhub-chaos-ingest-mqtt");
+                cmd
+            }
+        }
+    }
+
+    /// Starts a component (not waiting for it to be ready).
+    pub fn start(&mut self, component: Component) -> anyhow::Result<()> {
+        if self.running.contains_key(&component) {
+            bail!("{} is already running", component.name());
+        }
+        let log = self.log_file(component)?;
+        let child = self
+            .command(component)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("cannot start {}", component.name()))?;
+        self.running.insert(component, child);
+        Ok(())
+    }
+
+    /// Starts a component and waits until it serves.
+    pub async fn start_ready(
+        &mut self,
+        component: Component,
+        timeout: Duration,
+    ) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.start(component)?;
+            match self.wait_ready(component, deadline).await {
+                Ok(()) => return Ok(()),
+                // PostgreSQL refuses to start while backends of its killed predecessor still hold
+                // its shared memory: they leave within moments, so try again
+                Err(e) if component == Component::Postgres && Instant::now() < deadline => {
+                    tracing_note(&format!("postgres did not start yet ({e}); again"));
+                    if self.is_running(component) {
+                        self.kill(component)?;
+                    }
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn wait_ready(&mut self, component: Component, deadline: Instant) -> anyhow::Result<()> {
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(2))
+            .build()?;
+        loop {
+            if let Some(child) = self.running.get_mut(&component)
+                && let Some(status) = child.try_wait()?
+            {
+                self.running.remove(&component);
+                bail!(
+                    "{} exited ({status}); see {}",
+                    component.name(),
+                    self.log_path(component).display()
+                );
+            }
+            let ready = match component {
+                Component::Postgres => {
+                    let url = self.admin_database_url();
+                    tokio::task::spawn_blocking(move || store::connect(&url).is_ok()).await?
+                }
+                Component::Rabbitmq => port_open(self.ports.amqp).await,
+                Component::Mosquitto => port_open(self.ports.mqtt).await,
+                service => {
+                    let url = format!("{}/readyz", self.ops_url(service).unwrap_or_default());
+                    client
+                        .get(url)
+                        .send()
+                        .await
+                        .is_ok_and(|r| r.status().is_success())
+                }
+            };
+            if ready {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{} did not become ready; see {}",
+                    component.name(),
+                    self.log_path(component).display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Creates the database and migrates it.
+    pub fn create_database(&self) -> anyhow::Result<()> {
+        use diesel::RunQueryDsl;
+        let mut admin = store::connect(&self.admin_database_url())?;
+        diesel::sql_query(format!("CREATE DATABASE {DATABASE}")).execute(&mut admin)?;
+        let mut conn = store::connect(&self.database_url())?;
+        store::run_migrations(&mut conn)?;
+        Ok(())
+    }
+
+    pub fn is_running(&self, component: Component) -> bool {
+        self.running.contains_key(&component)
+    }
+
+    pub fn pid(&self, component: Component) -> Option<u32> {
+        self.running.get(&component).map(Child::id)
+    }
+
+    /// SIGKILL to the component and every process it started, at once, as when its container or
+    /// machine dies.
+    pub fn kill(&mut self, component: Component) -> anyhow::Result<()> {
+        let Some(mut child) = self.running.remove(&component) else {
+            bail!("{} is not running", component.name());
+        };
+        let mut pids = descendants(child.id());
+        pids.push(child.id());
+        signal("KILL", &pids);
+        child.wait()?;
+        Ok(())
+    }
+
+    /// SIGTERM, then waits for the component to exit by itself (SIGKILL after `grace`).
+    /// Returns how long it took, or None when it had to be killed.
+    pub async fn terminate(
+        &mut self,
+        component: Component,
+        grace: Duration,
+    ) -> anyhow::Result<Option<Duration>> {
+        let started = Instant::now();
+        let Some(child) = self.running.get_mut(&component) else {
+            bail!("{} is not running", component.name());
+        };
+        signal("TERM", &[child.id()]);
+        while started.elapsed() < grace {
+            if child.try_wait()?.is_some() {
+                self.running.remove(&component);
+                return Ok(Some(started.elapsed()));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.kill(component)?;
+        Ok(None)
+    }
+
+    /// Whether a component died by itself (it should never).
+    pub fn exited(&mut self) -> Vec<(Component, String)> {
+        let mut dead = Vec::new();
+        for (component, child) in &mut self.running {
+            if let Ok(Some(status)) = child.try_wait() {
+                dead.push((*component, status.to_string()));
+            }
+        }
+        for (component, _) in &dead {
+            self.running.remove(component);
+        }
+        dead
+    }
+
+    /// `rabbitmqctl` against this run's node.
+    pub fn rabbitmqctl(&self, args: &[&str]) -> anyhow::Result<String> {
+        let mut cmd = Command::new("/usr/lib/rabbitmq/bin/rabbitmqctl");
+        cmd.current_dir("/")
+            .env("HOME", "/var/lib/rabbitmq")
+            .args(["-q", "-n", RABBITMQ_NODE])
+            .args(args);
+        as_user(&mut cmd, self.rabbitmq_user);
+        let out = cmd.output().context("cannot run rabbitmqctl")?;
+        if !out.status.success() {
+            bail!(
+                "rabbitmqctl {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Messages in a queue of this run's prefix (ready and unacknowledged).
+    pub fn queue_messages(&self, queue_suffix: &str) -> anyhow::Result<u64> {
+        let name = format!("{AMQP_PREFIX}.{queue_suffix}");
+        let listing = self.rabbitmqctl(&["list_queues", "name", "messages"])?;
+        listing
+            .lines()
+            .find_map(|line| {
+                let (queue, messages) = line.split_once('\t')?;
+                (queue == name).then(|| messages.trim().parse().ok())?
+            })
+            .with_context(|| format!("no queue {name} in {listing:?}"))
+    }
+
+    /// Stops everything: the services gracefully, then the brokers and the database.
+    pub async fn shutdown(&mut self) {
+        for component in Component::ALL.iter().rev() {
+            if self.is_running(*component) {
+                let _ = self.terminate(*component, Duration::from_secs(15)).await;
+            }
+        }
+    }
+}
+
+impl Drop for Stack {
+    /// Nothing outlives the run, whatever stopped it.
+    fn drop(&mut self) {
+        let components: Vec<_> = self.running.keys().copied().collect();
+        for component in components {
+            let _ = self.kill(component);
+        }
+    }
+}
+
+fn tracing_note(message: &str) {
+    eprintln!("   {message}");
+}
+
+fn is_root() -> bool {
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .map(|v| v.split_whitespace().next() == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+/// (uid, gid) from /etc/passwd.
+fn user_ids(name: &str) -> anyhow::Result<(u32, u32)> {
+    let passwd = fs::read_to_string("/etc/passwd")?;
+    passwd
+        .lines()
+        .find_map(|line| {
+            let fields: Vec<&str> = line.split(':').collect();
+            (fields.first() == Some(&name) && fields.len() > 3)
+                .then(|| Some((fields[2].parse().ok()?, fields[3].parse().ok()?)))
+                .flatten()
+        })
+        .with_context(|| format!("no user {name}: is the Debian package installed?"))
+}
+
+fn as_user(cmd: &mut Command, user: Option<(u32, u32)>) {
+    if let Some((uid, gid)) = user {
+        cmd.uid(uid).gid(gid).env_remove("LD_PRELOAD");
+    }
+}
+
+fn chown(path: &Path, user: Option<(u32, u32)>) -> anyhow::Result<()> {
+    if let Some((uid, gid)) = user {
+        std::os::unix::fs::chown(path, Some(uid), Some(gid))
+            .with_context(|| format!("cannot chown {}", path.display()))?;
+    }
+    Ok(())
+}
+
+fn chown_tree(path: &Path, user: Option<(u32, u32)>) -> anyhow::Result<()> {
+    chown(path, user)?;
+    if path.is_dir() {
+        for entry in fs::read_dir(path)? {
+            chown_tree(&entry?.path(), user)?;
+        }
+    }
+    Ok(())
+}
+
+/// The newest installed PostgreSQL's programs (Debian keeps them out of PATH).
+fn postgres_bin_dir() -> anyhow::Result<PathBuf> {
+    let mut versions: Vec<u32> = fs::read_dir("/usr/lib/postgresql")
+        .context("PostgreSQL is not installed (/usr/lib/postgresql)")?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect();
+    versions.sort_unstable();
+    let version = versions
+        .last()
+        .context("no PostgreSQL in /usr/lib/postgresql")?;
+    Ok(PathBuf::from(format!("/usr/lib/postgresql/{version}/bin")))
+}
+
+fn run_quietly(cmd: &mut Command) -> anyhow::Result<()> {
+    let out = cmd
+        .output()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?}: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+async fn port_open(port: u16) -> bool {
+    tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_ok()
+}
+
+/// Every process below `pid`, from /proc.
+fn descendants(pid: u32) -> Vec<u32> {
+    let mut parents: HashMap<u32, Vec<u32>> = HashMap::new();
+    if let Ok(entries) = fs::read_dir("/proc") {
+        for entry in entries.flatten() {
+            let Some(child) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let Ok(stat) = fs::read_to_string(format!("/proc/{child}/stat")) else {
+                continue;
+            };
+            // the command name, in parentheses, may hold spaces: the parent is the 2nd field after it
+            let ppid = stat
+                .rfind(')')
+                .and_then(|i| stat[i + 1..].split_whitespace().nth(1))
+                .and_then(|p| p.parse::<u32>().ok());
+            if let Some(ppid) = ppid {
+                parents.entry(ppid).or_default().push(child);
+            }
+        }
+    }
+    let mut found = Vec::new();
+    let mut stack = vec![pid];
+    while let Some(p) = stack.pop() {
+        if let Some(children) = parents.get(&p) {
+            for &c in children {
+                found.push(c);
+                stack.push(c);
+            }
+        }
+    }
+    found
+}
+
+fn signal(name: &str, pids: &[u32]) {
+    if pids.is_empty() {
+        return;
+    }
+    let _ = Command::new("kill")
+        .arg(format!("-{name}"))
+        .args(pids.iter().map(u32::to_string))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_children_of_a_process() {
+        let mut child = Command::new("sh")
+            .args(["-c", "sleep 30 & sleep 30 & wait"])
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut found = descendants(child.id());
+        while found.len() < 2 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+            found = descendants(child.id());
+        }
+        assert_eq!(found.len(), 2, "{found:?}");
+        let mut all = found.clone();
+        all.push(child.id());
+        signal("KILL", &all);
+        child.wait().unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        for pid in found {
+            let state = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            assert!(
+                state.is_empty() || state.contains(") Z"),
+                "{pid} survived: {state}"
+            );
+        }
+    }
+
+    #[test]
+    fn ports_do_not_overlap() {
+        let ports = Ports::from_base(28000).all();
+        let mut sorted = ports.to_vec();
+        sorted.dedup();
+        assert_eq!(sorted.len(), ports.len());
+    }
+}
