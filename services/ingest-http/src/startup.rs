@@ -163,8 +163,11 @@ fn authenticator(
         }
     }));
     let ready_registry = registry.clone();
+    // Never less than a few refreshes, so one slow read does not take the service out of rotation.
+    let max_age = Duration::from_secs(settings.auth_registry_max_age_secs)
+        .max(interval * 5 + Duration::from_secs(5));
     let readiness = readiness.with_check("device_registry", move || {
-        let health = ready_registry.health(interval * 5 + Duration::from_secs(5));
+        let health = ready_registry.health(max_age);
         async move { health }
     });
     let authenticator = Authenticator {

@@ -409,6 +409,53 @@ async fn every_invalid_request_is_refused_with_its_field_and_nothing_is_queued()
     stack.cleanup().await;
 }
 
+/// PostgreSQL going away must not stop ingest (readings wait in RabbitMQ): readiness fails only
+/// once the device registry has not been re-read for AUTH_REGISTRY_MAX_AGE_SECS.
+#[tokio::test]
+async fn a_database_outage_does_not_stop_ingest_until_the_registry_is_too_old() {
+    let stack = Stack::new();
+    let token = stack.token("raspi-01").await;
+    let (user, rest) = stack.db.url.split_once('@').unwrap();
+    let (server, database) = rest.split_once('/').unwrap();
+    let proxy = TcpProxy::start(server).await;
+    let via_proxy = format!("{user}@127.0.0.1:{}/{database}", proxy.port);
+    let patient = stack
+        .ingest_with(|s| s.database_url = via_proxy.clone())
+        .await;
+    let strict = stack
+        .ingest_with(|s| {
+            s.database_url = via_proxy.clone();
+            s.auth_registry_max_age_secs = 1; // raised to 5 refreshes + 5 s
+        })
+        .await;
+    proxy.cut();
+    tokio::time::sleep(REGISTRY_REFRESH * 5 + Duration::from_secs(6)).await;
+    let readiness = |url: &str| {
+        let request = stack.client.get(format!("{url}/readyz")).send();
+        async move { request.await.unwrap().status().as_u16() }
+    };
+    assert_eq!(readiness(&patient.url).await, 200);
+    assert_eq!(readiness(&strict.url).await, 503);
+    let reading =
+        json!({"device_id": "raspi-01", "id": "during-outage", "ts": 1_795_000_000_000u64, "t": 1});
+    assert_eq!(
+        stack
+            .post_with(format!("{}/data", patient.url), Some(&token), reading)
+            .await
+            .0,
+        200,
+        "a known device is still accepted while the database is away"
+    );
+    proxy.restore();
+    eventually(WAIT, "ready again once the registry is read", || async {
+        (readiness(&strict.url).await == 200).then_some(())
+    })
+    .await;
+    patient.stop().await;
+    strict.stop().await;
+    stack.cleanup().await;
+}
+
 #[tokio::test]
 async fn a_broker_that_is_down_gets_503_and_no_acknowledged_reading_is_lost() {
     let stack = Stack::new();
