@@ -206,9 +206,13 @@ impl Runner<'_> {
                     ) else {
                         continue;
                     };
-                    if let Ok(r) = client.get(format!("{url}/readyz")).send().await
-                        && !r.status().is_success()
-                    {
+                    // no answer within the timeout counts as not ready, as for a load balancer
+                    let ready = client
+                        .get(format!("{url}/readyz"))
+                        .send()
+                        .await
+                        .is_ok_and(|r| r.status().is_success());
+                    if !ready {
                         *not_ready.entry(component.name()).or_default() += 1;
                     }
                     if component == Component::Persister
@@ -265,21 +269,30 @@ impl Runner<'_> {
         tokio::task::spawn_blocking(move || Stored::load(&url, &tag)).await?
     }
 
-    /// Polls the database until every acknowledged reading is there.
+    /// Polls the database until every acknowledged reading is there; gives up at the drain
+    /// timeout, or earlier when nothing more has arrived for `STALLED`.
     async fn wait_stored(
         &self,
         tag: &str,
         acknowledged: &[(String, String)],
         since: Instant,
     ) -> Option<Duration> {
+        const STALLED: Duration = Duration::from_secs(20);
         let deadline = Instant::now() + self.timing.drain_timeout;
+        let mut missing = u64::MAX;
+        let mut progress_at = Instant::now();
         loop {
-            if let Ok(stored) = self.load_stored(tag).await
-                && stored.missing(acknowledged) == 0
-            {
-                return Some(since.elapsed());
+            if let Ok(stored) = self.load_stored(tag).await {
+                let now_missing = stored.missing(acknowledged);
+                if now_missing == 0 {
+                    return Some(since.elapsed());
+                }
+                if now_missing < missing {
+                    missing = now_missing;
+                    progress_at = Instant::now();
+                }
             }
-            if Instant::now() > deadline {
+            if Instant::now() > deadline || progress_at.elapsed() > STALLED {
                 return None;
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
