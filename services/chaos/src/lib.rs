@@ -161,13 +161,21 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
         serde_json::to_string_pretty(&figures)?,
     )?;
     std::fs::write(options.out.join("latest.md"), format!("{table}\n{details}"))?;
+    let gap_losses: u64 = outcomes
+        .iter()
+        .filter(|o| o.known_gap.is_some())
+        .map(|o| o.lost + o.duplicated)
+        .sum();
+    let verdict = match (passed, gap_losses) {
+        (false, _) => "FAILED".to_owned(),
+        (true, 0) => "passed: nothing acknowledged was lost or stored twice".to_owned(),
+        (true, n) => format!(
+            "passed, but for the known gaps: {n} acknowledged readings lost or stored twice \
+             where Mosquitto was killed (--strict fails on them)"
+        ),
+    };
     progress(&format!(
-        "{} in {:.0} s; table in {}",
-        if passed {
-            "passed: nothing acknowledged was lost or stored twice"
-        } else {
-            "FAILED"
-        },
+        "{verdict} in {:.0} s; table in {}",
         started.elapsed().as_secs_f64(),
         options.out.join("latest.md").display()
     ));
