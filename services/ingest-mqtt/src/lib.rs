@@ -14,6 +14,7 @@ mod classify;
 mod metrics;
 pub mod settings;
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -26,7 +27,7 @@ use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{Packet, Publish};
 use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
 use service_kit::{Ops, Readiness};
-use tokio::sync::watch;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 
 pub use classify::{Classified, classify};
@@ -179,6 +180,22 @@ async fn bridge(
     let max_backoff = Duration::from_millis(settings.retry_max_backoff_ms.max(100));
     let mut backoff = Duration::from_millis(100);
     let mut handlers = JoinSet::new();
+    let (done, finished) = mpsc::unbounded_channel();
+    let mut acker = tokio::spawn(acknowledge_in_order(
+        client.clone(),
+        finished,
+        metrics.clone(),
+    ));
+    let mut next_seq = 0u64;
+    // Never more than receive_maximum messages in hand, whatever the broker does: Mosquitto before
+    // 2.0.13 miscounts its send quota (#2306) and was measured sending 77,000 unacknowledged
+    // messages to one subscriber. While every slot is taken the socket is not read, and TCP holds
+    // the broker back; a handler frees its slot when it has handed its PUBACK to the acker.
+    let slots = Arc::new(Semaphore::new(usize::from(
+        settings.mqtt_receive_maximum.max(1),
+    )));
+    let mut slot: Option<OwnedSemaphorePermit> = None;
+    let keep_alive = Duration::from_secs(settings.mqtt_keep_alive_secs.max(5));
     let mut stopping = false;
     let mut stop_deadline = None;
     loop {
@@ -188,6 +205,19 @@ async fn bridge(
                 || stop_deadline.is_some_and(|d| tokio::time::Instant::now() > d))
         {
             break;
+        }
+        if slot.is_none() && !stopping {
+            tokio::select! {
+                permit = slots.clone().acquire_owned() => slot = permit.ok(),
+                _ = shutdown.changed() => {
+                    stopping = true;
+                    stop_deadline = Some(tokio::time::Instant::now() + STOP_GRACE);
+                    continue;
+                }
+                // every slot taken for long (RabbitMQ away): poll now and then anyway, so that
+                // keep-alive pings go out and Mosquitto keeps the connection
+                _ = tokio::time::sleep(keep_alive / 2) => {}
+            }
         }
         let event = tokio::select! {
             event = events.poll() => event,
@@ -243,13 +273,16 @@ async fn bridge(
                 metrics.messages_in_flight.inc();
                 handlers.spawn(handle(
                     publish,
-                    client.clone(),
+                    slot.take(),
+                    next_seq,
+                    done.clone(),
                     publisher.clone(),
                     metrics.clone(),
                     legacy.clone(),
                     max_backoff,
                     shutdown.clone(),
                 ));
+                next_seq += 1;
             }
             Ok(_) => {}
             Err(e) => {
@@ -270,7 +303,19 @@ async fn bridge(
         }
     }
     handlers.abort_all();
-    // Acknowledgements queued by the handlers go out before the DISCONNECT (requests are in order).
+    while handlers.join_next().await.is_some() {}
+    // Every handler is gone: once the acknowledgements they left are queued, the acker ends.
+    drop(done);
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        loop {
+            tokio::select! {
+                _ = &mut acker => break,
+                _ = events.poll() => {}
+            }
+        }
+    })
+    .await;
+    // Acknowledgements queued go out before the DISCONNECT (requests are in order).
     let _ = client.try_disconnect();
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
         loop {
@@ -285,11 +330,46 @@ async fn bridge(
     metrics.connected.set(0);
 }
 
-/// One message: to RabbitMQ (readings, or the invalid queue), retried while RabbitMQ is away, then
-/// PUBACK. On shutdown a message not yet confirmed is left unacknowledged for the next session.
-async fn handle(
-    publish: Publish,
+/// A handled message, numbered in the order it arrived: to acknowledge, or (None) to leave to
+/// Mosquitto for the next session.
+struct Handled {
+    seq: u64,
+    ack: Option<Publish>,
+}
+
+/// PUBACKs go out in the order the messages arrived, as MQTT requires (4.6), whatever order
+/// RabbitMQ confirms them in. A separate task, so that a handler never waits for the event loop to
+/// take its acknowledgement.
+async fn acknowledge_in_order(
     client: AsyncClient,
+    mut handled: mpsc::UnboundedReceiver<Handled>,
+    metrics: MqttMetrics,
+) {
+    let mut next = 0u64;
+    let mut waiting: BTreeMap<u64, Option<Publish>> = BTreeMap::new();
+    while let Some(Handled { seq, ack }) = handled.recv().await {
+        waiting.insert(seq, ack);
+        while let Some(ack) = waiting.remove(&next) {
+            next += 1;
+            if let Some(publish) = ack
+                && client.ack(&publish).await.is_ok()
+            {
+                metrics.messages_acked.inc();
+            }
+        }
+    }
+}
+
+/// One message: to RabbitMQ (readings, or the invalid queue), retried while RabbitMQ is away, then
+/// handed to the acker. On shutdown a message not yet confirmed is left unacknowledged for the next
+/// session.
+#[allow(clippy::too_many_arguments)]
+async fn handle(
+    mut publish: Publish,
+    // freed when this handler ends; None when taken without a free slot (see `bridge`)
+    _slot: Option<OwnedSemaphorePermit>,
+    seq: u64,
+    done: mpsc::UnboundedSender<Handled>,
     publisher: Publisher,
     metrics: MqttMetrics,
     legacy_topic: Option<String>,
@@ -323,11 +403,13 @@ async fn handle(
         match result {
             Ok(()) => break,
             Err(PublishError::ShuttingDown) => {
+                let _ = done.send(Handled { seq, ack: None });
                 metrics.messages_in_flight.dec();
                 return;
             }
             Err(e) => {
                 if *shutdown.borrow() {
+                    let _ = done.send(Handled { seq, ack: None });
                     metrics.messages_in_flight.dec();
                     return;
                 }
@@ -349,8 +431,13 @@ async fn handle(
                 .inc();
         }
     }
-    if client.ack(&publish).await.is_ok() {
-        metrics.messages_acked.inc();
-    }
+    // the acknowledgement needs the packet id alone: let go of the payload and the read buffer it
+    // is a slice of
+    publish.payload = bytes::Bytes::new();
+    publish.topic = bytes::Bytes::new();
+    let _ = done.send(Handled {
+        seq,
+        ack: Some(publish),
+    });
     metrics.messages_in_flight.dec();
 }
