@@ -86,7 +86,15 @@ async fn main() -> std::process::ExitCode {
         out: args.out,
         strict: args.strict,
     };
-    match chaos::run(options).await {
+    // Interrupted, the run is dropped, and with it every process it started (`Stack`'s Drop).
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    let outcome = tokio::select! {
+        outcome = chaos::run(options) => outcome,
+        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+        _ = terminate.recv() => Err(anyhow::anyhow!("terminated")),
+    };
+    match outcome {
         Ok(true) => std::process::ExitCode::SUCCESS,
         Ok(false) => std::process::ExitCode::from(1),
         Err(e) => {
