@@ -5,15 +5,7 @@ use std::fmt::Write as _;
 use crate::run::StepOutcome;
 
 fn thousands(n: u64) -> String {
-    let digits = n.to_string();
-    let mut out = String::new();
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
+    loadgen::report::thousands(n as f64)
 }
 
 /// What a step's row says in its last column.

@@ -628,37 +628,18 @@ async fn port_open(port: u16) -> bool {
 
 /// Every process below `pid`, from /proc.
 fn descendants(pid: u32) -> Vec<u32> {
-    let mut parents: HashMap<u32, Vec<u32>> = HashMap::new();
-    if let Ok(entries) = fs::read_dir("/proc") {
-        for entry in entries.flatten() {
-            let Some(child) = entry
-                .file_name()
-                .to_str()
-                .and_then(|n| n.parse::<u32>().ok())
-            else {
-                continue;
-            };
-            let Ok(stat) = fs::read_to_string(format!("/proc/{child}/stat")) else {
-                continue;
-            };
-            // the command name, in parentheses, may hold spaces: the parent is the 2nd field after it
-            let ppid = stat
-                .rfind(')')
-                .and_then(|i| stat[i + 1..].split_whitespace().nth(1))
-                .and_then(|p| p.parse::<u32>().ok());
-            if let Some(ppid) = ppid {
-                parents.entry(ppid).or_default().push(child);
-            }
+    let mut children: HashMap<u32, Vec<u32>> = HashMap::new();
+    for child in loadgen::procs::pids() {
+        if let Some(parent) = loadgen::procs::parent_pid(child) {
+            children.entry(parent).or_default().push(child);
         }
     }
     let mut found = Vec::new();
     let mut stack = vec![pid];
     while let Some(p) = stack.pop() {
-        if let Some(children) = parents.get(&p) {
-            for &c in children {
-                found.push(c);
-                stack.push(c);
-            }
+        for &c in children.get(&p).into_iter().flatten() {
+            found.push(c);
+            stack.push(c);
         }
     }
     found

@@ -66,14 +66,7 @@ fn cpu_ticks(pid: u32) -> Option<u64> {
 fn tree_ticks(pid: u32) -> Option<u64> {
     let (_, own, reaped) = stat(pid)?;
     let mut total = own + reaped;
-    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
-        let Some(child) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
-            continue;
-        };
+    for child in pids() {
         if let Some((ppid, own, reaped)) = stat(child)
             && ppid == pid
         {
@@ -81,6 +74,20 @@ fn tree_ticks(pid: u32) -> Option<u64> {
         }
     }
     Some(total)
+}
+
+/// Every process alive now, from /proc.
+pub fn pids() -> impl Iterator<Item = u32> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse().ok())
+}
+
+/// The parent of a process alive now.
+pub fn parent_pid(pid: u32) -> Option<u32> {
+    stat(pid).map(|(ppid, _, _)| ppid)
 }
 
 fn ticks(w: &Watched) -> Option<u64> {
