@@ -241,23 +241,14 @@ impl Bench {
                     "COPY ceiling, {connections} conn, run {run}/{}",
                     self.args.runs
                 ));
-                let deadline =
-                    std::time::Instant::now() + Duration::from_secs_f64(self.args.copy_secs);
-                let started = std::time::Instant::now();
-                let mut workers = Vec::new();
-                for worker in 0..connections {
-                    let (url, rows, fleet) =
-                        (url.clone(), self.args.copy_rows.max(1), self.args.fleet);
-                    workers.push(tokio::task::spawn_blocking(move || {
+                let (url, rows, fleet) = (url.clone(), self.args.copy_rows.max(1), self.args.fleet);
+                let (copied, rate) =
+                    until_deadline(connections, self.args.copy_secs, move |worker, deadline| {
                         db::copy_until(&url, worker, rows, fleet, deadline)
-                    }));
-                }
-                let mut copied = 0u64;
-                for w in workers {
-                    copied += w.await.context("a COPY worker failed")??;
-                }
+                    })
+                    .await
+                    .context("a COPY worker failed")?;
                 counter.store(copied, std::sync::atomic::Ordering::Relaxed);
-                let rate = copied as f64 / started.elapsed().as_secs_f64();
                 self.runs
                     .push(&format!("copy{connections}"), SideKind::Sensorhub, rate);
                 self.say(format!(
@@ -279,22 +270,14 @@ impl Bench {
                     "persister write path, batches of {batch}, 2 conn, run {run}/{}",
                     self.args.runs
                 ));
-                let deadline =
-                    std::time::Instant::now() + Duration::from_secs_f64(self.args.copy_secs);
-                let started = std::time::Instant::now();
-                let mut workers = Vec::new();
-                for worker in 0..2 {
-                    let (url, fleet) = (side.db_url.clone(), self.args.fleet);
-                    workers.push(tokio::task::spawn_blocking(move || {
+                let (url, fleet) = (side.db_url.clone(), self.args.fleet);
+                let (stored, rate) =
+                    until_deadline(2, self.args.copy_secs, move |worker, deadline| {
                         db::write_path_until(&url, worker, batch, fleet, deadline)
-                    }));
-                }
-                let mut stored = 0u64;
-                for w in workers {
-                    stored += w.await.context("a writer failed")??;
-                }
+                    })
+                    .await
+                    .context("a writer failed")?;
                 counter.store(stored, std::sync::atomic::Ordering::Relaxed);
-                let rate = stored as f64 / started.elapsed().as_secs_f64();
                 self.runs
                     .push(&format!("writer{batch}"), SideKind::Sensorhub, rate);
                 self.say(format!(
@@ -1023,6 +1006,28 @@ struct HttpRun {
     stored: i64,
     complete: bool,
     cpu: Vec<(String, f64)>,
+}
+
+/// `work(worker, deadline)` on `workers` blocking threads at once, each until `secs` from now: the
+/// sum of what they counted, and that per second of the whole.
+async fn until_deadline(
+    workers: usize,
+    secs: f64,
+    work: impl Fn(usize, std::time::Instant) -> anyhow::Result<u64> + Clone + Send + 'static,
+) -> anyhow::Result<(u64, f64)> {
+    let started = std::time::Instant::now();
+    let deadline = started + Duration::from_secs_f64(secs);
+    let tasks: Vec<_> = (0..workers)
+        .map(|worker| {
+            let work = work.clone();
+            tokio::task::spawn_blocking(move || work(worker, deadline))
+        })
+        .collect();
+    let mut counted = 0u64;
+    for task in tasks {
+        counted += task.await??;
+    }
+    Ok((counted, counted as f64 / started.elapsed().as_secs_f64()))
 }
 
 async fn blocking<T: Send + 'static>(
