@@ -98,11 +98,10 @@ impl Runner<'_> {
         let load_stopped = Instant::now();
         let ledger = fleet.finish(load_stopped + self.timing.retry_for).await;
         let acknowledged = ledger.acknowledged();
-        let catch_up = self.wait_stored(&tag, &acknowledged, load_stopped).await;
+        let (catch_up, stored) = self.wait_stored(&tag, &acknowledged, load_stopped).await;
         for (component, status) in self.stack.exited() {
             notes.push(format!("{} exited by itself ({status})", component.name()));
         }
-        let stored = self.load_stored(&tag).await.unwrap_or_default();
         let refusals = ledger.refusals();
         Ok(StepOutcome {
             name: step.name.clone(),
@@ -270,30 +269,33 @@ impl Runner<'_> {
     }
 
     /// Polls the database until every acknowledged reading is there; gives up at the drain
-    /// timeout, or earlier when nothing more has arrived for `STALLED`.
+    /// timeout, or earlier when nothing more has arrived for `STALLED`. Returns how long it took,
+    /// and what was stored when it last looked.
     async fn wait_stored(
         &self,
         tag: &str,
         acknowledged: &[(String, String)],
         since: Instant,
-    ) -> Option<Duration> {
+    ) -> (Option<Duration>, Stored) {
         const STALLED: Duration = Duration::from_secs(20);
         let deadline = Instant::now() + self.timing.drain_timeout;
         let mut missing = u64::MAX;
         let mut progress_at = Instant::now();
+        let mut last_seen = Stored::default();
         loop {
             if let Ok(stored) = self.load_stored(tag).await {
                 let now_missing = stored.missing(acknowledged);
                 if now_missing == 0 {
-                    return Some(since.elapsed());
+                    return (Some(since.elapsed()), stored);
                 }
                 if now_missing < missing {
                     missing = now_missing;
                     progress_at = Instant::now();
                 }
+                last_seen = stored;
             }
             if Instant::now() > deadline || progress_at.elapsed() > STALLED {
-                return None;
+                return (None, last_seen);
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
@@ -322,33 +324,23 @@ async fn queue_depth(client: &reqwest::Client, ops_url: &str) -> Option<i64> {
         .text()
         .await
         .ok()?;
-    metric_value(&text, "queue_messages")
+    // the persister's gauge, as its /metrics writes it (0 when absent)
+    Some(testkit::metric(&text, QUEUE_GAUGE) as i64)
 }
 
-/// The value of the first sample whose name ends with `suffix` (services prefix their metrics).
-fn metric_value(text: &str, suffix: &str) -> Option<i64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| {
-            let (name, value) = l.split_once(' ')?;
-            name.ends_with(suffix)
-                .then(|| value.trim().parse::<f64>().ok())?
-        })
-        .map(|v| v as i64)
-}
+const QUEUE_GAUGE: &str = "queue_messages";
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn reads_a_gauge_from_prometheus_text() {
-        let text = "# HELP persister_queue_messages Messages waiting\n\
-                    # TYPE persister_queue_messages gauge\n\
-                    persister_queue_messages 1234\n\
-                    persister_readings_stored_total 5\n";
-        assert_eq!(metric_value(text, "queue_messages"), Some(1234));
-        assert_eq!(metric_value(text, "nothing"), None);
+    fn reads_the_persisters_queue_gauge() {
+        let text = "# HELP queue_messages Messages waiting in the readings queue\n\
+                    # TYPE queue_messages gauge\n\
+                    queue_messages 1234\n\
+                    readings_stored_total 5\n";
+        assert_eq!(testkit::metric(text, QUEUE_GAUGE), 1234.0);
     }
 
     #[test]

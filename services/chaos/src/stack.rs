@@ -147,7 +147,7 @@ impl Stack {
         };
         stack.prepare_postgres()?;
         stack.prepare_rabbitmq()?;
-        stack.prepare_mosquitto()?;
+        stack.prepare_mosquitto(root)?;
         auth::generate_key_pair(&stack.keys_dir(), true)?;
         Ok(stack)
     }
@@ -235,7 +235,7 @@ impl Stack {
 
     /// deploy/mosquitto/mosquitto.conf's persistence and queue settings, anonymous (device
     /// accounts are not what this run is about).
-    fn prepare_mosquitto(&self) -> anyhow::Result<()> {
+    fn prepare_mosquitto(&self, as_root: bool) -> anyhow::Result<()> {
         let dir = self.mosquitto_dir();
         fs::create_dir_all(&dir)?;
         let mut conf = format!(
@@ -246,7 +246,7 @@ impl Stack {
             self.ports.mqtt,
             dir.display()
         );
-        if is_root() {
+        if as_root {
             conf.push_str("user root\n");
         }
         fs::write(dir.join("mosquitto.conf"), conf)?;
@@ -367,7 +367,7 @@ impl Stack {
                 // PostgreSQL refuses to start while backends of its killed predecessor still hold
                 // its shared memory: they leave within moments, so try again
                 Err(e) if component == Component::Postgres && Instant::now() < deadline => {
-                    tracing_note(&format!("postgres did not start yet ({e}); again"));
+                    note(&format!("postgres did not start yet ({e}); again"));
                     if self.is_running(component) {
                         self.kill(component)?;
                     }
@@ -543,7 +543,7 @@ impl Drop for Stack {
     }
 }
 
-fn tracing_note(message: &str) {
+fn note(message: &str) {
     eprintln!("   {message}");
 }
 
