@@ -128,9 +128,23 @@ pub fn path_error(err: actix_web::error::PathError) -> actix_web::Error {
     ApiError::new(StatusCode::BAD_REQUEST, "invalid_input", err.to_string()).into()
 }
 
-/// The default service: unknown paths answer 404 in our shape, not actix's empty body.
+/// The default service: a known path asked with a method it does not take answers 405 with
+/// `Allow`; an unknown path 404; both in our shape, not actix's empty body.
 pub async fn unknown_route(req: actix_web::HttpRequest) -> HttpResponse {
-    ApiError::not_found(format!("no route for {} {}", req.method(), req.path())).error_response()
+    let Some(route) = crate::access::route_of(&req) else {
+        return ApiError::not_found(format!("no route for {:?}", req.path())).error_response();
+    };
+    let allowed = crate::access::allowed_methods(&req, &route).join(", ");
+    let mut response = ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("{route} takes {allowed}"),
+    )
+    .error_response();
+    if let Ok(value) = HeaderValue::from_str(&allowed) {
+        response.headers_mut().insert(header::ALLOW, value);
+    }
+    response
 }
 
 #[cfg(test)]

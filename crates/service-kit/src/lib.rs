@@ -1,6 +1,7 @@
 //! What every Sensorhub service sets up the same way, once: layered configuration, telemetry, the JSON
 //! error shape, the `/healthz` `/readyz` `/metrics` endpoints, and the shutdown signal.
 
+pub mod access;
 pub mod cli;
 pub mod config;
 pub mod error;

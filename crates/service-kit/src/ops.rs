@@ -149,7 +149,7 @@ async fn metrics(ops: web::Data<Ops>) -> HttpResponse {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
-    method: String,
+    method: &'static str,
     route: String,
     status: u16,
 }
@@ -192,11 +192,11 @@ impl HttpMetrics {
     ) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
         let started = Instant::now();
         let metrics = req.app_data::<web::Data<HttpMetrics>>().cloned();
-        // The route pattern, not the path: `/v1/devices/{id}/readings` keeps the label set bounded.
-        let route = req
-            .match_pattern()
-            .unwrap_or_else(|| "unmatched".to_owned());
-        let method = req.method().to_string();
+        // The route pattern the router will match, not the path: `/v1/devices/{id}/readings` and a
+        // few known methods keep the label set bounded whatever a client sends.
+        let route =
+            crate::access::route_of(req.request()).unwrap_or_else(|| "unmatched".to_owned());
+        let method = crate::access::method_label(req.method());
         let response = next.call(req).await?;
         if let Some(metrics) = metrics {
             metrics

@@ -18,7 +18,12 @@ fn filter() -> EnvFilter {
 
 /// Installs the global subscriber; call once, first thing in `main`.
 pub fn init(format: LogFormat) {
-    let builder = fmt().with_env_filter(filter()).with_target(true);
+    // Colours only on a terminal: a log file or a collector gets plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let builder = fmt()
+        .with_env_filter(filter())
+        .with_target(true)
+        .with_ansi(ansi);
     let result = match format {
         LogFormat::Json => builder
             .json()

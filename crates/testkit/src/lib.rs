@@ -224,6 +224,95 @@ pub fn count_rows(url: &str, table: &str) -> i64 {
         .n
 }
 
+/// Sends `head` (request line and headers, without the blank line that ends them) and `body`
+/// byte for byte as written, with `Connection: close`, and answers the status code and the
+/// whole response. HTTP clients normalise paths (dot segments, case of escapes); an attacker's
+/// requests are not normalised, so tests of how a service reads paths speak HTTP by hand.
+pub async fn raw_http(addr: &str, head: &str, body: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    let request = format!(
+        "{head}\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .expect("send request");
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer))
+        .await
+        .unwrap_or_else(|_| panic!("no answer to {head:?} within 10 s"))
+        .expect("read answer");
+    let text = String::from_utf8_lossy(&answer).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP answer to {head:?}: {text:?}"));
+    (status, text)
+}
+
+/// Request targets that spell `path` as a router may read it, or nearly: percent-encoded letters and digits
+/// (upper and lower case), doubled slashes, dot segments, other case, trailing slashes, encoded
+/// slashes and dots, and the absolute form.
+pub fn path_spellings(path: &str, authority: &str) -> Vec<String> {
+    let (path, query) = match path.split_once('?') {
+        Some((p, q)) => (p, format!("?{q}")),
+        None => (path, String::new()),
+    };
+    let encode_nth = |n: usize, lower: bool| -> String {
+        let mut out = String::new();
+        for (i, c) in path.chars().enumerate() {
+            if i == n && c.is_ascii_alphanumeric() {
+                let hex = format!("%{:02X}", c as u32);
+                out.push_str(&if lower { hex.to_lowercase() } else { hex });
+            } else {
+                out.push(c);
+            }
+        }
+        out
+    };
+    let mut all = vec![path.to_owned()];
+    for n in 1..path.len() {
+        all.push(encode_nth(n, false));
+    }
+    all.push(encode_nth(1, true));
+    let everything_encoded: String = path
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                format!("%{:02x}", c as u32)
+            } else {
+                c.to_string()
+            }
+        })
+        .collect();
+    all.push(everything_encoded);
+    let rest = path.trim_start_matches('/');
+    all.extend([
+        format!("//{rest}"),
+        path.replacen('/', "//", 2).replacen("//", "/", 1),
+        format!("/./{rest}"),
+        format!("/x/../{rest}"),
+        format!("/%2e/{rest}"),
+        format!("/%2E%2E/{rest}"),
+        path.to_uppercase(),
+        format!("{path}/"),
+        format!("/{}", rest.replace('/', "%2F")),
+        path.replacen("/v1/", "/v1%2f", 1),
+        format!("{path};x"),
+    ]);
+    let mut targets: Vec<String> = all.into_iter().map(|p| format!("{p}{query}")).collect();
+    targets.push(format!("http://{authority}{path}{query}"));
+    targets.push(format!("http://{authority}{}{query}", encode_nth(1, false)));
+    targets.sort();
+    targets.dedup();
+    targets
+}
+
 /// A TCP relay in front of a real server (RabbitMQ, PostgreSQL, Mosquitto) that a test can cut and
 /// restore, to see what services do when their broker or database goes away, without stopping the
 /// shared server other tests use.
@@ -381,6 +470,19 @@ pub fn metric(text: &str, name: &str) -> f64 {
     text.lines()
         .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
         .unwrap_or(0.0)
+}
+
+/// The sum of every sample of a metric family in Prometheus text.
+pub fn metric_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let (key, value) = line.rsplit_once(' ')?;
+            (key.split('{').next()? == name)
+                .then(|| value.parse::<f64>().ok())
+                .flatten()
+        })
+        .sum()
 }
 
 /// Deletes the exchanges and queues a test made under `prefix`.

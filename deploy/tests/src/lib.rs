@@ -220,18 +220,7 @@ impl Drop for Process {
     }
 }
 
-/// The sum of every sample of a metric family in Prometheus text.
-pub fn metric_sum(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|line| !line.starts_with('#'))
-        .filter_map(|line| {
-            let (key, value) = line.rsplit_once(' ')?;
-            (key.split('{').next()? == name)
-                .then(|| value.parse::<f64>().ok())
-                .flatten()
-        })
-        .sum()
-}
+pub use testkit::metric_sum;
 
 /// What to run.
 pub struct Options {
@@ -345,6 +334,8 @@ impl Topology {
                     secured(vec![
                         ("HTTP_WORKERS", "2".into()),
                         ("AUTH_REFRESH_MS", AUTH_REFRESH_MS.into()),
+                        // the tests read the trail request by request
+                        ("AUDIT_ACCEPTED", "each".into()),
                     ]),
                 )
             })
@@ -630,6 +621,9 @@ fn spawn(dir: &Path, binary_name: &str, label: &str, env: Vec<(&'static str, Str
         "TRUSTED_PROXIES",
         "RATE_LIMIT_PER_SECOND",
         "RATE_LIMIT_BURST",
+        "REFUSAL_LIMIT_PER_SECOND",
+        "REFUSAL_LIMIT_BURST",
+        "AUDIT_ACCEPTED",
         "CORS_ALLOWED_ORIGINS",
     ] {
         command.env_remove(var);

@@ -1,6 +1,7 @@
 //! The ingest routes, and the OpenAPI description generated from them.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use actix_web::http::header;
 use actix_web::web::{self, BytesMut};
@@ -9,13 +10,15 @@ use bus::Publisher;
 use futures_util::StreamExt;
 use models::{Reading, ValidationError};
 use serde::{Deserialize, Serialize};
+use service_kit::access::{PublicRoutes, RefusalLimit};
 use service_kit::net::{KeyedLimit, TrustedProxies};
 use utoipa::{OpenApi, ToSchema};
 use utoipa_actix_web::service_config::ServiceConfig;
 
+use crate::audit::{AcceptedBatch, AuditTrail};
 use crate::device_auth::{Authenticator, Writer};
 use crate::error::IngestError;
-use crate::metrics::{EndpointLabels, IngestMetrics, RejectionLabels};
+use crate::metrics::{EndpointLabels, IngestMetrics};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -33,8 +36,13 @@ pub struct IngestState {
     pub max_body_bytes: usize,
     pub body_timeout: std::time::Duration,
     pub authenticator: Authenticator,
+    /// Per device (anonymous: per client address).
     pub rate_limit: KeyedLimit,
+    /// Per client address, counting refused requests only.
+    pub refusals: RefusalLimit,
     pub trusted_proxies: TrustedProxies,
+    pub public: PublicRoutes,
+    pub audit: Arc<AuditTrail>,
 }
 
 pub fn routes(cfg: &mut ServiceConfig) {
@@ -96,11 +104,12 @@ struct Accepted {
 #[post("/data")]
 async fn post_data(
     req: HttpRequest,
+    writer: web::ReqData<Writer>,
     payload: web::Payload,
     state: web::Data<IngestState>,
 ) -> Result<HttpResponse, IngestError> {
     let parse = |body: &[u8], now| models::parse_seed_body(body, now).map(|r| vec![r]);
-    ingest(&req, payload, &state, "/data", parse)
+    ingest(&req, &writer, payload, &state, "/data", parse)
         .await
         .map(|_| HttpResponse::Ok().json(SeedAccepted { status: "success" }))
 }
@@ -120,11 +129,13 @@ async fn post_data(
 #[post("/v1/readings")]
 async fn post_readings(
     req: HttpRequest,
+    writer: web::ReqData<Writer>,
     payload: web::Payload,
     state: web::Data<IngestState>,
 ) -> Result<HttpResponse, IngestError> {
     ingest(
         &req,
+        &writer,
         payload,
         &state,
         "/v1/readings",
@@ -134,24 +145,34 @@ async fn post_readings(
     .map(|accepted| HttpResponse::Accepted().json(Accepted { accepted }))
 }
 
-/// Every write, in order: who (401/403), how often (429), what (415/413/400), as whom (403), and
-/// then RabbitMQ (503); each outcome lands in the audit trail and the metrics.
+/// The routes that take readings, as metric and audit labels.
+pub const ENDPOINTS: [&str; 2] = ["/data", "/v1/readings"];
+
+/// `route` as one of [`ENDPOINTS`], or `unmatched`: a bounded label whatever the path was.
+pub fn endpoint_label(route: Option<&str>) -> &'static str {
+    ENDPOINTS
+        .into_iter()
+        .find(|endpoint| Some(*endpoint) == route)
+        .unwrap_or("unmatched")
+}
+
+/// Every write of an authenticated writer (the middleware in `device_auth` checked who), in
+/// order: how often (429), what (415/413/400), as whom (403), and then RabbitMQ (503); each
+/// outcome lands in the audit trail and the metrics.
 async fn ingest(
     req: &HttpRequest,
+    writer: &Writer,
     payload: web::Payload,
     state: &IngestState,
     endpoint: &'static str,
     parse: impl FnOnce(&[u8], chrono::DateTime<chrono::Utc>) -> Result<Vec<Reading>, ValidationError>,
 ) -> Result<usize, IngestError> {
     let client = state.trusted_proxies.client_addr(req);
-    let mut writer = None;
     let result = async {
-        let who = state.authenticator.authenticate(req)?;
-        let limit_key = match &who {
+        let limit_key = match writer {
             Writer::Device { id, .. } => id.clone(),
             Writer::Anonymous => client.map(|a| a.to_string()).unwrap_or_default(),
         };
-        writer = Some(who.clone());
         state
             .rate_limit
             .check(&limit_key)
@@ -163,7 +184,7 @@ async fn ingest(
         .await
         .map_err(|_| IngestError::Timeout)??;
         let readings = parse(&body, chrono::Utc::now())?;
-        if let Some(device) = who.device_id()
+        if let Some(device) = writer.device_id()
             && let Some(other) = readings.iter().find(|r| r.device_id.as_str() != device)
         {
             return Err(IngestError::Forbidden(format!(
@@ -171,40 +192,32 @@ async fn ingest(
                 other.device_id.as_str()
             )));
         }
-        let count = readings.len();
+        let batch = AcceptedBatch {
+            readings: readings.len(),
+            earliest: readings.iter().map(|r| r.ts).min().unwrap_or_default(),
+            latest: readings.iter().map(|r| r.ts).max().unwrap_or_default(),
+        };
         state.publisher.publish(readings).await?;
-        Ok(count)
+        Ok(batch)
     }
     .await;
 
-    let device = writer.as_ref().and_then(Writer::device_id).unwrap_or("-");
-    let token = writer.as_ref().and_then(Writer::token_id).unwrap_or("-");
-    let client = client.map(|a| a.to_string()).unwrap_or_default();
-    match &result {
-        Ok(count) => {
+    match result {
+        Ok(batch) => {
             state
                 .metrics
                 .readings_accepted
                 .get_or_create(&EndpointLabels { endpoint })
-                .inc_by(*count as u64);
-            tracing::info!(target: "audit", outcome = "accepted", endpoint, device.id = device,
-                token.id = token, client.addr = %client, readings = count);
+                .inc_by(batch.readings as u64);
+            state.audit.accepted(endpoint, writer, client, batch);
+            Ok(batch.readings)
         }
         Err(error) => {
-            state
-                .metrics
-                .requests_rejected
-                .get_or_create(&RejectionLabels {
-                    endpoint,
-                    reason: error.kind(),
-                })
-                .inc();
-            tracing::info!(target: "audit", outcome = "refused", endpoint, device.id = device,
-                token.id = token, client.addr = %client, readings = 0, reason = error.kind(),
-                detail = %error);
+            state.metrics.rejected(endpoint, &error);
+            state.audit.refused(endpoint, Some(writer), client, &error);
+            Err(error)
         }
     }
-    result
 }
 
 /// JSON or nothing said (as with `curl --data`-less scripts); anything else is refused before

@@ -1,12 +1,61 @@
-//! Who is writing: a device with its current token, or (development only) anyone.
+//! Who is writing: a device with its current token, or (development only) anyone. Deny by
+//! default: every request needs a device token unless the route it reaches is public (the ops
+//! endpoints, the API description), decided on the route the router will actually match (see
+//! `service_kit::access`); the handlers get the admitted [`Writer`] from the request.
 
 use std::sync::Arc;
 
-use actix_web::HttpRequest;
+use actix_web::body::{EitherBody, MessageBody};
+use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::http::header;
+use actix_web::middleware::Next;
+use actix_web::{HttpMessage, HttpRequest, web};
 use auth::{Access, CachedVerifier, DeviceRegistry, Role};
+use service_kit::access::route_of;
 
+use crate::api::{IngestState, endpoint_label};
 use crate::error::IngestError;
+
+/// Middleware (`actix_web::middleware::from_fn`): admits a writer or answers the refusal.
+pub async fn require_device(
+    req: ServiceRequest,
+    next: Next<impl MessageBody>,
+) -> Result<ServiceResponse<EitherBody<impl MessageBody>>, actix_web::Error> {
+    let Some(state) = req.app_data::<web::Data<IngestState>>().cloned() else {
+        let error = IngestError::Forbidden("access control is not set up".into());
+        return Ok(req.error_response(error).map_into_right_body());
+    };
+    let route = route_of(req.request());
+    if state.public.contains(route.as_deref()) {
+        return next
+            .call(req)
+            .await
+            .map(ServiceResponse::map_into_left_body);
+    }
+    let client = state.trusted_proxies.client_addr(req.request());
+    let admitted = state
+        .refusals
+        .check(client)
+        .map_err(IngestError::RateLimited)
+        .and_then(|()| state.authenticator.authenticate(req.request()));
+    match admitted {
+        Ok(writer) => {
+            req.extensions_mut().insert(writer);
+            next.call(req)
+                .await
+                .map(ServiceResponse::map_into_left_body)
+        }
+        Err(error) => {
+            if error.is_refusal() {
+                state.refusals.record(client);
+            }
+            let endpoint = endpoint_label(route.as_deref());
+            state.metrics.rejected(endpoint, &error);
+            state.audit.refused(endpoint, None, client, &error);
+            Ok(req.error_response(error).map_into_right_body())
+        }
+    }
+}
 
 /// The writer of a request, for the device check and the audit trail.
 #[derive(Debug, Clone)]

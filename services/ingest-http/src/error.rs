@@ -46,6 +46,16 @@ impl IngestError {
     }
 }
 
+impl IngestError {
+    /// Refused for its credentials: what a client's refusal budget counts.
+    pub fn is_refusal(&self) -> bool {
+        matches!(
+            self,
+            IngestError::Unauthorized { .. } | IngestError::Forbidden(_)
+        )
+    }
+}
+
 impl ResponseError for IngestError {
     fn status_code(&self) -> StatusCode {
         match self {

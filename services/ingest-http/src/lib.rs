@@ -2,6 +2,7 @@
 //! answers 2xx only after RabbitMQ confirmed the message carrying the request's readings.
 
 mod api;
+pub mod audit;
 mod device_auth;
 mod error;
 mod metrics;

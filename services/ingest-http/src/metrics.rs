@@ -39,3 +39,14 @@ impl IngestMetrics {
         m
     }
 }
+
+impl IngestMetrics {
+    pub fn rejected(&self, endpoint: &'static str, error: &crate::error::IngestError) {
+        self.requests_rejected
+            .get_or_create(&RejectionLabels {
+                endpoint,
+                reason: error.kind(),
+            })
+            .inc();
+    }
+}

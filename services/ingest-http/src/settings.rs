@@ -4,6 +4,8 @@ use bus::PublisherSettings;
 use serde::Deserialize;
 use service_kit::telemetry::LogFormat;
 
+use crate::audit::AcceptedWrites;
+
 /// Every setting of ingest-http; README's configuration table documents each.
 #[derive(Clone, Deserialize)]
 pub struct Settings {
@@ -21,10 +23,14 @@ pub struct Settings {
     pub auth_registry_max_age_secs: u64,
     pub rate_limit_per_second: u32,
     pub rate_limit_burst: u32,
+    pub refusal_limit_per_second: u32,
+    pub refusal_limit_burst: u32,
     pub trusted_proxies: String,
     pub http_header_timeout_ms: u64,
     pub http_body_timeout_ms: u64,
     pub http_keep_alive_secs: u64,
+    pub audit_accepted: AcceptedWrites,
+    pub audit_summary_interval_secs: u64,
     pub log_format: LogFormat,
 }
 

@@ -9,6 +9,7 @@ use anyhow::Context;
 use auth::{CredentialChange, DeviceRegistry, TokenVerifier};
 use bus::{Publisher, PublisherMetrics, Topology};
 use prometheus_client::registry::Registry;
+use service_kit::access::{PublicRoutes, RefusalLimit};
 use service_kit::net::{KeyedLimit, TrustedProxies};
 use service_kit::ops::HttpMetrics;
 use service_kit::{Ops, Readiness};
@@ -16,7 +17,8 @@ use utoipa::OpenApi;
 use utoipa_actix_web::AppExt;
 
 use crate::api::{self, ApiDoc, IngestState};
-use crate::device_auth::Authenticator;
+use crate::audit::AuditTrail;
+use crate::device_auth::{self, Authenticator};
 use crate::metrics::IngestMetrics;
 use crate::settings::Settings;
 
@@ -25,6 +27,7 @@ pub struct Application {
     port: u16,
     server: Server,
     publisher: Publisher,
+    audit: Arc<AuditTrail>,
 }
 
 impl Application {
@@ -47,6 +50,8 @@ impl Application {
             async move { available }
         });
         let (authenticator, readiness) = authenticator(settings, readiness)?;
+        let audit = AuditTrail::new(settings.audit_accepted);
+        audit.flush_every(Duration::from_secs(settings.audit_summary_interval_secs));
         let ops = Ops::new(registry, readiness);
         let state = web::Data::new(IngestState {
             publisher: publisher.clone(),
@@ -55,8 +60,14 @@ impl Application {
             body_timeout: Duration::from_millis(settings.http_body_timeout_ms),
             authenticator,
             rate_limit: KeyedLimit::new(settings.rate_limit_per_second, settings.rate_limit_burst),
+            refusals: RefusalLimit::new(
+                settings.refusal_limit_per_second,
+                settings.refusal_limit_burst,
+            ),
             trusted_proxies: TrustedProxies::parse(&settings.trusted_proxies)
                 .map_err(anyhow::Error::msg)?,
+            public: PublicRoutes::ops_and(&[]),
+            audit: audit.clone(),
         });
 
         let listener = TcpListener::bind(&settings.http_addr)
@@ -75,6 +86,7 @@ impl Application {
                 .split_for_parts();
             app.app_data(web::Data::new(openapi))
                 .app_data(web::Data::new(http_metrics.clone()))
+                .wrap(from_fn(device_auth::require_device))
                 .wrap(from_fn(HttpMetrics::record))
                 .configure(|cfg| ops.routes(cfg))
                 .route("/openapi.json", web::get().to(api::openapi_json))
@@ -89,6 +101,7 @@ impl Application {
             port,
             server,
             publisher,
+            audit,
         })
     }
 
@@ -101,6 +114,7 @@ impl Application {
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
         let served = self.server.await;
         self.publisher.close().await;
+        self.audit.flush();
         served
     }
 

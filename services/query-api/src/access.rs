@@ -1,77 +1,142 @@
-//! Every `/v1` request carries a bearer token: `reader` or `admin` to read, `admin` to change
-//! anything. Checked here, once, for every route, so no handler can forget it.
+//! Deny by default: every request needs a bearer token (`reader` or `admin` to read, `admin` to
+//! change anything) unless the route it reaches is public (the ops endpoints, the API description).
+//! Checked here, once, before routing, on the route the router will actually match (see
+//! `service_kit::access`), so no handler can forget it and no spelling of a path can skip it.
 
-use actix_web::body::MessageBody;
+use std::net::IpAddr;
+
+use actix_web::body::{EitherBody, MessageBody};
 use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::http::{Method, header};
 use actix_web::middleware::Next;
 use actix_web::web;
-use auth::{CachedVerifier, Role};
+use auth::{CachedVerifier, Claims, Role};
+use service_kit::access::{PublicRoutes, RefusalLimit, allowed_methods, method_label, route_of};
 use service_kit::net::{KeyedLimit, TrustedProxies};
 
 use crate::error::QueryError;
 
 pub struct Access {
     pub verifier: CachedVerifier,
+    /// Per token.
     pub rate_limit: KeyedLimit,
+    /// Per client address, counting refused requests only.
+    pub refusals: RefusalLimit,
     pub trusted_proxies: TrustedProxies,
+    pub public: PublicRoutes,
 }
 
 pub async fn require_token(
     req: ServiceRequest,
     next: Next<impl MessageBody>,
-) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
-    if req.path().starts_with("/v1/") || req.path() == "/v1" {
-        check(&req)?;
+) -> Result<ServiceResponse<EitherBody<impl MessageBody>>, actix_web::Error> {
+    let route = route_of(req.request());
+    let Some(access) = req.app_data::<web::Data<Access>>().cloned() else {
+        let error = QueryError::NotConfigured("access control is not set up");
+        return Ok(req.error_response(error).map_into_right_body());
+    };
+    if access.public.contains(route.as_deref()) {
+        return next
+            .call(req)
+            .await
+            .map(ServiceResponse::map_into_left_body);
     }
-    next.call(req).await
+    let client = access.trusted_proxies.client_addr(req.request());
+    match access.admit(&req, route.as_deref(), client) {
+        Ok(()) => next
+            .call(req)
+            .await
+            .map(ServiceResponse::map_into_left_body),
+        Err(error) => {
+            audit_refusal(&req, route.as_deref(), client, &error);
+            if error.is_refusal() {
+                access.refusals.record(client);
+            }
+            Ok(req.error_response(error).map_into_right_body())
+        }
+    }
 }
 
-fn check(req: &ServiceRequest) -> Result<(), QueryError> {
-    let Some(access) = req.app_data::<web::Data<Access>>() else {
-        return Err(QueryError::NotConfigured("access control is not set up"));
-    };
-    let header =
-        req.headers()
-            .get(header::AUTHORIZATION)
-            .ok_or_else(|| QueryError::Unauthorized {
-                reason: "an Authorization: Bearer <token> header is required".into(),
-                token_sent: false,
-            })?;
-    let invalid = |reason: String| QueryError::Unauthorized {
-        reason,
-        token_sent: true,
-    };
-    let token = header
-        .to_str()
-        .ok()
-        .and_then(auth::bearer_token)
-        .ok_or_else(|| invalid("the Authorization header is not `Bearer <token>`".into()))?;
-    let claims = access
-        .verifier
-        .verify(token)
-        .map_err(|e| invalid(e.to_string()))?;
-    let writes = req.method() != Method::GET && req.method() != Method::HEAD;
-    if !claims.role.can_read() {
-        return Err(QueryError::Forbidden(format!(
-            "a {} token cannot use the query API",
-            claims.role.as_str()
-        )));
+impl Access {
+    /// In order: a client over its refusal budget (429), who (401), what for (403, or 405 for a
+    /// method the route does not take), how often (429).
+    fn admit(
+        &self,
+        req: &ServiceRequest,
+        route: Option<&str>,
+        client: Option<IpAddr>,
+    ) -> Result<(), QueryError> {
+        self.refusals
+            .check(client)
+            .map_err(QueryError::RateLimited)?;
+        let claims = self.authenticate(req)?;
+        if !claims.role.can_read() {
+            return Err(QueryError::Forbidden(format!(
+                "a {} token cannot use the query API",
+                claims.role.as_str()
+            )));
+        }
+        let writes = req.method() != Method::GET && req.method() != Method::HEAD;
+        if writes && claims.role != Role::Admin {
+            // Refused either way; a method the route does not take is named as such.
+            if let Some(route) = route {
+                let allowed = allowed_methods(req.request(), route);
+                if !allowed.contains(&method_label(req.method())) {
+                    return Err(QueryError::MethodNotAllowed {
+                        route: route.to_owned(),
+                        allowed,
+                    });
+                }
+            }
+            return Err(QueryError::Forbidden(
+                "changing anything needs an admin token".into(),
+            ));
+        }
+        self.rate_limit
+            .check(&claims.jti)
+            .map_err(QueryError::RateLimited)?;
+        if writes {
+            tracing::info!(target: "audit", outcome = "admin_request",
+                method = method_label(req.method()), route = route.unwrap_or("unmatched"),
+                path = ?req.path(), token.id = %claims.jti, token.sub = ?claims.sub,
+                client.addr = %client.map(|a| a.to_string()).unwrap_or_default());
+        }
+        Ok(())
     }
-    if writes && claims.role != Role::Admin {
-        return Err(QueryError::Forbidden(
-            "managing devices needs an admin token".into(),
-        ));
+
+    fn authenticate(&self, req: &ServiceRequest) -> Result<Claims, QueryError> {
+        let header =
+            req.headers()
+                .get(header::AUTHORIZATION)
+                .ok_or_else(|| QueryError::Unauthorized {
+                    reason: "an Authorization: Bearer <token> header is required".into(),
+                    token_sent: false,
+                })?;
+        let invalid = |reason: String| QueryError::Unauthorized {
+            reason,
+            token_sent: true,
+        };
+        let token = header
+            .to_str()
+            .ok()
+            .and_then(auth::bearer_token)
+            .ok_or_else(|| invalid("the Authorization header is not `Bearer <token>`".into()))?;
+        self.verifier
+            .verify(token)
+            .map_err(|e| invalid(e.to_string()))
     }
-    access
-        .rate_limit
-        .check(&claims.jti)
-        .map_err(QueryError::RateLimited)?;
-    if writes {
-        let client = access.trusted_proxies.client_addr(req.request());
-        tracing::info!(target: "audit", method = %req.method(), path = req.path(),
-            token.id = %claims.jti, token.sub = %claims.sub,
-            client.addr = %client.map(|a| a.to_string()).unwrap_or_default(), "admin request");
-    }
-    Ok(())
+}
+
+/// Every refusal is a line of its own. What the client sent (the path, a token's complaint) is
+/// written escaped (`?`), so no request can forge a line of the trail.
+fn audit_refusal(
+    req: &ServiceRequest,
+    route: Option<&str>,
+    client: Option<IpAddr>,
+    error: &QueryError,
+) {
+    tracing::info!(target: "audit", outcome = "refused", method = method_label(req.method()),
+        route = route.unwrap_or("unmatched"), path = ?req.path(), reason = error.kind(),
+        detail = ?error.to_string(),
+        client.addr = %client.map(|a| a.to_string()).unwrap_or_default());
 }

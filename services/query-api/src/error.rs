@@ -1,4 +1,4 @@
-use actix_web::http::StatusCode;
+use actix_web::http::{StatusCode, header};
 use actix_web::{HttpResponse, ResponseError};
 use service_kit::ApiError;
 use store::StoreError;
@@ -24,6 +24,11 @@ pub enum QueryError {
     Conflict(String),
     #[error("{0}")]
     NotConfigured(&'static str),
+    #[error("{route} takes {}", allowed.join(", "))]
+    MethodNotAllowed {
+        route: String,
+        allowed: Vec<&'static str>,
+    },
 }
 
 impl QueryError {
@@ -32,6 +37,29 @@ impl QueryError {
             field,
             reason: reason.into(),
         }
+    }
+
+    /// A short, fixed label for the audit trail and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            QueryError::InvalidParameter { .. } => "invalid",
+            QueryError::UnknownDevice(_) => "not_found",
+            QueryError::Store(_) | QueryError::Blocking(_) => "store",
+            QueryError::Unauthorized { .. } => "unauthorized",
+            QueryError::Forbidden(_) => "forbidden",
+            QueryError::RateLimited(_) => "rate_limited",
+            QueryError::Conflict(_) => "conflict",
+            QueryError::NotConfigured(_) => "not_configured",
+            QueryError::MethodNotAllowed { .. } => "method_not_allowed",
+        }
+    }
+
+    /// Refused for its credentials: what a client's refusal budget counts.
+    pub fn is_refusal(&self) -> bool {
+        matches!(
+            self,
+            QueryError::Unauthorized { .. } | QueryError::Forbidden(_)
+        )
     }
 
     fn to_api_error(&self) -> ApiError {
@@ -55,6 +83,11 @@ impl QueryError {
             QueryError::NotConfigured(reason) => {
                 ApiError::new(StatusCode::NOT_IMPLEMENTED, "not_configured", *reason)
             }
+            QueryError::MethodNotAllowed { .. } => ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                self.to_string(),
+            ),
             other => ApiError::internal(other),
         }
     }
@@ -71,11 +104,18 @@ impl ResponseError for QueryError {
             QueryError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             QueryError::Conflict(_) => StatusCode::CONFLICT,
             QueryError::NotConfigured(_) => StatusCode::NOT_IMPLEMENTED,
+            QueryError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
     fn error_response(&self) -> HttpResponse {
-        self.to_api_error().error_response()
+        let mut response = self.to_api_error().error_response();
+        if let QueryError::MethodNotAllowed { allowed, .. } = self
+            && let Ok(value) = header::HeaderValue::from_str(&allowed.join(", "))
+        {
+            response.headers_mut().insert(header::ALLOW, value);
+        }
+        response
     }
 }

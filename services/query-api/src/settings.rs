@@ -18,6 +18,8 @@ pub struct Settings {
     pub auth_signing_key_file: String,
     pub rate_limit_per_second: u32,
     pub rate_limit_burst: u32,
+    pub refusal_limit_per_second: u32,
+    pub refusal_limit_burst: u32,
     pub cors_allowed_origins: String,
     pub trusted_proxies: String,
     pub http_header_timeout_ms: u64,

@@ -9,6 +9,7 @@ use actix_web::middleware::from_fn;
 use actix_web::{App, HttpServer, web};
 use anyhow::Context;
 use prometheus_client::registry::Registry;
+use service_kit::access::{PublicRoutes, RefusalLimit};
 use service_kit::ops::HttpMetrics;
 use service_kit::{Ops, Readiness};
 use store::PgPool;
@@ -154,6 +155,11 @@ fn access(settings: &Settings) -> anyhow::Result<Access> {
             settings.rate_limit_per_second,
             settings.rate_limit_burst,
         ),
+        refusals: RefusalLimit::new(
+            settings.refusal_limit_per_second,
+            settings.refusal_limit_burst,
+        ),
+        public: PublicRoutes::ops_and(&[]),
         trusted_proxies: service_kit::net::TrustedProxies::parse(&settings.trusted_proxies)
             .map_err(anyhow::Error::msg)?,
     })

@@ -253,32 +253,9 @@ async fn slow_clients_cannot_hold_a_connection() {
 async fn every_write_is_audited_with_who_when_where_and_never_the_token() {
     let stack = Stack::new();
     let token = stack.token("raspi-audit").await;
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ingest-http"))
-        .env("HTTP_ADDR", "127.0.0.1:0")
-        .env("HTTP_WORKERS", "1")
-        .env("AMQP_URL", testkit::amqp_url())
-        .env("AMQP_PREFIX", &stack.prefix)
-        .env("DATABASE_URL", &stack.db.url)
-        .env("AUTH_PUBLIC_KEY_FILE", stack.keys.verifying_key_file())
-        .env("AUTH_REFRESH_MS", "200")
-        .env("LOG_FORMAT", "json")
-        .env("RUST_LOG", "info")
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap());
+    let (child, mut lines, port) = spawn_logged(&stack, &[("AUDIT_ACCEPTED", "each")], "json");
+    let _child = KillOnDrop(child);
     let mut log = Vec::new();
-    let port = loop {
-        let mut line = String::new();
-        assert!(
-            std::io::BufRead::read_line(&mut lines, &mut line).unwrap() > 0,
-            "ingest-http exited"
-        );
-        let event: Value = serde_json::from_str(&line).unwrap();
-        if event["message"] == "ingest-http listening" {
-            break event["port"].as_u64().unwrap();
-        }
-    };
     let data = format!("http://127.0.0.1:{port}/data");
     eventually(WAIT, "ready", || async {
         let r = stack
@@ -353,7 +330,209 @@ async fn every_write_is_audited_with_who_when_where_and_never_the_token() {
         !log.concat().contains(&token),
         "the token itself is never logged"
     );
-    child.kill().unwrap();
-    child.wait().unwrap();
+    stack.cleanup().await;
+}
+
+/// ingest-http as a process with its log on a pipe (`format` "json" or "text"), with this stack's
+/// keys and database and `env` on top: the process, its log lines, its port.
+fn spawn_logged(
+    stack: &Stack,
+    env: &[(&str, &str)],
+    format: &str,
+) -> (
+    std::process::Child,
+    std::io::BufReader<std::process::ChildStdout>,
+    u64,
+) {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_ingest-http"));
+    command
+        .env("HTTP_ADDR", "127.0.0.1:0")
+        .env("HTTP_WORKERS", "1")
+        .env("AMQP_URL", testkit::amqp_url())
+        .env("AMQP_PREFIX", &stack.prefix)
+        .env("DATABASE_URL", &stack.db.url)
+        .env("AUTH_PUBLIC_KEY_FILE", stack.keys.verifying_key_file())
+        .env("AUTH_REFRESH_MS", "200")
+        .env("LOG_FORMAT", format)
+        .env("RUST_LOG", "info")
+        .envs(env.iter().copied())
+        .stdout(std::process::Stdio::piped());
+    let mut child = command.spawn().unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap());
+    let port = loop {
+        let mut line = String::new();
+        assert!(
+            std::io::BufRead::read_line(&mut lines, &mut line).unwrap() > 0,
+            "ingest-http exited"
+        );
+        if !line.contains("ingest-http listening") {
+            continue;
+        }
+        let port = match serde_json::from_str::<Value>(&line) {
+            Ok(event) => event["port"].as_u64(),
+            Err(_) => line
+                .split("port=")
+                .nth(1)
+                .and_then(|rest| rest.split_whitespace().next())
+                .and_then(|p| p.parse().ok()),
+        };
+        break port.expect("the listening line names the port");
+    };
+    (child, lines, port)
+}
+
+/// By default accepted writes are summed per device and token over an interval (a line per
+/// request would fill a disk at full load); refusals stay a line each, and nothing a client sends
+/// can start a line of its own in the text log.
+#[tokio::test]
+async fn accepted_writes_are_summed_and_no_request_can_forge_an_audit_line() {
+    let stack = Stack::new();
+    let token = stack.token("raspi-sum").await;
+    let (child, lines, port) =
+        spawn_logged(&stack, &[("AUDIT_SUMMARY_INTERVAL_SECS", "1")], "text");
+    let child = KillOnDrop(child);
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let reader_log = log.clone();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(lines) {
+            let Ok(line) = line else { break };
+            reader_log.lock().unwrap().push(line);
+        }
+    });
+    let base = format!("http://127.0.0.1:{port}");
+    eventually(WAIT, "ready", || async {
+        let r = stack
+            .client
+            .get(format!("{base}/readyz"))
+            .send()
+            .await
+            .ok()?;
+        r.status().is_success().then_some(())
+    })
+    .await;
+    for n in 0..3 {
+        let body = json!([
+            {"device_id": "raspi-sum", "id": format!("a{n}"), "ts": 1_795_000_000_000u64 + n * 1000, "metrics": {"t": 1.0}},
+            {"device_id": "raspi-sum", "id": format!("b{n}"), "ts": 1_795_000_000_500u64 + n * 1000, "metrics": {"t": 2.0}}
+        ]);
+        let (status, _) = stack
+            .post_with(format!("{base}/v1/readings"), Some(&token), body)
+            .await;
+        assert_eq!(status, 202);
+    }
+    // a token whose header carries a line break and a forged accepted line after it
+    use base64::Engine;
+    let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+    let forged_line = "2026-11-30T00:00:00.000000Z  INFO audit: outcome=\"accepted\" device.id=victim readings=1000";
+    let header = json!({"alg": format!("EdDSA\n{forged_line}"), "typ": "JWT"}).to_string();
+    let evil = format!("{}.{}.c2ln", b64(&header), b64("{}"));
+    let (status, _) = stack
+        .post_with(format!("{base}/data"), Some(&evil), reading("raspi-sum"))
+        .await;
+    assert_eq!(status, 401);
+
+    let summary = eventually(WAIT, "the accepted writes' summary", || async {
+        let log = log.lock().unwrap();
+        log.iter()
+            .find(|l| l.contains("outcome=\"accepted\"") && l.contains("summary=true"))
+            .cloned()
+    })
+    .await;
+    for expected in [
+        "device.id=raspi-sum",
+        "requests=3",
+        "readings=6",
+        "readings.earliest=2026-11-18T11:06:40+00:00",
+        "readings.latest=2026-11-18T11:06:42.500+00:00",
+        "client.addrs=127.0.0.1",
+    ] {
+        assert!(summary.contains(expected), "{expected} in {summary}");
+    }
+    let log = log.lock().unwrap().clone();
+    let refusal = log
+        .iter()
+        .find(|l| l.contains("outcome=\"refused\""))
+        .expect("the refusal is a line of its own");
+    assert!(refusal.contains("reason=\"unauthorized\""), "{refusal}");
+    assert!(
+        log.iter().all(|l| !l.starts_with("2026-11-30T00:00:00")),
+        "a client's text started a line: {log:#?}"
+    );
+    assert_eq!(
+        log.iter()
+            .filter(|l| l.contains("outcome=\"accepted\""))
+            .count(),
+        1,
+        "one summary line for three requests: {log:#?}"
+    );
+    drop(child);
+    stack.cleanup().await;
+}
+
+/// A child process that goes when the test does, passing or failing (a live child would keep the
+/// test runner's output pipe open).
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Every spelling of the write routes, and of no route, needs a device token: 401, nothing
+/// published, whatever the router makes of the path.
+#[tokio::test]
+async fn every_spelling_of_every_route_needs_a_device_token() {
+    let stack = Stack::new();
+    let ingest = stack.ingest_with(|s| s.refusal_limit_per_second = 0).await;
+    let addr = ingest.url.trim_start_matches("http://").to_owned();
+    let body = r#"{"device_id": "raspi-a", "temperature": 21.5}"#;
+    let mut probes = 0;
+    for (method, path) in [
+        ("POST", "/data"),
+        ("POST", "/v1/readings"),
+        ("GET", "/data"),
+        ("POST", "/nothing-here"),
+    ] {
+        for target in testkit::path_spellings(path, &addr) {
+            let head = format!(
+                "{method} {target} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json"
+            );
+            let (status, answer) = testkit::raw_http(&addr, &head, body).await;
+            assert_eq!(status, 401, "{head:?} answered {answer}");
+            probes += 1;
+        }
+    }
+    assert!(probes > 40, "{probes} probes");
+    let metrics = stack
+        .client
+        .get(format!("{}/metrics", ingest.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        testkit::metric_sum(&metrics, "readings_accepted_total"),
+        0.0
+    );
+    assert!(
+        testkit::metric_sum(&metrics, "requests_rejected_total") >= probes as f64,
+        "{metrics}"
+    );
+    // a device's wrong method on a known route is a 405 naming the right one
+    let token = stack.token("raspi-a").await;
+    let response = stack
+        .client
+        .get(format!("{}/data", ingest.url))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 405);
+    assert_eq!(response.headers()["allow"], "POST");
+    ingest.stop().await;
     stack.cleanup().await;
 }

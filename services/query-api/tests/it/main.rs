@@ -36,6 +36,11 @@ fn reading(device: &str, id: &str, ts: DateTime<Utc>, metrics: &[(&str, f64)]) -
 /// pi-1: 250 readings a minute apart from t0, `t` = i, every 10th also `h` = 100 + i.
 /// pi-2: one reading. dev-000..dev-004: one reading each.
 async fn api_with_data() -> Api {
+    api_with_data_and(|_| {}).await
+}
+
+/// [`api_with_data`], with `adjust` changing settings before query-api starts.
+async fn api_with_data_and(adjust: impl FnOnce(&mut query_api::Settings)) -> Api {
     service_kit::telemetry::init_for_tests();
     let db = TestDb::migrated();
     let mut batch: Vec<Reading> = (0..250)
@@ -57,7 +62,7 @@ async fn api_with_data() -> Api {
     batch.extend((0..5).map(|i| reading(&format!("dev-{i:03}"), "x", t0(), &[("v", 1.0)])));
     store::write_readings(&mut db.connect(), &batch, &mut Default::default()).unwrap();
 
-    start(db, |_| {}).await
+    start(db, adjust).await
 }
 
 /// query-api on `db`, with its own keys; `adjust` changes settings before it starts.

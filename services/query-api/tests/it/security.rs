@@ -265,3 +265,157 @@ async fn browsers_from_allowed_origins_only() {
             .contains_key("access-control-allow-origin")
     );
 }
+
+/// Every spelling of every route that the router may map onto it (or onto nothing), each sent
+/// without a token: 401, and nothing read or changed. Sent byte for byte, as an attacker sends it.
+#[tokio::test]
+async fn every_spelling_of_every_route_needs_a_token() {
+    // hundreds of refusals from one address: its refusal budget is another test's
+    let api = crate::api_with_data_and(|s| s.refusal_limit_per_second = 0).await;
+    api.keys.register_device(&api.db.url, "pi-9");
+    let addr = api.url.trim_start_matches("http://").to_owned();
+    let routes = [
+        ("GET", "/v1/devices"),
+        ("GET", "/v1/devices/pi-1"),
+        ("GET", "/v1/devices/pi-1/readings"),
+        ("GET", "/v1/devices/pi-1/latest"),
+        ("GET", "/v1/devices/pi-1/series?metric=t"),
+        ("POST", "/v1/devices"),
+        ("DELETE", "/v1/devices/pi-9"),
+        ("PUT", "/v1/devices/pi-9"),
+        ("GET", "/v1"),
+        ("GET", "/nothing-here"),
+    ];
+    let mut probes = 0;
+    for (method, path) in routes {
+        for target in testkit::path_spellings(path, &addr) {
+            for version in ["HTTP/1.1", "HTTP/1.0"] {
+                let head = format!("{method} {target} {version}\r\nHost: {addr}");
+                let body = if method == "POST" {
+                    r#"{"device_id": "pi-new"}"#
+                } else {
+                    ""
+                };
+                let (status, answer) = testkit::raw_http(&addr, &head, body).await;
+                assert_eq!(status, 401, "{head:?} answered {answer}");
+                assert!(answer.contains("\"error\":\"unauthorized\""), "{answer}");
+                probes += 1;
+            }
+        }
+    }
+    assert!(probes > 200, "{probes} probes");
+    let mut conn = store::connect(&api.db.url).unwrap();
+    let listed = store::credentials::list_credentials(&mut conn).unwrap();
+    assert_eq!(listed.len(), 1, "nothing registered: {listed:?}");
+    assert!(listed[0].revoked_at.is_none(), "nothing revoked");
+}
+
+/// A method a route does not take is a 405 naming the ones it does (`Allow`), for any role; an
+/// unknown path is a 404 for a token holder; and neither mints metric series.
+#[tokio::test]
+async fn a_wrong_method_is_405_with_allow_and_metrics_stay_bounded() {
+    let api = api_with_data().await;
+    let admin = api.keys.app_token(Role::Admin);
+    for token in [&api.reader, &admin] {
+        for (method, path, allow) in [
+            ("PUT", "/v1/devices", "GET, POST"),
+            ("PATCH", "/v1/devices/pi-1", "GET, DELETE"),
+            ("POST", "/v1/devices/pi-1/readings", "GET"),
+            ("DELETE", "/v1/devices/pi-1/latest", "GET"),
+            ("FROBNICATE", "/v1/devices", "GET, POST"),
+        ] {
+            let method = Method::from_bytes(method.as_bytes()).unwrap();
+            let (status, headers, body) = api.call(method.clone(), path, Some(token), None).await;
+            assert_eq!(status, 405, "{method} {path}: {body}");
+            assert_eq!(headers["allow"], allow, "{method} {path}");
+            assert_eq!(body["error"], "method_not_allowed");
+        }
+        let (status, _, _) = api
+            .call(Method::GET, "/v1/nothing", Some(token), None)
+            .await;
+        assert_eq!(status, 404);
+    }
+    // the ops endpoints are public, and answer a wrong method the same way
+    let (status, headers, _) = api.call(Method::POST, "/healthz", None, None).await;
+    assert_eq!((status, headers["allow"].to_str().unwrap()), (405, "GET"));
+
+    for n in 0..20 {
+        let method = Method::from_bytes(format!("X{n}").as_bytes()).unwrap();
+        api.call(
+            method,
+            &format!("/no/such/path/{n}"),
+            Some(&api.reader),
+            None,
+        )
+        .await;
+    }
+    let addr = api.url.trim_start_matches("http://");
+    let head = format!(
+        "GET /%761/devices HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {}",
+        api.reader
+    );
+    assert_eq!(testkit::raw_http(addr, &head, "").await.0, 200);
+    let metrics = api
+        .client
+        .get(format!("{}/metrics", api.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let series: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("http_requests_total{"))
+        .collect();
+    assert!(series.len() < 20, "{series:#?}");
+    assert!(!metrics.contains("method=\"X1"), "{metrics}");
+    assert!(metrics.contains("method=\"other\""), "{metrics}");
+    assert!(metrics.contains("route=\"unmatched\""), "{metrics}");
+    assert!(!metrics.contains("/no/such/path"), "{metrics}");
+    assert!(
+        series
+            .iter()
+            .any(|l| l.contains("route=\"/v1/devices\"") && l.contains("status=\"200\"")),
+        "the encoded path is counted under its route: {series:#?}"
+    );
+}
+
+/// Refused requests cost a signature check each: past its budget, a client address is answered
+/// 429 before any check, even with a good token, while other addresses are served.
+#[tokio::test]
+async fn a_client_that_keeps_being_refused_is_slowed_down() {
+    let db = testkit::TestDb::migrated();
+    let api = start(db, |s| {
+        s.refusal_limit_per_second = 1;
+        s.refusal_limit_burst = 5;
+    })
+    .await;
+    let forged = testkit::TestKeys::new().app_token(Role::Admin);
+    let mut statuses = Vec::new();
+    for _ in 0..8 {
+        statuses.push(
+            api.call(Method::GET, "/v1/devices", Some(&forged), None)
+                .await
+                .0,
+        );
+    }
+    assert_eq!(statuses[..6], [401; 6], "{statuses:?}");
+    assert_eq!(statuses[6..], [429; 2], "{statuses:?}");
+    let (status, headers, _) = api
+        .call(Method::GET, "/v1/devices", Some(&api.reader), None)
+        .await;
+    assert_eq!(status, 429, "the address is slowed down, whatever it sends");
+    assert!(headers.contains_key("retry-after"));
+    let elsewhere = reqwest::Client::builder()
+        .local_address(std::net::IpAddr::from([127, 0, 0, 2]))
+        .build()
+        .unwrap();
+    let response = elsewhere
+        .get(format!("{}/v1/devices", api.url))
+        .bearer_auth(&api.reader)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200, "another address is not");
+}
