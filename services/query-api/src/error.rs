@@ -24,6 +24,8 @@ pub enum QueryError {
     Conflict(String),
     #[error("{0}")]
     NotConfigured(&'static str),
+    #[error("the request body took too long to arrive")]
+    BodyTimeout,
 }
 
 impl QueryError {
@@ -55,6 +57,11 @@ impl QueryError {
             QueryError::NotConfigured(reason) => {
                 ApiError::new(StatusCode::NOT_IMPLEMENTED, "not_configured", *reason)
             }
+            QueryError::BodyTimeout => {
+                ApiError::new(StatusCode::REQUEST_TIMEOUT, "timeout", self.to_string())
+            }
+            // anything else, a database error that is not an outage included, is a bug or an
+            // input the checks missed: logged, and answered without details
             other => ApiError::internal(other),
         }
     }
@@ -71,6 +78,7 @@ impl ResponseError for QueryError {
             QueryError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             QueryError::Conflict(_) => StatusCode::CONFLICT,
             QueryError::NotConfigured(_) => StatusCode::NOT_IMPLEMENTED,
+            QueryError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
