@@ -89,20 +89,29 @@ checked_string!(
 
 checked_string!(
     /// Identifies a reading among its device's readings: chosen by the device (so that a retry carries
-    /// the same id) or assigned at ingest as a UUIDv7. 1–64 characters, no control characters.
+    /// the same id) or assigned at ingest as a UUIDv7. 1–64 printable ASCII characters, no spaces.
     ReadingId,
     check_reading_id
 );
 
+/// Reading ids are shown to people (dashboards, exports, logs), so every character must be one that
+/// looks like itself: printable ASCII (`!` to `~`) only. Anything else can spoof what is displayed:
+/// bidi controls reorder the text around them, zero-width characters hide, spaces and look-alike
+/// letters from other scripts (Cyrillic `а` for Latin `a`) make two different ids look the same. All of
+/// ASCII's punctuation stays allowed because devices build ids from timestamps (`:`, `+`, `.`),
+/// counters (`#`) and encodings (`/`, `=`), and UUIDs are letters, digits and `-`.
 fn check_reading_id(value: &str) -> Result<(), String> {
     if value.is_empty() {
         return Err("must not be empty".into());
     }
-    if value.chars().count() > MAX_NAME_CHARS {
-        return Err(format!("must be at most {MAX_NAME_CHARS} characters"));
+    if let Some(bad) = value.chars().find(|c| !c.is_ascii_graphic()) {
+        return Err(format!(
+            "may contain only printable ASCII characters without spaces, '!' to '~' (found {bad:?})"
+        ));
     }
-    if value.chars().any(char::is_control) {
-        return Err("must not contain control characters".into());
+    // ASCII only from here: bytes are characters
+    if value.len() > MAX_NAME_CHARS {
+        return Err(format!("must be at most {MAX_NAME_CHARS} characters"));
     }
     Ok(())
 }
@@ -142,12 +151,46 @@ mod tests {
     }
 
     #[test]
-    fn reading_ids_allow_any_printable_text_up_to_64_chars() {
-        assert!(ReadingId::parse("2026-11-25T10:00:00Z#7").is_ok());
-        assert!(ReadingId::parse("ü".repeat(64)).is_ok());
-        assert!(ReadingId::parse("ü".repeat(65)).is_err());
-        assert!(ReadingId::parse("").is_err());
-        assert!(ReadingId::parse("a\u{0}b").is_err());
+    fn reading_ids_allow_printable_ascii_up_to_64_chars() {
+        for ok in [
+            "2026-11-25T10:00:00Z#7",
+            "2026-11-25T19:00:00.123+09:00",
+            "raspi-01-000042",
+            "0192f0c4-5f6e-7a3b-8c1d-2e3f4a5b6c7d",
+            "YWJj/ZA==",
+            "!~",
+            &"x".repeat(64),
+        ] {
+            assert!(ReadingId::parse(ok).is_ok(), "{ok:?} should be valid");
+        }
+    }
+
+    #[test]
+    fn reading_ids_refuse_what_could_spoof_a_display() {
+        for bad in [
+            "",
+            &"x".repeat(65),
+            "a\u{0}b",
+            "has space",
+            "tab\there",
+            "ü",
+            "r\u{202E}gnp.exe", // right-to-left override
+            "ab\u{200B}c",      // zero-width space
+            "\u{2066}isolate",  // left-to-right isolate
+            "\u{FEFF}bom",      // zero-width no-break space
+            "p\u{0430}ypal",    // Cyrillic a
+            "nbsp\u{00A0}",
+            "del\u{7F}",
+        ] {
+            let err = ReadingId::parse(bad).expect_err(bad);
+            assert!(!err.is_empty());
+        }
+        let err = ReadingId::parse("ab\u{200B}c").unwrap_err();
+        assert!(err.contains("printable ASCII"), "{err}");
+        assert!(
+            err.contains("\\u{200b}"),
+            "the offending character is named: {err}"
+        );
     }
 
     #[test]

@@ -10,6 +10,7 @@ mod ids;
 mod message;
 mod parse;
 mod reading;
+mod window;
 
 pub use error::ValidationError;
 pub use ids::{DeviceId, MetricName, ReadingId};
@@ -21,3 +22,4 @@ pub use reading::{
     MAX_FUTURE_SKEW, MAX_METRICS, Metrics, OLDEST_TIMESTAMP, Reading, parse_timestamp_millis,
     parse_timestamp_rfc3339,
 };
+pub use window::{BackfillHorizon, TimeWindow};

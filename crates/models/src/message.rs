@@ -81,14 +81,14 @@ impl ReadingBatchMessage {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::parse_readings_body;
+    use crate::{BackfillHorizon, TimeWindow, parse_readings_body};
 
     #[test]
     fn batches_round_trip() {
-        let now = chrono::Utc::now();
+        let window = TimeWindow::new(chrono::Utc::now(), BackfillHorizon::DEFAULT);
         let readings = parse_readings_body(
             br#"[{"device_id":"a","metrics":{"t":1}},{"device_id":"b","id":"x","metrics":{"h":-2.5e-3}}]"#,
-            now,
+            window,
         )
         .unwrap();
         let bytes = ReadingBatchMessage::encode(&readings);
@@ -97,11 +97,11 @@ mod tests {
 
     #[test]
     fn chunks_make_one_message() {
-        let now = chrono::Utc::now();
-        let a = parse_readings_body(br#"{"device_id":"a","metrics":{"t":1}}"#, now).unwrap();
+        let window = TimeWindow::new(chrono::Utc::now(), BackfillHorizon::DEFAULT);
+        let a = parse_readings_body(br#"{"device_id":"a","metrics":{"t":1}}"#, window).unwrap();
         let b = parse_readings_body(
             br#"[{"device_id":"b","metrics":{"t":2}},{"device_id":"c","metrics":{"t":3}}]"#,
-            now,
+            window,
         )
         .unwrap();
         let bytes = ReadingBatchMessage::encode_chunks([a.as_slice(), b.as_slice()]);

@@ -7,11 +7,10 @@
 use std::borrow::Cow;
 use std::fmt;
 
-use chrono::{DateTime, Utc};
 use serde::de::{self, Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
-use crate::reading::{MAX_FUTURE_SKEW, parse_timestamp_millis, parse_timestamp_rfc3339};
-use crate::{DeviceId, MetricName, Metrics, Reading, ReadingId, ValidationError};
+use crate::reading::{parse_timestamp_millis, parse_timestamp_rfc3339};
+use crate::{DeviceId, MetricName, Metrics, Reading, ReadingId, TimeWindow, ValidationError};
 
 /// `POST /v1/readings` and MQTT device topics take at most this many readings at once.
 pub const MAX_READINGS_PER_REQUEST: usize = 1000;
@@ -22,7 +21,7 @@ const MAX_FIELDS: usize = crate::MAX_METRICS + 8;
 
 /// `POST /data`: the flat seed format, `{"device_id": "raspi-01", "temperature": 25.5, ...}`.
 /// Every top-level field other than `device_id`, `ts` and `id` is a metric and must be a number.
-pub fn parse_seed_body(body: &[u8], now: DateTime<Utc>) -> Result<Reading, ValidationError> {
+pub fn parse_seed_body(body: &[u8], window: TimeWindow) -> Result<Reading, ValidationError> {
     let Top::One(fields) = parse_json(body)? else {
         return Err(ValidationError::new("body", "must be a JSON object"));
     };
@@ -53,7 +52,7 @@ pub fn parse_seed_body(body: &[u8], now: DateTime<Utc>) -> Result<Reading, Valid
     if fields.1 {
         return Err(too_many_fields(""));
     }
-    raw.into_reading(None, now, true).map_err(|e| {
+    raw.into_reading(None, window, true).map_err(|e| {
         if e.field.is_empty() {
             ValidationError::new(
                 "body",
@@ -72,9 +71,9 @@ pub fn parse_seed_body(body: &[u8], now: DateTime<Utc>) -> Result<Reading, Valid
 /// `{"device_id", "ts"?, "id"?, "metrics": {"name": number}}`.
 pub fn parse_readings_body(
     body: &[u8],
-    now: DateTime<Utc>,
+    window: TimeWindow,
 ) -> Result<Vec<Reading>, ValidationError> {
-    parse_structured(body, None, now)
+    parse_structured(body, None, window)
 }
 
 /// MQTT `devices/<id>/readings`: as [`parse_readings_body`], but `device_id` may be left out, and
@@ -82,18 +81,18 @@ pub fn parse_readings_body(
 pub fn parse_device_topic_payload(
     topic_device: &DeviceId,
     payload: &[u8],
-    now: DateTime<Utc>,
+    window: TimeWindow,
 ) -> Result<Vec<Reading>, ValidationError> {
-    parse_structured(payload, Some(topic_device), now)
+    parse_structured(payload, Some(topic_device), window)
 }
 
 fn parse_structured(
     body: &[u8],
     topic_device: Option<&DeviceId>,
-    now: DateTime<Utc>,
+    window: TimeWindow,
 ) -> Result<Vec<Reading>, ValidationError> {
     match parse_json(body)? {
-        Top::One(fields) => Ok(vec![structured_reading(fields, topic_device, now)?]),
+        Top::One(fields) => Ok(vec![structured_reading(fields, topic_device, window)?]),
         Top::Many { items, total } => {
             if total == 0 {
                 return Err(ValidationError::new(
@@ -115,7 +114,7 @@ fn parse_structured(
                 .map(|(i, item)| {
                     let prefix = format!("[{i}]");
                     match item {
-                        Some(fields) => structured_reading(fields, topic_device, now),
+                        Some(fields) => structured_reading(fields, topic_device, window),
                         None => Err(ValidationError::new("", "must be a JSON object")),
                     }
                     .map_err(|e| e.within(&prefix))
@@ -132,7 +131,7 @@ fn parse_structured(
 fn structured_reading<'de>(
     (fields, truncated): Fields<'de>,
     topic_device: Option<&DeviceId>,
-    now: DateTime<Utc>,
+    window: TimeWindow,
 ) -> Result<Reading, ValidationError> {
     if truncated {
         return Err(too_many_fields(""));
@@ -175,7 +174,7 @@ fn structured_reading<'de>(
     if !metrics_seen {
         return Err(ValidationError::new("metrics", "is required"));
     }
-    raw.into_reading(topic_device, now, false).map_err(|e| {
+    raw.into_reading(topic_device, window, false).map_err(|e| {
         if e.field.is_empty() {
             e.within("metrics")
         } else {
@@ -209,7 +208,7 @@ impl<'de> RawReading<'de> {
     fn into_reading(
         self,
         topic_device: Option<&DeviceId>,
-        now: DateTime<Utc>,
+        window: TimeWindow,
         flat_metrics: bool,
     ) -> Result<Reading, ValidationError> {
         let device_id = match (self.device_id, topic_device) {
@@ -235,7 +234,7 @@ impl<'de> RawReading<'de> {
                 .map_err(|reason| ValidationError::new("id", reason))?,
         };
         let ts = match self.ts {
-            None => now,
+            None => window.now(),
             Some(Value::Scalar(Scalar::Text(text))) => parse_timestamp_rfc3339(&text)
                 .map_err(|reason| ValidationError::new("ts", reason))?,
             Some(Value::Scalar(Scalar::Number(millis))) => parse_timestamp_millis(millis)
@@ -250,12 +249,7 @@ impl<'de> RawReading<'de> {
                 ));
             }
         };
-        if ts > now + MAX_FUTURE_SKEW {
-            return Err(ValidationError::new(
-                "ts",
-                "is more than 5 minutes in the future (is the device's clock right?)",
-            ));
-        }
+        window.check(ts)?;
         let metric_field = |name: &str| {
             if flat_metrics {
                 name.to_owned()
@@ -498,16 +492,24 @@ impl<'de> Deserialize<'de> for Top<'de> {
 mod tests {
     use super::*;
 
+    use chrono::{DateTime, Utc};
+
+    use crate::BackfillHorizon;
+
     fn now() -> DateTime<Utc> {
         parse_timestamp_rfc3339("2026-11-25T10:00:00Z").unwrap()
     }
 
+    fn window() -> TimeWindow {
+        TimeWindow::new(now(), BackfillHorizon::DEFAULT)
+    }
+
     fn seed(body: &str) -> Result<Reading, ValidationError> {
-        parse_seed_body(body.as_bytes(), now())
+        parse_seed_body(body.as_bytes(), window())
     }
 
     fn batch(body: &str) -> Result<Vec<Reading>, ValidationError> {
-        parse_readings_body(body.as_bytes(), now())
+        parse_readings_body(body.as_bytes(), window())
     }
 
     fn refused(result: Result<impl fmt::Debug, ValidationError>) -> (String, String) {
@@ -607,6 +609,46 @@ mod tests {
     }
 
     #[test]
+    fn timestamps_older_than_the_backfill_horizon_are_refused() {
+        // the default horizon: 365 days before 2026-11-25T10:00:00Z
+        assert!(seed(r#"{"device_id":"a","t":1,"ts":"2025-11-25T10:00:00Z"}"#).is_ok());
+        let (field, reason) = refused(seed(
+            r#"{"device_id":"a","t":1,"ts":"2025-11-25T09:59:59Z"}"#,
+        ));
+        assert_eq!(field, "ts");
+        assert!(reason.contains("365 days"), "{reason}");
+        // as epoch milliseconds, and inside a batch
+        let body = r#"[{"device_id":"a","metrics":{"t":1}},{"device_id":"a","ts":946684800000,"metrics":{"t":1}}]"#;
+        assert_eq!(refused(batch(body)).0, "[1].ts");
+        // a shorter horizon, configured
+        let week = TimeWindow::new(now(), BackfillHorizon::days(7).unwrap());
+        let body = br#"{"device_id":"a","ts":"2026-11-17T10:00:00Z","metrics":{"t":1}}"#;
+        assert!(parse_readings_body(body, window()).is_ok());
+        assert_eq!(parse_readings_body(body, week).unwrap_err().field, "ts");
+        let topic = DeviceId::parse("a").unwrap();
+        assert_eq!(
+            parse_device_topic_payload(&topic, body, week)
+                .unwrap_err()
+                .field,
+            "ts"
+        );
+    }
+
+    #[test]
+    fn reading_ids_that_could_spoof_a_display_are_refused() {
+        for id in [r"r\u202egnp.exe", r"a\u200bb", "a b", r"caf\u00e9"] {
+            let body = format!(r#"{{"device_id":"a","id":"{id}","metrics":{{"t":1}}}}"#);
+            let (field, reason) = refused(batch(&body));
+            assert_eq!(field, "id", "{id}");
+            assert!(reason.contains("printable ASCII"), "{reason}");
+        }
+        assert!(
+            batch(r#"{"device_id":"a","id":"2026-11-25T09:00:00+01:00#3","metrics":{"t":1}}"#)
+                .is_ok()
+        );
+    }
+
+    #[test]
     fn numbers_too_large_for_a_double_are_refused() {
         assert_eq!(
             seed(r#"{"device_id":"a","t":1e400}"#).unwrap_err().field,
@@ -676,12 +718,12 @@ mod tests {
     #[test]
     fn device_topics_fill_in_and_check_the_device_id() {
         let topic = DeviceId::parse("raspi-01").unwrap();
-        let r = parse_device_topic_payload(&topic, br#"{"metrics":{"t":1}}"#, now()).unwrap();
+        let r = parse_device_topic_payload(&topic, br#"{"metrics":{"t":1}}"#, window()).unwrap();
         assert_eq!(r[0].device_id, topic);
         let same = br#"{"device_id":"raspi-01","metrics":{"t":1}}"#;
-        assert!(parse_device_topic_payload(&topic, same, now()).is_ok());
+        assert!(parse_device_topic_payload(&topic, same, window()).is_ok());
         let other = br#"[{"device_id":"raspi-02","metrics":{"t":1}}]"#;
-        let e = parse_device_topic_payload(&topic, other, now()).unwrap_err();
+        let e = parse_device_topic_payload(&topic, other, window()).unwrap_err();
         assert_eq!(e.field, "[0].device_id");
         // without a topic, the device id stays required
         assert_eq!(refused(batch(r#"{"metrics":{"t":1}}"#)).0, "device_id");

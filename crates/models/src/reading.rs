@@ -111,8 +111,10 @@ impl<'de> Deserialize<'de> for Metrics {
 }
 
 impl Reading {
-    /// The timestamp must not be older than [`OLDEST_TIMESTAMP`]; how far ahead of the clock it may be
-    /// is a question of when it is accepted, checked by the parsers against the time of ingest.
+    /// The timestamp must not be older than [`OLDEST_TIMESTAMP`]. How far ahead of the clock, or how
+    /// far behind it (the backfill horizon), it may be is a question of when it is accepted: the
+    /// parsers check it against a [`crate::TimeWindow`]. A reading already on the queue (decoded by
+    /// the persister) is stored whatever its age.
     pub fn new(
         device_id: DeviceId,
         id: ReadingId,

@@ -4,7 +4,7 @@
 use chrono::{DateTime, Utc};
 use diesel::pg::data_types::PgInterval;
 use diesel::prelude::*;
-use diesel::sql_types::{Double, Interval, Text, Timestamptz};
+use diesel::sql_types::{Double, Interval, Nullable, Text, Timestamptz};
 
 use crate::StoreError;
 use crate::schema::{devices, readings};
@@ -150,13 +150,23 @@ impl Aggregate {
         })
     }
 
+    /// The bucket's value as float8, or NULL when it is beyond what a float8 can hold.
+    ///
+    /// `sum` and `avg` are computed in `numeric`, from the jsonb numbers as stored (jsonb keeps
+    /// numbers as numeric): exact, and a numeric sum cannot overflow, where a float8 sum of two values
+    /// near 1e308 makes PostgreSQL fail the whole query. An average lies between the smallest and
+    /// largest value, so it always fits a float8; a sum may not, and is then NULL (the API says why).
+    /// `min`, `max` and `count` cannot overflow and stay in float8, which is cheaper.
     fn sql(self) -> &'static str {
         match self {
-            Self::Avg => "avg",
-            Self::Min => "min",
-            Self::Max => "max",
-            Self::Sum => "sum",
-            Self::Count => "count",
+            Self::Avg => "avg((metrics -> $2)::numeric)::float8",
+            Self::Min => "min((metrics ->> $2)::float8)",
+            Self::Max => "max((metrics ->> $2)::float8)",
+            Self::Sum => {
+                "CASE WHEN abs(sum((metrics -> $2)::numeric)) <= 1.7976931348623157e308
+                      THEN sum((metrics -> $2)::numeric)::float8 END"
+            }
+            Self::Count => "count(*)::float8",
         }
     }
 }
@@ -165,8 +175,9 @@ impl Aggregate {
 pub struct Bucket {
     #[diesel(sql_type = Timestamptz)]
     pub start: DateTime<Utc>,
-    #[diesel(sql_type = Double)]
-    pub value: f64,
+    /// None when the exact result does not fit a float8 (a `sum` beyond ±1.8e308).
+    #[diesel(sql_type = Nullable<Double>)]
+    pub value: Option<f64>,
 }
 
 #[derive(Debug, Clone)]
@@ -184,7 +195,7 @@ pub struct SeriesQuery {
 pub fn series(conn: &mut PgConnection, q: &SeriesQuery) -> Result<Vec<Bucket>, StoreError> {
     let sql = format!(
         "SELECT date_bin($1, ts, TIMESTAMPTZ '2000-01-01 00:00:00+00') AS start,
-                {}((metrics ->> $2)::float8)::float8 AS value
+                {} AS value
          FROM readings
          WHERE device_id = $3 AND ts >= $4 AND ts < $5 AND metrics ? $2
          GROUP BY 1

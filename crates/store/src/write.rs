@@ -5,10 +5,11 @@ use std::io::Write;
 
 use chrono::{DateTime, Datelike, Utc};
 use diesel::pg::Pg;
+use diesel::pg::data_types::PgInterval;
 use diesel::prelude::*;
 use diesel::serialize::{IsNull, Output, ToSql};
-use diesel::sql_types::{Array, Jsonb, Text, Timestamptz};
-use models::{Metrics, Reading};
+use diesel::sql_types::{Array, Interval, Jsonb, Text, Timestamptz};
+use models::{BackfillHorizon, Metrics, Reading};
 
 use crate::StoreError;
 use crate::schema::readings;
@@ -23,9 +24,25 @@ pub struct WriteOutcome {
     pub duplicates: usize,
 }
 
-/// The monthly partitions this writer has seen created, so it asks PostgreSQL only for new months.
+/// The monthly partitions this writer has seen created (or seen routed to the default partition),
+/// so it asks PostgreSQL only about new months; and the backfill horizon, which bounds the months
+/// PostgreSQL creates a partition for (see the migration `bounded_partitions`).
 #[derive(Debug, Default)]
-pub struct KnownPartitions(HashSet<(i32, u32)>);
+pub struct KnownPartitions {
+    months: HashSet<(i32, u32)>,
+    horizon: BackfillHorizon,
+}
+
+impl KnownPartitions {
+    /// Partitions are created for the months from `horizon` ago to next month; readings outside them
+    /// are stored in the default partition.
+    pub fn with_horizon(horizon: BackfillHorizon) -> Self {
+        Self {
+            months: HashSet::new(),
+            horizon,
+        }
+    }
+}
 
 /// The metrics of a reading, written as jsonb straight from the domain type (no intermediate
 /// `serde_json::Value` per row).
@@ -126,8 +143,13 @@ pub fn write_readings(
     })
 }
 
+/// Where PostgreSQL keeps readings of months it may not create a partition for.
+const DEFAULT_PARTITION: &str = "readings_default";
+
 /// Creates missing monthly partitions in their own short transactions, before the batch's: creating
-/// a partition locks the parent table, which must not be held while the batch is written.
+/// a partition locks the parent table, which must not be held while the batch is written. PostgreSQL
+/// creates only the months from the horizon ago to next month; readings of other months (queued
+/// before ingest refused them) go to the default partition, so they are stored all the same.
 fn ensure_partitions(
     conn: &mut PgConnection,
     batch: &[Reading],
@@ -136,20 +158,26 @@ fn ensure_partitions(
     let mut months: BTreeMap<(i32, u32), DateTime<Utc>> = BTreeMap::new();
     for reading in batch {
         let month = (reading.ts.year(), reading.ts.month());
-        if !known.0.contains(&month) {
+        if !known.months.contains(&month) {
             months.entry(month).or_insert(reading.ts);
         }
     }
+    let horizon = PgInterval::from_days(i32::try_from(known.horizon.as_days()).unwrap_or(i32::MAX));
     for (month, ts) in months {
-        diesel::select(ensure_readings_partition(ts)).execute(conn)?;
-        known.0.insert(month);
+        let partition: String =
+            diesel::select(ensure_readings_partition(ts, horizon)).get_result(conn)?;
+        // A month sent to the default partition is asked about again next time: it may become
+        // creatable (next month, as the clock moves on), and such stragglers are rare.
+        if partition != DEFAULT_PARTITION {
+            known.months.insert(month);
+        }
     }
     Ok(())
 }
 
 diesel::define_sql_function! {
     #[sql_name = "sensorhub_ensure_readings_partition"]
-    fn ensure_readings_partition(at: Timestamptz) -> diesel::sql_types::Text;
+    fn ensure_readings_partition(at: Timestamptz, horizon: Interval) -> diesel::sql_types::Text;
 }
 
 struct DeviceUpdate<'a> {

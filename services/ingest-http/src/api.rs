@@ -8,7 +8,7 @@ use actix_web::web::{self, BytesMut};
 use actix_web::{HttpRequest, HttpResponse, post};
 use bus::Publisher;
 use futures_util::StreamExt;
-use models::{Reading, ValidationError};
+use models::{BackfillHorizon, Reading, TimeWindow, ValidationError};
 use serde::{Deserialize, Serialize};
 use service_kit::access::{PublicRoutes, RefusalLimit};
 use service_kit::net::{KeyedLimit, TrustedProxies};
@@ -34,6 +34,8 @@ pub struct IngestState {
     pub publisher: Publisher,
     pub metrics: IngestMetrics,
     pub max_body_bytes: usize,
+    /// Readings older than this are refused (see [`BackfillHorizon`]).
+    pub backfill_horizon: BackfillHorizon,
     pub body_timeout: std::time::Duration,
     pub authenticator: Authenticator,
     /// Per device (anonymous: per client address).
@@ -56,9 +58,11 @@ pub fn routes(cfg: &mut ServiceConfig) {
 struct SeedReading {
     /// 1–64 characters of `[A-Za-z0-9._-]`.
     device_id: String,
-    /// RFC 3339, or epoch milliseconds; the server's time when absent.
+    /// RFC 3339, or epoch milliseconds; the server's time when absent. At most 5 minutes ahead,
+    /// and not older than the backfill horizon (365 days unless configured).
     ts: Option<String>,
-    /// Up to 64 characters; a retry with the same id is stored once. Assigned when absent.
+    /// 1–64 printable ASCII characters without spaces; a retry with the same id is stored once.
+    /// Assigned (UUIDv7) when absent.
     id: Option<String>,
     /// Every other field is a metric: its name as a device id, its value a finite number.
     #[serde(flatten)]
@@ -71,7 +75,9 @@ struct SeedReading {
 #[allow(dead_code)] // describes the body for OpenAPI; parsing is models::parse_readings_body
 struct ReadingIn {
     device_id: String,
+    /// As in the flat format: at most 5 minutes ahead, not older than the backfill horizon.
     ts: Option<String>,
+    /// As in the flat format: 1–64 printable ASCII characters without spaces.
     id: Option<String>,
     /// 1–64 metrics: names as device ids, finite numbers.
     metrics: BTreeMap<String, f64>,
@@ -108,7 +114,10 @@ async fn post_data(
     payload: web::Payload,
     state: web::Data<IngestState>,
 ) -> Result<HttpResponse, IngestError> {
-    let parse = |body: &[u8], now| models::parse_seed_body(body, now).map(|r| vec![r]);
+    let horizon = state.backfill_horizon;
+    let parse = move |body: &[u8], now| {
+        models::parse_seed_body(body, TimeWindow::new(now, horizon)).map(|r| vec![r])
+    };
     ingest(&req, &writer, payload, &state, "/data", parse)
         .await
         .map(|_| HttpResponse::Ok().json(SeedAccepted { status: "success" }))
@@ -133,16 +142,12 @@ async fn post_readings(
     payload: web::Payload,
     state: web::Data<IngestState>,
 ) -> Result<HttpResponse, IngestError> {
-    ingest(
-        &req,
-        &writer,
-        payload,
-        &state,
-        "/v1/readings",
-        models::parse_readings_body,
-    )
-    .await
-    .map(|accepted| HttpResponse::Accepted().json(Accepted { accepted }))
+    let horizon = state.backfill_horizon;
+    let parse =
+        move |body: &[u8], now| models::parse_readings_body(body, TimeWindow::new(now, horizon));
+    ingest(&req, &writer, payload, &state, "/v1/readings", parse)
+        .await
+        .map(|accepted| HttpResponse::Accepted().json(Accepted { accepted }))
 }
 
 /// The routes that take readings, as metric and audit labels.

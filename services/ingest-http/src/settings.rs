@@ -12,6 +12,7 @@ pub struct Settings {
     pub http_addr: String,
     pub http_workers: usize,
     pub max_body_bytes: usize,
+    pub backfill_horizon_days: models::BackfillHorizon,
     pub amqp_url: String,
     pub amqp_prefix: String,
     #[serde(flatten)]

@@ -57,6 +57,7 @@ impl Application {
             publisher: publisher.clone(),
             metrics: ingest_metrics,
             max_body_bytes: settings.max_body_bytes,
+            backfill_horizon: settings.backfill_horizon_days,
             body_timeout: Duration::from_millis(settings.http_body_timeout_ms),
             authenticator,
             rate_limit: KeyedLimit::new(settings.rate_limit_per_second, settings.rate_limit_burst),

@@ -1,7 +1,6 @@
 //! What an MQTT message is: readings to publish, or a payload to refuse (with the reason).
 
-use chrono::{DateTime, Utc};
-use models::{DeviceId, Reading};
+use models::{DeviceId, Reading, TimeWindow};
 
 #[derive(Debug, PartialEq)]
 pub enum Classified {
@@ -17,18 +16,18 @@ fn invalid(kind: &'static str, reason: impl Into<String>) -> Classified {
 }
 
 /// `devices/<id>/readings` carries the `/v1/readings` format (device id optional, and if present the
-/// topic's); the legacy topic carries the seed's flat format.
+/// topic's); the legacy topic carries the seed's flat format. Times must lie in `window`.
 pub fn classify(
     topic: &[u8],
     payload: &[u8],
     legacy_topic: Option<&str>,
-    now: DateTime<Utc>,
+    window: TimeWindow,
 ) -> Classified {
     let Ok(topic) = std::str::from_utf8(topic) else {
         return invalid("topic", "topic: is not UTF-8");
     };
     if legacy_topic == Some(topic) {
-        return match models::parse_seed_body(payload, now) {
+        return match models::parse_seed_body(payload, window) {
             Ok(reading) => Classified::Readings(vec![reading]),
             Err(e) => invalid(kind_of(&e), e.to_string()),
         };
@@ -46,7 +45,7 @@ pub fn classify(
         Ok(device) => device,
         Err(reason) => return invalid("topic", format!("topic: device id {reason}")),
     };
-    match models::parse_device_topic_payload(&device, payload, now) {
+    match models::parse_device_topic_payload(&device, payload, window) {
         Ok(readings) => Classified::Readings(readings),
         Err(e) => invalid(kind_of(&e), e.to_string()),
     }
@@ -66,8 +65,11 @@ fn kind_of(e: &models::ValidationError) -> &'static str {
 mod tests {
     use super::*;
 
-    fn now() -> DateTime<Utc> {
-        models::parse_timestamp_rfc3339("2026-11-25T10:00:00Z").unwrap()
+    fn now() -> TimeWindow {
+        TimeWindow::new(
+            models::parse_timestamp_rfc3339("2026-11-25T10:00:00Z").unwrap(),
+            models::BackfillHorizon::DEFAULT,
+        )
     }
 
     fn kind(c: Classified) -> &'static str {
@@ -150,6 +152,15 @@ mod tests {
             "topic"
         );
         assert_eq!(kind(classify(&[0xff, 0xfe], b"{}", None, now())), "topic");
+        assert_eq!(
+            kind(classify(
+                b"devices/a/readings",
+                br#"{"ts":"2001-03-15T00:00:00Z","metrics":{"t":1}}"#,
+                None,
+                now()
+            )),
+            "invalid_reading"
+        );
         // the legacy topic is just another unexpected topic when turned off
         assert_eq!(
             kind(classify(

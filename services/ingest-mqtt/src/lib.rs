@@ -279,6 +279,7 @@ async fn bridge(
                     publisher.clone(),
                     metrics.clone(),
                     legacy.clone(),
+                    settings.backfill_horizon_days,
                     max_backoff,
                     shutdown.clone(),
                 ));
@@ -373,6 +374,7 @@ async fn handle(
     publisher: Publisher,
     metrics: MqttMetrics,
     legacy_topic: Option<String>,
+    backfill_horizon: models::BackfillHorizon,
     max_backoff: Duration,
     shutdown: watch::Receiver<bool>,
 ) {
@@ -380,7 +382,7 @@ async fn handle(
         &publish.topic,
         &publish.payload,
         legacy_topic.as_deref(),
-        chrono::Utc::now(),
+        models::TimeWindow::new(chrono::Utc::now(), backfill_horizon),
     );
     let mut backoff = Duration::from_millis(50);
     loop {

@@ -20,6 +20,7 @@ pub struct Settings {
     pub mqtt_max_packet_bytes: u32,
     pub mqtt_keep_alive_secs: u64,
     pub retry_max_backoff_ms: u64,
+    pub backfill_horizon_days: models::BackfillHorizon,
     pub amqp_url: String,
     pub amqp_prefix: String,
     #[serde(flatten)]

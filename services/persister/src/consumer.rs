@@ -122,6 +122,7 @@ async fn session(
                 metrics.clone(),
                 channel.clone(),
                 settings.retry_max_backoff_ms,
+                settings.backfill_horizon_days,
                 shutdown.clone(),
             ))
         })

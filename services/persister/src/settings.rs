@@ -19,6 +19,7 @@ pub struct Settings {
     pub db_acquire_timeout_ms: u64,
     pub db_statement_timeout_ms: u64,
     pub retry_max_backoff_ms: u64,
+    pub backfill_horizon_days: models::BackfillHorizon,
     pub startup_wait_ms: u64,
     pub log_format: LogFormat,
 }

@@ -22,9 +22,12 @@ pub async fn write_batches(
     metrics: PersisterMetrics,
     channel: Channel,
     max_backoff_ms: u64,
+    backfill_horizon: models::BackfillHorizon,
     shutdown: watch::Receiver<bool>,
 ) {
-    let known = Arc::new(std::sync::Mutex::new(KnownPartitions::default()));
+    let known = Arc::new(std::sync::Mutex::new(KnownPartitions::with_horizon(
+        backfill_horizon,
+    )));
     loop {
         let job = jobs.lock().await.recv().await;
         let Some(job) = job else { return };

@@ -180,7 +180,7 @@ async fn get_device(
     pool: web::Data<PgPool>,
     id: web::Path<String>,
 ) -> Result<web::Json<Device>, QueryError> {
-    let device_id = id.into_inner();
+    let device_id = params::device_id(id.into_inner())?.into_string();
     let lookup = device_id.clone();
     with_conn(&pool, move |conn| store::read::device(conn, &lookup))
         .await?
@@ -238,7 +238,7 @@ async fn device_readings(
     id: web::Path<String>,
     query: web::Query<ReadingsParams>,
 ) -> Result<web::Json<ReadingPage>, QueryError> {
-    let device_id = id.into_inner();
+    let device_id = params::device_id(id.into_inner())?.into_string();
     let limit = params::limit(query.limit.as_deref())?;
     let metrics = params::metrics(query.metric.as_deref())?;
     let q = ReadingsQuery {
@@ -303,7 +303,7 @@ async fn device_latest(
     pool: web::Data<PgPool>,
     id: web::Path<String>,
 ) -> Result<web::Json<Latest>, QueryError> {
-    let device_id = id.into_inner();
+    let device_id = params::device_id(id.into_inner())?.into_string();
     let lookup = device_id.clone();
     let values = with_conn(&pool, move |conn| store::read::latest(conn, &lookup)).await?;
     if values.is_empty() {
@@ -345,8 +345,18 @@ pub struct SeriesParams {
 pub struct Point {
     /// The bucket's start; buckets align to 2000-01-01T00:00:00Z, so `1d` starts at midnight UTC.
     pub ts: DateTime<Utc>,
-    pub value: f64,
+    /// The aggregate. `sum` and `avg` are computed exactly (in decimal) and then rounded to a
+    /// double; an average always fits one, but a sum beyond ±1.8e308 (the largest double) does not:
+    /// then `value` is null and `reason` says so.
+    pub value: Option<f64>,
+    /// Only when `value` is null: why.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(example = json!(null))]
+    pub reason: Option<&'static str>,
 }
+
+/// Why a point has no value (see [`Point::value`]).
+const SUM_OVERFLOW: &str = "the sum is beyond ±1.8e308, the largest number a double can hold";
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Series {
@@ -360,7 +370,9 @@ pub struct Series {
     pub points: Vec<Point>,
 }
 
-/// One metric of a device in time buckets, aggregated in PostgreSQL.
+/// One metric of a device in time buckets, aggregated in PostgreSQL. `sum` and `avg` are computed
+/// exactly in decimal, so they never fail on large values; a sum too large for a double (beyond
+/// ±1.8e308) is answered as `"value": null` with a `reason`, never as an error.
 #[utoipa::path(
     tag = "readings",
     params(("id" = String, Path, description = "Device id"), SeriesParams),
@@ -376,7 +388,7 @@ async fn device_series(
     id: web::Path<String>,
     query: web::Query<SeriesParams>,
 ) -> Result<web::Json<Series>, QueryError> {
-    let device_id = id.into_inner();
+    let device_id = params::device_id(id.into_inner())?.into_string();
     let metric = match query.metric.as_deref() {
         None => return Err(QueryError::invalid("metric", "is required")),
         Some(name) => models::MetricName::parse(name)
@@ -429,6 +441,7 @@ async fn device_series(
             .into_iter()
             .map(|b| Point {
                 ts: b.start,
+                reason: b.value.is_none().then_some(SUM_OVERFLOW),
                 value: b.value,
             })
             .collect(),
@@ -524,7 +537,7 @@ async fn revoke_device(
     pool: web::Data<PgPool>,
     id: web::Path<String>,
 ) -> Result<HttpResponse, QueryError> {
-    let device_id = id.into_inner();
+    let device_id = params::device_id(id.into_inner())?.into_string();
     let lookup = device_id.clone();
     if with_conn(&pool, move |conn| {
         store::credentials::revoke_device(conn, &lookup)

@@ -29,6 +29,8 @@ pub enum QueryError {
         route: String,
         allowed: Vec<&'static str>,
     },
+    #[error("the request body took too long to arrive")]
+    BodyTimeout,
 }
 
 impl QueryError {
@@ -51,6 +53,7 @@ impl QueryError {
             QueryError::Conflict(_) => "conflict",
             QueryError::NotConfigured(_) => "not_configured",
             QueryError::MethodNotAllowed { .. } => "method_not_allowed",
+            QueryError::BodyTimeout => "timeout",
         }
     }
 
@@ -88,6 +91,11 @@ impl QueryError {
                 "method_not_allowed",
                 self.to_string(),
             ),
+            QueryError::BodyTimeout => {
+                ApiError::new(StatusCode::REQUEST_TIMEOUT, "timeout", self.to_string())
+            }
+            // anything else, a database error that is not an outage included, is a bug or an
+            // input the checks missed: logged, and answered without details
             other => ApiError::internal(other),
         }
     }
@@ -105,6 +113,7 @@ impl ResponseError for QueryError {
             QueryError::Conflict(_) => StatusCode::CONFLICT,
             QueryError::NotConfigured(_) => StatusCode::NOT_IMPLEMENTED,
             QueryError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            QueryError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

@@ -3,6 +3,7 @@
 
 mod access;
 mod api;
+mod body_deadline;
 mod error;
 mod params;
 pub mod settings;

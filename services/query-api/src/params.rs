@@ -3,7 +3,7 @@
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chrono::{DateTime, Utc};
-use models::MetricName;
+use models::{DeviceId, MetricName};
 
 use crate::error::QueryError;
 
@@ -11,19 +11,43 @@ pub const DEFAULT_LIMIT: i64 = 100;
 pub const MAX_LIMIT: i64 = 10_000;
 pub const MAX_BUCKETS: i64 = 10_000;
 
-/// RFC 3339 or epoch milliseconds, as readings are sent.
+/// The `{id}` of a `/v1/devices/{id}` path. A text that is not a valid device id names no device, so
+/// it is a 404 like any unknown device (and never reaches the database: PostgreSQL refuses a NUL
+/// byte in text with an error that is not the client's to see).
+pub fn device_id(value: String) -> Result<DeviceId, QueryError> {
+    DeviceId::parse(value.as_str()).map_err(|_| QueryError::UnknownDevice(value))
+}
+
+/// Query times must lie in years 0–9999, what RFC 3339 can write; PostgreSQL refuses times before
+/// 4713 BC, and epoch milliseconds could otherwise reach 29,000 BC.
+const EARLIEST_TIME_MICROS: i64 = -62_167_219_200_000_000; // 0000-01-01T00:00:00Z
+const LATEST_TIME_MICROS: i64 = 253_402_300_799_999_999; // 9999-12-31T23:59:59.999999Z
+
+fn in_supported_range(ts: DateTime<Utc>) -> bool {
+    (EARLIEST_TIME_MICROS..=LATEST_TIME_MICROS).contains(&ts.timestamp_micros())
+}
+
+/// RFC 3339 or epoch milliseconds, as readings are sent; years 0–9999.
 pub fn time(field: &'static str, value: &str) -> Result<DateTime<Utc>, QueryError> {
-    if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit() || b == b'-') {
+    let ts = if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit() || b == b'-') {
         let millis: i64 = value
             .parse()
             .map_err(|_| QueryError::invalid(field, "is not a number of epoch milliseconds"))?;
-        return models::parse_timestamp_millis(millis as f64)
-            .map_err(|reason| QueryError::invalid(field, reason));
+        models::parse_timestamp_millis(millis as f64)
+            .map_err(|reason| QueryError::invalid(field, reason))?
+    } else {
+        // An unencoded `+09:00` arrives as ` 09:00` (form encoding turns `+` into a space).
+        models::parse_timestamp_rfc3339(value)
+            .or_else(|e| models::parse_timestamp_rfc3339(&value.replace(' ', "+")).map_err(|_| e))
+            .map_err(|reason| QueryError::invalid(field, reason))?
+    };
+    if !in_supported_range(ts) {
+        return Err(QueryError::invalid(
+            field,
+            "must be between the years 0 and 9999",
+        ));
     }
-    // An unencoded `+09:00` arrives as ` 09:00` (form encoding turns `+` into a space).
-    models::parse_timestamp_rfc3339(value)
-        .or_else(|e| models::parse_timestamp_rfc3339(&value.replace(' ', "+")).map_err(|_| e))
-        .map_err(|reason| QueryError::invalid(field, reason))
+    Ok(ts)
 }
 
 pub fn optional_time(
@@ -84,6 +108,14 @@ pub fn decode_reading_cursor(
         .ok()
         .and_then(DateTime::from_timestamp_micros)
         .ok_or_else(bad)?;
+    // Every stored reading is from 2000 on and has an id of 1-64 characters without control
+    // characters (the rule before reading ids became printable ASCII, so cursors into older
+    // readings stay valid); anything else is forged, and would make PostgreSQL fail the query
+    // (a NUL byte, a time before 4713 BC) rather than find nothing.
+    let stored_id = !id.is_empty() && id.chars().count() <= 64 && !id.chars().any(char::is_control);
+    if ts < models::OLDEST_TIMESTAMP || !in_supported_range(ts) || !stored_id {
+        return Err(bad());
+    }
     Ok(Some((ts, id.to_owned())))
 }
 
@@ -91,6 +123,7 @@ pub fn encode_device_cursor(device_id: &str) -> String {
     URL_SAFE_NO_PAD.encode(device_id)
 }
 
+/// The last device id of the previous page; only a valid device id can be one.
 pub fn decode_device_cursor(value: Option<&str>) -> Result<Option<String>, QueryError> {
     value
         .map(|v| {
@@ -98,6 +131,8 @@ pub fn decode_device_cursor(value: Option<&str>) -> Result<Option<String>, Query
                 .decode(v)
                 .ok()
                 .and_then(|bytes| String::from_utf8(bytes).ok())
+                .and_then(|text| DeviceId::parse(text).ok())
+                .map(DeviceId::into_string)
                 .ok_or_else(|| QueryError::invalid("cursor", "is not a cursor this API gave out"))
         })
         .transpose()
@@ -144,6 +179,25 @@ mod tests {
         assert_eq!(a, b);
         assert_eq!(a, c);
         assert!(time("from", "soon").is_err());
+        assert!(time("from", "0000-01-01T00:00:00Z").is_ok());
+        assert!(time("from", "9999-12-31T23:59:59.999999Z").is_ok());
+        for beyond in ["-1000000000000000", "1000000000000000", "-62167219200001"] {
+            let Err(QueryError::InvalidParameter { field, .. }) = time("from", beyond) else {
+                panic!("{beyond} accepted");
+            };
+            assert_eq!(field, "from");
+        }
+    }
+
+    #[test]
+    fn path_device_ids_that_name_no_device_are_unknown() {
+        assert_eq!(device_id("pi-1".into()).unwrap().as_str(), "pi-1");
+        for bad in ["a\0b", "a b", "", "a/b", "\u{202E}x"] {
+            assert!(
+                matches!(device_id(bad.into()), Err(QueryError::UnknownDevice(_))),
+                "{bad:?}"
+            );
+        }
     }
 
     #[test]
@@ -167,6 +221,22 @@ mod tests {
         assert!(decode_reading_cursor(Some(&URL_SAFE_NO_PAD.encode("x.y"))).is_err());
         let d = encode_device_cursor("raspi-01");
         assert_eq!(decode_device_cursor(Some(&d)).unwrap().unwrap(), "raspi-01");
+        // well-formed but impossible: a NUL byte, a time PostgreSQL cannot hold, before 2000
+        for forged in [
+            format!("{}.a\0b", ts.timestamp_micros()),
+            "-300000000000000000.x".to_owned(),
+            "0.x".to_owned(),
+            format!("{}.", ts.timestamp_micros()),
+        ] {
+            assert!(
+                decode_reading_cursor(Some(&URL_SAFE_NO_PAD.encode(&forged))).is_err(),
+                "{forged:?}"
+            );
+        }
+        // an id stored before ids became printable ASCII still pages on
+        let old = encode_reading_cursor(ts, "café");
+        assert!(decode_reading_cursor(Some(&old)).is_ok());
+        assert!(decode_device_cursor(Some(&URL_SAFE_NO_PAD.encode("a\0b"))).is_err());
     }
 
     #[test]

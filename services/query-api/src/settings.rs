@@ -23,6 +23,7 @@ pub struct Settings {
     pub cors_allowed_origins: String,
     pub trusted_proxies: String,
     pub http_header_timeout_ms: u64,
+    pub http_body_timeout_ms: u64,
     pub http_keep_alive_secs: u64,
     pub log_format: LogFormat,
 }

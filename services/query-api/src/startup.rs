@@ -18,6 +18,7 @@ use utoipa_actix_web::AppExt;
 
 use crate::access::{self, Access};
 use crate::api::{self, ApiDoc, DeviceTokens};
+use crate::body_deadline;
 use crate::settings::Settings;
 
 /// query-api, built and bound, ready to run.
@@ -64,6 +65,7 @@ impl Application {
                         .context("loading auth_signing_key_file")?,
                 )
             }));
+        let body_timeout = Duration::from_millis(settings.http_body_timeout_ms);
         let origins: Vec<String> = settings
             .cors_allowed_origins
             .split(',')
@@ -109,6 +111,9 @@ impl Application {
                 .split_for_parts();
             app.app_data(web::Data::new(openapi))
                 .app_data(web::Data::new(http_metrics.clone()))
+                .wrap(from_fn(move |req, next| {
+                    body_deadline::limit(body_timeout, req, next)
+                }))
                 .wrap(from_fn(access::require_token))
                 .wrap(from_fn(HttpMetrics::record))
                 .wrap(cors)

@@ -62,7 +62,7 @@ fn readings(device: &str, n: usize) -> Vec<models::Reading> {
         .collect();
     parse_readings_body(
         format!("[{}]", items.join(",")).as_bytes(),
-        chrono::Utc::now(),
+        models::TimeWindow::new(chrono::Utc::now(), models::BackfillHorizon::DEFAULT),
     )
     .unwrap()
 }

@@ -112,23 +112,181 @@ fn a_reading_twice_in_one_batch_is_stored_once_and_the_batch_is_kept() {
     assert_eq!(devices.len(), 2, "devices are updated on the slow path too");
 }
 
+/// `readings_YYYY_MM` of the month `months` away from this one.
+fn partition_of(months: i32) -> (String, DateTime<Utc>) {
+    use chrono::Datelike;
+    let now = Utc::now();
+    let index = now.year() * 12 + now.month0() as i32 + months;
+    let (year, month) = (index.div_euclid(12), index.rem_euclid(12) as u32 + 1);
+    let start = at(&format!("{year:04}-{month:02}-01T00:00:00Z"));
+    (format!("readings_{year:04}_{month:02}"), start)
+}
+
+fn partition_exists(db: &TestDb, name: &str) -> bool {
+    use diesel::prelude::*;
+    #[derive(QueryableByName)]
+    struct Found {
+        #[diesel(sql_type = diesel::sql_types::Bool)]
+        found: bool,
+    }
+    diesel::sql_query("SELECT to_regclass($1) IS NOT NULL AS found")
+        .bind::<diesel::sql_types::Text, _>(name)
+        .get_result::<Found>(&mut db.connect())
+        .unwrap()
+        .found
+}
+
 #[test]
-fn readings_in_new_months_get_their_partitions() {
+fn readings_in_new_months_within_the_horizon_get_their_partitions() {
     let db = TestDb::migrated();
     let mut conn = db.connect();
     let mut known = KnownPartitions::default();
+    let (last_month, last_start) = partition_of(-1);
+    let (this_month, this_start) = partition_of(0);
+    let (next_month, next_start) = partition_of(1);
     let batch = vec![
-        reading("d", "1", at("2024-02-29T23:59:59Z"), &[("t", 1.0)]),
-        reading("d", "2", at("2024-03-01T00:00:00Z"), &[("t", 2.0)]),
-        reading("d", "3", at("2031-01-01T00:00:00Z"), &[("t", 3.0)]),
+        reading("d", "1", last_start, &[("t", 1.0)]),
+        reading("d", "2", this_start, &[("t", 2.0)]),
+        reading("d", "3", next_start, &[("t", 3.0)]),
     ];
     write_readings(&mut conn, &batch, &mut known).unwrap();
-    for partition in ["readings_2024_02", "readings_2024_03", "readings_2031_01"] {
+    for partition in [&last_month, &this_month, &next_month] {
         assert_eq!(testkit::count_rows(&db.url, partition), 1, "{partition}");
     }
     // a second writer that has not seen these months yet finds them existing
     write_readings(&mut conn, &batch, &mut KnownPartitions::default()).unwrap();
     assert_eq!(testkit::count_rows(&db.url, "readings"), 3);
+    assert_eq!(testkit::count_rows(&db.url, "readings_default"), 0);
+}
+
+#[test]
+fn readings_outside_the_horizon_are_stored_without_creating_partitions() {
+    // What an attacker's batch asked for before ingest refused old readings: a month each, back to
+    // 2000. Already queued, such readings must still be stored, but no table is made for them.
+    let db = TestDb::migrated();
+    let mut conn = db.connect();
+    let mut known = KnownPartitions::default();
+    let (too_old, too_old_start) = partition_of(-14);
+    let (too_new, too_new_start) = partition_of(2);
+    // 11 months back is inside 365 days whatever today is (12 may not be, on 29 February)
+    let (oldest_allowed, oldest_allowed_start) = partition_of(-11);
+    let mut batch: Vec<Reading> = (0..300)
+        .map(|i| {
+            let ts = at("2000-01-01T00:00:00Z") + Duration::days(31 * i);
+            reading("spray", &format!("old-{i}"), ts, &[("t", i as f64)])
+        })
+        .filter(|r| r.ts < too_old_start + Duration::days(31))
+        .collect();
+    batch.push(reading(
+        "spray",
+        "stray",
+        too_old_start + Duration::days(1),
+        &[("t", 1.0)],
+    ));
+    let old_count = batch.len() as i64;
+    batch.push(reading("d", "new", too_new_start, &[("t", 1.0)]));
+    batch.push(reading(
+        "d",
+        "edge",
+        oldest_allowed_start + Duration::days(20),
+        &[("t", 1.0)],
+    ));
+    let partitions_before = partitions(&db);
+    let outcome = write_readings(&mut conn, &batch, &mut known).unwrap();
+    assert_eq!(outcome.inserted, batch.len());
+    assert_eq!(testkit::count_rows(&db.url, "readings"), old_count + 2);
+    assert_eq!(
+        testkit::count_rows(&db.url, "readings_default"),
+        old_count + 1
+    );
+    assert!(!partition_exists(&db, &too_old));
+    assert!(!partition_exists(&db, &too_new));
+    assert!(!partition_exists(&db, "readings_2000_01"));
+    assert!(partition_exists(&db, &oldest_allowed));
+    assert_eq!(partitions(&db), partitions_before + 1);
+
+    // a shorter horizon, configured: last month's readings go to the default partition too
+    let mut week = KnownPartitions::with_horizon(models::BackfillHorizon::days(7).unwrap());
+    let (two_months_ago, start) = partition_of(-2);
+    write_readings(
+        &mut conn,
+        &[reading("d", "w", start, &[("t", 1.0)])],
+        &mut week,
+    )
+    .unwrap();
+    assert!(!partition_exists(&db, &two_months_ago));
+
+    // what the default partition holds reads back like any other reading
+    let page = store::read::readings_page(
+        &mut conn,
+        &ReadingsQuery {
+            device_id: "spray".into(),
+            limit: 1_000,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(page.len() as i64, old_count);
+    // and a later, longer horizon cannot strand them: the month is not created while the default
+    // partition holds its readings, which stay where they are, and new ones join them
+    let mut century = KnownPartitions::with_horizon(models::BackfillHorizon::days(36_525).unwrap());
+    let again = vec![
+        reading("spray", "later", too_old_start, &[("t", 1.0)]),
+        reading("spray", "old-0", at("2000-01-01T00:00:00Z"), &[("t", 0.0)]),
+    ];
+    let outcome = write_readings(&mut conn, &again, &mut century).unwrap();
+    assert_eq!((outcome.inserted, outcome.duplicates), (1, 1));
+    assert!(!partition_exists(&db, &too_old));
+}
+
+fn partitions(db: &TestDb) -> i64 {
+    use diesel::prelude::*;
+    #[derive(QueryableByName)]
+    struct Count {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
+    diesel::sql_query(
+        "SELECT count(*) AS n FROM pg_inherits WHERE inhparent = 'readings'::regclass",
+    )
+    .get_result::<Count>(&mut db.connect())
+    .unwrap()
+    .n
+}
+
+#[test]
+fn database_errors_are_transient_only_when_the_database_cannot_serve_now() {
+    use diesel::connection::SimpleConnection;
+    let db = TestDb::migrated();
+    let mut conn = db.connect();
+    // bad input reaching the database is not an outage
+    let nul = store::read::device(&mut conn, "a\0b").unwrap_err();
+    assert!(!nul.is_transient(), "{nul}");
+    let out_of_range = store::read::readings_page(
+        &mut conn,
+        &ReadingsQuery {
+            device_id: "d".into(),
+            before: Some((
+                DateTime::from_timestamp(-300_000_000_000, 0).unwrap(),
+                "x".into(),
+            )),
+            limit: 1,
+            ..Default::default()
+        },
+    )
+    .unwrap_err();
+    assert!(!out_of_range.is_transient(), "{out_of_range}");
+    // a statement timeout is
+    conn.batch_execute("SET statement_timeout = 50").unwrap();
+    let slow = diesel::RunQueryDsl::execute(diesel::sql_query("SELECT pg_sleep(1)"), &mut conn)
+        .map_err(store::StoreError::from)
+        .unwrap_err();
+    assert!(slow.is_transient(), "{slow}");
+    // and so is a database that cannot be reached
+    let Err(unreachable) = store::connect("postgres://postgres@127.0.0.1:1/none") else {
+        panic!("connected to a closed port");
+    };
+    assert!(unreachable.is_transient(), "{unreachable}");
 }
 
 #[test]
@@ -263,7 +421,7 @@ fn latest_and_series_compute_exact_values() {
         )
         .unwrap()
         .into_iter()
-        .map(|b| (b.start, b.value))
+        .map(|b| (b.start, b.value.unwrap()))
         .collect::<Vec<_>>()
     };
     let minute = |m| t0 + Duration::minutes(m);
@@ -287,6 +445,63 @@ fn latest_and_series_compute_exact_values() {
         series(Aggregate::Count),
         [(minute(0), 2.0), (minute(1), 2.0)]
     );
+}
+
+#[test]
+fn sums_beyond_a_double_are_none_and_averages_of_huge_values_are_exact() {
+    let db = TestDb::migrated();
+    let mut conn = db.connect();
+    let t0 = at("2026-11-25T10:00:00Z");
+    let batch = vec![
+        reading("d", "1", t0, &[("t", 1e308)]),
+        reading("d", "2", t0 + Duration::seconds(1), &[("t", 1e308)]),
+        reading("d", "3", t0 + Duration::seconds(2), &[("t", f64::MAX)]),
+        reading("d", "4", t0 + Duration::minutes(1), &[("t", -1e308)]),
+        reading(
+            "d",
+            "5",
+            t0 + Duration::minutes(1) + Duration::seconds(1),
+            &[("t", 1e308)],
+        ),
+        reading("d", "6", t0 + Duration::minutes(2), &[("t", 0.1)]),
+        reading(
+            "d",
+            "7",
+            t0 + Duration::minutes(2) + Duration::seconds(1),
+            &[("t", 0.2)],
+        ),
+    ];
+    write_readings(&mut conn, &batch, &mut KnownPartitions::default()).unwrap();
+    let series = |aggregate| {
+        store::read::series(
+            &mut db.connect(),
+            &SeriesQuery {
+                device_id: "d".into(),
+                metric: "t".into(),
+                from: t0,
+                to: t0 + Duration::hours(1),
+                bucket_micros: 60_000_000,
+                aggregate,
+            },
+        )
+        .unwrap()
+        .into_iter()
+        .map(|b| b.value)
+        .collect::<Vec<_>>()
+    };
+    // minute 0 overflows a double; minute 1 cancels out exactly; minute 2 is exact in decimal
+    assert_eq!(series(Aggregate::Sum), [None, Some(0.0), Some(0.3)]);
+    let averages = series(Aggregate::Avg);
+    assert_eq!(averages[1], Some(0.0));
+    assert_eq!(averages[2], Some(0.15));
+    let first = averages[0].unwrap();
+    let expected = 1e308 / 3.0 * 2.0 + f64::MAX / 3.0;
+    assert!((first - expected).abs() < 1e294, "{first} vs {expected}");
+    assert_eq!(
+        series(Aggregate::Max),
+        [Some(f64::MAX), Some(1e308), Some(0.2)]
+    );
+    assert_eq!(series(Aggregate::Count), [Some(3.0), Some(2.0), Some(2.0)]);
 }
 
 #[test]

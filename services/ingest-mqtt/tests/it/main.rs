@@ -1,6 +1,7 @@
 //! ingest-mqtt against a real Mosquitto (a private one per test), RabbitMQ and PostgreSQL, with the
 //! persister storing what it publishes.
 
+mod input;
 mod readme;
 mod security;
 

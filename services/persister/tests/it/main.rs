@@ -133,7 +133,7 @@ fn readings(device: &str, tag: &str, n: usize) -> Vec<Reading> {
         .collect();
     models::parse_readings_body(
         format!("[{}]", items.join(",")).as_bytes(),
-        chrono::Utc::now(),
+        models::TimeWindow::new(chrono::Utc::now(), models::BackfillHorizon::DEFAULT),
     )
     .unwrap()
 }
@@ -417,5 +417,46 @@ async fn sigterm_under_load_finishes_its_batches_and_loses_nothing() {
     second.kill().unwrap();
     second.wait().unwrap();
     publisher.close().await;
+    f.cleanup().await;
+}
+
+/// What was queued before ingest refused old readings (an attacker's batch spread over the years
+/// since 2000) is still stored, in the default partition, and no month's table is made for it.
+#[tokio::test]
+async fn readings_queued_from_beyond_the_horizon_are_stored_without_new_partitions() {
+    let f = Fixture::new();
+    let running = Running::start(&f.settings()).await;
+    let publisher = f.publisher().await;
+    let metrics =
+        models::Metrics::new(vec![(models::MetricName::parse("t").unwrap(), 1.0)]).unwrap();
+    let old: Vec<Reading> = (0..300)
+        .map(|i| {
+            let ts = models::OLDEST_TIMESTAMP + chrono::Duration::days(30 * i);
+            Reading::new(
+                models::DeviceId::parse("spray").unwrap(),
+                models::ReadingId::parse(format!("old-{i}")).unwrap(),
+                ts,
+                metrics.clone(),
+            )
+            .unwrap()
+        })
+        .filter(|r| r.ts < chrono::Utc::now() - chrono::Duration::days(400))
+        .collect();
+    let tables_before = count_rows(&f.db.url, "pg_inherits");
+    publisher.publish(old.clone()).await.unwrap();
+    f.wait_stored(old.len() as i64).await;
+    assert_eq!(count_rows(&f.db.url, "readings_default"), old.len() as i64);
+    assert_eq!(
+        count_rows(&f.db.url, "pg_inherits"),
+        tables_before,
+        "no partition was created"
+    );
+    assert!(
+        !running
+            .metrics()
+            .await
+            .contains("messages_dead_lettered_total 1")
+    );
+    running.stop().await;
     f.cleanup().await;
 }

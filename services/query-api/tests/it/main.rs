@@ -5,6 +5,7 @@ use models::{DeviceId, MetricName, Metrics, Reading, ReadingId};
 use serde_json::{Value, json};
 use testkit::{TestDb, TestKeys};
 
+mod input;
 mod security;
 
 struct Api {
