@@ -24,6 +24,12 @@ pub enum QueryError {
     Conflict(String),
     #[error("{0}")]
     NotConfigured(&'static str),
+    /// The device's MQTT account could not be made or removed; `done` says what did happen.
+    #[error("{done}: {source}")]
+    MqttAccount {
+        done: String,
+        source: mqtt_admin::MqttAdminError,
+    },
 }
 
 impl QueryError {
@@ -55,6 +61,25 @@ impl QueryError {
             QueryError::NotConfigured(reason) => {
                 ApiError::new(StatusCode::NOT_IMPLEMENTED, "not_configured", *reason)
             }
+            QueryError::MqttAccount { done, source } => {
+                tracing::warn!(error = %source, "{done}");
+                match source {
+                    e if e.is_unavailable() => ApiError::unavailable(
+                        format!("{done}: the MQTT broker cannot be reached; try again shortly"),
+                        5,
+                    ),
+                    mqtt_admin::MqttAdminError::NotADeviceAccount(_) => ApiError::new(
+                        StatusCode::CONFLICT,
+                        "conflict",
+                        format!("{done}: {source}"),
+                    ),
+                    _ => ApiError::new(
+                        StatusCode::BAD_GATEWAY,
+                        "mqtt_refused",
+                        format!("{done}: the MQTT broker refused the change"),
+                    ),
+                }
+            }
             other => ApiError::internal(other),
         }
     }
@@ -71,6 +96,11 @@ impl ResponseError for QueryError {
             QueryError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             QueryError::Conflict(_) => StatusCode::CONFLICT,
             QueryError::NotConfigured(_) => StatusCode::NOT_IMPLEMENTED,
+            QueryError::MqttAccount { source, .. } => match source {
+                e if e.is_unavailable() => StatusCode::SERVICE_UNAVAILABLE,
+                mqtt_admin::MqttAdminError::NotADeviceAccount(_) => StatusCode::CONFLICT,
+                _ => StatusCode::BAD_GATEWAY,
+            },
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
