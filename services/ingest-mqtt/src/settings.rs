@@ -46,7 +46,8 @@ impl Settings {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|h| h.trim().to_owned())
             .unwrap_or_else(|_| "local".to_owned());
-        format!("ingest-mqtt-{host}")
+        // `:` is in no device id, so no device account can be bound to this session
+        format!("ingest-mqtt:{host}")
     }
 
     pub fn endpoint(&self) -> Result<MqttEndpoint, String> {

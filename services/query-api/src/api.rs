@@ -52,6 +52,10 @@ impl utoipa::Modify for BearerAuth {
 /// Mints device tokens on `POST /v1/devices` when query-api was given the signing key.
 pub struct DeviceTokens(pub Option<auth::TokenSigner>);
 
+/// Mosquitto's accounts, when query-api was given the MQTT admin URL: devices registered and
+/// revoked here get and lose their MQTT accounts exactly as with `sensorctl device add/revoke`.
+pub struct MqttAccounts(pub Option<mqtt_admin::Broker>);
+
 /// Registers every documented route; `startup` adds the ops endpoints and `/openapi.json`.
 pub fn routes(cfg: &mut ServiceConfig) {
     cfg.service(list_devices)
@@ -469,7 +473,9 @@ pub struct RegisteredDevice {
 }
 
 /// Registers a device and returns its token (admin). Needs query-api to hold the signing key;
-/// otherwise register devices with `sensorctl device add`.
+/// otherwise register devices with `sensorctl device add`. With the MQTT admin URL set, the device
+/// also gets its MQTT account (user name and client id its id, password its token); when that
+/// fails, the registration is undone.
 #[utoipa::path(
     tag = "devices",
     request_body = NewDevice,
@@ -477,14 +483,17 @@ pub struct RegisteredDevice {
         (status = 201, body = RegisteredDevice),
         (status = 400, body = service_kit::ErrorBody),
         (status = 403, body = service_kit::ErrorBody),
-        (status = 409, description = "Already registered", body = service_kit::ErrorBody),
+        (status = 409, description = "Already registered, or an MQTT account of that name is not a device's", body = service_kit::ErrorBody),
         (status = 501, description = "No signing key here", body = service_kit::ErrorBody),
+        (status = 502, description = "The MQTT broker refused the account; not registered", body = service_kit::ErrorBody),
+        (status = 503, description = "The MQTT broker cannot be reached; not registered", body = service_kit::ErrorBody),
     )
 )]
 #[post("/v1/devices")]
 async fn register_device(
     pool: web::Data<PgPool>,
     tokens: web::Data<DeviceTokens>,
+    mqtt: web::Data<MqttAccounts>,
     body: web::Json<NewDevice>,
 ) -> Result<HttpResponse, QueryError> {
     let device = models::DeviceId::parse(body.device_id.as_str())
@@ -503,18 +512,30 @@ async fn register_device(
         store::credentials::register_device(conn, &id, &token_id)
     })
     .await?;
-    match registration {
-        store::credentials::Registration::Registered => {
-            Ok(HttpResponse::Created().json(RegisteredDevice {
-                device_id: device.into_string(),
-                token_id: claims.jti,
-                token,
-            }))
-        }
-        store::credentials::Registration::AlreadyActive => Err(QueryError::Conflict(format!(
+    if let store::credentials::Registration::AlreadyActive = registration {
+        return Err(QueryError::Conflict(format!(
             "{device} is already registered; revoke it first to issue a new token"
-        ))),
+        )));
     }
+    if let Some(broker) = &mqtt.0
+        && let Err(source) = broker.add_device(&device, &token, None).await
+    {
+        // all or nothing, as sensorctl: a device half set up is worse than none
+        let id = device.as_str().to_owned();
+        with_conn(&pool, move |conn| {
+            store::credentials::revoke_device(conn, &id)
+        })
+        .await?;
+        return Err(QueryError::MqttAccount {
+            done: format!("{device} not registered: its MQTT account could not be made"),
+            source,
+        });
+    }
+    Ok(HttpResponse::Created().json(RegisteredDevice {
+        device_id: device.into_string(),
+        token_id: claims.jti,
+        token,
+    }))
 }
 
 fn signing_failed(e: auth::AuthError) -> &'static str {
@@ -522,28 +543,48 @@ fn signing_failed(e: auth::AuthError) -> &'static str {
     "cannot sign tokens with the configured signing key"
 }
 
-/// Revokes a device's token (admin): ingest refuses it within seconds.
+/// Revokes a device's token (admin): ingest-http refuses it within seconds. With the MQTT admin
+/// URL set, its MQTT account is removed too and its connection closed at once. The registry is
+/// changed first, so HTTP is closed even while the broker is away; the answer is then 503 (or 502)
+/// and saying so, and repeating the request removes the MQTT account.
 #[utoipa::path(
     tag = "devices",
     params(("id" = String, Path, description = "Device id")),
     responses(
         (status = 204, description = "Revoked"),
+        (status = 400, body = service_kit::ErrorBody),
         (status = 403, body = service_kit::ErrorBody),
-        (status = 404, description = "Not an active registered device", body = service_kit::ErrorBody),
+        (status = 404, description = "Not an active registered device, and no MQTT account", body = service_kit::ErrorBody),
+        (status = 502, description = "Revoked for HTTP; the MQTT broker refused to remove the account", body = service_kit::ErrorBody),
+        (status = 503, description = "Revoked for HTTP; the MQTT broker cannot be reached: repeat", body = service_kit::ErrorBody),
     )
 )]
 #[delete("/v1/devices/{id}")]
 async fn revoke_device(
     pool: web::Data<PgPool>,
+    mqtt: web::Data<MqttAccounts>,
     id: web::Path<String>,
 ) -> Result<HttpResponse, QueryError> {
-    let device_id = params::device_id(id.into_inner())?.into_string();
+    let device = params::device_id(id.into_inner())?;
+    let device_id = device.as_str().to_owned();
     let lookup = device_id.clone();
-    if with_conn(&pool, move |conn| {
+    let revoked = with_conn(&pool, move |conn| {
         store::credentials::revoke_device(conn, &lookup)
     })
-    .await?
-    {
+    .await?;
+    let removed =
+        match &mqtt.0 {
+            Some(broker) => broker.remove_device(&device).await.map_err(|source| {
+                QueryError::MqttAccount {
+                    done: format!(
+                        "{device} is revoked for HTTP, but its MQTT account could not be removed"
+                    ),
+                    source,
+                }
+            })?,
+            None => false,
+        };
+    if revoked || removed {
         Ok(HttpResponse::NoContent().finish())
     } else {
         Err(QueryError::UnknownDevice(device_id))

@@ -31,6 +31,12 @@ pub enum QueryError {
     },
     #[error("the request body took too long to arrive")]
     BodyTimeout,
+    /// The device's MQTT account could not be made or removed; `done` says what did happen.
+    #[error("{done}: {source}")]
+    MqttAccount {
+        done: String,
+        source: mqtt_admin::MqttAdminError,
+    },
 }
 
 impl QueryError {
@@ -54,6 +60,7 @@ impl QueryError {
             QueryError::NotConfigured(_) => "not_configured",
             QueryError::MethodNotAllowed { .. } => "method_not_allowed",
             QueryError::BodyTimeout => "timeout",
+            QueryError::MqttAccount { .. } => "mqtt_account",
         }
     }
 
@@ -96,6 +103,25 @@ impl QueryError {
             }
             // anything else, a database error that is not an outage included, is a bug or an
             // input the checks missed: logged, and answered without details
+            QueryError::MqttAccount { done, source } => {
+                tracing::warn!(error = %source, "{done}");
+                match source {
+                    e if e.is_unavailable() => ApiError::unavailable(
+                        format!("{done}: the MQTT broker cannot be reached; try again shortly"),
+                        5,
+                    ),
+                    mqtt_admin::MqttAdminError::NotADeviceAccount(_) => ApiError::new(
+                        StatusCode::CONFLICT,
+                        "conflict",
+                        format!("{done}: {source}"),
+                    ),
+                    _ => ApiError::new(
+                        StatusCode::BAD_GATEWAY,
+                        "mqtt_refused",
+                        format!("{done}: the MQTT broker refused the change"),
+                    ),
+                }
+            }
             other => ApiError::internal(other),
         }
     }
@@ -114,6 +140,11 @@ impl ResponseError for QueryError {
             QueryError::NotConfigured(_) => StatusCode::NOT_IMPLEMENTED,
             QueryError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             QueryError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
+            QueryError::MqttAccount { source, .. } => match source {
+                e if e.is_unavailable() => StatusCode::SERVICE_UNAVAILABLE,
+                mqtt_admin::MqttAdminError::NotADeviceAccount(_) => StatusCode::CONFLICT,
+                _ => StatusCode::BAD_GATEWAY,
+            },
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

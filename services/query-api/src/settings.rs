@@ -16,6 +16,9 @@ pub struct Settings {
     pub startup_wait_ms: u64,
     pub auth_public_key_file: String,
     pub auth_signing_key_file: String,
+    /// The same setting, and environment variable, as sensorctl's.
+    #[serde(rename = "sensorhub_mqtt_admin_url")]
+    pub mqtt_admin_url: String,
     pub rate_limit_per_second: u32,
     pub rate_limit_burst: u32,
     pub refusal_limit_per_second: u32,

@@ -17,7 +17,7 @@ use utoipa::OpenApi;
 use utoipa_actix_web::AppExt;
 
 use crate::access::{self, Access};
-use crate::api::{self, ApiDoc, DeviceTokens};
+use crate::api::{self, ApiDoc, DeviceTokens, MqttAccounts};
 use crate::body_deadline;
 use crate::settings::Settings;
 
@@ -66,6 +66,12 @@ impl Application {
                 )
             }));
         let body_timeout = Duration::from_millis(settings.http_body_timeout_ms);
+        let mqtt_accounts = web::Data::new(MqttAccounts(
+            (!settings.mqtt_admin_url.is_empty())
+                .then(|| mqtt_admin::Broker::from_url(&settings.mqtt_admin_url))
+                .transpose()
+                .context("sensorhub_mqtt_admin_url")?,
+        ));
         let origins: Vec<String> = settings
             .cors_allowed_origins
             .split(',')
@@ -87,6 +93,7 @@ impl Application {
                 .app_data(web::Data::new(pool.clone()))
                 .app_data(access.clone())
                 .app_data(device_tokens.clone())
+                .app_data(mqtt_accounts.clone())
                 .app_data(
                     web::JsonConfig::default()
                         .limit(16 * 1024)

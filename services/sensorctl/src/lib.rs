@@ -57,10 +57,15 @@ pub enum Command {
 
 #[derive(Subcommand)]
 pub enum MqttCommand {
-    /// Create (or update the password of) ingest-mqtt's account, `sensorhub-ingest`.
+    /// Deny everything no role allows, and create (or bring up to date) one account per
+    /// ingest-mqtt replica, `ingest-mqtt:1` to `ingest-mqtt:N`, each bound to that client id; bind
+    /// the MQTT accounts of registered devices to their device ids. Safe to run again.
     Init {
         #[arg(long, env = "MQTT_INGEST_PASSWORD")]
         ingest_password: String,
+        /// How many ingest-mqtt replicas get an account: at least as many as you run.
+        #[arg(long, env = "MQTT_INGEST_REPLICAS", default_value_t = 1)]
+        ingest_replicas: u32,
         /// Let ingest-mqtt read the seed's topic too (empty: no).
         #[arg(long, default_value = "sensor/data")]
         legacy_topic: String,
@@ -145,30 +150,25 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }) => {
             let device = models::DeviceId::parse(device_id.as_str())
                 .map_err(|reason| anyhow::anyhow!("device id {device_id:?} {reason}"))?;
+            let broker = broker(cli.mqtt_admin_url.as_deref())?;
             let signer = signer(&cli.keys_dir)?;
             let claims = Claims::device(device.as_str(), now());
             let token = signer.sign(&claims)?;
             let mut conn = connect(&cli.database_url)?;
             match store::credentials::register_device(&mut conn, device.as_str(), &claims.jti)? {
                 store::credentials::Registration::Registered => {
-                    if let Some(admin) = mqtt_admin(cli.mqtt_admin_url.as_deref())? {
+                    if let Some(broker) = &broker {
                         let legacy = allow_legacy_topic.then_some("sensor/data");
-                        let mut commands = mqtt_admin::remove_device(device.as_str());
-                        commands.extend(mqtt_admin::device_account(
-                            device.as_str(),
-                            &token,
-                            legacy,
-                        ));
-                        if let Err(e) =
-                            block_on(mqtt_admin::execute(&admin, commands, &["not found"]))?
-                        {
+                        if let Err(e) = block_on(broker.add_device(&device, &token, legacy))? {
                             // all or nothing: a device half set up is worse than none
                             store::credentials::revoke_device(&mut conn, device.as_str())?;
                             bail!(
                                 "{device} not registered: its MQTT account could not be made: {e}"
                             );
                         }
-                        eprintln!("MQTT account: user name {device}, password its token");
+                        eprintln!(
+                            "MQTT account: user name and client id {device}, password its token"
+                        );
                     }
                     eprintln!("registered {device} (token id {}); its token:", claims.jti);
                     println!("{token}");
@@ -196,20 +196,28 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Device(DeviceCommand::Revoke { device_id }) => {
-            let mut conn = connect(&cli.database_url)?;
-            let revoked = store::credentials::revoke_device(&mut conn, &device_id)?;
-            if let Some(admin) = mqtt_admin(cli.mqtt_admin_url.as_deref())? {
-                block_on(mqtt_admin::execute(
-                    &admin,
-                    mqtt_admin::remove_device(&device_id),
-                    &["not found"],
-                ))??;
-                eprintln!("removed {device_id}'s MQTT account (disconnected now)");
+            let device = models::DeviceId::parse(device_id.as_str())
+                .map_err(|reason| anyhow::anyhow!("device id {device_id:?} {reason}"))?;
+            let broker = broker(cli.mqtt_admin_url.as_deref())?;
+            // The registry first: HTTP ingest refuses the token even while Mosquitto is away.
+            let revoked =
+                store::credentials::revoke_device(&mut connect(&cli.database_url)?, &device_id)?;
+            let mut removed = false;
+            if let Some(broker) = &broker {
+                removed = block_on(broker.remove_device(&device))?.with_context(|| {
+                    format!(
+                        "{device} is revoked for HTTP, but its MQTT account could not be removed: \
+                         run this again"
+                    )
+                })?;
+                if removed {
+                    eprintln!("removed {device}'s MQTT account (disconnected now)");
+                }
             }
-            if !revoked {
-                bail!("{device_id} is not an active registered device");
+            if !revoked && !removed {
+                bail!("{device} is not an active registered device");
             }
-            eprintln!("revoked {device_id}: ingest refuses its token within seconds");
+            eprintln!("revoked {device}: ingest refuses its token within seconds");
         }
         Command::Token(TokenCommand::Issue { role, ttl, name }) => {
             let role = Role::parse(&role)
@@ -232,26 +240,48 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Mqtt(MqttCommand::Init {
             ingest_password,
+            ingest_replicas,
             legacy_topic,
         }) => {
-            let admin = mqtt_admin(cli.mqtt_admin_url.as_deref())?.ok_or_else(|| {
+            let broker = broker(cli.mqtt_admin_url.as_deref())?.ok_or_else(|| {
                 anyhow::anyhow!("--mqtt-admin-url (SENSORHUB_MQTT_ADMIN_URL) is required")
             })?;
-            let legacy = (!legacy_topic.is_empty()).then_some(legacy_topic.as_str());
-            let mut commands = mqtt_admin::ingest_account(&ingest_password, legacy);
-            commands.push(serde_json::json!({"command": "setClientPassword",
-                "username": mqtt_admin::INGEST_USER, "password": ingest_password}));
-            block_on(mqtt_admin::execute(&admin, commands, &["already exists"]))??;
-            eprintln!("MQTT account {} ready", mqtt_admin::INGEST_USER);
+            let devices: Vec<models::DeviceId> =
+                store::credentials::list_credentials(&mut connect(&cli.database_url)?)?
+                    .into_iter()
+                    .filter(|c| c.revoked_at.is_none())
+                    .filter_map(|c| models::DeviceId::parse(c.device_id).ok())
+                    .collect();
+            let ingest = mqtt_admin::IngestAccounts {
+                password: &ingest_password,
+                replicas: ingest_replicas,
+                legacy_topic: (!legacy_topic.is_empty()).then_some(legacy_topic.as_str()),
+            };
+            let report = block_on(broker.init(&ingest, &devices))??;
+            eprintln!(
+                "MQTT: nothing allowed that a role does not allow; ingest-mqtt accounts (user name \
+                 and client id) {}",
+                report.ingest_accounts.join(", ")
+            );
+            if report.legacy_ingest_removed {
+                eprintln!("removed the old shared account sensorhub-ingest");
+            }
+            if report.devices_bound > 0 {
+                eprintln!(
+                    "bound {} device accounts to their device ids as client ids",
+                    report.devices_bound
+                );
+            }
         }
     }
     Ok(())
 }
 
-fn mqtt_admin(url: Option<&str>) -> anyhow::Result<Option<service_kit::net::MqttEndpoint>> {
-    url.filter(|u| !u.is_empty())
-        .map(|u| service_kit::net::parse_mqtt_url(u).map_err(anyhow::Error::msg))
-        .transpose()
+fn broker(url: Option<&str>) -> anyhow::Result<Option<mqtt_admin::Broker>> {
+    Ok(url
+        .filter(|u| !u.is_empty())
+        .map(mqtt_admin::Broker::from_url)
+        .transpose()?)
 }
 
 fn block_on<T>(future: impl std::future::Future<Output = T>) -> anyhow::Result<T> {

@@ -53,8 +53,8 @@ async fn the_readmes_python_snippets_work_with_a_token() {
     let broker = production().await;
     let stack = Stack::new();
     let _persister = stack.persister().await;
-    let mut settings = stack.settings("ingest-readme");
-    settings.mqtt_url = broker.ingest_url();
+    let mut settings = stack.settings("unused");
+    broker.ingest_settings(&mut settings, 1);
     let ingest = stack.ingest(&settings).await;
     let http_ingest = stack.ingest_http(&broker).await;
 

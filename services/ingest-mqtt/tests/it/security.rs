@@ -1,68 +1,129 @@
 //! deploy/mosquitto's production configuration in a real Mosquitto, its accounts made as sensorctl
-//! makes them: nobody in without credentials, each device confined to its own topics, revocation at
-//! once, the TLS listener up; and ingest-mqtt behind it storing only what devices may write.
+//! makes them: nobody in without credentials, each account bound to its own client id (no device
+//! can take over another's session or ingest-mqtt's), each device confined to its own topics,
+//! nothing received that a role does not allow, revocation at once, the TLS listener up; and
+//! ingest-mqtt behind it storing only what devices may write.
 
 use std::process::Command;
 use std::time::Duration;
 
+use ingest_mqtt::Settings;
+use models::DeviceId;
+use rumqttc::{AsyncClient, ConnectReturnCode, Event, MqttOptions, Packet};
 use serde_json::json;
-use service_kit::net::MqttEndpoint;
 use testkit::mqtt::{Device, Mosquitto};
 
 use crate::Stack;
 
 const INGEST_PASSWORD: &str = "ingest-secret";
+/// ingest-mqtt replicas with an account, as `sensorctl mqtt init --ingest-replicas 2` makes them.
+const INGEST_REPLICAS: u32 = 2;
 
 pub struct Production {
     pub mosquitto: Mosquitto,
     pub tls_port: u16,
+    pub broker: mqtt_admin::Broker,
 }
 
 impl Production {
-    pub fn admin(&self) -> MqttEndpoint {
-        service_kit::net::parse_mqtt_url(&self.mosquitto.admin_url()).unwrap()
-    }
-
     /// A device account as `sensorctl device add` makes it (its password: its token).
     pub async fn add_device(&self, device: &str, password: &str) {
-        mqtt_admin::execute(
-            &self.admin(),
-            mqtt_admin::device_account(device, password, None),
-            &[],
-        )
-        .await
-        .unwrap();
+        self.broker
+            .add_device(&DeviceId::parse(device).unwrap(), password, None)
+            .await
+            .unwrap();
     }
 
+    /// A device connecting as it must: its id as user name and client id.
     pub fn device(&self, device: &str, password: &str) -> Device {
-        Device::new(&testkit::unique_name(device), self.mosquitto.port)
-            .with_credentials(device, password)
+        Device::new(device, self.mosquitto.port).with_credentials(device, password)
     }
 
-    pub fn ingest_url(&self) -> String {
-        format!(
-            "mqtt://{}:{INGEST_PASSWORD}@127.0.0.1:{}",
-            mqtt_admin::INGEST_USER,
-            self.mosquitto.port
-        )
+    /// Points ingest-mqtt at this broker as replica `replica` (its account and client id).
+    pub fn ingest_settings(&self, settings: &mut Settings, replica: u32) {
+        let account = mqtt_admin::ingest_client_id(replica);
+        settings.mqtt_url = format!("mqtt://127.0.0.1:{}", self.mosquitto.port);
+        settings.mqtt_username = account.clone();
+        settings.mqtt_password = INGEST_PASSWORD.into();
+        settings.mqtt_client_id = account;
+    }
+
+    /// An account allowed to send any device its commands (what a back-end that commands devices
+    /// would get), to see what devices receive.
+    async fn add_commander(&self) -> Device {
+        self.broker
+            .run(
+                vec![
+                    json!({"command": "createRole", "rolename": "commander", "acls": [
+                        {"acltype": "publishClientSend", "topic": "devices/+/commands", "allow": true}]}),
+                    json!({"command": "createClient", "username": "commander", "password": "cmd",
+                           "clientid": "commander:1", "roles": [{"rolename": "commander"}]}),
+                ],
+                &[],
+            )
+            .await
+            .unwrap();
+        Device::new("commander:1", self.mosquitto.port).with_credentials("commander", "cmd")
+    }
+
+    /// `user` connecting with `client_id`, resuming whatever session that id has: the CONNACK
+    /// Mosquitto answers (`None`: no answer) and how many messages it then delivered within 1 s.
+    async fn connect_as(
+        &self,
+        client_id: &str,
+        user: &str,
+        password: &str,
+    ) -> (Option<ConnectReturnCode>, usize) {
+        let mut options = MqttOptions::new(client_id, "127.0.0.1", self.mosquitto.port);
+        options
+            .set_credentials(user, password)
+            .set_clean_session(false);
+        let (client, mut events) = AsyncClient::new(options, 16);
+        let code = tokio::time::timeout(Duration::from_secs(3), async {
+            loop {
+                match events.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(ack))) => return Some(ack.code),
+                    Ok(_) => {}
+                    Err(rumqttc::ConnectionError::ConnectionRefused(code)) => return Some(code),
+                    Err(_) => return None,
+                }
+            }
+        })
+        .await
+        .ok()
+        .flatten();
+        let mut delivered = 0;
+        if code == Some(ConnectReturnCode::Success) {
+            let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                while let Ok(event) = events.poll().await {
+                    if let Event::Incoming(Packet::Publish(_)) = event {
+                        delivered += 1;
+                    }
+                }
+            })
+            .await;
+        }
+        let _ = client.disconnect().await;
+        let _ = tokio::time::timeout(Duration::from_millis(200), events.poll()).await;
+        (code, delivered)
     }
 }
 
-/// The production broker with the accounts `sensorctl mqtt init` creates.
+/// The production broker set up as `sensorctl mqtt init --ingest-replicas 2` sets it up.
 pub async fn production() -> Production {
     let mosquitto = Mosquitto::production();
-    let p = Production {
+    let broker = mqtt_admin::Broker::from_url(&mosquitto.admin_url()).unwrap();
+    let ingest = mqtt_admin::IngestAccounts {
+        password: INGEST_PASSWORD,
+        replicas: INGEST_REPLICAS,
+        legacy_topic: Some("sensor/data"),
+    };
+    broker.init(&ingest, &[]).await.unwrap();
+    Production {
         tls_port: mosquitto.tls_port(),
         mosquitto,
-    };
-    mqtt_admin::execute(
-        &p.admin(),
-        mqtt_admin::ingest_account(INGEST_PASSWORD, Some("sensor/data")),
-        &[],
-    )
-    .await
-    .unwrap();
-    p
+        broker,
+    }
 }
 
 fn reading(device: &str) -> (String, Vec<u8>) {
@@ -111,8 +172,8 @@ async fn nobody_gets_in_without_credentials() {
 async fn a_device_publishes_only_as_itself_and_ingest_sees_only_that() {
     let p = production().await;
     p.add_device("raspi-01", "token-01").await;
-    let ingest = Device::new("ingest", p.mosquitto.port)
-        .with_credentials(mqtt_admin::INGEST_USER, INGEST_PASSWORD);
+    let ingest = Device::new("ingest-mqtt:1", p.mosquitto.port)
+        .with_credentials("ingest-mqtt:1", INGEST_PASSWORD);
     let listening = tokio::spawn(async move {
         ingest
             .subscribe_and_collect(
@@ -147,42 +208,90 @@ async fn a_device_reads_only_its_own_commands() {
     let p = production().await;
     p.add_device("raspi-01", "token-01").await;
     p.add_device("raspi-02", "token-02").await;
-    // Subscribe to everything and see what arrives: only what the role allows.
-    let pi1 = p.device("raspi-01", "token-01");
-    let listening = tokio::spawn(async move {
-        let own = pi1.subscribe_and_collect("devices/raspi-01/commands", Duration::from_secs(3));
-        own.await
-    });
-    let pi1_all = p.device("raspi-01", "token-01");
+    let commander = p.add_commander().await;
     assert!(
-        pi1_all
+        p.device("raspi-01", "token-01")
             .subscribe_and_collect("devices/+/readings", Duration::from_millis(300))
             .await
             .is_none(),
         "a device cannot subscribe to others' readings"
     );
+    let pi1 = p.device("raspi-01", "token-01");
+    let listening = tokio::spawn(async move {
+        pi1.subscribe_and_collect("devices/raspi-01/commands", Duration::from_secs(3))
+            .await
+    });
     tokio::time::sleep(Duration::from_millis(300)).await;
     let command = |device: &str| (format!("devices/{device}/commands"), b"{}".to_vec());
-    let pi2 = p.device("raspi-02", "token-02");
-    pi2.publish_all(
-        vec![command("raspi-02")],
-        Duration::ZERO,
-        Duration::from_secs(3),
-    )
-    .await;
-    let pi1 = p.device("raspi-01", "token-01");
-    pi1.publish_all(
-        vec![command("raspi-01")],
-        Duration::ZERO,
-        Duration::from_secs(3),
-    )
-    .await;
+    // raspi-02 may not command raspi-01 (MQTT 3.1.1 cannot say so: the publish is dropped)
+    p.device("raspi-02", "token-02")
+        .publish_all(
+            vec![command("raspi-01")],
+            Duration::ZERO,
+            Duration::from_secs(3),
+        )
+        .await;
+    commander
+        .publish_all(
+            vec![command("raspi-02"), command("raspi-01")],
+            Duration::ZERO,
+            Duration::from_secs(3),
+        )
+        .await;
     let seen = listening
         .await
         .unwrap()
         .expect("its own commands are allowed");
     let topics: Vec<&str> = seen.iter().map(|(t, _)| t.as_str()).collect();
     assert_eq!(topics, ["devices/raspi-01/commands"]);
+}
+
+#[tokio::test]
+async fn no_device_can_take_over_another_clients_id_or_session() {
+    let p = production().await;
+    p.add_device("raspi-a", "token-a").await;
+    p.add_device("raspi-b", "token-b").await;
+    let commander = p.add_commander().await;
+    // B connected, with a persistent session subscribed to its commands
+    let b = p.device("raspi-b", "token-b");
+    let b_listening = tokio::spawn(async move {
+        b.subscribe_and_collect("devices/raspi-b/commands", Duration::from_secs(4))
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // A, with its own valid credentials, under B's client id, ingest-mqtt's, or anything not its own
+    for foreign in ["raspi-b", "ingest-mqtt:1", "ingest-mqtt:2", "raspi-a-2"] {
+        assert_eq!(
+            p.connect_as(foreign, "raspi-a", "token-a").await,
+            (Some(ConnectReturnCode::NotAuthorized), 0),
+            "raspi-a connecting as client {foreign}"
+        );
+    }
+    // A under its own id is fine, and what is sent to B meanwhile reaches B alone
+    let a = p.device("raspi-a", "token-a");
+    let a_listening = tokio::spawn(async move {
+        a.subscribe_and_collect("devices/raspi-b/commands", Duration::from_secs(2))
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    commander
+        .publish_all(
+            vec![("devices/raspi-b/commands".to_owned(), b"reboot".to_vec())],
+            Duration::ZERO,
+            Duration::from_secs(3),
+        )
+        .await;
+    assert!(
+        a_listening.await.unwrap().is_none(),
+        "A may not even subscribe to B's commands"
+    );
+    let seen = b_listening.await.unwrap().expect("B's subscription stands");
+    assert_eq!(
+        seen,
+        [("devices/raspi-b/commands".to_owned(), b"reboot".to_vec())],
+        "B stayed connected through A's attempts and got its command"
+    );
 }
 
 #[tokio::test]
@@ -210,9 +319,12 @@ async fn a_revoked_device_is_disconnected_and_refused() {
         .await
     });
     tokio::time::sleep(Duration::from_millis(1000)).await;
-    mqtt_admin::execute(&p.admin(), mqtt_admin::remove_device("raspi-01"), &[])
+    let removed = p
+        .broker
+        .remove_device(&DeviceId::parse("raspi-01").unwrap())
         .await
         .unwrap();
+    assert!(removed);
     let acked = streaming.await.unwrap();
     assert!(
         acked < 50,
@@ -254,8 +366,8 @@ async fn behind_the_production_broker_ingest_stores_only_what_devices_may_write(
     let p = production().await;
     let stack = Stack::new();
     let _persister = stack.persister().await;
-    let mut settings = stack.settings("ingest-secured");
-    settings.mqtt_url = p.ingest_url();
+    let mut settings = stack.settings("unused");
+    p.ingest_settings(&mut settings, 1);
     let ingest = stack.ingest(&settings).await;
     p.add_device("raspi-a", "token-a").await;
     let a = p.device("raspi-a", "token-a");
@@ -289,6 +401,58 @@ async fn behind_the_production_broker_ingest_stores_only_what_devices_may_write(
     );
     assert_eq!(stack.stored_ids("raspi-a"), ["a-1"]);
     assert!(stack.stored_ids("raspi-b").is_empty());
+    ingest.stop().await;
+    stack.cleanup().await;
+}
+
+#[tokio::test]
+async fn ingest_mqtts_session_is_its_own_neither_a_device_nor_another_replica_can_take_it() {
+    let p = production().await;
+    let stack = Stack::new();
+    let _persister = stack.persister().await;
+    let mut settings = stack.settings("unused");
+    p.ingest_settings(&mut settings, 1);
+    // plain subscriptions: every reading waits in replica 1's own session while it is away
+    settings.mqtt_shared_group = String::new();
+    let ingest = stack.ingest(&settings).await;
+    ingest.stop().await;
+    p.add_device("raspi-a", "token-a").await;
+    let readings = crate::device_messages("raspi-a", 20);
+    assert_eq!(
+        p.device("raspi-a", "token-a")
+            .publish_all(readings, Duration::ZERO, Duration::from_secs(5))
+            .await,
+        20
+    );
+
+    // the readings now wait in ingest-mqtt:1's session; whoever resumed it would get them
+    assert_eq!(
+        p.connect_as("ingest-mqtt:1", "raspi-a", "token-a").await,
+        (Some(ConnectReturnCode::NotAuthorized), 0),
+        "a device under ingest-mqtt's client id"
+    );
+    assert_eq!(
+        p.connect_as("ingest-mqtt:1", "ingest-mqtt:2", INGEST_PASSWORD)
+            .await,
+        (Some(ConnectReturnCode::NotAuthorized), 0),
+        "replica 2 under replica 1's client id"
+    );
+    assert_eq!(
+        p.connect_as("ingest-mqtt:2", "ingest-mqtt:2", INGEST_PASSWORD)
+            .await
+            .0,
+        Some(ConnectReturnCode::Success),
+        "replica 2 under its own"
+    );
+
+    // replica 1 comes back to its session whole: every reading stored
+    let ingest = stack.ingest(&settings).await;
+    stack.wait_stored(20).await;
+    let mut ids = stack.stored_ids("raspi-a");
+    ids.sort();
+    let mut expected: Vec<String> = (0..20).map(|i| format!("raspi-a-{i}")).collect();
+    expected.sort();
+    assert_eq!(ids, expected);
     ingest.stop().await;
     stack.cleanup().await;
 }

@@ -419,3 +419,165 @@ async fn a_client_that_keeps_being_refused_is_slowed_down() {
         .unwrap();
     assert_eq!(response.status(), 200, "another address is not");
 }
+
+/// query-api as deployed with Mosquitto: the signing key and the MQTT admin URL.
+async fn with_mqtt(admin_url: String) -> (crate::Api, String) {
+    let keys = testkit::TestKeys::new();
+    let (public, private) = (keys.verifying_key_file(), keys.signing_key_file());
+    let api = start(testkit::TestDb::migrated(), |s| {
+        s.auth_public_key_file = public;
+        s.auth_signing_key_file = private;
+        s.mqtt_admin_url = admin_url;
+    })
+    .await;
+    let admin = keys.app_token(Role::Admin);
+    (api, admin)
+}
+
+fn mqtt_reading(device: &str) -> (String, Vec<u8>) {
+    (
+        format!("devices/{device}/readings"),
+        br#"{"metrics":{"t":1}}"#.to_vec(),
+    )
+}
+
+#[tokio::test]
+async fn devices_added_and_revoked_through_the_api_get_and_lose_their_mqtt_accounts() {
+    let mosquitto = testkit::mqtt::Mosquitto::production();
+    let broker = mqtt_admin::Broker::from_url(&mosquitto.admin_url()).unwrap();
+    let ingest = mqtt_admin::IngestAccounts {
+        password: "ingest-pw",
+        replicas: 1,
+        legacy_topic: None,
+    };
+    broker.init(&ingest, &[]).await.unwrap();
+    let (api, admin) = with_mqtt(mosquitto.admin_url()).await;
+    let device = |token: &str| {
+        testkit::mqtt::Device::new("raspi-05", mosquitto.port).with_credentials("raspi-05", token)
+    };
+    let wait = Duration::from_secs(3);
+
+    let (status, _, body) = api
+        .call(
+            Method::POST,
+            "/v1/devices",
+            Some(&admin),
+            Some(json!({"device_id": "raspi-05"})),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let token = body["token"].as_str().unwrap().to_owned();
+    assert_eq!(
+        device(&token)
+            .publish_all(vec![mqtt_reading("raspi-05")], Duration::ZERO, wait)
+            .await,
+        1,
+        "the new device connects with its token"
+    );
+
+    // connected, publishing slowly, when an admin revokes it through the API
+    let streaming = tokio::spawn({
+        let pi = device(&token);
+        async move {
+            pi.publish_all(
+                (0..50).map(|_| mqtt_reading("raspi-05")).collect(),
+                Duration::from_millis(100),
+                Duration::from_secs(8),
+            )
+            .await
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (status, _, body) = api
+        .call(Method::DELETE, "/v1/devices/raspi-05", Some(&admin), None)
+        .await;
+    assert_eq!(status, 204, "{body}");
+    let acked = streaming.await.unwrap();
+    assert!(
+        acked < 50,
+        "the live connection was closed at the revocation ({acked} acknowledged)"
+    );
+    assert_eq!(
+        device(&token)
+            .publish_all(vec![mqtt_reading("raspi-05")], Duration::ZERO, wait)
+            .await,
+        0,
+        "a reconnection is refused"
+    );
+    let (status, _, _) = api
+        .call(Method::DELETE, "/v1/devices/raspi-05", Some(&admin), None)
+        .await;
+    assert_eq!(status, 404, "nothing left to revoke");
+
+    // the plugin's own admin is "admin": no API call can replace or remove it
+    let (status, _, body) = api
+        .call(
+            Method::POST,
+            "/v1/devices",
+            Some(&admin),
+            Some(json!({"device_id": "admin"})),
+        )
+        .await;
+    assert_eq!((status, body["error"].as_str()), (409, Some("conflict")));
+    let (status, _, _) = api
+        .call(Method::DELETE, "/v1/devices/admin", Some(&admin), None)
+        .await;
+    assert_eq!(status, 404);
+    let (status, _, body) = api
+        .call(
+            Method::POST,
+            "/v1/devices",
+            Some(&admin),
+            Some(json!({"device_id": "raspi-06"})),
+        )
+        .await;
+    assert_eq!(status, 201, "the broker's admin still works: {body}");
+}
+
+#[tokio::test]
+async fn while_the_broker_is_unreachable_nothing_is_added_and_a_revoke_says_mqtt_is_still_open() {
+    let nothing_there = testkit::mqtt::free_port();
+    let (api, admin) = with_mqtt(format!("mqtt://admin:pw@127.0.0.1:{nothing_there}")).await;
+
+    let (status, headers, body) = api
+        .call(
+            Method::POST,
+            "/v1/devices",
+            Some(&admin),
+            Some(json!({"device_id": "raspi-07"})),
+        )
+        .await;
+    assert_eq!(status, 503, "{body}");
+    assert!(headers.contains_key("retry-after"));
+    assert!(
+        body["message"].as_str().unwrap().contains("not registered"),
+        "{body}"
+    );
+    let mut conn = store::connect(&api.db.url).unwrap();
+    assert!(
+        store::credentials::list_credentials(&mut conn)
+            .unwrap()
+            .iter()
+            .all(|c| c.revoked_at.is_some()),
+        "no active registration was left behind"
+    );
+
+    api.keys.register_device(&api.db.url, "raspi-08");
+    let (status, _, body) = api
+        .call(Method::DELETE, "/v1/devices/raspi-08", Some(&admin), None)
+        .await;
+    assert_eq!(status, 503, "{body}");
+    let message = body["message"].as_str().unwrap();
+    assert!(
+        message.contains("revoked for HTTP") && message.contains("MQTT"),
+        "{message}"
+    );
+    let (status, _, body) = api
+        .call(Method::DELETE, "/v1/devices/bad%20id", Some(&admin), None)
+        .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (404, Some("not_found")),
+        "an id no device can have names no device"
+    );
+}

@@ -154,8 +154,16 @@ async fn devices_get_and_lose_their_mqtt_accounts() {
         String::from_utf8(out.stdout).unwrap()
     };
     blocking(vec!["keys", "init"]);
-    blocking(vec!["mqtt", "init", "--ingest-password", "ingest-pw"]);
-    blocking(vec!["mqtt", "init", "--ingest-password", "ingest-pw"]); // again: harmless
+    let init = vec![
+        "mqtt",
+        "init",
+        "--ingest-password",
+        "ingest-pw",
+        "--ingest-replicas",
+        "2",
+    ];
+    blocking(init.clone());
+    blocking(init); // again: harmless
     let token = blocking(vec!["device", "add", "raspi-01"]);
     let token = token.trim();
     let topic = || {
@@ -165,25 +173,133 @@ async fn devices_get_and_lose_their_mqtt_accounts() {
         )]
     };
     let wait = Duration::from_secs(3);
-    let pi = Device::new("pi", mosquitto.port).with_credentials("raspi-01", token);
+    let pi = Device::new("raspi-01", mosquitto.port).with_credentials("raspi-01", token);
     assert_eq!(
         pi.publish_all(topic(), Duration::ZERO, wait).await,
         1,
         "the token is the MQTT password"
     );
-    let ingest = Device::new("ingest", mosquitto.port)
-        .with_credentials(mqtt_admin::INGEST_USER, "ingest-pw");
+    let elsewhere = Device::new("pi", mosquitto.port).with_credentials("raspi-01", token);
+    assert_eq!(
+        elsewhere.publish_all(topic(), Duration::ZERO, wait).await,
+        0,
+        "the device id is the only client id it may use"
+    );
+    for replica in ["ingest-mqtt:1", "ingest-mqtt:2"] {
+        let ingest = Device::new(replica, mosquitto.port).with_credentials(replica, "ingest-pw");
+        assert!(
+            ingest
+                .subscribe_and_collect("devices/+/readings", Duration::from_millis(300))
+                .await
+                .is_some(),
+            "{replica} may read the readings"
+        );
+    }
+    let ingest =
+        Device::new("ingest-mqtt:3", mosquitto.port).with_credentials("ingest-mqtt:3", "ingest-pw");
     assert!(
         ingest
             .subscribe_and_collect("devices/+/readings", Duration::from_millis(300))
             .await
-            .is_some()
+            .is_none(),
+        "only the replicas asked for have accounts"
     );
     blocking(vec!["device", "revoke", "raspi-01"]);
-    let pi = Device::new("pi", mosquitto.port).with_credentials("raspi-01", token);
+    let pi = Device::new("raspi-01", mosquitto.port).with_credentials("raspi-01", token);
     assert_eq!(
         pi.publish_all(topic(), Duration::ZERO, wait).await,
         0,
         "revoked: refused"
+    );
+}
+
+#[tokio::test]
+async fn accounts_that_are_not_devices_are_never_touched_by_device_commands() {
+    let mosquitto = Mosquitto::production();
+    let mut op = Operator::new();
+    op.mqtt_admin = Some(mosquitto.admin_url());
+    op.ok(&["keys", "init"]);
+    // the plugin's admin is "admin", a name a device could have
+    let refused = op.fails(&["device", "add", "admin"]);
+    assert!(refused.contains("not a device's"), "{refused}");
+    assert!(
+        op.ok(&["device", "list"]).contains("revoked"),
+        "the registration was undone"
+    );
+    assert!(
+        op.fails(&["device", "revoke", "admin"])
+            .contains("not an active")
+    );
+    // the admin account still works
+    op.ok(&["device", "add", "raspi-01"]);
+}
+
+#[tokio::test]
+async fn mqtt_init_brings_the_accounts_of_earlier_versions_in_line() {
+    let mosquitto = Mosquitto::production();
+    let mut op = Operator::new();
+    op.ok(&["keys", "init"]);
+    let token = op.ok(&["device", "add", "raspi-01"]);
+    let token = token.trim();
+    // as earlier versions made them: bound to no client id, receiving allowed by default
+    let broker = mqtt_admin::Broker::from_url(&mosquitto.admin_url()).unwrap();
+    let device_acl = serde_json::json!([{"acltype": "publishClientSend",
+                                         "topic": "devices/raspi-01/#", "allow": true}]);
+    broker
+        .run(
+            vec![
+                serde_json::json!({"command": "createRole", "rolename": "device-raspi-01",
+                                   "acls": device_acl}),
+                serde_json::json!({"command": "createClient", "username": "raspi-01",
+                                   "password": token, "roles": [{"rolename": "device-raspi-01"}]}),
+                serde_json::json!({"command": "createRole", "rolename": "sensorhub-ingest"}),
+                serde_json::json!({"command": "createClient", "username": "sensorhub-ingest",
+                                   "password": "old-pw", "roles": [{"rolename": "sensorhub-ingest"}]}),
+            ],
+            &[],
+        )
+        .await
+        .unwrap();
+    let reading = || {
+        vec![(
+            "devices/raspi-01/readings".to_owned(),
+            br#"{"metrics":{"t":1}}"#.to_vec(),
+        )]
+    };
+    let wait = Duration::from_secs(3);
+    let as_other =
+        || Device::new("not-raspi-01", mosquitto.port).with_credentials("raspi-01", token);
+    assert_eq!(
+        as_other()
+            .publish_all(reading(), Duration::ZERO, wait)
+            .await,
+        1,
+        "before: any client id"
+    );
+
+    op.mqtt_admin = Some(mosquitto.admin_url());
+    let out = op.run(&["mqtt", "init", "--ingest-password", "new-pw"]);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("bound 1 device"), "{said}");
+    assert!(said.contains("removed the old shared account"), "{said}");
+
+    assert_eq!(
+        as_other()
+            .publish_all(reading(), Duration::ZERO, wait)
+            .await,
+        0,
+        "after: its device id only"
+    );
+    let own = Device::new("raspi-01", mosquitto.port).with_credentials("raspi-01", token);
+    assert_eq!(own.publish_all(reading(), Duration::ZERO, wait).await, 1);
+    let old_ingest = Device::new("sensorhub-ingest", mosquitto.port)
+        .with_credentials("sensorhub-ingest", "old-pw");
+    assert!(
+        old_ingest
+            .subscribe_and_collect("devices/+/readings", Duration::from_millis(300))
+            .await
+            .is_none(),
+        "the old shared ingest account is gone (its role, which init extends, would allow this)"
     );
 }
