@@ -106,7 +106,7 @@ impl Application {
                 )
                 .configure(api::routes)
                 .split_for_parts();
-            app.app_data(web::Data::new(openapi))
+            app.app_data(web::Data::new(api::description(openapi)))
                 .app_data(web::Data::new(http_metrics.clone()))
                 .wrap(from_fn(access::require_token))
                 .wrap(from_fn(HttpMetrics::record))
