@@ -11,9 +11,7 @@ use std::collections::BTreeMap;
 use utoipa::OpenApi;
 use utoipa::openapi::header::HeaderBuilder;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme};
-use utoipa::openapi::{
-    ContentBuilder, ObjectBuilder, Ref, RefOr, Response, ResponseBuilder, Type,
-};
+use utoipa::openapi::{ContentBuilder, ObjectBuilder, Ref, RefOr, Response, ResponseBuilder, Type};
 
 use crate::ErrorBody;
 
@@ -266,7 +264,10 @@ mod tests {
         assert_eq!(responses["403"]["description"], "its own");
         assert!(responses["503"].is_null(), "only the answers asked for");
         assert_eq!(json["security"][0][BEARER], serde_json::json!([]));
-        assert_eq!(json["components"]["securitySchemes"][BEARER]["scheme"], "bearer");
+        assert_eq!(
+            json["components"]["securitySchemes"][BEARER]["scheme"],
+            "bearer"
+        );
         for path in ["/healthz", "/readyz", "/metrics", "/openapi.json"] {
             assert_eq!(
                 json["paths"][path]["get"]["security"],

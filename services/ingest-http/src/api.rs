@@ -11,7 +11,7 @@ use models::{Reading, ValidationError};
 use serde::{Deserialize, Serialize};
 use service_kit::net::{KeyedLimit, TrustedProxies};
 use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, OneOfBuilder, Schema, Type};
-use utoipa::openapi::{RefOr, SchemaFormat, KnownFormat};
+use utoipa::openapi::{KnownFormat, RefOr, SchemaFormat};
 use utoipa::{OpenApi, PartialSchema, ToSchema};
 use utoipa_actix_web::service_config::ServiceConfig;
 
@@ -147,10 +147,14 @@ struct ReadingsBody;
 impl PartialSchema for ReadingsBody {
     fn schema() -> RefOr<Schema> {
         OneOfBuilder::new()
-            .item(RefOr::Ref(utoipa::openapi::Ref::from_schema_name(ReadingIn::name())))
+            .item(RefOr::Ref(utoipa::openapi::Ref::from_schema_name(
+                ReadingIn::name(),
+            )))
             .item(
                 ArrayBuilder::new()
-                    .items(RefOr::Ref(utoipa::openapi::Ref::from_schema_name(ReadingIn::name())))
+                    .items(RefOr::Ref(utoipa::openapi::Ref::from_schema_name(
+                        ReadingIn::name(),
+                    )))
                     .min_items(Some(1))
                     .max_items(Some(models::MAX_READINGS_PER_REQUEST)),
             )

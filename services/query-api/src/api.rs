@@ -223,7 +223,10 @@ pub struct ReadingsParams {
     #[param(schema_with = time_param, example = "2026-11-25T00:00:00Z")]
     pub to: Option<String>,
     /// Only readings with this metric (or any of several, comma-separated), showing only those.
-    #[param(pattern = "^[A-Za-z0-9._-]{1,64}(,[A-Za-z0-9._-]{1,64})*$", example = "temperature,humidity")]
+    #[param(
+        pattern = "^[A-Za-z0-9._-]{1,64}(,[A-Za-z0-9._-]{1,64})*$",
+        example = "temperature,humidity"
+    )]
     pub metric: Option<String>,
     /// How many readings, 1–10,000.
     #[param(value_type = Option<i64>, minimum = 1, maximum = 10000, default = 100)]
@@ -372,7 +375,12 @@ fn time_param() -> utoipa::openapi::schema::Schema {
                 .schema_type(Type::String)
                 .format(Some(SchemaFormat::KnownFormat(KnownFormat::DateTime))),
         )
-        .item(ObjectBuilder::new().schema_type(Type::Integer))
+        .item(
+            ObjectBuilder::new()
+                .schema_type(Type::Integer)
+                .minimum(Some(params::EARLIEST_MILLIS))
+                .maximum(Some(params::LATEST_MILLIS)),
+        )
         .into()
 }
 
@@ -511,9 +519,11 @@ pub struct RegisteredDevice {
     request_body = NewDevice,
     responses(
         (status = 201, description = "Registered; the token is shown this once", body = RegisteredDevice),
-        (status = 400, description = "Not a JSON object with a valid `device_id`, or larger than 16 KiB", body = service_kit::ErrorBody),
+        (status = 400, description = "Not a JSON object with a valid `device_id`", body = service_kit::ErrorBody),
         (status = 403, description = "Not an admin token", body = service_kit::ErrorBody),
         (status = 409, description = "Already registered", body = service_kit::ErrorBody),
+        (status = 413, description = "A body larger than 16 KiB", body = service_kit::ErrorBody),
+        (status = 415, description = "A Content-Type other than JSON (or none)", body = service_kit::ErrorBody),
         (status = 501, description = "No signing key here", body = service_kit::ErrorBody),
     )
 )]

@@ -24,6 +24,27 @@ pub enum QueryError {
     Conflict(String),
     #[error("{0}")]
     NotConfigured(&'static str),
+    /// A JSON body over the extractor's limit.
+    #[error("{0}")]
+    BodyTooLarge(String),
+    #[error("the body must be JSON: send Content-Type: application/json")]
+    NotJson,
+    #[error("{0}")]
+    InvalidBody(String),
+}
+
+/// The JSON extractor's failures, with the statuses ingest-http gives the same faults.
+impl From<actix_web::error::JsonPayloadError> for QueryError {
+    fn from(e: actix_web::error::JsonPayloadError) -> Self {
+        use actix_web::error::JsonPayloadError;
+        match e {
+            JsonPayloadError::OverflowKnownLength { .. } | JsonPayloadError::Overflow { .. } => {
+                QueryError::BodyTooLarge(e.to_string())
+            }
+            JsonPayloadError::ContentType => QueryError::NotJson,
+            other => QueryError::InvalidBody(other.to_string()),
+        }
+    }
 }
 
 impl QueryError {
@@ -55,6 +76,17 @@ impl QueryError {
             QueryError::NotConfigured(reason) => {
                 ApiError::new(StatusCode::NOT_IMPLEMENTED, "not_configured", *reason)
             }
+            QueryError::BodyTooLarge(reason) => {
+                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", reason)
+            }
+            QueryError::NotJson => ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                self.to_string(),
+            ),
+            QueryError::InvalidBody(reason) => {
+                ApiError::new(StatusCode::BAD_REQUEST, "invalid_input", reason)
+            }
             other => ApiError::internal(other),
         }
     }
@@ -71,6 +103,9 @@ impl ResponseError for QueryError {
             QueryError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             QueryError::Conflict(_) => StatusCode::CONFLICT,
             QueryError::NotConfigured(_) => StatusCode::NOT_IMPLEMENTED,
+            QueryError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            QueryError::NotJson => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            QueryError::InvalidBody(_) => StatusCode::BAD_REQUEST,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

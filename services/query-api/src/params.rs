@@ -11,12 +11,23 @@ pub const DEFAULT_LIMIT: i64 = 100;
 pub const MAX_LIMIT: i64 = 10_000;
 pub const MAX_BUCKETS: i64 = 10_000;
 
+/// The times a query may name, in epoch milliseconds: RFC 3339's years 0000 to 9999. Beyond them
+/// (epoch milliseconds reach ±31,000 years) PostgreSQL cannot hold the time and fails the query.
+pub const EARLIEST_MILLIS: i64 = -62_167_219_200_000; // 0000-01-01T00:00:00Z
+pub const LATEST_MILLIS: i64 = 253_402_300_799_999; // 9999-12-31T23:59:59.999Z
+
 /// RFC 3339 or epoch milliseconds, as readings are sent.
 pub fn time(field: &'static str, value: &str) -> Result<DateTime<Utc>, QueryError> {
     if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit() || b == b'-') {
         let millis: i64 = value
             .parse()
             .map_err(|_| QueryError::invalid(field, "is not a number of epoch milliseconds"))?;
+        if !(EARLIEST_MILLIS..=LATEST_MILLIS).contains(&millis) {
+            return Err(QueryError::invalid(
+                field,
+                "must be a time between the years 0000 and 9999",
+            ));
+        }
         return models::parse_timestamp_millis(millis as f64)
             .map_err(|reason| QueryError::invalid(field, reason));
     }
@@ -144,6 +155,10 @@ mod tests {
         assert_eq!(a, b);
         assert_eq!(a, c);
         assert!(time("from", "soon").is_err());
+        assert!(time("from", &EARLIEST_MILLIS.to_string()).is_ok());
+        assert!(time("from", &LATEST_MILLIS.to_string()).is_ok());
+        assert!(time("from", &(EARLIEST_MILLIS - 1).to_string()).is_err());
+        assert!(time("from", &(LATEST_MILLIS + 1).to_string()).is_err());
     }
 
     #[test]

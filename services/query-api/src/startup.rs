@@ -87,14 +87,7 @@ impl Application {
                 .app_data(
                     web::JsonConfig::default()
                         .limit(16 * 1024)
-                        .error_handler(|e, _| {
-                            service_kit::ApiError::new(
-                                actix_web::http::StatusCode::BAD_REQUEST,
-                                "invalid_input",
-                                e.to_string(),
-                            )
-                            .into()
-                        }),
+                        .error_handler(|e, _| crate::error::QueryError::from(e).into()),
                 )
                 .app_data(
                     web::QueryConfig::default()

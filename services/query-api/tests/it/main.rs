@@ -5,6 +5,7 @@ use models::{DeviceId, MetricName, Metrics, Reading, ReadingId};
 use serde_json::{Value, json};
 use testkit::{TestDb, TestKeys};
 
+mod openapi;
 mod security;
 
 struct Api {
@@ -298,6 +299,10 @@ async fn the_openapi_description_lists_exactly_the_served_routes() {
     assert_eq!(
         paths,
         [
+            "/healthz",
+            "/metrics",
+            "/openapi.json",
+            "/readyz",
             "/v1/devices",
             "/v1/devices/{id}",
             "/v1/devices/{id}/latest",
@@ -305,7 +310,8 @@ async fn the_openapi_description_lists_exactly_the_served_routes() {
             "/v1/devices/{id}/series"
         ]
     );
-    for path in paths {
+    // the ops endpoints are checked with the description's other claims (openapi.rs)
+    for path in paths.into_iter().filter(|p| p.starts_with("/v1/")) {
         let served = path.replace("{id}", "pi-1") + "?metric=t";
         let (status, body) = api.get(&served).await;
         assert_eq!(
