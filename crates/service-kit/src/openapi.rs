@@ -200,12 +200,17 @@ struct ReadinessReport {
 }
 
 /// The process is alive (says nothing about its connections).
+///
+/// Like `/readyz` and `/metrics`: on the internal network only in the deployment (Traefik does
+/// not route it).
 #[utoipa::path(get, path = "/healthz", tag = "ops",
     responses((status = 200, description = "Alive", body = Alive)))]
 #[allow(dead_code)]
 fn healthz() {}
 
 /// Whether the service can do its work: each of its connections, checked now.
+///
+/// On the internal network only in the deployment (Traefik does not route it).
 #[utoipa::path(get, path = "/readyz", tag = "ops",
     responses(
         (status = 200, description = "Every check is up", body = ReadinessReport),
@@ -217,6 +222,8 @@ fn healthz() {}
 fn readyz() {}
 
 /// Prometheus metrics, in the OpenMetrics text format.
+///
+/// On the internal network only in the deployment (Traefik does not route it).
 #[utoipa::path(get, path = "/metrics", tag = "ops",
     responses((status = 200, description = "The service's metrics",
         body = String, content_type = "application/openmetrics-text")))]
