@@ -6,6 +6,7 @@ pub mod cli;
 pub mod config;
 pub mod error;
 pub mod net;
+pub mod openapi;
 pub mod ops;
 pub mod shutdown;
 pub mod telemetry;

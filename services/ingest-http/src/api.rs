@@ -12,7 +12,9 @@ use models::{BackfillHorizon, Reading, TimeWindow, ValidationError};
 use serde::{Deserialize, Serialize};
 use service_kit::access::{PublicRoutes, RefusalLimit};
 use service_kit::net::{KeyedLimit, TrustedProxies};
-use utoipa::{OpenApi, ToSchema};
+use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, OneOfBuilder, Schema, Type};
+use utoipa::openapi::{KnownFormat, RefOr, SchemaFormat};
+use utoipa::{OpenApi, PartialSchema, ToSchema};
 use utoipa_actix_web::service_config::ServiceConfig;
 
 use crate::audit::{AcceptedBatch, AuditTrail};
@@ -24,11 +26,27 @@ use crate::metrics::{EndpointLabels, IngestMetrics};
 #[openapi(
     info(
         title = "Sensorhub ingest API",
-        description = "Send readings. A 2xx answer means RabbitMQ has them durably; on 503, retry later with the same reading ids."
+        description = "Send readings, with the device's own token (`Authorization: Bearer <token>`). A 2xx answer \
+            means RabbitMQ has them durably; on 503, retry later with the same reading ids and times."
     ),
     components(schemas(service_kit::ErrorBody))
 )]
 pub struct ApiDoc;
+
+/// The description as served: the routes' own, plus what every route can answer because of the
+/// device check and rate limit (401, 403, 429) and RabbitMQ (503).
+pub fn description(generated: utoipa::openapi::OpenApi) -> utoipa::openapi::OpenApi {
+    use service_kit::openapi::Common;
+    service_kit::openapi::complete(
+        generated,
+        &[
+            Common::Unauthorized,
+            Common::Forbidden,
+            Common::TooManyRequests,
+            Common::Unavailable,
+        ],
+    )
+}
 
 pub struct IngestState {
     pub publisher: Publisher,
@@ -51,36 +69,118 @@ pub fn routes(cfg: &mut ServiceConfig) {
     cfg.service(post_data).service(post_readings);
 }
 
-/// The flat seed format: `device_id`, optional `ts` and `id`, and every other field a numeric metric.
+/// The flat seed format: `device_id`, optional `ts` and `id`, and every other field (1–64 of
+/// them) a metric: its name 1–64 characters of `[A-Za-z0-9._-]`, its value a finite number.
 #[derive(ToSchema, Deserialize)]
 #[schema(example = json!({"device_id": "raspi-01", "temperature": 25.5, "humidity": 60.3}))]
 #[allow(dead_code)] // describes the body for OpenAPI; parsing is models::parse_seed_body
 struct SeedReading {
-    /// 1–64 characters of `[A-Za-z0-9._-]`.
+    /// The token's own device: 1–64 characters of `[A-Za-z0-9._-]`.
+    #[schema(pattern = "^[A-Za-z0-9._-]{1,64}$")]
     device_id: String,
-    /// RFC 3339, or epoch milliseconds; the server's time when absent. At most 5 minutes ahead,
-    /// and not older than the backfill horizon (365 days unless configured).
+    #[schema(schema_with = reading_time)]
     ts: Option<String>,
-    /// 1–64 printable ASCII characters without spaces; a retry with the same id is stored once.
-    /// Assigned (UUIDv7) when absent.
+    #[schema(schema_with = reading_id)]
     id: Option<String>,
-    /// Every other field is a metric: its name as a device id, its value a finite number.
     #[serde(flatten)]
     metrics: BTreeMap<String, f64>,
 }
 
 /// One reading of `POST /v1/readings`.
-#[derive(ToSchema)]
+#[derive(ToSchema, Deserialize)]
+#[serde(deny_unknown_fields)] // as models::parse_readings_body: additionalProperties false
 #[schema(example = json!({"device_id": "raspi-01", "ts": "2026-11-24T10:00:00Z", "id": "raspi-01-000042", "metrics": {"temperature": 25.5}}))]
 #[allow(dead_code)] // describes the body for OpenAPI; parsing is models::parse_readings_body
 struct ReadingIn {
+    /// The token's own device: 1–64 characters of `[A-Za-z0-9._-]`.
+    #[schema(pattern = "^[A-Za-z0-9._-]{1,64}$")]
     device_id: String,
-    /// As in the flat format: at most 5 minutes ahead, not older than the backfill horizon.
+    #[schema(schema_with = reading_time)]
     ts: Option<String>,
-    /// As in the flat format: 1–64 printable ASCII characters without spaces.
+    #[schema(schema_with = reading_id)]
     id: Option<String>,
-    /// 1–64 metrics: names as device ids, finite numbers.
+    #[schema(schema_with = metrics)]
     metrics: BTreeMap<String, f64>,
+}
+
+/// `ts`: what `models::parse_timestamp_rfc3339` and `parse_timestamp_millis` take.
+fn reading_time() -> Schema {
+    OneOfBuilder::new()
+        .item(
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .format(Some(SchemaFormat::KnownFormat(KnownFormat::DateTime))),
+        )
+        .item(ObjectBuilder::new().schema_type(Type::Number))
+        .description(Some(
+            "RFC 3339, or epoch milliseconds; at most 5 minutes ahead of the server's clock, and \
+             not older than the backfill horizon (365 days unless configured) nor than 2000. The \
+             server's time when absent.",
+        ))
+        .examples([serde_json::json!("2026-11-24T10:00:00Z")])
+        .build()
+        .into()
+}
+
+/// `id`: what `models::ReadingId::parse` takes.
+fn reading_id() -> Schema {
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .min_length(Some(1))
+        .max_length(Some(64))
+        .pattern(Some("^[!-~]{1,64}$"))
+        .description(Some(
+            "1–64 printable ASCII characters, no spaces. Chosen by the device, the same on every \
+             retry, so that a reading sent twice is stored once; assigned (a UUIDv7) when absent",
+        ))
+        .into()
+}
+
+/// `metrics`: what `models::Metrics::new` and `MetricName::parse` take.
+fn metrics() -> Schema {
+    ObjectBuilder::new()
+        .property_names(Some(
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .pattern(Some(service_kit::openapi::NAME_PATTERN)),
+        ))
+        .additional_properties(Some(ObjectBuilder::new().schema_type(Type::Number)))
+        .min_properties(Some(1))
+        .max_properties(Some(models::MAX_METRICS))
+        .description(Some(
+            "1–64 metrics: names of 1–64 characters of `[A-Za-z0-9._-]`, values finite numbers",
+        ))
+        .examples([serde_json::json!({"temperature": 25.5, "humidity": 60.3})])
+        .into()
+}
+
+/// The body of `POST /v1/readings`: one reading, or an array of them.
+struct ReadingsBody;
+
+impl PartialSchema for ReadingsBody {
+    fn schema() -> RefOr<Schema> {
+        OneOfBuilder::new()
+            .item(RefOr::Ref(utoipa::openapi::Ref::from_schema_name(
+                ReadingIn::name(),
+            )))
+            .item(
+                ArrayBuilder::new()
+                    .items(RefOr::Ref(utoipa::openapi::Ref::from_schema_name(
+                        ReadingIn::name(),
+                    )))
+                    .min_items(Some(1))
+                    .max_items(Some(models::MAX_READINGS_PER_REQUEST)),
+            )
+            .description(Some("One reading, or an array of 1 to 1,000"))
+            .into()
+    }
+}
+
+impl ToSchema for ReadingsBody {
+    fn schemas(schemas: &mut Vec<(String, RefOr<Schema>)>) {
+        schemas.push((ReadingIn::name().into_owned(), ReadingIn::schema()));
+        ReadingIn::schemas(schemas);
+    }
 }
 
 #[derive(Serialize, ToSchema)]
@@ -98,13 +198,16 @@ struct Accepted {
 /// Takes one reading in the flat format the original Pi scripts send.
 #[utoipa::path(
     tag = "ingest",
-    request_body(content = SeedReading, content_type = "application/json"),
+    request_body(content = SeedReading, content_type = "application/json",
+        description = "A JSON body; a request without a Content-Type is read as JSON too"),
     responses(
         (status = 200, description = "RabbitMQ has the reading", body = SeedAccepted),
-        (status = 400, body = service_kit::ErrorBody),
-        (status = 413, body = service_kit::ErrorBody),
-        (status = 415, body = service_kit::ErrorBody),
-        (status = 503, description = "Not accepted; retry after Retry-After seconds", body = service_kit::ErrorBody),
+        (status = 400, description = "Not a valid reading (`field` names what is wrong); nothing was stored", body = service_kit::ErrorBody),
+        (status = 403, description = "Not a device token, or a `device_id` that is not the token's device; nothing was stored", body = service_kit::ErrorBody),
+        (status = 408, description = "The body took longer than `HTTP_BODY_TIMEOUT_MS` to arrive", body = service_kit::ErrorBody),
+        (status = 413, description = "The body is larger than `MAX_BODY_BYTES`", body = service_kit::ErrorBody),
+        (status = 415, description = "A Content-Type other than JSON", body = service_kit::ErrorBody),
+        (status = 503, description = "Not accepted (RabbitMQ unavailable, or the device registry not loaded yet); retry after `Retry-After` seconds", body = service_kit::ErrorBody),
     )
 )]
 #[post("/data")]
@@ -126,13 +229,16 @@ async fn post_data(
 /// Takes one reading or an array of up to 1,000.
 #[utoipa::path(
     tag = "ingest",
-    request_body(content = Vec<ReadingIn>, content_type = "application/json", description = "One reading, or an array of up to 1,000"),
+    request_body(content = ReadingsBody, content_type = "application/json",
+        description = "One reading, or an array of up to 1,000, all of the token's device; a request without a Content-Type is read as JSON too"),
     responses(
         (status = 202, description = "RabbitMQ has the readings", body = Accepted),
-        (status = 400, body = service_kit::ErrorBody),
-        (status = 413, body = service_kit::ErrorBody),
-        (status = 415, body = service_kit::ErrorBody),
-        (status = 503, description = "Not accepted; retry after Retry-After seconds", body = service_kit::ErrorBody),
+        (status = 400, description = "A reading is not valid (`field` names which and what, e.g. `[3].metrics.temperature`); nothing was stored", body = service_kit::ErrorBody),
+        (status = 403, description = "Not a device token, or a `device_id` that is not the token's device; nothing was stored", body = service_kit::ErrorBody),
+        (status = 408, description = "The body took longer than `HTTP_BODY_TIMEOUT_MS` to arrive", body = service_kit::ErrorBody),
+        (status = 413, description = "The body is larger than `MAX_BODY_BYTES`", body = service_kit::ErrorBody),
+        (status = 415, description = "A Content-Type other than JSON", body = service_kit::ErrorBody),
+        (status = 503, description = "Not accepted (RabbitMQ unavailable, or the device registry not loaded yet); retry after `Retry-After` seconds", body = service_kit::ErrorBody),
     )
 )]
 #[post("/v1/readings")]

@@ -85,7 +85,7 @@ impl Application {
                 .app_data(state.clone())
                 .configure(api::routes)
                 .split_for_parts();
-            app.app_data(web::Data::new(openapi))
+            app.app_data(web::Data::new(api::description(openapi)))
                 .app_data(web::Data::new(http_metrics.clone()))
                 .wrap(from_fn(device_auth::require_device))
                 .wrap(from_fn(HttpMetrics::record))

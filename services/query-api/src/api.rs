@@ -17,36 +17,36 @@ use crate::params;
 #[openapi(
     info(
         title = "Sensorhub query API",
-        description = "Read the readings Sensorhub stored: devices, readings by time range, latest values, time buckets."
+        description = "Read the readings Sensorhub stored: devices, readings by time range, latest values, time buckets. \
+            Every `/v1` route needs `Authorization: Bearer <token>`: a reader or admin token to read, an admin token to \
+            register or revoke devices."
     ),
-    components(schemas(service_kit::ErrorBody)),
-    modifiers(&BearerAuth)
+    components(schemas(service_kit::ErrorBody))
 )]
 pub struct ApiDoc;
 
-/// Every route needs `Authorization: Bearer <token>` (a reader or admin token from sensorctl).
-struct BearerAuth;
+/// The description as served: the routes' own, plus what every `/v1` route can answer because of
+/// the token check and rate limit (`access`) and the database (503).
+pub fn description(generated: utoipa::openapi::OpenApi) -> utoipa::openapi::OpenApi {
+    use service_kit::openapi::Common;
+    service_kit::openapi::complete(
+        generated,
+        &[
+            Common::Unauthorized,
+            Common::Forbidden,
+            Common::TooManyRequests,
+            Common::Unavailable,
+        ],
+    )
+}
 
-impl utoipa::Modify for BearerAuth {
-    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
-        use utoipa::openapi::security::{
-            HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme,
-        };
-        let components = openapi.components.get_or_insert_with(Default::default);
-        components.add_security_scheme(
-            "bearer",
-            SecurityScheme::Http(
-                HttpBuilder::new()
-                    .scheme(HttpAuthScheme::Bearer)
-                    .bearer_format("JWT")
-                    .build(),
-            ),
-        );
-        openapi.security = Some(vec![SecurityRequirement::new(
-            "bearer",
-            Vec::<String>::new(),
-        )]);
-    }
+/// The `{id}` of the device routes.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+pub struct DevicePath {
+    /// The device's id: 1–64 characters of `[A-Za-z0-9._-]`.
+    #[param(pattern = "^[A-Za-z0-9._-]{1,64}$", example = "raspi-01")]
+    pub id: String,
 }
 
 /// Mints device tokens on `POST /v1/devices` when query-api was given the signing key.
@@ -123,11 +123,12 @@ pub struct DeviceList {
     pub next_cursor: Option<String>,
 }
 
+/// The query of `GET /v1/devices`, as sent: `params` parses and checks each value.
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct PageParams {
-    /// How many items, 1–10,000 (default 100).
-    #[param(value_type = Option<u32>)]
+    /// How many devices, 1–10,000.
+    #[param(value_type = Option<i64>, minimum = 1, maximum = 10000, default = 100)]
     pub limit: Option<String>,
     /// `next_cursor` of the previous page.
     pub cursor: Option<String>,
@@ -138,8 +139,8 @@ pub struct PageParams {
     tag = "devices",
     params(PageParams),
     responses(
-        (status = 200, body = DeviceList),
-        (status = 400, body = service_kit::ErrorBody),
+        (status = 200, description = "A page of devices", body = DeviceList),
+        (status = 400, description = "A bad `limit` or `cursor` (`field` names it)", body = service_kit::ErrorBody),
     )
 )]
 #[get("/v1/devices")]
@@ -176,15 +177,19 @@ fn next_page<T>(items: &mut Vec<T>, limit: i64) -> Option<&T> {
 /// One device.
 #[utoipa::path(
     tag = "devices",
-    params(("id" = String, Path, description = "Device id")),
-    responses((status = 200, body = Device), (status = 404, body = service_kit::ErrorBody))
+    params(DevicePath),
+    responses(
+        (status = 200, description = "The device", body = Device),
+        (status = 400, description = "The path is not valid UTF-8", body = service_kit::ErrorBody),
+        (status = 404, description = "No readings of this device are stored", body = service_kit::ErrorBody),
+    )
 )]
 #[get("/v1/devices/{id}")]
 async fn get_device(
     pool: web::Data<PgPool>,
-    id: web::Path<String>,
+    path: web::Path<DevicePath>,
 ) -> Result<web::Json<Device>, QueryError> {
-    let device_id = params::device_id(id.into_inner())?.into_string();
+    let device_id = params::device_id(path.into_inner().id)?.into_string();
     let lookup = device_id.clone();
     with_conn(&pool, move |conn| store::read::device(conn, &lookup))
         .await?
@@ -197,7 +202,8 @@ pub struct Reading {
     /// The reading's id: the device's own, or the UUIDv7 assigned at ingest.
     pub id: String,
     pub ts: DateTime<Utc>,
-    #[schema(value_type = Object, example = json!({"temperature": 25.5, "humidity": 60.3}))]
+    /// By metric name.
+    #[schema(value_type = BTreeMap<String, f64>, example = json!({"temperature": 25.5, "humidity": 60.3}))]
     pub metrics: serde_json::Value,
 }
 
@@ -210,17 +216,24 @@ pub struct ReadingPage {
     pub next_cursor: Option<String>,
 }
 
+/// The query of `GET /v1/devices/{id}/readings`, as sent: `params` parses and checks each value.
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct ReadingsParams {
-    /// Oldest time, inclusive (RFC 3339 or epoch milliseconds).
+    /// Oldest time, inclusive: RFC 3339 or epoch milliseconds.
+    #[param(schema_with = time_param, example = "2026-11-24T00:00:00Z")]
     pub from: Option<String>,
-    /// Newest time, exclusive (RFC 3339 or epoch milliseconds).
+    /// Newest time, exclusive: RFC 3339 or epoch milliseconds.
+    #[param(schema_with = time_param, example = "2026-11-25T00:00:00Z")]
     pub to: Option<String>,
     /// Only readings with this metric (or any of several, comma-separated), showing only those.
+    #[param(
+        pattern = "^[A-Za-z0-9._-]{1,64}(,[A-Za-z0-9._-]{1,64})*$",
+        example = "temperature,humidity"
+    )]
     pub metric: Option<String>,
-    /// How many readings, 1–10,000 (default 100).
-    #[param(value_type = Option<u32>)]
+    /// How many readings, 1–10,000.
+    #[param(value_type = Option<i64>, minimum = 1, maximum = 10000, default = 100)]
     pub limit: Option<String>,
     /// `next_cursor` of the previous page.
     pub cursor: Option<String>,
@@ -229,20 +242,20 @@ pub struct ReadingsParams {
 /// A device's readings, newest first, a page at a time.
 #[utoipa::path(
     tag = "readings",
-    params(("id" = String, Path, description = "Device id"), ReadingsParams),
+    params(DevicePath, ReadingsParams),
     responses(
-        (status = 200, body = ReadingPage),
-        (status = 400, body = service_kit::ErrorBody),
-        (status = 404, body = service_kit::ErrorBody),
+        (status = 200, description = "A page of readings (empty past the last one)", body = ReadingPage),
+        (status = 400, description = "A bad parameter (`field` names it)", body = service_kit::ErrorBody),
+        (status = 404, description = "No readings of this device are stored", body = service_kit::ErrorBody),
     )
 )]
 #[get("/v1/devices/{id}/readings")]
 async fn device_readings(
     pool: web::Data<PgPool>,
-    id: web::Path<String>,
+    path: web::Path<DevicePath>,
     query: web::Query<ReadingsParams>,
 ) -> Result<web::Json<ReadingPage>, QueryError> {
-    let device_id = params::device_id(id.into_inner())?.into_string();
+    let device_id = params::device_id(path.into_inner().id)?.into_string();
     let limit = params::limit(query.limit.as_deref())?;
     let metrics = params::metrics(query.metric.as_deref())?;
     let q = ReadingsQuery {
@@ -299,15 +312,19 @@ pub struct Latest {
 /// The newest value of each of a device's metrics.
 #[utoipa::path(
     tag = "readings",
-    params(("id" = String, Path, description = "Device id")),
-    responses((status = 200, body = Latest), (status = 404, body = service_kit::ErrorBody))
+    params(DevicePath),
+    responses(
+        (status = 200, description = "The newest value of each metric", body = Latest),
+        (status = 400, description = "The path is not valid UTF-8", body = service_kit::ErrorBody),
+        (status = 404, description = "No readings of this device are stored", body = service_kit::ErrorBody),
+    )
 )]
 #[get("/v1/devices/{id}/latest")]
 async fn device_latest(
     pool: web::Data<PgPool>,
-    id: web::Path<String>,
+    path: web::Path<DevicePath>,
 ) -> Result<web::Json<Latest>, QueryError> {
-    let device_id = params::device_id(id.into_inner())?.into_string();
+    let device_id = params::device_id(path.into_inner().id)?.into_string();
     let lookup = device_id.clone();
     let values = with_conn(&pool, move |conn| store::read::latest(conn, &lookup)).await?;
     if values.is_empty() {
@@ -330,19 +347,57 @@ async fn device_latest(
     }))
 }
 
+/// The query of `GET /v1/devices/{id}/series`, as sent: the handler parses and checks each value
+/// (absent `metric` included, so that its 400 names the field).
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct SeriesParams {
-    /// The metric to aggregate (required).
+    /// The metric to aggregate.
+    #[param(required = true, value_type = String, pattern = "^[A-Za-z0-9._-]{1,64}$", example = "temperature")]
     pub metric: Option<String>,
-    /// Start, inclusive (default: 24 hours before `to`).
+    /// Start, inclusive: RFC 3339 or epoch milliseconds (default: 24 hours before `to`).
+    #[param(schema_with = time_param, example = "2026-11-24T00:00:00Z")]
     pub from: Option<String>,
-    /// End, exclusive (default: now).
+    /// End, exclusive: RFC 3339 or epoch milliseconds (default: now).
+    #[param(schema_with = time_param, example = "2026-11-25T00:00:00Z")]
     pub to: Option<String>,
-    /// Bucket width: a whole number and s, m, h, d or w (default `1h`).
+    /// Bucket width: a whole number and s, m, h, d or w, from 1 second to 366 days, and at most
+    /// 10,000 buckets between `from` and `to`.
+    #[param(pattern = "^[0-9]{1,9}[smhdw]$", default = "1h", example = "1h")]
     pub bucket: Option<String>,
-    /// avg, min, max, sum or count (default avg).
+    /// How the values in a bucket are aggregated (default avg).
+    #[param(inline, value_type = Option<AggregateName>)]
     pub agg: Option<String>,
+}
+
+/// `from` and `to`: what `params::time` takes.
+fn time_param() -> utoipa::openapi::schema::Schema {
+    use utoipa::openapi::schema::{KnownFormat, ObjectBuilder, OneOfBuilder, SchemaFormat, Type};
+    OneOfBuilder::new()
+        .item(
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .format(Some(SchemaFormat::KnownFormat(KnownFormat::DateTime))),
+        )
+        .item(
+            ObjectBuilder::new()
+                .schema_type(Type::Integer)
+                .minimum(Some(params::EARLIEST_MILLIS))
+                .maximum(Some(params::LATEST_MILLIS)),
+        )
+        .into()
+}
+
+/// `agg` of `/series` (parsed by `store::read::Aggregate::parse`).
+#[derive(ToSchema)]
+#[schema(rename_all = "lowercase")]
+#[allow(dead_code)] // describes the parameter
+enum AggregateName {
+    Avg,
+    Min,
+    Max,
+    Sum,
+    Count,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -379,20 +434,20 @@ pub struct Series {
 /// ±1.8e308) is answered as `"value": null` with a `reason`, never as an error.
 #[utoipa::path(
     tag = "readings",
-    params(("id" = String, Path, description = "Device id"), SeriesParams),
+    params(DevicePath, SeriesParams),
     responses(
-        (status = 200, body = Series),
-        (status = 400, body = service_kit::ErrorBody),
-        (status = 404, body = service_kit::ErrorBody),
+        (status = 200, description = "The buckets that have readings, oldest first", body = Series),
+        (status = 400, description = "A bad or missing parameter (`field` names it)", body = service_kit::ErrorBody),
+        (status = 404, description = "No readings of this device are stored", body = service_kit::ErrorBody),
     )
 )]
 #[get("/v1/devices/{id}/series")]
 async fn device_series(
     pool: web::Data<PgPool>,
-    id: web::Path<String>,
+    path: web::Path<DevicePath>,
     query: web::Query<SeriesParams>,
 ) -> Result<web::Json<Series>, QueryError> {
-    let device_id = params::device_id(id.into_inner())?.into_string();
+    let device_id = params::device_id(path.into_inner().id)?.into_string();
     let metric = match query.metric.as_deref() {
         None => return Err(QueryError::invalid("metric", "is required")),
         Some(name) => models::MetricName::parse(name)
@@ -459,7 +514,8 @@ pub async fn openapi_json(doc: web::Data<utoipa::openapi::OpenApi>) -> HttpRespo
 
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct NewDevice {
-    #[schema(example = "raspi-01")]
+    /// 1–64 characters of `[A-Za-z0-9._-]`.
+    #[schema(example = "raspi-01", pattern = "^[A-Za-z0-9._-]{1,64}$")]
     pub device_id: String,
 }
 
@@ -472,18 +528,21 @@ pub struct RegisteredDevice {
     pub token: String,
 }
 
-/// Registers a device and returns its token (admin). Needs query-api to hold the signing key;
-/// otherwise register devices with `sensorctl device add`. With the MQTT admin URL set, the device
-/// also gets its MQTT account (user name and client id its id, password its token); when that
-/// fails, the registration is undone.
+/// Registers a device and returns its token (admin).
+///
+/// Needs query-api to hold the signing key; otherwise register devices with `sensorctl device add`.
+/// With the MQTT admin URL set, the device also gets its MQTT account (user name and client id its
+/// id, password its token); when that fails, the registration is undone.
 #[utoipa::path(
     tag = "devices",
     request_body = NewDevice,
     responses(
-        (status = 201, body = RegisteredDevice),
-        (status = 400, body = service_kit::ErrorBody),
-        (status = 403, body = service_kit::ErrorBody),
+        (status = 201, description = "Registered; the token is shown this once", body = RegisteredDevice),
+        (status = 400, description = "Not a JSON object with a valid `device_id`", body = service_kit::ErrorBody),
+        (status = 403, description = "Not an admin token", body = service_kit::ErrorBody),
         (status = 409, description = "Already registered, or an MQTT account of that name is not a device's", body = service_kit::ErrorBody),
+        (status = 413, description = "A body larger than 16 KiB", body = service_kit::ErrorBody),
+        (status = 415, description = "A Content-Type other than JSON (or none)", body = service_kit::ErrorBody),
         (status = 501, description = "No signing key here", body = service_kit::ErrorBody),
         (status = 502, description = "The MQTT broker refused the account; not registered", body = service_kit::ErrorBody),
         (status = 503, description = "The MQTT broker cannot be reached; not registered", body = service_kit::ErrorBody),
@@ -549,23 +608,22 @@ fn signing_failed(e: auth::AuthError) -> &'static str {
 /// and saying so, and repeating the request removes the MQTT account.
 #[utoipa::path(
     tag = "devices",
-    params(("id" = String, Path, description = "Device id")),
+    params(DevicePath),
     responses(
         (status = 204, description = "Revoked"),
-        (status = 400, body = service_kit::ErrorBody),
-        (status = 403, body = service_kit::ErrorBody),
+        (status = 400, description = "The path is not valid UTF-8", body = service_kit::ErrorBody),
+        (status = 403, description = "Not an admin token", body = service_kit::ErrorBody),
         (status = 404, description = "Not an active registered device, and no MQTT account", body = service_kit::ErrorBody),
         (status = 502, description = "Revoked for HTTP; the MQTT broker refused to remove the account", body = service_kit::ErrorBody),
-        (status = 503, description = "Revoked for HTTP; the MQTT broker cannot be reached: repeat", body = service_kit::ErrorBody),
     )
 )]
 #[delete("/v1/devices/{id}")]
 async fn revoke_device(
     pool: web::Data<PgPool>,
     mqtt: web::Data<MqttAccounts>,
-    id: web::Path<String>,
+    path: web::Path<DevicePath>,
 ) -> Result<HttpResponse, QueryError> {
-    let device = params::device_id(id.into_inner())?;
+    let device = params::device_id(path.into_inner().id)?;
     let device_id = device.as_str().to_owned();
     let lookup = device_id.clone();
     let revoked = with_conn(&pool, move |conn| {

@@ -37,6 +37,27 @@ pub enum QueryError {
         done: String,
         source: mqtt_admin::MqttAdminError,
     },
+    /// A JSON body over the extractor's limit.
+    #[error("{0}")]
+    BodyTooLarge(String),
+    #[error("the body must be JSON: send Content-Type: application/json")]
+    NotJson,
+    #[error("{0}")]
+    InvalidBody(String),
+}
+
+/// The JSON extractor's failures, with the statuses ingest-http gives the same faults.
+impl From<actix_web::error::JsonPayloadError> for QueryError {
+    fn from(e: actix_web::error::JsonPayloadError) -> Self {
+        use actix_web::error::JsonPayloadError;
+        match e {
+            JsonPayloadError::OverflowKnownLength { .. } | JsonPayloadError::Overflow { .. } => {
+                QueryError::BodyTooLarge(e.to_string())
+            }
+            JsonPayloadError::ContentType => QueryError::NotJson,
+            other => QueryError::InvalidBody(other.to_string()),
+        }
+    }
 }
 
 impl QueryError {
@@ -61,6 +82,9 @@ impl QueryError {
             QueryError::MethodNotAllowed { .. } => "method_not_allowed",
             QueryError::BodyTimeout => "timeout",
             QueryError::MqttAccount { .. } => "mqtt_account",
+            QueryError::BodyTooLarge(_) => "too_large",
+            QueryError::NotJson => "unsupported_media_type",
+            QueryError::InvalidBody(_) => "invalid",
         }
     }
 
@@ -101,8 +125,6 @@ impl QueryError {
             QueryError::BodyTimeout => {
                 ApiError::new(StatusCode::REQUEST_TIMEOUT, "timeout", self.to_string())
             }
-            // anything else, a database error that is not an outage included, is a bug or an
-            // input the checks missed: logged, and answered without details
             QueryError::MqttAccount { done, source } => {
                 tracing::warn!(error = %source, "{done}");
                 match source {
@@ -122,6 +144,19 @@ impl QueryError {
                     ),
                 }
             }
+            QueryError::BodyTooLarge(reason) => {
+                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", reason)
+            }
+            QueryError::NotJson => ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                self.to_string(),
+            ),
+            QueryError::InvalidBody(reason) => {
+                ApiError::new(StatusCode::BAD_REQUEST, "invalid_input", reason)
+            }
+            // anything else, a database error that is not an outage included, is a bug or an
+            // input the checks missed: logged, and answered without details
             other => ApiError::internal(other),
         }
     }
@@ -145,6 +180,9 @@ impl ResponseError for QueryError {
                 mqtt_admin::MqttAdminError::NotADeviceAccount(_) => StatusCode::CONFLICT,
                 _ => StatusCode::BAD_GATEWAY,
             },
+            QueryError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            QueryError::NotJson => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            QueryError::InvalidBody(_) => StatusCode::BAD_REQUEST,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

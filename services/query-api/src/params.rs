@@ -18,10 +18,13 @@ pub fn device_id(value: String) -> Result<DeviceId, QueryError> {
     DeviceId::parse(value.as_str()).map_err(|_| QueryError::UnknownDevice(value))
 }
 
-/// Query times must lie in years 0–9999, what RFC 3339 can write; PostgreSQL refuses times before
-/// 4713 BC, and epoch milliseconds could otherwise reach 29,000 BC.
-const EARLIEST_TIME_MICROS: i64 = -62_167_219_200_000_000; // 0000-01-01T00:00:00Z
-const LATEST_TIME_MICROS: i64 = 253_402_300_799_999_999; // 9999-12-31T23:59:59.999999Z
+/// The times a query may name, in epoch milliseconds: RFC 3339's years 0000 to 9999. Beyond them
+/// (epoch milliseconds reach ±31,000 years) PostgreSQL cannot hold the time (it refuses times before
+/// 4713 BC) and fails the query.
+pub const EARLIEST_MILLIS: i64 = -62_167_219_200_000; // 0000-01-01T00:00:00Z
+pub const LATEST_MILLIS: i64 = 253_402_300_799_999; // 9999-12-31T23:59:59.999Z
+const EARLIEST_TIME_MICROS: i64 = EARLIEST_MILLIS * 1000;
+const LATEST_TIME_MICROS: i64 = LATEST_MILLIS * 1000 + 999;
 
 fn in_supported_range(ts: DateTime<Utc>) -> bool {
     (EARLIEST_TIME_MICROS..=LATEST_TIME_MICROS).contains(&ts.timestamp_micros())

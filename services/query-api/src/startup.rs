@@ -97,14 +97,7 @@ impl Application {
                 .app_data(
                     web::JsonConfig::default()
                         .limit(16 * 1024)
-                        .error_handler(|e, _| {
-                            service_kit::ApiError::new(
-                                actix_web::http::StatusCode::BAD_REQUEST,
-                                "invalid_input",
-                                e.to_string(),
-                            )
-                            .into()
-                        }),
+                        .error_handler(|e, _| crate::error::QueryError::from(e).into()),
                 )
                 .app_data(
                     web::QueryConfig::default()
@@ -116,7 +109,7 @@ impl Application {
                 )
                 .configure(api::routes)
                 .split_for_parts();
-            app.app_data(web::Data::new(openapi))
+            app.app_data(web::Data::new(api::description(openapi)))
                 .app_data(web::Data::new(http_metrics.clone()))
                 .wrap(from_fn(move |req, next| {
                     body_deadline::limit(body_timeout, req, next)

@@ -6,6 +6,7 @@ use serde_json::{Value, json};
 use testkit::{TestDb, TestKeys};
 
 mod input;
+mod openapi;
 mod security;
 
 struct Api {
@@ -304,6 +305,10 @@ async fn the_openapi_description_lists_exactly_the_served_routes() {
     assert_eq!(
         paths,
         [
+            "/healthz",
+            "/metrics",
+            "/openapi.json",
+            "/readyz",
             "/v1/devices",
             "/v1/devices/{id}",
             "/v1/devices/{id}/latest",
@@ -311,7 +316,8 @@ async fn the_openapi_description_lists_exactly_the_served_routes() {
             "/v1/devices/{id}/series"
         ]
     );
-    for path in paths {
+    // the ops endpoints are checked with the description's other claims (openapi.rs)
+    for path in paths.into_iter().filter(|p| p.starts_with("/v1/")) {
         let served = path.replace("{id}", "pi-1") + "?metric=t";
         let (status, body) = api.get(&served).await;
         assert_eq!(
