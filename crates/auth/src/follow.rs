@@ -86,6 +86,22 @@ impl Follower {
         self.listening.load(Ordering::Relaxed)
     }
 
+    /// The change listener (re)connected: changes made while it was away were not notified, so
+    /// read now.
+    pub fn listening_again(&self) {
+        tracing::info!("following registry changes as PostgreSQL notifies them");
+        self.set_listening(true);
+        self.changed();
+    }
+
+    /// The change listener lost its connection: until it is back, changes are seen at the next
+    /// scheduled read.
+    pub fn listener_lost(&self, error: &str) {
+        if self.listening.swap(false, Ordering::Relaxed) {
+            tracing::warn!(error, "lost PostgreSQL change notifications; until they are back, changes are seen at each scheduled read");
+        }
+    }
+
     /// Asks for a read and waits until one that started after this call has finished (successful
     /// or not), or [`PROMPT_WAIT`] passed. Concurrent callers share reads.
     pub async fn read_now(&self) {

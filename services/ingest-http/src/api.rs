@@ -146,7 +146,7 @@ async fn ingest(
     let client = state.trusted_proxies.client_addr(req);
     let mut writer = None;
     let result = async {
-        let who = state.authenticator.authenticate(req)?;
+        let who = state.authenticator.authenticate(req).await?;
         let limit_key = match &who {
             Writer::Device { id, .. } => id.clone(),
             Writer::Anonymous => client.map(|a| a.to_string()).unwrap_or_default(),

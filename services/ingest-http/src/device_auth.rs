@@ -43,7 +43,7 @@ pub struct Authenticator {
 }
 
 impl Authenticator {
-    pub fn authenticate(&self, req: &HttpRequest) -> Result<Writer, IngestError> {
+    pub async fn authenticate(&self, req: &HttpRequest) -> Result<Writer, IngestError> {
         let Some(value) = req.headers().get(header::AUTHORIZATION) else {
             return if self.allow_anonymous {
                 Ok(Writer::Anonymous)
@@ -75,7 +75,7 @@ impl Authenticator {
                 claims.role.as_str()
             )));
         }
-        match self.registry.check(&claims.sub, &claims.jti) {
+        match self.registry.check_promptly(&claims.sub, &claims.jti).await {
             Access::Allowed => Ok(Writer::Device {
                 id: claims.sub,
                 token_id: claims.jti,

@@ -1,6 +1,7 @@
 //! ingest-http driven as a Pi drives it, against real RabbitMQ and PostgreSQL, with the persister
 //! and query-api running beside it for the round trips.
 
+mod registry;
 mod security;
 
 use std::collections::HashMap;
