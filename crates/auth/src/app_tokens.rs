@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
-use crate::follow::{Follower, Progress, RefreshCause, follow};
+use crate::follow::{Follower, Progress, PromptReads, RefreshCause, follow};
 use crate::{Claims, Role};
 
 /// One row of the app tokens table as the database has it now.
@@ -52,6 +52,7 @@ pub struct AppTokenRegistry {
     tokens: RwLock<HashMap<String, Recorded>>,
     progress: Mutex<Progress>,
     max_lifetime_secs: u64,
+    prompt: Option<PromptReads>,
 }
 
 impl AppTokenRegistry {
@@ -61,7 +62,44 @@ impl AppTokenRegistry {
             tokens: RwLock::default(),
             progress: Mutex::default(),
             max_lifetime_secs: max_lifetime.as_secs(),
+            prompt: None,
         }
+    }
+
+    /// A registry that, when a token's id is not in its copy (issued a moment ago), has `follower`
+    /// read the database now (shared, spaced reads: see [`Follower`]) in
+    /// [`check_promptly`](Self::check_promptly); an id still unknown after that is not asked about
+    /// again for `unknown_for`.
+    pub fn with_prompt_reads(
+        max_lifetime: Duration,
+        follower: Arc<Follower>,
+        unknown_for: Duration,
+    ) -> Self {
+        Self {
+            prompt: Some(PromptReads::new(follower, unknown_for)),
+            ..Self::new(max_lifetime)
+        }
+    }
+
+    /// [`check`](Self::check), after a prompt read of the database when the token's id is not in
+    /// the copy yet (with prompt reads set up): a token issued a moment ago is let in at once.
+    pub async fn check_promptly(&self, claims: &Claims) -> Result<(), AppTokenRefusal> {
+        let checked = self.check(claims);
+        let Some(prompt) = &self.prompt else {
+            return checked;
+        };
+        if !matches!(
+            checked,
+            Err(AppTokenRefusal::Unknown | AppTokenRefusal::NotLoaded)
+        ) || !prompt.read_for(&claims.jti).await
+        {
+            return checked;
+        }
+        let checked = self.check(claims);
+        if checked == Err(AppTokenRefusal::Unknown) {
+            prompt.still_unknown(&claims.jti);
+        }
+        checked
     }
 
     /// Whether the app token with these (verified) claims may be used: it has an expiry within the

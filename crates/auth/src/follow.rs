@@ -3,6 +3,7 @@
 //! request meets an id the copy does not know, never more often than `min_spacing`, however many
 //! ask: so a flood of unknown ids costs the database at most one read per `min_spacing`.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -135,6 +136,59 @@ where
                 .and_then(|mut c| c.take())
                 .unwrap_or(RefreshCause::Notification),
         };
+    }
+}
+
+/// How many ids a prompt read did not find are remembered at most: forged traffic with ever new ids
+/// cannot grow the memory without bound (past it, reads stay spaced by the follower).
+const UNKNOWN_CAPACITY: usize = 10_000;
+
+/// Prompt reads for ids a registry's copy does not know, each id found unknown remembered for
+/// `unknown_for` so that the same id asks again only after that.
+pub(crate) struct PromptReads {
+    follower: Arc<Follower>,
+    unknown: Mutex<HashMap<String, Instant>>,
+    unknown_for: Duration,
+}
+
+impl PromptReads {
+    pub(crate) fn new(follower: Arc<Follower>, unknown_for: Duration) -> Self {
+        Self {
+            follower,
+            unknown: Mutex::default(),
+            unknown_for,
+        }
+    }
+
+    /// Has the registry read now and returns true, unless `id` was found unknown lately (false:
+    /// the caller answers from its copy without asking).
+    pub(crate) async fn read_for(&self, id: &str) -> bool {
+        let recently_unknown = self
+            .unknown
+            .lock()
+            .map(|unknown| {
+                unknown
+                    .get(id)
+                    .is_some_and(|at| at.elapsed() < self.unknown_for)
+            })
+            .unwrap_or(false);
+        if recently_unknown {
+            return false;
+        }
+        self.follower.read_now().await;
+        true
+    }
+
+    /// A read did not find `id`.
+    pub(crate) fn still_unknown(&self, id: &str) {
+        if let Ok(mut unknown) = self.unknown.lock() {
+            if unknown.len() >= UNKNOWN_CAPACITY {
+                unknown.retain(|_, at| at.elapsed() < self.unknown_for);
+            }
+            if unknown.len() < UNKNOWN_CAPACITY {
+                unknown.insert(id.to_owned(), Instant::now());
+            }
+        }
     }
 }
 

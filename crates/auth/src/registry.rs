@@ -7,15 +7,11 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
-use crate::follow::{Follower, Progress, RefreshCause, follow};
-
-/// How many (device, token id) pairs a prompt read did not find are remembered at most: forged
-/// traffic with ever new ids cannot grow the memory without bound.
-const UNKNOWN_CAPACITY: usize = 10_000;
+use crate::follow::{Follower, Progress, PromptReads, RefreshCause, follow};
 
 /// One row of the registry as the database has it now.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,14 +33,6 @@ pub enum Access {
     NotLoaded,
 }
 
-/// Asking the database about a device the copy does not know: the answer is remembered for
-/// `unknown_for` per device and token id, so the same unknown pair asks again only after that.
-struct PromptReads {
-    follower: Arc<Follower>,
-    unknown: Mutex<HashMap<(String, String), Instant>>,
-    unknown_for: Duration,
-}
-
 #[derive(Default)]
 pub struct DeviceRegistry {
     current: RwLock<HashMap<String, String>>,
@@ -59,11 +47,7 @@ impl DeviceRegistry {
     /// again for `unknown_for`.
     pub fn with_prompt_reads(follower: Arc<Follower>, unknown_for: Duration) -> Self {
         Self {
-            prompt: Some(PromptReads {
-                follower,
-                unknown: Mutex::default(),
-                unknown_for,
-            }),
+            prompt: Some(PromptReads::new(follower, unknown_for)),
             ..Self::default()
         }
     }
@@ -90,33 +74,17 @@ impl DeviceRegistry {
         if access == Access::Allowed {
             return access;
         }
-        let key = (device_id.to_owned(), token_id.to_owned());
-        let recently_unknown = prompt
-            .unknown
-            .lock()
-            .map(|unknown| {
-                unknown
-                    .get(&key)
-                    .is_some_and(|at| at.elapsed() < prompt.unknown_for)
-            })
-            .unwrap_or(false);
-        if recently_unknown {
+        // a device and one of its token ids: the pair a read may find
+        let key = format!("{device_id}\u{0}{token_id}");
+        if !prompt.read_for(&key).await {
             return Access::Refused;
         }
-        prompt.follower.read_now().await;
         let failing = self.progress.lock().map(|p| p.failing()).unwrap_or(true);
         match self.check(device_id, token_id) {
             // the copy may be stale: the device should try again rather than give up
             Access::Refused if failing => Access::NotLoaded,
             Access::Refused => {
-                if let Ok(mut unknown) = prompt.unknown.lock() {
-                    if unknown.len() >= UNKNOWN_CAPACITY {
-                        unknown.retain(|_, at| at.elapsed() < prompt.unknown_for);
-                    }
-                    if unknown.len() < UNKNOWN_CAPACITY {
-                        unknown.insert(key, Instant::now());
-                    }
-                }
+                prompt.still_unknown(&key);
                 Access::Refused
             }
             other => other,

@@ -13,6 +13,7 @@ use crate::error::QueryError;
 
 pub struct Access {
     pub verifier: CachedVerifier,
+    pub app_tokens: std::sync::Arc<auth::AppTokenRegistry>,
     pub rate_limit: KeyedLimit,
     pub trusted_proxies: TrustedProxies,
 }
@@ -63,6 +64,7 @@ fn check(req: &ServiceRequest) -> Result<(), QueryError> {
             "managing devices needs an admin token".into(),
         ));
     }
+    access.app_tokens.check(&claims)?; // recorded, not revoked, lifetime within the cap
     access
         .rate_limit
         .check(&claims.jti)

@@ -24,6 +24,10 @@ pub enum QueryError {
     Conflict(String),
     #[error("{0}")]
     NotConfigured(&'static str),
+    #[error("no app token {0:?}, or it was revoked already")]
+    UnknownToken(String),
+    #[error(transparent)]
+    AppToken(#[from] auth::AppTokenRefusal),
 }
 
 impl QueryError {
@@ -55,6 +59,11 @@ impl QueryError {
             QueryError::NotConfigured(reason) => {
                 ApiError::new(StatusCode::NOT_IMPLEMENTED, "not_configured", *reason)
             }
+            QueryError::UnknownToken(_) => ApiError::not_found(self.to_string()),
+            QueryError::AppToken(auth::AppTokenRefusal::NotLoaded) => {
+                ApiError::unavailable(self.to_string(), 1)
+            }
+            QueryError::AppToken(refusal) => ApiError::unauthorized(refusal.to_string(), true),
             other => ApiError::internal(other),
         }
     }
@@ -71,6 +80,11 @@ impl ResponseError for QueryError {
             QueryError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             QueryError::Conflict(_) => StatusCode::CONFLICT,
             QueryError::NotConfigured(_) => StatusCode::NOT_IMPLEMENTED,
+            QueryError::UnknownToken(_) => StatusCode::NOT_FOUND,
+            QueryError::AppToken(auth::AppTokenRefusal::NotLoaded) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            QueryError::AppToken(_) => StatusCode::UNAUTHORIZED,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

@@ -18,6 +18,7 @@ use utoipa_actix_web::AppExt;
 use crate::access::{self, Access};
 use crate::api::{self, ApiDoc, DeviceTokens};
 use crate::settings::Settings;
+use crate::tokens;
 
 /// query-api, built and bound, ready to run.
 pub struct Application {
@@ -47,13 +48,15 @@ impl Application {
             let pool = ready_pool.clone();
             async move { database_check(pool).await }
         });
+        let (app_tokens, readiness) = tokens::follow_app_tokens(settings, &pool, readiness).await?;
         let ops = Ops::new(registry, readiness);
 
         let workers = match settings.http_workers {
             0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
             n => n,
         };
-        let access = web::Data::new(access(settings)?);
+        let access = web::Data::new(access(settings, app_tokens.clone())?);
+        let app_tokens = web::Data::new(tokens::AppTokens::new(settings, app_tokens)?);
         let device_tokens =
             web::Data::new(DeviceTokens(if settings.auth_signing_key_file.is_empty() {
                 None
@@ -84,6 +87,7 @@ impl Application {
                 .app_data(web::Data::new(pool.clone()))
                 .app_data(access.clone())
                 .app_data(device_tokens.clone())
+                .app_data(app_tokens.clone())
                 .app_data(
                     web::JsonConfig::default()
                         .limit(16 * 1024)
@@ -109,6 +113,7 @@ impl Application {
             app.app_data(web::Data::new(openapi))
                 .app_data(web::Data::new(http_metrics.clone()))
                 .wrap(from_fn(access::require_token))
+                .wrap(from_fn(tokens::look_up_new_tokens))
                 .wrap(from_fn(HttpMetrics::record))
                 .wrap(cors)
                 .configure(|cfg| ops.routes(cfg))
@@ -139,7 +144,10 @@ async fn database_check(pool: PgPool) -> Result<(), String> {
         .map_err(|e| e.to_string())?
 }
 
-fn access(settings: &Settings) -> anyhow::Result<Access> {
+fn access(
+    settings: &Settings,
+    app_tokens: std::sync::Arc<auth::AppTokenRegistry>,
+) -> anyhow::Result<Access> {
     anyhow::ensure!(
         !settings.auth_public_key_file.is_empty(),
         "auth_public_key_file is not set: point it at the verifying key from `sensorctl keys init`"
@@ -150,6 +158,7 @@ fn access(settings: &Settings) -> anyhow::Result<Access> {
                 .context("loading auth_public_key_file")?,
             10_000,
         ),
+        app_tokens,
         rate_limit: service_kit::net::KeyedLimit::new(
             settings.rate_limit_per_second,
             settings.rate_limit_burst,

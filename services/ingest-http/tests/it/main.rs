@@ -41,11 +41,14 @@ impl Ingest {
 impl Stack {
     fn new() -> Self {
         service_kit::telemetry::init_for_tests();
+        let db = TestDb::migrated();
+        let keys = TestKeys::new();
+        keys.record_app_tokens_in(&db.url);
         Self {
-            db: TestDb::migrated(),
+            db,
             prefix: testkit::unique_name("ingest-test"),
             client: reqwest::Client::new(),
-            keys: TestKeys::new(),
+            keys,
             tokens: Mutex::new(HashMap::new()),
         }
     }
