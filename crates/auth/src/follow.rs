@@ -99,7 +99,10 @@ impl Follower {
     /// scheduled read.
     pub fn listener_lost(&self, error: &str) {
         if self.listening.swap(false, Ordering::Relaxed) {
-            tracing::warn!(error, "lost PostgreSQL change notifications; until they are back, changes are seen at each scheduled read");
+            tracing::warn!(
+                error,
+                "lost PostgreSQL change notifications; until they are back, changes are seen at each scheduled read"
+            );
         }
     }
 
@@ -272,7 +275,11 @@ mod tests {
         for asker in askers {
             asker.await.unwrap();
         }
-        assert_eq!(reads.load(Ordering::SeqCst), 2, "one more read for them all");
+        assert_eq!(
+            reads.load(Ordering::SeqCst),
+            2,
+            "one more read for them all"
+        );
         // asking again after that read waits for the next one, spaced
         let before = tokio::time::Instant::now();
         follower.read_now().await;

@@ -48,12 +48,16 @@ pub fn record_app_token(
 /// Revokes the token `id`; false when there is no such token or it was revoked already.
 pub fn revoke_app_token(conn: &mut PgConnection, id: &str) -> Result<bool, StoreError> {
     use app_tokens::dsl as t;
-    let changed = diesel::update(t::app_tokens.filter(t::id.eq(id)).filter(t::revoked_at.is_null()))
-        .set((
-            t::revoked_at.eq(diesel::dsl::now),
-            t::updated_at.eq(diesel::dsl::now),
-        ))
-        .execute(conn)?;
+    let changed = diesel::update(
+        t::app_tokens
+            .filter(t::id.eq(id))
+            .filter(t::revoked_at.is_null()),
+    )
+    .set((
+        t::revoked_at.eq(diesel::dsl::now),
+        t::updated_at.eq(diesel::dsl::now),
+    ))
+    .execute(conn)?;
     Ok(changed == 1)
 }
 

@@ -374,9 +374,8 @@ impl TestKeys {
     /// Records `claims` (an app token's) in the database at `database_url`, as `sensorctl token
     /// issue` does.
     pub fn record_app_token(&self, database_url: &str, claims: &auth::Claims) {
-        let at = |secs: i64| {
-            chrono::DateTime::from_timestamp(secs, 0).expect("a representable time")
-        };
+        let at =
+            |secs: i64| chrono::DateTime::from_timestamp(secs, 0).expect("a representable time");
         let mut conn = PgConnection::establish(database_url).expect("connect");
         store::app_tokens::record_app_token(
             &mut conn,

@@ -169,19 +169,24 @@ fn authenticator(
     )?;
     let interval = Duration::from_millis(settings.auth_refresh_ms.max(100));
     follow_changes(&settings.database_url, &follower)?;
-    tokio::spawn(auth::keep_fresh(registry.clone(), follower, interval, move |since, cause| {
-        let pool = pool.clone();
-        reads
-            .get_or_create(&CauseLabels {
-                cause: cause.as_str(),
-            })
-            .inc();
-        async move {
-            tokio::task::spawn_blocking(move || load_changes(&pool, since))
-                .await
-                .map_err(|e| e.to_string())?
-        }
-    }));
+    tokio::spawn(auth::keep_fresh(
+        registry.clone(),
+        follower,
+        interval,
+        move |since, cause| {
+            let pool = pool.clone();
+            reads
+                .get_or_create(&CauseLabels {
+                    cause: cause.as_str(),
+                })
+                .inc();
+            async move {
+                tokio::task::spawn_blocking(move || load_changes(&pool, since))
+                    .await
+                    .map_err(|e| e.to_string())?
+            }
+        },
+    ));
     let ready_registry = registry.clone();
     // Never less than a few refreshes, so one slow read does not take the service out of rotation.
     let max_age = Duration::from_secs(settings.auth_registry_max_age_secs)

@@ -279,8 +279,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             let now = chrono::Utc::now();
             let mut after: Option<String> = None;
             loop {
-                let page =
-                    store::app_tokens::list_app_tokens(&mut conn, after.as_deref(), 1_000)?;
+                let page = store::app_tokens::list_app_tokens(&mut conn, after.as_deref(), 1_000)?;
                 for t in &page {
                     let state = match t.revoked_at {
                         Some(_) => "revoked",

@@ -48,7 +48,10 @@ async fn a_device_is_let_in_right_after_it_is_added_and_refused_right_after_it_i
     let (status, body) = stack
         .post_with(data.clone(), Some(&token), reading("raspi-new"))
         .await;
-    assert_eq!(status, 200, "the first write right after `device add`: {body}");
+    assert_eq!(
+        status, 200,
+        "the first write right after `device add`: {body}"
+    );
 
     let mut conn = store::connect(&stack.db.url).unwrap();
     assert!(store::credentials::revoke_device(&mut conn, "raspi-new").unwrap());
@@ -112,9 +115,9 @@ async fn a_burst_of_tokens_of_unknown_devices_costs_a_bounded_number_of_registry
     let mut statuses = Vec::new();
     let mut after_first_round = before;
     for round in 0..5 {
-        let requests = forged.iter().map(|(device, token)| {
-            stack.post_with(data.clone(), Some(token), reading(device))
-        });
+        let requests = forged
+            .iter()
+            .map(|(device, token)| stack.post_with(data.clone(), Some(token), reading(device)));
         let answers = futures_util::future::join_all(requests).await;
         statuses.extend(answers.into_iter().map(|(status, _)| status));
         if round == 0 {
@@ -146,7 +149,10 @@ async fn a_burst_of_tokens_of_unknown_devices_costs_a_bounded_number_of_registry
     // the same unknown tokens again within seconds are refused without asking (only the real
     // device's registration causes reads: its notification, its prompt read)
     let later = registry_reads(&stack, &ingest.url).await - after_first_round;
-    assert!(later <= 3.0, "{later} reads for tokens already found unknown");
+    assert!(
+        later <= 3.0,
+        "{later} reads for tokens already found unknown"
+    );
     ingest.stop().await;
     stack.cleanup().await;
 }

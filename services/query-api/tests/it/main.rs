@@ -311,7 +311,10 @@ async fn the_openapi_description_lists_exactly_the_served_routes() {
     );
     // every documented read is served (to an admin: the token list is for admins only)
     let admin = api.keys.app_token(auth::Role::Admin);
-    for path in paths.iter().filter(|p| doc["paths"][p.as_str()].get("get").is_some()) {
+    for path in paths
+        .iter()
+        .filter(|p| doc["paths"][p.as_str()].get("get").is_some())
+    {
         let served = path.replace("{id}", "pi-1") + "?metric=t";
         let (status, _, body) = api
             .call(reqwest::Method::GET, &served, Some(&admin), None)

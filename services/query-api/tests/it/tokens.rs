@@ -20,13 +20,12 @@ async fn a_revoked_app_token_is_refused_at_once() {
     // scheduled re-reads a minute apart: only the change notification can make this pass
     let api = start(db, |s| s.auth_refresh_ms = 60_000).await;
     let admin = api.keys.app_token(Role::Admin);
-    let reader_id = auth::TokenVerifier::from_file(std::path::Path::new(
-        &api.keys.verifying_key_file(),
-    ))
-    .unwrap()
-    .verify(&api.reader)
-    .unwrap()
-    .jti;
+    let reader_id =
+        auth::TokenVerifier::from_file(std::path::Path::new(&api.keys.verifying_key_file()))
+            .unwrap()
+            .verify(&api.reader)
+            .unwrap()
+            .jti;
     assert_eq!(api.get("/v1/devices").await.0, 200);
 
     let (status, _, _) = api
@@ -42,7 +41,10 @@ async fn a_revoked_app_token_is_refused_at_once() {
     loop {
         let (status, body) = api.get("/v1/devices").await;
         if status == 401 {
-            assert!(body["message"].as_str().unwrap().contains("revoked"), "{body}");
+            assert!(
+                body["message"].as_str().unwrap().contains("revoked"),
+                "{body}"
+            );
             break;
         }
         assert_eq!(status, 200);
@@ -56,20 +58,23 @@ async fn a_revoked_app_token_is_refused_at_once() {
 
     // as `sensorctl token revoke` does it: straight in the database
     let other = api.keys.app_token(Role::Reader);
-    let other_id = auth::TokenVerifier::from_file(std::path::Path::new(
-        &api.keys.verifying_key_file(),
-    ))
-    .unwrap()
-    .verify(&other)
-    .unwrap()
-    .jti;
-    let (status, _, _) = api.call(Method::GET, "/v1/devices", Some(&other), None).await;
+    let other_id =
+        auth::TokenVerifier::from_file(std::path::Path::new(&api.keys.verifying_key_file()))
+            .unwrap()
+            .verify(&other)
+            .unwrap()
+            .jti;
+    let (status, _, _) = api
+        .call(Method::GET, "/v1/devices", Some(&other), None)
+        .await;
     assert_eq!(status, 200, "a token issued a moment ago is let in");
     let mut conn = store::connect(&api.db.url).unwrap();
     assert!(store::app_tokens::revoke_app_token(&mut conn, &other_id).unwrap());
     let revoked_at = Instant::now();
     loop {
-        let (status, _, _) = api.call(Method::GET, "/v1/devices", Some(&other), None).await;
+        let (status, _, _) = api
+            .call(Method::GET, "/v1/devices", Some(&other), None)
+            .await;
         if status == 401 {
             break;
         }
@@ -94,7 +99,12 @@ async fn a_revoked_app_token_is_refused_at_once() {
     let long = "x".repeat(65);
     for bad in [long.as_str(), "a%20b", "a.b"] {
         let (status, _, body) = api
-            .call(Method::DELETE, &format!("/v1/tokens/{bad}"), Some(&admin), None)
+            .call(
+                Method::DELETE,
+                &format!("/v1/tokens/{bad}"),
+                Some(&admin),
+                None,
+            )
             .await;
         assert_eq!((status, body["field"].as_str()), (400, Some("id")), "{bad}");
     }
@@ -119,13 +129,22 @@ async fn admins_list_tokens_readers_cannot() {
     let (status, _, _) = api.call(Method::GET, "/v1/tokens", None, None).await;
     assert_eq!(status, 401);
 
-    let (status, _, body) = api.call(Method::GET, "/v1/tokens", Some(&admin), None).await;
+    let (status, _, body) = api
+        .call(Method::GET, "/v1/tokens", Some(&admin), None)
+        .await;
     assert_eq!(status, 200, "{body}");
     let tokens = body["tokens"].as_array().unwrap();
     assert_eq!(tokens.len(), 2, "{body}");
     let roles: Vec<&str> = tokens.iter().map(|t| t["role"].as_str().unwrap()).collect();
-    assert!(roles.contains(&"reader") && roles.contains(&"admin"), "{body}");
-    assert!(tokens.iter().all(|t| t["state"] == "active" && t["name"] == "test-app"));
+    assert!(
+        roles.contains(&"reader") && roles.contains(&"admin"),
+        "{body}"
+    );
+    assert!(
+        tokens
+            .iter()
+            .all(|t| t["state"] == "active" && t["name"] == "test-app")
+    );
     assert_eq!(body["next_cursor"], Value::Null);
 
     // a page at a time
@@ -182,7 +201,10 @@ async fn unrecorded_unexpiring_and_overlong_app_tokens_are_refused() {
             .call(Method::GET, "/v1/devices", Some(token), None)
             .await;
         assert_eq!(status, 401, "{what}: {body}");
-        assert!(body["message"].as_str().unwrap().contains(says), "{what}: {body}");
+        assert!(
+            body["message"].as_str().unwrap().contains(says),
+            "{what}: {body}"
+        );
         assert!(
             headers["www-authenticate"]
                 .to_str()
@@ -211,7 +233,13 @@ async fn readyz_says_when_the_token_list_cannot_be_followed() {
     .await;
     let ready = || async {
         let (status, _, body) = api.call(Method::GET, "/readyz", None, None).await;
-        (status, body["checks"]["app_tokens"].as_str().unwrap_or("").to_owned())
+        (
+            status,
+            body["checks"]["app_tokens"]
+                .as_str()
+                .unwrap_or("")
+                .to_owned(),
+        )
     };
     assert_eq!(ready().await, (200, "up".to_owned()));
     proxy.cut();

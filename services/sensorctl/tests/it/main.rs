@@ -154,7 +154,11 @@ fn app_tokens_are_recorded_listed_and_revoked_and_their_ttl_is_capped() {
     let recorded = store::app_tokens::list_app_tokens(&mut conn, None, 10).unwrap();
     assert_eq!(recorded.len(), 1, "recorded when issued");
     assert_eq!(
-        (recorded[0].id.as_str(), recorded[0].name.as_str(), recorded[0].role.as_str()),
+        (
+            recorded[0].id.as_str(),
+            recorded[0].name.as_str(),
+            recorded[0].role.as_str()
+        ),
         (claims.jti.as_str(), "ops", "admin")
     );
     assert_eq!(
@@ -165,7 +169,10 @@ fn app_tokens_are_recorded_listed_and_revoked_and_their_ttl_is_capped() {
     // over the cap (365 days by default, or as configured): refused, nothing recorded
     let args = issue(&["--ttl", "366d"]);
     let refused = op.fails(&args.iter().map(String::as_str).collect::<Vec<_>>());
-    assert!(refused.contains("longer than the 31536000s allowed"), "{refused}");
+    assert!(
+        refused.contains("longer than the 31536000s allowed"),
+        "{refused}"
+    );
     let args = issue(&["--ttl", "2h", "--max-ttl-secs", "3600"]);
     assert!(
         op.fails(&args.iter().map(String::as_str).collect::<Vec<_>>())
@@ -180,7 +187,10 @@ fn app_tokens_are_recorded_listed_and_revoked_and_their_ttl_is_capped() {
 
     let listed = op.ok(&["token", "list"]);
     let line = listed.lines().find(|l| l.starts_with(&claims.jti)).unwrap();
-    assert!(line.contains("ops") && line.contains("admin") && line.contains("active"), "{listed}");
+    assert!(
+        line.contains("ops") && line.contains("admin") && line.contains("active"),
+        "{listed}"
+    );
     op.ok(&["token", "revoke", &claims.jti]);
     assert!(
         op.ok(&["token", "list"])
