@@ -4,8 +4,11 @@
 //! services hold only the public half, so a compromised service cannot mint tokens. Tokens are JWTs
 //! (EdDSA) whose `role` says what they allow: `device` (write as the device named in `sub`), `reader`
 //! (read the API), `admin` (also manage devices). Every token has an id (`jti`) that is logged in its
-//! place, and revocation works by id (see the device registry in the ingest services).
+//! place, and revocation works by id: the device registry (followed by ingest-http) and the app
+//! tokens' list (followed by query-api), both in PostgreSQL.
 
+mod app_tokens;
+mod follow;
 mod registry;
 
 use std::io::Write;
@@ -17,6 +20,8 @@ use ed25519_dalek::pkcs8::{EncodePrivateKey, EncodePublicKey};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
+pub use app_tokens::{AppTokenChange, AppTokenRefusal, AppTokenRegistry, keep_app_tokens_fresh};
+pub use follow::{Follower, RefreshCause};
 pub use registry::{Access, CredentialChange, DeviceRegistry, keep_fresh};
 
 /// Every Sensorhub token says it was issued by Sensorhub.

@@ -1,17 +1,17 @@
 //! Which device tokens are current, as the ingest services know it: a copy of the database's
-//! device registry, refreshed every few seconds, so a revocation is refused everywhere within one
-//! refresh interval, without a restart and without a database query per request.
+//! device registry, re-read when PostgreSQL notifies a change and every few seconds in any case, so
+//! a revocation is refused everywhere at once (at the latest within one refresh interval), without a
+//! restart and without a database query per request. A device the copy does not know (registered a
+//! moment ago) asks for a prompt, shared and spaced re-read.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
-/// Rows are read again from a little before the newest change seen: a transaction that committed
-/// late with an earlier `updated_at` is still picked up.
-const OVERLAP: chrono::Duration = chrono::Duration::seconds(30);
+use crate::follow::{Follower, Progress, PromptReads, RefreshCause, follow};
 
 /// One row of the registry as the database has it now.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,31 +28,32 @@ pub enum Access {
     Allowed,
     /// Unknown device, revoked device, or a token that is not the device's current one.
     Refused,
-    /// The registry has not been read yet: nobody can be checked.
+    /// The registry has not been read yet (or the read that would tell failed): nobody can be
+    /// checked.
     NotLoaded,
-}
-
-#[derive(Default)]
-struct Progress {
-    newest: Option<DateTime<Utc>>,
-    loaded_at: Option<Instant>,
-    last_error: Option<String>,
 }
 
 #[derive(Default)]
 pub struct DeviceRegistry {
     current: RwLock<HashMap<String, String>>,
     progress: Mutex<Progress>,
+    prompt: Option<PromptReads>,
 }
 
 impl DeviceRegistry {
+    /// A registry that, when a request meets a device (or token id) it does not know, has
+    /// `follower` read the database now (shared, spaced reads: see [`Follower`]) rather than refuse
+    /// until the next scheduled read; a pair still unknown after that is refused without asking
+    /// again for `unknown_for`.
+    pub fn with_prompt_reads(follower: Arc<Follower>, unknown_for: Duration) -> Self {
+        Self {
+            prompt: Some(PromptReads::new(follower, unknown_for)),
+            ..Self::default()
+        }
+    }
+
     pub fn check(&self, device_id: &str, token_id: &str) -> Access {
-        if self
-            .progress
-            .lock()
-            .map(|p| p.loaded_at.is_none())
-            .unwrap_or(true)
-        {
+        if !self.progress.lock().map(|p| p.is_loaded()).unwrap_or(false) {
             return Access::NotLoaded;
         }
         match self.current.read() {
@@ -62,13 +63,37 @@ impl DeviceRegistry {
         }
     }
 
+    /// [`check`](Self::check), and when the copy does not allow the pair, a prompt read of the
+    /// database first (with prompt reads set up): a device registered a moment ago is let in at
+    /// once.
+    pub async fn check_promptly(&self, device_id: &str, token_id: &str) -> Access {
+        let access = self.check(device_id, token_id);
+        let Some(prompt) = &self.prompt else {
+            return access;
+        };
+        if access == Access::Allowed {
+            return access;
+        }
+        // a device and one of its token ids: the pair a read may find
+        let key = format!("{device_id}\u{0}{token_id}");
+        if !prompt.read_for(&key).await {
+            return Access::Refused;
+        }
+        let failing = self.progress.lock().map(|p| p.failing()).unwrap_or(true);
+        match self.check(device_id, token_id) {
+            // the copy may be stale: the device should try again rather than give up
+            Access::Refused if failing => Access::NotLoaded,
+            Access::Refused => {
+                prompt.still_unknown(&key);
+                Access::Refused
+            }
+            other => other,
+        }
+    }
+
     /// Where the next refresh starts reading.
     pub fn since(&self) -> Option<DateTime<Utc>> {
-        self.progress
-            .lock()
-            .ok()
-            .and_then(|p| p.newest)
-            .map(|t| t - OVERLAP)
+        self.progress.lock().ok().and_then(|p| p.since())
     }
 
     pub fn apply(&self, changes: Vec<CredentialChange>) {
@@ -82,33 +107,22 @@ impl DeviceRegistry {
             }
         }
         if let Ok(mut progress) = self.progress.lock() {
-            if let Some(newest) = changes.iter().map(|c| c.updated_at).max() {
-                progress.newest = Some(progress.newest.map_or(newest, |n| n.max(newest)));
-            }
-            progress.loaded_at = Some(Instant::now());
-            progress.last_error = None;
+            progress.applied(changes.iter().map(|c| c.updated_at).max());
         }
     }
 
     fn failed(&self, error: String) {
         if let Ok(mut progress) = self.progress.lock() {
-            progress.last_error = Some(error);
+            progress.failed(error);
         }
     }
 
     /// For readiness: read at least once, and recently (revocations are being followed).
     pub fn health(&self, max_age: Duration) -> Result<(), String> {
-        let progress = self.progress.lock().map_err(|e| e.to_string())?;
-        match (progress.loaded_at, &progress.last_error) {
-            (None, Some(e)) => Err(format!("device registry not loaded: {e}")),
-            (None, None) => Err("device registry not loaded yet".into()),
-            (Some(at), error) if at.elapsed() > max_age => Err(format!(
-                "device registry last refreshed {}s ago{}",
-                at.elapsed().as_secs(),
-                error.as_ref().map(|e| format!(": {e}")).unwrap_or_default()
-            )),
-            _ => Ok(()),
-        }
+        self.progress
+            .lock()
+            .map_err(|e| e.to_string())?
+            .health("device registry", max_age)
     }
 
     pub fn len(&self) -> usize {
@@ -120,23 +134,32 @@ impl DeviceRegistry {
     }
 }
 
-/// Refreshes `registry` every `interval` with what `load(since)` returns, for as long as the task
-/// runs. Failures keep the last known registry (and show in [`DeviceRegistry::health`]).
-pub async fn keep_fresh<F, Fut>(registry: Arc<DeviceRegistry>, interval: Duration, load: F)
-where
-    F: Fn(Option<DateTime<Utc>>) -> Fut,
+/// Refreshes `registry` with what `load(since, cause)` returns: now, every `interval`, and whenever
+/// `follower` is woken (a change notified, a request meeting an unknown device), for as long as the
+/// task runs. Failures keep the last known registry (and show in [`DeviceRegistry::health`]).
+pub async fn keep_fresh<F, Fut>(
+    registry: Arc<DeviceRegistry>,
+    follower: Arc<Follower>,
+    interval: Duration,
+    load: F,
+) where
+    F: Fn(Option<DateTime<Utc>>, RefreshCause) -> Fut,
     Fut: Future<Output = Result<Vec<CredentialChange>, String>>,
 {
-    loop {
-        match load(registry.since()).await {
-            Ok(changes) => registry.apply(changes),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot refresh the device registry; keeping the last one");
-                registry.failed(e);
+    follow(follower, interval, |cause| {
+        let registry = registry.clone();
+        let loaded = load(registry.since(), cause);
+        async move {
+            match loaded.await {
+                Ok(changes) => registry.apply(changes),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot refresh the device registry; keeping the last one");
+                    registry.failed(e);
+                }
             }
         }
-        tokio::time::sleep(interval).await;
-    }
+    })
+    .await
 }
 
 #[cfg(test)]

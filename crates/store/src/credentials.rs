@@ -51,13 +51,17 @@ pub fn register_device(
 /// Revokes the device's token; returns false when there was no active registration.
 pub fn revoke_device(conn: &mut PgConnection, device_id: &str) -> Result<bool, StoreError> {
     use device_credentials::dsl as d;
-    let now = Utc::now();
+    // The database's clock, as for registrations: the services order a device's changes by
+    // updated_at, so both must come from one clock.
     let changed = diesel::update(
         d::device_credentials
             .filter(d::device_id.eq(device_id))
             .filter(d::revoked_at.is_null()),
     )
-    .set((d::revoked_at.eq(now), d::updated_at.eq(now)))
+    .set((
+        d::revoked_at.eq(diesel::dsl::now),
+        d::updated_at.eq(diesel::dsl::now),
+    ))
     .execute(conn)?;
     Ok(changed == 1)
 }

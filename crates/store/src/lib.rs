@@ -4,8 +4,10 @@
 //!
 //! Everything here is synchronous diesel; async callers run it on a blocking thread.
 
+pub mod app_tokens;
 pub mod credentials;
 mod error;
+pub mod listen;
 mod migrate;
 mod pool;
 pub mod read;

@@ -1,6 +1,18 @@
 // @generated automatically by Diesel CLI.
 
 diesel::table! {
+    app_tokens (id) {
+        id -> Text,
+        name -> Text,
+        role -> Text,
+        issued_at -> Timestamptz,
+        expires_at -> Timestamptz,
+        revoked_at -> Nullable<Timestamptz>,
+        updated_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
     device_credentials (device_id) {
         device_id -> Text,
         token_id -> Text,
@@ -28,4 +40,4 @@ diesel::table! {
     }
 }
 
-diesel::allow_tables_to_appear_in_same_query!(device_credentials, devices, readings,);
+diesel::allow_tables_to_appear_in_same_query!(app_tokens, device_credentials, devices, readings,);

@@ -397,6 +397,9 @@ pub fn execute(conn: &mut PgConnection, sql: &str) {
 pub struct TestKeys {
     pub dir: std::path::PathBuf,
     signer: auth::TokenSigner,
+    /// Where [`TestKeys::app_token`] records the app tokens it makes, as `sensorctl token issue`
+    /// does: query-api accepts only recorded tokens.
+    app_tokens_database: std::sync::Mutex<Option<String>>,
 }
 
 impl TestKeys {
@@ -404,7 +407,21 @@ impl TestKeys {
         let dir = std::env::temp_dir().join(unique_name("keys"));
         let (signing, _) = auth::generate_key_pair(&dir, false).expect("generate keys");
         let signer = auth::TokenSigner::from_file(&signing).expect("read signing key");
-        Self { dir, signer }
+        Self {
+            dir,
+            signer,
+            app_tokens_database: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// From now on, record the app tokens made here in the database at `database_url` (the one
+    /// the query-api under test follows). Without it, they are made but not recorded: good only for
+    /// tests of services that must refuse them anyway.
+    pub fn record_app_tokens_in(&self, database_url: &str) {
+        *self
+            .app_tokens_database
+            .lock()
+            .expect("app token database lock") = Some(database_url.to_owned());
     }
 
     pub fn verifying_key_file(&self) -> String {
@@ -429,8 +446,35 @@ impl TestKeys {
         self.signer.sign(claims).expect("sign")
     }
 
+    /// An app token valid for an hour, recorded (see [`TestKeys::record_app_tokens_in`]).
     pub fn app_token(&self, role: auth::Role) -> String {
-        self.sign(&auth::Claims::app("test-app", role, 3600, Self::now()))
+        let claims = auth::Claims::app("test-app", role, 3600, Self::now());
+        let database = self
+            .app_tokens_database
+            .lock()
+            .expect("app token database lock")
+            .clone();
+        if let Some(database_url) = database {
+            self.record_app_token(&database_url, &claims);
+        }
+        self.sign(&claims)
+    }
+
+    /// Records `claims` (an app token's) in the database at `database_url`, as `sensorctl token
+    /// issue` does.
+    pub fn record_app_token(&self, database_url: &str, claims: &auth::Claims) {
+        let at =
+            |secs: i64| chrono::DateTime::from_timestamp(secs, 0).expect("a representable time");
+        let mut conn = PgConnection::establish(database_url).expect("connect");
+        store::app_tokens::record_app_token(
+            &mut conn,
+            &claims.jti,
+            &claims.sub,
+            claims.role.as_str(),
+            at(claims.iat),
+            at(claims.exp.expect("app tokens expire")),
+        )
+        .expect("record the app token");
     }
 
     /// Registers `device` in the database at `database_url` and returns its token.

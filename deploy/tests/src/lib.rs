@@ -288,6 +288,8 @@ impl Topology {
         let prefix = testkit::unique_name("deploy");
         let mosquitto = Mosquitto::anonymous();
         let keys = TestKeys::new();
+        // query-api accepts only app tokens recorded as issued, as `sensorctl token issue` does
+        keys.record_app_tokens_in(&db.url);
         let amqp = testkit::amqp_url();
         let common = |extra: Vec<(&'static str, String)>| {
             let mut env = vec![

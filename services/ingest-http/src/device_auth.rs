@@ -33,11 +33,10 @@ pub async fn require_device(
             .map(ServiceResponse::map_into_left_body);
     }
     let client = state.trusted_proxies.client_addr(req.request());
-    let admitted = state
-        .refusals
-        .check(client)
-        .map_err(IngestError::RateLimited)
-        .and_then(|()| state.authenticator.authenticate(req.request()));
+    let admitted = match state.refusals.check(client) {
+        Ok(()) => state.authenticator.authenticate(req.request()).await,
+        Err(wait) => Err(IngestError::RateLimited(wait)),
+    };
     match admitted {
         Ok(writer) => {
             req.extensions_mut().insert(writer);
@@ -92,7 +91,7 @@ pub struct Authenticator {
 }
 
 impl Authenticator {
-    pub fn authenticate(&self, req: &HttpRequest) -> Result<Writer, IngestError> {
+    pub async fn authenticate(&self, req: &HttpRequest) -> Result<Writer, IngestError> {
         let Some(value) = req.headers().get(header::AUTHORIZATION) else {
             return if self.allow_anonymous {
                 Ok(Writer::Anonymous)
@@ -124,7 +123,7 @@ impl Authenticator {
                 claims.role.as_str()
             )));
         }
-        match self.registry.check(&claims.sub, &claims.jti) {
+        match self.registry.check_promptly(&claims.sub, &claims.jti).await {
             Access::Allowed => Ok(Writer::Device {
                 id: claims.sub,
                 token_id: claims.jti,

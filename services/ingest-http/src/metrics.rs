@@ -14,10 +14,16 @@ pub struct RejectionLabels {
     pub reason: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CauseLabels {
+    pub cause: &'static str,
+}
+
 #[derive(Clone)]
 pub struct IngestMetrics {
     pub readings_accepted: Family<EndpointLabels, Counter>,
     pub requests_rejected: Family<RejectionLabels, Counter>,
+    pub registry_reads: Family<CauseLabels, Counter>,
 }
 
 impl IngestMetrics {
@@ -25,6 +31,7 @@ impl IngestMetrics {
         let m = Self {
             readings_accepted: Family::default(),
             requests_rejected: Family::default(),
+            registry_reads: Family::default(),
         };
         registry.register(
             "readings_accepted",
@@ -35,6 +42,11 @@ impl IngestMetrics {
             "requests_rejected",
             "Ingest requests refused, by reason",
             m.requests_rejected.clone(),
+        );
+        registry.register(
+            "device_registry_reads",
+            "Reads of the device registry from PostgreSQL, by cause (schedule, notification, unknown_id)",
+            m.registry_reads.clone(),
         );
         m
     }

@@ -22,6 +22,8 @@ pub struct Settings {
     pub database_url: String,
     pub auth_refresh_ms: u64,
     pub auth_registry_max_age_secs: u64,
+    pub auth_prompt_read_interval_ms: u64,
+    pub auth_unknown_device_cache_ms: u64,
     pub rate_limit_per_second: u32,
     pub rate_limit_burst: u32,
     pub refusal_limit_per_second: u32,

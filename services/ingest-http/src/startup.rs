@@ -1,4 +1,5 @@
 use std::net::TcpListener;
+use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -6,20 +7,23 @@ use actix_web::dev::Server;
 use actix_web::middleware::from_fn;
 use actix_web::{App, HttpServer, web};
 use anyhow::Context;
-use auth::{CredentialChange, DeviceRegistry, TokenVerifier};
+use auth::{CredentialChange, DeviceRegistry, Follower, TokenVerifier};
 use bus::{Publisher, PublisherMetrics, Topology};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 use service_kit::access::{PublicRoutes, RefusalLimit};
 use service_kit::net::{KeyedLimit, TrustedProxies};
 use service_kit::ops::HttpMetrics;
 use service_kit::{Ops, Readiness};
+use store::listen::ListenEvent;
 use utoipa::OpenApi;
 use utoipa_actix_web::AppExt;
 
 use crate::api::{self, ApiDoc, IngestState};
 use crate::audit::AuditTrail;
 use crate::device_auth::{self, Authenticator};
-use crate::metrics::IngestMetrics;
+use crate::metrics::{CauseLabels, IngestMetrics};
 use crate::settings::Settings;
 
 /// ingest-http, built and bound, ready to run.
@@ -49,7 +53,8 @@ impl Application {
             let available = ready_publisher.check_available().map_err(|e| e.to_string());
             async move { available }
         });
-        let (authenticator, readiness) = authenticator(settings, readiness)?;
+        let (authenticator, readiness) =
+            authenticator(settings, readiness, ingest_metrics.registry_reads.clone())?;
         let audit = AuditTrail::new(settings.audit_accepted);
         audit.flush_every(Duration::from_secs(settings.audit_summary_interval_secs));
         let ops = Ops::new(registry, readiness);
@@ -131,13 +136,22 @@ impl Application {
     }
 }
 
-/// The device check: the public key, and the device registry followed from PostgreSQL. Without a
-/// key, only an explicit `auth_allow_anonymous` lets the service start, and it says so loudly.
+/// The device check: the public key, and the device registry followed from PostgreSQL (re-read at
+/// each change it notifies, every `auth_refresh_ms`, and promptly for a device it does not know).
+/// Without a key, only an explicit `auth_allow_anonymous` lets the service start, and it says so
+/// loudly.
 fn authenticator(
     settings: &Settings,
     readiness: Readiness,
+    reads: Family<CauseLabels, Counter>,
 ) -> anyhow::Result<(Authenticator, Readiness)> {
-    let registry = Arc::new(DeviceRegistry::default());
+    let follower = Follower::new(Duration::from_millis(
+        settings.auth_prompt_read_interval_ms.max(10),
+    ));
+    let registry = Arc::new(DeviceRegistry::with_prompt_reads(
+        follower.clone(),
+        Duration::from_millis(settings.auth_unknown_device_cache_ms),
+    ));
     if settings.auth_allow_anonymous {
         tracing::warn!(
             "ANONYMOUS INGEST IS ON: anyone who can reach this service can write readings as any \
@@ -169,14 +183,25 @@ fn authenticator(
         },
     )?;
     let interval = Duration::from_millis(settings.auth_refresh_ms.max(100));
-    tokio::spawn(auth::keep_fresh(registry.clone(), interval, move |since| {
-        let pool = pool.clone();
-        async move {
-            tokio::task::spawn_blocking(move || load_changes(&pool, since))
-                .await
-                .map_err(|e| e.to_string())?
-        }
-    }));
+    follow_changes(&settings.database_url, &follower)?;
+    tokio::spawn(auth::keep_fresh(
+        registry.clone(),
+        follower,
+        interval,
+        move |since, cause| {
+            let pool = pool.clone();
+            reads
+                .get_or_create(&CauseLabels {
+                    cause: cause.as_str(),
+                })
+                .inc();
+            async move {
+                tokio::task::spawn_blocking(move || load_changes(&pool, since))
+                    .await
+                    .map_err(|e| e.to_string())?
+            }
+        },
+    ));
     let ready_registry = registry.clone();
     // Never less than a few refreshes, so one slow read does not take the service out of rotation.
     let max_age = Duration::from_secs(settings.auth_registry_max_age_secs)
@@ -192,6 +217,31 @@ fn authenticator(
         allow_anonymous: settings.auth_allow_anonymous,
     };
     Ok((authenticator, readiness))
+}
+
+/// Wakes `follower` whenever PostgreSQL notifies a change of the device registry, from a thread
+/// that ends once the follower is gone.
+fn follow_changes(database_url: &str, follower: &Arc<Follower>) -> anyhow::Result<()> {
+    let follower = Arc::downgrade(follower);
+    store::listen::spawn_listener(
+        database_url.to_owned(),
+        store::listen::DEVICE_CREDENTIALS_CHANNEL,
+        "ingest-http registry listener",
+        move |event| {
+            let Some(follower) = follower.upgrade() else {
+                return ControlFlow::Break(());
+            };
+            match event {
+                ListenEvent::Listening => follower.listening_again(),
+                ListenEvent::Changed => follower.changed(),
+                ListenEvent::Quiet => {}
+                ListenEvent::Lost(error) => follower.listener_lost(&error),
+            }
+            ControlFlow::Continue(())
+        },
+    )
+    .context("starting the registry's change listener")?;
+    Ok(())
 }
 
 fn load_changes(

@@ -18,6 +18,7 @@ use crate::error::QueryError;
 
 pub struct Access {
     pub verifier: CachedVerifier,
+    pub app_tokens: std::sync::Arc<auth::AppTokenRegistry>,
     /// Per token.
     pub rate_limit: KeyedLimit,
     /// Per client address, counting refused requests only.
@@ -42,7 +43,7 @@ pub async fn require_token(
             .map(ServiceResponse::map_into_left_body);
     }
     let client = access.trusted_proxies.client_addr(req.request());
-    match access.admit(&req, route.as_deref(), client) {
+    match access.admit(&req, route.as_deref(), client).await {
         Ok(()) => next
             .call(req)
             .await
@@ -59,8 +60,9 @@ pub async fn require_token(
 
 impl Access {
     /// In order: a client over its refusal budget (429), who (401), what for (403, or 405 for a
-    /// method the route does not take), how often (429).
-    fn admit(
+    /// method the route does not take), whether the token is a recorded, unrevoked app token within
+    /// the lifetime cap (401; one issued a moment ago is looked up promptly), how often (429).
+    async fn admit(
         &self,
         req: &ServiceRequest,
         route: Option<&str>,
@@ -92,6 +94,7 @@ impl Access {
                 "changing anything needs an admin token".into(),
             ));
         }
+        self.app_tokens.check_promptly(&claims).await?;
         self.rate_limit
             .check(&claims.jti)
             .map_err(QueryError::RateLimited)?;

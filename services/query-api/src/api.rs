@@ -64,7 +64,9 @@ pub fn routes(cfg: &mut ServiceConfig) {
         .service(get_device)
         .service(device_readings)
         .service(device_latest)
-        .service(device_series);
+        .service(device_series)
+        .service(crate::tokens::list_tokens)
+        .service(crate::tokens::revoke_token);
 }
 
 /// Runs a store call on the blocking pool with a pooled connection, in the request's span.

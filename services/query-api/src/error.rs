@@ -44,6 +44,10 @@ pub enum QueryError {
     NotJson,
     #[error("{0}")]
     InvalidBody(String),
+    #[error("no app token {0:?}, or it was revoked already")]
+    UnknownToken(String),
+    #[error(transparent)]
+    AppToken(#[from] auth::AppTokenRefusal),
 }
 
 /// The JSON extractor's failures, with the statuses ingest-http gives the same faults.
@@ -85,15 +89,19 @@ impl QueryError {
             QueryError::BodyTooLarge(_) => "too_large",
             QueryError::NotJson => "unsupported_media_type",
             QueryError::InvalidBody(_) => "invalid",
+            QueryError::UnknownToken(_) => "not_found",
+            QueryError::AppToken(auth::AppTokenRefusal::NotLoaded) => "unavailable",
+            QueryError::AppToken(_) => "unauthorized",
         }
     }
 
     /// Refused for its credentials: what a client's refusal budget counts.
     pub fn is_refusal(&self) -> bool {
-        matches!(
-            self,
-            QueryError::Unauthorized { .. } | QueryError::Forbidden(_)
-        )
+        match self {
+            QueryError::AppToken(refusal) => !matches!(refusal, auth::AppTokenRefusal::NotLoaded),
+            QueryError::Unauthorized { .. } | QueryError::Forbidden(_) => true,
+            _ => false,
+        }
     }
 
     fn to_api_error(&self) -> ApiError {
@@ -157,6 +165,11 @@ impl QueryError {
             }
             // anything else, a database error that is not an outage included, is a bug or an
             // input the checks missed: logged, and answered without details
+            QueryError::UnknownToken(_) => ApiError::not_found(self.to_string()),
+            QueryError::AppToken(auth::AppTokenRefusal::NotLoaded) => {
+                ApiError::unavailable(self.to_string(), 1)
+            }
+            QueryError::AppToken(refusal) => ApiError::unauthorized(refusal.to_string(), true),
             other => ApiError::internal(other),
         }
     }
@@ -183,6 +196,11 @@ impl ResponseError for QueryError {
             QueryError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             QueryError::NotJson => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             QueryError::InvalidBody(_) => StatusCode::BAD_REQUEST,
+            QueryError::UnknownToken(_) => StatusCode::NOT_FOUND,
+            QueryError::AppToken(auth::AppTokenRefusal::NotLoaded) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            QueryError::AppToken(_) => StatusCode::UNAUTHORIZED,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

@@ -8,6 +8,7 @@ mod error;
 mod params;
 pub mod settings;
 pub mod startup;
+mod tokens;
 
 pub use api::ApiDoc;
 pub use settings::Settings;

@@ -19,6 +19,9 @@ pub struct Settings {
     /// The same setting, and environment variable, as sensorctl's.
     #[serde(rename = "sensorhub_mqtt_admin_url")]
     pub mqtt_admin_url: String,
+    pub auth_refresh_ms: u64,
+    pub auth_registry_max_age_secs: u64,
+    pub app_token_max_ttl_secs: u64,
     pub rate_limit_per_second: u32,
     pub rate_limit_burst: u32,
     pub refusal_limit_per_second: u32,

@@ -20,6 +20,7 @@ use crate::access::{self, Access};
 use crate::api::{self, ApiDoc, DeviceTokens, MqttAccounts};
 use crate::body_deadline;
 use crate::settings::Settings;
+use crate::tokens;
 
 /// query-api, built and bound, ready to run.
 pub struct Application {
@@ -49,13 +50,15 @@ impl Application {
             let pool = ready_pool.clone();
             async move { database_check(pool).await }
         });
+        let (app_tokens, readiness) = tokens::follow_app_tokens(settings, &pool, readiness).await?;
         let ops = Ops::new(registry, readiness);
 
         let workers = match settings.http_workers {
             0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
             n => n,
         };
-        let access = web::Data::new(access(settings)?);
+        let access = web::Data::new(access(settings, app_tokens.clone())?);
+        let app_tokens = web::Data::new(tokens::AppTokens::new(settings)?);
         let device_tokens =
             web::Data::new(DeviceTokens(if settings.auth_signing_key_file.is_empty() {
                 None
@@ -94,6 +97,7 @@ impl Application {
                 .app_data(access.clone())
                 .app_data(device_tokens.clone())
                 .app_data(mqtt_accounts.clone())
+                .app_data(app_tokens.clone())
                 .app_data(
                     web::JsonConfig::default()
                         .limit(16 * 1024)
@@ -145,7 +149,10 @@ async fn database_check(pool: PgPool) -> Result<(), String> {
         .map_err(|e| e.to_string())?
 }
 
-fn access(settings: &Settings) -> anyhow::Result<Access> {
+fn access(
+    settings: &Settings,
+    app_tokens: std::sync::Arc<auth::AppTokenRegistry>,
+) -> anyhow::Result<Access> {
     anyhow::ensure!(
         !settings.auth_public_key_file.is_empty(),
         "auth_public_key_file is not set: point it at the verifying key from `sensorctl keys init`"
@@ -156,6 +163,7 @@ fn access(settings: &Settings) -> anyhow::Result<Access> {
                 .context("loading auth_public_key_file")?,
             10_000,
         ),
+        app_tokens,
         rate_limit: service_kit::net::KeyedLimit::new(
             settings.rate_limit_per_second,
             settings.rate_limit_burst,

@@ -102,18 +102,30 @@ pub enum DeviceCommand {
 
 #[derive(Subcommand)]
 pub enum TokenCommand {
-    /// Issue a token for an app: `--role reader` reads the API, `--role admin` also manages devices.
+    /// Issue a token for an app: `--role reader` reads the API, `--role admin` also manages devices
+    /// and tokens. It is recorded (by id) in the database: query-api accepts only recorded tokens.
     Issue {
         #[arg(long)]
         role: String,
-        /// How long it is valid: 90s, 30m, 12h, 30d.
+        /// How long it is valid: 90s, 30m, 12h, 30d; at most --max-ttl-secs.
         #[arg(long, default_value = "30d")]
         ttl: String,
         /// Who it is for (shown in logs with the token's id).
         #[arg(long, default_value = "app")]
         name: String,
+        /// The longest --ttl allowed, in seconds: query-api refuses tokens valid for longer than
+        /// its own `app_token_max_ttl_secs` (same variable, same default: 365 days).
+        #[arg(long, env = "APP_TOKEN_MAX_TTL_SECS", default_value_t = DEFAULT_MAX_TTL_SECS)]
+        max_ttl_secs: u64,
     },
+    /// List app tokens: id, name, role, state, issue and expiry.
+    List,
+    /// Revoke an app token by id: query-api refuses it from then on.
+    Revoke { id: String },
 }
+
+/// query-api's default `app_token_max_ttl_secs`: 365 days.
+pub const DEFAULT_MAX_TTL_SECS: u64 = 365 * 86_400;
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
@@ -219,7 +231,12 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             }
             eprintln!("revoked {device}: ingest refuses its token within seconds");
         }
-        Command::Token(TokenCommand::Issue { role, ttl, name }) => {
+        Command::Token(TokenCommand::Issue {
+            role,
+            ttl,
+            name,
+            max_ttl_secs,
+        }) => {
             let role = Role::parse(&role)
                 .filter(|r| *r != Role::Device)
                 .ok_or_else(|| {
@@ -227,16 +244,78 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                         "--role must be reader or admin (device tokens come from `device add`)"
                     )
                 })?;
-            let ttl = parse_ttl(&ttl)?;
-            let claims = Claims::app(&name, role, ttl, now());
+            let ttl_secs = parse_ttl(&ttl)?;
+            if ttl_secs > max_ttl_secs {
+                bail!(
+                    "--ttl {ttl} ({ttl_secs}s) is longer than the {max_ttl_secs}s allowed \
+                     (--max-ttl-secs / APP_TOKEN_MAX_TTL_SECS; query-api refuses longer-lived \
+                     tokens by its app_token_max_ttl_secs): issue a shorter one and renew it"
+                );
+            }
+            let claims = Claims::app(&name, role, ttl_secs, now());
             let token = signer(&cli.keys_dir)?.sign(&claims)?;
+            let at = |secs: i64| {
+                chrono::DateTime::from_timestamp(secs, 0)
+                    .ok_or_else(|| anyhow::anyhow!("--ttl {ttl}: the expiry is out of range"))
+            };
+            let expires_at = at(claims.exp.unwrap_or(claims.iat))?;
+            // recorded before it is shown: a token query-api has no record of is refused
+            store::app_tokens::record_app_token(
+                &mut connect(&cli.database_url)?,
+                &claims.jti,
+                &claims.sub,
+                role.as_str(),
+                at(claims.iat)?,
+                expires_at,
+            )?;
             eprintln!(
-                "{} token for {name:?}, id {}, valid for {}s",
+                "{} token for {name:?}, id {}, valid for {ttl_secs}s (until {}); revoke it with \
+                 `sensorctl token revoke {}`",
                 role.as_str(),
                 claims.jti,
-                ttl
+                expires_at.format("%Y-%m-%dT%H:%M:%SZ"),
+                claims.jti
             );
             println!("{token}");
+        }
+        Command::Token(TokenCommand::List) => {
+            let mut conn = connect(&cli.database_url)?;
+            println!(
+                "{:<32} {:<20} {:<6} {:<8} {:<20} expires",
+                "token id", "name", "role", "state", "issued"
+            );
+            let now = chrono::Utc::now();
+            let mut after: Option<String> = None;
+            loop {
+                let page = store::app_tokens::list_app_tokens(&mut conn, after.as_deref(), 1_000)?;
+                for t in &page {
+                    let state = match t.revoked_at {
+                        Some(_) => "revoked",
+                        None if t.expires_at <= now => "expired",
+                        None => "active",
+                    };
+                    println!(
+                        "{:<32} {:<20} {:<6} {:<8} {:<20} {}",
+                        t.id,
+                        t.name,
+                        t.role,
+                        state,
+                        t.issued_at.format("%Y-%m-%dT%H:%M:%SZ"),
+                        t.expires_at.format("%Y-%m-%dT%H:%M:%SZ")
+                    );
+                }
+                match page.last() {
+                    Some(last) if page.len() == 1_000 => after = Some(last.id.clone()),
+                    _ => break,
+                }
+            }
+        }
+        Command::Token(TokenCommand::Revoke { id }) => {
+            let mut conn = connect(&cli.database_url)?;
+            if !store::app_tokens::revoke_app_token(&mut conn, &id)? {
+                bail!("{id} is not an active app token (see `sensorctl token list`)");
+            }
+            eprintln!("revoked app token {id}: query-api refuses it from now on");
         }
         Command::Mqtt(MqttCommand::Init {
             ingest_password,

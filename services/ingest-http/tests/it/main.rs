@@ -3,6 +3,7 @@
 
 mod input;
 mod openapi;
+mod registry;
 mod security;
 
 use std::collections::HashMap;
@@ -42,11 +43,14 @@ impl Ingest {
 impl Stack {
     fn new() -> Self {
         service_kit::telemetry::init_for_tests();
+        let db = TestDb::migrated();
+        let keys = TestKeys::new();
+        keys.record_app_tokens_in(&db.url);
         Self {
-            db: TestDb::migrated(),
+            db,
             prefix: testkit::unique_name("ingest-test"),
             client: reqwest::Client::new(),
-            keys: TestKeys::new(),
+            keys,
             tokens: Mutex::new(HashMap::new()),
         }
     }

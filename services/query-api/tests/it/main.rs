@@ -8,6 +8,7 @@ use testkit::{TestDb, TestKeys};
 mod input;
 mod openapi;
 mod security;
+mod tokens;
 
 struct Api {
     url: String,
@@ -70,6 +71,7 @@ async fn api_with_data_and(adjust: impl FnOnce(&mut query_api::Settings)) -> Api
 /// query-api on `db`, with its own keys; `adjust` changes settings before it starts.
 async fn start(db: TestDb, adjust: impl FnOnce(&mut query_api::Settings)) -> Api {
     let keys = TestKeys::new();
+    keys.record_app_tokens_in(&db.url);
     let mut settings = query_api::Settings::defaults();
     settings.http_addr = "127.0.0.1:0".into();
     settings.http_workers = 1;
@@ -313,13 +315,22 @@ async fn the_openapi_description_lists_exactly_the_served_routes() {
             "/v1/devices/{id}",
             "/v1/devices/{id}/latest",
             "/v1/devices/{id}/readings",
-            "/v1/devices/{id}/series"
+            "/v1/devices/{id}/series",
+            "/v1/tokens",
+            "/v1/tokens/{id}"
         ]
     );
-    // the ops endpoints are checked with the description's other claims (openapi.rs)
-    for path in paths.into_iter().filter(|p| p.starts_with("/v1/")) {
+    // every documented read of the API is served (to an admin: the token list is for admins
+    // only); the ops endpoints are checked with the description's other claims (openapi.rs)
+    let admin = api.keys.app_token(auth::Role::Admin);
+    for path in paths
+        .iter()
+        .filter(|p| p.starts_with("/v1/") && doc["paths"][p.as_str()].get("get").is_some())
+    {
         let served = path.replace("{id}", "pi-1") + "?metric=t";
-        let (status, body) = api.get(&served).await;
+        let (status, _, body) = api
+            .call(reqwest::Method::GET, &served, Some(&admin), None)
+            .await;
         assert_eq!(
             status, 200,
             "{path} is documented but {served} answers {body}"

@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use crate::{api_with_data, start};
 
 impl crate::Api {
-    async fn call(
+    pub(crate) async fn call(
         &self,
         method: Method,
         path: &str,
@@ -153,6 +153,7 @@ async fn with_the_signing_key_an_admin_gets_a_working_device_token() {
     let db = testkit::TestDb::migrated();
     // a query-api that holds the private key of the pair it verifies with
     let keys = testkit::TestKeys::new();
+    keys.record_app_tokens_in(&db.url);
     let (public, private) = (keys.verifying_key_file(), keys.signing_key_file());
     let api = start(db, |s| {
         s.auth_public_key_file = public;

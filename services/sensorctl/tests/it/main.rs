@@ -138,6 +138,75 @@ fn keys_devices_and_tokens_from_the_command_line() {
     );
 }
 
+#[test]
+fn app_tokens_are_recorded_listed_and_revoked_and_their_ttl_is_capped() {
+    let op = Operator::new();
+    op.ok(&["keys", "init"]);
+    let issue = |extra: &[&str]| {
+        let mut args = vec!["token", "issue", "--role", "admin", "--name", "ops"];
+        args.extend_from_slice(extra);
+        args.iter().map(|a| a.to_string()).collect::<Vec<_>>()
+    };
+    let args = issue(&["--ttl", "365d"]);
+    let token = op.ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let claims = op.verifier().verify(token.trim()).unwrap();
+    let mut conn = store::connect(&op.db.url).unwrap();
+    let recorded = store::app_tokens::list_app_tokens(&mut conn, None, 10).unwrap();
+    assert_eq!(recorded.len(), 1, "recorded when issued");
+    assert_eq!(
+        (
+            recorded[0].id.as_str(),
+            recorded[0].name.as_str(),
+            recorded[0].role.as_str()
+        ),
+        (claims.jti.as_str(), "ops", "admin")
+    );
+    assert_eq!(
+        recorded[0].expires_at.timestamp() - recorded[0].issued_at.timestamp(),
+        365 * 86_400
+    );
+
+    // over the cap (365 days by default, or as configured): refused, nothing recorded
+    let args = issue(&["--ttl", "366d"]);
+    let refused = op.fails(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(
+        refused.contains("longer than the 31536000s allowed"),
+        "{refused}"
+    );
+    let args = issue(&["--ttl", "2h", "--max-ttl-secs", "3600"]);
+    assert!(
+        op.fails(&args.iter().map(String::as_str).collect::<Vec<_>>())
+            .contains("longer than the 3600s allowed")
+    );
+    assert_eq!(
+        store::app_tokens::list_app_tokens(&mut conn, None, 10)
+            .unwrap()
+            .len(),
+        1
+    );
+
+    let listed = op.ok(&["token", "list"]);
+    let line = listed.lines().find(|l| l.starts_with(&claims.jti)).unwrap();
+    assert!(
+        line.contains("ops") && line.contains("admin") && line.contains("active"),
+        "{listed}"
+    );
+    op.ok(&["token", "revoke", &claims.jti]);
+    assert!(
+        op.ok(&["token", "list"])
+            .lines()
+            .any(|l| l.starts_with(&claims.jti) && l.contains("revoked"))
+    );
+    assert!(
+        op.fails(&["token", "revoke", &claims.jti])
+            .contains("not an active app token")
+    );
+    assert!(
+        op.fails(&["token", "revoke", "no-such-token"])
+            .contains("not an active app token")
+    );
+}
+
 #[tokio::test]
 async fn devices_get_and_lose_their_mqtt_accounts() {
     let mosquitto = Mosquitto::production();

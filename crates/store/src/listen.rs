@@ -1,0 +1,117 @@
+//! Change notifications from PostgreSQL (`LISTEN`): a service that keeps a copy of a table (the
+//! device registry, the app tokens) learns of a change as soon as it is committed, instead of at its
+//! next periodic read. The tables' triggers `NOTIFY` (see the migration `app_tokens`).
+//!
+//! diesel exposes notifications without blocking (libpq's `PQconsumeInput` + `PQnotifies`), not the
+//! connection's socket to wait on, so a thread of its own polls every [`POLL`]: a read of a local
+//! socket buffer, no round trip to the server.
+
+use std::ops::ControlFlow;
+use std::time::{Duration, Instant};
+
+use diesel::connection::SimpleConnection;
+use diesel::{Connection, PgConnection};
+
+/// How often the listening thread looks for notifications: the delay they add.
+pub const POLL: Duration = Duration::from_millis(20);
+/// How often the listening connection is checked with a query: `PQconsumeInput` notices a closed
+/// connection but not one that silently went away.
+const CHECK_EVERY: Duration = Duration::from_secs(1);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// The device registry's channel (table `device_credentials`).
+pub const DEVICE_CREDENTIALS_CHANNEL: &str = "sensorhub_device_credentials";
+/// The app tokens' channel (table `app_tokens`).
+pub const APP_TOKENS_CHANNEL: &str = "sensorhub_app_tokens";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenEvent {
+    /// Listening (again): notifications sent while not listening were missed, so re-read.
+    Listening,
+    /// Something changed on the channel.
+    Changed,
+    /// Still listening, nothing changed (every second or so; lets the owner stop the thread).
+    Quiet,
+    /// The connection failed; the thread reconnects with a growing delay.
+    Lost(String),
+}
+
+/// Listens on `channel` of `database_url` from a thread of its own, reconnecting as needed, and
+/// tells `on_event` what happens. The thread ends when `on_event` returns `Break` (e.g. when what it
+/// feeds is gone).
+pub fn spawn_listener<F>(
+    database_url: String,
+    channel: &'static str,
+    application_name: &str,
+    mut on_event: F,
+) -> std::io::Result<std::thread::JoinHandle<()>>
+where
+    F: FnMut(ListenEvent) -> ControlFlow<()> + Send + 'static,
+{
+    let application_name = application_name.replace('\'', "");
+    std::thread::Builder::new()
+        .name(format!("listen {channel}"))
+        .spawn(move || {
+            let mut backoff = Duration::from_millis(100);
+            loop {
+                let outcome = match listen(&database_url, channel, &application_name) {
+                    Ok(mut conn) => {
+                        backoff = Duration::from_millis(100);
+                        if on_event(ListenEvent::Listening).is_break() {
+                            return;
+                        }
+                        follow(&mut conn, &mut on_event)
+                    }
+                    Err(e) => ControlFlow::Continue(e.to_string()),
+                };
+                let ControlFlow::Continue(error) = outcome else {
+                    return;
+                };
+                if on_event(ListenEvent::Lost(error)).is_break() {
+                    return;
+                }
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        })
+}
+
+fn listen(
+    database_url: &str,
+    channel: &str,
+    application_name: &str,
+) -> Result<PgConnection, crate::StoreError> {
+    let mut conn = PgConnection::establish(database_url)?;
+    conn.batch_execute(&format!(
+        "SET application_name = '{application_name}'; LISTEN {channel};"
+    ))?;
+    Ok(conn)
+}
+
+/// Polls `conn` until it fails (`Continue` with the error) or `on_event` says stop (`Break`).
+fn follow<F>(conn: &mut PgConnection, on_event: &mut F) -> ControlFlow<(), String>
+where
+    F: FnMut(ListenEvent) -> ControlFlow<()>,
+{
+    let mut checked = Instant::now();
+    loop {
+        std::thread::sleep(POLL);
+        let mut changed = false;
+        for notification in conn.notifications_iter() {
+            match notification {
+                Ok(_) => changed = true,
+                Err(e) => return ControlFlow::Continue(e.to_string()),
+            }
+        }
+        if changed {
+            on_event(ListenEvent::Changed)?;
+        }
+        if checked.elapsed() >= CHECK_EVERY {
+            if let Err(e) = conn.batch_execute("SELECT 1") {
+                return ControlFlow::Continue(e.to_string());
+            }
+            checked = Instant::now();
+            on_event(ListenEvent::Quiet)?;
+        }
+    }
+}

@@ -1,0 +1,158 @@
+//! The device registry as ingest-http follows it: a device added a moment ago is let in at once, a
+//! revoked one refused at once, and tokens of devices it does not know cannot make it hammer the
+//! database. The scheduled re-read is set to a minute here, so only the prompt paths can pass.
+
+use std::time::{Duration, Instant};
+
+use auth::Claims;
+use serde_json::{Value, json};
+
+use crate::Stack;
+
+const SCHEDULED_REFRESH_MS: u64 = 60_000;
+
+fn now() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+fn reading(device: &str) -> Value {
+    json!({"device_id": device, "id": "x", "ts": 1_795_000_000_000u64, "temperature": 21.5})
+}
+
+/// Reads of the registry so far, whatever their cause.
+async fn registry_reads(stack: &Stack, url: &str) -> f64 {
+    let text = stack
+        .client
+        .get(format!("{url}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|line| line.starts_with("device_registry_reads_total{"))
+        .filter_map(|line| line.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test]
+async fn a_device_is_let_in_right_after_it_is_added_and_refused_right_after_it_is_revoked() {
+    let stack = Stack::new();
+    let ingest = stack
+        .ingest_with(|s| s.auth_refresh_ms = SCHEDULED_REFRESH_MS)
+        .await;
+    let data = format!("{}/data", ingest.url);
+
+    let token = stack.keys.register_device(&stack.db.url, "raspi-new");
+    let (status, body) = stack
+        .post_with(data.clone(), Some(&token), reading("raspi-new"))
+        .await;
+    assert_eq!(
+        status, 200,
+        "the first write right after `device add`: {body}"
+    );
+
+    let mut conn = store::connect(&stack.db.url).unwrap();
+    assert!(store::credentials::revoke_device(&mut conn, "raspi-new").unwrap());
+    let revoked_at = Instant::now();
+    loop {
+        let (status, _) = stack
+            .post_with(data.clone(), Some(&token), reading("raspi-new"))
+            .await;
+        if status == 401 {
+            break;
+        }
+        assert_eq!(status, 200);
+        assert!(
+            revoked_at.elapsed() < Duration::from_secs(1),
+            "a revoked device is still let in after {:?}",
+            revoked_at.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // added again, with a new token: the new token works at once, the old one stays refused
+    let renewed = stack.keys.register_device(&stack.db.url, "raspi-new");
+    assert_eq!(
+        stack
+            .post_with(data.clone(), Some(&renewed), reading("raspi-new"))
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        stack
+            .post_with(data.clone(), Some(&token), reading("raspi-new"))
+            .await
+            .0,
+        401
+    );
+    ingest.stop().await;
+    stack.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_burst_of_tokens_of_unknown_devices_costs_a_bounded_number_of_registry_reads() {
+    let stack = Stack::new();
+    let ingest = stack
+        .ingest_with(|s| {
+            s.auth_refresh_ms = SCHEDULED_REFRESH_MS;
+            s.auth_prompt_read_interval_ms = 100;
+        })
+        .await;
+    let data = format!("{}/data", ingest.url);
+    // validly signed, never registered: 200 devices, each token sent 5 times
+    let forged: Vec<(String, String)> = (0..200)
+        .map(|i| {
+            let device = format!("ghost-{i:03}");
+            let token = stack.keys.sign(&Claims::device(&device, now()));
+            (device, token)
+        })
+        .collect();
+    let before = registry_reads(&stack, &ingest.url).await;
+    let started = Instant::now();
+    let mut statuses = Vec::new();
+    let mut after_first_round = before;
+    for round in 0..5 {
+        let requests = forged
+            .iter()
+            .map(|(device, token)| stack.post_with(data.clone(), Some(token), reading(device)));
+        let answers = futures_util::future::join_all(requests).await;
+        statuses.extend(answers.into_iter().map(|(status, _)| status));
+        if round == 0 {
+            after_first_round = registry_reads(&stack, &ingest.url).await;
+        }
+        if round == 2 {
+            // a real device added in the middle of it still gets in at once
+            let token = stack.keys.register_device(&stack.db.url, "raspi-real");
+            assert_eq!(
+                stack
+                    .post_with(data.clone(), Some(&token), reading("raspi-real"))
+                    .await
+                    .0,
+                200
+            );
+        }
+    }
+    let elapsed = started.elapsed();
+    assert_eq!(statuses.len(), 1000);
+    assert!(statuses.iter().all(|s| *s == 401), "{statuses:?}");
+    let reads = registry_reads(&stack, &ingest.url).await - before;
+    // at most one read per prompt-read interval, plus the one the registration notified
+    let bound = 2.0 + elapsed.as_millis() as f64 / 100.0;
+    assert!(
+        reads <= bound,
+        "{reads} registry reads for 1,000 requests in {elapsed:?} (bound {bound})"
+    );
+    assert!(reads >= 1.0, "the unknown devices were looked up");
+    // the same unknown tokens again within seconds are refused without asking (only the real
+    // device's registration causes reads: its notification, its prompt read)
+    let later = registry_reads(&stack, &ingest.url).await - after_first_round;
+    assert!(
+        later <= 3.0,
+        "{later} reads for tokens already found unknown"
+    );
+    ingest.stop().await;
+    stack.cleanup().await;
+}
