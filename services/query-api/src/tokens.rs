@@ -214,8 +214,8 @@ where
     tag = "tokens",
     params(PageParams),
     responses(
-        (status = 200, body = AppTokenList),
-        (status = 400, body = service_kit::ErrorBody),
+        (status = 200, description = "A page of app tokens, newest first", body = AppTokenList),
+        (status = 400, description = "A bad `limit` or `cursor`", body = service_kit::ErrorBody),
         (status = 403, description = "Not an admin token", body = service_kit::ErrorBody),
     )
 )]
@@ -248,11 +248,11 @@ pub(crate) async fn list_tokens(
 /// Revokes an app token (admin): query-api refuses it from then on.
 #[utoipa::path(
     tag = "tokens",
-    params(("id" = String, Path, description = "Token id")),
+    params(("id" = String, Path, description = "Token id (its `jti`): 1–64 letters, digits, `-` or `_`")),
     responses(
         (status = 204, description = "Revoked"),
-        (status = 400, body = service_kit::ErrorBody),
-        (status = 403, body = service_kit::ErrorBody),
+        (status = 400, description = "Not a token id", body = service_kit::ErrorBody),
+        (status = 403, description = "Not an admin token", body = service_kit::ErrorBody),
         (status = 404, description = "No such token, or revoked already", body = service_kit::ErrorBody),
     )
 )]

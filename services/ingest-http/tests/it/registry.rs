@@ -99,6 +99,8 @@ async fn a_burst_of_tokens_of_unknown_devices_costs_a_bounded_number_of_registry
         .ingest_with(|s| {
             s.auth_refresh_ms = SCHEDULED_REFRESH_MS;
             s.auth_prompt_read_interval_ms = 100;
+            // a thousand refusals from one address: its refusal budget is another test's
+            s.refusal_limit_per_second = 0;
         })
         .await;
     let data = format!("{}/data", ingest.url);

@@ -431,6 +431,7 @@ async fn with_mqtt(admin_url: String) -> (crate::Api, String) {
         s.mqtt_admin_url = admin_url;
     })
     .await;
+    keys.record_app_tokens_in(&api.db.url);
     let admin = keys.app_token(Role::Admin);
     (api, admin)
 }
