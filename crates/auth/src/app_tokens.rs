@@ -5,13 +5,12 @@
 //! refused at once without a database query per request.
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
-use crate::follow::{Follower, Progress, PromptReads, RefreshCause, follow};
+use crate::follow::{Followed, Follower, Progress, PromptReads};
 use crate::{Claims, Role};
 
 /// One row of the app tokens table as the database has it now.
@@ -127,12 +126,24 @@ impl AppTokenRegistry {
         }
     }
 
-    /// Where the next refresh starts reading.
-    pub fn since(&self) -> Option<DateTime<Utc>> {
+    /// For readiness: read at least once, and recently (revocations are being followed).
+    pub fn health(&self, max_age: Duration) -> Result<(), String> {
+        self.progress
+            .lock()
+            .map_err(|e| e.to_string())?
+            .health("app token list", max_age)
+    }
+}
+
+impl Followed for AppTokenRegistry {
+    type Change = AppTokenChange;
+    const WHAT: &'static str = "app token list";
+
+    fn since(&self) -> Option<DateTime<Utc>> {
         self.progress.lock().ok().and_then(|p| p.since())
     }
 
-    pub fn apply(&self, changes: Vec<AppTokenChange>) {
+    fn apply(&self, changes: Vec<Self::Change>) {
         if let Ok(mut tokens) = self.tokens.write() {
             for change in &changes {
                 tokens.insert(
@@ -157,42 +168,6 @@ impl AppTokenRegistry {
             progress.failed(error);
         }
     }
-
-    /// For readiness: read at least once, and recently (revocations are being followed).
-    pub fn health(&self, max_age: Duration) -> Result<(), String> {
-        self.progress
-            .lock()
-            .map_err(|e| e.to_string())?
-            .health("app token list", max_age)
-    }
-}
-
-/// Refreshes `registry` with what `load(since, cause)` returns: now, every `interval`, and whenever
-/// `follower` is woken (a change notified), for as long as the task runs. Failures keep the last
-/// known list (and show in [`AppTokenRegistry::health`]).
-pub async fn keep_app_tokens_fresh<F, Fut>(
-    registry: Arc<AppTokenRegistry>,
-    follower: Arc<Follower>,
-    interval: Duration,
-    load: F,
-) where
-    F: Fn(Option<DateTime<Utc>>, RefreshCause) -> Fut,
-    Fut: Future<Output = Result<Vec<AppTokenChange>, String>>,
-{
-    follow(follower, interval, |cause| {
-        let registry = registry.clone();
-        let loaded = load(registry.since(), cause);
-        async move {
-            match loaded.await {
-                Ok(changes) => registry.apply(changes),
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot refresh the app token list; keeping the last one");
-                    registry.failed(e);
-                }
-            }
-        }
-    })
-    .await
 }
 
 #[cfg(test)]

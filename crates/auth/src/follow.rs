@@ -245,6 +245,49 @@ impl Progress {
     }
 }
 
+/// An in-memory copy of a database table that a [`Follower`] keeps fresh (the device registry,
+/// the app tokens): read incrementally from `since`, changes applied in order.
+pub trait Followed: Send + Sync + 'static {
+    /// One row as the database has it now.
+    type Change;
+    /// What is followed, for logs.
+    const WHAT: &'static str;
+    /// Where the next read starts.
+    fn since(&self) -> Option<DateTime<Utc>>;
+    fn apply(&self, changes: Vec<Self::Change>);
+    /// A read failed: the last copy is kept, and the failure shows in readiness.
+    fn failed(&self, error: String);
+}
+
+/// Refreshes `copy` with what `load(since, cause)` returns: now, every `interval`, and whenever
+/// `follower` is woken (a change notified, a request meeting an unknown id), for as long as the
+/// task runs. Failures keep the last known copy.
+pub async fn keep_fresh<T, F, Fut>(
+    copy: Arc<T>,
+    follower: Arc<Follower>,
+    interval: Duration,
+    load: F,
+) where
+    T: Followed,
+    F: Fn(Option<DateTime<Utc>>, RefreshCause) -> Fut,
+    Fut: Future<Output = Result<Vec<T::Change>, String>>,
+{
+    follow(follower, interval, |cause| {
+        let copy = copy.clone();
+        let loaded = load(copy.since(), cause);
+        async move {
+            match loaded.await {
+                Ok(changes) => copy.apply(changes),
+                Err(e) => {
+                    tracing::warn!(error = %e, what = T::WHAT, "cannot refresh; keeping the last copy");
+                    copy.failed(e);
+                }
+            }
+        }
+    })
+    .await
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::AtomicU32;

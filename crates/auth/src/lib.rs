@@ -20,9 +20,9 @@ use ed25519_dalek::pkcs8::{EncodePrivateKey, EncodePublicKey};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
-pub use app_tokens::{AppTokenChange, AppTokenRefusal, AppTokenRegistry, keep_app_tokens_fresh};
-pub use follow::{Follower, RefreshCause};
-pub use registry::{Access, CredentialChange, DeviceRegistry, keep_fresh};
+pub use app_tokens::{AppTokenChange, AppTokenRefusal, AppTokenRegistry};
+pub use follow::{Followed, Follower, RefreshCause, keep_fresh};
+pub use registry::{Access, CredentialChange, DeviceRegistry};
 
 /// Every Sensorhub token says it was issued by Sensorhub.
 pub const ISSUER: &str = "sensorhub";

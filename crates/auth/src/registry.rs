@@ -5,13 +5,12 @@
 //! moment ago) asks for a prompt, shared and spaced re-read.
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
-use crate::follow::{Follower, Progress, PromptReads, RefreshCause, follow};
+use crate::follow::{Followed, Follower, Progress, PromptReads};
 
 /// One row of the registry as the database has it now.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -91,12 +90,32 @@ impl DeviceRegistry {
         }
     }
 
-    /// Where the next refresh starts reading.
-    pub fn since(&self) -> Option<DateTime<Utc>> {
+    /// For readiness: read at least once, and recently (revocations are being followed).
+    pub fn health(&self, max_age: Duration) -> Result<(), String> {
+        self.progress
+            .lock()
+            .map_err(|e| e.to_string())?
+            .health("device registry", max_age)
+    }
+
+    pub fn len(&self) -> usize {
+        self.current.read().map(|c| c.len()).unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Followed for DeviceRegistry {
+    type Change = CredentialChange;
+    const WHAT: &'static str = "device registry";
+
+    fn since(&self) -> Option<DateTime<Utc>> {
         self.progress.lock().ok().and_then(|p| p.since())
     }
 
-    pub fn apply(&self, changes: Vec<CredentialChange>) {
+    fn apply(&self, changes: Vec<Self::Change>) {
         if let Ok(mut current) = self.current.write() {
             for change in &changes {
                 if change.revoked {
@@ -116,50 +135,6 @@ impl DeviceRegistry {
             progress.failed(error);
         }
     }
-
-    /// For readiness: read at least once, and recently (revocations are being followed).
-    pub fn health(&self, max_age: Duration) -> Result<(), String> {
-        self.progress
-            .lock()
-            .map_err(|e| e.to_string())?
-            .health("device registry", max_age)
-    }
-
-    pub fn len(&self) -> usize {
-        self.current.read().map(|c| c.len()).unwrap_or(0)
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
-/// Refreshes `registry` with what `load(since, cause)` returns: now, every `interval`, and whenever
-/// `follower` is woken (a change notified, a request meeting an unknown device), for as long as the
-/// task runs. Failures keep the last known registry (and show in [`DeviceRegistry::health`]).
-pub async fn keep_fresh<F, Fut>(
-    registry: Arc<DeviceRegistry>,
-    follower: Arc<Follower>,
-    interval: Duration,
-    load: F,
-) where
-    F: Fn(Option<DateTime<Utc>>, RefreshCause) -> Fut,
-    Fut: Future<Output = Result<Vec<CredentialChange>, String>>,
-{
-    follow(follower, interval, |cause| {
-        let registry = registry.clone();
-        let loaded = load(registry.since(), cause);
-        async move {
-            match loaded.await {
-                Ok(changes) => registry.apply(changes),
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot refresh the device registry; keeping the last one");
-                    registry.failed(e);
-                }
-            }
-        }
-    })
-    .await
 }
 
 #[cfg(test)]

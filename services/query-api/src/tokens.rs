@@ -64,7 +64,7 @@ pub async fn follow_app_tokens(
     .context("starting the app token listener")?;
     let interval = Duration::from_millis(settings.auth_refresh_ms.max(100));
     let pool = pool.clone();
-    tokio::spawn(auth::keep_app_tokens_fresh(
+    tokio::spawn(auth::keep_fresh(
         registry.clone(),
         follower.clone(),
         interval,

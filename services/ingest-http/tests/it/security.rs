@@ -536,3 +536,48 @@ async fn every_spelling_of_every_route_needs_a_device_token() {
     ingest.stop().await;
     stack.cleanup().await;
 }
+
+/// Forged tokens cost a signature check each: past its refusal budget a client address gets 429
+/// before any check, even with a good token, while other addresses write as usual.
+#[tokio::test]
+async fn an_address_that_keeps_being_refused_is_slowed_down() {
+    let stack = Stack::new();
+    let ingest = stack
+        .ingest_with(|s| {
+            s.refusal_limit_per_second = 1;
+            s.refusal_limit_burst = 5;
+        })
+        .await;
+    let data = format!("{}/data", ingest.url);
+    let token = stack.token("raspi-honest").await;
+    let forged = testkit::TestKeys::new().sign(&Claims::device("raspi-honest", now()));
+    let mut statuses = Vec::new();
+    for _ in 0..8 {
+        statuses.push(
+            stack
+                .post_with(data.clone(), Some(&forged), reading("raspi-honest"))
+                .await
+                .0,
+        );
+    }
+    assert_eq!(statuses, [401, 401, 401, 401, 401, 401, 429, 429]);
+    let (status, _) = stack
+        .post_with(data.clone(), Some(&token), reading("raspi-honest"))
+        .await;
+    assert_eq!(status, 429, "the address is slowed down, whatever it sends");
+    let elsewhere = reqwest::Client::builder()
+        .local_address(std::net::IpAddr::from([127, 0, 0, 3]))
+        .build()
+        .unwrap();
+    let response = elsewhere
+        .post(&data)
+        .bearer_auth(&token)
+        .json(&reading("raspi-honest"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200, "another address is not");
+    assert_eq!(stack.queued_messages().await, 1, "refusals queue nothing");
+    ingest.stop().await;
+    stack.cleanup().await;
+}
