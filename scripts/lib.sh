@@ -240,8 +240,8 @@ up_scaled() {
   ensure_services
   local tools
   tools="$(deploy_tools)"
-  say "building ($profile)"
-  if [ "$profile" = release ]; then cargo build --release --bins --quiet; else cargo build --bins --quiet; fi
+  say "building ($profile; the first build takes a few minutes, later ones seconds)"
+  if [ "$profile" = release ]; then cargo build --release --bins; else cargo build --bins; fi
   local bin="$ROOT/target/$profile"
   [ -n "${CARGO_TARGET_DIR:-}" ] && bin="$CARGO_TARGET_DIR/$profile"
   create_database "$db"

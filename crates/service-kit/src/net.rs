@@ -74,7 +74,7 @@ impl KeyedLimit {
                 Quota::per_second(rate).allow_burst(burst),
             ));
             let sweep = Arc::downgrade(&limiter);
-            // governor never forgets keys by itself (PITFALLS.md): sweep while the limiter lives
+            // governor never forgets keys by itself: sweep while the limiter lives
             std::thread::spawn(move || {
                 while let Some(limiter) = sweep.upgrade() {
                     limiter.retain_recent();

@@ -190,11 +190,12 @@ pub struct SeriesQuery {
     pub aggregate: Aggregate,
 }
 
-/// One metric in time buckets aligned to 2000-01-01T00:00:00Z (so `1d` buckets start at midnight
-/// UTC), oldest first; buckets without values are left out.
+/// One metric in time buckets aligned to Monday 2000-01-03T00:00:00Z (so `1d` buckets start at
+/// midnight UTC and `1w` buckets on Monday, as ISO weeks do), oldest first; buckets without values
+/// are left out.
 pub fn series(conn: &mut PgConnection, q: &SeriesQuery) -> Result<Vec<Bucket>, StoreError> {
     let sql = format!(
-        "SELECT date_bin($1, ts, TIMESTAMPTZ '2000-01-01 00:00:00+00') AS start,
+        "SELECT date_bin($1, ts, TIMESTAMPTZ '2000-01-03 00:00:00+00') AS start,
                 {} AS value
          FROM readings
          WHERE device_id = $3 AND ts >= $4 AND ts < $5 AND metrics ? $2

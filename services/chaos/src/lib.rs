@@ -1,4 +1,4 @@
-//! chaos: proves "acknowledged means stored exactly once" under faults (issue 5).
+//! chaos: proves "acknowledged means stored exactly once" under faults.
 //!
 //! It runs its own PostgreSQL, RabbitMQ node and Mosquitto and the services of the write path
 //! (`stack`), and for each step of a plan (`plan`) lets simulated Pis send over HTTP and MQTT

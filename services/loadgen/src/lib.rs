@@ -1,4 +1,4 @@
-//! loadgen: Sensorhub's benchmark (issue 6). Simulates a fleet of Pis over HTTP and MQTT against a
+//! loadgen: Sensorhub's benchmark. Simulates a fleet of Pis over HTTP and MQTT against a
 //! running Sensorhub (and, side by side, the seed design), counts what reaches PostgreSQL, and prints
 //! the figures as a Markdown table, each the median of several runs with min–max, and as JSON.
 //!

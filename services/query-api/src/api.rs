@@ -404,7 +404,8 @@ enum AggregateName {
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Point {
-    /// The bucket's start; buckets align to 2000-01-01T00:00:00Z, so `1d` starts at midnight UTC.
+    /// The bucket's start; buckets align to Monday 2000-01-03T00:00:00Z, so `1d` starts at midnight
+    /// UTC and `1w` on Monday (ISO weeks).
     pub ts: DateTime<Utc>,
     /// The aggregate. `sum` and `avg` are computed exactly (in decimal) and then rounded to a
     /// double; an average always fits one, but a sum beyond ±1.8e308 (the largest double) does not:

@@ -255,6 +255,14 @@ async fn series_buckets_are_computed_exactly() {
     let min_10m = api.ok(&format!("{base}&bucket=10m&agg=min")).await;
     assert_eq!(min_10m["points"].as_array().unwrap().len(), 12);
     assert_eq!(min_10m["points"][11]["value"], 110.0);
+    // a week starts on Monday (ISO 8601): Tuesday 2026-11-24's readings are in the week of the 23rd
+    let weekly = api
+        .ok("/v1/devices/pi-1/series?metric=t&from=2026-11-16T00:00:00Z&to=2026-12-07T00:00:00Z&bucket=1w&agg=count")
+        .await;
+    assert_eq!(
+        weekly["points"],
+        json!([{"ts": "2026-11-23T00:00:00Z", "value": 250.0}])
+    );
 }
 
 #[tokio::test]
