@@ -59,9 +59,10 @@ pub async fn require_token(
 }
 
 impl Access {
-    /// In order: a client over its refusal budget (429), who (401), what for (403, or 405 for a
-    /// method the route does not take), whether the token is a recorded, unrevoked app token within
-    /// the lifetime cap (401; one issued a moment ago is looked up promptly), how often (429).
+    /// In order: a client over its refusal budget (429), who (401: a valid signature, then a
+    /// recorded, unrevoked app token within the lifetime cap, one issued a moment ago looked up
+    /// promptly; a device token is a 403), what for (403, or 405 for a method the route does not
+    /// take), how often (429).
     async fn admit(
         &self,
         req: &ServiceRequest,
@@ -78,6 +79,7 @@ impl Access {
                 claims.role.as_str()
             )));
         }
+        self.app_tokens.check_promptly(&claims).await?;
         let writes = req.method() != Method::GET && req.method() != Method::HEAD;
         if writes && claims.role != Role::Admin {
             // Refused either way; a method the route does not take is named as such.
@@ -94,7 +96,6 @@ impl Access {
                 "changing anything needs an admin token".into(),
             ));
         }
-        self.app_tokens.check_promptly(&claims).await?;
         self.rate_limit
             .check(&claims.jti)
             .map_err(QueryError::RateLimited)?;
