@@ -19,7 +19,7 @@ pub use parse::{
     MAX_READINGS_PER_REQUEST, parse_device_topic_payload, parse_readings_body, parse_seed_body,
 };
 pub use reading::{
-    MAX_FUTURE_SKEW, MAX_METRICS, Metrics, OLDEST_TIMESTAMP, Reading, parse_timestamp_millis,
-    parse_timestamp_rfc3339,
+    MAX_FUTURE_SKEW, MAX_METRICS, Metrics, OLDEST_TIMESTAMP, Origin, Reading,
+    parse_timestamp_millis, parse_timestamp_rfc3339,
 };
 pub use window::{BackfillHorizon, TimeWindow};

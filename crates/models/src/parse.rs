@@ -228,6 +228,10 @@ impl<'de> RawReading<'de> {
                 id
             }
         };
+        let origin = crate::Origin {
+            id_assigned: self.id.is_none(),
+            ts_assigned: self.ts.is_none(),
+        };
         let id = match self.id {
             None => ReadingId::generate(),
             Some(value) => ReadingId::parse(expect_text("id", value)?)
@@ -276,7 +280,7 @@ impl<'de> RawReading<'de> {
                 ValidationError::new(metric_field(&e.field), e.reason)
             }
         })?;
-        Reading::new(device_id, id, ts, metrics)
+        Ok(Reading::new(device_id, id, ts, metrics)?.with_origin(origin))
     }
 }
 
@@ -527,6 +531,31 @@ mod tests {
         assert_eq!(r.metrics.get("humidity"), Some(60.3));
         assert_eq!(r.metrics.len(), 2);
         assert_eq!(r.id.as_str().len(), 36, "a UUID: {}", r.id);
+        assert_eq!(
+            r.origin,
+            crate::Origin {
+                id_assigned: true,
+                ts_assigned: true
+            }
+        );
+    }
+
+    #[test]
+    fn a_reading_says_which_of_its_id_and_time_the_server_filled_in() {
+        let origin = |body: &str| batch(body).unwrap()[0].origin;
+        let given = r#""device_id":"d","metrics":{"t":1}"#;
+        assert_eq!(
+            origin(&format!(r#"{{{given},"id":"r1","ts":1795600740000}}"#)),
+            crate::Origin::default()
+        );
+        assert_eq!(
+            origin(&format!(r#"{{{given},"id":"r1"}}"#)),
+            crate::Origin {
+                id_assigned: false,
+                ts_assigned: true
+            }
+        );
+        assert!(!batch(&format!(r#"{{{given}}}"#)).unwrap()[0].has_device_id());
     }
 
     #[test]

@@ -89,7 +89,7 @@ struct SeedReading {
 /// One reading of `POST /v1/readings`.
 #[derive(ToSchema, Deserialize)]
 #[serde(deny_unknown_fields)] // as models::parse_readings_body: additionalProperties false
-#[schema(example = json!({"device_id": "raspi-01", "ts": "2026-11-24T10:00:00Z", "id": "raspi-01-000042", "metrics": {"temperature": 25.5}}))]
+#[schema(example = json!({"device_id": "raspi-01", "ts": "2026-11-24T10:00:00Z", "id": "raspi-01-000044", "metrics": {"temperature": 25.5}}))]
 #[allow(dead_code)] // describes the body for OpenAPI; parsing is models::parse_readings_body
 struct ReadingIn {
     /// The token's own device: 1–64 characters of `[A-Za-z0-9._-]`.

@@ -3,13 +3,17 @@
 //! A consuming task takes messages (at most `prefetch` unacknowledged), packs them into batches and
 //! hands them to `db_writers` writing tasks. A writer stores its batch in one transaction and only
 //! then acknowledges the batch's messages, so a crash at any point leaves them on the queue to be
-//! delivered again, and the store's unique key makes that second write a no-op.
+//! delivered again, and the store's unique keys make that second write a no-op. A reading whose id
+//! the device chose is recognised by `(device_id, id)` for `dedupe_window_days`, whatever its time;
+//! sent again with other content, the first write stays and the newcomer is kept in
+//! `reading_conflicts` (counted as `readings_conflicting_total`).
 //!
 //! A message that cannot be decoded goes to the dead-letter queue with the reason, counted. A
 //! database that is down is waited for: writes are retried with backoff while the messages stay
 //! unacknowledged, and the queue holds everything else.
 
 mod consumer;
+mod housekeeping;
 mod metrics;
 pub mod settings;
 mod writer;
@@ -107,6 +111,12 @@ impl Persister {
             self.amqp_connected.clone(),
             self.shutdown.subscribe(),
         ));
+        let forgetting = tokio::spawn(housekeeping::forget_expired(
+            self.pool.clone(),
+            self.settings.dedupe_window_days,
+            self.settings.conflicts_kept_days,
+            self.shutdown.subscribe(),
+        ));
         tokio::pin!(stop);
         tokio::select! {
             _ = &mut stop => {}
@@ -116,6 +126,7 @@ impl Persister {
         if let Err(e) = consuming.await {
             tracing::error!(error = %e, "the consuming task failed");
         }
+        forgetting.abort();
         ops_handle.stop(true).await;
         let _ = ops.await;
     }

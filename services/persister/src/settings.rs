@@ -20,6 +20,8 @@ pub struct Settings {
     pub db_statement_timeout_ms: u64,
     pub retry_max_backoff_ms: u64,
     pub backfill_horizon_days: models::BackfillHorizon,
+    pub dedupe_window_days: u32,
+    pub conflicts_kept_days: u32,
     pub startup_wait_ms: u64,
     pub log_format: LogFormat,
 }

@@ -78,6 +78,15 @@ async fn store_then_ack(
                 metrics.batch_readings.observe(count as f64);
                 metrics.readings_stored.inc_by(outcome.inserted as u64);
                 metrics.readings_duplicate.inc_by(outcome.duplicates as u64);
+                if outcome.conflicting > 0 {
+                    metrics
+                        .readings_conflicting
+                        .inc_by(outcome.conflicting as u64);
+                    tracing::warn!(
+                        readings.conflicting = outcome.conflicting,
+                        "readings came again with the same id and other content; the first stays, the others are kept in reading_conflicts"
+                    );
+                }
                 ack(ackers, metrics).await;
                 return;
             }

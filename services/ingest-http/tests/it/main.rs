@@ -299,6 +299,46 @@ async fn batches_are_stored_exactly_and_a_retried_reading_once() {
 }
 
 #[tokio::test]
+async fn a_reading_retried_without_a_time_is_stored_once_and_a_changed_one_kept_as_a_conflict() {
+    let stack = Stack::new();
+    let ingest = stack.ingest().await;
+    let _persister = stack.persister().await;
+    // a Pi that sends an id and no ts, and retries: each attempt is stamped anew by the server
+    let seed = json!({"device_id": "pi-r", "id": "pi-r-1", "temperature": 20.5});
+    for _ in 0..3 {
+        let (status, _) = stack
+            .post(format!("{}/data", ingest.url), seed.clone())
+            .await;
+        assert_eq!(status, 200);
+    }
+    let structured = json!({"device_id": "pi-r", "id": "pi-r-1", "metrics": {"temperature": 20.5}});
+    let (status, _) = stack
+        .post(format!("{}/v1/readings", ingest.url), structured)
+        .await;
+    assert_eq!(status, 202);
+    // the same id with another value: acknowledged, not stored over the first, kept for an operator
+    let changed = json!({"device_id": "pi-r", "id": "pi-r-1", "temperature": 99.0});
+    let (status, _) = stack.post(format!("{}/data", ingest.url), changed).await;
+    assert_eq!(status, 200);
+    testkit::wait_for_exactly(&stack.db.url, "reading_conflicts", 1, WAIT).await;
+    assert_eq!(stack.stored(), 1);
+    let mut conn = stack.db.connect();
+    let page = store::read::readings_page(
+        &mut conn,
+        &store::read::ReadingsQuery {
+            device_id: "pi-r".into(),
+            limit: 10,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(page.len(), 1);
+    assert_eq!(page[0].metrics, json!({"temperature": 20.5}));
+    ingest.stop().await;
+    stack.cleanup().await;
+}
+
+#[tokio::test]
 async fn every_invalid_request_is_refused_with_its_field_and_nothing_is_queued() {
     let stack = Stack::new();
     let ingest = stack.ingest().await;

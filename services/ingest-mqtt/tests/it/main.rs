@@ -169,6 +169,20 @@ fn device_messages(device: &str, n: usize) -> Vec<(String, Vec<u8>)> {
         .collect()
 }
 
+/// `n` messages for `device` with ids and no time, as most Pi scripts send: the server stamps each
+/// delivery, so a message delivered again carries another time and only its id tells it is the same.
+fn untimed_messages(device: &str, n: usize) -> Vec<(String, Vec<u8>)> {
+    (0..n)
+        .map(|i| {
+            let body = json!({"id": format!("{device}-{i}"), "metrics": {"t": i as f64 + 0.5}});
+            (
+                format!("devices/{device}/readings"),
+                body.to_string().into_bytes(),
+            )
+        })
+        .collect()
+}
+
 #[tokio::test]
 async fn the_seed_snippet_and_device_topics_are_stored_exactly() {
     let stack = Stack::new();
@@ -278,7 +292,12 @@ async fn a_killed_ingest_resumes_its_session_and_stores_everything_once() {
     let devices: Vec<_> = (0..3)
         .map(|d| {
             let device = stack.device(&format!("k{d}"));
-            let messages = device_messages(&format!("k-{d}"), 1000);
+            // one device with times, two with ids alone (redelivered, those get a new time)
+            let messages = if d == 0 {
+                device_messages(&format!("k-{d}"), 1000)
+            } else {
+                untimed_messages(&format!("k-{d}"), 1000)
+            };
             tokio::spawn(async move {
                 device
                     .publish_all(messages, Duration::from_millis(2), WAIT)

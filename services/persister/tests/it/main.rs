@@ -233,6 +233,51 @@ async fn a_reading_delivered_twice_is_stored_once() {
     f.cleanup().await;
 }
 
+/// `device`'s reading `id` without a time of its own, as an ingest service makes it at `now`.
+fn untimed(device: &str, id: &str, value: f64, now: chrono::DateTime<chrono::Utc>) -> Vec<Reading> {
+    models::parse_readings_body(
+        format!(r#"{{"device_id":"{device}","id":"{id}","metrics":{{"t":{value}}}}}"#).as_bytes(),
+        models::TimeWindow::new(now, models::BackfillHorizon::DEFAULT),
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_reading_queued_again_with_another_time_is_stored_once_and_a_conflict_is_counted() {
+    // Two ingest attempts of one reading (a redelivery from the broker, a retry), stamped by the
+    // server a few seconds apart; then the same id with another value.
+    let f = Fixture::new();
+    let running = Running::start(&f.settings()).await;
+    let publisher = f.publisher().await;
+    let now = chrono::Utc::now();
+    publisher
+        .publish(untimed("raspi-01", "r-1", 20.0, now))
+        .await
+        .unwrap();
+    let later = now + chrono::Duration::seconds(3);
+    publisher
+        .publish(untimed("raspi-01", "r-1", 20.0, later))
+        .await
+        .unwrap();
+    publisher
+        .publish(untimed("raspi-01", "r-1", 21.0, later))
+        .await
+        .unwrap();
+    let text = eventually(WAIT, "the repeat and the conflict counted", || async {
+        let text = running.metrics().await;
+        (testkit::metric(&text, "readings_conflicting_total") >= 1.0).then_some(text)
+    })
+    .await;
+    assert_eq!(testkit::metric(&text, "readings_stored_total"), 1.0);
+    assert_eq!(testkit::metric(&text, "readings_duplicate_total"), 1.0);
+    assert_eq!(testkit::metric(&text, "readings_conflicting_total"), 1.0);
+    assert_eq!(f.stored(), 1);
+    assert_eq!(testkit::count_rows(&f.db.url, "reading_conflicts"), 1);
+    running.stop().await;
+    publisher.close().await;
+    f.cleanup().await;
+}
+
 #[tokio::test]
 async fn a_database_outage_is_waited_out_and_nothing_is_lost() {
     let f = Fixture::new();
