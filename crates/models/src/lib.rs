@@ -8,13 +8,15 @@
 mod error;
 mod ids;
 mod message;
+mod ownership;
 mod parse;
 mod reading;
 mod window;
 
-pub use error::ValidationError;
+pub use error::{ValidationError, ValidationKind};
 pub use ids::{DeviceId, MetricName, ReadingId};
 pub use message::{MESSAGE_VERSION, MessageError, ReadingBatchMessage};
+pub use ownership::{NotOwnReading, check_own_readings};
 pub use parse::{
     MAX_READINGS_PER_REQUEST, parse_device_topic_payload, parse_readings_body, parse_seed_body,
 };

@@ -295,13 +295,13 @@ async fn ingest(
         .await
         .map_err(|_| IngestError::Timeout)??;
         let readings = parse(&body, chrono::Utc::now())?;
-        if let Some(device) = writer.device_id()
-            && let Some(other) = readings.iter().find(|r| r.device_id.as_str() != device)
-        {
-            return Err(IngestError::Forbidden(format!(
-                "device_id {:?} is not this token's device {device:?}; nothing was stored",
-                other.device_id.as_str()
-            )));
+        if let Some(device) = writer.device_id() {
+            models::check_own_readings(device, &readings).map_err(|e| {
+                IngestError::Forbidden(format!(
+                    "device_id {:?} is not this token's device {:?}; nothing was stored",
+                    e.found, e.writer
+                ))
+            })?;
         }
         let batch = AcceptedBatch {
             readings: readings.len(),
