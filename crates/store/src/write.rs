@@ -293,9 +293,15 @@ fn claim_identities(
     batch: &[Reading],
     verdicts: &mut [Verdict],
 ) -> Result<(), StoreError> {
-    let candidates: Vec<usize> = (0..batch.len())
+    let mut candidates: Vec<usize> = (0..batch.len())
         .filter(|&i| verdicts[i] == Verdict::New && batch[i].has_device_id())
         .collect();
+    // in key order, as the fast path's COPY: two writers claiming overlapping identities then take
+    // their row locks in the same order and cannot deadlock
+    candidates.sort_unstable_by(|&a, &b| {
+        (batch[a].device_id.as_str(), batch[a].id.as_str())
+            .cmp(&(batch[b].device_id.as_str(), batch[b].id.as_str()))
+    });
     if candidates.is_empty() {
         return Ok(());
     }
