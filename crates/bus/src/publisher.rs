@@ -42,19 +42,6 @@ pub struct PublisherSettings {
     pub reconnect_max_backoff_ms: u64,
 }
 
-impl Default for PublisherSettings {
-    fn default() -> Self {
-        Self {
-            publish_linger_ms: 1,
-            publish_max_batch_readings: 2000,
-            publish_max_in_flight: 16,
-            publish_queue_capacity: 8192,
-            publish_confirm_timeout_ms: 10_000,
-            reconnect_max_backoff_ms: 5_000,
-        }
-    }
-}
-
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PublishError {
     #[error("RabbitMQ is unavailable: {0}")]

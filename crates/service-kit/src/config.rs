@@ -16,6 +16,15 @@ pub fn load<T: DeserializeOwned>(defaults: &str, file: Option<&Path>) -> Result<
     load_from(defaults, file, Environment::default())
 }
 
+/// The service's defaults alone, without any file or the environment: what tests start from, so
+/// that a variable set in the shell running them cannot change what they test.
+pub fn defaults<T: DeserializeOwned>(defaults: &str) -> Result<T, ConfigError> {
+    Ok(Config::builder()
+        .add_source(File::from_str(defaults, FileFormat::Toml))
+        .build()?
+        .try_deserialize()?)
+}
+
 fn load_from<T: DeserializeOwned>(
     defaults: &str,
     file: Option<&Path>,

@@ -39,7 +39,7 @@ pub async fn consume(
     amqp_connected: Arc<AtomicBool>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let topology = Topology::with_prefix(&settings.amqp_prefix);
+    let topology = settings.bus.topology();
     let initial_backoff = Duration::from_millis(100);
     let max_backoff = Duration::from_millis(settings.retry_max_backoff_ms.max(100));
     let mut backoff = initial_backoff;
@@ -92,7 +92,7 @@ async fn open(
     settings: &Settings,
     topology: &Topology,
 ) -> bus::lapin::Result<(Connection, Channel, Consumer)> {
-    let connection = bus::connect(&settings.amqp_url, "persister").await?;
+    let connection = bus::connect(&settings.bus.amqp_url, "persister").await?;
     let (channel, consumer) =
         bus::open_consumer(&connection, topology, settings.prefetch.max(1), "").await?;
     Ok((connection, channel, consumer))

@@ -45,7 +45,7 @@ pub async fn follow_app_tokens(
     ));
     let listening = Arc::downgrade(&follower);
     store::listen::spawn_listener(
-        settings.database_url.clone(),
+        settings.database.database_url.clone(),
         store::listen::APP_TOKENS_CHANNEL,
         "query-api app token listener",
         move |event| {
