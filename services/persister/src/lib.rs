@@ -12,6 +12,7 @@
 //! database that is down is waited for: writes are retried with backoff while the messages stay
 //! unacknowledged, and the queue holds everything else.
 
+mod batch;
 mod consumer;
 mod housekeeping;
 mod metrics;
