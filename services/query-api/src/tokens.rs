@@ -124,11 +124,7 @@ impl AppTokens {
     }
 
     fn claims(&self, headers: &header::HeaderMap) -> Option<auth::Claims> {
-        let token = headers
-            .get(header::AUTHORIZATION)?
-            .to_str()
-            .ok()
-            .and_then(auth::bearer_token)?;
+        let token = service_kit::access::bearer_token(headers).ok()?;
         self.verifier.verify(token).ok()
     }
 
