@@ -12,6 +12,7 @@
 //! database that is down is waited for: writes are retried with backoff while the messages stay
 //! unacknowledged, and the queue holds everything else.
 
+mod batch;
 mod consumer;
 mod housekeeping;
 mod metrics;
@@ -21,7 +22,6 @@ mod writer;
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
 use actix_web::dev::ServerHandle;
 use anyhow::Context;
@@ -47,8 +47,8 @@ impl Persister {
     /// Waits for PostgreSQL (up to `startup_wait_ms`), refuses an unmigrated database, and binds the
     /// ops endpoints on `http_addr`.
     pub async fn build(settings: &Settings) -> anyhow::Result<Self> {
-        let pool = store::connect_pool(&settings.database_url, &settings.pool())?;
-        let wait = Duration::from_millis(settings.startup_wait_ms);
+        let pool = store::connect_pool(&settings.database.database_url, &settings.pool())?;
+        let wait = settings.database.startup_wait();
         let check_pool = pool.clone();
         tokio::task::spawn_blocking(move || store::wait_for_migrated_database(&check_pool, wait))
             .await

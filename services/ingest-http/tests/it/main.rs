@@ -71,7 +71,7 @@ impl Stack {
     }
 
     async fn ingest_via(&self, amqp_url: String) -> Ingest {
-        self.ingest_with(|s| s.amqp_url = amqp_url).await
+        self.ingest_with(|s| s.bus.amqp_url = amqp_url).await
     }
 
     /// ingest-http with this stack's keys and database; `adjust` changes settings first.
@@ -81,10 +81,10 @@ impl Stack {
         settings.database_url = self.db.url.clone();
         settings.auth_refresh_ms = REGISTRY_REFRESH.as_millis() as u64;
         settings.rate_limit_per_second = 0;
-        settings.amqp_url = testkit::amqp_url();
-        settings.http_addr = "127.0.0.1:0".into();
-        settings.http_workers = 2;
-        settings.amqp_prefix = self.prefix.clone();
+        settings.bus.amqp_url = testkit::amqp_url();
+        settings.http.http_addr = "127.0.0.1:0".into();
+        settings.http.http_workers = 2;
+        settings.bus.amqp_prefix = self.prefix.clone();
         settings.max_body_bytes = 256 * 1024;
         adjust(&mut settings);
         let app = ingest_http::Application::build(&settings).unwrap();
@@ -113,9 +113,9 @@ impl Stack {
     async fn persister(&self) -> tokio::sync::oneshot::Sender<()> {
         let mut settings = persister::Settings::defaults();
         settings.http_addr = "127.0.0.1:0".into();
-        settings.database_url = self.db.url.clone();
-        settings.amqp_url = testkit::amqp_url();
-        settings.amqp_prefix = self.prefix.clone();
+        settings.database.database_url = self.db.url.clone();
+        settings.bus.amqp_url = testkit::amqp_url();
+        settings.bus.amqp_prefix = self.prefix.clone();
         settings.batch_linger_ms = 5;
         let p = persister::Persister::build(&settings).await.unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -127,13 +127,13 @@ impl Stack {
 
     async fn query_api(&self) -> String {
         let mut settings = query_api::Settings::defaults();
-        settings.http_addr = "127.0.0.1:0".into();
-        settings.http_workers = 1;
-        settings.database_url = self.db.url.clone();
+        settings.http.http_addr = "127.0.0.1:0".into();
+        settings.http.http_workers = 1;
+        settings.database.database_url = self.db.url.clone();
         settings.auth_public_key_file = self.keys.verifying_key_file();
         let app = query_api::Application::build(&settings).await.unwrap();
         let url = format!("http://127.0.0.1:{}", app.port());
-        tokio::spawn(app.run_until_stopped());
+        tokio::spawn(app.run_until(std::future::pending()));
         url
     }
 

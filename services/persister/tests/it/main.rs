@@ -31,9 +31,9 @@ impl Fixture {
     fn settings(&self) -> Settings {
         let mut s = Settings::defaults();
         s.http_addr = "127.0.0.1:0".into();
-        s.database_url = self.db.url.clone();
-        s.amqp_url = testkit::amqp_url();
-        s.amqp_prefix = self.prefix.clone();
+        s.database.database_url = self.db.url.clone();
+        s.bus.amqp_url = testkit::amqp_url();
+        s.bus.amqp_prefix = self.prefix.clone();
         s.batch_linger_ms = 5;
         s.retry_max_backoff_ms = 500;
         s
@@ -43,7 +43,14 @@ impl Fixture {
         let p = Publisher::start(
             testkit::amqp_url(),
             self.topology.clone(),
-            PublisherSettings::default(),
+            PublisherSettings {
+                publish_linger_ms: 1,
+                publish_max_batch_readings: 2000,
+                publish_max_in_flight: 16,
+                publish_queue_capacity: 8192,
+                publish_confirm_timeout_ms: 10_000,
+                reconnect_max_backoff_ms: 5_000,
+            },
             PublisherMetrics::unregistered(),
             "persister-test".into(),
         );
@@ -416,7 +423,7 @@ async fn an_unmigrated_database_is_refused_at_start() {
     let f = Fixture::new();
     let empty = TestDb::unmigrated();
     let mut settings = f.settings();
-    settings.database_url = empty.url.clone();
+    settings.database.database_url = empty.url.clone();
     let err = Persister::build(&settings).await.err().expect("refused");
     assert!(err.to_string().contains("sensorctl migrate"), "{err}");
 }
