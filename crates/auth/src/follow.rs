@@ -45,7 +45,7 @@ struct Rounds {
     completed: u64,
 }
 
-/// Wakes a registry's refresh loop ([`follow`]) and lets requests wait for a fresh read.
+/// Wakes a registry's refresh loop (`follow`) and lets requests wait for a fresh read.
 pub struct Follower {
     wake: tokio::sync::Notify,
     cause: Mutex<Option<RefreshCause>>,
@@ -107,7 +107,7 @@ impl Follower {
     }
 
     /// Asks for a read and waits until one that started after this call has finished (successful
-    /// or not), or [`PROMPT_WAIT`] passed. Concurrent callers share reads.
+    /// or not), or `PROMPT_WAIT` passed. Concurrent callers share reads.
     pub async fn read_now(&self) {
         let target = self.rounds.borrow().started + 1;
         let mut rounds = self.rounds.subscribe();

@@ -122,7 +122,7 @@ fn new_identities<'a>(chunk: impl IntoIterator<Item = &'a Reading>) -> Vec<NewId
 /// PostgreSQL a fraction of an INSERT (no statement to parse and plan per batch, no speculative
 /// insertion per row). A batch holding a reading already stored makes the COPY fail on a key; the
 /// transaction is then rolled back and the batch written again reading by reading's identity
-/// ([`write_with_repeats`]), which skips the repeats and tells duplicates from conflicts.
+/// (`write_with_repeats`), which skips the repeats and tells duplicates from conflicts.
 pub fn write_readings(
     conn: &mut PgConnection,
     batch: &[Reading],

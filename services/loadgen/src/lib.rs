@@ -49,7 +49,7 @@ pub struct Args {
     /// carry no token (an ingest-http in development mode).
     #[arg(long, env = "LOADGEN_KEYS_DIR")]
     pub keys_dir: Option<std::path::PathBuf>,
-    /// The Mosquitto that ingest-mqtt reads (devices/<id>/readings); empty: no MQTT workload.
+    /// The Mosquitto that ingest-mqtt reads (`devices/<id>/readings`); empty: no MQTT workload.
     #[arg(
         long,
         env = "LOADGEN_MQTT_URL",
@@ -154,7 +154,7 @@ pub struct Args {
         default_value = "copy,writer,http,batch,mqtt,e2e"
     )]
     pub only: Vec<Workload>,
-    /// Directory for the JSON figures (bench-<time>.json and latest.json).
+    /// Directory for the JSON figures (`bench-<time>.json` and `latest.json`).
     #[arg(long, default_value = "target/bench")]
     pub out: PathBuf,
     /// A short run to try things out: 1 run, 3 s of HTTP load, 10,000-message MQTT bursts, 2 s of
