@@ -22,6 +22,34 @@ pub use write::{Expiring, KnownPartitions, WriteOutcome, forget_older_than, writ
 
 pub use diesel::PgConnection;
 
+/// `url` with its password replaced by `***`, for messages and logs.
+pub fn redacted(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => match url[scheme + 3..at].split_once(':') {
+            Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+            None => url.to_owned(),
+        },
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn passwords_are_not_shown() {
+        assert_eq!(
+            super::redacted("postgres://u:secret@h:5432/db"),
+            "postgres://u:***@h:5432/db"
+        );
+        assert_eq!(
+            super::redacted("postgres://u:p@ss@h/db"),
+            "postgres://u:***@h/db"
+        );
+        assert_eq!(super::redacted("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(super::redacted("postgres://h/db"), "postgres://h/db");
+    }
+}
+
 /// One connection outside a pool, for tools (`sensorctl`).
 pub fn connect(database_url: &str) -> Result<PgConnection, StoreError> {
     use diesel::Connection;

@@ -16,19 +16,8 @@ use crate::http::Sample;
 use crate::stats::Latencies;
 
 pub fn connect(url: &str) -> anyhow::Result<PgConnection> {
-    PgConnection::establish(url).with_context(|| format!("cannot connect to {}", redact(url)))
-}
-
-/// The URL without its password, for messages.
-pub fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let userinfo = &url[scheme + 3..at];
-            let user = userinfo.split(':').next().unwrap_or("");
-            format!("{}{user}:***{}", &url[..scheme + 3], &url[at..])
-        }
-        _ => url.to_owned(),
-    }
+    PgConnection::establish(url)
+        .with_context(|| format!("cannot connect to {}", store::redacted(url)))
 }
 
 #[derive(QueryableByName)]
@@ -359,15 +348,6 @@ pub fn register_fleet(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn passwords_are_not_shown() {
-        assert_eq!(
-            redact("postgres://u:secret@h:5432/db"),
-            "postgres://u:***@h:5432/db"
-        );
-        assert_eq!(redact("postgres://h/db"), "postgres://h/db");
-    }
 
     #[test]
     fn table_names_are_plain() {

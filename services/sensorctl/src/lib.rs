@@ -416,7 +416,7 @@ fn block_on<T>(future: impl std::future::Future<Output = T>) -> anyhow::Result<T
 }
 
 fn connect(url: &str) -> anyhow::Result<store::PgConnection> {
-    store::connect(url).with_context(|| format!("cannot connect to {}", redact(url)))
+    store::connect(url).with_context(|| format!("cannot connect to {}", store::redacted(url)))
 }
 
 fn signer(keys_dir: &Path) -> anyhow::Result<TokenSigner> {
@@ -455,20 +455,6 @@ pub fn parse_ttl(text: &str) -> anyhow::Result<u64> {
     Ok(count.saturating_mul(unit))
 }
 
-/// The URL without its password, for messages.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let credentials = &url[scheme + 3..at];
-            match credentials.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
-                None => url.to_owned(),
-            }
-        }
-        _ => url.to_owned(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -481,11 +467,5 @@ mod tests {
         assert!(parse_ttl("30").is_err());
         assert!(parse_ttl("d").is_err());
         assert!(parse_ttl("1y").is_err());
-    }
-
-    #[test]
-    fn passwords_are_not_shown() {
-        assert_eq!(redact("postgres://u:secret@h/db"), "postgres://u:***@h/db");
-        assert_eq!(redact("postgres://u@h/db"), "postgres://u@h/db");
     }
 }
