@@ -33,6 +33,12 @@ pub fn redacted(url: &str) -> String {
     }
 }
 
+/// One connection outside a pool, for tools (`sensorctl`).
+pub fn connect(database_url: &str) -> Result<PgConnection, StoreError> {
+    use diesel::Connection;
+    Ok(PgConnection::establish(database_url)?)
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -48,10 +54,4 @@ mod tests {
         assert_eq!(super::redacted("postgres://u@h/db"), "postgres://u@h/db");
         assert_eq!(super::redacted("postgres://h/db"), "postgres://h/db");
     }
-}
-
-/// One connection outside a pool, for tools (`sensorctl`).
-pub fn connect(database_url: &str) -> Result<PgConnection, StoreError> {
-    use diesel::Connection;
-    Ok(PgConnection::establish(database_url)?)
 }
