@@ -65,6 +65,29 @@ pub async fn open_consumer(
     Ok((channel, consumer))
 }
 
+/// A channel consuming `queue` (already declared), `prefetch` unacknowledged messages at most.
+/// Messages left unacknowledged when the channel or connection closes go back to the queue.
+pub async fn open_queue_consumer(
+    connection: &Connection,
+    queue: &str,
+    prefetch: u16,
+    consumer_tag: &str,
+) -> lapin::Result<(Channel, Consumer)> {
+    let channel = connection.create_channel().await?;
+    channel
+        .basic_qos(prefetch, BasicQosOptions::default())
+        .await?;
+    let consumer = channel
+        .basic_consume(
+            queue.into(),
+            consumer_tag.into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    Ok((channel, consumer))
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum DeadLetterError {
     #[error(transparent)]
