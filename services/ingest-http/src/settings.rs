@@ -32,6 +32,8 @@ pub struct Settings {
     pub http_header_timeout_ms: u64,
     pub http_body_timeout_ms: u64,
     pub http_keep_alive_secs: u64,
+    pub rabbitmq_mqtt_auth: bool,
+    pub rabbitmq_mqtt_vhost: String,
     pub audit_accepted: AcceptedWrites,
     pub audit_summary_interval_secs: u64,
     pub log_format: LogFormat,

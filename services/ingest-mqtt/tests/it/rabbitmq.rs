@@ -5,6 +5,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use ingest_mqtt::{IngestMqtt, MqttBroker, Settings};
+use rumqttc::{ConnectReturnCode, Event, MqttOptions, Packet, QoS};
 use testkit::mqtt::Device;
 use testkit::rabbitmq::{MqttAuth, RabbitMqtt};
 use testkit::{TestDb, count_rows, eventually};
@@ -15,6 +16,7 @@ pub struct DurableStack {
     pub db: TestDb,
     pub prefix: String,
     pub node: RabbitMqtt,
+    pub keys: testkit::TestKeys,
 }
 
 impl DurableStack {
@@ -25,7 +27,50 @@ impl DurableStack {
             db: TestDb::migrated(),
             node: RabbitMqtt::start(&prefix, auth),
             prefix,
+            keys: testkit::TestKeys::new(),
         }
+    }
+
+    /// Devices log in as the production configuration has them: RabbitMQ asks ingest-http (its
+    /// readings would go to the machine's RabbitMQ under this prefix; only its answers to
+    /// RabbitMQ matter here), which checks the device registry.
+    pub async fn with_device_accounts() -> Self {
+        service_kit::telemetry::init_for_tests();
+        let prefix = testkit::unique_name("mqtt-durable");
+        let (db, keys) = (TestDb::migrated(), testkit::TestKeys::new());
+        let mut settings = ingest_http::Settings::defaults();
+        settings.http_addr = "127.0.0.1:0".into();
+        settings.http_workers = 1;
+        settings.amqp_url = testkit::amqp_url();
+        settings.amqp_prefix = prefix.clone();
+        settings.database_url = db.url.clone();
+        settings.auth_public_key_file = keys.verifying_key_file();
+        settings.auth_refresh_ms = 200;
+        settings.rabbitmq_mqtt_auth = true;
+        let app = ingest_http::Application::build(&settings).unwrap();
+        let base_url = format!("http://127.0.0.1:{}/internal/rabbitmq", app.port());
+        let (_handle, run) = app.into_parts();
+        tokio::spawn(run);
+        Self {
+            db,
+            node: RabbitMqtt::start(&prefix, MqttAuth::Http { base_url }),
+            prefix,
+            keys,
+        }
+    }
+
+    /// A registered device (`sensorctl device add`), and its token.
+    pub fn register(&self, device: &str) -> String {
+        self.keys.register_device(&self.db.url, device)
+    }
+
+    /// A device connecting as it must: its id as user name and client id, its token as password.
+    pub fn account(&self, device: &str, token: &str) -> Device {
+        Device::new(device, self.node.mqtt_port).with_credentials(device, token)
+    }
+
+    pub async fn cleanup(self) {
+        testkit::delete_amqp_topology(&self.prefix).await;
     }
 
     pub fn settings(&self, consumer: &str) -> Settings {
@@ -101,6 +146,17 @@ impl DurableStack {
         .into_iter()
         .map(|r| r.reading_id)
         .collect()
+    }
+
+    /// What ingest-mqtt declares when it starts: the exchange the MQTT plugin publishes to.
+    pub async fn declare_mqtt_topology(&self) {
+        let conn = bus::connect(&self.node.amqp_url(), "mqtt-test")
+            .await
+            .unwrap();
+        let channel = conn.create_channel().await.unwrap();
+        bus::declare_mqtt_topology(&channel, &bus::MqttTopology::with_prefix(&self.prefix))
+            .await
+            .unwrap();
     }
 
     /// Takes every message waiting in `queue` of this node: (routing key, body).
@@ -215,4 +271,197 @@ async fn a_bad_payload_on_the_durable_broker_is_kept_as_invalid_with_its_topic()
     assert_eq!(invalid.len(), 1);
     assert_eq!(invalid[0].1, b"not json at all");
     ingest.stop().await;
+}
+
+/// What RabbitMQ answered a CONNECT with (`None`: no answer), and the live connection.
+async fn connect(
+    port: u16,
+    client_id: &str,
+    user: &str,
+    password: &str,
+) -> (
+    Option<ConnectReturnCode>,
+    rumqttc::AsyncClient,
+    rumqttc::EventLoop,
+) {
+    let mut options = MqttOptions::new(client_id, "127.0.0.1", port);
+    options
+        .set_credentials(user, password)
+        .set_clean_session(false)
+        .set_keep_alive(Duration::from_secs(10));
+    let (client, mut events) = rumqttc::AsyncClient::new(options, 16);
+    let code = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match events.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(ack))) => return Some(ack.code),
+                Ok(_) => {}
+                Err(rumqttc::ConnectionError::ConnectionRefused(code)) => return Some(code),
+                Err(_) => return None,
+            }
+        }
+    })
+    .await
+    .ok()
+    .flatten();
+    (code, client, events)
+}
+
+/// Whether `device`'s connection is still up: a publish on its own topic is acknowledged.
+async fn still_connected(
+    device: &str,
+    client: &rumqttc::AsyncClient,
+    events: &mut rumqttc::EventLoop,
+) -> bool {
+    let (topic, payload) = device_messages(device, 1).remove(0);
+    if client
+        .publish(topic, QoS::AtLeastOnce, false, payload)
+        .await
+        .is_err()
+    {
+        return false;
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match tokio::time::timeout_at(deadline, events.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => return true,
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) | Err(_) => return false,
+        }
+    }
+}
+
+#[tokio::test]
+async fn each_device_logs_in_only_as_itself_and_writes_and_reads_only_its_own_topics() {
+    let stack = DurableStack::with_device_accounts().await;
+    let _persister = stack.persister().await;
+    let ingest = stack.ingest(&stack.settings("ingest-durable-acl")).await;
+    let a_token = stack.register("dev-a");
+    let b_token = stack.register("dev-b");
+    let port = stack.node.mqtt_port;
+    eventually(WAIT, "ingest-http knows the devices", || async {
+        let (code, _c, _e) = connect(port, "dev-a", "dev-a", &a_token).await;
+        (code == Some(ConnectReturnCode::Success)).then_some(())
+    })
+    .await;
+
+    // its own readings: acknowledged and stored
+    let own = stack
+        .account("dev-a", &a_token)
+        .publish_all(device_messages("dev-a", 3), Duration::ZERO, WAIT)
+        .await;
+    assert_eq!(own, 3);
+    stack.wait_stored(3).await;
+
+    // refused at the door: nobody without credentials, no wrong or borrowed token
+    for (client_id, user, password) in [
+        ("dev-a", "dev-a", "not-a-token"),
+        ("dev-a", "dev-a", b_token.as_str()),
+        ("dev-b", "dev-a", a_token.as_str()),
+        ("dev-a", "dev-b", a_token.as_str()),
+    ] {
+        let (code, _c, _e) = connect(port, client_id, user, password).await;
+        assert_ne!(
+            code,
+            Some(ConnectReturnCode::Success),
+            "{client_id} as {user} got in"
+        );
+    }
+    let anonymous = Device::new("dev-a", port)
+        .publish_all(
+            device_messages("dev-a", 1),
+            Duration::ZERO,
+            Duration::from_secs(5),
+        )
+        .await;
+    assert_eq!(anonymous, 0, "no anonymous publishing");
+
+    // another device's topic, another topic of its own, the seed's topic: never acknowledged
+    for topic in [
+        "devices/dev-b/readings",
+        "devices/dev-a/commands",
+        "devices/dev-a/other",
+        "sensor/data",
+    ] {
+        let acked = stack
+            .account("dev-a", &a_token)
+            .publish_all(
+                vec![(topic.to_owned(), br#"{"metrics":{"t":1}}"#.to_vec())],
+                Duration::ZERO,
+                Duration::from_secs(5),
+            )
+            .await;
+        assert_eq!(acked, 0, "dev-a published on {topic}");
+    }
+
+    // its own commands only
+    let mine = stack
+        .account("dev-a", &a_token)
+        .subscribe_and_collect("devices/dev-a/commands", Duration::from_millis(300))
+        .await;
+    assert!(mine.is_some(), "dev-a may read its commands");
+    for filter in [
+        "devices/dev-b/commands",
+        "devices/+/commands",
+        "devices/#",
+        "#",
+    ] {
+        let theirs = stack
+            .account("dev-a", &a_token)
+            .subscribe_and_collect(filter, Duration::from_millis(300))
+            .await;
+        assert!(theirs.is_none(), "dev-a subscribed to {filter}");
+    }
+
+    // revoked: refused at the next login
+    store::credentials::revoke_device(&mut stack.db.connect(), "dev-a").unwrap();
+    eventually(WAIT, "the revocation seen", || async {
+        let (code, _c, _e) = connect(port, "dev-a", "dev-a", &a_token).await;
+        (code != Some(ConnectReturnCode::Success)).then_some(())
+    })
+    .await;
+
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(stack.stored(), 3, "only dev-a's own readings");
+    assert_eq!(stack.stored_ids("dev-a").len(), 3);
+    ingest.stop().await;
+    stack.cleanup().await;
+}
+
+#[tokio::test]
+async fn no_device_can_throw_another_off_by_taking_its_client_id() {
+    let stack = DurableStack::with_device_accounts().await;
+    stack.declare_mqtt_topology().await;
+    let a_token = stack.register("dev-a");
+    let b_token = stack.register("dev-b");
+    let port = stack.node.mqtt_port;
+    let (code, b_client, mut b_events) = eventually(WAIT, "dev-b connected", || async {
+        let (code, client, events) = connect(port, "dev-b", "dev-b", &b_token).await;
+        (code == Some(ConnectReturnCode::Success)).then_some((code, client, events))
+    })
+    .await;
+    assert_eq!(code, Some(ConnectReturnCode::Success));
+
+    // dev-a, with its own valid token, asks for dev-b's client id: refused before RabbitMQ
+    // registers the id (which would close dev-b's connection)
+    let (code, _a_client, _a_events) = connect(port, "dev-b", "dev-a", &a_token).await;
+    assert_ne!(
+        code,
+        Some(ConnectReturnCode::Success),
+        "dev-a took dev-b's client id"
+    );
+    assert!(
+        still_connected("dev-b", &b_client, &mut b_events).await,
+        "dev-b was thrown off"
+    );
+
+    // What RabbitMQ 3.10 does with the same client id twice, and so what the refusal prevents:
+    // the newer connection wins and the older one is closed. Only dev-b itself can do this to dev-b.
+    let (code, b2_client, mut b2_events) = connect(port, "dev-b", "dev-b", &b_token).await;
+    assert_eq!(code, Some(ConnectReturnCode::Success));
+    assert!(
+        !still_connected("dev-b", &b_client, &mut b_events).await,
+        "the older connection of the same client id is closed"
+    );
+    assert!(still_connected("dev-b", &b2_client, &mut b2_events).await);
+    stack.cleanup().await;
 }
