@@ -571,3 +571,62 @@ async fn a_broker_killed_under_load_loses_nothing_it_acknowledged() {
     eprintln!("acknowledged before the kill: {acked:?}; stored after the restart: {distinct}");
     ingest.stop().await;
 }
+
+#[tokio::test]
+async fn a_killed_consumer_leaves_its_messages_to_the_next_and_everything_is_stored_once() {
+    let stack = DurableStack::new(MqttAuth::Anonymous);
+    let _persister = stack.persister().await;
+    let spawn = || {
+        KillOnDrop(
+            std::process::Command::new(env!("CARGO_BIN_EXE_ingest-mqtt"))
+                .env("HTTP_ADDR", "127.0.0.1:0")
+                .env("MQTT_BROKER", "rabbitmq")
+                .env("MQTT_CLIENT_ID", "ingest-durable-killed")
+                .env("AMQP_URL", stack.node.amqp_url())
+                .env("AMQP_PREFIX", &stack.prefix)
+                .env("RUST_LOG", "warn")
+                .spawn()
+                .expect("start the ingest-mqtt binary"),
+        )
+    };
+    // the queue exists before the first publish, whenever the consumer gets going
+    stack.declare_mqtt_topology().await;
+    let mut first = spawn();
+    let devices: Vec<_> = (0..3)
+        .map(|d| {
+            let device = stack.device(&format!("c{d}"));
+            let messages = device_messages(&format!("c-{d}"), 1000);
+            tokio::spawn(async move { device.publish_all(messages, Duration::ZERO, WAIT).await })
+        })
+        .collect();
+    eventually(WAIT, "part of the stream stored", || async {
+        (stack.stored() >= 600).then_some(())
+    })
+    .await;
+    first.0.kill().unwrap(); // SIGKILL: what it had in hand is neither confirmed nor acked
+    first.0.wait().unwrap();
+    let at_kill = stack.stored();
+    for device in devices {
+        assert_eq!(
+            device.await.unwrap(),
+            1000,
+            "RabbitMQ acknowledged every publish"
+        );
+    }
+    let _second = spawn();
+    stack.wait_stored(3000).await;
+    for d in 0..3 {
+        assert_eq!(stack.stored_ids(&format!("c-{d}")).len(), 1000);
+    }
+    assert!(at_kill < 3000, "the kill came too late to test anything");
+}
+
+/// A child process killed when the test ends, however it ends.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
