@@ -4,18 +4,24 @@
 //!   so no one has to set RabbitMQ up by hand.
 //! - [`Publisher`]: publishes readings with publisher confirms, packing concurrent requests into one
 //!   message, and answers each caller only once the broker has confirmed the message carrying it.
+//! - [`ReadingsConsumer`]: takes readings off the queue, with an acknowledgement handle per
+//!   delivery, dead-lettering and the queue's depth; what the persister builds on.
+//! - [`Backoff`]: the one retry shape (exponential, jittered, capped) for every retrying loop.
+//! - `wire` (private): the queue's wire shape, in one place.
 //! - [`MqttTopology`]: where RabbitMQ's MQTT plugin routes what devices publish (broker mode
 //!   `rabbitmq`), and [`open_queue_consumer`] for ingest-mqtt to consume it.
-//! - [`connect`], [`open_consumer`], [`publish_dead_letter`]: what the persister builds on.
 
+mod backoff;
 mod connection;
+mod consumer;
 mod metrics;
 mod publisher;
 mod topology;
+mod wire;
 
-pub use connection::{
-    BusSettings, DeadLetterError, connect, open_consumer, open_queue_consumer, publish_dead_letter,
-};
+pub use backoff::Backoff;
+pub use connection::{BusSettings, connect, open_queue_consumer};
+pub use consumer::{Ack, ChannelState, ConsumeError, Delivery, QueueDepth, ReadingsConsumer};
 pub use metrics::PublisherMetrics;
 pub use publisher::{PublishError, Publisher, PublisherSettings};
 pub use topology::{
@@ -24,4 +30,7 @@ pub use topology::{
     routing_key_of,
 };
 
+pub use wire::{ORIGINAL_MESSAGE_ID_HEADER, REASON_HEADER};
+
+/// For tests and tools that inspect RabbitMQ directly; services go through the types above.
 pub use lapin;

@@ -55,9 +55,9 @@ impl QueueBridge {
         shutdown: watch::Receiver<bool>,
     ) -> Self {
         Self {
-            amqp_url: settings.amqp_url.clone(),
+            amqp_url: settings.bus.amqp_url.clone(),
             consumer_tag: consumer_tag.to_owned(),
-            topology: MqttTopology::with_prefix(&settings.amqp_prefix),
+            topology: MqttTopology::with_prefix(&settings.bus.amqp_prefix),
             prefetch: settings.mqtt_queue_prefetch.max(1),
             forwarder,
             metrics,

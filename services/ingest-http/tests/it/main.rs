@@ -71,7 +71,7 @@ impl Stack {
     }
 
     async fn ingest_via(&self, amqp_url: String) -> Ingest {
-        self.ingest_with(|s| s.amqp_url = amqp_url).await
+        self.ingest_with(|s| s.bus.amqp_url = amqp_url).await
     }
 
     /// ingest-http with this stack's keys and database; `adjust` changes settings first.
@@ -81,10 +81,10 @@ impl Stack {
         settings.database_url = self.db.url.clone();
         settings.auth_refresh_ms = REGISTRY_REFRESH.as_millis() as u64;
         settings.rate_limit_per_second = 0;
-        settings.amqp_url = testkit::amqp_url();
-        settings.http_addr = "127.0.0.1:0".into();
-        settings.http_workers = 2;
-        settings.amqp_prefix = self.prefix.clone();
+        settings.bus.amqp_url = testkit::amqp_url();
+        settings.http.http_addr = "127.0.0.1:0".into();
+        settings.http.http_workers = 2;
+        settings.bus.amqp_prefix = self.prefix.clone();
         settings.max_body_bytes = 256 * 1024;
         adjust(&mut settings);
         let app = ingest_http::Application::build(&settings).unwrap();
@@ -113,9 +113,9 @@ impl Stack {
     async fn persister(&self) -> tokio::sync::oneshot::Sender<()> {
         let mut settings = persister::Settings::defaults();
         settings.http_addr = "127.0.0.1:0".into();
-        settings.database_url = self.db.url.clone();
-        settings.amqp_url = testkit::amqp_url();
-        settings.amqp_prefix = self.prefix.clone();
+        settings.database.database_url = self.db.url.clone();
+        settings.bus.amqp_url = testkit::amqp_url();
+        settings.bus.amqp_prefix = self.prefix.clone();
         settings.batch_linger_ms = 5;
         let p = persister::Persister::build(&settings).await.unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -127,13 +127,13 @@ impl Stack {
 
     async fn query_api(&self) -> String {
         let mut settings = query_api::Settings::defaults();
-        settings.http_addr = "127.0.0.1:0".into();
-        settings.http_workers = 1;
-        settings.database_url = self.db.url.clone();
+        settings.http.http_addr = "127.0.0.1:0".into();
+        settings.http.http_workers = 1;
+        settings.database.database_url = self.db.url.clone();
         settings.auth_public_key_file = self.keys.verifying_key_file();
         let app = query_api::Application::build(&settings).await.unwrap();
         let url = format!("http://127.0.0.1:{}", app.port());
-        tokio::spawn(app.run_until_stopped());
+        tokio::spawn(app.run_until(std::future::pending()));
         url
     }
 
@@ -294,6 +294,46 @@ async fn batches_are_stored_exactly_and_a_retried_reading_once() {
     assert_eq!(page[0].reading_id, "r997");
     assert_eq!(page[0].metrics, json!({"t": 249.25, "n": -997.0}));
     assert_eq!(page[0].ts.timestamp_millis(), 1_795_000_000_997);
+    ingest.stop().await;
+    stack.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_reading_retried_without_a_time_is_stored_once_and_a_changed_one_kept_as_a_conflict() {
+    let stack = Stack::new();
+    let ingest = stack.ingest().await;
+    let _persister = stack.persister().await;
+    // a Pi that sends an id and no ts, and retries: each attempt is stamped anew by the server
+    let seed = json!({"device_id": "pi-r", "id": "pi-r-1", "temperature": 20.5});
+    for _ in 0..3 {
+        let (status, _) = stack
+            .post(format!("{}/data", ingest.url), seed.clone())
+            .await;
+        assert_eq!(status, 200);
+    }
+    let structured = json!({"device_id": "pi-r", "id": "pi-r-1", "metrics": {"temperature": 20.5}});
+    let (status, _) = stack
+        .post(format!("{}/v1/readings", ingest.url), structured)
+        .await;
+    assert_eq!(status, 202);
+    // the same id with another value: acknowledged, not stored over the first, kept for an operator
+    let changed = json!({"device_id": "pi-r", "id": "pi-r-1", "temperature": 99.0});
+    let (status, _) = stack.post(format!("{}/data", ingest.url), changed).await;
+    assert_eq!(status, 200);
+    testkit::wait_for_exactly(&stack.db.url, "reading_conflicts", 1, WAIT).await;
+    assert_eq!(stack.stored(), 1);
+    let mut conn = stack.db.connect();
+    let page = store::read::readings_page(
+        &mut conn,
+        &store::read::ReadingsQuery {
+            device_id: "pi-r".into(),
+            limit: 10,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(page.len(), 1);
+    assert_eq!(page[0].metrics, json!({"temperature": 20.5}));
     ingest.stop().await;
     stack.cleanup().await;
 }

@@ -62,8 +62,8 @@ impl Stack {
         s.http_addr = "127.0.0.1:0".into();
         s.mqtt_url = format!("mqtt://127.0.0.1:{}", self.mosquitto.port);
         s.mqtt_client_id = client_id.into();
-        s.amqp_url = testkit::amqp_url();
-        s.amqp_prefix = self.prefix.clone();
+        s.bus.amqp_url = testkit::amqp_url();
+        s.bus.amqp_prefix = self.prefix.clone();
         s.retry_max_backoff_ms = 500;
         s
     }
@@ -95,9 +95,9 @@ impl Stack {
     async fn persister(&self) -> tokio::sync::oneshot::Sender<()> {
         let mut settings = persister::Settings::defaults();
         settings.http_addr = "127.0.0.1:0".into();
-        settings.database_url = self.db.url.clone();
-        settings.amqp_url = testkit::amqp_url();
-        settings.amqp_prefix = self.prefix.clone();
+        settings.database.database_url = self.db.url.clone();
+        settings.bus.amqp_url = testkit::amqp_url();
+        settings.bus.amqp_prefix = self.prefix.clone();
         settings.batch_linger_ms = 5;
         let p = persister::Persister::build(&settings).await.unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -110,10 +110,10 @@ impl Stack {
     /// ingest-http on this stack's queue and registry; returns its base URL.
     async fn ingest_http(&self, _broker: &security::Production) -> String {
         let mut settings = ingest_http::Settings::defaults();
-        settings.http_addr = "127.0.0.1:0".into();
-        settings.http_workers = 1;
-        settings.amqp_url = testkit::amqp_url();
-        settings.amqp_prefix = self.prefix.clone();
+        settings.http.http_addr = "127.0.0.1:0".into();
+        settings.http.http_workers = 1;
+        settings.bus.amqp_url = testkit::amqp_url();
+        settings.bus.amqp_prefix = self.prefix.clone();
         settings.database_url = self.db.url.clone();
         settings.auth_public_key_file = self.keys.verifying_key_file();
         settings.auth_refresh_ms = 200;
@@ -162,6 +162,20 @@ fn device_messages(device: &str, n: usize) -> Vec<(String, Vec<u8>)> {
         .map(|i| {
             let body = json!({"id": format!("{device}-{i}"), "ts": 1_795_000_000_000u64 + i as u64,
                               "metrics": {"t": i as f64 + 0.5}});
+            (
+                format!("devices/{device}/readings"),
+                body.to_string().into_bytes(),
+            )
+        })
+        .collect()
+}
+
+/// `n` messages for `device` with ids and no time, as most Pi scripts send: the server stamps each
+/// delivery, so a message delivered again carries another time and only its id tells it is the same.
+fn untimed_messages(device: &str, n: usize) -> Vec<(String, Vec<u8>)> {
+    (0..n)
+        .map(|i| {
+            let body = json!({"id": format!("{device}-{i}"), "metrics": {"t": i as f64 + 0.5}});
             (
                 format!("devices/{device}/readings"),
                 body.to_string().into_bytes(),
@@ -279,7 +293,12 @@ async fn a_killed_ingest_resumes_its_session_and_stores_everything_once() {
     let devices: Vec<_> = (0..3)
         .map(|d| {
             let device = stack.device(&format!("k{d}"));
-            let messages = device_messages(&format!("k-{d}"), 1000);
+            // one device with times, two with ids alone (redelivered, those get a new time)
+            let messages = if d == 0 {
+                device_messages(&format!("k-{d}"), 1000)
+            } else {
+                untimed_messages(&format!("k-{d}"), 1000)
+            };
             tokio::spawn(async move {
                 device
                     .publish_all(messages, Duration::from_millis(2), WAIT)
@@ -319,7 +338,7 @@ async fn while_rabbitmq_is_unreachable_nothing_is_acknowledged_and_everything_ar
     let _persister = stack.persister().await;
     let proxy = TcpProxy::start("127.0.0.1:5672").await;
     let mut settings = stack.settings("ingest-outage");
-    settings.amqp_url = proxy.amqp_url();
+    settings.bus.amqp_url = proxy.amqp_url();
     let ingest = stack.ingest(&settings).await;
     proxy.cut();
     let acked = stack

@@ -39,10 +39,10 @@ impl DurableStack {
         let prefix = testkit::unique_name("mqtt-durable");
         let (db, keys) = (TestDb::migrated(), testkit::TestKeys::new());
         let mut settings = ingest_http::Settings::defaults();
-        settings.http_addr = "127.0.0.1:0".into();
-        settings.http_workers = 1;
-        settings.amqp_url = testkit::amqp_url();
-        settings.amqp_prefix = prefix.clone();
+        settings.http.http_addr = "127.0.0.1:0".into();
+        settings.http.http_workers = 1;
+        settings.bus.amqp_url = testkit::amqp_url();
+        settings.bus.amqp_prefix = prefix.clone();
         settings.database_url = db.url.clone();
         settings.auth_public_key_file = keys.verifying_key_file();
         settings.auth_refresh_ms = 200;
@@ -78,8 +78,8 @@ impl DurableStack {
         s.http_addr = "127.0.0.1:0".into();
         s.mqtt_broker = MqttBroker::Rabbitmq;
         s.mqtt_client_id = consumer.into();
-        s.amqp_url = self.node.amqp_url();
-        s.amqp_prefix = self.prefix.clone();
+        s.bus.amqp_url = self.node.amqp_url();
+        s.bus.amqp_prefix = self.prefix.clone();
         s.retry_max_backoff_ms = 500;
         s
     }
@@ -108,9 +108,9 @@ impl DurableStack {
     pub async fn persister(&self) -> tokio::sync::oneshot::Sender<()> {
         let mut settings = persister::Settings::defaults();
         settings.http_addr = "127.0.0.1:0".into();
-        settings.database_url = self.db.url.clone();
-        settings.amqp_url = self.node.amqp_url();
-        settings.amqp_prefix = self.prefix.clone();
+        settings.database.database_url = self.db.url.clone();
+        settings.bus.amqp_url = self.node.amqp_url();
+        settings.bus.amqp_prefix = self.prefix.clone();
         settings.batch_linger_ms = 5;
         let p = persister::Persister::build(&settings).await.unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -73,14 +73,14 @@ async fn start(db: TestDb, adjust: impl FnOnce(&mut query_api::Settings)) -> Api
     let keys = TestKeys::new();
     keys.record_app_tokens_in(&db.url);
     let mut settings = query_api::Settings::defaults();
-    settings.http_addr = "127.0.0.1:0".into();
-    settings.http_workers = 1;
-    settings.database_url = db.url.clone();
+    settings.http.http_addr = "127.0.0.1:0".into();
+    settings.http.http_workers = 1;
+    settings.database.database_url = db.url.clone();
     settings.auth_public_key_file = keys.verifying_key_file();
     adjust(&mut settings);
     let app = query_api::Application::build(&settings).await.unwrap();
     let url = format!("http://127.0.0.1:{}", app.port());
-    tokio::spawn(app.run_until_stopped());
+    tokio::spawn(app.run_until(std::future::pending()));
     let reader = keys.app_token(auth::Role::Reader);
     Api {
         url,
