@@ -11,6 +11,12 @@ PG_HOST="${PG_HOST:-127.0.0.1}"
 PG_PORT="${PG_PORT:-5432}"
 AMQP_PORT="${AMQP_PORT:-5672}"
 MQTT_PORT="${MQTT_PORT:-1883}"
+# MQTT_BROKER=rabbitmq: devices publish to RabbitMQ's MQTT plugin on a node of Sensorhub's own
+# (start_rabbitmq_mqtt), its AMQP and MQTT on these ports, beside the machine's RabbitMQ and Mosquitto.
+MQTT_BROKER="${MQTT_BROKER:-mosquitto}"
+case "$MQTT_BROKER" in mosquitto | rabbitmq) ;; *) echo "MQTT_BROKER must be mosquitto or rabbitmq" >&2; exit 1 ;; esac
+RABBITMQ_MQTT_AMQP_PORT="${RABBITMQ_MQTT_AMQP_PORT:-5673}"
+RABBITMQ_MQTT_PORT="${RABBITMQ_MQTT_PORT:-1884}"
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 die() { printf '\033[31merror: %s\033[0m\n' "$*" >&2; exit 1; }
@@ -94,6 +100,52 @@ start_mosquitto() {
     as_root mosquitto -d -c /etc/mosquitto/mosquitto.conf
     wait_port 127.0.0.1 "$MQTT_PORT" Mosquitto
   fi
+}
+
+# MQTT broker mode "rabbitmq": a RabbitMQ node of Sensorhub's own, with the MQTT plugin and the HTTP
+# auth backend enabled (in its own enabled-plugins file: enabling them on the machine's RabbitMQ would
+# change it for everyone, and its MQTT listener would take Mosquitto's port). Devices log in as
+# ingest-http (at $1) says; the plugin publishes to <prefix>.mqtt, which ingest-mqtt declares. Its data
+# stays in .run/rabbitmq-mqtt/ across runs; scripts/down stops it (.run/rabbitmq-mqtt.pgid).
+start_rabbitmq_mqtt() { # ingest-http-base-url amqp-prefix
+  local dir="$RUN_DIR/rabbitmq-mqtt" auth="$1/internal/rabbitmq" node=sensorhub-mqtt@localhost
+  if port_open 127.0.0.1 "$RABBITMQ_MQTT_AMQP_PORT" && port_open 127.0.0.1 "$RABBITMQ_MQTT_PORT"; then
+    return
+  fi
+  say "starting RabbitMQ with its MQTT plugin (AMQP 127.0.0.1:$RABBITMQ_MQTT_AMQP_PORT, MQTT 127.0.0.1:$RABBITMQ_MQTT_PORT)"
+  mkdir -p "$dir/mnesia" "$dir/log"
+  echo '[rabbitmq_mqtt,rabbitmq_auth_backend_http].' >"$dir/enabled_plugins"
+  cat >"$dir/rabbitmq.conf" <<CONF
+listeners.tcp.local = 127.0.0.1:$RABBITMQ_MQTT_AMQP_PORT
+loopback_users.guest = true
+mqtt.listeners.tcp.default = 127.0.0.1:$RABBITMQ_MQTT_PORT
+mqtt.exchange = $2.mqtt
+mqtt.allow_anonymous = false
+auth_backends.1 = internal
+auth_backends.2 = http
+auth_http.http_method = post
+auth_http.user_path = $auth/user
+auth_http.vhost_path = $auth/vhost
+auth_http.resource_path = $auth/resource
+auth_http.topic_path = $auth/topic
+CONF
+  local run=()
+  if [ "$(id -u)" -eq 0 ]; then
+    # RabbitMQ refuses root; the Erlang cookie is the rabbitmq user's
+    chown -R rabbitmq:rabbitmq "$dir"
+    run=(setpriv --reuid rabbitmq --regid rabbitmq --init-groups env HOME=/var/lib/rabbitmq)
+  fi
+  # /usr/lib/rabbitmq/bin, not /usr/sbin's wrapper: that one switches users and, with the node's
+  # directories elsewhere, fails without a word
+  (cd / && env RABBITMQ_NODENAME=$node RABBITMQ_NODE_PORT="$RABBITMQ_MQTT_AMQP_PORT" \
+    RABBITMQ_DIST_PORT=$((RABBITMQ_MQTT_AMQP_PORT + 20010)) RABBITMQ_MNESIA_BASE="$dir/mnesia" \
+    RABBITMQ_LOG_BASE="$dir/log" RABBITMQ_PID_FILE="$dir/pid" RABBITMQ_ENABLED_PLUGINS_FILE="$dir/enabled_plugins" \
+    RABBITMQ_CONFIG_FILE="$dir/rabbitmq.conf" setsid sh -c 'echo $$ >"$0"; exec "$@"' "$RUN_DIR/rabbitmq-mqtt.pgid" \
+    "${run[@]}" /usr/lib/rabbitmq/bin/rabbitmq-server >"$RUN_DIR/rabbitmq-mqtt.log" 2>&1 </dev/null &)
+  # a session and process group of its own (setsid, which forks when it must: the group's id is
+  # what the new session's first process says): scripts/down stops the script and the Erlang VM together
+  wait_port 127.0.0.1 "$RABBITMQ_MQTT_AMQP_PORT" "RabbitMQ (MQTT mode)" 120
+  wait_port 127.0.0.1 "$RABBITMQ_MQTT_PORT" "RabbitMQ's MQTT plugin" 60
 }
 
 ensure_services() {

@@ -1,6 +1,8 @@
 use std::time::Duration;
 
-use lapin::{Connection, ConnectionProperties};
+use lapin::options::{BasicConsumeOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection, ConnectionProperties, Consumer};
 use serde::Deserialize;
 
 use crate::Topology;
@@ -36,4 +38,27 @@ pub async fn connect(url: &str, connection_name: &str) -> lapin::Result<Connecti
             )),
         ))),
     }
+}
+
+/// A channel consuming `queue` (already declared), `prefetch` unacknowledged messages at most.
+/// Messages left unacknowledged when the channel or connection closes go back to the queue.
+pub async fn open_queue_consumer(
+    connection: &Connection,
+    queue: &str,
+    prefetch: u16,
+    consumer_tag: &str,
+) -> lapin::Result<(Channel, Consumer)> {
+    let channel = connection.create_channel().await?;
+    channel
+        .basic_qos(prefetch, BasicQosOptions::default())
+        .await?;
+    let consumer = channel
+        .basic_consume(
+            queue.into(),
+            consumer_tag.into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    Ok((channel, consumer))
 }

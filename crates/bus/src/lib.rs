@@ -8,6 +8,8 @@
 //!   delivery, dead-lettering and the queue's depth; what the persister builds on.
 //! - [`Backoff`]: the one retry shape (exponential, jittered, capped) for every retrying loop.
 //! - `wire` (private): the queue's wire shape, in one place.
+//! - [`MqttTopology`]: where RabbitMQ's MQTT plugin routes what devices publish (broker mode
+//!   `rabbitmq`), and [`open_queue_consumer`] for ingest-mqtt to consume it.
 
 mod backoff;
 mod connection;
@@ -18,12 +20,14 @@ mod topology;
 mod wire;
 
 pub use backoff::Backoff;
-pub use connection::{BusSettings, connect};
+pub use connection::{BusSettings, connect, open_queue_consumer};
 pub use consumer::{Ack, ChannelState, ConsumeError, Delivery, QueueDepth, ReadingsConsumer};
 pub use metrics::PublisherMetrics;
 pub use publisher::{PublishError, Publisher, PublisherSettings};
 pub use topology::{
-    INVALID_ROUTING_KEY, READINGS_ROUTING_KEY, Topology, declare_topology, delete_topology,
+    INVALID_ROUTING_KEY, MQTT_READINGS_BINDING, MqttTopology, READINGS_ROUTING_KEY, Topology,
+    declare_mqtt_topology, declare_topology, delete_mqtt_topology, delete_topology, mqtt_topic_of,
+    routing_key_of,
 };
 
 pub use wire::{ORIGINAL_MESSAGE_ID_HEADER, REASON_HEADER};

@@ -125,3 +125,137 @@ pub async fn delete_topology(channel: &Channel, t: &Topology) -> lapin::Result<(
     }
     Ok(())
 }
+
+/// Where RabbitMQ's MQTT plugin puts what devices publish, in the `rabbitmq` broker mode (the
+/// plugin's `mqtt.exchange` must name [`MqttTopology::exchange`]).
+///
+/// ```text
+/// devices/<id>/readings (MQTT, QoS 1)
+///   ──► <p>.mqtt (topic exchange) ──"devices.#.readings"──► <p>.mqtt.readings (quorum) ──► ingest-mqtt
+///        └ no binding matched (alternate exchange) ──► <p>.mqtt.unrouted (fanout) ──► <p>.mqtt.unrouted (quorum)
+/// ```
+///
+/// The plugin sends a device its PUBACK once every queue the message reached has confirmed it: a
+/// quorum queue confirms once a majority wrote it to disk. A message that reached no queue would be
+/// acknowledged and dropped; the alternate exchange keeps it instead. `devices.#.readings` and not
+/// `devices.*.readings`: a device id may contain a `.`, which the plugin does not escape.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MqttTopology {
+    pub exchange: String,
+    pub readings_queue: String,
+    pub unrouted_exchange: String,
+    pub unrouted_queue: String,
+}
+
+/// The binding of every device's readings topic, `devices/<id>/readings` as an AMQP routing key.
+pub const MQTT_READINGS_BINDING: &str = "devices.#.readings";
+
+impl MqttTopology {
+    pub fn with_prefix(prefix: &str) -> Self {
+        Self {
+            exchange: format!("{prefix}.mqtt"),
+            readings_queue: format!("{prefix}.mqtt.readings"),
+            unrouted_exchange: format!("{prefix}.mqtt.unrouted"),
+            unrouted_queue: format!("{prefix}.mqtt.unrouted"),
+        }
+    }
+}
+
+/// Declares the MQTT side (idempotent): the exchange the MQTT plugin publishes to, with its
+/// alternate exchange, and both quorum queues.
+pub async fn declare_mqtt_topology(channel: &Channel, t: &MqttTopology) -> lapin::Result<()> {
+    let durable = ExchangeDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    channel
+        .exchange_declare(
+            t.unrouted_exchange.as_str().into(),
+            ExchangeKind::Fanout,
+            durable,
+            FieldTable::default(),
+        )
+        .await?;
+    let mut arguments = FieldTable::default();
+    arguments.insert(
+        "alternate-exchange".into(),
+        AMQPValue::LongString(t.unrouted_exchange.as_str().into()),
+    );
+    channel
+        .exchange_declare(
+            t.exchange.as_str().into(),
+            ExchangeKind::Topic,
+            durable,
+            arguments,
+        )
+        .await?;
+    for (queue, exchange, key) in [
+        (&t.readings_queue, &t.exchange, MQTT_READINGS_BINDING),
+        (&t.unrouted_queue, &t.unrouted_exchange, ""),
+    ] {
+        channel
+            .queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions::durable(),
+                quorum_arguments(None),
+            )
+            .await?;
+        channel
+            .queue_bind(
+                queue.as_str().into(),
+                exchange.as_str().into(),
+                key.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+    }
+    Ok(())
+}
+
+/// Removes the MQTT side (tests clean up after themselves with this).
+pub async fn delete_mqtt_topology(channel: &Channel, t: &MqttTopology) -> lapin::Result<()> {
+    for queue in [&t.readings_queue, &t.unrouted_queue] {
+        channel
+            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+            .await?;
+    }
+    for exchange in [&t.exchange, &t.unrouted_exchange] {
+        channel
+            .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+            .await?;
+    }
+    Ok(())
+}
+
+/// The MQTT topic a message from the MQTT plugin was published to, from its routing key. The
+/// plugin turns `/` into `.`, and a device id may hold a `.` of its own, so a device's readings
+/// topic is recognised by its ends (`devices.` … `.readings`) and the middle kept whole.
+pub fn mqtt_topic_of(routing_key: &str) -> String {
+    match routing_key
+        .strip_prefix("devices.")
+        .and_then(|rest| rest.strip_suffix(".readings"))
+    {
+        Some(device) if !device.is_empty() => format!("devices/{device}/readings"),
+        _ => routing_key.replace('.', "/"),
+    }
+}
+
+/// The AMQP routing key of an MQTT topic, as the MQTT plugin makes it (`/` becomes `.`).
+pub fn routing_key_of(mqtt_topic: &str) -> String {
+    mqtt_topic.replace('/', ".")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_device_id_with_dots_survives_the_round_trip() {
+        for topic in ["devices/pi-1/readings", "devices/pi.kitchen/readings"] {
+            assert_eq!(mqtt_topic_of(&routing_key_of(topic)), topic);
+        }
+        assert_eq!(mqtt_topic_of("sensor.data"), "sensor/data");
+        assert_eq!(mqtt_topic_of("devices..readings"), "devices//readings");
+    }
+}

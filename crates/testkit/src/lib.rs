@@ -6,6 +6,7 @@
 //! `TEST_AMQP_URL` (default `amqp://guest:guest@127.0.0.1:5672/%2f`), `TEST_MQTT_HOST`/`TEST_MQTT_PORT`.
 
 pub mod mqtt;
+pub mod rabbitmq;
 
 use std::future::Future;
 use std::hash::{Hash, Hasher};

@@ -106,6 +106,16 @@ impl Authenticator {
             }
             Err(BearerError::NotBearer) => return Err(invalid(BearerError::NOT_BEARER.into())),
         };
+        self.admit_token(token).await
+    }
+
+    /// The device a token lets write: a valid device token, not revoked or replaced. The one
+    /// check for HTTP (the Bearer header) and MQTT (the password, see `rabbitmq_auth`).
+    pub async fn admit_token(&self, token: &str) -> Result<Writer, IngestError> {
+        let invalid = |reason: String| IngestError::Unauthorized {
+            reason,
+            token_sent: true,
+        };
         let Some(verifier) = &self.verifier else {
             return Err(invalid(
                 "tokens cannot be checked: no key is configured".into(),

@@ -6,6 +6,7 @@ pub mod audit;
 mod device_auth;
 mod error;
 mod metrics;
+pub mod rabbitmq_auth;
 pub mod settings;
 pub mod startup;
 

@@ -31,6 +31,8 @@ pub struct Settings {
     pub refusal_limit_per_second: u32,
     pub refusal_limit_burst: u32,
     pub trusted_proxies: String,
+    pub rabbitmq_mqtt_auth: bool,
+    pub rabbitmq_mqtt_vhost: String,
     pub audit_accepted: AcceptedWrites,
     pub audit_summary_interval_secs: u64,
     pub log_format: LogFormat,

@@ -24,6 +24,7 @@ use crate::api::{self, ApiDoc, IngestState};
 use crate::audit::AuditTrail;
 use crate::device_auth::{self, Authenticator};
 use crate::metrics::{CauseLabels, IngestMetrics};
+use crate::rabbitmq_auth::{self, MqttRules};
 use crate::settings::Settings;
 
 /// ingest-http, built and bound, ready to run.
@@ -72,11 +73,20 @@ impl Application {
             ),
             trusted_proxies: TrustedProxies::parse(&settings.trusted_proxies)
                 .map_err(anyhow::Error::msg)?,
-            public: PublicRoutes::ops_and(&[]),
+            // RabbitMQ's auth backend carries no bearer token: the device's token is the question
+            public: PublicRoutes::ops_and(if settings.rabbitmq_mqtt_auth {
+                &rabbitmq_auth::PATHS
+            } else {
+                &[]
+            }),
             audit: audit.clone(),
         });
 
         let (listener, port) = settings.http.bind()?;
+        let mqtt_rules = settings.rabbitmq_mqtt_auth.then(|| MqttRules {
+            exchange: bus::MqttTopology::with_prefix(&settings.bus.amqp_prefix).exchange,
+            vhost: settings.rabbitmq_mqtt_vhost.clone(),
+        });
         let server = HttpServer::new(move || {
             let (app, openapi) = App::new()
                 .into_utoipa_app()
@@ -90,6 +100,11 @@ impl Application {
                 .wrap(from_fn(HttpMetrics::record))
                 .configure(|cfg| ops.routes(cfg))
                 .route("/openapi.json", web::get().to(api::openapi_json))
+                .configure(|cfg| {
+                    if let Some(rules) = mqtt_rules.clone() {
+                        rabbitmq_auth::routes(rules)(cfg);
+                    }
+                })
                 .default_service(web::to(service_kit::error::unknown_route))
         })
         .disable_signals()

@@ -5,10 +5,23 @@ use serde::Deserialize;
 use service_kit::net::{MqttEndpoint, parse_mqtt_url};
 use service_kit::telemetry::LogFormat;
 
+/// Which broker devices publish to, and so where ingest-mqtt takes their messages from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MqttBroker {
+    /// Mosquitto: a persistent MQTT session with QoS 1 subscriptions (shared between instances).
+    Mosquitto,
+    /// RabbitMQ's MQTT plugin: devices' messages wait in a quorum queue (see
+    /// [`bus::MqttTopology`]), consumed over AMQP by every instance (competing consumers).
+    Rabbitmq,
+}
+
 /// Every setting of ingest-mqtt; README's configuration table documents each.
 #[derive(Clone, Deserialize)]
 pub struct Settings {
     pub http_addr: String,
+    pub mqtt_broker: MqttBroker,
+    pub mqtt_queue_prefetch: u16,
     pub mqtt_url: String,
     pub mqtt_username: String,
     pub mqtt_password: String,

@@ -28,7 +28,9 @@ pub struct Cli {
     )]
     pub keys_dir: PathBuf,
     /// Mosquitto's dynamic security admin, `mqtt://admin:password@host:1883`: when set, `device add`
-    /// and `device revoke` also create and remove the device's MQTT account.
+    /// and `device revoke` also create and remove the device's MQTT account. Leave it unset in MQTT
+    /// broker mode `rabbitmq`: there RabbitMQ asks ingest-http, which reads the device registry,
+    /// so `device add` and `device revoke` are the MQTT accounts.
     #[arg(long, env = "SENSORHUB_MQTT_ADMIN_URL", global = true)]
     pub mqtt_admin_url: Option<String>,
     #[command(subcommand)]

@@ -2,6 +2,7 @@
 //! persister storing what it publishes.
 
 mod input;
+mod rabbitmq;
 mod readme;
 mod security;
 
