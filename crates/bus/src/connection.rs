@@ -29,15 +29,34 @@ impl BusSettings {
 pub async fn connect(url: &str, connection_name: &str) -> lapin::Result<Connection> {
     let properties =
         ConnectionProperties::default().with_connection_name(connection_name.to_owned().into());
-    match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(url, properties)).await {
-        Ok(result) => result,
-        Err(_) => Err(lapin::Error::from(lapin::ErrorKind::IOError(
-            std::sync::Arc::new(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!("no answer from RabbitMQ within {CONNECT_TIMEOUT:?}"),
-            )),
-        ))),
-    }
+    tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(url, properties))
+        .await
+        .unwrap_or_else(|_| Err(timed_out("accept a connection", CONNECT_TIMEOUT)))
+}
+
+/// The longest the set-up of a connection may take (connect, open a channel, declare the topology,
+/// start consuming). A broker killed while a service reconnects, or still booting when it does, can
+/// leave a set-up step waiting for an answer that never comes: a persister was seen to log
+/// "reconnecting" after a SIGKILL of RabbitMQ and never consume again. Past this, the attempt fails
+/// and the service's backoff tries again with a new connection.
+pub const SETUP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Runs a connection's set-up, failing it after [`SETUP_TIMEOUT`].
+pub async fn bounded_setup<T>(
+    setup: impl std::future::Future<Output = lapin::Result<T>>,
+) -> lapin::Result<T> {
+    tokio::time::timeout(SETUP_TIMEOUT, setup)
+        .await
+        .unwrap_or_else(|_| Err(timed_out("finish setting up a connection", SETUP_TIMEOUT)))
+}
+
+fn timed_out(what: &str, limit: Duration) -> lapin::Error {
+    lapin::Error::from(lapin::ErrorKind::IOError(std::sync::Arc::new(
+        std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("RabbitMQ did not {what} within {limit:?}"),
+        ),
+    )))
 }
 
 /// A channel consuming `queue` (already declared), `prefetch` unacknowledged messages at most.

@@ -67,21 +67,25 @@ impl ReadingsConsumer {
         prefetch: u16,
         connection_name: &str,
     ) -> Result<Self, ConsumeError> {
-        let connection = connect(amqp_url, connection_name).await?;
-        let channel = connection.create_channel().await?;
-        declare_topology(&channel, topology).await?;
-        channel.confirm_select(Default::default()).await?;
-        channel
-            .basic_qos(prefetch.max(1), BasicQosOptions::default())
-            .await?;
-        let consumer = channel
-            .basic_consume(
-                topology.readings_queue.as_str().into(),
-                "".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
+        let (connection, channel, consumer) = crate::bounded_setup(async {
+            let connection = connect(amqp_url, connection_name).await?;
+            let channel = connection.create_channel().await?;
+            declare_topology(&channel, topology).await?;
+            channel.confirm_select(Default::default()).await?;
+            channel
+                .basic_qos(prefetch.max(1), BasicQosOptions::default())
+                .await?;
+            let consumer = channel
+                .basic_consume(
+                    topology.readings_queue.as_str().into(),
+                    "".into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+            Ok((connection, channel, consumer))
+        })
+        .await?;
         Ok(Self {
             connection,
             channel,

@@ -20,7 +20,7 @@ mod topology;
 mod wire;
 
 pub use backoff::Backoff;
-pub use connection::{BusSettings, connect, open_queue_consumer};
+pub use connection::{BusSettings, SETUP_TIMEOUT, bounded_setup, connect, open_queue_consumer};
 pub use consumer::{Ack, ChannelState, ConsumeError, Delivery, QueueDepth, ReadingsConsumer};
 pub use metrics::PublisherMetrics;
 pub use publisher::{PublishError, Publisher, PublisherSettings};

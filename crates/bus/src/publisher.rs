@@ -351,11 +351,14 @@ async fn open(
     topology: &Topology,
     connection_name: &str,
 ) -> lapin::Result<(Connection, Channel)> {
-    let connection = connect(url, connection_name).await?;
-    let channel = connection.create_channel().await?;
-    declare_topology(&channel, topology).await?;
-    channel.confirm_select(Default::default()).await?;
-    Ok((connection, channel))
+    crate::bounded_setup(async {
+        let connection = connect(url, connection_name).await?;
+        let channel = connection.create_channel().await?;
+        declare_topology(&channel, topology).await?;
+        channel.confirm_select(Default::default()).await?;
+        Ok((connection, channel))
+    })
+    .await
 }
 
 /// Follows the connection's events: a failure ends the publish loop; RabbitMQ's flow control

@@ -106,18 +106,21 @@ impl QueueBridge {
     /// Connects, declares the MQTT side of the topology (so the plugin has its exchange and the
     /// queue exists before the first device publishes) and starts consuming.
     async fn connect(&self) -> bus::lapin::Result<(Connection, Consumer)> {
-        let connection = bus::connect(&self.amqp_url, &self.consumer_tag).await?;
-        let channel = connection.create_channel().await?;
-        bus::declare_mqtt_topology(&channel, &self.topology).await?;
-        let _ = channel.close(200, "declared".into()).await;
-        let (_channel, consumer) = bus::open_queue_consumer(
-            &connection,
-            &self.topology.readings_queue,
-            self.prefetch,
-            &self.consumer_tag,
-        )
-        .await?;
-        Ok((connection, consumer))
+        bus::bounded_setup(async {
+            let connection = bus::connect(&self.amqp_url, &self.consumer_tag).await?;
+            let channel = connection.create_channel().await?;
+            bus::declare_mqtt_topology(&channel, &self.topology).await?;
+            let _ = channel.close(200, "declared".into()).await;
+            let (_channel, consumer) = bus::open_queue_consumer(
+                &connection,
+                &self.topology.readings_queue,
+                self.prefetch,
+                &self.consumer_tag,
+            )
+            .await?;
+            Ok((connection, consumer))
+        })
+        .await
     }
 
     async fn consume(&mut self, mut consumer: Consumer) -> Ended {
