@@ -11,11 +11,11 @@ use tokio::time::Instant;
 
 use crate::http::{self, Body, Endpoint};
 use crate::mqtt::{self, Broker, Format};
-use crate::procs::{CpuWindow, PeakWindow, Watched};
 use crate::progress::Progress;
 use crate::report::{Figure, Machine, Report, Resource, Target};
 use crate::stats::Summary;
 use crate::{Args, Workload, db};
+use system::procs::{CpuWindow, PeakWindow, Watched};
 
 /// The name loadgen's own process is shown under.
 const LOADGEN: &str = "loadgen (this)";
