@@ -99,7 +99,6 @@ async fn writes_without_a_valid_device_token_are_refused_and_store_nothing() {
     );
     stack.wait_stored(1).await;
     ingest.stop().await;
-    stack.cleanup().await;
 }
 
 #[tokio::test]
@@ -134,7 +133,6 @@ async fn a_revoked_device_is_refused_within_seconds_without_a_restart() {
     .await;
     assert!(revoked_at.elapsed() < Duration::from_secs(10));
     ingest.stop().await;
-    stack.cleanup().await;
 }
 
 #[tokio::test]
@@ -181,7 +179,6 @@ async fn a_device_flooding_ingest_gets_429_with_retry_after() {
         "refused requests queue nothing"
     );
     ingest.stop().await;
-    stack.cleanup().await;
 }
 
 #[tokio::test]
@@ -207,7 +204,6 @@ async fn anonymous_ingest_is_off_by_default_and_only_explicitly_on() {
         .await;
     assert_eq!(status, 200);
     ingest.stop().await;
-    stack.cleanup().await;
 }
 
 #[tokio::test]
@@ -246,7 +242,6 @@ async fn slow_clients_cannot_hold_a_connection() {
     let text = String::from_utf8_lossy(&answer);
     assert!(text.starts_with("HTTP/1.1 408"), "{text}");
     ingest.stop().await;
-    stack.cleanup().await;
 }
 
 #[tokio::test]
@@ -330,7 +325,6 @@ async fn every_write_is_audited_with_who_when_where_and_never_the_token() {
         !log.concat().contains(&token),
         "the token itself is never logged"
     );
-    stack.cleanup().await;
 }
 
 /// ingest-http as a process with its log on a pipe (`format` "json" or "text"), with this stack's
@@ -349,7 +343,7 @@ fn spawn_logged(
         .env("HTTP_ADDR", "127.0.0.1:0")
         .env("HTTP_WORKERS", "1")
         .env("AMQP_URL", testkit::amqp_url())
-        .env("AMQP_PREFIX", &stack.prefix)
+        .env("AMQP_PREFIX", &*stack.prefix)
         .env("DATABASE_URL", &stack.db.url)
         .env("AUTH_PUBLIC_KEY_FILE", stack.keys.verifying_key_file())
         .env("AUTH_REFRESH_MS", "200")
@@ -466,7 +460,6 @@ async fn accepted_writes_are_summed_and_no_request_can_forge_an_audit_line() {
         "one summary line for three requests: {log:#?}"
     );
     drop(child);
-    stack.cleanup().await;
 }
 
 /// A child process that goes when the test does, passing or failing (a live child would keep the
@@ -534,7 +527,6 @@ async fn every_spelling_of_every_route_needs_a_device_token() {
     assert_eq!(response.status(), 405);
     assert_eq!(response.headers()["allow"], "POST");
     ingest.stop().await;
-    stack.cleanup().await;
 }
 
 /// Forged tokens cost a signature check each: past its refusal budget a client address gets 429
@@ -579,5 +571,4 @@ async fn an_address_that_keeps_being_refused_is_slowed_down() {
     assert_eq!(response.status(), 200, "another address is not");
     assert_eq!(stack.queued_messages().await, 1, "refusals queue nothing");
     ingest.stop().await;
-    stack.cleanup().await;
 }
