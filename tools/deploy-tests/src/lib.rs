@@ -298,8 +298,7 @@ impl Topology {
         {
             wait_ready(process).await;
         }
-        // ingest-mqtt is subscribed once ready; give Mosquitto a moment to register the shares
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // ingest-mqtt is ready at its SUBACK: Mosquitto has registered its share by then
 
         let mut traefik = start_traefik(
             &dir,
@@ -384,8 +383,7 @@ impl Topology {
 
     /// Registers each device (as `sensorctl device add` does) and returns device → token, once
     /// every running ingest-http replica lets the tokens in (it re-reads the registry every
-    /// `AUTH_REFRESH_MS`). Asked directly with a body that is no reading: `400` means the token
-    /// passed and nothing was stored; `401` that the replica has not seen the device yet.
+    /// `AUTH_REFRESH_MS`; see [`system::service::wait_token_accepted`]).
     pub async fn register_devices<'a>(
         &mut self,
         devices: impl IntoIterator<Item = &'a str>,
@@ -394,28 +392,14 @@ impl Topology {
             .into_iter()
             .map(|d| (d.to_owned(), self.keys.register_device(&self.db.url, d)))
             .collect();
-        let client = reqwest::Client::new();
         for replica in &mut self.ingest_http {
             if !replica.is_running() {
                 continue;
             }
-            let url = format!("{}/v1/readings", replica.url());
             for (device, token) in &tokens {
-                testkit::eventually(
-                    WAIT,
-                    &format!("{} lets {device} in", replica.label),
-                    || async {
-                        let r = client
-                            .post(&url)
-                            .bearer_auth(token)
-                            .json(&serde_json::json!({}))
-                            .send()
-                            .await
-                            .ok()?;
-                        (r.status() == reqwest::StatusCode::BAD_REQUEST).then_some(())
-                    },
-                )
-                .await;
+                service::wait_token_accepted(&replica.url(), token, WAIT)
+                    .await
+                    .unwrap_or_else(|e| panic!("{} lets {device} in: {e:#}", replica.label));
             }
         }
         tokens

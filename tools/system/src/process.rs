@@ -94,6 +94,11 @@ impl Process {
         None
     }
 
+    /// Lets it run on after this handle (and this program) is gone; returns its pid.
+    pub fn detach(mut self) -> Option<u32> {
+        self.child.take().map(|c| c.id())
+    }
+
     /// The log's last `lines` lines.
     pub fn tail(&self, lines: usize) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();

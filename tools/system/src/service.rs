@@ -203,3 +203,36 @@ pub async fn wait_ready(
     let url = format!("{base}/readyz");
     wait_until(process, deadline, || answers(&client, &url)).await
 }
+
+/// Waits until ingest-http at `base` lets `token` in: it re-reads the device registry every
+/// `AUTH_REFRESH_MS`, so a device registered a moment ago is refused (401) until then. Asked with
+/// a body that is no reading, so nothing is stored: 400 means the token passed.
+pub async fn wait_token_accepted(base: &str, token: &str, timeout: Duration) -> anyhow::Result<()> {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()?;
+    let url = format!("{base}/v1/readings");
+    let deadline = Instant::now() + timeout;
+    loop {
+        let status = client
+            .post(&url)
+            .bearer_auth(token)
+            .header("content-type", "application/json")
+            .body("{}")
+            .send()
+            .await
+            .map(|r| r.status());
+        if status
+            .as_ref()
+            .is_ok_and(|s| *s == reqwest::StatusCode::BAD_REQUEST)
+        {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "{base} still refuses a registered device's token after {timeout:?} ({status:?})"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
