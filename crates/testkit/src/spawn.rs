@@ -273,6 +273,21 @@ impl Binary {
         )
     }
 
+    /// A command the test built itself (its output piped, say), run on the same terms: killed
+    /// when dropped.
+    pub fn spawn(mut command: std::process::Command) -> Self {
+        Self(
+            command
+                .spawn()
+                .unwrap_or_else(|e| panic!("start {command:?}: {e}")),
+        )
+    }
+
+    /// Its standard output, when the command piped it (once).
+    pub fn take_stdout(&mut self) -> Option<std::process::ChildStdout> {
+        self.0.stdout.take()
+    }
+
     /// SIGKILL: no chance to finish a batch or acknowledge anything.
     pub fn kill(&mut self) {
         let _ = self.0.kill();

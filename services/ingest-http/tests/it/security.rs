@@ -248,8 +248,7 @@ async fn slow_clients_cannot_hold_a_connection() {
 async fn every_write_is_audited_with_who_when_where_and_never_the_token() {
     let stack = Stack::new();
     let token = stack.token("raspi-audit").await;
-    let (child, mut lines, port) = spawn_logged(&stack, &[("AUDIT_ACCEPTED", "each")], "json");
-    let _child = KillOnDrop(child);
+    let (_child, mut lines, port) = spawn_logged(&stack, &[("AUDIT_ACCEPTED", "each")], "json");
     let mut log = Vec::new();
     let data = format!("http://127.0.0.1:{port}/data");
     eventually(WAIT, "ready", || async {
@@ -334,7 +333,7 @@ fn spawn_logged(
     env: &[(&str, &str)],
     format: &str,
 ) -> (
-    std::process::Child,
+    testkit::spawn::Binary,
     std::io::BufReader<std::process::ChildStdout>,
     u64,
 ) {
@@ -351,8 +350,8 @@ fn spawn_logged(
         .env("RUST_LOG", "info")
         .envs(env.iter().copied())
         .stdout(std::process::Stdio::piped());
-    let mut child = command.spawn().unwrap();
-    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut child = testkit::spawn::Binary::spawn(command);
+    let mut lines = std::io::BufReader::new(child.take_stdout().unwrap());
     let port = loop {
         let mut line = String::new();
         assert!(
@@ -384,7 +383,6 @@ async fn accepted_writes_are_summed_and_no_request_can_forge_an_audit_line() {
     let token = stack.token("raspi-sum").await;
     let (child, lines, port) =
         spawn_logged(&stack, &[("AUDIT_SUMMARY_INTERVAL_SECS", "1")], "text");
-    let child = KillOnDrop(child);
     let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
     let reader_log = log.clone();
     std::thread::spawn(move || {
@@ -460,17 +458,6 @@ async fn accepted_writes_are_summed_and_no_request_can_forge_an_audit_line() {
         "one summary line for three requests: {log:#?}"
     );
     drop(child);
-}
-
-/// A child process that goes when the test does, passing or failing (a live child would keep the
-/// test runner's output pipe open).
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// Every spelling of the write routes, and of no route, needs a device token: 401, nothing
