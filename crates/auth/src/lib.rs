@@ -274,13 +274,6 @@ impl CachedVerifier {
     }
 }
 
-/// The token of an `Authorization: Bearer <token>` header value.
-pub fn bearer_token(header: &str) -> Option<&str> {
-    let (scheme, token) = header.trim().split_once(' ')?;
-    let token = token.trim();
-    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -431,14 +424,5 @@ mod tests {
             cached.verify(&t).unwrap();
         }
         assert!(cached.verified.lock().unwrap().len() <= 2);
-    }
-
-    #[test]
-    fn bearer_headers_parse() {
-        assert_eq!(bearer_token("Bearer abc"), Some("abc"));
-        assert_eq!(bearer_token("bearer   abc "), Some("abc"));
-        assert_eq!(bearer_token("Basic abc"), None);
-        assert_eq!(bearer_token("Bearer "), None);
-        assert_eq!(bearer_token("abc"), None);
     }
 }

@@ -16,15 +16,18 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use lapin::options::BasicPublishOptions;
-use lapin::{BasicProperties, Channel, Confirmation, Connection, Event};
-use models::{Reading, ReadingBatchMessage};
+use lapin::{Channel, Confirmation, Connection, Event};
+use models::Reading;
 use serde::Deserialize;
-use tokio::sync::{Semaphore, mpsc, oneshot, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::metrics::PublisherMetrics;
 use crate::topology::READINGS_ROUTING_KEY;
-use crate::{Topology, connect, declare_topology};
+use crate::{Backoff, Topology, connect, declare_topology, wire};
+
+/// The first reconnection waits about this long; later ones back off up to `reconnect_max_backoff_ms`.
+const FIRST_RECONNECT: Duration = Duration::from_millis(100);
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct PublisherSettings {
@@ -40,19 +43,6 @@ pub struct PublisherSettings {
     pub publish_confirm_timeout_ms: u64,
     /// Reconnection backs off exponentially up to this.
     pub reconnect_max_backoff_ms: u64,
-}
-
-impl Default for PublisherSettings {
-    fn default() -> Self {
-        Self {
-            publish_linger_ms: 1,
-            publish_max_batch_readings: 2000,
-            publish_max_in_flight: 16,
-            publish_queue_capacity: 8192,
-            publish_confirm_timeout_ms: 10_000,
-            reconnect_max_backoff_ms: 5_000,
-        }
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -196,7 +186,7 @@ impl Publisher {
         reason: &str,
         mut headers: Vec<(&'static str, String)>,
     ) -> Result<(), PublishError> {
-        headers.insert(0, ("x-sensorhub-reason", reason.to_owned()));
+        headers.insert(0, (wire::REASON_HEADER, reason.to_owned()));
         self.submit(Content::Invalid { body, headers }).await
     }
 
@@ -276,16 +266,17 @@ async fn run(
     connection_name: String,
 ) {
     let mut shutdown = state.shutdown.subscribe();
-    let initial_backoff = Duration::from_millis(100);
-    let max_backoff = Duration::from_millis(settings.reconnect_max_backoff_ms.max(100));
-    let mut backoff = initial_backoff;
+    let mut backoff = Backoff::new(
+        FIRST_RECONNECT,
+        Duration::from_millis(settings.reconnect_max_backoff_ms),
+    );
     loop {
         if *shutdown.borrow() {
             return;
         }
-        match open(&url, &topology, &connection_name).await {
+        let failed = match open(&url, &topology, &connection_name).await {
             Ok((connection, channel)) => {
-                backoff = initial_backoff;
+                backoff.reset();
                 let (lost_tx, lost_rx) = watch::channel(None);
                 let lost_tx = Arc::new(lost_tx);
                 let watcher = tokio::spawn(watch_connection(
@@ -295,16 +286,24 @@ async fn run(
                 ));
                 state.set_connected(true);
                 tracing::info!(exchange = %topology.readings_exchange, "publisher connected to RabbitMQ");
-                let stopped = publish_loop(
-                    &channel,
-                    &topology,
-                    &settings,
-                    &state,
-                    &mut jobs,
-                    (lost_tx, lost_rx),
-                    &mut shutdown,
-                    &connection_name,
-                )
+                let max_in_flight = settings.publish_max_in_flight.max(1);
+                let stopped = PublishLoop {
+                    channel: &channel,
+                    topology: &topology,
+                    state: &state,
+                    jobs: &mut jobs,
+                    shutdown: &mut shutdown,
+                    app_id: &connection_name,
+                    fail: lost_tx,
+                    lost: lost_rx,
+                    in_flight: Arc::new(Semaphore::new(max_in_flight)),
+                    max_in_flight,
+                    linger: Duration::from_millis(settings.publish_linger_ms),
+                    confirm_timeout: Duration::from_millis(settings.publish_confirm_timeout_ms),
+                    max_batch: settings.publish_max_batch_readings.max(1),
+                    draining: false,
+                }
+                .run()
                 .await;
                 state.set_connected(false);
                 watcher.abort();
@@ -321,14 +320,17 @@ async fn run(
                         let _ = connection.close(200, "reconnecting".into()).await;
                     }
                 }
+                None
             }
-            Err(e) => {
-                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "cannot connect to RabbitMQ");
-                state.record_error(e);
-            }
+            Err(e) => Some(e),
+        };
+        let delay = backoff.next_delay();
+        if let Some(e) = failed {
+            tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "cannot connect to RabbitMQ");
+            state.record_error(e);
         }
         // While disconnected, whoever is still waiting is told at once rather than left hanging.
-        let retry_at = tokio::time::Instant::now() + backoff;
+        let retry_at = tokio::time::Instant::now() + delay;
         loop {
             tokio::select! {
                 job = jobs.recv() => match job {
@@ -341,7 +343,6 @@ async fn run(
                 _ = shutdown.changed() => return,
             }
         }
-        backoff = (backoff * 2).min(max_backoff);
     }
 }
 
@@ -384,168 +385,266 @@ async fn watch_connection(
     lost.send_replace(Some("the connection to RabbitMQ closed".into()));
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn publish_loop(
-    channel: &Channel,
-    topology: &Topology,
-    settings: &PublisherSettings,
-    state: &Arc<State>,
-    jobs: &mut mpsc::Receiver<Job>,
-    (fail, mut lost): (
-        Arc<watch::Sender<Option<String>>>,
-        watch::Receiver<Option<String>>,
-    ),
-    shutdown: &mut watch::Receiver<bool>,
-    app_id: &str,
-) -> Stopped {
-    let max_in_flight = settings.publish_max_in_flight.max(1);
-    let in_flight = Arc::new(Semaphore::new(max_in_flight));
-    let linger = Duration::from_millis(settings.publish_linger_ms);
-    let confirm_timeout = Duration::from_millis(settings.publish_confirm_timeout_ms);
-    let max_batch = settings.publish_max_batch_readings.max(1);
-    let mut draining = false;
-    loop {
-        if let Some(why) = lost.borrow().clone() {
-            return Stopped::ConnectionLost(why);
-        }
-        let permit = tokio::select! {
-            permit = in_flight.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => return Stopped::ConnectionLost("publisher semaphore closed".into()),
-            },
-            _ = lost.changed() => continue,
-        };
-        let first = if draining {
-            match jobs.try_recv() {
-                Ok(job) => job,
-                Err(_) => {
-                    // Everything handed over is published; wait for the last confirms.
+/// What one step of the loop decided.
+enum Next<T> {
+    Ready(T),
+    /// Something changed meanwhile (the connection, shutdown): start the round again.
+    Again,
+    Stop(Stopped),
+}
+
+/// The readings jobs (and the refused payloads) of one message.
+struct Gathered {
+    readings: Vec<Job>,
+    invalid: Vec<Job>,
+    count: usize,
+}
+
+/// One connection's publishing: what the loop owns, and its steps. Each round reserves an in-flight
+/// slot, waits for a job, gathers more to share its message, publishes, and leaves the confirm to a
+/// task, so the next round is already gathering while RabbitMQ confirms.
+struct PublishLoop<'a> {
+    channel: &'a Channel,
+    topology: &'a Topology,
+    state: &'a Arc<State>,
+    jobs: &'a mut mpsc::Receiver<Job>,
+    shutdown: &'a mut watch::Receiver<bool>,
+    app_id: &'a str,
+    /// Set by whoever notices the connection failed (the watcher, a publishing task).
+    fail: Arc<watch::Sender<Option<String>>>,
+    lost: watch::Receiver<Option<String>>,
+    in_flight: Arc<Semaphore>,
+    max_in_flight: usize,
+    linger: Duration,
+    confirm_timeout: Duration,
+    max_batch: usize,
+    /// Shutdown was asked: publish what was handed over, then stop.
+    draining: bool,
+}
+
+impl PublishLoop<'_> {
+    async fn run(mut self) -> Stopped {
+        loop {
+            if let Some(why) = self.lost.borrow().clone() {
+                return Stopped::ConnectionLost(why);
+            }
+            let permit = match self.reserve().await {
+                Next::Ready(permit) => permit,
+                Next::Again => continue,
+                Next::Stop(stopped) => return stopped,
+            };
+            let first = match self.next_job().await {
+                Next::Ready(job) => job,
+                Next::Again => continue,
+                Next::Stop(stopped) => {
                     drop(permit);
-                    let _ = in_flight.acquire_many(max_in_flight as u32).await;
-                    return Stopped::Shutdown;
+                    self.await_confirms().await;
+                    return stopped;
                 }
+            };
+            let gathered = self.gather(first).await;
+            if let Err(why) = self.publish_invalid(gathered.invalid).await {
+                return Stopped::ConnectionLost(why);
             }
-        } else {
-            tokio::select! {
-                job = jobs.recv() => match job {
-                    Some(job) => job,
-                    None => { draining = true; continue; }
-                },
-                _ = shutdown.changed() => { draining = true; continue; }
-                _ = lost.changed() => continue,
+            if !gathered.readings.is_empty() {
+                self.publish(gathered.readings, gathered.count, permit);
             }
+        }
+    }
+
+    /// An in-flight slot: at most `max_in_flight` messages await their confirms at once.
+    async fn reserve(&mut self) -> Next<OwnedSemaphorePermit> {
+        tokio::select! {
+            permit = self.in_flight.clone().acquire_owned() => match permit {
+                Ok(permit) => Next::Ready(permit),
+                Err(_) => Next::Stop(Stopped::ConnectionLost("publisher semaphore closed".into())),
+            },
+            _ = self.lost.changed() => Next::Again,
+        }
+    }
+
+    /// The job that starts a message; while draining, only what is already waiting.
+    async fn next_job(&mut self) -> Next<Job> {
+        if self.draining {
+            return match self.jobs.try_recv() {
+                Ok(job) => Next::Ready(job),
+                // Everything handed over is published.
+                Err(_) => Next::Stop(Stopped::Shutdown),
+            };
+        }
+        tokio::select! {
+            job = self.jobs.recv() => match job {
+                Some(job) => Next::Ready(job),
+                None => { self.draining = true; Next::Again }
+            },
+            _ = self.shutdown.changed() => { self.draining = true; Next::Again }
+            _ = self.lost.changed() => Next::Again,
+        }
+    }
+
+    /// What is waiting joins the first job's message, up to `max_batch` readings; lingering a moment
+    /// for more unless draining.
+    async fn gather(&mut self, first: Job) -> Gathered {
+        let mut gathered = Gathered {
+            readings: Vec::new(),
+            invalid: Vec::new(),
+            count: 0,
         };
-        let mut invalid = Vec::new();
-        let mut batch = Vec::new();
-        let mut count = 0;
-        let mut take = |job: Job, count: &mut usize| match job.content {
-            Content::Readings(_) => {
-                *count += job.readings();
-                batch.push(job);
-            }
-            Content::Invalid { .. } => invalid.push(job),
-        };
-        take(first, &mut count);
-        while count < max_batch {
-            match jobs.try_recv() {
-                Ok(job) => take(job, &mut count),
+        gathered.take(first);
+        while gathered.count < self.max_batch {
+            match self.jobs.try_recv() {
+                Ok(job) => gathered.take(job),
                 Err(_) => break,
             }
         }
-        if count > 0 && count < max_batch && !linger.is_zero() && !draining {
-            let until = tokio::time::Instant::now() + linger;
-            while count < max_batch {
-                match tokio::time::timeout_at(until, jobs.recv()).await {
-                    Ok(Some(job)) => take(job, &mut count),
+        if gathered.count > 0
+            && gathered.count < self.max_batch
+            && !self.linger.is_zero()
+            && !self.draining
+        {
+            let until = tokio::time::Instant::now() + self.linger;
+            while gathered.count < self.max_batch {
+                match tokio::time::timeout_at(until, self.jobs.recv()).await {
+                    Ok(Some(job)) => gathered.take(job),
                     _ => break,
                 }
             }
         }
-        for job in invalid {
-            if let Err(e) = publish_invalid(channel, topology, job, confirm_timeout).await {
-                return Stopped::ConnectionLost(e);
-            }
-        }
-        if batch.is_empty() {
-            continue;
-        }
+        gathered
+    }
 
-        let body =
-            ReadingBatchMessage::encode_chunks(batch.iter().filter_map(|j| match &j.content {
-                Content::Readings(readings) => Some(readings.as_slice()),
-                Content::Invalid { .. } => None,
-            }));
-        let properties = BasicProperties::default()
-            .with_delivery_mode(2)
-            .with_content_type(ReadingBatchMessage::CONTENT_TYPE.into())
-            .with_message_id(uuid::Uuid::now_v7().to_string().into())
-            .with_app_id(app_id.to_owned().into());
-        // Handing the frames to lapin's I/O and waiting for the confirm both happen in the task, so
-        // the loop is already gathering the next message meanwhile.
-        let (metrics, channel, fail) = (state.metrics.clone(), channel.clone(), fail.clone());
-        let exchange = topology.readings_exchange.clone();
-        tokio::spawn(async move {
-            let started = Instant::now();
-            let published = channel
-                .basic_publish(
-                    exchange.as_str().into(),
-                    READINGS_ROUTING_KEY.into(),
-                    // mandatory: a message no queue takes is returned, and counts as not confirmed
-                    BasicPublishOptions {
-                        mandatory: true,
-                        ..Default::default()
-                    },
-                    &body,
-                    properties,
-                )
-                .await;
-            let confirm = match published {
-                Ok(confirm) => confirm,
-                Err(e) => {
-                    metrics.message("failed");
-                    answer(batch, Err(PublishError::Unavailable(e.to_string())));
-                    fail.send_replace(Some(e.to_string()));
-                    return;
-                }
-            };
-            let outcome = match tokio::time::timeout(confirm_timeout, confirm).await {
-                Ok(Ok(Confirmation::Ack(None))) => Ok(()),
-                Ok(Ok(Confirmation::Ack(Some(_)))) => {
-                    metrics.message("unroutable");
-                    Err(PublishError::Unavailable(
-                        "no queue took the message (is the topology declared?)".into(),
-                    ))
-                }
-                Ok(Ok(Confirmation::Nack(_))) => {
-                    metrics.message("nacked");
-                    Err(PublishError::Nacked)
-                }
-                Ok(Ok(Confirmation::NotRequested)) => {
-                    metrics.message("failed");
-                    Err(PublishError::Unavailable(
-                        "channel not in confirm mode".into(),
-                    ))
-                }
-                Ok(Err(e)) => {
-                    metrics.message("failed");
-                    Err(PublishError::Unavailable(e.to_string()))
-                }
-                Err(_) => {
-                    metrics.message("timeout");
-                    Err(PublishError::Timeout)
-                }
-            };
-            if outcome.is_ok() {
-                metrics.message("confirmed");
-                metrics.readings_confirmed.inc_by(count as u64);
-                metrics.readings_per_message.observe(count as f64);
-                metrics
-                    .confirm_seconds
-                    .observe(started.elapsed().as_secs_f64());
+    async fn publish_invalid(&self, invalid: Vec<Job>) -> Result<(), String> {
+        for job in invalid {
+            publish_invalid(self.channel, self.topology, job, self.confirm_timeout).await?;
+        }
+        Ok(())
+    }
+
+    /// Handing the frames to lapin's I/O and waiting for the confirm both happen in a task that
+    /// holds the in-flight slot, so the loop is already gathering the next message meanwhile.
+    fn publish(&self, batch: Vec<Job>, count: usize, permit: OwnedSemaphorePermit) {
+        let body = wire::encode_readings(batch.iter().filter_map(|j| match &j.content {
+            Content::Readings(readings) => Some(readings.as_slice()),
+            Content::Invalid { .. } => None,
+        }));
+        let message = InFlight {
+            channel: self.channel.clone(),
+            exchange: self.topology.readings_exchange.clone(),
+            body,
+            properties: wire::readings_properties(self.app_id),
+            batch,
+            count,
+            metrics: self.state.metrics.clone(),
+            fail: self.fail.clone(),
+            confirm_timeout: self.confirm_timeout,
+            permit,
+        };
+        tokio::spawn(message.publish_and_confirm());
+    }
+
+    /// The last confirms: every in-flight slot free again.
+    async fn await_confirms(&self) {
+        let _ = self.in_flight.acquire_many(self.max_in_flight as u32).await;
+    }
+}
+
+impl Gathered {
+    fn take(&mut self, job: Job) {
+        match job.content {
+            Content::Readings(_) => {
+                self.count += job.readings();
+                self.readings.push(job);
             }
-            answer(batch, outcome);
-            drop(permit);
-        });
+            Content::Invalid { .. } => self.invalid.push(job),
+        }
+    }
+}
+
+/// One readings message on its way: published, then confirmed (or not), then every caller it
+/// carries answered, and its in-flight slot freed.
+struct InFlight {
+    channel: Channel,
+    exchange: String,
+    body: Vec<u8>,
+    properties: lapin::BasicProperties,
+    batch: Vec<Job>,
+    count: usize,
+    metrics: PublisherMetrics,
+    fail: Arc<watch::Sender<Option<String>>>,
+    confirm_timeout: Duration,
+    permit: OwnedSemaphorePermit,
+}
+
+impl InFlight {
+    async fn publish_and_confirm(self) {
+        let started = Instant::now();
+        let published = self
+            .channel
+            .basic_publish(
+                self.exchange.as_str().into(),
+                READINGS_ROUTING_KEY.into(),
+                // mandatory: a message no queue takes is returned, and counts as not confirmed
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                &self.body,
+                self.properties.clone(),
+            )
+            .await;
+        let confirm = match published {
+            Ok(confirm) => confirm,
+            Err(e) => {
+                self.metrics.message("failed");
+                answer(self.batch, Err(PublishError::Unavailable(e.to_string())));
+                self.fail.send_replace(Some(e.to_string()));
+                return;
+            }
+        };
+        let outcome = self.confirmed(confirm).await;
+        if outcome.is_ok() {
+            let metrics = &self.metrics;
+            metrics.message("confirmed");
+            metrics.readings_confirmed.inc_by(self.count as u64);
+            metrics.readings_per_message.observe(self.count as f64);
+            metrics
+                .confirm_seconds
+                .observe(started.elapsed().as_secs_f64());
+        }
+        answer(self.batch, outcome);
+        drop(self.permit);
+    }
+
+    /// RabbitMQ's answer, within the confirm timeout, counted by outcome.
+    async fn confirmed(&self, confirm: lapin::PublisherConfirm) -> Result<(), PublishError> {
+        let metrics = &self.metrics;
+        match tokio::time::timeout(self.confirm_timeout, confirm).await {
+            Ok(Ok(Confirmation::Ack(None))) => Ok(()),
+            Ok(Ok(Confirmation::Ack(Some(_)))) => {
+                metrics.message("unroutable");
+                Err(PublishError::Unavailable(
+                    "no queue took the message (is the topology declared?)".into(),
+                ))
+            }
+            Ok(Ok(Confirmation::Nack(_))) => {
+                metrics.message("nacked");
+                Err(PublishError::Nacked)
+            }
+            Ok(Ok(Confirmation::NotRequested)) => {
+                metrics.message("failed");
+                Err(PublishError::Unavailable(
+                    "channel not in confirm mode".into(),
+                ))
+            }
+            Ok(Err(e)) => {
+                metrics.message("failed");
+                Err(PublishError::Unavailable(e.to_string()))
+            }
+            Err(_) => {
+                metrics.message("timeout");
+                Err(PublishError::Timeout)
+            }
+        }
     }
 }
 
@@ -559,18 +658,8 @@ async fn publish_invalid(
     let Content::Invalid { body, headers } = &job.content else {
         return Ok(());
     };
-    let mut table = lapin::types::FieldTable::default();
-    for (name, value) in headers {
-        // bounded, so a huge reason cannot make the message itself unpublishable
-        let value: String = value.chars().take(1000).collect();
-        table.insert(
-            (*name).into(),
-            lapin::types::AMQPValue::LongString(value.into()),
-        );
-    }
-    let properties = BasicProperties::default()
-        .with_delivery_mode(2)
-        .with_headers(table);
+    let properties =
+        wire::set_aside_properties(headers.iter().map(|(name, value)| (*name, value.as_str())));
     let published = channel
         .basic_publish(
             topology.dead_letter_exchange.as_str().into(),

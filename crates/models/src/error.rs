@@ -6,6 +6,16 @@ use std::fmt;
 pub struct ValidationError {
     pub field: String,
     pub reason: String,
+    pub kind: ValidationKind,
+}
+
+/// What kind of refusal, for those who count or route them (ingest-mqtt's invalid messages by kind).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ValidationKind {
+    /// Not JSON at all.
+    NotJson,
+    /// JSON, but not a valid reading (or batch of readings).
+    Invalid,
 }
 
 impl ValidationError {
@@ -13,6 +23,14 @@ impl ValidationError {
         Self {
             field: field.into(),
             reason: reason.into(),
+            kind: ValidationKind::Invalid,
+        }
+    }
+
+    pub(crate) fn not_json(reason: impl Into<String>) -> Self {
+        Self {
+            kind: ValidationKind::NotJson,
+            ..Self::new("body", reason)
         }
     }
 

@@ -8,18 +8,20 @@
 mod error;
 mod ids;
 mod message;
+mod ownership;
 mod parse;
 mod reading;
 mod window;
 
-pub use error::ValidationError;
+pub use error::{ValidationError, ValidationKind};
 pub use ids::{DeviceId, MetricName, ReadingId};
 pub use message::{MESSAGE_VERSION, MessageError, ReadingBatchMessage};
+pub use ownership::{NotOwnReading, check_own_readings};
 pub use parse::{
     MAX_READINGS_PER_REQUEST, parse_device_topic_payload, parse_readings_body, parse_seed_body,
 };
 pub use reading::{
-    MAX_FUTURE_SKEW, MAX_METRICS, Metrics, OLDEST_TIMESTAMP, Reading, parse_timestamp_millis,
-    parse_timestamp_rfc3339,
+    MAX_FUTURE_SKEW, MAX_METRICS, Metrics, OLDEST_TIMESTAMP, Origin, Reading,
+    parse_timestamp_millis, parse_timestamp_rfc3339,
 };
 pub use window::{BackfillHorizon, TimeWindow};

@@ -76,8 +76,9 @@ pub fn parse_readings_body(
     parse_structured(body, None, window)
 }
 
-/// MQTT `devices/<id>/readings`: as [`parse_readings_body`], but `device_id` may be left out, and
-/// where present must be the topic's device.
+/// MQTT `devices/<id>/readings`: as [`parse_readings_body`], but `device_id` may be left out (it is
+/// the topic's device then). Where present it is kept as sent: the caller checks it is the topic's
+/// device with [`crate::check_own_readings`], as ingest-http does against the token's.
 pub fn parse_device_topic_payload(
     topic_device: &DeviceId,
     payload: &[u8],
@@ -211,22 +212,16 @@ impl<'de> RawReading<'de> {
         window: TimeWindow,
         flat_metrics: bool,
     ) -> Result<Reading, ValidationError> {
+        // Whose readings these may be is not decided here: see `check_own_readings`.
         let device_id = match (self.device_id, topic_device) {
             (None, Some(topic)) => topic.clone(),
             (None, None) => return Err(ValidationError::new("device_id", "is required")),
-            (Some(value), topic) => {
-                let id = DeviceId::parse(expect_text("device_id", value)?)
-                    .map_err(|reason| ValidationError::new("device_id", reason))?;
-                if let Some(topic) = topic
-                    && *topic != id
-                {
-                    return Err(ValidationError::new(
-                        "device_id",
-                        format!("is {id:?} but the topic is that of device {topic:?}"),
-                    ));
-                }
-                id
-            }
+            (Some(value), _) => DeviceId::parse(expect_text("device_id", value)?)
+                .map_err(|reason| ValidationError::new("device_id", reason))?,
+        };
+        let origin = crate::Origin {
+            id_assigned: self.id.is_none(),
+            ts_assigned: self.ts.is_none(),
         };
         let id = match self.id {
             None => ReadingId::generate(),
@@ -276,7 +271,7 @@ impl<'de> RawReading<'de> {
                 ValidationError::new(metric_field(&e.field), e.reason)
             }
         })?;
-        Reading::new(device_id, id, ts, metrics)
+        Ok(Reading::new(device_id, id, ts, metrics)?.with_origin(origin))
     }
 }
 
@@ -292,7 +287,7 @@ fn expect_text<'de>(field: &str, value: Value<'de>) -> Result<Cow<'de, str>, Val
 
 fn parse_json(body: &[u8]) -> Result<Top<'_>, ValidationError> {
     serde_json::from_slice(body)
-        .map_err(|e| ValidationError::new("body", format!("is not valid JSON ({e})")))
+        .map_err(|e| ValidationError::not_json(format!("is not valid JSON ({e})")))
 }
 
 /// A JSON value that is not looked into beyond what a reading can hold.
@@ -527,6 +522,31 @@ mod tests {
         assert_eq!(r.metrics.get("humidity"), Some(60.3));
         assert_eq!(r.metrics.len(), 2);
         assert_eq!(r.id.as_str().len(), 36, "a UUID: {}", r.id);
+        assert_eq!(
+            r.origin,
+            crate::Origin {
+                id_assigned: true,
+                ts_assigned: true
+            }
+        );
+    }
+
+    #[test]
+    fn a_reading_says_which_of_its_id_and_time_the_server_filled_in() {
+        let origin = |body: &str| batch(body).unwrap()[0].origin;
+        let given = r#""device_id":"d","metrics":{"t":1}"#;
+        assert_eq!(
+            origin(&format!(r#"{{{given},"id":"r1","ts":1795600740000}}"#)),
+            crate::Origin::default()
+        );
+        assert_eq!(
+            origin(&format!(r#"{{{given},"id":"r1"}}"#)),
+            crate::Origin {
+                id_assigned: false,
+                ts_assigned: true
+            }
+        );
+        assert!(!batch(&format!(r#"{{{given}}}"#)).unwrap()[0].has_device_id());
     }
 
     #[test]
@@ -716,15 +736,21 @@ mod tests {
     }
 
     #[test]
-    fn device_topics_fill_in_and_check_the_device_id() {
+    fn device_topics_fill_in_the_device_id_and_the_one_ownership_rule_checks_it() {
         let topic = DeviceId::parse("raspi-01").unwrap();
         let r = parse_device_topic_payload(&topic, br#"{"metrics":{"t":1}}"#, window()).unwrap();
         assert_eq!(r[0].device_id, topic);
         let same = br#"{"device_id":"raspi-01","metrics":{"t":1}}"#;
-        assert!(parse_device_topic_payload(&topic, same, window()).is_ok());
-        let other = br#"[{"device_id":"raspi-02","metrics":{"t":1}}]"#;
-        let e = parse_device_topic_payload(&topic, other, window()).unwrap_err();
-        assert_eq!(e.field, "[0].device_id");
+        let r = parse_device_topic_payload(&topic, same, window()).unwrap();
+        assert!(crate::check_own_readings("raspi-01", &r).is_ok());
+        let other = br#"[{"device_id":"raspi-01","metrics":{"t":1}},{"device_id":"raspi-02","metrics":{"t":1}}]"#;
+        let r = parse_device_topic_payload(&topic, other, window()).unwrap();
+        let e = crate::check_own_readings("raspi-01", &r).unwrap_err();
+        assert_eq!((e.found.as_str(), e.index), ("raspi-02", 1));
+        assert_eq!(
+            seed("not json").unwrap_err().kind,
+            crate::ValidationKind::NotJson
+        );
         // without a topic, the device id stays required
         assert_eq!(refused(batch(r#"{"metrics":{"t":1}}"#)).0, "device_id");
     }

@@ -21,6 +21,21 @@ pub struct Reading {
     /// Microsecond precision, as PostgreSQL stores it, so what is stored equals what was accepted.
     pub ts: DateTime<Utc>,
     pub metrics: Metrics,
+    /// Which of `id` and `ts` the server filled in because the device sent none.
+    pub origin: Origin,
+}
+
+/// Which parts of a reading the server filled in. A device's own `id` makes the reading's identity
+/// (`device_id`, `id`): sent again, with or without a `ts`, it is the same reading. A server-assigned
+/// `ts` is not part of what the device said, so a retry that gets a new one is still the same reading.
+/// The default (nothing assigned) is the strictest reading of a message, which is why the wire format
+/// carries only the `true`s: a message from before this field existed is read as the device's own.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Origin {
+    /// The device sent no id; the server assigned a UUIDv7, which nothing else can repeat.
+    pub id_assigned: bool,
+    /// The device sent no time; the reading carries the server's time at ingest.
+    pub ts_assigned: bool,
 }
 
 /// The named values of one reading: 1–64 metrics, unique names, finite values, sorted by name.
@@ -133,7 +148,18 @@ impl Reading {
             id,
             ts,
             metrics,
+            origin: Origin::default(),
         })
+    }
+
+    /// The same reading, saying which of its parts the server filled in.
+    pub fn with_origin(self, origin: Origin) -> Self {
+        Self { origin, ..self }
+    }
+
+    /// Whether the device chose this reading's id, which then identifies it whatever its time.
+    pub fn has_device_id(&self) -> bool {
+        !self.origin.id_assigned
     }
 }
 
@@ -156,13 +182,22 @@ pub fn parse_timestamp_millis(millis: f64) -> Result<DateTime<Utc>, String> {
         .ok_or_else(|| "is not a timestamp in epoch milliseconds".into())
 }
 
-/// The queue carries readings in this shape: short keys, microseconds since the epoch.
+/// The queue carries readings in this shape: short keys, microseconds since the epoch, and `ia` / `ta`
+/// (id / time assigned by the server) only when true.
 #[derive(Serialize, Deserialize)]
 struct WireReading {
     d: DeviceId,
     i: ReadingId,
     t: i64,
     m: Metrics,
+    #[serde(default)]
+    ia: bool,
+    #[serde(default)]
+    ta: bool,
+}
+
+fn is_false(value: &bool) -> bool {
+    !*value
 }
 
 impl Serialize for Reading {
@@ -173,12 +208,18 @@ impl Serialize for Reading {
             i: &'a ReadingId,
             t: i64,
             m: &'a Metrics,
+            #[serde(skip_serializing_if = "is_false")]
+            ia: bool,
+            #[serde(skip_serializing_if = "is_false")]
+            ta: bool,
         }
         WireRef {
             d: &self.device_id,
             i: &self.id,
             t: self.ts.timestamp_micros(),
             m: &self.metrics,
+            ia: self.origin.id_assigned,
+            ta: self.origin.ts_assigned,
         }
         .serialize(serializer)
     }
@@ -191,7 +232,14 @@ impl<'de> Deserialize<'de> for Reading {
             .timestamp_micros(wire.t)
             .single()
             .ok_or_else(|| serde::de::Error::custom("timestamp out of range"))?;
-        Reading::new(wire.d, wire.i, ts, wire.m).map_err(serde::de::Error::custom)
+        Reading::new(wire.d, wire.i, ts, wire.m)
+            .map(|r| {
+                r.with_origin(Origin {
+                    id_assigned: wire.ia,
+                    ts_assigned: wire.ta,
+                })
+            })
+            .map_err(serde::de::Error::custom)
     }
 }
 
@@ -268,5 +316,26 @@ mod tests {
             r#"{"d":"raspi-01","i":"r-1","t":1795600800000001,"m":{"h":0.30000000000000004,"t":25.5}}"#
         );
         assert_eq!(serde_json::from_str::<Reading>(&json).unwrap(), r);
+    }
+
+    #[test]
+    fn what_the_server_filled_in_travels_with_the_reading() {
+        let m = Metrics::new(vec![(name("t"), 1.0)]).unwrap();
+        let r = Reading::new(
+            DeviceId::parse("d").unwrap(),
+            ReadingId::generate(),
+            parse_timestamp_rfc3339("2026-11-25T10:00:00Z").unwrap(),
+            m,
+        )
+        .unwrap()
+        .with_origin(Origin {
+            id_assigned: true,
+            ts_assigned: true,
+        });
+        let json = serde_json::to_string(&r).unwrap();
+        assert!(json.ends_with(r#","ia":true,"ta":true}"#), "{json}");
+        let back = serde_json::from_str::<Reading>(&json).unwrap();
+        assert_eq!(back, r);
+        assert!(!back.has_device_id());
     }
 }

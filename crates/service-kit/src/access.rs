@@ -11,8 +11,43 @@ use std::time::{Duration, Instant};
 
 use actix_web::HttpRequest;
 use actix_web::http::Method;
+use actix_web::http::header::{self, HeaderMap};
 
 use crate::net::KeyedLimit;
+
+/// Why a request carries no token to check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BearerError {
+    /// No `Authorization` header at all.
+    Missing,
+    /// An `Authorization` header that is not `Bearer <token>`.
+    NotBearer,
+}
+
+impl BearerError {
+    /// What to tell a client that sent a header we cannot read (a missing one is each service's
+    /// own sentence: it names the token it wants).
+    pub const NOT_BEARER: &'static str = "the Authorization header is not `Bearer <token>`";
+}
+
+/// The token of the request's `Authorization: Bearer <token>` header (the scheme in any case).
+pub fn bearer_token(headers: &HeaderMap) -> Result<&str, BearerError> {
+    let value = headers
+        .get(header::AUTHORIZATION)
+        .ok_or(BearerError::Missing)?;
+    let (scheme, token) = value
+        .to_str()
+        .map_err(|_| BearerError::NotBearer)?
+        .trim()
+        .split_once(' ')
+        .ok_or(BearerError::NotBearer)?;
+    let token = token.trim();
+    if scheme.eq_ignore_ascii_case("bearer") && !token.is_empty() {
+        Ok(token)
+    } else {
+        Err(BearerError::NotBearer)
+    }
+}
 
 /// The ops endpoints and the API description: open to anyone (the edge keeps `/metrics` inside).
 pub const OPS_ROUTES: &[&str] = &["/healthz", "/readyz", "/metrics", "/openapi.json"];
@@ -141,6 +176,26 @@ mod tests {
     use actix_web::{App, HttpResponse, web};
 
     use super::*;
+
+    #[test]
+    fn bearer_headers_parse() {
+        let token = |value: Option<&'static str>| {
+            let mut headers = HeaderMap::new();
+            if let Some(value) = value {
+                headers.insert(
+                    header::AUTHORIZATION,
+                    header::HeaderValue::from_static(value),
+                );
+            }
+            bearer_token(&headers).map(str::to_owned)
+        };
+        assert_eq!(token(Some("Bearer abc")), Ok("abc".to_owned()));
+        assert_eq!(token(Some("bearer   abc ")), Ok("abc".to_owned()));
+        assert_eq!(token(Some("Basic abc")), Err(BearerError::NotBearer));
+        assert_eq!(token(Some("Bearer ")), Err(BearerError::NotBearer));
+        assert_eq!(token(Some("abc")), Err(BearerError::NotBearer));
+        assert_eq!(token(None), Err(BearerError::Missing));
+    }
 
     /// What `route_of` says, from inside the app, for a request that went where the router sent it.
     async fn report(req: HttpRequest) -> HttpResponse {

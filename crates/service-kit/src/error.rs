@@ -6,6 +6,22 @@ use actix_web::http::header::{self, HeaderValue};
 use actix_web::{HttpResponse, ResponseError};
 use serde::{Deserialize, Serialize};
 
+/// How long a client is told to wait (`Retry-After`, in seconds) before asking again, by what it
+/// waits for. Short enough that a Pi's reading is not held long, long enough that a fleet retrying
+/// at once does not keep a recovering dependency down.
+pub mod retry_after {
+    /// RabbitMQ did not confirm: the publisher reconnects within about a second.
+    pub const BROKER_SECS: u64 = 1;
+    /// The device registry or the app token list is not loaded yet (start-up, or a re-read).
+    pub const REGISTRY_SECS: u64 = 2;
+    /// PostgreSQL cannot serve now; the pool reconnects on the next request.
+    pub const DATABASE_SECS: u64 = 2;
+    /// The MQTT broker's account admin cannot be reached.
+    pub const MQTT_ADMIN_SECS: u64 = 5;
+    /// `/readyz` failed: a load balancer asks again after this.
+    pub const NOT_READY_SECS: u64 = 5;
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ErrorBody {
     /// Stable and machine-readable: clients branch on this, never on `message`.

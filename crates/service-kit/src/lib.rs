@@ -8,8 +8,10 @@ pub mod error;
 pub mod net;
 pub mod openapi;
 pub mod ops;
+pub mod settings;
 pub mod shutdown;
 pub mod telemetry;
 
 pub use error::{ApiError, ErrorBody};
 pub use ops::{Ops, Readiness};
+pub use settings::{DatabaseSettings, HttpSettings};

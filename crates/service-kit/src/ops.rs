@@ -136,7 +136,10 @@ async fn readyz(ops: web::Data<Ops>) -> HttpResponse {
         HttpResponse::Ok().json(report)
     } else {
         HttpResponse::ServiceUnavailable()
-            .insert_header(("Retry-After", "5"))
+            .insert_header((
+                "Retry-After",
+                crate::error::retry_after::NOT_READY_SECS.to_string(),
+            ))
             .json(report)
     }
 }

@@ -24,3 +24,21 @@ pub async fn signal() {
     }
     tracing::info!("shutdown requested");
 }
+
+/// Serves an actix server (built with `disable_signals()`: the service, not actix, decides when to
+/// stop) until `stop` resolves, then stops it gracefully: no new connections, the requests in flight
+/// answered (within the server's shutdown timeout), and returns.
+pub async fn serve_until(
+    server: actix_web::dev::Server,
+    stop: impl std::future::Future<Output = ()>,
+) -> std::io::Result<()> {
+    let handle = server.handle();
+    let mut server = std::pin::pin!(server);
+    tokio::select! {
+        served = &mut server => return served,
+        _ = stop => {}
+    }
+    // the server's own future must keep running while it drains, so both are awaited together
+    let ((), served) = tokio::join!(handle.stop(true), server);
+    served
+}

@@ -5,6 +5,7 @@
 //! Everything here is synchronous diesel; async callers run it on a blocking thread.
 
 pub mod app_tokens;
+pub mod conflicts;
 pub mod credentials;
 mod error;
 pub mod listen;
@@ -17,7 +18,7 @@ mod write;
 pub use error::StoreError;
 pub use migrate::{check_migrated, pending_migrations, run_migrations, wait_for_migrated_database};
 pub use pool::{PgPool, PoolSettings, connect_pool, ping};
-pub use write::{KnownPartitions, WriteOutcome, write_readings};
+pub use write::{Expiring, KnownPartitions, WriteOutcome, forget_older_than, write_readings};
 
 pub use diesel::PgConnection;
 

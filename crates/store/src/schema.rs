@@ -32,6 +32,30 @@ diesel::table! {
 }
 
 diesel::table! {
+    reading_conflicts (device_id, reading_id, variant) {
+        device_id -> Text,
+        reading_id -> Text,
+        variant -> Text,
+        ts -> Timestamptz,
+        ts_assigned -> Bool,
+        metrics -> Jsonb,
+        stored_ts -> Timestamptz,
+        reason -> Text,
+        received_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    reading_ids (device_id, reading_id) {
+        device_id -> Text,
+        reading_id -> Text,
+        ts -> Timestamptz,
+        ts_assigned -> Bool,
+        first_seen -> Timestamptz,
+    }
+}
+
+diesel::table! {
     readings (device_id, ts, reading_id) {
         device_id -> Text,
         ts -> Timestamptz,
@@ -40,4 +64,11 @@ diesel::table! {
     }
 }
 
-diesel::allow_tables_to_appear_in_same_query!(app_tokens, device_credentials, devices, readings,);
+diesel::allow_tables_to_appear_in_same_query!(
+    app_tokens,
+    device_credentials,
+    devices,
+    reading_conflicts,
+    reading_ids,
+    readings,
+);

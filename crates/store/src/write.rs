@@ -1,6 +1,7 @@
 //! The persister's write path: a batch of readings in one transaction, idempotent under redelivery.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::hash_map::Entry;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::io::Write;
 
 use chrono::{DateTime, Datelike, Utc};
@@ -8,20 +9,23 @@ use diesel::pg::Pg;
 use diesel::pg::data_types::PgInterval;
 use diesel::prelude::*;
 use diesel::serialize::{IsNull, Output, ToSql};
-use diesel::sql_types::{Array, Interval, Jsonb, Text, Timestamptz};
+use diesel::sql_types::{Array, BigInt, Bool, Interval, Jsonb, Nullable, Text, Timestamptz};
 use models::{BackfillHorizon, Metrics, Reading};
 
 use crate::StoreError;
-use crate::schema::readings;
+use crate::schema::{reading_ids, readings};
 
 /// Rows per INSERT statement: PostgreSQL takes at most 65,535 bind parameters, and a row has 4.
 const ROWS_PER_STATEMENT: usize = 10_000;
 
-/// What a write did: readings newly stored, and readings already there (a redelivery or a retry).
+/// What a write did with each reading of a batch: stored it, found it stored already (a redelivery
+/// or a retry of the same reading), or found its identity stored with other content (a conflict,
+/// kept in `reading_conflicts`; the first write stays).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct WriteOutcome {
     pub inserted: usize,
     pub duplicates: usize,
+    pub conflicting: usize,
 }
 
 /// The monthly partitions this writer has seen created (or seen routed to the default partition),
@@ -81,14 +85,44 @@ fn new_rows<'a>(chunk: impl IntoIterator<Item = &'a Reading>) -> Vec<NewReading<
         .collect()
 }
 
-/// Stores `batch` in one transaction: readings already stored are skipped (same device, time and
-/// id), and each device's first/last seen times and metric names are updated.
+/// The identity of a reading whose id the device chose (`first_seen` is left to its default, the
+/// transaction's time, so that COPY names only these columns).
+#[derive(Insertable)]
+#[diesel(table_name = reading_ids)]
+#[diesel(treat_none_as_default_value = false)]
+struct NewIdentity<'a> {
+    device_id: &'a str,
+    reading_id: &'a str,
+    ts: DateTime<Utc>,
+    ts_assigned: bool,
+}
+
+fn new_identities<'a>(chunk: impl IntoIterator<Item = &'a Reading>) -> Vec<NewIdentity<'a>> {
+    chunk
+        .into_iter()
+        .map(|r| NewIdentity {
+            device_id: r.device_id.as_str(),
+            reading_id: r.id.as_str(),
+            ts: r.ts,
+            ts_assigned: r.origin.ts_assigned,
+        })
+        .collect()
+}
+
+/// Stores `batch` in one transaction, each reading once, and updates each device's first/last seen
+/// times and metric names.
+///
+/// A reading is already stored when its identity is: `(device_id, id)` for an id the device chose,
+/// within the dedupe window (see the migration `reading_identity`), whatever its time, so a retry
+/// that was stamped again by the server is recognised; `(device_id, ts, id)` always. The same
+/// identity with other content (other metrics, or another time the device chose) is a conflict: the
+/// first write stays and the newcomer is kept in `reading_conflicts` with the reason.
 ///
 /// Almost every batch is new readings only, so it is first written with binary COPY, which costs
 /// PostgreSQL a fraction of an INSERT (no statement to parse and plan per batch, no speculative
-/// insertion per row). A batch holding a reading already stored (a redelivery, a retry) makes the COPY
-/// fail on the key; the transaction is then rolled back and the batch written again with
-/// `INSERT ... ON CONFLICT DO NOTHING`, which skips the repeats and counts them.
+/// insertion per row). A batch holding a reading already stored makes the COPY fail on a key; the
+/// transaction is then rolled back and the batch written again reading by reading's identity
+/// ([`write_with_repeats`]), which skips the repeats and tells duplicates from conflicts.
 pub fn write_readings(
     conn: &mut PgConnection,
     batch: &[Reading],
@@ -98,7 +132,6 @@ pub fn write_readings(
         return Ok(WriteOutcome::default());
     }
     ensure_partitions(conn, batch, known)?;
-    let devices = device_updates(batch);
     // In key order, consecutive rows go to the same pages of the primary key index: profiled under
     // HTTP batches, half of PostgreSQL's time was btree insertion (_bt_doinsert) at random places.
     let mut sorted: Vec<&Reading> = batch.iter().collect();
@@ -109,38 +142,409 @@ pub fn write_readings(
             b.id.as_str(),
         ))
     });
+    let mut keyed: Vec<&Reading> = batch.iter().filter(|r| r.has_device_id()).collect();
+    keyed.sort_unstable_by(|a, b| {
+        (a.device_id.as_str(), a.id.as_str()).cmp(&(b.device_id.as_str(), b.id.as_str()))
+    });
     let copied = conn.transaction::<_, StoreError, _>(|conn| {
+        for chunk in keyed.chunks(ROWS_PER_STATEMENT) {
+            diesel::copy_from(reading_ids::table)
+                .from_insertable(new_identities(chunk.iter().copied()))
+                .execute(conn)?;
+        }
         let mut copied = 0;
         for chunk in sorted.chunks(ROWS_PER_STATEMENT) {
             copied += diesel::copy_from(readings::table)
                 .from_insertable(new_rows(chunk.iter().copied()))
                 .execute(conn)?;
         }
-        upsert_devices(conn, &devices)?;
+        upsert_devices(conn, &device_updates(batch.iter()))?;
         Ok(copied)
     });
-    let inserted = match copied {
-        Ok(copied) => copied,
+    match copied {
+        Ok(copied) => Ok(WriteOutcome {
+            inserted: copied,
+            ..WriteOutcome::default()
+        }),
         Err(StoreError::Query(diesel::result::Error::DatabaseError(
             diesel::result::DatabaseErrorKind::UniqueViolation,
             _,
-        ))) => conn.transaction::<_, StoreError, _>(|conn| {
-            let mut inserted = 0;
-            for chunk in batch.chunks(ROWS_PER_STATEMENT) {
-                inserted += diesel::insert_into(readings::table)
-                    .values(&new_rows(chunk))
-                    .on_conflict_do_nothing()
-                    .execute(conn)?;
-            }
-            upsert_devices(conn, &devices)?;
-            Ok(inserted)
-        })?,
-        Err(e) => return Err(e),
-    };
+        ))) => conn.transaction(|conn| write_with_repeats(conn, batch)),
+        Err(e) => Err(e),
+    }
+}
+
+/// What became of one reading of a batch that holds repeats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    New,
+    Duplicate,
+    /// Its identity is stored (or comes earlier in the batch) at `stored_ts`, with other content.
+    Conflict {
+        stored_ts: DateTime<Utc>,
+        reason: &'static str,
+    },
+}
+
+/// The slow path, for a batch that holds readings already stored: each reading is judged by its
+/// identity, in four steps, in the caller's transaction.
+fn write_with_repeats(
+    conn: &mut PgConnection,
+    batch: &[Reading],
+) -> Result<WriteOutcome, StoreError> {
+    let mut verdicts = judge_within_batch(batch);
+    claim_identities(conn, batch, &mut verdicts)?;
+    let inserted = insert_new(conn, batch, &mut verdicts)?;
+    record_conflicts(conn, batch, &verdicts)?;
+    upsert_devices(
+        conn,
+        &device_updates(
+            batch
+                .iter()
+                .zip(&verdicts)
+                .filter(|(_, v)| **v == Verdict::New)
+                .map(|(r, _)| r),
+        ),
+    )?;
+    let conflicting = verdicts
+        .iter()
+        .filter(|v| matches!(v, Verdict::Conflict { .. }))
+        .count();
     Ok(WriteOutcome {
         inserted,
-        duplicates: batch.len() - inserted,
+        duplicates: batch.len() - inserted - conflicting,
+        conflicting,
     })
+}
+
+/// Step 1: a reading repeated within the batch is judged against its first occurrence there.
+fn judge_within_batch(batch: &[Reading]) -> Vec<Verdict> {
+    let mut first_of: HashMap<(&str, &str), &Reading> = HashMap::new();
+    let mut seen_keys: HashSet<(&str, DateTime<Utc>, &str)> = HashSet::new();
+    batch
+        .iter()
+        .map(|r| {
+            if r.has_device_id() {
+                match first_of.entry((r.device_id.as_str(), r.id.as_str())) {
+                    Entry::Occupied(first) => compare(first.get(), r),
+                    Entry::Vacant(slot) => {
+                        slot.insert(r);
+                        Verdict::New
+                    }
+                }
+            } else if seen_keys.insert((r.device_id.as_str(), r.ts, r.id.as_str())) {
+                Verdict::New
+            } else {
+                // a server-assigned id repeats only when the same message is delivered again
+                Verdict::Duplicate
+            }
+        })
+        .collect()
+}
+
+/// How `again` relates to `stored`, a reading of the same identity: the same reading when it says
+/// the same (the metrics, and the time unless either time was the server's), a conflict otherwise.
+fn compare(stored: &Reading, again: &Reading) -> Verdict {
+    compare_content(&stored.metrics, stored.ts, stored.origin.ts_assigned, again)
+}
+
+fn compare_content(
+    stored_metrics: &Metrics,
+    stored_ts: DateTime<Utc>,
+    stored_ts_assigned: bool,
+    again: &Reading,
+) -> Verdict {
+    let times_differ = !stored_ts_assigned && !again.origin.ts_assigned && stored_ts != again.ts;
+    if *stored_metrics != again.metrics {
+        Verdict::Conflict {
+            stored_ts,
+            reason: "the same id was stored with other metrics",
+        }
+    } else if times_differ {
+        Verdict::Conflict {
+            stored_ts,
+            reason: "the same id was stored with another time",
+        }
+    } else {
+        Verdict::Duplicate
+    }
+}
+
+#[derive(QueryableByName)]
+struct StoredIdentity {
+    #[diesel(sql_type = Text)]
+    device_id: String,
+    #[diesel(sql_type = Text)]
+    reading_id: String,
+    #[diesel(sql_type = Timestamptz)]
+    ts: DateTime<Utc>,
+    #[diesel(sql_type = Bool)]
+    ts_assigned: bool,
+    /// The stored reading's metrics; none when it has gone (deleted by hand, or by retention).
+    #[diesel(sql_type = Nullable<Text>)]
+    metrics: Option<String>,
+}
+
+/// Step 2: the batch's new device-chosen identities are claimed in `reading_ids`; a reading whose
+/// identity was there already is judged against the stored reading. A concurrent writer's claim of
+/// the same identity makes this wait for its commit, and then see it.
+fn claim_identities(
+    conn: &mut PgConnection,
+    batch: &[Reading],
+    verdicts: &mut [Verdict],
+) -> Result<(), StoreError> {
+    let mut candidates: Vec<usize> = (0..batch.len())
+        .filter(|&i| verdicts[i] == Verdict::New && batch[i].has_device_id())
+        .collect();
+    // in key order, as the fast path's COPY: two writers claiming overlapping identities then take
+    // their row locks in the same order and cannot deadlock
+    candidates.sort_unstable_by(|&a, &b| {
+        (batch[a].device_id.as_str(), batch[a].id.as_str())
+            .cmp(&(batch[b].device_id.as_str(), batch[b].id.as_str()))
+    });
+    if candidates.is_empty() {
+        return Ok(());
+    }
+    let column = |f: &dyn Fn(&Reading) -> String| -> Vec<String> {
+        candidates.iter().map(|&i| f(&batch[i])).collect()
+    };
+    let devices = column(&|r| r.device_id.as_str().to_owned());
+    let ids = column(&|r| r.id.as_str().to_owned());
+    let times: Vec<DateTime<Utc>> = candidates.iter().map(|&i| batch[i].ts).collect();
+    let assigned: Vec<bool> = candidates
+        .iter()
+        .map(|&i| batch[i].origin.ts_assigned)
+        .collect();
+    #[derive(QueryableByName)]
+    struct Claimed {
+        #[diesel(sql_type = Text)]
+        device_id: String,
+        #[diesel(sql_type = Text)]
+        reading_id: String,
+    }
+    let claimed: HashSet<(String, String)> = diesel::sql_query(
+        "INSERT INTO reading_ids (device_id, reading_id, ts, ts_assigned)
+         SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::bool[])
+         ON CONFLICT DO NOTHING
+         RETURNING device_id, reading_id",
+    )
+    .bind::<Array<Text>, _>(&devices)
+    .bind::<Array<Text>, _>(&ids)
+    .bind::<Array<Timestamptz>, _>(&times)
+    .bind::<Array<Bool>, _>(&assigned)
+    .load::<Claimed>(conn)?
+    .into_iter()
+    .map(|c| (c.device_id, c.reading_id))
+    .collect();
+    let taken: Vec<usize> = candidates
+        .into_iter()
+        .filter(|&i| {
+            let r = &batch[i];
+            !claimed.contains(&(r.device_id.as_str().to_owned(), r.id.as_str().to_owned()))
+        })
+        .collect();
+    if taken.is_empty() {
+        return Ok(());
+    }
+    let devices: Vec<&str> = taken.iter().map(|&i| batch[i].device_id.as_str()).collect();
+    let ids: Vec<&str> = taken.iter().map(|&i| batch[i].id.as_str()).collect();
+    let stored: HashMap<(String, String), StoredIdentity> = diesel::sql_query(
+        "SELECT i.device_id, i.reading_id, i.ts, i.ts_assigned, r.metrics::text AS metrics
+         FROM unnest($1::text[], $2::text[]) AS k(device_id, reading_id)
+         JOIN reading_ids i USING (device_id, reading_id)
+         LEFT JOIN readings r
+           ON r.device_id = i.device_id AND r.ts = i.ts AND r.reading_id = i.reading_id",
+    )
+    .bind::<Array<Text>, _>(&devices)
+    .bind::<Array<Text>, _>(&ids)
+    .load::<StoredIdentity>(conn)?
+    .into_iter()
+    .map(|s| ((s.device_id.clone(), s.reading_id.clone()), s))
+    .collect();
+    for i in taken {
+        let r = &batch[i];
+        let key = (r.device_id.as_str().to_owned(), r.id.as_str().to_owned());
+        verdicts[i] = match stored.get(&key) {
+            Some(StoredIdentity {
+                ts,
+                ts_assigned,
+                metrics: Some(metrics),
+                ..
+            }) => match serde_json::from_str::<Metrics>(metrics) {
+                Ok(metrics) => compare_content(&metrics, *ts, *ts_assigned, r),
+                Err(_) => Verdict::Duplicate,
+            },
+            // the stored reading is gone: there is nothing to tell it from, and its identity holds
+            _ => Verdict::Duplicate,
+        };
+    }
+    Ok(())
+}
+
+/// Step 3: the readings still judged new are inserted; one whose `(device_id, ts, id)` is stored
+/// already (a redelivery, or a device-chosen identity older than the dedupe window) is judged
+/// against the stored reading.
+fn insert_new(
+    conn: &mut PgConnection,
+    batch: &[Reading],
+    verdicts: &mut [Verdict],
+) -> Result<usize, StoreError> {
+    let new: Vec<usize> = (0..batch.len())
+        .filter(|&i| verdicts[i] == Verdict::New)
+        .collect();
+    let mut inserted: HashSet<(String, DateTime<Utc>, String)> = HashSet::new();
+    for chunk in new.chunks(ROWS_PER_STATEMENT) {
+        let rows = diesel::insert_into(readings::table)
+            .values(&new_rows(chunk.iter().map(|&i| &batch[i])))
+            .on_conflict_do_nothing()
+            .returning((readings::device_id, readings::ts, readings::reading_id))
+            .load::<(String, DateTime<Utc>, String)>(conn)?;
+        inserted.extend(rows);
+    }
+    let repeated: Vec<usize> = new
+        .into_iter()
+        .filter(|&i| {
+            let r = &batch[i];
+            !inserted.contains(&(
+                r.device_id.as_str().to_owned(),
+                r.ts,
+                r.id.as_str().to_owned(),
+            ))
+        })
+        .collect();
+    if repeated.is_empty() {
+        return Ok(inserted.len());
+    }
+    let devices: Vec<&str> = repeated
+        .iter()
+        .map(|&i| batch[i].device_id.as_str())
+        .collect();
+    let times: Vec<DateTime<Utc>> = repeated.iter().map(|&i| batch[i].ts).collect();
+    let ids: Vec<&str> = repeated.iter().map(|&i| batch[i].id.as_str()).collect();
+    #[derive(QueryableByName)]
+    struct Stored {
+        #[diesel(sql_type = Text)]
+        device_id: String,
+        #[diesel(sql_type = Timestamptz)]
+        ts: DateTime<Utc>,
+        #[diesel(sql_type = Text)]
+        reading_id: String,
+        #[diesel(sql_type = Text)]
+        metrics: String,
+    }
+    let stored: HashMap<(String, DateTime<Utc>, String), String> = diesel::sql_query(
+        "SELECT r.device_id, r.ts, r.reading_id, r.metrics::text AS metrics
+         FROM unnest($1::text[], $2::timestamptz[], $3::text[]) AS k(device_id, ts, reading_id)
+         JOIN readings r USING (device_id, ts, reading_id)",
+    )
+    .bind::<Array<Text>, _>(&devices)
+    .bind::<Array<Timestamptz>, _>(&times)
+    .bind::<Array<Text>, _>(&ids)
+    .load::<Stored>(conn)?
+    .into_iter()
+    .map(|s| ((s.device_id, s.ts, s.reading_id), s.metrics))
+    .collect();
+    for i in repeated {
+        let r = &batch[i];
+        let key = (
+            r.device_id.as_str().to_owned(),
+            r.ts,
+            r.id.as_str().to_owned(),
+        );
+        verdicts[i] = match stored.get(&key).map(|m| serde_json::from_str::<Metrics>(m)) {
+            // same time and id: only the metrics can differ
+            Some(Ok(metrics)) => compare_content(&metrics, r.ts, true, r),
+            _ => Verdict::Duplicate,
+        };
+    }
+    Ok(inserted.len())
+}
+
+/// Step 4: conflicting readings are kept with their reason, each distinct content once (a
+/// redelivery of the same conflicting reading adds nothing).
+fn record_conflicts(
+    conn: &mut PgConnection,
+    batch: &[Reading],
+    verdicts: &[Verdict],
+) -> Result<(), StoreError> {
+    let conflicts: Vec<(&Reading, DateTime<Utc>, &str)> = batch
+        .iter()
+        .zip(verdicts)
+        .filter_map(|(r, v)| match *v {
+            Verdict::Conflict { stored_ts, reason } => Some((r, stored_ts, reason)),
+            _ => None,
+        })
+        .collect();
+    if conflicts.is_empty() {
+        return Ok(());
+    }
+    let devices: Vec<&str> = conflicts.iter().map(|c| c.0.device_id.as_str()).collect();
+    let ids: Vec<&str> = conflicts.iter().map(|c| c.0.id.as_str()).collect();
+    let times: Vec<DateTime<Utc>> = conflicts.iter().map(|c| c.0.ts).collect();
+    let assigned: Vec<bool> = conflicts.iter().map(|c| c.0.origin.ts_assigned).collect();
+    let metrics: Vec<MetricsJson> = conflicts
+        .iter()
+        .map(|c| MetricsJson(&c.0.metrics))
+        .collect();
+    let stored_times: Vec<DateTime<Utc>> = conflicts.iter().map(|c| c.1).collect();
+    let reasons: Vec<&str> = conflicts.iter().map(|c| c.2).collect();
+    // a time the server assigned is not part of what the device said, so not of the variant
+    diesel::sql_query(
+        "INSERT INTO reading_conflicts
+             (device_id, reading_id, variant, ts, ts_assigned, metrics, stored_ts, reason)
+         SELECT c.device_id, c.reading_id,
+                md5(c.metrics::text || CASE WHEN c.ts_assigned THEN ''
+                                            ELSE (extract(epoch FROM c.ts) * 1000000)::bigint::text END),
+                c.ts, c.ts_assigned, c.metrics, c.stored_ts, c.reason
+         FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::bool[], $5::jsonb[],
+                     $6::timestamptz[], $7::text[])
+              AS c(device_id, reading_id, ts, ts_assigned, metrics, stored_ts, reason)
+         ON CONFLICT DO NOTHING",
+    )
+    .bind::<Array<Text>, _>(&devices)
+    .bind::<Array<Text>, _>(&ids)
+    .bind::<Array<Timestamptz>, _>(&times)
+    .bind::<Array<Bool>, _>(&assigned)
+    .bind::<Array<Jsonb>, _>(&metrics)
+    .bind::<Array<Timestamptz>, _>(&stored_times)
+    .bind::<Array<Text>, _>(&reasons)
+    .execute(conn)?;
+    Ok(())
+}
+
+/// What is kept only for a while, and forgotten in small batches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expiring {
+    /// Device-chosen identities (`reading_ids`), kept for the dedupe window after first stored.
+    Identities,
+    /// Conflicting readings kept for an operator (`reading_conflicts`).
+    Conflicts,
+}
+
+/// Forgets, at most `limit` at a time, what was recorded more than `age` ago; returns how many. Run
+/// until it returns less than `limit`: each call is its own short statement, so neither table is
+/// locked for long.
+pub fn forget_older_than(
+    conn: &mut PgConnection,
+    what: Expiring,
+    age: std::time::Duration,
+    limit: i64,
+) -> Result<usize, StoreError> {
+    let age = PgInterval::from_microseconds(i64::try_from(age.as_micros()).unwrap_or(i64::MAX));
+    let sql = match what {
+        Expiring::Identities => {
+            "DELETE FROM reading_ids WHERE ctid = ANY(ARRAY(
+                 SELECT ctid FROM reading_ids WHERE first_seen < now() - $1 LIMIT $2))"
+        }
+        Expiring::Conflicts => {
+            "DELETE FROM reading_conflicts WHERE ctid = ANY(ARRAY(
+                 SELECT ctid FROM reading_conflicts WHERE received_at < now() - $1 LIMIT $2))"
+        }
+    };
+    Ok(diesel::sql_query(sql)
+        .bind::<Interval, _>(age)
+        .bind::<BigInt, _>(limit)
+        .execute(conn)?)
 }
 
 /// Where PostgreSQL keeps readings of months it may not create a partition for.
@@ -187,9 +591,9 @@ struct DeviceUpdate<'a> {
     metrics: BTreeSet<&'a str>,
 }
 
-fn device_updates(batch: &[Reading]) -> Vec<DeviceUpdate<'_>> {
+fn device_updates<'a>(readings: impl Iterator<Item = &'a Reading>) -> Vec<DeviceUpdate<'a>> {
     let mut by_device: BTreeMap<&str, DeviceUpdate> = BTreeMap::new();
-    for r in batch {
+    for r in readings {
         let update = by_device
             .entry(r.device_id.as_str())
             .or_insert_with(|| DeviceUpdate {
@@ -214,6 +618,9 @@ fn device_updates(batch: &[Reading]) -> Vec<DeviceUpdate<'_>> {
 /// far more cheaply than it parses a JSON document; the metric names are merged only when the batch
 /// brings a new one.
 fn upsert_devices(conn: &mut PgConnection, devices: &[DeviceUpdate]) -> Result<(), StoreError> {
+    if devices.is_empty() {
+        return Ok(());
+    }
     let ids: Vec<&str> = devices.iter().map(|d| d.device_id).collect();
     let first_seen: Vec<DateTime<Utc>> = devices.iter().map(|d| d.first_seen).collect();
     let last_seen: Vec<DateTime<Utc>> = devices.iter().map(|d| d.last_seen).collect();

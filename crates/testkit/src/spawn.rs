@@ -5,42 +5,48 @@
 //!
 //! `*_settings` give a service's settings for a test (its database, queue names and keys; port 0;
 //! small pools and quick refreshes); a test changes what it is about, then starts the service.
-//! Started services are ready (`/readyz` answers 200) unless said otherwise.
+//! Started services are ready (`/readyz` answers 200).
 
-use std::future::Future;
-use std::pin::Pin;
 use std::time::Duration;
 
 /// How long a service may take to become ready in a test.
 const READY: Duration = Duration::from_secs(60);
 
-type Stop = Pin<Box<dyn Future<Output = ()> + Send>>;
-
-/// A service running in the test's runtime. `stop` shuts it down gracefully and waits for it;
-/// dropped, it is asked to stop and left to finish (or aborted, for query-api, which cannot be
-/// asked).
+/// A service running in the test's runtime, built and run as its `main` does (`build`, then
+/// `run_until` a shutdown signal). `stop` shuts it down gracefully and waits for it; dropped, it
+/// is told to stop and left to finish.
 pub struct Running {
     /// `http://127.0.0.1:<port>`.
     pub url: String,
     port: u16,
     client: reqwest::Client,
-    stop: Option<Stop>,
+    /// Sending, or dropping it, is the shutdown signal.
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Running {
+    /// Spawns `run` (a service's `run_until`, given the shutdown signal) on the test's runtime.
     #[cfg(any(
         feature = "ingest-http",
         feature = "ingest-mqtt",
         feature = "persister",
         feature = "query-api"
     ))]
-    fn new(port: u16, stop: Option<Stop>, task: tokio::task::JoinHandle<()>) -> Self {
+    fn spawn<Run, Fut>(port: u16, run: Run) -> Self
+    where
+        Run: FnOnce(std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>) -> Fut,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(run(Box::pin(async move {
+            let _ = stopped.await;
+        })));
         Self {
             url: format!("http://127.0.0.1:{port}"),
             port,
             client: reqwest::Client::new(),
-            stop,
+            stop: Some(stop),
             task: Some(task),
         }
     }
@@ -89,11 +95,11 @@ impl Running {
         .await;
     }
 
-    /// Stops it as a SIGTERM would, and waits until it has (a service that panicked fails the
-    /// test here).
+    /// Stops it as a SIGTERM would, and waits until it has (a service that panicked or failed
+    /// fails the test here).
     pub async fn stop(mut self) {
         if let Some(stop) = self.stop.take() {
-            stop.await;
+            let _ = stop.send(());
         }
         if let Some(task) = self.task.take() {
             task.await.expect("the service ran to its end");
@@ -101,43 +107,13 @@ impl Running {
     }
 }
 
-impl Drop for Running {
-    fn drop(&mut self) {
-        match self.stop.take() {
-            // a signal-shaped stop fires when dropped; an HTTP server's must be run
-            Some(stop) => {
-                if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                    runtime.spawn(stop);
-                }
-            }
-            None => {
-                if let Some(task) = &self.task {
-                    task.abort();
-                }
-            }
-        }
-    }
-}
-
-/// A stop for a service that runs until a future completes: completing it, or dropping it, stops.
-#[cfg(any(feature = "ingest-mqtt", feature = "persister"))]
-fn stop_signal() -> (Stop, impl Future<Output = ()> + Send + 'static) {
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let fire: Stop = Box::pin(async move {
-        let _ = stop.send(());
-    });
-    (fire, async move {
-        let _ = stopped.await;
-    })
-}
-
 #[cfg(feature = "persister")]
 pub fn persister_settings(database_url: &str, amqp_prefix: &str) -> persister::Settings {
     let mut s = persister::Settings::defaults();
     s.http_addr = "127.0.0.1:0".into();
-    s.database_url = database_url.to_owned();
-    s.amqp_url = crate::amqp_url();
-    s.amqp_prefix = amqp_prefix.to_owned();
+    s.database.database_url = database_url.to_owned();
+    s.bus.amqp_url = crate::amqp_url();
+    s.bus.amqp_prefix = amqp_prefix.to_owned();
     s.batch_linger_ms = 5;
     s.retry_max_backoff_ms = 500;
     s
@@ -149,10 +125,7 @@ pub async fn persister(settings: &persister::Settings) -> Running {
     let persister = persister::Persister::build(settings)
         .await
         .expect("the persister starts");
-    let port = persister.ops_port();
-    let (stop, stopped) = stop_signal();
-    let task = tokio::spawn(persister.run_until(stopped));
-    let running = Running::new(port, Some(stop), task);
+    let running = Running::spawn(persister.ops_port(), |stop| persister.run_until(stop));
     running.wait_ready().await;
     running
 }
@@ -167,8 +140,8 @@ pub fn ingest_mqtt_settings(
     s.http_addr = "127.0.0.1:0".into();
     s.mqtt_url = format!("mqtt://127.0.0.1:{mqtt_port}");
     s.mqtt_client_id = client_id.to_owned();
-    s.amqp_url = crate::amqp_url();
-    s.amqp_prefix = amqp_prefix.to_owned();
+    s.bus.amqp_url = crate::amqp_url();
+    s.bus.amqp_prefix = amqp_prefix.to_owned();
     s.retry_max_backoff_ms = 500;
     s
 }
@@ -178,10 +151,7 @@ pub fn ingest_mqtt_settings(
 #[cfg(feature = "ingest-mqtt")]
 pub async fn ingest_mqtt(settings: &ingest_mqtt::Settings) -> Running {
     let ingest = ingest_mqtt::IngestMqtt::build(settings).expect("ingest-mqtt starts");
-    let port = ingest.ops_port();
-    let (stop, stopped) = stop_signal();
-    let task = tokio::spawn(ingest.run_until(stopped));
-    let running = Running::new(port, Some(stop), task);
+    let running = Running::spawn(ingest.ops_port(), |stop| ingest.run_until(stop));
     running.wait_ready().await;
     running
 }
@@ -195,11 +165,11 @@ pub fn ingest_http_settings(
     verifying_key_file: &str,
 ) -> ingest_http::Settings {
     let mut s = ingest_http::Settings::defaults();
-    s.http_addr = "127.0.0.1:0".into();
-    s.http_workers = 2;
+    s.http.http_addr = "127.0.0.1:0".into();
+    s.http.http_workers = 2;
     s.database_url = database_url.to_owned();
-    s.amqp_url = crate::amqp_url();
-    s.amqp_prefix = amqp_prefix.to_owned();
+    s.bus.amqp_url = crate::amqp_url();
+    s.bus.amqp_prefix = amqp_prefix.to_owned();
     s.auth_public_key_file = verifying_key_file.to_owned();
     s.auth_refresh_ms = 200;
     s.rate_limit_per_second = 0;
@@ -210,11 +180,9 @@ pub fn ingest_http_settings(
 #[cfg(feature = "ingest-http")]
 pub async fn ingest_http(settings: &ingest_http::Settings) -> Running {
     let app = ingest_http::Application::build(settings).expect("ingest-http starts");
-    let port = app.port();
-    let (handle, run) = app.into_parts();
-    let task = tokio::spawn(async move { run.await.expect("ingest-http serves") });
-    let stop: Stop = Box::pin(async move { handle.stop(true).await });
-    let running = Running::new(port, Some(stop), task);
+    let running = Running::spawn(app.port(), |stop| async move {
+        app.run_until(stop).await.expect("ingest-http serves")
+    });
     running.wait_ready().await;
     running
 }
@@ -222,9 +190,9 @@ pub async fn ingest_http(settings: &ingest_http::Settings) -> Running {
 #[cfg(feature = "query-api")]
 pub fn query_api_settings(database_url: &str, verifying_key_file: &str) -> query_api::Settings {
     let mut s = query_api::Settings::defaults();
-    s.http_addr = "127.0.0.1:0".into();
-    s.http_workers = 1;
-    s.database_url = database_url.to_owned();
+    s.http.http_addr = "127.0.0.1:0".into();
+    s.http.http_workers = 1;
+    s.database.database_url = database_url.to_owned();
     s.auth_public_key_file = verifying_key_file.to_owned();
     s
 }
@@ -235,10 +203,9 @@ pub async fn query_api(settings: &query_api::Settings) -> Running {
     let app = query_api::Application::build(settings)
         .await
         .expect("query-api starts");
-    let port = app.port();
-    let task =
-        tokio::spawn(async move { app.run_until_stopped().await.expect("query-api serves") });
-    let running = Running::new(port, None, task);
+    let running = Running::spawn(app.port(), |stop| async move {
+        app.run_until(stop).await.expect("query-api serves")
+    });
     running.wait_ready().await;
     running
 }

@@ -89,7 +89,7 @@ struct SeedReading {
 /// One reading of `POST /v1/readings`.
 #[derive(ToSchema, Deserialize)]
 #[serde(deny_unknown_fields)] // as models::parse_readings_body: additionalProperties false
-#[schema(example = json!({"device_id": "raspi-01", "ts": "2026-11-24T10:00:00Z", "id": "raspi-01-000042", "metrics": {"temperature": 25.5}}))]
+#[schema(example = json!({"device_id": "raspi-01", "ts": "2026-11-24T10:00:00Z", "id": "raspi-01-000044", "metrics": {"temperature": 25.5}}))]
 #[allow(dead_code)] // describes the body for OpenAPI; parsing is models::parse_readings_body
 struct ReadingIn {
     /// The token's own device: 1–64 characters of `[A-Za-z0-9._-]`.
@@ -295,13 +295,13 @@ async fn ingest(
         .await
         .map_err(|_| IngestError::Timeout)??;
         let readings = parse(&body, chrono::Utc::now())?;
-        if let Some(device) = writer.device_id()
-            && let Some(other) = readings.iter().find(|r| r.device_id.as_str() != device)
-        {
-            return Err(IngestError::Forbidden(format!(
-                "device_id {:?} is not this token's device {device:?}; nothing was stored",
-                other.device_id.as_str()
-            )));
+        if let Some(device) = writer.device_id() {
+            models::check_own_readings(device, &readings).map_err(|e| {
+                IngestError::Forbidden(format!(
+                    "device_id {:?} is not this token's device {:?}; nothing was stored",
+                    e.found, e.writer
+                ))
+            })?;
         }
         let batch = AcceptedBatch {
             readings: readings.len(),

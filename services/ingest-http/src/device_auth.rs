@@ -7,11 +7,10 @@ use std::sync::Arc;
 
 use actix_web::body::{EitherBody, MessageBody};
 use actix_web::dev::{ServiceRequest, ServiceResponse};
-use actix_web::http::header;
 use actix_web::middleware::Next;
 use actix_web::{HttpMessage, HttpRequest, web};
 use auth::{Access, CachedVerifier, DeviceRegistry, Role};
-use service_kit::access::route_of;
+use service_kit::access::{BearerError, bearer_token, route_of};
 
 use crate::api::{IngestState, endpoint_label};
 use crate::error::IngestError;
@@ -92,25 +91,21 @@ pub struct Authenticator {
 
 impl Authenticator {
     pub async fn authenticate(&self, req: &HttpRequest) -> Result<Writer, IngestError> {
-        let Some(value) = req.headers().get(header::AUTHORIZATION) else {
-            return if self.allow_anonymous {
-                Ok(Writer::Anonymous)
-            } else {
-                Err(IngestError::Unauthorized {
-                    reason: "an Authorization: Bearer <device token> header is required".into(),
-                    token_sent: false,
-                })
-            };
-        };
         let invalid = |reason: String| IngestError::Unauthorized {
             reason,
             token_sent: true,
         };
-        let token = value
-            .to_str()
-            .ok()
-            .and_then(auth::bearer_token)
-            .ok_or_else(|| invalid("the Authorization header is not `Bearer <token>`".into()))?;
+        let token = match bearer_token(req.headers()) {
+            Ok(token) => token,
+            Err(BearerError::Missing) if self.allow_anonymous => return Ok(Writer::Anonymous),
+            Err(BearerError::Missing) => {
+                return Err(IngestError::Unauthorized {
+                    reason: "an Authorization: Bearer <device token> header is required".into(),
+                    token_sent: false,
+                });
+            }
+            Err(BearerError::NotBearer) => return Err(invalid(BearerError::NOT_BEARER.into())),
+        };
         let Some(verifier) = &self.verifier else {
             return Err(invalid(
                 "tokens cannot be checked: no key is configured".into(),

@@ -3,6 +3,7 @@ use actix_web::{HttpResponse, ResponseError};
 use bus::PublishError;
 use models::ValidationError;
 use service_kit::ApiError;
+use service_kit::error::retry_after;
 
 /// Everything an ingest request can fail with; mapped to HTTP in one place, below.
 #[derive(Debug, thiserror::Error)]
@@ -87,9 +88,14 @@ impl ResponseError for IngestError {
             IngestError::Body(_) => ApiError::new(status, "invalid_input", self.to_string()),
             IngestError::Publish(e) => {
                 // Not stored, or not known to be: the device keeps the reading and retries.
-                ApiError::unavailable(format!("readings not accepted, retry later: {e}"), 1)
+                ApiError::unavailable(
+                    format!("readings not accepted, retry later: {e}"),
+                    retry_after::BROKER_SECS,
+                )
             }
-            IngestError::RegistryUnavailable => ApiError::unavailable(self.to_string(), 2),
+            IngestError::RegistryUnavailable => {
+                ApiError::unavailable(self.to_string(), retry_after::REGISTRY_SECS)
+            }
             IngestError::Unauthorized { reason, token_sent } => {
                 ApiError::unauthorized(reason.clone(), *token_sent)
             }

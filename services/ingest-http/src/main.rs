@@ -17,8 +17,8 @@ async fn main() -> anyhow::Result<()> {
     let settings = Settings::load(args.service.config.as_deref())?;
     service_kit::telemetry::init(settings.log_format);
     let app = Application::build(&settings)?;
-    tracing::info!(addr = %settings.http_addr, port = app.port(), "ingest-http listening");
-    app.run_until_stopped().await?;
+    tracing::info!(addr = %settings.http.http_addr, port = app.port(), "ingest-http listening");
+    app.run_until(service_kit::shutdown::signal()).await?;
     tracing::info!("ingest-http stopped");
     Ok(())
 }

@@ -1,7 +1,8 @@
 use std::path::Path;
 
-use bus::PublisherSettings;
+use bus::{BusSettings, PublisherSettings};
 use serde::Deserialize;
+use service_kit::HttpSettings;
 use service_kit::telemetry::LogFormat;
 
 use crate::audit::AcceptedWrites;
@@ -9,16 +10,17 @@ use crate::audit::AcceptedWrites;
 /// Every setting of ingest-http; README's configuration table documents each.
 #[derive(Clone, Deserialize)]
 pub struct Settings {
-    pub http_addr: String,
-    pub http_workers: usize,
+    #[serde(flatten)]
+    pub http: HttpSettings,
     pub max_body_bytes: usize,
     pub backfill_horizon_days: models::BackfillHorizon,
-    pub amqp_url: String,
-    pub amqp_prefix: String,
+    #[serde(flatten)]
+    pub bus: BusSettings,
     #[serde(flatten)]
     pub publisher: PublisherSettings,
     pub auth_public_key_file: String,
     pub auth_allow_anonymous: bool,
+    /// The device registry is read from here.
     pub database_url: String,
     pub auth_refresh_ms: u64,
     pub auth_registry_max_age_secs: u64,
@@ -29,9 +31,6 @@ pub struct Settings {
     pub refusal_limit_per_second: u32,
     pub refusal_limit_burst: u32,
     pub trusted_proxies: String,
-    pub http_header_timeout_ms: u64,
-    pub http_body_timeout_ms: u64,
-    pub http_keep_alive_secs: u64,
     pub audit_accepted: AcceptedWrites,
     pub audit_summary_interval_secs: u64,
     pub log_format: LogFormat,
@@ -44,7 +43,10 @@ impl Settings {
         service_kit::config::load(Self::DEFAULTS, file)
     }
 
+    /// The built-in defaults alone (no file, no environment), for tests to start from.
     pub fn defaults() -> Self {
-        service_kit::config::load(Self::DEFAULTS, None).expect("built-in defaults parse")
+        // `DEFAULTS` is compiled in, and every service's tests start from it: a broken file fails
+        // them all, never a deployment
+        service_kit::config::defaults(Self::DEFAULTS).expect("built-in defaults parse")
     }
 }

@@ -1,4 +1,4 @@
-use std::net::TcpListener;
+use std::future::Future;
 use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,7 +8,7 @@ use actix_web::middleware::from_fn;
 use actix_web::{App, HttpServer, web};
 use anyhow::Context;
 use auth::{CredentialChange, DeviceRegistry, Follower, TokenVerifier};
-use bus::{Publisher, PublisherMetrics, Topology};
+use bus::{Publisher, PublisherMetrics};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
@@ -42,8 +42,8 @@ impl Application {
         let http_metrics = HttpMetrics::register(&mut registry);
         let ingest_metrics = IngestMetrics::register(&mut registry);
         let publisher = Publisher::start(
-            settings.amqp_url.clone(),
-            Topology::with_prefix(&settings.amqp_prefix),
+            settings.bus.amqp_url.clone(),
+            settings.bus.topology(),
             settings.publisher.clone(),
             PublisherMetrics::register(&mut registry),
             "ingest-http".to_owned(),
@@ -63,7 +63,7 @@ impl Application {
             metrics: ingest_metrics,
             max_body_bytes: settings.max_body_bytes,
             backfill_horizon: settings.backfill_horizon_days,
-            body_timeout: Duration::from_millis(settings.http_body_timeout_ms),
+            body_timeout: settings.http.body_timeout(),
             authenticator,
             rate_limit: KeyedLimit::new(settings.rate_limit_per_second, settings.rate_limit_burst),
             refusals: RefusalLimit::new(
@@ -76,13 +76,7 @@ impl Application {
             audit: audit.clone(),
         });
 
-        let listener = TcpListener::bind(&settings.http_addr)
-            .with_context(|| format!("cannot listen on {}", settings.http_addr))?;
-        let port = listener.local_addr()?.port();
-        let workers = match settings.http_workers {
-            0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
-            n => n,
-        };
+        let (listener, port) = settings.http.bind()?;
         let server = HttpServer::new(move || {
             let (app, openapi) = App::new()
                 .into_utoipa_app()
@@ -98,9 +92,10 @@ impl Application {
                 .route("/openapi.json", web::get().to(api::openapi_json))
                 .default_service(web::to(service_kit::error::unknown_route))
         })
-        .workers(workers)
-        .client_request_timeout(Duration::from_millis(settings.http_header_timeout_ms))
-        .keep_alive(Duration::from_secs(settings.http_keep_alive_secs))
+        .disable_signals()
+        .workers(settings.http.workers())
+        .client_request_timeout(settings.http.header_timeout())
+        .keep_alive(settings.http.keep_alive())
         .listen(listener)?
         .run();
         Ok(Self {
@@ -115,10 +110,11 @@ impl Application {
         self.port
     }
 
-    /// Serves until SIGTERM/SIGINT; then answers the requests in flight (each waits for its
-    /// confirm), publishes anything still waiting, and closes the RabbitMQ connection.
-    pub async fn run_until_stopped(self) -> std::io::Result<()> {
-        let served = self.server.await;
+    /// Serves until `stop` resolves (`service_kit::shutdown::signal()`: SIGTERM or SIGINT); then
+    /// answers the requests in flight (each waits for its confirm), publishes anything still
+    /// waiting, and closes the RabbitMQ connection.
+    pub async fn run_until(self, stop: impl Future<Output = ()>) -> std::io::Result<()> {
+        let served = service_kit::shutdown::serve_until(self.server, stop).await;
         self.publisher.close().await;
         self.audit.flush();
         served
@@ -129,10 +125,10 @@ impl Application {
         self,
     ) -> (
         actix_web::dev::ServerHandle,
-        impl std::future::Future<Output = std::io::Result<()>>,
+        impl Future<Output = std::io::Result<()>>,
     ) {
         let handle = self.server.handle();
-        (handle, self.run_until_stopped())
+        (handle, self.run_until(std::future::pending()))
     }
 }
 

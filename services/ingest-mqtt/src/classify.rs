@@ -1,11 +1,19 @@
 //! What an MQTT message is: readings to publish, or a payload to refuse (with the reason).
 
-use models::{DeviceId, Reading, TimeWindow};
+use models::{DeviceId, Reading, TimeWindow, ValidationKind};
 
 #[derive(Debug, PartialEq)]
 pub enum Classified {
     Readings(Vec<Reading>),
     Invalid { kind: &'static str, reason: String },
+}
+
+fn refused(e: &models::ValidationError) -> Classified {
+    let kind = match e.kind {
+        ValidationKind::NotJson => "not_json",
+        ValidationKind::Invalid => "invalid_reading",
+    };
+    invalid(kind, e.to_string())
 }
 
 fn invalid(kind: &'static str, reason: impl Into<String>) -> Classified {
@@ -29,7 +37,7 @@ pub fn classify(
     if legacy_topic == Some(topic) {
         return match models::parse_seed_body(payload, window) {
             Ok(reading) => Classified::Readings(vec![reading]),
-            Err(e) => invalid(kind_of(&e), e.to_string()),
+            Err(e) => refused(&e),
         };
     }
     let device = match topic.split('/').collect::<Vec<_>>().as_slice() {
@@ -45,19 +53,19 @@ pub fn classify(
         Ok(device) => device,
         Err(reason) => return invalid("topic", format!("topic: device id {reason}")),
     };
-    match models::parse_device_topic_payload(&device, payload, window) {
-        Ok(readings) => Classified::Readings(readings),
-        Err(e) => invalid(kind_of(&e), e.to_string()),
-    }
-}
-
-fn kind_of(e: &models::ValidationError) -> &'static str {
-    if e.field.ends_with("device_id") && e.reason.contains("topic") {
-        "device_mismatch"
-    } else if e.field == "body" && e.reason.starts_with("is not valid JSON") {
-        "not_json"
-    } else {
-        "invalid_reading"
+    let readings = match models::parse_device_topic_payload(&device, payload, window) {
+        Ok(readings) => readings,
+        Err(e) => return refused(&e),
+    };
+    match models::check_own_readings(device.as_str(), &readings) {
+        Ok(()) => Classified::Readings(readings),
+        Err(e) => invalid(
+            "device_mismatch",
+            format!(
+                "readings[{}].device_id: is {:?} but the topic is that of device {:?}",
+                e.index, e.found, e.writer
+            ),
+        ),
     }
 }
 

@@ -58,8 +58,8 @@ impl IngestMqtt {
         let mut registry = Registry::default();
         let metrics = MqttMetrics::register(&mut registry);
         let publisher = Publisher::start(
-            settings.amqp_url.clone(),
-            Topology::with_prefix(&settings.amqp_prefix),
+            settings.bus.amqp_url.clone(),
+            Topology::with_prefix(&settings.bus.amqp_prefix),
             settings.publisher.clone(),
             PublisherMetrics::register(&mut registry),
             "ingest-mqtt".to_owned(),

@@ -1,6 +1,6 @@
 use std::path::Path;
 
-use bus::PublisherSettings;
+use bus::{BusSettings, PublisherSettings};
 use serde::Deserialize;
 use service_kit::net::{MqttEndpoint, parse_mqtt_url};
 use service_kit::telemetry::LogFormat;
@@ -21,8 +21,8 @@ pub struct Settings {
     pub mqtt_keep_alive_secs: u64,
     pub retry_max_backoff_ms: u64,
     pub backfill_horizon_days: models::BackfillHorizon,
-    pub amqp_url: String,
-    pub amqp_prefix: String,
+    #[serde(flatten)]
+    pub bus: BusSettings,
     #[serde(flatten)]
     pub publisher: PublisherSettings,
     pub log_format: LogFormat,
@@ -35,8 +35,11 @@ impl Settings {
         service_kit::config::load(Self::DEFAULTS, file)
     }
 
+    /// The built-in defaults alone (no file, no environment), for tests to start from.
     pub fn defaults() -> Self {
-        service_kit::config::load(Self::DEFAULTS, None).expect("built-in defaults parse")
+        // `DEFAULTS` is compiled in, and every service's tests start from it: a broken file fails
+        // them all, never a deployment
+        service_kit::config::defaults(Self::DEFAULTS).expect("built-in defaults parse")
     }
 
     pub fn client_id(&self) -> String {

@@ -5,27 +5,20 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use bus::lapin::Acker;
-use bus::lapin::message::Delivery;
-use bus::lapin::options::{BasicAckOptions, BasicCancelOptions};
-use bus::lapin::{Channel, Connection, Consumer};
-use bus::{Topology, publish_dead_letter};
-use futures_util::StreamExt;
-use models::{MessageError, Reading, ReadingBatchMessage};
+use bus::{Backoff, Delivery, QueueDepth, ReadingsConsumer};
+use models::MessageError;
 use tokio::sync::{Mutex, mpsc, watch};
+use tokio::task::JoinHandle;
 
+use crate::batch::Batch;
 use crate::metrics::{PersisterMetrics, ReasonLabels};
 use crate::settings::Settings;
-use crate::writer::{self, WriteJob};
+use crate::writer::Writer;
 
 /// How often the queue's length is sampled for `/metrics`.
 const QUEUE_SAMPLE_INTERVAL: Duration = Duration::from_secs(5);
-
-/// Readings decoded from some messages, and the acknowledgements owed once they are stored.
-pub struct Batch {
-    pub readings: Vec<Reading>,
-    pub ackers: Vec<Acker>,
-}
+/// The first reconnection waits about this long; later ones back off up to `retry_max_backoff_ms`.
+const FIRST_RETRY: Duration = Duration::from_millis(100);
 
 enum SessionEnd {
     Shutdown,
@@ -39,244 +32,217 @@ pub async fn consume(
     amqp_connected: Arc<AtomicBool>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let topology = Topology::with_prefix(&settings.amqp_prefix);
-    let initial_backoff = Duration::from_millis(100);
-    let max_backoff = Duration::from_millis(settings.retry_max_backoff_ms.max(100));
-    let mut backoff = initial_backoff;
+    let topology = settings.bus.topology();
+    let mut backoff = Backoff::new(
+        FIRST_RETRY,
+        Duration::from_millis(settings.retry_max_backoff_ms),
+    );
     loop {
         if *shutdown.borrow() {
             return;
         }
-        match open(&settings, &topology).await {
-            Ok((connection, channel, consumer)) => {
-                backoff = initial_backoff;
+        let opened = ReadingsConsumer::open(
+            &settings.bus.amqp_url,
+            &topology,
+            settings.prefetch,
+            "persister",
+        )
+        .await;
+        let failed = match opened {
+            Ok(consumer) => {
+                backoff.reset();
                 amqp_connected.store(true, Ordering::SeqCst);
                 metrics.amqp_connected.set(1);
                 tracing::info!(queue = %topology.readings_queue, "consuming");
-                let end = session(
-                    &settings,
-                    &topology,
-                    &pool,
-                    &metrics,
-                    &connection,
-                    &channel,
-                    consumer,
-                    &mut shutdown,
-                )
-                .await;
+                let session = Session::start(&settings, &pool, &metrics, consumer, &mut shutdown);
+                let (end, consumer) = session.await.run().await;
                 amqp_connected.store(false, Ordering::SeqCst);
                 metrics.amqp_connected.set(0);
                 // Closing the channel returns whatever is unacknowledged to the queue.
-                let _ = channel.close(200, "bye".into()).await;
-                let _ = connection.close(200, "bye".into()).await;
+                consumer.close().await;
                 match end {
                     SessionEnd::Shutdown => return,
                     SessionEnd::Lost(why) => {
                         tracing::warn!(error = %why, "lost RabbitMQ; reconnecting")
                     }
                 }
+                None
             }
-            Err(e) => {
-                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "cannot consume from RabbitMQ");
-            }
+            Err(e) => Some(e),
+        };
+        let delay = backoff.next_delay();
+        if let Some(e) = failed {
+            tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "cannot consume from RabbitMQ");
         }
         tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
+            _ = tokio::time::sleep(delay) => {}
             _ = shutdown.changed() => return,
         }
-        backoff = (backoff * 2).min(max_backoff);
     }
 }
 
-async fn open(
-    settings: &Settings,
-    topology: &Topology,
-) -> bus::lapin::Result<(Connection, Channel, Consumer)> {
-    let connection = bus::connect(&settings.amqp_url, "persister").await?;
-    let (channel, consumer) =
-        bus::open_consumer(&connection, topology, settings.prefetch.max(1), "").await?;
-    Ok((connection, channel, consumer))
+/// One connection's worth of consuming: what the loop owns, and its steps.
+struct Session<'a> {
+    consumer: ReadingsConsumer,
+    metrics: &'a PersisterMetrics,
+    shutdown: &'a mut watch::Receiver<bool>,
+    /// One batch waiting per writer at most: beyond that, deliveries wait in the prefetch window
+    /// and then in RabbitMQ, not in our memory.
+    batches: mpsc::Sender<Batch>,
+    writers: Vec<JoinHandle<()>>,
+    sampler: JoinHandle<()>,
+    linger: Duration,
+    max_readings: usize,
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn session(
-    settings: &Settings,
-    topology: &Topology,
-    pool: &store::PgPool,
-    metrics: &PersisterMetrics,
-    connection: &Connection,
-    channel: &Channel,
-    mut consumer: Consumer,
-    shutdown: &mut watch::Receiver<bool>,
-) -> SessionEnd {
-    let writers = settings.db_writers.max(1);
-    // One batch waiting per writer at most: beyond that, deliveries wait in the prefetch window and
-    // then in RabbitMQ, not in our memory.
-    let (batches, batches_rx) = mpsc::channel::<WriteJob>(writers);
-    let batches_rx = Arc::new(Mutex::new(batches_rx));
-    let writer_tasks: Vec<_> = (0..writers)
-        .map(|_| {
-            tokio::spawn(writer::write_batches(
-                batches_rx.clone(),
-                pool.clone(),
-                metrics.clone(),
-                channel.clone(),
-                settings.retry_max_backoff_ms,
-                settings.backfill_horizon_days,
-                shutdown.clone(),
-            ))
-        })
-        .collect();
-    let sampler = tokio::spawn(sample_queue_length(
-        connection.create_channel().await.ok(),
-        topology.readings_queue.clone(),
-        metrics.clone(),
-    ));
+impl<'a> Session<'a> {
+    /// Starts the writers and the queue-depth sampler for this connection.
+    async fn start(
+        settings: &Settings,
+        pool: &store::PgPool,
+        metrics: &'a PersisterMetrics,
+        consumer: ReadingsConsumer,
+        shutdown: &'a mut watch::Receiver<bool>,
+    ) -> Self {
+        let writers = settings.db_writers.max(1);
+        let (batches, batches_rx) = mpsc::channel::<Batch>(writers);
+        let batches_rx = Arc::new(Mutex::new(batches_rx));
+        let writers = (0..writers)
+            .map(|_| {
+                let writer = Writer::new(
+                    pool.clone(),
+                    metrics.clone(),
+                    consumer.channel_state(),
+                    Duration::from_millis(settings.retry_max_backoff_ms),
+                    settings.backfill_horizon_days,
+                    shutdown.clone(),
+                );
+                tokio::spawn(writer.run(batches_rx.clone()))
+            })
+            .collect();
+        let sampler = tokio::spawn(sample_queue_depth(
+            consumer.queue_depth().await.ok(),
+            metrics.clone(),
+        ));
+        Self {
+            consumer,
+            metrics,
+            shutdown,
+            batches,
+            writers,
+            sampler,
+            linger: Duration::from_millis(settings.batch_linger_ms),
+            max_readings: settings.batch_max_readings.max(1),
+        }
+    }
 
-    let linger = Duration::from_millis(settings.batch_linger_ms);
-    let max_readings = settings.batch_max_readings.max(1);
-    let end = loop {
+    /// Gathers batches and hands them to the writers until the session ends; then drains.
+    async fn run(mut self) -> (SessionEnd, ReadingsConsumer) {
+        let end = loop {
+            let (batch, end) = self.gather().await;
+            if let Err(lost) = self.hand_over(batch).await {
+                break lost;
+            }
+            if let Some(end) = end {
+                break end;
+            }
+        };
+        let consumer = self.drain(&end).await;
+        (end, consumer)
+    }
+
+    /// Waits for a delivery, then gathers more for the same transaction, up to the batch size or
+    /// the linger. Whatever was gathered is returned also when the session ends meanwhile.
+    async fn gather(&mut self) -> (Batch, Option<SessionEnd>) {
+        let mut batch = Batch::default();
         let first = tokio::select! {
-            next = consumer.next() => next,
-            _ = shutdown.changed() => break SessionEnd::Shutdown,
+            next = self.consumer.next() => next,
+            _ = self.shutdown.changed() => return (batch, Some(SessionEnd::Shutdown)),
         };
-        let mut batch = Batch {
-            readings: Vec::new(),
-            ackers: Vec::new(),
+        let first = match first {
+            Ok(delivery) => delivery,
+            Err(e) => return (batch, Some(SessionEnd::Lost(e.to_string()))),
         };
-        let mut deliveries = vec![];
-        match first {
-            Some(Ok(delivery)) => deliveries.push(delivery),
-            Some(Err(e)) => break SessionEnd::Lost(e.to_string()),
-            None => break SessionEnd::Lost("the consumer was cancelled".into()),
+        if let Err(end) = self.take(&mut batch, first).await {
+            return (batch, Some(end));
         }
-        if let Err(end) = add(&mut batch, deliveries.drain(..), channel, topology, metrics).await {
-            break end;
-        }
-        // Gather more for the same transaction, up to the batch size or the linger.
-        let until = tokio::time::Instant::now() + linger;
-        let mut lost = None;
-        while batch.readings.len() < max_readings {
-            match tokio::time::timeout_at(until, consumer.next()).await {
-                Ok(Some(Ok(delivery))) => {
-                    if let Err(end) = add(
-                        &mut batch,
-                        std::iter::once(delivery),
-                        channel,
-                        topology,
-                        metrics,
-                    )
-                    .await
-                    {
-                        lost = Some(end);
-                        break;
+        let until = tokio::time::Instant::now() + self.linger;
+        while batch.readings.len() < self.max_readings {
+            match tokio::time::timeout_at(until, self.consumer.next()).await {
+                Ok(Ok(delivery)) => {
+                    if let Err(end) = self.take(&mut batch, delivery).await {
+                        return (batch, Some(end));
                     }
                 }
-                Ok(Some(Err(e))) => {
-                    lost = Some(SessionEnd::Lost(e.to_string()));
-                    break;
-                }
-                Ok(None) => {
-                    lost = Some(SessionEnd::Lost("the consumer was cancelled".into()));
-                    break;
-                }
+                Ok(Err(e)) => return (batch, Some(SessionEnd::Lost(e.to_string()))),
                 Err(_) => break,
             }
         }
-        if !batch.readings.is_empty() && batches.send(WriteJob { batch }).await.is_err() {
-            break SessionEnd::Lost("the writers stopped".into());
-        }
-        if let Some(end) = lost {
-            break end;
-        }
-    };
-    if matches!(end, SessionEnd::Shutdown) {
-        // Stop deliveries; what was delivered and not batched returns to the queue with the channel.
-        let _ = channel
-            .basic_cancel(consumer.tag(), BasicCancelOptions::default())
-            .await;
+        (batch, None)
     }
-    // The writers finish the batches they hold (and any queued), acknowledge them, and stop.
-    drop(batches);
-    for task in writer_tasks {
-        let _ = task.await;
-    }
-    sampler.abort();
-    end
-}
 
-/// Decodes deliveries into the batch; a message that cannot be decoded is dead-lettered with the
-/// reason and acknowledged, so it never blocks the queue.
-async fn add(
-    batch: &mut Batch,
-    deliveries: impl Iterator<Item = Delivery>,
-    channel: &Channel,
-    topology: &Topology,
-    metrics: &PersisterMetrics,
-) -> Result<(), SessionEnd> {
-    for delivery in deliveries {
-        match ReadingBatchMessage::decode(&delivery.data) {
-            Ok(readings) => {
+    /// Decodes a delivery into the batch; a message that cannot be decoded is dead-lettered with
+    /// the reason and acknowledged, so it never blocks the queue.
+    async fn take(&self, batch: &mut Batch, delivery: Delivery) -> Result<(), SessionEnd> {
+        let (error, delivery) = match delivery.into_readings() {
+            Ok((readings, ack)) => {
                 batch.readings.extend(readings);
-                batch.ackers.push(delivery.acker);
+                batch.acks.push(ack);
+                return Ok(());
             }
-            Err(error) => {
-                let reason = match error {
-                    MessageError::UnsupportedVersion(_) => "unsupported_version",
-                    MessageError::Malformed(_) => "malformed",
-                    MessageError::Empty => "empty",
-                };
-                let message_id = delivery
-                    .properties
-                    .message_id()
-                    .as_ref()
-                    .map(|id| id.to_string())
-                    .unwrap_or_default();
-                tracing::warn!(%error, message.id = %message_id, "dead-lettering a message that cannot be stored");
-                publish_dead_letter(
-                    channel,
-                    topology,
-                    bus::READINGS_ROUTING_KEY,
-                    &delivery.data,
-                    &error.to_string(),
-                    &[("x-original-message-id", &message_id)],
-                )
-                .await
-                .map_err(|e| SessionEnd::Lost(format!("cannot dead-letter: {e}")))?;
-                delivery
-                    .acker
-                    .ack(BasicAckOptions::default())
-                    .await
-                    .map_err(|e| SessionEnd::Lost(e.to_string()))?;
-                metrics
-                    .messages_dead_lettered
-                    .get_or_create(&ReasonLabels { reason })
-                    .inc();
-            }
-        }
+            Err(undecodable) => undecodable,
+        };
+        let reason = match error {
+            MessageError::UnsupportedVersion(_) => "unsupported_version",
+            MessageError::Malformed(_) => "malformed",
+            MessageError::Empty => "empty",
+        };
+        tracing::warn!(%error, message.id = %delivery.message_id(), "dead-lettering a message that cannot be stored");
+        self.consumer
+            .dead_letter(delivery, &error.to_string())
+            .await
+            .map_err(|e| SessionEnd::Lost(format!("cannot dead-letter: {e}")))?;
+        self.metrics
+            .messages_dead_lettered
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+        Ok(())
     }
-    Ok(())
+
+    async fn hand_over(&self, batch: Batch) -> Result<(), SessionEnd> {
+        if !batch.readings.is_empty() && self.batches.send(batch).await.is_err() {
+            return Err(SessionEnd::Lost("the writers stopped".into()));
+        }
+        Ok(())
+    }
+
+    /// The writers finish the batches they hold (and any queued), acknowledge them, and stop.
+    async fn drain(self, end: &SessionEnd) -> ReadingsConsumer {
+        let Self {
+            consumer,
+            batches,
+            writers,
+            sampler,
+            ..
+        } = self;
+        if matches!(end, SessionEnd::Shutdown) {
+            // Stop deliveries; what was delivered and not batched returns to the queue with the
+            // channel.
+            consumer.cancel().await;
+        }
+        drop(batches);
+        for task in writers {
+            let _ = task.await;
+        }
+        sampler.abort();
+        consumer
+    }
 }
 
-async fn sample_queue_length(channel: Option<Channel>, queue: String, metrics: PersisterMetrics) {
-    let Some(channel) = channel else { return };
-    loop {
-        let declared = channel
-            .queue_declare(
-                queue.as_str().into(),
-                bus::lapin::options::QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                Default::default(),
-            )
-            .await;
-        match declared {
-            Ok(q) => {
-                metrics.queue_messages.set(i64::from(q.message_count()));
-            }
-            Err(_) => return,
-        }
+async fn sample_queue_depth(depth: Option<QueueDepth>, metrics: PersisterMetrics) {
+    let Some(depth) = depth else { return };
+    while let Ok(messages) = depth.sample().await {
+        metrics.queue_messages.set(i64::from(messages));
         tokio::time::sleep(QUEUE_SAMPLE_INTERVAL).await;
     }
 }

@@ -3,13 +3,18 @@
 //! A consuming task takes messages (at most `prefetch` unacknowledged), packs them into batches and
 //! hands them to `db_writers` writing tasks. A writer stores its batch in one transaction and only
 //! then acknowledges the batch's messages, so a crash at any point leaves them on the queue to be
-//! delivered again, and the store's unique key makes that second write a no-op.
+//! delivered again, and the store's unique keys make that second write a no-op. A reading whose id
+//! the device chose is recognised by `(device_id, id)` for `dedupe_window_days`, whatever its time;
+//! sent again with other content, the first write stays and the newcomer is kept in
+//! `reading_conflicts` (counted as `readings_conflicting_total`).
 //!
 //! A message that cannot be decoded goes to the dead-letter queue with the reason, counted. A
 //! database that is down is waited for: writes are retried with backoff while the messages stay
 //! unacknowledged, and the queue holds everything else.
 
+mod batch;
 mod consumer;
+mod housekeeping;
 mod metrics;
 pub mod settings;
 mod writer;
@@ -17,7 +22,6 @@ mod writer;
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
 use actix_web::dev::ServerHandle;
 use anyhow::Context;
@@ -43,8 +47,8 @@ impl Persister {
     /// Waits for PostgreSQL (up to `startup_wait_ms`), refuses an unmigrated database, and binds the
     /// ops endpoints on `http_addr`.
     pub async fn build(settings: &Settings) -> anyhow::Result<Self> {
-        let pool = store::connect_pool(&settings.database_url, &settings.pool())?;
-        let wait = Duration::from_millis(settings.startup_wait_ms);
+        let pool = store::connect_pool(&settings.database.database_url, &settings.pool())?;
+        let wait = settings.database.startup_wait();
         let check_pool = pool.clone();
         tokio::task::spawn_blocking(move || store::wait_for_migrated_database(&check_pool, wait))
             .await
@@ -107,6 +111,12 @@ impl Persister {
             self.amqp_connected.clone(),
             self.shutdown.subscribe(),
         ));
+        let forgetting = tokio::spawn(housekeeping::forget_expired(
+            self.pool.clone(),
+            self.settings.dedupe_window_days,
+            self.settings.conflicts_kept_days,
+            self.shutdown.subscribe(),
+        ));
         tokio::pin!(stop);
         tokio::select! {
             _ = &mut stop => {}
@@ -116,6 +126,7 @@ impl Persister {
         if let Err(e) = consuming.await {
             tracing::error!(error = %e, "the consuming task failed");
         }
+        forgetting.abort();
         ops_handle.stop(true).await;
         let _ = ops.await;
     }

@@ -14,6 +14,7 @@ pub struct ReasonLabels {
 pub struct PersisterMetrics {
     pub readings_stored: Counter,
     pub readings_duplicate: Counter,
+    pub readings_conflicting: Counter,
     pub messages_acked: Counter,
     pub messages_dead_lettered: Family<ReasonLabels, Counter>,
     pub batch_readings: Histogram,
@@ -29,6 +30,7 @@ impl PersisterMetrics {
         let m = Self {
             readings_stored: Counter::default(),
             readings_duplicate: Counter::default(),
+            readings_conflicting: Counter::default(),
             messages_acked: Counter::default(),
             messages_dead_lettered: Family::default(),
             batch_readings: Histogram::new(exponential_buckets(1.0, 2.0, 15)),
@@ -46,6 +48,11 @@ impl PersisterMetrics {
             "readings_duplicate",
             "Readings received again and not stored twice (redeliveries, retries)",
             m.readings_duplicate.clone(),
+        );
+        registry.register(
+            "readings_conflicting",
+            "Readings received again with the same id and other content: the first stays, these are kept in reading_conflicts",
+            m.readings_conflicting.clone(),
         );
         registry.register(
             "messages_acked",

@@ -1,26 +1,28 @@
 use std::path::Path;
 
+use bus::BusSettings;
 use serde::Deserialize;
+use service_kit::DatabaseSettings;
 use service_kit::telemetry::LogFormat;
 use store::PoolSettings;
 
 /// Every setting of the persister; README's configuration table documents each.
 #[derive(Clone, Deserialize)]
 pub struct Settings {
+    /// The ops endpoints (`/healthz`, `/readyz`, `/metrics`).
     pub http_addr: String,
-    pub database_url: String,
-    pub amqp_url: String,
-    pub amqp_prefix: String,
+    #[serde(flatten)]
+    pub database: DatabaseSettings,
+    #[serde(flatten)]
+    pub bus: BusSettings,
     pub prefetch: u16,
     pub batch_max_readings: usize,
     pub batch_linger_ms: u64,
     pub db_writers: usize,
-    pub db_max_connections: u32,
-    pub db_acquire_timeout_ms: u64,
-    pub db_statement_timeout_ms: u64,
     pub retry_max_backoff_ms: u64,
     pub backfill_horizon_days: models::BackfillHorizon,
-    pub startup_wait_ms: u64,
+    pub dedupe_window_days: u32,
+    pub conflicts_kept_days: u32,
     pub log_format: LogFormat,
 }
 
@@ -31,16 +33,22 @@ impl Settings {
         service_kit::config::load(Self::DEFAULTS, file)
     }
 
+    /// The built-in defaults alone (no file, no environment), for tests to start from.
     pub fn defaults() -> Self {
-        service_kit::config::load(Self::DEFAULTS, None).expect("built-in defaults parse")
+        // `DEFAULTS` is compiled in, and every service's tests start from it: a broken file fails
+        // them all, never a deployment
+        service_kit::config::defaults(Self::DEFAULTS).expect("built-in defaults parse")
     }
 
     pub fn pool(&self) -> PoolSettings {
         PoolSettings {
             // the writers, and one for readiness checks
-            max_connections: self.db_max_connections.max(self.db_writers as u32 + 1),
-            acquire_timeout_ms: self.db_acquire_timeout_ms,
-            statement_timeout_ms: self.db_statement_timeout_ms,
+            max_connections: self
+                .database
+                .db_max_connections
+                .max(self.db_writers as u32 + 1),
+            acquire_timeout_ms: self.database.db_acquire_timeout_ms,
+            statement_timeout_ms: self.database.db_statement_timeout_ms,
             application_name: "persister".into(),
         }
     }

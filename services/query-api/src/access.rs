@@ -7,11 +7,13 @@ use std::net::IpAddr;
 
 use actix_web::body::{EitherBody, MessageBody};
 use actix_web::dev::{ServiceRequest, ServiceResponse};
-use actix_web::http::{Method, header};
+use actix_web::http::Method;
 use actix_web::middleware::Next;
 use actix_web::web;
 use auth::{CachedVerifier, Claims, Role};
-use service_kit::access::{PublicRoutes, RefusalLimit, allowed_methods, method_label, route_of};
+use service_kit::access::{
+    BearerError, PublicRoutes, RefusalLimit, allowed_methods, bearer_token, method_label, route_of,
+};
 use service_kit::net::{KeyedLimit, TrustedProxies};
 
 use crate::error::QueryError;
@@ -109,22 +111,17 @@ impl Access {
     }
 
     fn authenticate(&self, req: &ServiceRequest) -> Result<Claims, QueryError> {
-        let header =
-            req.headers()
-                .get(header::AUTHORIZATION)
-                .ok_or_else(|| QueryError::Unauthorized {
-                    reason: "an Authorization: Bearer <token> header is required".into(),
-                    token_sent: false,
-                })?;
         let invalid = |reason: String| QueryError::Unauthorized {
             reason,
             token_sent: true,
         };
-        let token = header
-            .to_str()
-            .ok()
-            .and_then(auth::bearer_token)
-            .ok_or_else(|| invalid("the Authorization header is not `Bearer <token>`".into()))?;
+        let token = bearer_token(req.headers()).map_err(|e| match e {
+            BearerError::Missing => QueryError::Unauthorized {
+                reason: "an Authorization: Bearer <token> header is required".into(),
+                token_sent: false,
+            },
+            BearerError::NotBearer => invalid(BearerError::NOT_BEARER.into()),
+        })?;
         self.verifier
             .verify(token)
             .map_err(|e| invalid(e.to_string()))

@@ -1,6 +1,7 @@
 use actix_web::http::{StatusCode, header};
 use actix_web::{HttpResponse, ResponseError};
 use service_kit::ApiError;
+use service_kit::error::retry_after;
 use store::StoreError;
 
 /// Everything a query-api request can fail with; mapped to HTTP in one place, below.
@@ -112,7 +113,10 @@ impl QueryError {
             QueryError::UnknownDevice(id) => ApiError::not_found(format!("no device {id:?}")),
             QueryError::Store(e) if e.is_transient() => {
                 tracing::warn!(error = %e, "database unavailable");
-                ApiError::unavailable("the database is unavailable; try again shortly", 2)
+                ApiError::unavailable(
+                    "the database is unavailable; try again shortly",
+                    retry_after::DATABASE_SECS,
+                )
             }
             QueryError::Unauthorized { reason, token_sent } => {
                 ApiError::unauthorized(reason.clone(), *token_sent)
@@ -138,7 +142,7 @@ impl QueryError {
                 match source {
                     e if e.is_unavailable() => ApiError::unavailable(
                         format!("{done}: the MQTT broker cannot be reached; try again shortly"),
-                        5,
+                        retry_after::MQTT_ADMIN_SECS,
                     ),
                     mqtt_admin::MqttAdminError::NotADeviceAccount(_) => ApiError::new(
                         StatusCode::CONFLICT,
@@ -167,7 +171,7 @@ impl QueryError {
             // input the checks missed: logged, and answered without details
             QueryError::UnknownToken(_) => ApiError::not_found(self.to_string()),
             QueryError::AppToken(auth::AppTokenRefusal::NotLoaded) => {
-                ApiError::unavailable(self.to_string(), 1)
+                ApiError::unavailable(self.to_string(), retry_after::REGISTRY_SECS)
             }
             QueryError::AppToken(refusal) => ApiError::unauthorized(refusal.to_string(), true),
             other => ApiError::internal(other),

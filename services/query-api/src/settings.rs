@@ -2,18 +2,16 @@ use std::path::Path;
 
 use serde::Deserialize;
 use service_kit::telemetry::LogFormat;
+use service_kit::{DatabaseSettings, HttpSettings};
 use store::PoolSettings;
 
 /// Every setting of query-api; README's configuration table documents each.
 #[derive(Clone, Deserialize)]
 pub struct Settings {
-    pub http_addr: String,
-    pub http_workers: usize,
-    pub database_url: String,
-    pub db_max_connections: u32,
-    pub db_acquire_timeout_ms: u64,
-    pub db_statement_timeout_ms: u64,
-    pub startup_wait_ms: u64,
+    #[serde(flatten)]
+    pub http: HttpSettings,
+    #[serde(flatten)]
+    pub database: DatabaseSettings,
     pub auth_public_key_file: String,
     pub auth_signing_key_file: String,
     /// The same setting, and environment variable, as sensorctl's.
@@ -28,9 +26,6 @@ pub struct Settings {
     pub refusal_limit_burst: u32,
     pub cors_allowed_origins: String,
     pub trusted_proxies: String,
-    pub http_header_timeout_ms: u64,
-    pub http_body_timeout_ms: u64,
-    pub http_keep_alive_secs: u64,
     pub log_format: LogFormat,
 }
 
@@ -41,16 +36,18 @@ impl Settings {
         service_kit::config::load(Self::DEFAULTS, file)
     }
 
-    /// The defaults alone, for tests that then point the service at their own database.
+    /// The built-in defaults alone (no file, no environment), for tests to start from.
     pub fn defaults() -> Self {
-        service_kit::config::load(Self::DEFAULTS, None).expect("built-in defaults parse")
+        // `DEFAULTS` is compiled in, and every service's tests start from it: a broken file fails
+        // them all, never a deployment
+        service_kit::config::defaults(Self::DEFAULTS).expect("built-in defaults parse")
     }
 
     pub fn pool(&self) -> PoolSettings {
         PoolSettings {
-            max_connections: self.db_max_connections,
-            acquire_timeout_ms: self.db_acquire_timeout_ms,
-            statement_timeout_ms: self.db_statement_timeout_ms,
+            max_connections: self.database.db_max_connections,
+            acquire_timeout_ms: self.database.db_acquire_timeout_ms,
+            statement_timeout_ms: self.database.db_statement_timeout_ms,
             application_name: "query-api".into(),
         }
     }

@@ -1,6 +1,5 @@
-use std::net::TcpListener;
+use std::future::Future;
 use std::path::Path;
-use std::time::Duration;
 
 use actix_cors::Cors;
 use actix_web::dev::Server;
@@ -32,16 +31,14 @@ impl Application {
     /// Connects to PostgreSQL (waiting for it up to `startup_wait_ms`), refuses an unmigrated
     /// database, and binds `http_addr` (port 0 picks a free port: see [`Application::port`]).
     pub async fn build(settings: &Settings) -> anyhow::Result<Self> {
-        let pool = store::connect_pool(&settings.database_url, &settings.pool())?;
-        let wait = Duration::from_millis(settings.startup_wait_ms);
+        let pool = store::connect_pool(&settings.database.database_url, &settings.pool())?;
+        let wait = settings.database.startup_wait();
         let check_pool = pool.clone();
         tokio::task::spawn_blocking(move || store::wait_for_migrated_database(&check_pool, wait))
             .await
             .context("start-up check")??;
 
-        let listener = TcpListener::bind(&settings.http_addr)
-            .with_context(|| format!("cannot listen on {}", settings.http_addr))?;
-        let port = listener.local_addr()?.port();
+        let (listener, port) = settings.http.bind()?;
 
         let mut registry = Registry::default();
         let http_metrics = HttpMetrics::register(&mut registry);
@@ -53,10 +50,6 @@ impl Application {
         let (app_tokens, readiness) = tokens::follow_app_tokens(settings, &pool, readiness).await?;
         let ops = Ops::new(registry, readiness);
 
-        let workers = match settings.http_workers {
-            0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
-            n => n,
-        };
         let access = web::Data::new(access(settings, app_tokens.clone())?);
         let app_tokens = web::Data::new(tokens::AppTokens::new(settings)?);
         let device_tokens =
@@ -68,7 +61,7 @@ impl Application {
                         .context("loading auth_signing_key_file")?,
                 )
             }));
-        let body_timeout = Duration::from_millis(settings.http_body_timeout_ms);
+        let body_timeout = settings.http.body_timeout();
         let mqtt_accounts = web::Data::new(MqttAccounts(
             (!settings.mqtt_admin_url.is_empty())
                 .then(|| mqtt_admin::Broker::from_url(&settings.mqtt_admin_url))
@@ -125,9 +118,10 @@ impl Application {
                 .route("/openapi.json", web::get().to(api::openapi_json))
                 .default_service(web::to(service_kit::error::unknown_route))
         })
-        .workers(workers)
-        .client_request_timeout(Duration::from_millis(settings.http_header_timeout_ms))
-        .keep_alive(Duration::from_secs(settings.http_keep_alive_secs))
+        .disable_signals()
+        .workers(settings.http.workers())
+        .client_request_timeout(settings.http.header_timeout())
+        .keep_alive(settings.http.keep_alive())
         .listen(listener)?
         .run();
         Ok(Self { port, server })
@@ -137,9 +131,10 @@ impl Application {
         self.port
     }
 
-    /// Serves until SIGTERM/SIGINT, then answers the requests in flight and stops.
-    pub async fn run_until_stopped(self) -> std::io::Result<()> {
-        self.server.await
+    /// Serves until `stop` resolves (`service_kit::shutdown::signal()`: SIGTERM or SIGINT), then
+    /// answers the requests in flight and returns.
+    pub async fn run_until(self, stop: impl Future<Output = ()>) -> std::io::Result<()> {
+        service_kit::shutdown::serve_until(self.server, stop).await
     }
 }
 

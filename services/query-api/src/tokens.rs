@@ -45,7 +45,7 @@ pub async fn follow_app_tokens(
     ));
     let listening = Arc::downgrade(&follower);
     store::listen::spawn_listener(
-        settings.database_url.clone(),
+        settings.database.database_url.clone(),
         store::listen::APP_TOKENS_CHANNEL,
         "query-api app token listener",
         move |event| {
@@ -124,11 +124,7 @@ impl AppTokens {
     }
 
     fn claims(&self, headers: &header::HeaderMap) -> Option<auth::Claims> {
-        let token = headers
-            .get(header::AUTHORIZATION)?
-            .to_str()
-            .ok()
-            .and_then(auth::bearer_token)?;
+        let token = service_kit::access::bearer_token(headers).ok()?;
         self.verifier.verify(token).ok()
     }
 

@@ -53,6 +53,23 @@ pub enum Command {
     /// Mosquitto's accounts (through its dynamic security plugin; needs --mqtt-admin-url).
     #[command(subcommand)]
     Mqtt(MqttCommand),
+    /// Readings sent again with a stored id and other content: the first write stays, these are
+    /// kept for `CONFLICTS_KEPT_DAYS` (the persister's setting).
+    #[command(subcommand)]
+    Conflicts(ConflictsCommand),
+}
+
+#[derive(Subcommand)]
+pub enum ConflictsCommand {
+    /// The newest conflicts, one per line: when, device, reading id, reason, the stored reading's
+    /// time, the conflicting reading's time and metrics.
+    List {
+        /// Only this device's.
+        #[arg(long)]
+        device: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -277,6 +294,34 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 claims.jti
             );
             println!("{token}");
+        }
+        Command::Conflicts(ConflictsCommand::List { device, limit }) => {
+            let mut conn = connect(&cli.database_url)?;
+            let conflicts =
+                store::conflicts::recent_conflicts(&mut conn, device.as_deref(), limit.max(0))?;
+            println!(
+                "{:<20} {:<20} {:<24} {:<44} {:<27} {:<27} metrics",
+                "received", "device", "reading id", "reason", "stored ts", "ts"
+            );
+            let time = |t: chrono::DateTime<chrono::Utc>| t.format("%Y-%m-%dT%H:%M:%S%.6fZ");
+            for c in &conflicts {
+                let ts = if c.ts_assigned {
+                    "(none: server time)".to_owned()
+                } else {
+                    time(c.ts).to_string()
+                };
+                println!(
+                    "{:<20} {:<20} {:<24} {:<44} {:<27} {:<27} {}",
+                    c.received_at.format("%Y-%m-%dT%H:%M:%SZ"),
+                    c.device_id,
+                    c.reading_id,
+                    c.reason,
+                    time(c.stored_ts),
+                    ts,
+                    c.metrics
+                );
+            }
+            eprintln!("{} conflict(s) shown", conflicts.len());
         }
         Command::Token(TokenCommand::List) => {
             let mut conn = connect(&cli.database_url)?;

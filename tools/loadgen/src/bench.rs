@@ -121,7 +121,12 @@ impl Bench {
             ingest: self.args.ingest_url.clone(),
             db_url: self.args.database_url.clone(),
             table: "readings".into(),
-            reset: vec!["readings".into(), "devices".into()],
+            reset: vec![
+                "readings".into(),
+                "devices".into(),
+                "reading_ids".into(),
+                "reading_conflicts".into(),
+            ],
             mqtt,
             format: Format::DeviceTopic,
             watched,

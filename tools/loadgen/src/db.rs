@@ -319,10 +319,13 @@ pub fn write_path_until(
     let mut stored = 0u64;
     let mut round: i64 = 0;
     while std::time::Instant::now() < deadline {
-        // every reading new: its time moves by a microsecond each round
+        // every reading new: its time moves by a microsecond each round, and its id (the device's
+        // own, so the identity is recorded as a Pi's is) names the round
         let ts = base + chrono::Duration::microseconds(round);
-        for r in &mut readings {
+        for (i, r) in readings.iter_mut().enumerate() {
             r.ts = ts;
+            r.id = models::ReadingId::parse(format!("wp-w{worker}-r{round}-{i}"))
+                .map_err(anyhow::Error::msg)?;
         }
         let outcome = store::write_readings(&mut conn, &readings, &mut known)
             .map_err(|e| anyhow::anyhow!("write_readings: {e}"))?;

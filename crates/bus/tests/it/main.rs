@@ -65,6 +65,19 @@ fn readings(device: &str, n: usize) -> Vec<models::Reading> {
     .unwrap()
 }
 
+/// What these tests publish with unless they say otherwise (the services take theirs from their
+/// `defaults.toml`).
+fn publisher_settings() -> PublisherSettings {
+    PublisherSettings {
+        publish_linger_ms: 1,
+        publish_max_batch_readings: 2000,
+        publish_max_in_flight: 16,
+        publish_queue_capacity: 8192,
+        publish_confirm_timeout_ms: 10_000,
+        reconnect_max_backoff_ms: 5_000,
+    }
+}
+
 fn start(url: String, topology: &Topology, settings: PublisherSettings) -> Publisher {
     Publisher::start(
         url,
@@ -78,11 +91,7 @@ fn start(url: String, topology: &Topology, settings: PublisherSettings) -> Publi
 #[tokio::test]
 async fn a_confirmed_publish_is_in_the_queue_exactly() {
     let bus = TestBus::new().await;
-    let publisher = start(
-        testkit::amqp_url(),
-        &bus.topology,
-        PublisherSettings::default(),
-    );
+    let publisher = start(testkit::amqp_url(), &bus.topology, publisher_settings());
     assert!(publisher.wait_connected(Duration::from_secs(10)).await);
     let sent = readings("raspi-01", 3);
     publisher.publish(sent.clone()).await.unwrap();
@@ -97,7 +106,7 @@ async fn concurrent_requests_share_messages_and_each_is_answered() {
     let settings = PublisherSettings {
         publish_linger_ms: 20,
         publish_max_in_flight: 1,
-        ..Default::default()
+        ..publisher_settings()
     };
     let publisher = start(testkit::amqp_url(), &bus.topology, settings);
     assert!(publisher.wait_connected(Duration::from_secs(10)).await);
@@ -128,7 +137,7 @@ async fn an_unreachable_broker_is_refused_at_once_not_buffered() {
     let publisher = start(
         "amqp://guest:guest@127.0.0.1:1/%2f".into(),
         &topology,
-        PublisherSettings::default(),
+        publisher_settings(),
     );
     let started = std::time::Instant::now();
     let err = publisher.publish(readings("d", 1)).await.unwrap_err();
@@ -141,11 +150,7 @@ async fn an_unreachable_broker_is_refused_at_once_not_buffered() {
 #[tokio::test]
 async fn a_missing_queue_is_an_error_not_a_silent_loss() {
     let bus = TestBus::new().await;
-    let publisher = start(
-        testkit::amqp_url(),
-        &bus.topology,
-        PublisherSettings::default(),
-    );
+    let publisher = start(testkit::amqp_url(), &bus.topology, publisher_settings());
     assert!(publisher.wait_connected(Duration::from_secs(10)).await);
     // someone deletes the queue behind the publisher's back: the message is unroutable
     bus.channel
@@ -165,7 +170,7 @@ async fn close_publishes_what_was_handed_over_then_refuses() {
     let bus = TestBus::new().await;
     let settings = PublisherSettings {
         publish_linger_ms: 50,
-        ..Default::default()
+        ..publisher_settings()
     };
     let publisher = start(testkit::amqp_url(), &bus.topology, settings);
     assert!(publisher.wait_connected(Duration::from_secs(10)).await);
@@ -201,11 +206,7 @@ async fn close_publishes_what_was_handed_over_then_refuses() {
 #[tokio::test]
 async fn refused_payloads_are_kept_on_the_invalid_queue_with_their_reason() {
     let bus = TestBus::new().await;
-    let publisher = start(
-        testkit::amqp_url(),
-        &bus.topology,
-        PublisherSettings::default(),
-    );
+    let publisher = start(testkit::amqp_url(), &bus.topology, publisher_settings());
     assert!(publisher.wait_connected(Duration::from_secs(10)).await);
     let (good, bad) = tokio::join!(
         publisher.publish(readings("d", 2)),

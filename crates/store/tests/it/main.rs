@@ -1,7 +1,7 @@
 //! The store against a real PostgreSQL, a fresh migrated database per test.
 
 use chrono::{DateTime, Duration, Utc};
-use models::{DeviceId, MetricName, Metrics, Reading, ReadingId};
+use models::{DeviceId, MetricName, Metrics, Origin, Reading, ReadingId};
 use store::read::{Aggregate, ReadingsQuery, SeriesQuery};
 use store::{KnownPartitions, WriteOutcome, write_readings};
 use testkit::TestDb;
@@ -47,7 +47,8 @@ fn a_batch_is_stored_once_however_often_it_is_written() {
         first,
         WriteOutcome {
             inserted: 3,
-            duplicates: 0
+            duplicates: 0,
+            conflicting: 0
         }
     );
     // a redelivery of the same message, and a batch overlapping it
@@ -56,7 +57,8 @@ fn a_batch_is_stored_once_however_often_it_is_written() {
         again,
         WriteOutcome {
             inserted: 0,
-            duplicates: 3
+            duplicates: 3,
+            conflicting: 0
         }
     );
     let overlap = vec![
@@ -68,7 +70,8 @@ fn a_batch_is_stored_once_however_often_it_is_written() {
         third,
         WriteOutcome {
             inserted: 1,
-            duplicates: 1
+            duplicates: 1,
+            conflicting: 0
         }
     );
     assert_eq!(testkit::count_rows(&db.url, "readings"), 4);
@@ -104,12 +107,190 @@ fn a_reading_twice_in_one_batch_is_stored_once_and_the_batch_is_kept() {
         outcome,
         WriteOutcome {
             inserted: 2,
-            duplicates: 1
+            duplicates: 1,
+            conflicting: 0
         }
     );
     assert_eq!(testkit::count_rows(&db.url, "readings"), 2);
     let devices = store::read::list_devices(&mut conn, None, 10).unwrap();
     assert_eq!(devices.len(), 2, "devices are updated on the slow path too");
+}
+
+/// A reading with the device's id and no time of its own: stamped with `ts` by the server.
+fn stamped(device: &str, id: &str, ts: DateTime<Utc>, metrics: &[(&str, f64)]) -> Reading {
+    reading(device, id, ts, metrics).with_origin(Origin {
+        id_assigned: false,
+        ts_assigned: true,
+    })
+}
+
+fn outcome(inserted: usize, duplicates: usize, conflicting: usize) -> WriteOutcome {
+    WriteOutcome {
+        inserted,
+        duplicates,
+        conflicting,
+    }
+}
+
+#[test]
+fn a_devices_id_sent_without_a_time_is_stored_once_however_often_it_is_stamped() {
+    let db = TestDb::migrated();
+    let mut conn = db.connect();
+    let mut known = KnownPartitions::default();
+    let first = stamped(
+        "raspi-01",
+        "r-1",
+        at("2026-11-25T10:00:00Z"),
+        &[("t", 20.0)],
+    );
+    assert_eq!(
+        write_readings(&mut conn, &[first], &mut known).unwrap(),
+        outcome(1, 0, 0)
+    );
+    // the retry, and a redelivery through another ingest, each stamped later by the server
+    for later in ["2026-11-25T10:00:07Z", "2026-11-25T10:03:00Z"] {
+        let retry = stamped("raspi-01", "r-1", at(later), &[("t", 20.0)]);
+        let other = stamped(
+            "raspi-01",
+            &format!("new-{later}"),
+            at(later),
+            &[("t", 1.0)],
+        );
+        assert_eq!(
+            write_readings(&mut conn, &[retry, other], &mut known).unwrap(),
+            outcome(1, 1, 0)
+        );
+    }
+    assert_eq!(testkit::count_rows(&db.url, "readings"), 3);
+    // the same id from another device is another reading
+    let elsewhere = stamped(
+        "raspi-02",
+        "r-1",
+        at("2026-11-25T10:05:00Z"),
+        &[("t", 20.0)],
+    );
+    assert_eq!(
+        write_readings(&mut conn, &[elsewhere], &mut known).unwrap(),
+        outcome(1, 0, 0)
+    );
+    // the device's time on one side and the server's on the other: the same reading
+    let timed = reading(
+        "raspi-01",
+        "r-1",
+        at("2026-11-25T09:59:59Z"),
+        &[("t", 20.0)],
+    );
+    assert_eq!(
+        write_readings(&mut conn, &[timed], &mut known).unwrap(),
+        outcome(0, 1, 0)
+    );
+    let last_seen: Vec<DateTime<Utc>> = store::read::list_devices(&mut conn, None, 10)
+        .unwrap()
+        .into_iter()
+        .filter(|d| d.device_id == "raspi-01")
+        .map(|d| d.last_seen)
+        .collect();
+    assert_eq!(
+        last_seen,
+        [at("2026-11-25T10:03:00Z")],
+        "a duplicate does not move last_seen; the new reading beside it did"
+    );
+}
+
+#[test]
+fn the_same_id_with_other_content_is_a_conflict_kept_once_and_the_first_write_stays() {
+    let db = TestDb::migrated();
+    let mut conn = db.connect();
+    let mut known = KnownPartitions::default();
+    let t = at("2026-11-25T10:00:00Z");
+    let first = reading("raspi-01", "r-1", t, &[("t", 20.0)]);
+    write_readings(&mut conn, &[first], &mut known).unwrap();
+
+    let other_metrics = stamped(
+        "raspi-01",
+        "r-1",
+        at("2026-11-25T10:01:00Z"),
+        &[("t", 21.0)],
+    );
+    let other_time = reading(
+        "raspi-01",
+        "r-1",
+        at("2026-11-25T10:00:01Z"),
+        &[("t", 20.0)],
+    );
+    let same_key_other_metrics = reading("raspi-01", "r-1", t, &[("t", 22.0)]);
+    let batch = [other_metrics, other_time, same_key_other_metrics];
+    assert_eq!(
+        write_readings(&mut conn, &batch, &mut known).unwrap(),
+        outcome(0, 0, 3)
+    );
+    // redelivered: counted again, kept once
+    assert_eq!(
+        write_readings(&mut conn, &batch, &mut known).unwrap(),
+        outcome(0, 0, 3)
+    );
+    assert_eq!(testkit::count_rows(&db.url, "readings"), 1);
+    assert_eq!(testkit::count_rows(&db.url, "reading_conflicts"), 3);
+    let page = store::read::readings_page(
+        &mut conn,
+        &ReadingsQuery {
+            device_id: "raspi-01".into(),
+            limit: 10,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        page[0].metrics,
+        serde_json::json!({"t": 20.0}),
+        "the first write stays"
+    );
+
+    // within one batch: the first occurrence is stored, the second is the conflict
+    let a = stamped("raspi-01", "r-2", t, &[("t", 1.0)]);
+    let b = stamped("raspi-01", "r-2", t, &[("t", 2.0)]);
+    assert_eq!(
+        write_readings(&mut conn, &[a, b], &mut known).unwrap(),
+        outcome(1, 0, 1)
+    );
+    assert_eq!(testkit::count_rows(&db.url, "reading_conflicts"), 4);
+}
+
+#[test]
+fn an_identity_is_forgotten_after_the_dedupe_window() {
+    use std::time::Duration;
+    use store::Expiring;
+    let db = TestDb::migrated();
+    let mut conn = db.connect();
+    let mut known = KnownPartitions::default();
+    let first = stamped(
+        "raspi-01",
+        "r-1",
+        at("2026-11-25T10:00:00Z"),
+        &[("t", 20.0)],
+    );
+    write_readings(&mut conn, &[first], &mut known).unwrap();
+    let week = Duration::from_secs(7 * 24 * 3600);
+    assert_eq!(
+        store::forget_older_than(&mut conn, Expiring::Identities, week, 100).unwrap(),
+        0
+    );
+    assert_eq!(
+        store::forget_older_than(&mut conn, Expiring::Identities, Duration::ZERO, 100).unwrap(),
+        1
+    );
+    // past the window, an id without a time is a new reading again (documented)
+    let much_later = stamped(
+        "raspi-01",
+        "r-1",
+        at("2026-11-26T10:00:00Z"),
+        &[("t", 20.0)],
+    );
+    assert_eq!(
+        write_readings(&mut conn, &[much_later], &mut known).unwrap(),
+        outcome(1, 0, 0)
+    );
+    assert_eq!(testkit::count_rows(&db.url, "readings"), 2);
 }
 
 /// `readings_YYYY_MM` of the month `months` away from this one.

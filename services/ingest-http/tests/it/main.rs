@@ -61,7 +61,7 @@ impl Stack {
     }
 
     async fn ingest_via(&self, amqp_url: String) -> Ingest {
-        self.ingest_with(|s| s.amqp_url = amqp_url).await
+        self.ingest_with(|s| s.bus.amqp_url = amqp_url).await
     }
 
     /// ingest-http with this stack's keys and database; `adjust` changes settings first.
@@ -229,6 +229,45 @@ async fn batches_are_stored_exactly_and_a_retried_reading_once() {
     assert_eq!(page[0].reading_id, "r997");
     assert_eq!(page[0].metrics, json!({"t": 249.25, "n": -997.0}));
     assert_eq!(page[0].ts.timestamp_millis(), 1_795_000_000_997);
+    ingest.stop().await;
+}
+
+#[tokio::test]
+async fn a_reading_retried_without_a_time_is_stored_once_and_a_changed_one_kept_as_a_conflict() {
+    let stack = Stack::new();
+    let ingest = stack.ingest().await;
+    let _persister = stack.persister().await;
+    // a Pi that sends an id and no ts, and retries: each attempt is stamped anew by the server
+    let seed = json!({"device_id": "pi-r", "id": "pi-r-1", "temperature": 20.5});
+    for _ in 0..3 {
+        let (status, _) = stack
+            .post(format!("{}/data", ingest.url), seed.clone())
+            .await;
+        assert_eq!(status, 200);
+    }
+    let structured = json!({"device_id": "pi-r", "id": "pi-r-1", "metrics": {"temperature": 20.5}});
+    let (status, _) = stack
+        .post(format!("{}/v1/readings", ingest.url), structured)
+        .await;
+    assert_eq!(status, 202);
+    // the same id with another value: acknowledged, not stored over the first, kept for an operator
+    let changed = json!({"device_id": "pi-r", "id": "pi-r-1", "temperature": 99.0});
+    let (status, _) = stack.post(format!("{}/data", ingest.url), changed).await;
+    assert_eq!(status, 200);
+    testkit::wait_for_exactly(&stack.db.url, "reading_conflicts", 1, WAIT).await;
+    assert_eq!(stack.stored(), 1);
+    let mut conn = stack.db.connect();
+    let page = store::read::readings_page(
+        &mut conn,
+        &store::read::ReadingsQuery {
+            device_id: "pi-r".into(),
+            limit: 10,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(page.len(), 1);
+    assert_eq!(page[0].metrics, json!({"temperature": 20.5}));
     ingest.stop().await;
 }
 

@@ -146,3 +146,50 @@ async fn v1_readings_is_described_and_served_as_one_reading_or_an_array_of_them(
 
     ingest.stop().await;
 }
+
+/// Every reading id in an example a user may copy: README's and the deployment guide's, and the
+/// OpenAPI description's.
+fn example_reading_ids(text: &str) -> Vec<String> {
+    let mut ids = Vec::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("\"id\": \"") {
+        rest = &rest[at + "\"id\": \"".len()..];
+        if let Some(end) = rest.find('"') {
+            ids.push(rest[..end].to_owned());
+        }
+    }
+    ids
+}
+
+#[tokio::test]
+async fn every_example_in_the_docs_has_its_own_reading_id() {
+    // Two examples sharing an id with different metrics: a user who tries both has the second kept
+    // as a conflict, not stored.
+    let stack = Stack::new();
+    let ingest = stack.ingest().await;
+    let openapi = stack
+        .client
+        .get(format!("{}/openapi.json", ingest.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
+    let mut ids = Vec::new();
+    for doc in ["README.md", "deploy/README.md"] {
+        ids.extend(example_reading_ids(
+            &std::fs::read_to_string(format!("{root}/{doc}")).unwrap(),
+        ));
+    }
+    ids.extend(example_reading_ids(&openapi.replace("\":\"", "\": \"")));
+    assert!(ids.len() >= 5, "the examples were found: {ids:?}");
+    let mut seen = std::collections::HashSet::new();
+    let repeated: Vec<&String> = ids.iter().filter(|id| !seen.insert(*id)).collect();
+    assert!(
+        repeated.is_empty(),
+        "ids used by two examples: {repeated:?}"
+    );
+    ingest.stop().await;
+}

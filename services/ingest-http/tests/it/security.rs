@@ -186,7 +186,7 @@ async fn anonymous_ingest_is_off_by_default_and_only_explicitly_on() {
     let defaults = ingest_http::Settings::defaults();
     assert!(!defaults.auth_allow_anonymous);
     let mut no_key = defaults.clone();
-    no_key.http_addr = "127.0.0.1:0".into();
+    no_key.http.http_addr = "127.0.0.1:0".into();
     let err = ingest_http::Application::build(&no_key)
         .err()
         .expect("refused without a key");
@@ -211,8 +211,8 @@ async fn slow_clients_cannot_hold_a_connection() {
     let stack = Stack::new();
     let ingest = stack
         .ingest_with(|s| {
-            s.http_header_timeout_ms = 300;
-            s.http_body_timeout_ms = 500;
+            s.http.http_header_timeout_ms = 300;
+            s.http.http_body_timeout_ms = 500;
         })
         .await;
     let addr = ingest.url.trim_start_matches("http://").to_owned();

@@ -55,7 +55,7 @@ impl Stack {
             &self.prefix,
             &self.keys.verifying_key_file(),
         );
-        settings.http_workers = 1;
+        settings.http.http_workers = 1;
         spawn::ingest_http(&settings).await
     }
 
@@ -93,6 +93,20 @@ fn device_messages(device: &str, n: usize) -> Vec<(String, Vec<u8>)> {
         .map(|i| {
             let body = json!({"id": format!("{device}-{i}"), "ts": 1_795_000_000_000u64 + i as u64,
                               "metrics": {"t": i as f64 + 0.5}});
+            (
+                format!("devices/{device}/readings"),
+                body.to_string().into_bytes(),
+            )
+        })
+        .collect()
+}
+
+/// `n` messages for `device` with ids and no time, as most Pi scripts send: the server stamps each
+/// delivery, so a message delivered again carries another time and only its id tells it is the same.
+fn untimed_messages(device: &str, n: usize) -> Vec<(String, Vec<u8>)> {
+    (0..n)
+        .map(|i| {
+            let body = json!({"id": format!("{device}-{i}"), "metrics": {"t": i as f64 + 0.5}});
             (
                 format!("devices/{device}/readings"),
                 body.to_string().into_bytes(),
@@ -208,7 +222,12 @@ async fn a_killed_ingest_resumes_its_session_and_stores_everything_once() {
     let devices: Vec<_> = (0..3)
         .map(|d| {
             let device = stack.device(&format!("k{d}"));
-            let messages = device_messages(&format!("k-{d}"), 1000);
+            // one device with times, two with ids alone (redelivered, those get a new time)
+            let messages = if d == 0 {
+                device_messages(&format!("k-{d}"), 1000)
+            } else {
+                untimed_messages(&format!("k-{d}"), 1000)
+            };
             tokio::spawn(async move {
                 device
                     .publish_all(messages, Duration::from_millis(2), WAIT)
@@ -245,7 +264,7 @@ async fn while_rabbitmq_is_unreachable_nothing_is_acknowledged_and_everything_ar
     let _persister = stack.persister().await;
     let proxy = TcpProxy::start("127.0.0.1:5672").await;
     let mut settings = stack.settings("ingest-outage");
-    settings.amqp_url = proxy.amqp_url();
+    settings.bus.amqp_url = proxy.amqp_url();
     let ingest = stack.ingest(&settings).await;
     proxy.cut();
     let acked = stack

@@ -76,7 +76,7 @@ async fn the_readmes_python_snippets_work_with_a_token() {
     stack.wait_stored(2).await;
     let ids = stack.stored_ids("raspi-01");
     assert!(
-        ids.contains(&"raspi-01-000042".to_owned()),
+        ids.contains(&"raspi-01-000043".to_owned()),
         "the MQTT reading: {ids:?}"
     );
     let _ = std::fs::remove_file(token_file);

@@ -51,7 +51,14 @@ impl Fixture {
         let p = Publisher::start(
             testkit::amqp_url(),
             self.topology.clone(),
-            PublisherSettings::default(),
+            PublisherSettings {
+                publish_linger_ms: 1,
+                publish_max_batch_readings: 2000,
+                publish_max_in_flight: 16,
+                publish_queue_capacity: 8192,
+                publish_confirm_timeout_ms: 10_000,
+                reconnect_max_backoff_ms: 5_000,
+            },
             PublisherMetrics::unregistered(),
             "persister-test".into(),
         );
@@ -192,6 +199,50 @@ async fn a_reading_delivered_twice_is_stored_once() {
     publisher.close().await;
 }
 
+/// `device`'s reading `id` without a time of its own, as an ingest service makes it at `now`.
+fn untimed(device: &str, id: &str, value: f64, now: chrono::DateTime<chrono::Utc>) -> Vec<Reading> {
+    models::parse_readings_body(
+        format!(r#"{{"device_id":"{device}","id":"{id}","metrics":{{"t":{value}}}}}"#).as_bytes(),
+        models::TimeWindow::new(now, models::BackfillHorizon::DEFAULT),
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_reading_queued_again_with_another_time_is_stored_once_and_a_conflict_is_counted() {
+    // Two ingest attempts of one reading (a redelivery from the broker, a retry), stamped by the
+    // server a few seconds apart; then the same id with another value.
+    let f = Fixture::new();
+    let running = spawn::persister(&f.settings()).await;
+    let publisher = f.publisher().await;
+    let now = chrono::Utc::now();
+    publisher
+        .publish(untimed("raspi-01", "r-1", 20.0, now))
+        .await
+        .unwrap();
+    let later = now + chrono::Duration::seconds(3);
+    publisher
+        .publish(untimed("raspi-01", "r-1", 20.0, later))
+        .await
+        .unwrap();
+    publisher
+        .publish(untimed("raspi-01", "r-1", 21.0, later))
+        .await
+        .unwrap();
+    let text = eventually(WAIT, "the repeat and the conflict counted", || async {
+        let text = running.metrics().await;
+        (testkit::metric(&text, "readings_conflicting_total") >= 1.0).then_some(text)
+    })
+    .await;
+    assert_eq!(testkit::metric(&text, "readings_stored_total"), 1.0);
+    assert_eq!(testkit::metric(&text, "readings_duplicate_total"), 1.0);
+    assert_eq!(testkit::metric(&text, "readings_conflicting_total"), 1.0);
+    assert_eq!(f.stored(), 1);
+    assert_eq!(testkit::count_rows(&f.db.url, "reading_conflicts"), 1);
+    running.stop().await;
+    publisher.close().await;
+}
+
 #[tokio::test]
 async fn a_database_outage_is_waited_out_and_nothing_is_lost() {
     let f = Fixture::new();
@@ -313,7 +364,7 @@ async fn an_unmigrated_database_is_refused_at_start() {
     let f = Fixture::new();
     let empty = TestDb::unmigrated();
     let mut settings = f.settings();
-    settings.database_url = empty.url.clone();
+    settings.database.database_url = empty.url.clone();
     let err = Persister::build(&settings).await.err().expect("refused");
     assert!(err.to_string().contains("sensorctl migrate"), "{err}");
 }

@@ -153,8 +153,8 @@ async fn a_database_error_that_is_not_an_outage_is_a_500_and_an_outage_a_503() {
         .replace("127.0.0.1:5432", &format!("127.0.0.1:{}", proxy.port));
     assert_ne!(proxied, db.url, "the test database is on 127.0.0.1:5432");
     let api = start(db, |s| {
-        s.database_url = proxied;
-        s.db_acquire_timeout_ms = 500;
+        s.database.database_url = proxied;
+        s.database.db_acquire_timeout_ms = 500;
     })
     .await;
     assert_eq!(api.get("/v1/devices").await.0, 200);
@@ -183,7 +183,7 @@ async fn a_database_error_that_is_not_an_outage_is_a_500_and_an_outage_a_503() {
 #[tokio::test]
 async fn a_request_body_sent_slowly_is_cut_off() {
     let db = testkit::TestDb::migrated();
-    let api = start(db, |s| s.http_body_timeout_ms = 500).await;
+    let api = start(db, |s| s.http.http_body_timeout_ms = 500).await;
     let admin = api.keys.app_token(Role::Admin);
     let addr = api.url.trim_start_matches("http://").to_owned();
     let mut slow = tokio::net::TcpStream::connect(&addr).await.unwrap();

@@ -237,7 +237,7 @@ async fn readyz_says_when_the_token_list_cannot_be_followed() {
     let proxy = testkit::TcpProxy::start("127.0.0.1:5432").await;
     let through_proxy = format!("postgres://postgres@127.0.0.1:{}/{}", proxy.port, db.name);
     let api = start(db, |s| {
-        s.database_url = through_proxy;
+        s.database.database_url = through_proxy;
         s.auth_refresh_ms = 100;
         s.auth_registry_max_age_secs = 1;
     })

@@ -76,6 +76,40 @@ fn migrate_is_safe_to_run_again() {
 }
 
 #[test]
+fn conflicts_are_listed_newest_first_and_by_device() {
+    let op = Operator::new();
+    let mut conn = op.db.connect();
+    testkit::execute(
+        &mut conn,
+        "INSERT INTO reading_conflicts
+             (device_id, reading_id, variant, ts, ts_assigned, metrics, stored_ts, reason, received_at)
+         VALUES ('raspi-01', 'r-1', 'a', '2026-11-25T10:01:00Z', true, '{\"t\": 21}',
+                 '2026-11-25T10:00:00Z', 'the same id was stored with other metrics', now()),
+                ('raspi-02', 'r-9', 'b', '2026-11-25T10:00:01Z', false, '{\"t\": 5}',
+                 '2026-11-25T10:00:00Z', 'the same id was stored with another time',
+                 now() - interval '1 hour')",
+    );
+    let all = op.ok(&["conflicts", "list"]);
+    let lines: Vec<&str> = all.lines().collect();
+    assert_eq!(lines.len(), 3, "{all}");
+    assert!(
+        lines[1].contains("raspi-01") && lines[1].contains("other metrics"),
+        "{all}"
+    );
+    assert!(
+        lines[1].contains("(none: server time)") && lines[1].contains(r#"{"t":21}"#),
+        "{all}"
+    );
+    assert!(
+        lines[2].contains("raspi-02") && lines[2].contains("2026-11-25T10:00:01.000000Z"),
+        "{all}"
+    );
+    let one = op.ok(&["conflicts", "list", "--device", "raspi-02"]);
+    assert_eq!(one.lines().count(), 2, "{one}");
+    assert!(!one.contains("raspi-01"), "{one}");
+}
+
+#[test]
 fn keys_devices_and_tokens_from_the_command_line() {
     let op = Operator::new();
     op.ok(&["keys", "init"]);

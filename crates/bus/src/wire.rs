@@ -1,0 +1,48 @@
+//! The queue's wire shape, in one place: how a readings message is stamped when published, how a
+//! delivery is read back, and the headers that say why a message was set aside. The body itself is
+//! [`ReadingBatchMessage`]'s format (the `models` crate owns it, so tools can read it without AMQP).
+
+use lapin::BasicProperties;
+use lapin::types::{AMQPValue, FieldTable};
+use models::{MessageError, Reading, ReadingBatchMessage};
+
+/// Why a message was dead-lettered or refused at ingest.
+pub const REASON_HEADER: &str = "x-sensorhub-reason";
+/// The `message_id` of the message a dead letter was made from.
+pub const ORIGINAL_MESSAGE_ID_HEADER: &str = "x-original-message-id";
+
+/// Header values are bounded, so a huge reason cannot make the message itself unpublishable.
+const MAX_HEADER_CHARS: usize = 1000;
+
+/// A readings message: persistent, typed, with a fresh id and the publishing service as `app_id`.
+pub(crate) fn readings_properties(app_id: &str) -> BasicProperties {
+    BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type(ReadingBatchMessage::CONTENT_TYPE.into())
+        .with_message_id(uuid::Uuid::now_v7().to_string().into())
+        .with_app_id(app_id.to_owned().into())
+}
+
+/// A message set aside (dead letter, or a payload refused at ingest): persistent, with its headers.
+pub(crate) fn set_aside_properties<'a>(
+    headers: impl IntoIterator<Item = (&'a str, &'a str)>,
+) -> BasicProperties {
+    let mut table = FieldTable::default();
+    for (name, value) in headers {
+        let value: String = value.chars().take(MAX_HEADER_CHARS).collect();
+        table.insert(name.into(), AMQPValue::LongString(value.into()));
+    }
+    BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_headers(table)
+}
+
+/// One message body carrying every chunk's readings.
+pub(crate) fn encode_readings<'a>(chunks: impl IntoIterator<Item = &'a [Reading]>) -> Vec<u8> {
+    ReadingBatchMessage::encode_chunks(chunks)
+}
+
+/// The readings a delivered message carries.
+pub(crate) fn decode_readings(body: &[u8]) -> Result<Vec<Reading>, MessageError> {
+    ReadingBatchMessage::decode(body)
+}

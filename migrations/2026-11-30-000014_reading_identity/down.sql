@@ -1,0 +1,2 @@
+DROP TABLE reading_conflicts;
+DROP TABLE reading_ids;

@@ -1,0 +1,10 @@
+//! A batch: the readings decoded from some queue messages, and the acknowledgements owed for those
+//! messages once the readings are stored. The consumer fills it; a writer stores and acknowledges it.
+
+use models::Reading;
+
+#[derive(Default)]
+pub struct Batch {
+    pub readings: Vec<Reading>,
+    pub acks: Vec<bus::Ack>,
+}

@@ -1,0 +1,59 @@
+//! Forgetting what is kept only for a while: device-chosen reading identities past the dedupe window,
+//! and conflicting readings past their keeping time. Small deletes, one after the other, so the
+//! write path never waits behind a long lock; every persister runs this, and concurrent deletes of
+//! the same rows are harmless (each row is deleted once).
+
+use std::time::Duration;
+
+use store::Expiring;
+use tokio::sync::watch;
+
+/// How often the expired rows are looked for. An identity lives at least the window and at most
+/// this much longer.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(600);
+/// Rows deleted per statement.
+const ROWS_PER_DELETE: i64 = 10_000;
+
+const DAY: Duration = Duration::from_secs(24 * 3600);
+
+pub async fn forget_expired(
+    pool: store::PgPool,
+    dedupe_window_days: u32,
+    conflicts_kept_days: u32,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let plan = [
+        (Expiring::Identities, DAY * dedupe_window_days),
+        (Expiring::Conflicts, DAY * conflicts_kept_days),
+    ];
+    loop {
+        for (what, age) in plan {
+            let pool = pool.clone();
+            let swept = tokio::task::spawn_blocking(move || sweep(&pool, what, age)).await;
+            match swept {
+                Ok(Ok(0)) => {}
+                Ok(Ok(rows)) => tracing::info!(?what, rows, "forgot expired rows"),
+                Ok(Err(e)) => {
+                    tracing::warn!(?what, error = %e, "cannot forget expired rows; trying again later")
+                }
+                Err(e) => tracing::warn!(?what, error = %e, "the forgetting task failed"),
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(SWEEP_INTERVAL) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+fn sweep(pool: &store::PgPool, what: Expiring, age: Duration) -> Result<usize, store::StoreError> {
+    let mut conn = pool.get()?;
+    let mut total = 0;
+    loop {
+        let rows = store::forget_older_than(&mut conn, what, age, ROWS_PER_DELETE)?;
+        total += rows;
+        if rows < ROWS_PER_DELETE as usize {
+            return Ok(total);
+        }
+    }
+}
