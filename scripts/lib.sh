@@ -307,27 +307,18 @@ up_scaled() {
   reader_token="$(app_token reader scripts-up-scale)"
   "$ROOT/scripts/down" --quiet
 
-  local addrs=() ingest_urls=() i
-  run() { # label addr binary [VAR=value...]
-    local label=$1 addr=$2 binary=$3; shift 3
-    env HTTP_ADDR="$addr" "$@" nohup "$bin/$binary" >"$RUN_DIR/$label.log" 2>&1 &
-    echo $! >"$RUN_DIR/$label.pid"
-    addrs+=("$addr")
-  }
-  for ((i = 1; i <= count[persister]; i++)); do
-    run "persister-$i" "127.0.0.1:$((persister_base + i - 1))" persister
-  done
+  # the replicas, each on its own port with its log and pid file in .run/ (tools/system's
+  # start-replicas, as the deployment tests start theirs), back once every one is ready
+  say "starting the replicas"
+  "$bin/start-replicas" --bin-dir "$bin" --run-dir "$RUN_DIR" \
+    --ingest-http "${count[ingest-http]}" --persisters "${count[persister]}" --ingest-mqtt "${count[ingest-mqtt]}" \
+    --query-api-port $query_port --ingest-http-port $ingest_base --persister-port $persister_base \
+    --ingest-mqtt-port $mqtt_base --mqtt-url "mqtt://127.0.0.1:$MQTT_PORT" --mqtt-group $prefix ||
+    { tail -n 20 "$RUN_DIR"/*.log >&2; die "the replicas did not start (logs above, and in .run/)"; }
+  local ingest_urls=() i
   for ((i = 1; i <= count[ingest-http]; i++)); do
-    run "ingest-http-$i" "127.0.0.1:$((ingest_base + i - 1))" ingest-http HTTP_WORKERS=2 TRUSTED_PROXIES=127.0.0.1
     ingest_urls+=(--ingest-http "http://127.0.0.1:$((ingest_base + i - 1))")
   done
-  run query-api "127.0.0.1:$query_port" query-api TRUSTED_PROXIES=127.0.0.1
-  for ((i = 1; i <= count[ingest-mqtt]; i++)); do
-    # distinct, stable client ids (persistent sessions), one shared subscription group
-    run "ingest-mqtt-$i" "127.0.0.1:$((mqtt_base + i - 1))" ingest-mqtt \
-      MQTT_URL="mqtt://127.0.0.1:$MQTT_PORT" MQTT_CLIENT_ID="$prefix-ingest-mqtt-$i" MQTT_SHARED_GROUP=$prefix
-  done
-  wait_ready "${addrs[@]}"
 
   local tdir="$RUN_DIR/traefik"
   "$ROOT/scripts/traefik-local" "$tdir" --web $web --websecure $websecure --mqtts $mqtts --ping $ping \

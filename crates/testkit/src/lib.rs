@@ -7,6 +7,7 @@
 
 pub mod mqtt;
 pub mod rabbitmq;
+pub mod spawn;
 
 use std::future::Future;
 use std::hash::{Hash, Hasher};
@@ -530,13 +531,86 @@ pub fn metric_sum(text: &str, name: &str) -> f64 {
         .sum()
 }
 
+/// A test's own AMQP names: a unique prefix for its exchanges and queues, which are deleted when
+/// this is dropped, so a test that fails (panics) half-way leaves nothing behind either.
+pub struct AmqpPrefix(String);
+
+impl AmqpPrefix {
+    pub fn new(label: &str) -> Self {
+        Self(unique_name(label))
+    }
+}
+
+impl std::ops::Deref for AmqpPrefix {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for AmqpPrefix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl Drop for AmqpPrefix {
+    fn drop(&mut self) {
+        // Dropped inside the test's runtime, which cannot wait for async work in place: the
+        // deletion runs on a thread of its own, and the drop waits for it.
+        let prefix = self.0.clone();
+        let deleted = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())?;
+            runtime.block_on(delete_amqp_topology(&prefix))
+        })
+        .join();
+        match deleted {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => eprintln!("cannot delete the test's AMQP topology {}: {e}", self.0),
+            Err(_) => eprintln!("deleting the test's AMQP topology {} panicked", self.0),
+        }
+    }
+}
+
 /// Deletes the exchanges and queues a test made under `prefix`.
-pub async fn delete_amqp_topology(prefix: &str) {
+async fn delete_amqp_topology(prefix: &str) -> Result<(), String> {
     let conn = bus::connect(&amqp_url(), "test-cleanup")
         .await
-        .expect("RabbitMQ for the clean-up");
-    let channel = conn.create_channel().await.expect("a channel");
-    bus::delete_topology(&channel, &bus::Topology::with_prefix(prefix))
+        .map_err(|e| format!("RabbitMQ for the clean-up: {e}"))?;
+    let channel = conn.create_channel().await.map_err(|e| e.to_string())?;
+    let deleted = bus::delete_topology(&channel, &bus::Topology::with_prefix(prefix))
         .await
-        .expect("delete the test's queues");
+        .map_err(|e| e.to_string());
+    let _ = conn.close(200, "test cleaned up".into()).await;
+    deleted
+}
+
+/// Messages ready in the readings queue of `prefix` (declared first if need be; a message a
+/// consumer holds unacknowledged is not counted, and returns to ready when its connection closes).
+pub async fn queued_messages(prefix: &str) -> u32 {
+    let conn = bus::connect(&amqp_url(), "test-queue-depth")
+        .await
+        .expect("RabbitMQ");
+    let channel = conn.create_channel().await.expect("a channel");
+    let topology = bus::Topology::with_prefix(prefix);
+    bus::declare_topology(&channel, &topology)
+        .await
+        .expect("declare the test's topology");
+    let queue = channel
+        .queue_declare(
+            topology.readings_queue.as_str().into(),
+            bus::lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            Default::default(),
+        )
+        .await
+        .expect("the readings queue");
+    let _ = conn.close(200, "counted".into()).await;
+    queue.message_count()
 }

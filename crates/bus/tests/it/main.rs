@@ -6,15 +6,18 @@ use bus::lapin::options::{BasicAckOptions, BasicGetOptions};
 use bus::{PublishError, Publisher, PublisherMetrics, PublisherSettings, Topology};
 use models::{ReadingBatchMessage, parse_readings_body};
 
+/// A topology of its own, deleted when this is dropped (a failing test's too).
 struct TestBus {
     topology: Topology,
     channel: bus::lapin::Channel,
     _connection: bus::lapin::Connection,
+    _prefix: testkit::AmqpPrefix,
 }
 
 impl TestBus {
     async fn new() -> Self {
-        let topology = Topology::with_prefix(&testkit::unique_name("bus-test"));
+        let prefix = testkit::AmqpPrefix::new("bus-test");
+        let topology = Topology::with_prefix(&prefix);
         let connection = bus::connect(&testkit::amqp_url(), "bus-test")
             .await
             .expect("RabbitMQ is running");
@@ -24,6 +27,7 @@ impl TestBus {
             topology,
             channel,
             _connection: connection,
+            _prefix: prefix,
         }
     }
 
@@ -47,12 +51,6 @@ impl TestBus {
                 .unwrap();
         }
         messages
-    }
-
-    async fn cleanup(self) {
-        bus::delete_topology(&self.channel, &self.topology)
-            .await
-            .unwrap();
     }
 }
 
@@ -100,7 +98,6 @@ async fn a_confirmed_publish_is_in_the_queue_exactly() {
     let received: Vec<_> = bus.drain().await.into_iter().flatten().collect();
     assert_eq!(received, sent);
     publisher.close().await;
-    bus.cleanup().await;
 }
 
 #[tokio::test]
@@ -131,7 +128,6 @@ async fn concurrent_requests_share_messages_and_each_is_answered() {
         messages.len()
     );
     publisher.close().await;
-    bus.cleanup().await;
 }
 
 #[tokio::test]
@@ -167,7 +163,6 @@ async fn a_missing_queue_is_an_error_not_a_silent_loss() {
     let err = publisher.publish(readings("d", 1)).await.unwrap_err();
     assert!(matches!(err, PublishError::Unavailable(_)), "{err:?}");
     publisher.close().await;
-    bus.cleanup().await;
 }
 
 #[tokio::test]
@@ -206,7 +201,6 @@ async fn close_publishes_what_was_handed_over_then_refuses() {
         publisher.publish(readings("late", 1)).await,
         Err(PublishError::ShuttingDown)
     );
-    bus.cleanup().await;
 }
 
 #[tokio::test]
@@ -244,5 +238,4 @@ async fn refused_payloads_are_kept_on_the_invalid_queue_with_their_reason() {
         "the readings went to the readings queue"
     );
     publisher.close().await;
-    bus.cleanup().await;
 }

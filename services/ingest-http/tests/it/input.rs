@@ -97,7 +97,6 @@ async fn readings_older_than_the_backfill_horizon_are_refused_and_make_no_partit
         );
     }
     ingest.stop().await;
-    stack.cleanup().await;
 }
 
 #[tokio::test]
@@ -131,7 +130,6 @@ async fn the_backfill_horizon_is_configurable() {
         "{answer}"
     );
     ingest.stop().await;
-    stack.cleanup().await;
 }
 
 #[tokio::test]
@@ -182,5 +180,4 @@ async fn reading_ids_that_could_spoof_a_display_are_refused() {
         assert_eq!(status, 202, "{id}: {answer}");
     }
     ingest.stop().await;
-    stack.cleanup().await;
 }

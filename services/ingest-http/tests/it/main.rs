@@ -11,34 +11,25 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use testkit::{TcpProxy, TestDb, TestKeys, count_rows, eventually};
+use testkit::spawn::{self, Running};
+use testkit::{AmqpPrefix, TcpProxy, TestDb, TestKeys, count_rows, eventually};
 
 const WAIT: Duration = Duration::from_secs(60);
 /// How often ingest-http re-reads the device registry in these tests.
 const REGISTRY_REFRESH: Duration = Duration::from_millis(200);
 
-/// One test's stack: its own database and queue names; services started on demand on free ports.
+/// One test's stack: its own database and queue names (deleted when it is dropped); services
+/// started on demand on free ports.
 struct Stack {
     db: TestDb,
-    prefix: String,
+    prefix: AmqpPrefix,
     client: reqwest::Client,
     keys: TestKeys,
     /// Registered devices' tokens.
     tokens: Mutex<HashMap<String, String>>,
 }
 
-struct Ingest {
-    url: String,
-    handle: actix_web::dev::ServerHandle,
-    task: tokio::task::JoinHandle<std::io::Result<()>>,
-}
-
-impl Ingest {
-    async fn stop(self) {
-        self.handle.stop(true).await;
-        self.task.await.unwrap().unwrap();
-    }
-}
+type Ingest = Running;
 
 impl Stack {
     fn new() -> Self {
@@ -48,15 +39,15 @@ impl Stack {
         keys.record_app_tokens_in(&db.url);
         Self {
             db,
-            prefix: testkit::unique_name("ingest-test"),
+            prefix: AmqpPrefix::new("ingest-test"),
             client: reqwest::Client::new(),
             keys,
             tokens: Mutex::new(HashMap::new()),
         }
     }
 
-    /// The token of `device`, registered on first use (and then given the time the services'
-    /// registry refresh takes in these tests to see it).
+    /// The token of `device`, registered on first use: ingest-http lets a device in right after
+    /// it is added (it asks the registry about a token it does not know), so no wait.
     async fn token(&self, device: &str) -> String {
         if let Some(token) = self.tokens.lock().unwrap().get(device) {
             return token.clone();
@@ -66,7 +57,6 @@ impl Stack {
             .lock()
             .unwrap()
             .insert(device.to_owned(), token.clone());
-        tokio::time::sleep(REGISTRY_REFRESH * 3).await;
         token
     }
 
@@ -76,65 +66,32 @@ impl Stack {
 
     /// ingest-http with this stack's keys and database; `adjust` changes settings first.
     async fn ingest_with(&self, adjust: impl FnOnce(&mut ingest_http::Settings)) -> Ingest {
-        let mut settings = ingest_http::Settings::defaults();
-        settings.auth_public_key_file = self.keys.verifying_key_file();
-        settings.database_url = self.db.url.clone();
+        let mut settings = spawn::ingest_http_settings(
+            &self.db.url,
+            &self.prefix,
+            &self.keys.verifying_key_file(),
+        );
         settings.auth_refresh_ms = REGISTRY_REFRESH.as_millis() as u64;
-        settings.rate_limit_per_second = 0;
-        settings.bus.amqp_url = testkit::amqp_url();
-        settings.http.http_addr = "127.0.0.1:0".into();
-        settings.http.http_workers = 2;
-        settings.bus.amqp_prefix = self.prefix.clone();
         settings.max_body_bytes = 256 * 1024;
         adjust(&mut settings);
-        let app = ingest_http::Application::build(&settings).unwrap();
-        let url = format!("http://127.0.0.1:{}", app.port());
-        let (handle, run) = app.into_parts();
-        let task = tokio::spawn(run);
-        let ingest = Ingest { url, handle, task };
-        eventually(WAIT, "ingest-http ready", || async {
-            let r = self
-                .client
-                .get(format!("{}/readyz", ingest.url))
-                .send()
-                .await
-                .ok()?;
-            r.status().is_success().then_some(())
-        })
-        .await;
-        ingest
+        spawn::ingest_http(&settings).await
     }
 
     async fn ingest(&self) -> Ingest {
         self.ingest_via(testkit::amqp_url()).await
     }
 
-    /// The persister, stopped when the returned sender is dropped or fired.
-    async fn persister(&self) -> tokio::sync::oneshot::Sender<()> {
-        let mut settings = persister::Settings::defaults();
-        settings.http_addr = "127.0.0.1:0".into();
-        settings.database.database_url = self.db.url.clone();
-        settings.bus.amqp_url = testkit::amqp_url();
-        settings.bus.amqp_prefix = self.prefix.clone();
-        settings.batch_linger_ms = 5;
-        let p = persister::Persister::build(&settings).await.unwrap();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(p.run_until(async {
-            let _ = stopped.await;
-        }));
-        stop
+    /// The persister, stopped when the returned value is dropped.
+    async fn persister(&self) -> Running {
+        spawn::persister(&spawn::persister_settings(&self.db.url, &self.prefix)).await
     }
 
-    async fn query_api(&self) -> String {
-        let mut settings = query_api::Settings::defaults();
-        settings.http.http_addr = "127.0.0.1:0".into();
-        settings.http.http_workers = 1;
-        settings.database.database_url = self.db.url.clone();
-        settings.auth_public_key_file = self.keys.verifying_key_file();
-        let app = query_api::Application::build(&settings).await.unwrap();
-        let url = format!("http://127.0.0.1:{}", app.port());
-        tokio::spawn(app.run_until(std::future::pending()));
-        url
+    async fn query_api(&self) -> Running {
+        spawn::query_api(&spawn::query_api_settings(
+            &self.db.url,
+            &self.keys.verifying_key_file(),
+        ))
+        .await
     }
 
     /// Posts as the device the body names (its first reading's), with that device's token.
@@ -184,28 +141,7 @@ impl Stack {
 
     /// Messages waiting in this test's readings queue.
     async fn queued_messages(&self) -> u32 {
-        let conn = bus::connect(&testkit::amqp_url(), "ingest-test")
-            .await
-            .unwrap();
-        let channel = conn.create_channel().await.unwrap();
-        let topology = bus::Topology::with_prefix(&self.prefix);
-        bus::declare_topology(&channel, &topology).await.unwrap();
-        let q = channel
-            .queue_declare(
-                topology.readings_queue.as_str().into(),
-                bus::lapin::options::QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                Default::default(),
-            )
-            .await
-            .unwrap();
-        q.message_count()
-    }
-
-    async fn cleanup(self) {
-        testkit::delete_amqp_topology(&self.prefix).await;
+        testkit::queued_messages(&self.prefix).await
     }
 }
 
@@ -227,7 +163,7 @@ async fn the_seed_snippet_is_stored_and_read_back_through_query_api() {
 
     let page = eventually(WAIT, "the reading in query-api", || async {
         let page = stack
-            .get(format!("{query}/v1/devices/raspi-01/readings"))
+            .get(format!("{}/v1/devices/raspi-01/readings", query.url))
             .await;
         (page["readings"].as_array().map_or(0, Vec::len) == 1).then_some(page)
     })
@@ -238,17 +174,16 @@ async fn the_seed_snippet_is_stored_and_read_back_through_query_api() {
     );
     assert_eq!(page["next_cursor"], Value::Null);
     let latest = stack
-        .get(format!("{query}/v1/devices/raspi-01/latest"))
+        .get(format!("{}/v1/devices/raspi-01/latest", query.url))
         .await;
     assert_eq!(latest["metrics"]["humidity"]["value"], json!(60.3));
-    let devices = stack.get(format!("{query}/v1/devices")).await;
+    let devices = stack.get(format!("{}/v1/devices", query.url)).await;
     assert_eq!(
         devices["devices"][0]["metrics"],
         json!(["humidity", "temperature"])
     );
 
     ingest.stop().await;
-    stack.cleanup().await;
 }
 
 #[tokio::test]
@@ -295,7 +230,6 @@ async fn batches_are_stored_exactly_and_a_retried_reading_once() {
     assert_eq!(page[0].metrics, json!({"t": 249.25, "n": -997.0}));
     assert_eq!(page[0].ts.timestamp_millis(), 1_795_000_000_997);
     ingest.stop().await;
-    stack.cleanup().await;
 }
 
 #[tokio::test]
@@ -335,7 +269,6 @@ async fn a_reading_retried_without_a_time_is_stored_once_and_a_changed_one_kept_
     assert_eq!(page.len(), 1);
     assert_eq!(page[0].metrics, json!({"temperature": 20.5}));
     ingest.stop().await;
-    stack.cleanup().await;
 }
 
 #[tokio::test]
@@ -452,7 +385,6 @@ async fn every_invalid_request_is_refused_with_its_field_and_nothing_is_queued()
         "{metrics}"
     );
     ingest.stop().await;
-    stack.cleanup().await;
 }
 
 /// PostgreSQL going away must not stop ingest (readings wait in RabbitMQ): readiness fails only
@@ -475,13 +407,17 @@ async fn a_database_outage_does_not_stop_ingest_until_the_registry_is_too_old() 
         })
         .await;
     proxy.cut();
-    tokio::time::sleep(REGISTRY_REFRESH * 5 + Duration::from_secs(6)).await;
     let readiness = |url: &str| {
         let request = stack.client.get(format!("{url}/readyz")).send();
         async move { request.await.unwrap().status().as_u16() }
     };
+    eventually(
+        WAIT,
+        "the strict one to give up on its registry",
+        || async { (readiness(&strict.url).await == 503).then_some(()) },
+    )
+    .await;
     assert_eq!(readiness(&patient.url).await, 200);
-    assert_eq!(readiness(&strict.url).await, 503);
     let reading =
         json!({"device_id": "raspi-01", "id": "during-outage", "ts": 1_795_000_000_000u64, "t": 1});
     assert_eq!(
@@ -499,7 +435,6 @@ async fn a_database_outage_does_not_stop_ingest_until_the_registry_is_too_old() 
     .await;
     patient.stop().await;
     strict.stop().await;
-    stack.cleanup().await;
 }
 
 #[tokio::test]
@@ -567,7 +502,6 @@ async fn a_broker_that_is_down_gets_503_and_no_acknowledged_reading_is_lost() {
         );
     }
     ingest.stop().await;
-    stack.cleanup().await;
 }
 
 #[tokio::test]
@@ -601,5 +535,4 @@ async fn the_openapi_description_lists_exactly_the_served_routes() {
         assert_eq!(status, 400, "{path}: {answer}");
     }
     ingest.stop().await;
-    stack.cleanup().await;
 }

@@ -96,7 +96,6 @@ async fn the_description_says_who_may_write_and_every_answer_a_write_can_get() {
     assert_eq!(response.status(), 415);
 
     ingest.stop().await;
-    stack.cleanup().await;
 }
 
 #[tokio::test]
@@ -146,7 +145,6 @@ async fn v1_readings_is_described_and_served_as_one_reading_or_an_array_of_them(
     assert_eq!(status, 400, "minItems 1: {answer}");
 
     ingest.stop().await;
-    stack.cleanup().await;
 }
 
 /// Every reading id in an example a user may copy: README's and the deployment guide's, and the
@@ -194,5 +192,4 @@ async fn every_example_in_the_docs_has_its_own_reading_id() {
         "ids used by two examples: {repeated:?}"
     );
     ingest.stop().await;
-    stack.cleanup().await;
 }

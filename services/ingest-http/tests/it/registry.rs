@@ -89,7 +89,6 @@ async fn a_device_is_let_in_right_after_it_is_added_and_refused_right_after_it_i
         401
     );
     ingest.stop().await;
-    stack.cleanup().await;
 }
 
 #[tokio::test]
@@ -156,5 +155,4 @@ async fn a_burst_of_tokens_of_unknown_devices_costs_a_bounded_number_of_registry
         "{later} reads for tokens already found unknown"
     );
     ingest.stop().await;
-    stack.cleanup().await;
 }

@@ -99,7 +99,6 @@ async fn writes_without_a_valid_device_token_are_refused_and_store_nothing() {
     );
     stack.wait_stored(1).await;
     ingest.stop().await;
-    stack.cleanup().await;
 }
 
 #[tokio::test]
@@ -134,7 +133,6 @@ async fn a_revoked_device_is_refused_within_seconds_without_a_restart() {
     .await;
     assert!(revoked_at.elapsed() < Duration::from_secs(10));
     ingest.stop().await;
-    stack.cleanup().await;
 }
 
 #[tokio::test]
@@ -181,7 +179,6 @@ async fn a_device_flooding_ingest_gets_429_with_retry_after() {
         "refused requests queue nothing"
     );
     ingest.stop().await;
-    stack.cleanup().await;
 }
 
 #[tokio::test]
@@ -207,7 +204,6 @@ async fn anonymous_ingest_is_off_by_default_and_only_explicitly_on() {
         .await;
     assert_eq!(status, 200);
     ingest.stop().await;
-    stack.cleanup().await;
 }
 
 #[tokio::test]
@@ -246,15 +242,13 @@ async fn slow_clients_cannot_hold_a_connection() {
     let text = String::from_utf8_lossy(&answer);
     assert!(text.starts_with("HTTP/1.1 408"), "{text}");
     ingest.stop().await;
-    stack.cleanup().await;
 }
 
 #[tokio::test]
 async fn every_write_is_audited_with_who_when_where_and_never_the_token() {
     let stack = Stack::new();
     let token = stack.token("raspi-audit").await;
-    let (child, mut lines, port) = spawn_logged(&stack, &[("AUDIT_ACCEPTED", "each")], "json");
-    let _child = KillOnDrop(child);
+    let (_child, mut lines, port) = spawn_logged(&stack, &[("AUDIT_ACCEPTED", "each")], "json");
     let mut log = Vec::new();
     let data = format!("http://127.0.0.1:{port}/data");
     eventually(WAIT, "ready", || async {
@@ -330,7 +324,6 @@ async fn every_write_is_audited_with_who_when_where_and_never_the_token() {
         !log.concat().contains(&token),
         "the token itself is never logged"
     );
-    stack.cleanup().await;
 }
 
 /// ingest-http as a process with its log on a pipe (`format` "json" or "text"), with this stack's
@@ -340,7 +333,7 @@ fn spawn_logged(
     env: &[(&str, &str)],
     format: &str,
 ) -> (
-    std::process::Child,
+    testkit::spawn::Binary,
     std::io::BufReader<std::process::ChildStdout>,
     u64,
 ) {
@@ -349,7 +342,7 @@ fn spawn_logged(
         .env("HTTP_ADDR", "127.0.0.1:0")
         .env("HTTP_WORKERS", "1")
         .env("AMQP_URL", testkit::amqp_url())
-        .env("AMQP_PREFIX", &stack.prefix)
+        .env("AMQP_PREFIX", &*stack.prefix)
         .env("DATABASE_URL", &stack.db.url)
         .env("AUTH_PUBLIC_KEY_FILE", stack.keys.verifying_key_file())
         .env("AUTH_REFRESH_MS", "200")
@@ -357,8 +350,8 @@ fn spawn_logged(
         .env("RUST_LOG", "info")
         .envs(env.iter().copied())
         .stdout(std::process::Stdio::piped());
-    let mut child = command.spawn().unwrap();
-    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut child = testkit::spawn::Binary::spawn(command);
+    let mut lines = std::io::BufReader::new(child.take_stdout().unwrap());
     let port = loop {
         let mut line = String::new();
         assert!(
@@ -390,7 +383,6 @@ async fn accepted_writes_are_summed_and_no_request_can_forge_an_audit_line() {
     let token = stack.token("raspi-sum").await;
     let (child, lines, port) =
         spawn_logged(&stack, &[("AUDIT_SUMMARY_INTERVAL_SECS", "1")], "text");
-    let child = KillOnDrop(child);
     let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
     let reader_log = log.clone();
     std::thread::spawn(move || {
@@ -466,18 +458,6 @@ async fn accepted_writes_are_summed_and_no_request_can_forge_an_audit_line() {
         "one summary line for three requests: {log:#?}"
     );
     drop(child);
-    stack.cleanup().await;
-}
-
-/// A child process that goes when the test does, passing or failing (a live child would keep the
-/// test runner's output pipe open).
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// Every spelling of the write routes, and of no route, needs a device token: 401, nothing
@@ -534,7 +514,6 @@ async fn every_spelling_of_every_route_needs_a_device_token() {
     assert_eq!(response.status(), 405);
     assert_eq!(response.headers()["allow"], "POST");
     ingest.stop().await;
-    stack.cleanup().await;
 }
 
 /// Forged tokens cost a signature check each: past its refusal budget a client address gets 429
@@ -579,5 +558,4 @@ async fn an_address_that_keeps_being_refused_is_slowed_down() {
     assert_eq!(response.status(), 200, "another address is not");
     assert_eq!(stack.queued_messages().await, 1, "refusals queue nothing");
     ingest.stop().await;
-    stack.cleanup().await;
 }

@@ -97,5 +97,4 @@ async fn readings_older_than_the_backfill_horizon_are_kept_as_invalid_not_stored
         "{reasons:?}"
     );
     ingest.stop().await;
-    stack.cleanup().await;
 }

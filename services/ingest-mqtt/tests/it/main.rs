@@ -9,41 +9,20 @@ mod security;
 use std::collections::HashSet;
 use std::time::Duration;
 
-use ingest_mqtt::{IngestMqtt, Settings};
+use ingest_mqtt::Settings;
 use serde_json::json;
 use testkit::mqtt::{Device, Mosquitto};
-use testkit::{TcpProxy, TestDb, count_rows, eventually};
+use testkit::spawn::{self, Running};
+use testkit::{AmqpPrefix, TcpProxy, TestDb, count_rows, eventually};
 
 const WAIT: Duration = Duration::from_secs(90);
 
+/// One test's stack: its own database, queue names (deleted when it is dropped) and Mosquitto.
 struct Stack {
     db: TestDb,
-    prefix: String,
+    prefix: AmqpPrefix,
     mosquitto: Mosquitto,
     keys: testkit::TestKeys,
-}
-
-struct Running {
-    ops_port: u16,
-    stop: tokio::sync::oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Running {
-    async fn metric(&self, name: &str) -> f64 {
-        let text = reqwest::get(format!("http://127.0.0.1:{}/metrics", self.ops_port))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        testkit::metric(&text, name)
-    }
-
-    async fn stop(self) {
-        let _ = self.stop.send(());
-        self.task.await.unwrap();
-    }
 }
 
 impl Stack {
@@ -51,77 +30,34 @@ impl Stack {
         service_kit::telemetry::init_for_tests();
         Self {
             db: TestDb::migrated(),
-            prefix: testkit::unique_name("mqtt-test"),
+            prefix: AmqpPrefix::new("mqtt-test"),
             mosquitto: Mosquitto::anonymous(),
             keys: testkit::TestKeys::new(),
         }
     }
 
     fn settings(&self, client_id: &str) -> Settings {
-        let mut s = Settings::defaults();
-        s.http_addr = "127.0.0.1:0".into();
-        s.mqtt_url = format!("mqtt://127.0.0.1:{}", self.mosquitto.port);
-        s.mqtt_client_id = client_id.into();
-        s.bus.amqp_url = testkit::amqp_url();
-        s.bus.amqp_prefix = self.prefix.clone();
-        s.retry_max_backoff_ms = 500;
-        s
+        spawn::ingest_mqtt_settings(self.mosquitto.port, client_id, &self.prefix)
     }
 
+    /// ingest-mqtt, subscribed: a brand new session only gets what comes after.
     async fn ingest(&self, settings: &Settings) -> Running {
-        let ingest = IngestMqtt::build(settings).unwrap();
-        let ops_port = ingest.ops_port();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(ingest.run_until(async {
-            let _ = stopped.await;
-        }));
-        let running = Running {
-            ops_port,
-            stop,
-            task,
-        };
-        // subscribed before devices publish (a brand new session only gets what comes after)
-        eventually(WAIT, "ingest-mqtt ready", || async {
-            let r = reqwest::get(format!("http://127.0.0.1:{ops_port}/readyz"))
-                .await
-                .ok()?;
-            r.status().is_success().then_some(())
-        })
-        .await;
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        running
+        spawn::ingest_mqtt(settings).await
     }
 
-    async fn persister(&self) -> tokio::sync::oneshot::Sender<()> {
-        let mut settings = persister::Settings::defaults();
-        settings.http_addr = "127.0.0.1:0".into();
-        settings.database.database_url = self.db.url.clone();
-        settings.bus.amqp_url = testkit::amqp_url();
-        settings.bus.amqp_prefix = self.prefix.clone();
-        settings.batch_linger_ms = 5;
-        let p = persister::Persister::build(&settings).await.unwrap();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(p.run_until(async {
-            let _ = stopped.await;
-        }));
-        stop
+    async fn persister(&self) -> Running {
+        spawn::persister(&spawn::persister_settings(&self.db.url, &self.prefix)).await
     }
 
-    /// ingest-http on this stack's queue and registry; returns its base URL.
-    async fn ingest_http(&self, _broker: &security::Production) -> String {
-        let mut settings = ingest_http::Settings::defaults();
-        settings.http.http_addr = "127.0.0.1:0".into();
+    /// ingest-http on this stack's queue and registry.
+    async fn ingest_http(&self, _broker: &security::Production) -> Running {
+        let mut settings = spawn::ingest_http_settings(
+            &self.db.url,
+            &self.prefix,
+            &self.keys.verifying_key_file(),
+        );
         settings.http.http_workers = 1;
-        settings.bus.amqp_url = testkit::amqp_url();
-        settings.bus.amqp_prefix = self.prefix.clone();
-        settings.database_url = self.db.url.clone();
-        settings.auth_public_key_file = self.keys.verifying_key_file();
-        settings.auth_refresh_ms = 200;
-        let app = ingest_http::Application::build(&settings).unwrap();
-        let url = format!("http://127.0.0.1:{}", app.port());
-        let (_handle, run) = app.into_parts();
-        tokio::spawn(run);
-        url
+        spawn::ingest_http(&settings).await
     }
 
     fn device(&self, id: &str) -> Device {
@@ -149,10 +85,6 @@ impl Stack {
         .into_iter()
         .map(|r| r.reading_id)
         .collect()
-    }
-
-    async fn cleanup(self) {
-        testkit::delete_amqp_topology(&self.prefix).await;
     }
 }
 
@@ -230,7 +162,6 @@ async fn the_seed_snippet_and_device_topics_are_stored_exactly() {
     );
     assert_eq!(ingest.metric("mqtt_messages_acked_total").await, 2.0);
     ingest.stop().await;
-    stack.cleanup().await;
 }
 
 #[tokio::test]
@@ -259,7 +190,6 @@ async fn ten_thousand_messages_from_ten_devices_are_all_stored_once() {
         "none delivered twice"
     );
     ingest.stop().await;
-    stack.cleanup().await;
 }
 
 #[tokio::test]
@@ -267,18 +197,18 @@ async fn a_killed_ingest_resumes_its_session_and_stores_everything_once() {
     let stack = Stack::new();
     let _persister = stack.persister().await;
     let spawn = || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_ingest-mqtt"))
-            .env("HTTP_ADDR", "127.0.0.1:0")
-            .env(
-                "MQTT_URL",
-                format!("mqtt://127.0.0.1:{}", stack.mosquitto.port),
-            )
-            .env("MQTT_CLIENT_ID", "ingest-killed")
-            .env("AMQP_URL", testkit::amqp_url())
-            .env("AMQP_PREFIX", &stack.prefix)
-            .env("RUST_LOG", "warn")
-            .spawn()
-            .expect("start the ingest-mqtt binary")
+        spawn::Binary::start(
+            env!("CARGO_BIN_EXE_ingest-mqtt"),
+            &[
+                (
+                    "MQTT_URL",
+                    format!("mqtt://127.0.0.1:{}", stack.mosquitto.port),
+                ),
+                ("MQTT_CLIENT_ID", "ingest-killed".into()),
+                ("AMQP_URL", testkit::amqp_url()),
+                ("AMQP_PREFIX", stack.prefix.to_string()),
+            ],
+        )
     };
     let mut first = spawn();
     // the first run creates the session and its subscriptions
@@ -310,8 +240,7 @@ async fn a_killed_ingest_resumes_its_session_and_stores_everything_once() {
         (stack.stored() >= 600).then_some(())
     })
     .await;
-    first.kill().unwrap(); // SIGKILL: messages in flight are neither confirmed nor acknowledged
-    first.wait().unwrap();
+    first.kill(); // SIGKILL: messages in flight are neither confirmed nor acknowledged
     let at_kill = stack.stored();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mut second = spawn();
@@ -327,9 +256,7 @@ async fn a_killed_ingest_resumes_its_session_and_stores_everything_once() {
         assert_eq!(stack.stored_ids(&format!("k-{d}")).len(), 1000);
     }
     assert!(at_kill < 3001, "the kill came too late to test anything");
-    second.kill().unwrap();
-    second.wait().unwrap();
-    stack.cleanup().await;
+    second.kill();
 }
 
 #[tokio::test]
@@ -361,7 +288,6 @@ async fn while_rabbitmq_is_unreachable_nothing_is_acknowledged_and_everything_ar
     stack.wait_stored(300).await;
     assert_eq!(ingest.metric("mqtt_messages_acked_total").await, 300.0);
     ingest.stop().await;
-    stack.cleanup().await;
 }
 
 #[tokio::test]
@@ -389,7 +315,6 @@ async fn two_instances_share_the_load_and_nothing_is_stored_twice() {
     assert!(ra > 0.0 && rb > 0.0, "both took a share: {ra} and {rb}");
     a.stop().await;
     b.stop().await;
-    stack.cleanup().await;
 }
 
 #[tokio::test]
@@ -478,5 +403,4 @@ async fn every_kind_of_bad_payload_is_refused_counted_and_kept_and_the_service_g
         .unwrap();
     assert!(mismatch.2.contains("device_id"), "{}", mismatch.2);
     ingest.stop().await;
-    stack.cleanup().await;
 }

@@ -4,17 +4,19 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use ingest_mqtt::{IngestMqtt, MqttBroker, Settings};
+use ingest_mqtt::{MqttBroker, Settings};
 use rumqttc::{ConnectReturnCode, Event, MqttOptions, Packet, QoS};
 use testkit::mqtt::Device;
 use testkit::rabbitmq::{MqttAuth, RabbitMqtt};
 use testkit::{TestDb, count_rows, eventually};
 
-use crate::{Running, WAIT, device_messages};
+use testkit::spawn::Running;
+
+use crate::{WAIT, device_messages};
 
 pub struct DurableStack {
     pub db: TestDb,
-    pub prefix: String,
+    pub prefix: testkit::AmqpPrefix,
     pub node: RabbitMqtt,
     pub keys: testkit::TestKeys,
 }
@@ -22,7 +24,7 @@ pub struct DurableStack {
 impl DurableStack {
     pub fn new(auth: MqttAuth) -> Self {
         service_kit::telemetry::init_for_tests();
-        let prefix = testkit::unique_name("mqtt-durable");
+        let prefix = testkit::AmqpPrefix::new("mqtt-durable");
         Self {
             db: TestDb::migrated(),
             node: RabbitMqtt::start(&prefix, auth),
@@ -36,13 +38,13 @@ impl DurableStack {
     /// RabbitMQ matter here), which checks the device registry.
     pub async fn with_device_accounts() -> Self {
         service_kit::telemetry::init_for_tests();
-        let prefix = testkit::unique_name("mqtt-durable");
+        let prefix = testkit::AmqpPrefix::new("mqtt-durable");
         let (db, keys) = (TestDb::migrated(), testkit::TestKeys::new());
         let mut settings = ingest_http::Settings::defaults();
         settings.http.http_addr = "127.0.0.1:0".into();
         settings.http.http_workers = 1;
         settings.bus.amqp_url = testkit::amqp_url();
-        settings.bus.amqp_prefix = prefix.clone();
+        settings.bus.amqp_prefix = prefix.to_string();
         settings.database_url = db.url.clone();
         settings.auth_public_key_file = keys.verifying_key_file();
         settings.auth_refresh_ms = 200;
@@ -69,9 +71,8 @@ impl DurableStack {
         Device::new(device, self.node.mqtt_port).with_credentials(device, token)
     }
 
-    pub async fn cleanup(self) {
-        testkit::delete_amqp_topology(&self.prefix).await;
-    }
+    /// What this stack declared on the machine's RabbitMQ goes with its prefix, when dropped.
+    pub async fn cleanup(self) {}
 
     pub fn settings(&self, consumer: &str) -> Settings {
         let mut s = Settings::defaults();
@@ -79,45 +80,19 @@ impl DurableStack {
         s.mqtt_broker = MqttBroker::Rabbitmq;
         s.mqtt_client_id = consumer.into();
         s.bus.amqp_url = self.node.amqp_url();
-        s.bus.amqp_prefix = self.prefix.clone();
+        s.bus.amqp_prefix = self.prefix.to_string();
         s.retry_max_backoff_ms = 500;
         s
     }
 
     pub async fn ingest(&self, settings: &Settings) -> Running {
-        let ingest = IngestMqtt::build(settings).unwrap();
-        let ops_port = ingest.ops_port();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(ingest.run_until(async {
-            let _ = stopped.await;
-        }));
-        eventually(WAIT, "ingest-mqtt consuming", || async {
-            let r = reqwest::get(format!("http://127.0.0.1:{ops_port}/readyz"))
-                .await
-                .ok()?;
-            r.status().is_success().then_some(())
-        })
-        .await;
-        Running {
-            ops_port,
-            stop,
-            task,
-        }
+        testkit::spawn::ingest_mqtt(settings).await
     }
 
-    pub async fn persister(&self) -> tokio::sync::oneshot::Sender<()> {
-        let mut settings = persister::Settings::defaults();
-        settings.http_addr = "127.0.0.1:0".into();
-        settings.database.database_url = self.db.url.clone();
+    pub async fn persister(&self) -> Running {
+        let mut settings = testkit::spawn::persister_settings(&self.db.url, &self.prefix);
         settings.bus.amqp_url = self.node.amqp_url();
-        settings.bus.amqp_prefix = self.prefix.clone();
-        settings.batch_linger_ms = 5;
-        let p = persister::Persister::build(&settings).await.unwrap();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(p.run_until(async {
-            let _ = stopped.await;
-        }));
-        stop
+        testkit::spawn::persister(&settings).await
     }
 
     /// An anonymous MQTT client of this node.
@@ -579,7 +554,7 @@ async fn a_killed_consumer_leaves_its_messages_to_the_next_and_everything_is_sto
                 .env("MQTT_BROKER", "rabbitmq")
                 .env("MQTT_CLIENT_ID", "ingest-durable-killed")
                 .env("AMQP_URL", stack.node.amqp_url())
-                .env("AMQP_PREFIX", &stack.prefix)
+                .env("AMQP_PREFIX", stack.prefix.to_string())
                 .env("RUST_LOG", "warn")
                 .spawn()
                 .expect("start the ingest-mqtt binary"),

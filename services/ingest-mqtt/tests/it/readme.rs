@@ -66,7 +66,7 @@ async fn the_readmes_python_snippets_work_with_a_token() {
     tokio::time::sleep(Duration::from_millis(600)).await; // ingest-http's registry refresh
 
     let http = http
-        .replace("http://HOST:8080", &http_ingest)
+        .replace("http://HOST:8080", &http_ingest.url)
         .replace("raspi-01.token", &token_file.display().to_string());
     run_python(&http);
     let mqtt = format!("TOKEN = {token:?}\nHOST = \"127.0.0.1\"\n{mqtt}")
@@ -81,5 +81,4 @@ async fn the_readmes_python_snippets_work_with_a_token() {
     );
     let _ = std::fs::remove_file(token_file);
     ingest.stop().await;
-    stack.cleanup().await;
 }

@@ -7,20 +7,22 @@ use bus::lapin::options::{BasicGetOptions, BasicPublishOptions};
 use bus::{Publisher, PublisherMetrics, PublisherSettings, Topology};
 use models::Reading;
 use persister::{Persister, Settings};
-use testkit::{TestDb, count_rows, eventually};
+use testkit::spawn;
+use testkit::{AmqpPrefix, TestDb, count_rows, eventually};
 
 const WAIT: Duration = Duration::from_secs(60);
 
+/// One test's database and queue names (deleted when it is dropped).
 struct Fixture {
     db: TestDb,
-    prefix: String,
+    prefix: AmqpPrefix,
     topology: Topology,
 }
 
 impl Fixture {
     fn new() -> Self {
         service_kit::telemetry::init_for_tests();
-        let prefix = testkit::unique_name("persister-test");
+        let prefix = AmqpPrefix::new("persister-test");
         Self {
             db: TestDb::migrated(),
             topology: Topology::with_prefix(&prefix),
@@ -29,14 +31,20 @@ impl Fixture {
     }
 
     fn settings(&self) -> Settings {
-        let mut s = Settings::defaults();
-        s.http_addr = "127.0.0.1:0".into();
-        s.database.database_url = self.db.url.clone();
-        s.bus.amqp_url = testkit::amqp_url();
-        s.bus.amqp_prefix = self.prefix.clone();
-        s.batch_linger_ms = 5;
-        s.retry_max_backoff_ms = 500;
-        s
+        spawn::persister_settings(&self.db.url, &self.prefix)
+    }
+
+    /// The persister's own binary, with this fixture's database and queues.
+    fn binary(&self, batch_max_readings: usize) -> spawn::Binary {
+        spawn::Binary::start(
+            env!("CARGO_BIN_EXE_persister"),
+            &[
+                ("DATABASE_URL", self.db.url.clone()),
+                ("AMQP_URL", testkit::amqp_url()),
+                ("AMQP_PREFIX", self.prefix.to_string()),
+                ("BATCH_MAX_READINGS", batch_max_readings.to_string()),
+            ],
+        )
     }
 
     async fn publisher(&self) -> Publisher {
@@ -79,53 +87,6 @@ impl Fixture {
             .unwrap();
         (conn, channel)
     }
-
-    async fn cleanup(self) {
-        testkit::delete_amqp_topology(&self.prefix).await;
-    }
-}
-
-struct Running {
-    ops_port: u16,
-    stop: tokio::sync::oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Running {
-    async fn start(settings: &Settings) -> Self {
-        let persister = Persister::build(settings).await.expect("persister starts");
-        let ops_port = persister.ops_port();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(persister.run_until(async {
-            let _ = stopped.await;
-        }));
-        Self {
-            ops_port,
-            stop,
-            task,
-        }
-    }
-
-    async fn metrics(&self) -> String {
-        reqwest::get(format!("http://127.0.0.1:{}/metrics", self.ops_port))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-    }
-
-    async fn readyz(&self) -> u16 {
-        reqwest::get(format!("http://127.0.0.1:{}/readyz", self.ops_port))
-            .await
-            .map(|r| r.status().as_u16())
-            .unwrap_or(0)
-    }
-
-    async fn stop(self) {
-        let _ = self.stop.send(());
-        self.task.await.unwrap();
-    }
 }
 
 /// `n` readings of `device`, ids `{tag}-{i}`, one second apart.
@@ -148,7 +109,7 @@ fn readings(device: &str, tag: &str, n: usize) -> Vec<Reading> {
 #[tokio::test]
 async fn readings_are_stored_exactly_and_an_undecodable_message_is_dead_lettered() {
     let f = Fixture::new();
-    let running = Running::start(&f.settings()).await;
+    let running = spawn::persister(&f.settings()).await;
     let publisher = f.publisher().await;
     let (_conn, channel) = f.channel().await;
 
@@ -216,13 +177,12 @@ async fn readings_are_stored_exactly_and_an_undecodable_message_is_dead_lettered
 
     running.stop().await;
     publisher.close().await;
-    f.cleanup().await;
 }
 
 #[tokio::test]
 async fn a_reading_delivered_twice_is_stored_once() {
     let f = Fixture::new();
-    let running = Running::start(&f.settings()).await;
+    let running = spawn::persister(&f.settings()).await;
     let publisher = f.publisher().await;
     let batch = readings("raspi-01", "dup", 50);
     publisher.publish(batch.clone()).await.unwrap();
@@ -237,7 +197,6 @@ async fn a_reading_delivered_twice_is_stored_once() {
     assert_eq!(testkit::metric(&text, "readings_duplicate_total"), 60.0);
     running.stop().await;
     publisher.close().await;
-    f.cleanup().await;
 }
 
 /// `device`'s reading `id` without a time of its own, as an ingest service makes it at `now`.
@@ -254,7 +213,7 @@ async fn a_reading_queued_again_with_another_time_is_stored_once_and_a_conflict_
     // Two ingest attempts of one reading (a redelivery from the broker, a retry), stamped by the
     // server a few seconds apart; then the same id with another value.
     let f = Fixture::new();
-    let running = Running::start(&f.settings()).await;
+    let running = spawn::persister(&f.settings()).await;
     let publisher = f.publisher().await;
     let now = chrono::Utc::now();
     publisher
@@ -282,13 +241,12 @@ async fn a_reading_queued_again_with_another_time_is_stored_once_and_a_conflict_
     assert_eq!(testkit::count_rows(&f.db.url, "reading_conflicts"), 1);
     running.stop().await;
     publisher.close().await;
-    f.cleanup().await;
 }
 
 #[tokio::test]
 async fn a_database_outage_is_waited_out_and_nothing_is_lost() {
     let f = Fixture::new();
-    let running = Running::start(&f.settings()).await;
+    let running = spawn::persister(&f.settings()).await;
     let publisher = f.publisher().await;
     publisher
         .publish(readings("d", "before", 10))
@@ -332,25 +290,13 @@ async fn a_database_outage_is_waited_out_and_nothing_is_lost() {
     );
     running.stop().await;
     publisher.close().await;
-    f.cleanup().await;
 }
 
 #[tokio::test]
 async fn a_persister_killed_mid_stream_loses_nothing() {
     let f = Fixture::new();
     let publisher = f.publisher().await;
-    let spawn = || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_persister"))
-            .env("HTTP_ADDR", "127.0.0.1:0")
-            .env("DATABASE_URL", &f.db.url)
-            .env("AMQP_URL", testkit::amqp_url())
-            .env("AMQP_PREFIX", &f.prefix)
-            .env("BATCH_MAX_READINGS", "500")
-            .env("RUST_LOG", "warn")
-            .spawn()
-            .expect("start the persister binary")
-    };
-    let mut first = spawn();
+    let mut first = f.binary(500);
     // 200 messages of 100 readings, published while the persister works through them
     let sender = {
         let publisher = publisher.clone();
@@ -367,20 +313,16 @@ async fn a_persister_killed_mid_stream_loses_nothing() {
         (f.stored() >= 2000).then_some(())
     })
     .await;
-    first.kill().unwrap(); // SIGKILL: no chance to finish its batch or ack
-    first.wait().unwrap();
+    first.kill(); // SIGKILL: no chance to finish its batch or ack
     let at_kill = f.stored();
     sender.await.unwrap();
-    let mut second = spawn();
+    let _second = f.binary(500);
     f.wait_stored(20_000).await;
-    second.kill().unwrap();
-    second.wait().unwrap();
     assert!(
         at_kill < 20_000,
         "the kill came too late to test anything ({at_kill} stored)"
     );
     publisher.close().await;
-    f.cleanup().await;
 }
 
 #[tokio::test]
@@ -388,8 +330,8 @@ async fn several_persisters_share_the_queue() {
     let f = Fixture::new();
     let mut settings = f.settings();
     settings.prefetch = 4;
-    let a = Running::start(&settings).await;
-    let b = Running::start(&settings).await;
+    let a = spawn::persister(&settings).await;
+    let b = spawn::persister(&settings).await;
     let publisher = f.publisher().await;
     let mut sends = Vec::new();
     for m in 0..100 {
@@ -415,7 +357,6 @@ async fn several_persisters_share_the_queue() {
     a.stop().await;
     b.stop().await;
     publisher.close().await;
-    f.cleanup().await;
 }
 
 #[tokio::test]
@@ -430,46 +371,59 @@ async fn an_unmigrated_database_is_refused_at_start() {
 
 #[tokio::test]
 async fn sigterm_under_load_finishes_its_batches_and_loses_nothing() {
+    const MESSAGES: i64 = 100;
+    const PER_MESSAGE: i64 = 100;
     let f = Fixture::new();
     let publisher = f.publisher().await;
-    let spawn = || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_persister"))
-            .env("HTTP_ADDR", "127.0.0.1:0")
-            .env("DATABASE_URL", &f.db.url)
-            .env("AMQP_URL", testkit::amqp_url())
-            .env("AMQP_PREFIX", &f.prefix)
-            .env("BATCH_MAX_READINGS", "300")
-            .env("RUST_LOG", "warn")
-            .spawn()
-            .expect("start the persister binary")
-    };
-    for m in 0..100 {
+    for m in 0..MESSAGES {
         publisher
-            .publish(readings(&format!("pi-{}", m % 3), &format!("m{m}"), 100))
+            .publish(readings(
+                &format!("pi-{}", m % 3),
+                &format!("m{m}"),
+                PER_MESSAGE as usize,
+            ))
             .await
             .unwrap();
     }
-    let mut first = spawn();
+    let first = f.binary(300);
     eventually(WAIT, "the persister to be part way", || async {
         (f.stored() >= 1000).then_some(())
     })
     .await;
-    let term = std::process::Command::new("kill")
-        .args(["-TERM", &first.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(term.success());
-    let stopped = tokio::task::spawn_blocking(move || first.wait())
-        .await
-        .unwrap()
-        .unwrap();
+    let stopped = first.terminate(WAIT).await;
     assert!(stopped.success(), "a graceful stop exits 0: {stopped:?}");
-    let mut second = spawn();
-    f.wait_stored(10_000).await;
-    second.kill().unwrap();
-    second.wait().unwrap();
+
+    // The drain: every batch it had taken was stored and then acknowledged before it exited. So
+    // what is stored and what is still queued add up to everything, exactly: a batch stored but
+    // not acknowledged would be queued again (more), one acknowledged but not stored lost (less).
+    // Deliveries it held but had not batched go back to the queue as its connection closes: the
+    // broker may take a moment to count them ready again, so the sum is polled, not read once.
+    let stored = f.stored();
+    assert!(
+        stored < MESSAGES * PER_MESSAGE,
+        "SIGTERM came too late to test a drain ({stored} stored)"
+    );
+    let mut queued = 0;
+    let drained = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            queued = i64::from(testkit::queued_messages(&f.prefix).await);
+            if stored + queued * PER_MESSAGE == MESSAGES * PER_MESSAGE {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(
+        drained.is_ok(),
+        "{stored} readings stored and {queued} messages of {PER_MESSAGE} left: not {}",
+        MESSAGES * PER_MESSAGE
+    );
+    assert_eq!(f.stored(), stored, "nothing stored after it exited");
+
+    let _second = f.binary(300);
+    f.wait_stored(MESSAGES * PER_MESSAGE).await;
     publisher.close().await;
-    f.cleanup().await;
 }
 
 /// What was queued before ingest refused old readings (an attacker's batch spread over the years
@@ -477,7 +431,7 @@ async fn sigterm_under_load_finishes_its_batches_and_loses_nothing() {
 #[tokio::test]
 async fn readings_queued_from_beyond_the_horizon_are_stored_without_new_partitions() {
     let f = Fixture::new();
-    let running = Running::start(&f.settings()).await;
+    let running = spawn::persister(&f.settings()).await;
     let publisher = f.publisher().await;
     let metrics =
         models::Metrics::new(vec![(models::MetricName::parse("t").unwrap(), 1.0)]).unwrap();
@@ -510,5 +464,4 @@ async fn readings_queued_from_beyond_the_horizon_are_stored_without_new_partitio
             .contains("messages_dead_lettered_total 1")
     );
     running.stop().await;
-    f.cleanup().await;
 }

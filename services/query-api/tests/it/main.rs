@@ -3,6 +3,7 @@
 use chrono::{DateTime, Duration, Utc};
 use models::{DeviceId, MetricName, Metrics, Reading, ReadingId};
 use serde_json::{Value, json};
+use testkit::spawn;
 use testkit::{TestDb, TestKeys};
 
 mod input;
@@ -12,6 +13,8 @@ mod tokens;
 
 struct Api {
     url: String,
+    /// query-api itself, stopped with the test.
+    _running: spawn::Running,
     client: reqwest::Client,
     keys: TestKeys,
     reader: String,
@@ -72,18 +75,13 @@ async fn api_with_data_and(adjust: impl FnOnce(&mut query_api::Settings)) -> Api
 async fn start(db: TestDb, adjust: impl FnOnce(&mut query_api::Settings)) -> Api {
     let keys = TestKeys::new();
     keys.record_app_tokens_in(&db.url);
-    let mut settings = query_api::Settings::defaults();
-    settings.http.http_addr = "127.0.0.1:0".into();
-    settings.http.http_workers = 1;
-    settings.database.database_url = db.url.clone();
-    settings.auth_public_key_file = keys.verifying_key_file();
+    let mut settings = spawn::query_api_settings(&db.url, &keys.verifying_key_file());
     adjust(&mut settings);
-    let app = query_api::Application::build(&settings).await.unwrap();
-    let url = format!("http://127.0.0.1:{}", app.port());
-    tokio::spawn(app.run_until(std::future::pending()));
+    let running = spawn::query_api(&settings).await;
     let reader = keys.app_token(auth::Role::Reader);
     Api {
-        url,
+        url: running.url.clone(),
+        _running: running,
         client: reqwest::Client::new(),
         keys,
         reader,

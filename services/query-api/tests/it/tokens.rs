@@ -190,7 +190,18 @@ async fn unrecorded_unexpiring_and_overlong_app_tokens_are_refused() {
     let week = Claims::app("week", Role::Reader, 7 * 86_400, now());
     keys.record_app_token(&api.db.url, &week);
     let week = keys.sign(&week);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // recorded last: once query-api's copy of the list lets it in, it holds the others too
+    testkit::eventually(
+        Duration::from_secs(30),
+        "the recorded tokens followed",
+        || async {
+            let (status, _, _) = api
+                .call(Method::GET, "/v1/devices", Some(&week), None)
+                .await;
+            (status == 200).then_some(())
+        },
+    )
+    .await;
 
     for (what, token, says) in [
         ("unrecorded", &unrecorded, "not recorded"),

@@ -1,5 +1,8 @@
-//! CPU time and peak memory of the processes under test, from /proc (same machine only).
+//! CPU time and peak memory of the processes under test, and the processes below a process, from
+//! /proc (same machine only); signals to a set of processes.
 
+use std::collections::HashMap;
+use std::process::{Command, Stdio};
 use std::time::Instant;
 
 #[derive(Debug, Clone)]
@@ -88,6 +91,50 @@ pub fn pids() -> impl Iterator<Item = u32> {
 /// The parent of a process alive now.
 pub fn parent_pid(pid: u32) -> Option<u32> {
     stat(pid).map(|(ppid, _, _)| ppid)
+}
+
+/// Every process below `pid`.
+pub fn descendants(pid: u32) -> Vec<u32> {
+    let mut children: HashMap<u32, Vec<u32>> = HashMap::new();
+    for child in pids() {
+        if let Some(parent) = parent_pid(child) {
+            children.entry(parent).or_default().push(child);
+        }
+    }
+    let mut found = Vec::new();
+    let mut stack = vec![pid];
+    while let Some(p) = stack.pop() {
+        for &c in children.get(&p).into_iter().flatten() {
+            found.push(c);
+            stack.push(c);
+        }
+    }
+    found
+}
+
+/// Sends a signal (`KILL`, `TERM`, ...) to every one of `pids`, at once.
+pub fn signal(name: &str, pids: &[u32]) {
+    if pids.is_empty() {
+        return;
+    }
+    let _ = Command::new("kill")
+        .arg(format!("-{name}"))
+        .args(pids.iter().map(u32::to_string))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// Whether this program runs as root.
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .map(|v| v.split_whitespace().next() == Some("0"))
+        })
+        .unwrap_or(false)
 }
 
 fn ticks(w: &Watched) -> Option<u64> {
@@ -202,5 +249,33 @@ mod tests {
         assert!(peak_rss_kib(me).unwrap() > 0);
         assert!(Watched::parse("persister=12").is_ok());
         assert!(Watched::parse("persister").is_err());
+    }
+
+    #[test]
+    fn finds_the_children_of_a_process() {
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "sleep 30 & sleep 30 & wait"])
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + std::time::Duration::from_secs(5);
+        let mut found = descendants(child.id());
+        while found.len() < 2 && Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            found = descendants(child.id());
+        }
+        assert_eq!(found.len(), 2, "{found:?}");
+        let mut all = found.clone();
+        all.push(child.id());
+        signal("KILL", &all);
+        child.wait().unwrap();
+        // the grandchildren are reparented and reaped by init: gone, or zombies until then
+        let gone = |pid: u32| {
+            let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            state.is_empty() || state.contains(") Z")
+        };
+        while !found.iter().all(|&pid| gone(pid)) {
+            assert!(Instant::now() < deadline, "{found:?} survived SIGKILL");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
     }
 }

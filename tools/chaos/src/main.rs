@@ -3,8 +3,8 @@ use std::time::Duration;
 
 use clap::Parser;
 
-use chaos::fleet::FleetPlan;
 use chaos::{Options, plan};
+use system::devices::FleetPlan;
 
 /// Sensorhub's chaos run: while simulated Pis send readings over HTTP (single and batch) and MQTT
 /// (QoS 1), retrying each with the same id until acknowledged, it kills and restarts the services,

@@ -4,8 +4,17 @@ use std::fmt::Write as _;
 
 use crate::run::StepOutcome;
 
+/// `1234567` as `1,234,567`.
 fn thousands(n: u64) -> String {
-    loadgen::report::thousands(n as f64)
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// What a step's row says in its last column.

@@ -9,7 +9,6 @@ mod bench;
 mod db;
 mod http;
 mod mqtt;
-pub mod procs;
 mod progress;
 pub mod report;
 mod stats;
@@ -18,7 +17,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, ValueEnum};
 
-use crate::procs::Watched;
+use system::procs::Watched;
 
 /// Sensorhub's load generator and benchmark: simulates a fleet of Raspberry Pis posting readings over
 /// HTTP and MQTT, and measures accepted, persisted (rows visible in PostgreSQL) and end-to-end

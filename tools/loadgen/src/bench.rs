@@ -11,11 +11,11 @@ use tokio::time::Instant;
 
 use crate::http::{self, Body, Endpoint};
 use crate::mqtt::{self, Broker, Format};
-use crate::procs::{CpuWindow, PeakWindow, Watched};
 use crate::progress::Progress;
 use crate::report::{Figure, Machine, Report, Resource, Target};
 use crate::stats::Summary;
 use crate::{Args, Workload, db};
+use system::procs::{CpuWindow, PeakWindow, Watched};
 
 /// The name loadgen's own process is shown under.
 const LOADGEN: &str = "loadgen (this)";
@@ -164,9 +164,18 @@ impl Bench {
             let tokens = blocking(move || db::register_fleet(&url, &keys, fleet))
                 .await
                 .context("registering the fleet's devices")?;
+            // ingest-http re-reads its device registry every AUTH_REFRESH_MS (2 s by default): one
+            // re-read that has the last device registered has them all
+            if let Some(last) = tokens.last() {
+                system::service::wait_token_accepted(
+                    &self.args.ingest_url,
+                    last,
+                    Duration::from_secs(60),
+                )
+                .await
+                .context("ingest-http to let the fleet in")?;
+            }
             sides[0].tokens = Some(Arc::new(tokens));
-            // ingest-http re-reads its device registry every AUTH_REFRESH_MS (2 s by default)
-            tokio::time::sleep(Duration::from_secs(3)).await;
         }
         let only = self.args.only.clone();
         let started = Instant::now();

@@ -1,15 +1,13 @@
 //! chaos: proves "acknowledged means stored exactly once" under faults.
 //!
 //! It runs its own PostgreSQL, RabbitMQ node and Mosquitto and the services of the write path
-//! (`stack`), and for each step of a plan (`plan`) lets simulated Pis send over HTTP and MQTT
-//! (`fleet`) while a fault is injected and repaired (`run`); then it compares what the devices were
+//! (`system::stack`), and for each step of a plan (`plan`) lets simulated Pis send over HTTP and
+//! MQTT (`system::devices`) while a fault is injected and repaired (`run`); then it compares what the devices were
 //! told was received with what PostgreSQL stored (`verify`), and prints a table (`report`).
 
-pub mod fleet;
 pub mod plan;
 pub mod report;
 pub mod run;
-pub mod stack;
 pub mod verify;
 
 use std::collections::HashMap;
@@ -18,11 +16,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 use serde::Serialize;
+use system::devices::FleetPlan;
+use system::stack::{AMQP_PREFIX, Component, Ports, Stack};
 
-use crate::fleet::FleetPlan;
 use crate::plan::Step;
 use crate::run::{Runner, StepOutcome, Timing};
-use crate::stack::{AMQP_PREFIX, Component, Ports, Stack};
 
 pub struct Options {
     pub steps: Vec<Step>,

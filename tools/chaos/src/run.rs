@@ -8,11 +8,12 @@ use std::time::Duration;
 use diesel::sql_types::BigInt;
 use diesel::{QueryableByName, RunQueryDsl};
 use serde::Serialize;
+use system::devices::{FleetPlan, Kind, RunningFleet, Targets};
+use system::prometheus;
+use system::stack::{Component, Stack};
 use tokio::time::Instant;
 
-use crate::fleet::{FleetPlan, Kind, RunningFleet, Targets};
 use crate::plan::{Fault, Step};
-use crate::stack::{Component, Stack};
 use crate::verify::Stored;
 
 #[derive(Debug, Clone)]
@@ -325,7 +326,7 @@ async fn queue_depth(client: &reqwest::Client, ops_url: &str) -> Option<i64> {
         .await
         .ok()?;
     // the persister's gauge, as its /metrics writes it (0 when absent)
-    Some(testkit::metric(&text, QUEUE_GAUGE) as i64)
+    Some(prometheus::metric(&text, QUEUE_GAUGE) as i64)
 }
 
 const QUEUE_GAUGE: &str = "queue_messages";
@@ -340,7 +341,7 @@ mod tests {
                     # TYPE queue_messages gauge\n\
                     queue_messages 1234\n\
                     readings_stored_total 5\n";
-        assert_eq!(testkit::metric(text, QUEUE_GAUGE), 1234.0);
+        assert_eq!(prometheus::metric(text, QUEUE_GAUGE), 1234.0);
     }
 
     #[test]

@@ -1,6 +1,9 @@
 //! Simulated Pis that behave as careful ones do: each reading gets its id and time once, and is sent
 //! again, unchanged, until the server acknowledges it (HTTP 2xx, MQTT PUBACK). What was sent and
 //! what was acknowledged is written in a ledger, to be compared with what PostgreSQL stored.
+//!
+//! Also the reading formats every simulated Pi sends ([`reading`], [`flat_reading`]), so the chaos
+//! run's fleet and the deployment tests build them in one way.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -11,6 +14,22 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::json;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
+
+/// A reading in the `POST /v1/readings` format (with `device` `None`, MQTT's: the topic names the
+/// device), with its own `id` and `ts`, so that sending it again (a retry) stores it once.
+pub fn reading(device: Option<&str>, id: &str, ts: &str, temperature: f64) -> serde_json::Value {
+    let mut reading = json!({"id": id, "ts": ts,
+                             "metrics": {"temperature": temperature, "humidity": 60.0}});
+    if let Some(device) = device {
+        reading["device_id"] = device.into();
+    }
+    reading
+}
+
+/// A reading in the seed's flat `POST /data` format.
+pub fn flat_reading(device: &str, id: &str, ts: &str, temperature: f64) -> serde_json::Value {
+    json!({"device_id": device, "id": id, "ts": ts, "temperature": temperature, "humidity": 60.0})
+}
 
 /// How a simulated device sends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -198,7 +217,7 @@ impl Device {
     }
 
     /// A reading's fields, fixed when it is made: retries send exactly these.
-    fn reading(&self, seq: u64) -> (String, String, f64) {
+    fn next_reading(&self, seq: u64) -> (String, String, f64) {
         let id = format!("{}-{seq}", self.id);
         let ts = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
         (id, ts, 15.0 + (seq % 200) as f64 / 10.0)
@@ -214,13 +233,11 @@ impl Device {
             let mut ids = Vec::with_capacity(per_request);
             let mut readings = Vec::with_capacity(per_request);
             for _ in 0..per_request {
-                let (id, ts, value) = self.reading(seq);
+                let (id, ts, value) = self.next_reading(seq);
                 seq += 1;
                 readings.push(match batch {
-                    None => json!({"device_id": self.id, "id": id, "ts": ts,
-                                   "temperature": value, "humidity": 60.0}),
-                    Some(_) => json!({"device_id": self.id, "id": id, "ts": ts,
-                                      "metrics": {"temperature": value, "humidity": 60.0}}),
+                    None => flat_reading(&self.id, &id, &ts, value),
+                    Some(_) => reading(Some(&self.id), &id, &ts, value),
                 });
                 ids.push(id);
             }
@@ -271,11 +288,9 @@ impl Device {
         let mut seq = 0u64;
         let mut connection: Option<(AsyncClient, rumqttc::EventLoop)> = None;
         while !self.stopping() {
-            let (id, ts, value) = self.reading(seq);
+            let (id, ts, value) = self.next_reading(seq);
             seq += 1;
-            let payload = json!({"id": id, "ts": ts,
-                                 "metrics": {"temperature": value, "humidity": 60.0}})
-            .to_string();
+            let payload = reading(None, &id, &ts, value).to_string();
             self.ledger.sent.fetch_add(1, Ordering::Relaxed);
             let mut attempt = 0u32;
             loop {

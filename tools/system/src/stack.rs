@@ -2,17 +2,20 @@
 //! Mosquitto (on their own ports and data directories, so the machine's services and whatever else
 //! uses them are not disturbed), and the Sensorhub services on the write path. Each can be killed
 //! with SIGKILL (the process and every process it started, as a crashed container), stopped with
-//! SIGTERM, and started again on the same data.
+//! SIGTERM, and started again on the same data. Dropped, it kills whatever still runs.
 
 use std::collections::HashMap;
-use std::fs::{self, File, OpenOptions};
+use std::fs;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use serde::Serialize;
+
+use crate::service::{self, Binaries};
+use crate::{Process, procs};
 
 /// A process of the system under test.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -96,12 +99,12 @@ pub struct Stack {
     /// Data directories and logs.
     dir: PathBuf,
     /// The Sensorhub binaries.
-    bin_dir: PathBuf,
+    binaries: Binaries,
     pg_bin: PathBuf,
     /// Who PostgreSQL and RabbitMQ run as when this runs as root (they refuse root, or own their files).
     postgres_user: Option<(u32, u32)>,
     rabbitmq_user: Option<(u32, u32)>,
-    running: HashMap<Component, Child>,
+    running: HashMap<Component, Process>,
 }
 
 impl Stack {
@@ -115,23 +118,16 @@ impl Stack {
                 );
             }
         }
-        for bin in ["ingest-http", "ingest-mqtt", "persister"] {
-            if !bin_dir.join(bin).is_file() {
-                bail!(
-                    "{} not found: build the services first (cargo build --bins)",
-                    bin_dir.join(bin).display()
-                );
-            }
-        }
+        let binaries = Binaries::in_dir(bin_dir, &["ingest-http", "ingest-mqtt", "persister"])?;
         if dir.exists() {
             fs::remove_dir_all(dir).with_context(|| format!("cannot remove {}", dir.display()))?;
         }
         fs::create_dir_all(dir.join("logs"))?;
-        let root = is_root();
+        let root = procs::is_root();
         let stack = Self {
             ports,
             dir: dir.to_owned(),
-            bin_dir: bin_dir.to_owned(),
+            binaries,
             pg_bin: postgres_bin_dir()?,
             postgres_user: if root {
                 Some(user_ids("postgres")?)
@@ -253,14 +249,6 @@ impl Stack {
         Ok(())
     }
 
-    fn log_file(&self, component: Component) -> anyhow::Result<File> {
-        Ok(OpenOptions::new().create(true).append(true).open(
-            self.dir
-                .join("logs")
-                .join(format!("{}.log", component.name())),
-        )?)
-    }
-
     pub fn log_path(&self, component: Component) -> PathBuf {
         self.dir
             .join("logs")
@@ -268,15 +256,20 @@ impl Stack {
     }
 
     fn command(&self, component: Component) -> Command {
-        let service = |name: &str, port: u16| {
-            let mut cmd = Command::new(self.bin_dir.join(name));
-            cmd.env("HTTP_ADDR", format!("127.0.0.1:{port}"))
-                .env("AMQP_URL", self.amqp_url())
-                .env("AMQP_PREFIX", AMQP_PREFIX)
-                .env("DATABASE_URL", self.database_url())
-                .env("LOG_FORMAT", "text")
-                .env("RUST_LOG", "info");
-            cmd
+        let service = |name: &str, port: u16, extra: Vec<(&str, String)>| {
+            // checked in `prepare`; a missing one fails the start with this path
+            let binary = self
+                .binaries
+                .get(name)
+                .map_or_else(|_| PathBuf::from(name), Path::to_owned);
+            let mut env = vec![
+                ("AMQP_URL", self.amqp_url()),
+                ("AMQP_PREFIX", AMQP_PREFIX.to_owned()),
+                ("DATABASE_URL", self.database_url()),
+                ("LOG_FORMAT", "text".to_owned()),
+            ];
+            env.extend(extra);
+            service::command(&binary, port, &env)
         };
         match component {
             Component::Postgres => {
@@ -316,23 +309,30 @@ impl Stack {
                     .arg(self.mosquitto_dir().join("mosquitto.conf"));
                 cmd
             }
-            Component::Persister => service("persister", self.ports.persister),
-            Component::IngestHttp => {
-                let mut cmd = service("ingest-http", self.ports.ingest_http);
-                cmd.env(
-                    "AUTH_PUBLIC_KEY_FILE",
-                    self.keys_dir().join(auth::VERIFYING_KEY_FILE),
-                )
-                // simulated Pis send far more often than real ones
-                .env("RATE_LIMIT_PER_SECOND", "0");
-                cmd
-            }
-            Component::IngestMqtt => {
-                let mut cmd = service("ingest-mqtt", self.ports.ingest_mqtt);
-                cmd.env("MQTT_URL", format!("mqtt://127.0.0.1:{}", self.ports.mqtt))
-                    .env("MQTT_CLIENT_ID", "sensorhub-chaos-ingest-mqtt");
-                cmd
-            }
+            Component::Persister => service("persister", self.ports.persister, vec![]),
+            Component::IngestHttp => service(
+                "ingest-http",
+                self.ports.ingest_http,
+                vec![
+                    (
+                        "AUTH_PUBLIC_KEY_FILE",
+                        self.keys_dir()
+                            .join(auth::VERIFYING_KEY_FILE)
+                            .display()
+                            .to_string(),
+                    ),
+                    // simulated Pis send far more often than real ones
+                    ("RATE_LIMIT_PER_SECOND", "0".to_owned()),
+                ],
+            ),
+            Component::IngestMqtt => service(
+                "ingest-mqtt",
+                self.ports.ingest_mqtt,
+                vec![
+                    ("MQTT_URL", format!("mqtt://127.0.0.1:{}", self.ports.mqtt)),
+                    ("MQTT_CLIENT_ID", "sensorhub-chaos-ingest-mqtt".to_owned()),
+                ],
+            ),
         }
     }
 
@@ -341,15 +341,12 @@ impl Stack {
         if self.running.contains_key(&component) {
             bail!("{} is already running", component.name());
         }
-        let log = self.log_file(component)?;
-        let child = self
-            .command(component)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("cannot start {}", component.name()))?;
-        self.running.insert(component, child);
+        let process = Process::start(
+            component.name(),
+            self.command(component),
+            &self.log_path(component),
+        )?;
+        self.running.insert(component, process);
         Ok(())
     }
 
@@ -371,55 +368,44 @@ impl Stack {
                     if self.is_running(component) {
                         self.kill(component)?;
                     }
+                    self.running.remove(&component);
                     tokio::time::sleep(Duration::from_millis(300)).await;
                 }
-                Err(e) => return Err(e),
+                Err(e) => {
+                    self.running.remove(&component);
+                    return Err(e);
+                }
             }
         }
     }
 
     async fn wait_ready(&mut self, component: Component, deadline: Instant) -> anyhow::Result<()> {
-        let client = reqwest::Client::builder()
-            .timeout(Duration::from_secs(2))
-            .build()?;
-        loop {
-            if let Some(child) = self.running.get_mut(&component)
-                && let Some(status) = child.try_wait()?
-            {
-                self.running.remove(&component);
-                bail!(
-                    "{} exited ({status}); see {}",
-                    component.name(),
-                    self.log_path(component).display()
-                );
+        let admin_url = self.admin_database_url();
+        let ops_url = self.ops_url(component);
+        let (amqp, mqtt) = (self.ports.amqp, self.ports.mqtt);
+        let process = self
+            .running
+            .get_mut(&component)
+            .with_context(|| format!("{} is not running", component.name()))?;
+        match component {
+            Component::Postgres => {
+                service::wait_until(process, deadline, || {
+                    let url = admin_url.clone();
+                    async move {
+                        tokio::task::spawn_blocking(move || store::connect(&url).is_ok())
+                            .await
+                            .unwrap_or(false)
+                    }
+                })
+                .await
             }
-            let ready = match component {
-                Component::Postgres => {
-                    let url = self.admin_database_url();
-                    tokio::task::spawn_blocking(move || store::connect(&url).is_ok()).await?
-                }
-                Component::Rabbitmq => port_open(self.ports.amqp).await,
-                Component::Mosquitto => port_open(self.ports.mqtt).await,
-                service => {
-                    let url = format!("{}/readyz", self.ops_url(service).unwrap_or_default());
-                    client
-                        .get(url)
-                        .send()
-                        .await
-                        .is_ok_and(|r| r.status().is_success())
-                }
-            };
-            if ready {
-                return Ok(());
+            Component::Rabbitmq => {
+                service::wait_until(process, deadline, || service::port_open(amqp)).await
             }
-            if Instant::now() > deadline {
-                bail!(
-                    "{} did not become ready; see {}",
-                    component.name(),
-                    self.log_path(component).display()
-                );
+            Component::Mosquitto => {
+                service::wait_until(process, deadline, || service::port_open(mqtt)).await
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            _ => service::wait_ready(process, &ops_url.unwrap_or_default(), deadline).await,
         }
     }
 
@@ -438,19 +424,16 @@ impl Stack {
     }
 
     pub fn pid(&self, component: Component) -> Option<u32> {
-        self.running.get(&component).map(Child::id)
+        self.running.get(&component).and_then(Process::pid)
     }
 
     /// SIGKILL to the component and every process it started, at once, as when its container or
     /// machine dies.
     pub fn kill(&mut self, component: Component) -> anyhow::Result<()> {
-        let Some(mut child) = self.running.remove(&component) else {
+        let Some(mut process) = self.running.remove(&component) else {
             bail!("{} is not running", component.name());
         };
-        let mut pids = descendants(child.id());
-        pids.push(child.id());
-        signal("KILL", &pids);
-        child.wait()?;
+        process.kill();
         Ok(())
     }
 
@@ -461,27 +444,17 @@ impl Stack {
         component: Component,
         grace: Duration,
     ) -> anyhow::Result<Option<Duration>> {
-        let started = Instant::now();
-        let Some(child) = self.running.get_mut(&component) else {
+        let Some(mut process) = self.running.remove(&component) else {
             bail!("{} is not running", component.name());
         };
-        signal("TERM", &[child.id()]);
-        while started.elapsed() < grace {
-            if child.try_wait()?.is_some() {
-                self.running.remove(&component);
-                return Ok(Some(started.elapsed()));
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        self.kill(component)?;
-        Ok(None)
+        Ok(process.terminate(grace).await)
     }
 
     /// Whether a component died by itself (it should never).
     pub fn exited(&mut self) -> Vec<(Component, String)> {
         let mut dead = Vec::new();
-        for (component, child) in &mut self.running {
-            if let Ok(Some(status)) = child.try_wait() {
+        for (component, process) in &mut self.running {
+            if let Some(status) = process.exited() {
                 dead.push((*component, status.to_string()));
             }
         }
@@ -533,29 +506,8 @@ impl Stack {
     }
 }
 
-impl Drop for Stack {
-    /// Nothing outlives the run, whatever stopped it.
-    fn drop(&mut self) {
-        let components: Vec<_> = self.running.keys().copied().collect();
-        for component in components {
-            let _ = self.kill(component);
-        }
-    }
-}
-
 fn note(message: &str) {
     eprintln!("   {message}");
-}
-
-fn is_root() -> bool {
-    fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Uid:"))
-                .map(|v| v.split_whitespace().next() == Some("0"))
-        })
-        .unwrap_or(false)
 }
 
 /// (uid, gid) from /etc/passwd.
@@ -620,78 +572,15 @@ fn run_quietly(cmd: &mut Command) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn port_open(port: u16) -> bool {
-    tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .is_ok()
-}
-
-/// Every process below `pid`, from /proc.
-fn descendants(pid: u32) -> Vec<u32> {
-    let mut children: HashMap<u32, Vec<u32>> = HashMap::new();
-    for child in loadgen::procs::pids() {
-        if let Some(parent) = loadgen::procs::parent_pid(child) {
-            children.entry(parent).or_default().push(child);
-        }
-    }
-    let mut found = Vec::new();
-    let mut stack = vec![pid];
-    while let Some(p) = stack.pop() {
-        for &c in children.get(&p).into_iter().flatten() {
-            found.push(c);
-            stack.push(c);
-        }
-    }
-    found
-}
-
-fn signal(name: &str, pids: &[u32]) {
-    if pids.is_empty() {
-        return;
-    }
-    let _ = Command::new("kill")
-        .arg(format!("-{name}"))
-        .args(pids.iter().map(u32::to_string))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status();
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn finds_the_children_of_a_process() {
-        let mut child = Command::new("sh")
-            .args(["-c", "sleep 30 & sleep 30 & wait"])
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        let mut found = descendants(child.id());
-        while found.len() < 2 && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-            found = descendants(child.id());
-        }
-        assert_eq!(found.len(), 2, "{found:?}");
-        let mut all = found.clone();
-        all.push(child.id());
-        signal("KILL", &all);
-        child.wait().unwrap();
-        std::thread::sleep(Duration::from_millis(100));
-        for pid in found {
-            let state = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            assert!(
-                state.is_empty() || state.contains(") Z"),
-                "{pid} survived: {state}"
-            );
-        }
-    }
-
-    #[test]
     fn ports_do_not_overlap() {
         let ports = Ports::from_base(28000).all();
         let mut sorted = ports.to_vec();
+        sorted.sort_unstable();
         sorted.dedup();
         assert_eq!(sorted.len(), ports.len());
     }

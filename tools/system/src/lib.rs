@@ -1,0 +1,22 @@
+//! Sensorhub run as processes, written once for every tool that measures or proves it: the chaos
+//! run, the benchmark and the deployment tests.
+//!
+//! - [`process`]: one child process with its log, stopped gracefully or killed with everything it
+//!   started, and killed when dropped.
+//! - [`service`]: a Sensorhub service's binary on a port (where the binaries are, the environment
+//!   they get, waiting for `/readyz`).
+//! - [`stack`]: a private PostgreSQL, RabbitMQ node and Mosquitto and the services of the write
+//!   path, on their own ports and data directories.
+//! - [`procs`]: CPU time and peak memory from `/proc`, and the processes below a process.
+//! - [`prometheus`]: reading figures out of a `/metrics` page.
+//! - [`devices`]: simulated Pis that send over HTTP and MQTT as careful ones do, with a ledger of
+//!   what was acknowledged.
+
+pub mod devices;
+pub mod process;
+pub mod procs;
+pub mod prometheus;
+pub mod service;
+pub mod stack;
+
+pub use process::Process;
