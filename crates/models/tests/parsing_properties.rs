@@ -1,5 +1,10 @@
 //! Properties of the parsers, over arbitrary input: nothing panics, and whatever is accepted obeys
 //! every rule (so nothing invalid can reach the queue).
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a test stops at the first thing that is not as it must be"
+)]
 
 use chrono::{DateTime, Utc};
 use models::{

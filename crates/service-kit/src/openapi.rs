@@ -183,14 +183,17 @@ fn operations(
 struct OpsDoc;
 
 #[derive(utoipa::ToSchema)]
-#[allow(dead_code)] // describes the answer of ops::healthz
+#[allow(dead_code, reason = "describes the answer of ops::healthz")]
 struct Alive {
     #[schema(example = "alive")]
     status: String,
 }
 
 #[derive(utoipa::ToSchema)]
-#[allow(dead_code)] // describes crate::ops::ReadinessReport, which is serialized by hand
+#[allow(
+    dead_code,
+    reason = "describes crate::ops::ReadinessReport, which is serialized by hand"
+)]
 struct ReadinessReport {
     #[schema(pattern = "^(ready|not_ready)$", example = "ready")]
     status: String,
@@ -205,7 +208,10 @@ struct ReadinessReport {
 /// not route it).
 #[utoipa::path(get, path = "/healthz", tag = "ops",
     responses((status = 200, description = "Alive", body = Alive)))]
-#[allow(dead_code)]
+#[allow(
+    dead_code,
+    reason = "describes a route the ops server serves; only its OpenAPI path is used"
+)]
 fn healthz() {}
 
 /// Whether the service can do its work: each of its connections, checked now.
@@ -218,7 +224,10 @@ fn healthz() {}
             body = ReadinessReport,
             headers(("Retry-After" = u64, description = "Seconds"))),
     ))]
-#[allow(dead_code)]
+#[allow(
+    dead_code,
+    reason = "describes a route the ops server serves; only its OpenAPI path is used"
+)]
 fn readyz() {}
 
 /// Prometheus metrics, in the OpenMetrics text format.
@@ -227,14 +236,20 @@ fn readyz() {}
 #[utoipa::path(get, path = "/metrics", tag = "ops",
     responses((status = 200, description = "The service's metrics",
         body = String, content_type = "application/openmetrics-text")))]
-#[allow(dead_code)]
+#[allow(
+    dead_code,
+    reason = "describes a route the ops server serves; only its OpenAPI path is used"
+)]
 fn metrics() {}
 
 /// This description.
 #[utoipa::path(get, path = "/openapi.json", tag = "ops",
     responses((status = 200, description = "The OpenAPI 3.1 description of this service",
         body = Object, content_type = "application/json")))]
-#[allow(dead_code)]
+#[allow(
+    dead_code,
+    reason = "describes a route the ops server serves; only its OpenAPI path is used"
+)]
 fn openapi_json() {}
 
 #[cfg(test)]
@@ -249,7 +264,7 @@ mod tests {
 
     #[utoipa::path(get, path = "/v1/thing",
         responses((status = 200, description = "ok"), (status = 403, description = "its own")))]
-    #[allow(dead_code)]
+    #[allow(dead_code, reason = "only its OpenAPI path is used")]
     fn protected() {}
 
     #[test]

@@ -4,6 +4,11 @@
 //! The servers come from the environment, defaulting to the local ones `scripts/test` starts:
 //! `TEST_DATABASE_URL` (an admin connection, default `postgres://postgres@127.0.0.1:5432/postgres`),
 //! `TEST_AMQP_URL` (default `amqp://guest:guest@127.0.0.1:5672/%2f`), `TEST_MQTT_HOST`/`TEST_MQTT_PORT`.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test support: a test stops at the first thing that is not as it must be, with its message"
+)]
 
 pub mod mqtt;
 pub mod rabbitmq;

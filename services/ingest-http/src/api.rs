@@ -73,7 +73,10 @@ pub fn routes(cfg: &mut ServiceConfig) {
 /// them) a metric: its name 1–64 characters of `[A-Za-z0-9._-]`, its value a finite number.
 #[derive(ToSchema, Deserialize)]
 #[schema(example = json!({"device_id": "raspi-01", "temperature": 25.5, "humidity": 60.3}))]
-#[allow(dead_code)] // describes the body for OpenAPI; parsing is models::parse_seed_body
+#[allow(
+    dead_code,
+    reason = "describes the body for OpenAPI; parsing is models::parse_seed_body"
+)]
 struct SeedReading {
     /// The token's own device: 1–64 characters of `[A-Za-z0-9._-]`.
     #[schema(pattern = "^[A-Za-z0-9._-]{1,64}$")]
@@ -90,7 +93,10 @@ struct SeedReading {
 #[derive(ToSchema, Deserialize)]
 #[serde(deny_unknown_fields)] // as models::parse_readings_body: additionalProperties false
 #[schema(example = json!({"device_id": "raspi-01", "ts": "2026-11-24T10:00:00Z", "id": "raspi-01-000044", "metrics": {"temperature": 25.5}}))]
-#[allow(dead_code)] // describes the body for OpenAPI; parsing is models::parse_readings_body
+#[allow(
+    dead_code,
+    reason = "describes the body for OpenAPI; parsing is models::parse_readings_body"
+)]
 struct ReadingIn {
     /// The token's own device: 1–64 characters of `[A-Za-z0-9._-]`.
     #[schema(pattern = "^[A-Za-z0-9._-]{1,64}$")]

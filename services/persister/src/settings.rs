@@ -34,6 +34,10 @@ impl Settings {
     }
 
     /// The built-in defaults alone (no file, no environment), for tests to start from.
+    #[allow(
+        clippy::expect_used,
+        reason = "the defaults are compiled in and every test starts from them"
+    )]
     pub fn defaults() -> Self {
         // `DEFAULTS` is compiled in, and every service's tests start from it: a broken file fails
         // them all, never a deployment

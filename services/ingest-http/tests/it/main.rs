@@ -1,5 +1,10 @@
 //! ingest-http driven as a Pi drives it, against real RabbitMQ and PostgreSQL, with the persister
 //! and query-api running beside it for the round trips.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a test stops at the first thing that is not as it must be"
+)]
 
 mod input;
 mod openapi;

@@ -1,5 +1,10 @@
 //! ingest-mqtt against a real Mosquitto (a private one per test), RabbitMQ and PostgreSQL, with the
 //! persister storing what it publishes.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a test stops at the first thing that is not as it must be"
+)]
 
 mod input;
 mod rabbitmq;

@@ -1,4 +1,9 @@
 //! The persister against real RabbitMQ and PostgreSQL: its own database and queue names per test.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a test stops at the first thing that is not as it must be"
+)]
 
 use std::time::Duration;
 

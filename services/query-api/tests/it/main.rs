@@ -1,4 +1,9 @@
 //! query-api over a known data set in a real PostgreSQL: exact rows, pages and buckets.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a test stops at the first thing that is not as it must be"
+)]
 
 use chrono::{DateTime, Duration, Utc};
 use models::{DeviceId, MetricName, Metrics, Reading, ReadingId};

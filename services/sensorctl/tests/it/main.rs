@@ -1,5 +1,10 @@
 //! sensorctl driven as an operator drives it: the real binary, a real PostgreSQL and a real
 //! Mosquitto with the production configuration.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a test stops at the first thing that is not as it must be"
+)]
 
 use std::process::{Command, Output};
 use std::time::Duration;

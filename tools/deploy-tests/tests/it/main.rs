@@ -2,6 +2,11 @@
 //! Traefik in front of real, scaled service processes (see the crate's documentation for how they
 //! are started). Every device posts its own readings with its own token; apps read with a reader
 //! token.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a test stops at the first thing that is not as it must be"
+)]
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
