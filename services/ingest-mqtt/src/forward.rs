@@ -73,7 +73,7 @@ impl Forwarder {
         topic: &[u8],
         payload: &[u8],
     ) -> Forwarded {
-        let mut backoff = Duration::from_millis(50);
+        let mut backoff = bus::Backoff::new(Duration::from_millis(50), self.max_backoff);
         loop {
             let result = match classified {
                 Classified::Readings(readings) => self.publisher.publish(readings.clone()).await,
@@ -95,8 +95,7 @@ impl Forwarder {
                 Err(e) => {
                     self.metrics.publish_retries.inc();
                     tracing::debug!(error = %e, "RabbitMQ unavailable; holding the MQTT message");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(self.max_backoff);
+                    tokio::time::sleep(backoff.next_delay()).await;
                 }
             }
         }

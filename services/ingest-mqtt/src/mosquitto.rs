@@ -57,8 +57,7 @@ pub struct MosquittoBridge {
     slot: Option<OwnedSemaphorePermit>,
     next_seq: u64,
     keep_alive: Duration,
-    backoff: Duration,
-    max_backoff: Duration,
+    backoff: bus::Backoff,
     /// Set once a stop was asked for: messages in flight get until then to be confirmed.
     stop_deadline: Option<Instant>,
 }
@@ -96,9 +95,10 @@ impl MosquittoBridge {
             slot: None,
             next_seq: 0,
             keep_alive: Duration::from_secs(settings.mqtt_keep_alive_secs.max(5)),
-            backoff: FIRST_RECONNECT_BACKOFF,
-            max_backoff: Duration::from_millis(settings.retry_max_backoff_ms.max(100))
-                .min(MAX_RECONNECT_BACKOFF),
+            backoff: bus::Backoff::new(
+                FIRST_RECONNECT_BACKOFF,
+                Duration::from_millis(settings.retry_max_backoff_ms).min(MAX_RECONNECT_BACKOFF),
+            ),
             stop_deadline: None,
         }
     }
@@ -170,7 +170,7 @@ impl MosquittoBridge {
     /// that died between two saves of its state keeps an older session, whose subscriptions may
     /// predate ours. Subscribing again is harmless. Ready at the SUBACK.
     fn on_connected(&mut self, ack: &ConnAck) {
-        self.backoff = FIRST_RECONNECT_BACKOFF;
+        self.backoff.reset();
         tracing::info!(
             session_present = ack.session_present,
             "connected to Mosquitto"
@@ -218,12 +218,12 @@ impl MosquittoBridge {
         if self.stopping() {
             return std::ops::ControlFlow::Break(());
         }
-        tracing::warn!(error = %error, retry_in_ms = self.backoff.as_millis() as u64, "MQTT connection failed");
+        let delay = self.backoff.next_delay();
+        tracing::warn!(error = %error, retry_in_ms = delay.as_millis() as u64, "MQTT connection failed");
         tokio::select! {
-            _ = tokio::time::sleep(self.backoff) => {}
+            _ = tokio::time::sleep(delay) => {}
             _ = self.shutdown.changed() => {}
         }
-        self.backoff = (self.backoff * 2).min(self.max_backoff);
         std::ops::ControlFlow::Continue(())
     }
 

@@ -41,8 +41,7 @@ pub struct QueueBridge {
     connected: Arc<AtomicBool>,
     shutdown: watch::Receiver<bool>,
     handlers: JoinSet<()>,
-    backoff: Duration,
-    max_backoff: Duration,
+    backoff: bus::Backoff,
 }
 
 impl QueueBridge {
@@ -64,8 +63,10 @@ impl QueueBridge {
             connected,
             shutdown,
             handlers: JoinSet::new(),
-            backoff: FIRST_RECONNECT_BACKOFF,
-            max_backoff: Duration::from_millis(settings.retry_max_backoff_ms.max(100)),
+            backoff: bus::Backoff::new(
+                FIRST_RECONNECT_BACKOFF,
+                Duration::from_millis(settings.retry_max_backoff_ms),
+            ),
         }
     }
 
@@ -79,7 +80,7 @@ impl QueueBridge {
             }
             let ended = match self.connect().await {
                 Ok((connection, consumer)) => {
-                    self.backoff = FIRST_RECONNECT_BACKOFF;
+                    self.backoff.reset();
                     self.set_connected(true);
                     tracing::info!(queue = %self.topology.readings_queue, "consuming devices' MQTT messages");
                     let ended = self.consume(consumer).await;
@@ -93,12 +94,12 @@ impl QueueBridge {
                 Err(e) => Ended::ConnectionLost(e.to_string()),
             };
             if let Ended::ConnectionLost(error) = ended {
-                tracing::warn!(%error, retry_in_ms = self.backoff.as_millis() as u64, "cannot consume the MQTT queue");
+                let delay = self.backoff.next_delay();
+                tracing::warn!(%error, retry_in_ms = delay.as_millis() as u64, "cannot consume the MQTT queue");
                 tokio::select! {
-                    _ = tokio::time::sleep(self.backoff) => {}
+                    _ = tokio::time::sleep(delay) => {}
                     _ = self.shutdown.changed() => {}
                 }
-                self.backoff = (self.backoff * 2).min(self.max_backoff);
             }
         }
     }
