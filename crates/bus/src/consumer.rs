@@ -21,9 +21,14 @@ pub enum ConsumeError {
     Amqp(#[from] lapin::Error),
     #[error("the consumer was cancelled")]
     Cancelled,
+    #[error("the connection to RabbitMQ is gone")]
+    ConnectionGone,
     #[error("RabbitMQ did not accept the dead letter")]
     DeadLetterNotConfirmed,
 }
+
+/// How often a consumer waiting for deliveries checks that its connection is still there.
+pub const LIVENESS_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A consumer of the readings queue on its own connection, on a channel in confirm mode (dead
 /// letters published on it are confirmed before the original is acknowledged), with at most
@@ -95,11 +100,24 @@ impl ReadingsConsumer {
     }
 
     /// The next delivery; an error means the session is over (connection lost, consumer cancelled).
+    ///
+    /// The connection's state is looked at too, every [`LIVENESS_CHECK`]: after a SIGKILL of
+    /// RabbitMQ, lapin was seen to log the connection's reset and never end the consumer's stream,
+    /// leaving a persister waiting for deliveries on a dead connection, forever.
     pub async fn next(&mut self) -> Result<Delivery, ConsumeError> {
-        match self.consumer.next().await {
-            Some(Ok(delivery)) => Ok(Delivery::from(delivery)),
-            Some(Err(e)) => Err(e.into()),
-            None => Err(ConsumeError::Cancelled),
+        loop {
+            tokio::select! {
+                next = self.consumer.next() => return match next {
+                    Some(Ok(delivery)) => Ok(Delivery::from(delivery)),
+                    Some(Err(e)) => Err(e.into()),
+                    None => Err(ConsumeError::Cancelled),
+                },
+                _ = tokio::time::sleep(LIVENESS_CHECK) => {
+                    if !self.connection.status().connected() || !self.channel.status().connected() {
+                        return Err(ConsumeError::ConnectionGone);
+                    }
+                }
+            }
         }
     }
 

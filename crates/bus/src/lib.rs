@@ -21,7 +21,9 @@ mod wire;
 
 pub use backoff::Backoff;
 pub use connection::{BusSettings, SETUP_TIMEOUT, bounded_setup, connect, open_queue_consumer};
-pub use consumer::{Ack, ChannelState, ConsumeError, Delivery, QueueDepth, ReadingsConsumer};
+pub use consumer::{
+    Ack, ChannelState, ConsumeError, Delivery, LIVENESS_CHECK, QueueDepth, ReadingsConsumer,
+};
 pub use metrics::PublisherMetrics;
 pub use publisher::{PublishError, Publisher, PublisherSettings};
 pub use topology::{

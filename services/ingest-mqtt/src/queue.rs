@@ -83,7 +83,7 @@ impl QueueBridge {
                     self.backoff.reset();
                     self.set_connected(true);
                     tracing::info!(queue = %self.topology.readings_queue, "consuming devices' MQTT messages");
-                    let ended = self.consume(consumer).await;
+                    let ended = self.consume(&connection, consumer).await;
                     self.set_connected(false);
                     if let Ended::Shutdown = ended {
                         self.drain(connection).await;
@@ -124,7 +124,10 @@ impl QueueBridge {
         .await
     }
 
-    async fn consume(&mut self, mut consumer: Consumer) -> Ended {
+    /// Takes deliveries until the connection is lost or the service stops. The connection's state
+    /// is looked at too (see [`bus::LIVENESS_CHECK`]): a consumer's stream was seen not to end
+    /// when RabbitMQ was killed under it.
+    async fn consume(&mut self, connection: &Connection, mut consumer: Consumer) -> Ended {
         loop {
             while self.handlers.try_join_next().is_some() {}
             tokio::select! {
@@ -133,6 +136,11 @@ impl QueueBridge {
                     Some(Err(e)) => return Ended::ConnectionLost(e.to_string()),
                     None => return Ended::ConnectionLost("the consumer was cancelled".into()),
                 },
+                _ = tokio::time::sleep(bus::LIVENESS_CHECK) => {
+                    if !connection.status().connected() {
+                        return Ended::ConnectionLost("the connection to RabbitMQ is gone".into());
+                    }
+                }
                 _ = self.shutdown.changed() => return Ended::Shutdown,
             }
         }
