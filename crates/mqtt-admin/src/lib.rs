@@ -14,12 +14,15 @@
 //! Anything not granted is denied, receiving included ([`Broker::init`] sets the plugin's default
 //! ACL access), so a subscription or session an account should not have delivers nothing.
 
+mod endpoint;
+
+pub use endpoint::{MqttEndpoint, parse_mqtt_url};
+
 use std::time::Duration;
 
 use models::DeviceId;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::{Value, json};
-use service_kit::net::MqttEndpoint;
 
 const CONTROL_TOPIC: &str = "$CONTROL/dynamic-security/v1";
 const RESPONSE_TOPIC: &str = "$CONTROL/dynamic-security/v1/response";
@@ -95,7 +98,7 @@ pub struct Broker {
 impl Broker {
     /// `mqtt://admin:password@host[:port]`.
     pub fn from_url(url: &str) -> Result<Self, MqttAdminError> {
-        let admin = service_kit::net::parse_mqtt_url(url).map_err(MqttAdminError::BadUrl)?;
+        let admin = parse_mqtt_url(url).map_err(MqttAdminError::BadUrl)?;
         Self::new(admin)
     }
 

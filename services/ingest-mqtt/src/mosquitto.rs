@@ -268,7 +268,7 @@ fn mqtt_options(settings: &Settings, client_id: &str) -> MqttOptions {
     // Checked in `build`; the defaults are valid.
     let endpoint = settings
         .endpoint()
-        .unwrap_or_else(|_| service_kit::net::MqttEndpoint {
+        .unwrap_or_else(|_| mqtt_admin::MqttEndpoint {
             host: "127.0.0.1".into(),
             port: 1883,
             credentials: None,

@@ -1,8 +1,8 @@
 use std::path::Path;
 
 use bus::{BusSettings, PublisherSettings};
+use mqtt_admin::{MqttEndpoint, parse_mqtt_url};
 use serde::Deserialize;
-use service_kit::net::{MqttEndpoint, parse_mqtt_url};
 use service_kit::telemetry::LogFormat;
 
 /// Which broker devices publish to, and so where ingest-mqtt takes their messages from.
