@@ -8,9 +8,9 @@ use std::time::Duration;
 use diesel::sql_types::BigInt;
 use diesel::{QueryableByName, RunQueryDsl};
 use serde::Serialize;
-use system::devices::{FleetPlan, Kind, RunningFleet, Targets};
+use system::devices::{FleetPlan, Kind, MqttLogin, RunningFleet, Targets};
 use system::prometheus;
-use system::stack::{Component, Stack};
+use system::stack::{Broker, Component, Stack};
 use tokio::time::Instant;
 
 use crate::plan::{Fault, Step};
@@ -86,6 +86,10 @@ impl Runner<'_> {
         let targets = Targets {
             ingest_url: self.stack.ingest_url(),
             mqtt_port: self.stack.mqtt_port(),
+            mqtt_login: match self.stack.broker {
+                Broker::Mosquitto => MqttLogin::Anonymous,
+                Broker::Rabbitmq => MqttLogin::DeviceToken,
+            },
         };
         let fleet = RunningFleet::start(&self.fleet, devices, targets)?;
         tokio::time::sleep(self.timing.before).await;
