@@ -1,6 +1,6 @@
 //! chaos: proves "acknowledged means stored exactly once" under faults.
 //!
-//! It runs its own PostgreSQL, RabbitMQ node and Mosquitto and the services of the write path
+//! It runs its own PostgreSQL, RabbitMQ node and MQTT broker (Mosquitto, or RabbitMQ's MQTT plugin) and the services of the write path
 //! (`system::stack`), and for each step of a plan (`plan`) lets simulated Pis send over HTTP and
 //! MQTT (`system::devices`) while a fault is injected and repaired (`run`); then it compares what the devices were
 //! told was received with what PostgreSQL stored (`verify`), and prints a table (`report`).
@@ -22,13 +22,14 @@ use std::time::Duration;
 use anyhow::Context;
 use serde::Serialize;
 use system::devices::FleetPlan;
-use system::stack::{AMQP_PREFIX, Component, Ports, Stack};
+use system::stack::{AMQP_PREFIX, Broker, Component, Ports, Stack};
 
 use crate::plan::Step;
 use crate::run::{Runner, StepOutcome, Timing};
 
 pub struct Options {
     pub steps: Vec<Step>,
+    pub broker: Broker,
     pub fleet: FleetPlan,
     pub timing: Timing,
     pub bin_dir: PathBuf,
@@ -42,6 +43,7 @@ pub struct Options {
 #[derive(Serialize)]
 struct Figures<'a> {
     finished_at: String,
+    broker: Broker,
     fleet: String,
     strict: bool,
     passed: bool,
@@ -59,19 +61,25 @@ fn progress(message: &str) {
 pub async fn run(options: Options) -> anyhow::Result<bool> {
     let started = std::time::Instant::now();
     progress(&format!(
-        "starting PostgreSQL, RabbitMQ, Mosquitto and the services in {}",
+        "starting PostgreSQL, {} and the services in {}",
+        match options.broker {
+            Broker::Mosquitto => "RabbitMQ, Mosquitto",
+            Broker::Rabbitmq => "RabbitMQ with its MQTT plugin (MQTT broker mode rabbitmq)",
+        },
         options.work_dir.display()
     ));
     let mut stack = Stack::prepare(
         &options.work_dir,
         &options.bin_dir,
         Ports::from_base(options.port_base),
+        options.broker,
     )?;
     let ready = options.timing.ready_timeout;
     stack.start_ready(Component::Postgres, ready).await?;
     stack.create_database()?;
     let tokens = register_devices(&stack, &options)?;
-    for component in &Component::ALL[1..] {
+    // ingest-mqtt last: in broker mode rabbitmq it declares the exchange the MQTT plugin publishes to
+    for component in &options.broker.components()[1..] {
         stack
             .start_ready(*component, ready)
             .await
@@ -151,6 +159,7 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
     }
     let figures = Figures {
         finished_at: chrono::Utc::now().to_rfc3339(),
+        broker: options.broker,
         fleet: format!("{:?}", options.fleet),
         strict: options.strict,
         passed,

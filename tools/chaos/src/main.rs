@@ -10,6 +10,7 @@ use clap::Parser;
 
 use chaos::{Options, plan};
 use system::devices::FleetPlan;
+use system::stack::Broker;
 
 /// Sensorhub's chaos run: while simulated Pis send readings over HTTP (single and batch) and MQTT
 /// (QoS 1), retrying each with the same id until acknowledged, it kills and restarts the services,
@@ -17,7 +18,8 @@ use system::devices::FleetPlan;
 /// acknowledged with what PostgreSQL stored and prints a table per fault: sent, acknowledged,
 /// stored, lost, duplicated, and how long the system took to catch up.
 ///
-/// It runs its own PostgreSQL, RabbitMQ node and Mosquitto (on --port-base and the next ports, data
+/// It runs its own PostgreSQL, RabbitMQ node and MQTT broker (Mosquitto, or with --broker rabbitmq
+/// RabbitMQ's own MQTT plugin, devices logging in with their token) (on --port-base and the next ports, data
 /// in --work-dir), so the machine's are not disturbed. Exits 1 when an acknowledged reading was lost
 /// or stored twice (steps marked as a known gap only with --strict).
 #[derive(Parser, Debug)]
@@ -30,6 +32,9 @@ struct Args {
     /// A step marked as a known gap (a limit of a component we do not control) fails the run too.
     #[arg(long)]
     strict: bool,
+    /// The MQTT broker mode (the services' MQTT_BROKER).
+    #[arg(long, value_enum, default_value_t = BrokerArg::Mosquitto)]
+    broker: BrokerArg,
     /// Where ingest-http, ingest-mqtt and persister are.
     #[arg(long, default_value = "target/debug")]
     bin_dir: PathBuf,
@@ -65,15 +70,26 @@ struct Args {
     after_secs: f64,
 }
 
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum BrokerArg {
+    Mosquitto,
+    Rabbitmq,
+}
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let args = Args::parse();
+    let broker = match args.broker {
+        BrokerArg::Mosquitto => Broker::Mosquitto,
+        BrokerArg::Rabbitmq => Broker::Rabbitmq,
+    };
     let options = Options {
         steps: if args.full {
-            plan::full()
+            plan::full(broker)
         } else {
             plan::short()
         },
+        broker,
         fleet: FleetPlan {
             http_devices: args.http_devices,
             batch_devices: args.batch_devices,

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use system::stack::Component;
+use system::stack::{Broker, Component};
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "kind", rename_all = "kebab-case")]
@@ -65,6 +65,7 @@ fn terminate(component: Component) -> Step {
 }
 
 /// A few faults, for CI: each process of the write path once, the brokers and the database once.
+/// The same in both broker modes: with the MQTT plugin, killing RabbitMQ kills the MQTT broker too.
 pub fn short() -> Vec<Step> {
     use Component::*;
     vec![
@@ -78,8 +79,9 @@ pub fn short() -> Vec<Step> {
 }
 
 /// Every process alone, graceful stops, a long database outage, a blocked RabbitMQ, and
-/// combinations.
-pub fn full() -> Vec<Step> {
+/// combinations. Without Mosquitto (broker mode `rabbitmq`) its steps are RabbitMQ's: killing the
+/// broker together with ingest-mqtt, and no known gap.
+pub fn full(broker: Broker) -> Vec<Step> {
     use Component::*;
     let mut steps = short();
     steps.extend([
@@ -106,6 +108,12 @@ pub fn full() -> Vec<Step> {
             ..kill(&[IngestMqtt, Mosquitto], 3000)
         },
     ]);
+    if broker == Broker::Rabbitmq {
+        steps.retain(|s| {
+            !matches!(&s.fault, Fault::Kill { components, .. } if components.contains(&Mosquitto))
+        });
+        steps.push(kill(&[IngestMqtt, Rabbitmq], 3000));
+    }
     steps
 }
 
@@ -142,7 +150,7 @@ mod tests {
 
     #[test]
     fn the_full_run_holds_the_short_one_and_names_steps_once() {
-        let (short, full) = (short(), full());
+        let (short, full) = (short(), full(Broker::Mosquitto));
         assert!(full.len() > short.len());
         let mut names: Vec<_> = full.iter().map(|s| s.name.clone()).collect();
         names.sort();
@@ -150,5 +158,27 @@ mod tests {
         assert_eq!(names.len(), full.len());
         assert!(names.contains(&"SIGKILL persister (mid-batch)".to_owned()));
         assert!(names.contains(&"SIGKILL postgres, down 30 s".to_owned()));
+    }
+
+    #[test]
+    fn without_mosquitto_the_full_run_kills_the_rabbitmq_broker_and_has_no_known_gap() {
+        let full = full(Broker::Rabbitmq);
+        let components = |s: &Step| match &s.fault {
+            Fault::Kill { components, .. } => components.clone(),
+            _ => vec![],
+        };
+        assert!(
+            full.iter()
+                .all(|s| !components(s).contains(&Component::Mosquitto))
+        );
+        assert!(full.iter().all(|s| s.known_gap.is_none()));
+        assert!(
+            full.iter()
+                .any(|s| components(s) == [Component::IngestMqtt, Component::Rabbitmq])
+        );
+        let mut names: Vec<_> = full.iter().map(|s| s.name.clone()).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), full.len());
     }
 }

@@ -58,7 +58,11 @@ pub fn table(outcomes: &[StepOutcome]) -> String {
 pub fn details(outcomes: &[StepOutcome]) -> String {
     let mut out = String::new();
     for o in outcomes {
-        let mut parts = o.notes.clone();
+        let mut parts = vec![format!(
+            "{} of the acknowledged over MQTT",
+            thousands(o.acknowledged_mqtt)
+        )];
+        parts.extend(o.notes.iter().cloned());
         if !o.refusals.is_empty() {
             let seen: Vec<String> = o
                 .refusals
@@ -97,6 +101,7 @@ mod tests {
             known_gap: gap,
             sent: 12_345,
             acknowledged: 12_000,
+            acknowledged_mqtt: 4_000,
             stored: 12_000 - lost,
             lost,
             duplicated: 0,
@@ -119,6 +124,7 @@ mod tests {
         assert!(rows[2].ends_with("⚠️ known gap |"));
         let details = details(&[outcome(3, Some("why"))]);
         assert!(details.contains("HTTP 503 ×7") && details.contains("known gap: why"));
+        assert!(details.contains("4,000 of the acknowledged over MQTT"));
     }
 
     #[test]

@@ -8,9 +8,9 @@ use std::time::Duration;
 use diesel::sql_types::BigInt;
 use diesel::{QueryableByName, RunQueryDsl};
 use serde::Serialize;
-use system::devices::{FleetPlan, Kind, RunningFleet, Targets};
+use system::devices::{FleetPlan, Kind, MqttLogin, RunningFleet, Targets};
 use system::prometheus;
-use system::stack::{Component, Stack};
+use system::stack::{Broker, Component, Stack};
 use tokio::time::Instant;
 
 use crate::plan::{Fault, Step};
@@ -38,6 +38,8 @@ pub struct StepOutcome {
     pub known_gap: Option<&'static str>,
     pub sent: u64,
     pub acknowledged: u64,
+    /// Of which published over MQTT (PUBACKed by the broker).
+    pub acknowledged_mqtt: u64,
     pub stored: u64,
     pub lost: u64,
     pub duplicated: u64,
@@ -86,6 +88,10 @@ impl Runner<'_> {
         let targets = Targets {
             ingest_url: self.stack.ingest_url(),
             mqtt_port: self.stack.mqtt_port(),
+            mqtt_login: match self.stack.broker {
+                Broker::Mosquitto => MqttLogin::Anonymous,
+                Broker::Rabbitmq => MqttLogin::DeviceToken,
+            },
         };
         let fleet = RunningFleet::start(&self.fleet, devices, targets)?;
         tokio::time::sleep(self.timing.before).await;
@@ -99,6 +105,17 @@ impl Runner<'_> {
         let load_stopped = Instant::now();
         let ledger = fleet.finish(load_stopped + self.timing.retry_for).await;
         let acknowledged = ledger.acknowledged();
+        let mqtt_devices: std::collections::HashSet<String> = self
+            .fleet
+            .devices(&tag)
+            .into_iter()
+            .filter(|(_, kind)| *kind == Kind::Mqtt)
+            .map(|(id, _)| id)
+            .collect();
+        let acknowledged_mqtt = acknowledged
+            .iter()
+            .filter(|(device, _)| mqtt_devices.contains(device))
+            .count() as u64;
         let (catch_up, stored) = self.wait_stored(&tag, &acknowledged, load_stopped).await;
         for (component, status) in self.stack.exited() {
             notes.push(format!("{} exited by itself ({status})", component.name()));
@@ -111,6 +128,7 @@ impl Runner<'_> {
             known_gap: step.known_gap,
             sent: ledger.sent.load(std::sync::atomic::Ordering::Relaxed),
             acknowledged: acknowledged.len() as u64,
+            acknowledged_mqtt,
             stored: stored.distinct(),
             lost: stored.missing(&acknowledged),
             duplicated: stored.duplicated(),

@@ -125,6 +125,19 @@ impl Ledger {
 pub struct Targets {
     pub ingest_url: String,
     pub mqtt_port: u16,
+    /// How MQTT devices connect: anonymous with a client id of their own choosing (Mosquitto as the
+    /// chaos run sets it up), or as RabbitMQ's MQTT plugin with the HTTP auth backend demands.
+    pub mqtt_login: MqttLogin,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MqttLogin {
+    /// No user name; client id `<device>-<attempt>`, so a new connection never waits for the
+    /// broker to notice that the old one is gone.
+    Anonymous,
+    /// User name and client id = the device id, password = its token (MQTT 3.1.1); a new
+    /// connection takes the client id over from the old one.
+    DeviceToken,
 }
 
 /// The devices of one step, sending until told to stop.
@@ -170,7 +183,7 @@ impl RunningFleet {
                     ));
                 }
                 Kind::Mqtt => {
-                    tasks.spawn(device.mqtt(targets.mqtt_port));
+                    tasks.spawn(device.mqtt(targets.mqtt_port, targets.mqtt_login));
                 }
             }
         }
@@ -283,7 +296,7 @@ impl Device {
     /// publish (paho's `wait_for_publish`). Any trouble (no PUBACK within 3 s, a broken connection)
     /// drops the connection, and the same message goes again on a new one: the PUBACK that arrives
     /// on a connection is then always for the message in flight on it.
-    async fn mqtt(self, port: u16) {
+    async fn mqtt(self, port: u16, login: MqttLogin) {
         let topic = format!("devices/{}/readings", self.id);
         let mut seq = 0u64;
         let mut connection: Option<(AsyncClient, rumqttc::EventLoop)> = None;
@@ -296,11 +309,17 @@ impl Device {
             loop {
                 let (client, events) = connection.get_or_insert_with(|| {
                     attempt += 1;
-                    let mut options =
-                        MqttOptions::new(format!("{}-{attempt}", self.id), "127.0.0.1", port);
+                    let client_id = match login {
+                        MqttLogin::Anonymous => format!("{}-{attempt}", self.id),
+                        MqttLogin::DeviceToken => self.id.clone(),
+                    };
+                    let mut options = MqttOptions::new(client_id, "127.0.0.1", port);
                     options
                         .set_keep_alive(Duration::from_secs(5))
                         .set_clean_session(true);
+                    if login == MqttLogin::DeviceToken {
+                        options.set_credentials(self.id.clone(), self.token.clone());
+                    }
                     AsyncClient::new(options, 10)
                 });
                 let acked = async {

@@ -1,6 +1,7 @@
-//! The system under test, as processes this run owns: its own PostgreSQL, RabbitMQ node and
-//! Mosquitto (on their own ports and data directories, so the machine's services and whatever else
-//! uses them are not disturbed), and the Sensorhub services on the write path. Each can be killed
+//! The system under test, as processes this run owns: its own PostgreSQL, RabbitMQ node and MQTT
+//! broker (Mosquitto, or the RabbitMQ node's own MQTT plugin; on their own ports and data
+//! directories, so the machine's services and whatever else uses them are not disturbed), and the
+//! Sensorhub services on the write path. Each can be killed
 //! with SIGKILL (the process and every process it started, as a crashed container), stopped with
 //! SIGTERM, and started again on the same data. Dropped, it kills whatever still runs.
 
@@ -52,6 +53,35 @@ impl Component {
     }
 }
 
+/// Which broker the devices publish MQTT to (the services' `MQTT_BROKER`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Broker {
+    /// Mosquitto, anonymous; ingest-mqtt subscribes to it.
+    Mosquitto,
+    /// The RabbitMQ node's MQTT plugin (no Mosquitto): devices log in with their id and token,
+    /// which RabbitMQ's HTTP auth backend asks ingest-http about; the plugin routes into the
+    /// quorum queue ingest-mqtt consumes over AMQP.
+    Rabbitmq,
+}
+
+impl Broker {
+    pub fn name(self) -> &'static str {
+        match self {
+            Broker::Mosquitto => "mosquitto",
+            Broker::Rabbitmq => "rabbitmq",
+        }
+    }
+
+    /// The components this mode runs, in the order they are started.
+    pub fn components(self) -> Vec<Component> {
+        Component::ALL
+            .into_iter()
+            .filter(|c| self == Broker::Mosquitto || *c != Component::Mosquitto)
+            .collect()
+    }
+}
+
 /// Where everything listens: consecutive ports from a base.
 #[derive(Debug, Clone, Copy)]
 pub struct Ports {
@@ -96,6 +126,7 @@ const RABBITMQ_NODE: &str = "sensorhub-chaos@localhost";
 
 pub struct Stack {
     pub ports: Ports,
+    pub broker: Broker,
     /// Data directories and logs.
     dir: PathBuf,
     /// The Sensorhub binaries.
@@ -110,7 +141,12 @@ pub struct Stack {
 impl Stack {
     /// Makes fresh data directories under `dir` (removing an earlier run's): a PostgreSQL cluster,
     /// a RabbitMQ node's, Mosquitto's and a key pair for device tokens.
-    pub fn prepare(dir: &Path, bin_dir: &Path, ports: Ports) -> anyhow::Result<Self> {
+    pub fn prepare(
+        dir: &Path,
+        bin_dir: &Path,
+        ports: Ports,
+        broker: Broker,
+    ) -> anyhow::Result<Self> {
         for port in ports.all() {
             if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
                 bail!(
@@ -126,6 +162,7 @@ impl Stack {
         let root = procs::is_root();
         let stack = Self {
             ports,
+            broker,
             dir: dir.to_owned(),
             binaries,
             pg_bin: postgres_bin_dir()?,
@@ -143,7 +180,9 @@ impl Stack {
         };
         stack.prepare_postgres()?;
         stack.prepare_rabbitmq()?;
-        stack.prepare_mosquitto(root)?;
+        if broker == Broker::Mosquitto {
+            stack.prepare_mosquitto(root)?;
+        }
         auth::generate_key_pair(&stack.keys_dir(), true)?;
         Ok(stack)
     }
@@ -217,15 +256,32 @@ impl Stack {
         let dir = self.rabbitmq_dir();
         fs::create_dir_all(dir.join("mnesia"))?;
         fs::create_dir_all(dir.join("log"))?;
-        // no plugins: the machine's node may have the management plugin on its fixed port
-        fs::write(dir.join("enabled_plugins"), "[].\n")?;
-        fs::write(
-            dir.join("rabbitmq.conf"),
-            format!(
-                "listeners.tcp.local = 127.0.0.1:{}\nloopback_users.guest = true\n",
-                self.ports.amqp
-            ),
-        )?;
+        let mut conf = format!(
+            "listeners.tcp.local = 127.0.0.1:{}\nloopback_users.guest = true\n",
+            self.ports.amqp
+        );
+        match self.broker {
+            // no plugins: the machine's node may have the management plugin on its fixed port
+            Broker::Mosquitto => fs::write(dir.join("enabled_plugins"), "[].\n")?,
+            // as scripts/lib.sh's start_rabbitmq_mqtt: devices log in as ingest-http says
+            Broker::Rabbitmq => {
+                fs::write(
+                    dir.join("enabled_plugins"),
+                    "[rabbitmq_mqtt,rabbitmq_auth_backend_http].\n",
+                )?;
+                let auth = format!("{}/internal/rabbitmq", self.ingest_url());
+                conf.push_str(&format!(
+                    "mqtt.listeners.tcp.default = 127.0.0.1:{}\nmqtt.exchange = {AMQP_PREFIX}.mqtt\n\
+                     mqtt.allow_anonymous = false\nauth_backends.1 = internal\n\
+                     auth_backends.2 = http\nauth_http.http_method = post\n\
+                     auth_http.user_path = {auth}/user\nauth_http.vhost_path = {auth}/vhost\n\
+                     auth_http.resource_path = {auth}/resource\n\
+                     auth_http.topic_path = {auth}/topic\n",
+                    self.ports.mqtt
+                ));
+            }
+        }
+        fs::write(dir.join("rabbitmq.conf"), conf)?;
         chown_tree(&dir, self.rabbitmq_user)
     }
 
@@ -323,6 +379,10 @@ impl Stack {
                     ),
                     // simulated Pis send far more often than real ones
                     ("RATE_LIMIT_PER_SECOND", "0".to_owned()),
+                    (
+                        "RABBITMQ_MQTT_AUTH",
+                        (self.broker == Broker::Rabbitmq).to_string(),
+                    ),
                 ],
             ),
             Component::IngestMqtt => service(
@@ -331,6 +391,7 @@ impl Stack {
                 vec![
                     ("MQTT_URL", format!("mqtt://127.0.0.1:{}", self.ports.mqtt)),
                     ("MQTT_CLIENT_ID", "sensorhub-chaos-ingest-mqtt".to_owned()),
+                    ("MQTT_BROKER", self.broker.name().to_owned()),
                 ],
             ),
         }
@@ -383,6 +444,7 @@ impl Stack {
         let admin_url = self.admin_database_url();
         let ops_url = self.ops_url(component);
         let (amqp, mqtt) = (self.ports.amqp, self.ports.mqtt);
+        let mqtt_plugin = self.broker == Broker::Rabbitmq;
         let process = self
             .running
             .get_mut(&component)
@@ -400,7 +462,12 @@ impl Stack {
                 .await
             }
             Component::Rabbitmq => {
-                service::wait_until(process, deadline, || service::port_open(amqp)).await
+                // with the MQTT plugin, its listener opens after AMQP's
+                service::wait_until(process, deadline, || async move {
+                    service::port_open(amqp).await
+                        && (!mqtt_plugin || service::port_open(mqtt).await)
+                })
+                .await
             }
             Component::Mosquitto => {
                 service::wait_until(process, deadline, || service::port_open(mqtt)).await
