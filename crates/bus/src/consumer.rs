@@ -27,8 +27,12 @@ pub enum ConsumeError {
     DeadLetterNotConfirmed,
 }
 
-/// How often a consumer waiting for deliveries checks that its connection is still there.
+/// How often a consumer waiting for deliveries, or an ack waiting for its answer, checks that its
+/// connection is still there.
 pub const LIVENESS_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The longest a cancel or a close waits for RabbitMQ's answer.
+const CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// A consumer of the readings queue on its own connection, on a channel in confirm mode (dead
 /// letters published on it are confirmed before the original is acknowledged), with at most
@@ -49,7 +53,11 @@ pub struct Delivery {
 }
 
 /// The acknowledgement owed for a delivery. Acknowledge only once what it carried is durable.
-pub struct Ack(Acker);
+pub struct Ack {
+    acker: Acker,
+    /// The channel it came on: once that is gone, the delivery is back on the queue.
+    channel: Channel,
+}
 
 /// Whether the consuming channel is still open: once it is not, every unacknowledged delivery is
 /// back on the queue already, and will be delivered again.
@@ -108,7 +116,7 @@ impl ReadingsConsumer {
         loop {
             tokio::select! {
                 next = self.consumer.next() => return match next {
-                    Some(Ok(delivery)) => Ok(Delivery::from(delivery)),
+                    Some(Ok(delivery)) => Ok(Delivery::new(delivery, &self.channel)),
                     Some(Err(e)) => Err(e.into()),
                     None => Err(ConsumeError::Cancelled),
                 },
@@ -156,7 +164,7 @@ impl ReadingsConsumer {
             Confirmation::Ack(None) => {}
             _ => return Err(ConsumeError::DeadLetterNotConfirmed),
         }
-        delivery.ack.0.ack(BasicAckOptions::default()).await?;
+        delivery.ack.acker.ack(BasicAckOptions::default()).await?;
         Ok(())
     }
 
@@ -164,21 +172,25 @@ impl ReadingsConsumer {
     ///
     /// [`close`]: ReadingsConsumer::close
     pub async fn cancel(&self) {
-        let _ = self
+        let cancel = self
             .channel
-            .basic_cancel(self.consumer.tag(), BasicCancelOptions::default())
-            .await;
+            .basic_cancel(self.consumer.tag(), BasicCancelOptions::default());
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, cancel).await;
     }
 
-    /// Closes the channel (whatever is unacknowledged returns to the queue) and the connection.
+    /// Closes the channel (whatever is unacknowledged returns to the queue) and the connection;
+    /// a connection that does not answer within [`CLOSE_TIMEOUT`] (RabbitMQ gone) is dropped.
     pub async fn close(self) {
-        let _ = self.channel.close(200, "bye".into()).await;
-        let _ = self.connection.close(200, "bye".into()).await;
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+            let _ = self.channel.close(200, "bye".into()).await;
+            let _ = self.connection.close(200, "bye".into()).await;
+        })
+        .await;
     }
 }
 
-impl From<LapinDelivery> for Delivery {
-    fn from(delivery: LapinDelivery) -> Self {
+impl Delivery {
+    fn new(delivery: LapinDelivery, channel: &Channel) -> Self {
         let message_id = delivery
             .properties
             .message_id()
@@ -188,7 +200,10 @@ impl From<LapinDelivery> for Delivery {
         Self {
             body: delivery.data,
             message_id,
-            ack: Ack(delivery.acker),
+            ack: Ack {
+                acker: delivery.acker,
+                channel: channel.clone(),
+            },
         }
     }
 }
@@ -196,10 +211,10 @@ impl From<LapinDelivery> for Delivery {
 impl Delivery {
     /// The readings the message carries, and its acknowledgement; or, for a message that can never
     /// be decoded, why, with the delivery back (to dead-letter it).
-    pub fn into_readings(self) -> Result<(Vec<Reading>, Ack), (MessageError, Delivery)> {
+    pub fn into_readings(self) -> Result<(Vec<Reading>, Ack), (MessageError, Box<Delivery>)> {
         match wire::decode_readings(&self.body) {
             Ok(readings) => Ok((readings, self.ack)),
-            Err(error) => Err((error, self)),
+            Err(error) => Err((error, Box::new(self))),
         }
     }
 
@@ -212,8 +227,23 @@ impl Delivery {
 impl Ack {
     /// `Ok(true)` once acknowledged; `Ok(false)` or an error when the channel closed first (the
     /// message is then delivered again).
+    ///
+    /// Like [`ReadingsConsumer::next`], it looks at the channel every [`LIVENESS_CHECK`] while it
+    /// waits: an ack sent as RabbitMQ was killed was seen to wait for an answer forever, holding the
+    /// persister's writer, and so its session, on a dead connection.
     pub async fn ack(self) -> Result<bool, ConsumeError> {
-        Ok(self.0.ack(BasicAckOptions::default()).await?)
+        let acked = self.acker.ack(BasicAckOptions::default());
+        tokio::pin!(acked);
+        loop {
+            tokio::select! {
+                result = &mut acked => return Ok(result?),
+                _ = tokio::time::sleep(LIVENESS_CHECK) => {
+                    if !self.channel.status().connected() {
+                        return Err(ConsumeError::ConnectionGone);
+                    }
+                }
+            }
+        }
     }
 }
 

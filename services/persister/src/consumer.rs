@@ -199,7 +199,7 @@ impl<'a> Session<'a> {
         };
         tracing::warn!(%error, message.id = %delivery.message_id(), "dead-lettering a message that cannot be stored");
         self.consumer
-            .dead_letter(delivery, &error.to_string())
+            .dead_letter(*delivery, &error.to_string())
             .await
             .map_err(|e| SessionEnd::Lost(format!("cannot dead-letter: {e}")))?;
         self.metrics
