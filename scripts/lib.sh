@@ -107,8 +107,9 @@ start_mosquitto() {
 # change it for everyone, and its MQTT listener would take Mosquitto's port). Devices log in as
 # ingest-http (at $1) says; the plugin publishes to <prefix>.mqtt, which ingest-mqtt declares. Its data
 # stays in .run/rabbitmq-mqtt/ across runs; scripts/down stops it (.run/rabbitmq-mqtt.pgid).
-start_rabbitmq_mqtt() { # ingest-http-base-url amqp-prefix
-  local dir="$RUN_DIR/rabbitmq-mqtt" auth="$1/internal/rabbitmq" node=sensorhub-mqtt@localhost
+start_rabbitmq_mqtt() { # ingest-http-base-url amqp-prefix [name: rabbitmq-mqtt; the benchmark runs its own]
+  local name=${3:-rabbitmq-mqtt}
+  local dir="$RUN_DIR/$name" auth="$1/internal/rabbitmq" node="sensorhub-${name#rabbitmq-}@localhost"
   if port_open 127.0.0.1 "$RABBITMQ_MQTT_AMQP_PORT" && port_open 127.0.0.1 "$RABBITMQ_MQTT_PORT"; then
     return
   fi
@@ -140,8 +141,8 @@ CONF
   (cd / && env RABBITMQ_NODENAME=$node RABBITMQ_NODE_PORT="$RABBITMQ_MQTT_AMQP_PORT" \
     RABBITMQ_DIST_PORT=$((RABBITMQ_MQTT_AMQP_PORT + 20010)) RABBITMQ_MNESIA_BASE="$dir/mnesia" \
     RABBITMQ_LOG_BASE="$dir/log" RABBITMQ_PID_FILE="$dir/pid" RABBITMQ_ENABLED_PLUGINS_FILE="$dir/enabled_plugins" \
-    RABBITMQ_CONFIG_FILE="$dir/rabbitmq.conf" setsid sh -c 'echo $$ >"$0"; exec "$@"' "$RUN_DIR/rabbitmq-mqtt.pgid" \
-    "${run[@]}" /usr/lib/rabbitmq/bin/rabbitmq-server >"$RUN_DIR/rabbitmq-mqtt.log" 2>&1 </dev/null &)
+    RABBITMQ_CONFIG_FILE="$dir/rabbitmq.conf" setsid sh -c 'echo $$ >"$0"; exec "$@"' "$RUN_DIR/$name.pgid" \
+    "${run[@]}" /usr/lib/rabbitmq/bin/rabbitmq-server >"$RUN_DIR/$name.log" 2>&1 </dev/null &)
   # a session and process group of its own (setsid, which forks when it must: the group's id is
   # what the new session's first process says): scripts/down stops the script and the Erlang VM together
   wait_port 127.0.0.1 "$RABBITMQ_MQTT_AMQP_PORT" "RabbitMQ (MQTT mode)" 120

@@ -473,7 +473,10 @@ impl Bench {
         if sides.is_empty() {
             return Ok(());
         }
-        let label = format!("MQTT QoS 1, {} devices", self.args.mqtt_devices);
+        let label = format!(
+            "MQTT QoS 1 ({}), {} devices",
+            self.args.mqtt_broker, self.args.mqtt_devices
+        );
         let peaks: Vec<_> = sides
             .iter()
             .map(|s| PeakWindow::start(&s.watched))
@@ -508,6 +511,19 @@ impl Bench {
                     inflight: self.args.mqtt_inflight,
                     run_tag: self.tag("m"),
                     timeout: Duration::from_secs_f64(self.args.drain_timeout_secs),
+                    logins: match side.kind {
+                        SideKind::Sensorhub if self.args.mqtt_device_logins => {
+                            let tokens = side.tokens.clone().context(
+                                "--mqtt-device-logins needs the fleet's tokens (--keys-dir)",
+                            )?;
+                            anyhow::ensure!(
+                                self.args.mqtt_devices <= tokens.len(),
+                                "--mqtt-device-logins: --mqtt-devices must be at most --fleet (one login per device)"
+                            );
+                            Some(tokens)
+                        }
+                        _ => None,
+                    },
                 };
                 let started = Instant::now();
                 let outcome = mqtt::run(plan, counter).await;
@@ -816,7 +832,8 @@ impl Bench {
         );
 
         let w = format!(
-            "MQTT QoS 1, {} devices, bursts of {} (seed: {})",
+            "MQTT QoS 1 ({}), {} devices, bursts of {} (seed: {})",
+            self.args.mqtt_broker,
             self.args.mqtt_devices,
             crate::report::thousands(self.args.mqtt_messages as f64),
             crate::report::thousands(

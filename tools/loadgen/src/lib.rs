@@ -60,6 +60,13 @@ pub struct Args {
         default_value = "mqtt://127.0.0.1:1883"
     )]
     pub mqtt_url: String,
+    /// The MQTT broker's name in the figures (`mosquitto`, `rabbitmq`).
+    #[arg(long, default_value = "mosquitto")]
+    pub mqtt_broker: String,
+    /// Sensorhub's MQTT devices log in as in broker mode `rabbitmq`: user name and client id their
+    /// device id, password their token (needs --keys-dir, and --mqtt-devices at most --fleet).
+    #[arg(long)]
+    pub mqtt_device_logins: bool,
     /// The seed design's HTTP address (POST /data); unset: Sensorhub alone, no ratios.
     #[arg(long, env = "LOADGEN_PEER_URL")]
     pub peer_url: Option<String>,

@@ -62,6 +62,9 @@ pub struct Plan {
     pub run_tag: String,
     /// Publishing gives up this long after the start.
     pub timeout: Duration,
+    /// Device tokens by fleet index: each device then logs in as in broker mode `rabbitmq` (user
+    /// name and client id its device id, password its token). None: anonymous, a client id per run.
+    pub logins: Option<Arc<Vec<String>>>,
 }
 
 #[derive(Default)]
@@ -129,8 +132,15 @@ async fn device(
         last_ack: None,
     };
     let device_id = device_name(index);
-    let client_id = format!("{}-{index}", plan.run_tag);
+    let token = plan.logins.as_ref().and_then(|tokens| tokens.get(index));
+    let client_id = match token {
+        Some(_) => device_id.clone(),
+        None => format!("{}-{index}", plan.run_tag),
+    };
     let mut options = MqttOptions::new(client_id, plan.broker.host.clone(), plan.broker.port);
+    if let Some(token) = token {
+        options.set_credentials(device_id.clone(), token.clone());
+    }
     options
         .set_keep_alive(Duration::from_secs(30))
         .set_clean_session(true)
