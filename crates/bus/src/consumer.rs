@@ -179,7 +179,7 @@ impl ReadingsConsumer {
     }
 
     /// Closes the channel (whatever is unacknowledged returns to the queue) and the connection;
-    /// a connection that does not answer within [`CLOSE_TIMEOUT`] (RabbitMQ gone) is dropped.
+    /// a connection that does not answer within `CLOSE_TIMEOUT` (RabbitMQ gone) is dropped.
     pub async fn close(self) {
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
             let _ = self.channel.close(200, "bye".into()).await;
