@@ -305,11 +305,11 @@ fn claim_identities(
     if candidates.is_empty() {
         return Ok(());
     }
-    let column = |f: &dyn Fn(&Reading) -> String| -> Vec<String> {
-        candidates.iter().map(|&i| f(&batch[i])).collect()
-    };
-    let devices = column(&|r| r.device_id.as_str().to_owned());
-    let ids = column(&|r| r.id.as_str().to_owned());
+    let devices: Vec<&str> = candidates
+        .iter()
+        .map(|&i| batch[i].device_id.as_str())
+        .collect();
+    let ids: Vec<&str> = candidates.iter().map(|&i| batch[i].id.as_str()).collect();
     let times: Vec<DateTime<Utc>> = candidates.iter().map(|&i| batch[i].ts).collect();
     let assigned: Vec<bool> = candidates
         .iter()
