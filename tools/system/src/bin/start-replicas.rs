@@ -53,13 +53,24 @@ struct Args {
     /// How long the replicas may take to be ready.
     #[arg(long, default_value_t = 60)]
     ready_secs: u64,
+    /// A setting for every replica, as `NAME=value` (repeatable), e.g. the benchmark's
+    /// `RATE_LIMIT_PER_SECOND=0`; it wins over what this program sets itself.
+    #[arg(long = "env", value_name = "NAME=value", value_parser = parse_setting)]
+    settings: Vec<(String, String)>,
+}
+
+fn parse_setting(arg: &str) -> Result<(String, String), String> {
+    match arg.split_once('=') {
+        Some((name, value)) if !name.is_empty() => Ok((name.to_owned(), value.to_owned())),
+        _ => Err(format!("`{arg}` is not NAME=value")),
+    }
 }
 
 struct Replica {
     label: String,
     binary: &'static str,
     port: u16,
-    env: Vec<(&'static str, String)>,
+    env: Vec<(String, String)>,
 }
 
 fn replicas(args: &Args) -> anyhow::Result<Vec<Replica>> {
@@ -71,17 +82,22 @@ fn replicas(args: &Args) -> anyhow::Result<Vec<Replica>> {
         "AUTH_PUBLIC_KEY_FILE",
     ] {
         let value = std::env::var(var).with_context(|| format!("{var} is not set"))?;
-        shared.push((var, value));
+        shared.push((var.to_owned(), value));
     }
     // how they log, when the caller says
     for var in ["LOG_FORMAT", "RUST_LOG"] {
         if let Ok(value) = std::env::var(var) {
-            shared.push((var, value));
+            shared.push((var.to_owned(), value));
         }
     }
     let with = |extra: Vec<(&'static str, String)>| {
         let mut env = shared.clone();
-        env.extend(extra);
+        env.extend(
+            extra
+                .into_iter()
+                .map(|(name, value)| (name.to_owned(), value)),
+        );
+        env.extend(args.settings.iter().cloned());
         env
     };
     let mut all = Vec::new();
@@ -139,7 +155,12 @@ async fn main() -> anyhow::Result<()> {
     for replica in replicas(&args)? {
         let log = args.run_dir.join(format!("{}.log", replica.label));
         let _ = std::fs::remove_file(&log);
-        let command = service::command(binaries.get(replica.binary)?, replica.port, &replica.env);
+        let env: Vec<(&str, String)> = replica
+            .env
+            .iter()
+            .map(|(name, value)| (name.as_str(), value.clone()))
+            .collect();
+        let command = service::command(binaries.get(replica.binary)?, replica.port, &env);
         let process = Process::start(&replica.label, command, &log)?;
         if let Some(pid) = process.pid() {
             std::fs::write(
