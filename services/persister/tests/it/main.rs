@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bus::lapin::BasicProperties;
 use bus::lapin::options::{BasicGetOptions, BasicPublishOptions};
-use bus::{Publisher, PublisherMetrics, PublisherSettings, Topology};
+use bus::{Publisher, Topology};
 use models::Reading;
 use persister::{Persister, Settings};
 use testkit::spawn;
@@ -53,25 +53,12 @@ impl Fixture {
     }
 
     async fn publisher(&self) -> Publisher {
-        let p = Publisher::start(
-            testkit::amqp_url(),
-            self.topology.clone(),
-            PublisherSettings {
-                publish_linger_ms: 1,
-                publish_max_batch_readings: 2000,
-                publish_max_in_flight: 16,
-                publish_queue_capacity: 8192,
-                publish_confirm_timeout_ms: 10_000,
-                reconnect_max_backoff_ms: 5_000,
-            },
-            PublisherMetrics::unregistered(),
-            "persister-test".into(),
-        );
-        assert!(
-            p.wait_connected(Duration::from_secs(10)).await,
-            "RabbitMQ is running"
-        );
-        p
+        testkit::connected_publisher(
+            &self.topology,
+            testkit::publisher_settings(),
+            "persister-test",
+        )
+        .await
     }
 
     fn stored(&self) -> i64 {
@@ -141,15 +128,7 @@ async fn readings_are_stored_exactly_and_an_undecodable_message_is_dead_lettered
         .unwrap();
 
     f.wait_stored(5).await;
-    let page = store::read::readings_page(
-        &mut f.db.connect(),
-        &store::read::ReadingsQuery {
-            device_id: "raspi-01".into(),
-            limit: 10,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let page = testkit::stored_readings(&f.db.url, "raspi-01", 10);
     assert_eq!(page.len(), 3);
     assert_eq!(page[0].reading_id, "a-2");
     assert_eq!(page[0].metrics, serde_json::json!({"h": -2.0, "t": 2.25}));
@@ -194,11 +173,9 @@ async fn a_reading_delivered_twice_is_stored_once() {
     publisher.publish(batch[10..20].to_vec()).await.unwrap();
     publisher.publish(batch).await.unwrap();
     f.wait_stored(50).await;
-    let text = eventually(WAIT, "duplicates counted", || async {
-        let text = running.metrics().await;
-        (testkit::metric(&text, "readings_duplicate_total") >= 60.0).then_some(text)
-    })
-    .await;
+    let text = running
+        .metrics_reaching("readings_duplicate_total", 60.0, WAIT)
+        .await;
     assert_eq!(testkit::metric(&text, "readings_duplicate_total"), 60.0);
     running.stop().await;
     publisher.close().await;
@@ -234,11 +211,9 @@ async fn a_reading_queued_again_with_another_time_is_stored_once_and_a_conflict_
         .publish(untimed("raspi-01", "r-1", 21.0, later))
         .await
         .unwrap();
-    let text = eventually(WAIT, "the repeat and the conflict counted", || async {
-        let text = running.metrics().await;
-        (testkit::metric(&text, "readings_conflicting_total") >= 1.0).then_some(text)
-    })
-    .await;
+    let text = running
+        .metrics_reaching("readings_conflicting_total", 1.0, WAIT)
+        .await;
     assert_eq!(testkit::metric(&text, "readings_stored_total"), 1.0);
     assert_eq!(testkit::metric(&text, "readings_duplicate_total"), 1.0);
     assert_eq!(testkit::metric(&text, "readings_conflicting_total"), 1.0);
