@@ -538,6 +538,14 @@ impl Drop for TestKeys {
     }
 }
 
+/// Waits until `table` holds at least `at_least` rows.
+pub async fn wait_for_rows(url: &str, table: &str, at_least: i64, timeout: Duration) {
+    eventually(timeout, &format!("{at_least} rows in {table}"), || async {
+        (count_rows(url, table) >= at_least).then_some(())
+    })
+    .await;
+}
+
 /// How long [`wait_for_exactly`] waits, once the count is reached, for a row stored twice to show
 /// up too: no event marks "nothing more will come", so proving it takes a wait, longer than the
 /// test persister's batch linger and a message's way through RabbitMQ.
@@ -546,10 +554,7 @@ pub const SETTLE: Duration = Duration::from_millis(300);
 /// Waits until `table` holds `expected` rows, then [`SETTLE`] more, and asserts that no more came:
 /// "all of them, and only once".
 pub async fn wait_for_exactly(url: &str, table: &str, expected: i64, timeout: Duration) {
-    eventually(timeout, &format!("{expected} rows in {table}"), || async {
-        (count_rows(url, table) >= expected).then_some(())
-    })
-    .await;
+    wait_for_rows(url, table, expected, timeout).await;
     tokio::time::sleep(SETTLE).await;
     assert_eq!(count_rows(url, table), expected, "rows in {table}");
 }

@@ -472,10 +472,7 @@ impl Topology {
     /// each once, none missing, nothing else.
     pub async fn assert_stored_exactly(&self, acknowledged: &HashSet<(String, String)>) {
         let n = acknowledged.len() as i64;
-        testkit::eventually(WAIT, &format!("{n} readings stored"), || async {
-            (self.stored_count() >= n).then_some(())
-        })
-        .await;
+        testkit::wait_for_rows(&self.db.url, "readings", n, WAIT).await;
         tokio::time::sleep(SETTLE).await;
         let stored = self.stored();
         let distinct: HashSet<_> = stored.iter().cloned().collect();

@@ -184,6 +184,14 @@ fn publish_at_once(
         .collect()
 }
 
+/// Waits for publishes running on tasks of their own (as [`publish_at_once`] starts them): the
+/// broker must have acknowledged all `n` messages of each.
+async fn all_acknowledged(sends: Vec<tokio::task::JoinHandle<usize>>, n: usize) {
+    for send in sends {
+        assert_eq!(send.await.unwrap(), n, "every publish acknowledged");
+    }
+}
+
 /// How many messages of `kind` ingest-mqtt refused as invalid.
 async fn invalid(ingest: &Running, kind: &str) -> f64 {
     ingest
@@ -270,9 +278,7 @@ async fn ten_thousand_messages_from_ten_devices_are_all_stored_once() {
         (0..10).map(|d| (stack.device(&format!("pi{d}")), format!("pi-{d}"))),
         1000,
     );
-    for send in sends {
-        assert_eq!(send.await.unwrap(), 1000);
-    }
+    all_acknowledged(sends, 1000).await;
     stack.wait_stored(10_000).await;
     for d in 0..10 {
         let ids: HashSet<String> = stack.stored_ids(&format!("pi-{d}")).into_iter().collect();
@@ -330,21 +336,12 @@ async fn a_killed_ingest_resumes_its_session_and_stores_everything_once() {
             })
         })
         .collect();
-    eventually(WAIT, "part of the stream stored", || async {
-        (stack.stored() >= 600).then_some(())
-    })
-    .await;
+    testkit::wait_for_rows(&stack.db.url, "readings", 600, WAIT).await;
     first.kill(); // SIGKILL: messages in flight are neither confirmed nor acknowledged
     let at_kill = stack.stored();
     tokio::time::sleep(KILLED_FOR).await;
     let mut second = spawn();
-    for device in devices {
-        assert_eq!(
-            device.await.unwrap(),
-            1000,
-            "Mosquitto acknowledged every publish"
-        );
-    }
+    all_acknowledged(devices, 1000).await;
     stack.wait_stored(3001).await;
     for d in 0..3 {
         assert_eq!(stack.stored_ids(&format!("k-{d}")).len(), 1000);
@@ -394,9 +391,7 @@ async fn two_instances_share_the_load_and_nothing_is_stored_twice() {
         (0..4).map(|d| (stack.device(&format!("s{d}")), format!("s-{d}"))),
         500,
     );
-    for send in sends {
-        assert_eq!(send.await.unwrap(), 500);
-    }
+    all_acknowledged(sends, 500).await;
     stack.wait_stored(2000).await;
     let (ra, rb) = (
         a.metric("mqtt_messages_received_total").await,

@@ -12,7 +12,9 @@ use testkit::{TestDb, count_rows, eventually};
 
 use testkit::spawn::Running;
 
-use crate::{WAIT, device_messages, invalid, publish_at_once, publish_until_acknowledged};
+use crate::{
+    WAIT, all_acknowledged, device_messages, invalid, publish_at_once, publish_until_acknowledged,
+};
 
 pub struct DurableStack {
     pub db: TestDb,
@@ -208,9 +210,7 @@ async fn two_consumers_forward_every_acknowledged_message_exactly_once_and_nothi
         (0..4).map(|d| (stack.device(&format!("r{d}")), format!("r.{d}"))),
         500,
     );
-    for send in sends {
-        assert_eq!(send.await.unwrap(), 500, "every publish acknowledged");
-    }
+    all_acknowledged(sends, 500).await;
     stack.wait_stored(2000).await;
     for d in 0..4 {
         assert_eq!(stack.stored_ids(&format!("r.{d}")).len(), 500);
@@ -466,10 +466,7 @@ async fn a_broker_killed_under_load_loses_nothing_it_acknowledged() {
         (0..3).map(|d| (stack.device(&format!("kill{d}")), format!("kill-{d}"))),
         PER_DEVICE,
     );
-    eventually(WAIT, "part of the stream stored", || async {
-        (stack.stored() >= 2000).then_some(())
-    })
-    .await;
+    testkit::wait_for_rows(&stack.db.url, "readings", 2000, WAIT).await;
     stack.node.kill(); // SIGKILL, the Erlang VM and all
     let mut acked = Vec::new();
     for device in devices {
@@ -538,20 +535,11 @@ async fn a_killed_consumer_leaves_its_messages_to_the_next_and_everything_is_sto
         (0..3).map(|d| (stack.device(&format!("c{d}")), format!("c-{d}"))),
         1000,
     );
-    eventually(WAIT, "part of the stream stored", || async {
-        (stack.stored() >= 600).then_some(())
-    })
-    .await;
+    testkit::wait_for_rows(&stack.db.url, "readings", 600, WAIT).await;
     first.0.kill().unwrap(); // SIGKILL: what it had in hand is neither confirmed nor acked
     first.0.wait().unwrap();
     let at_kill = stack.stored();
-    for device in devices {
-        assert_eq!(
-            device.await.unwrap(),
-            1000,
-            "RabbitMQ acknowledged every publish"
-        );
-    }
+    all_acknowledged(devices, 1000).await;
     let _second = spawn();
     stack.wait_stored(3000).await;
     for d in 0..3 {

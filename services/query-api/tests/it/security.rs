@@ -6,7 +6,7 @@ use auth::{Claims, Role};
 use reqwest::Method;
 use serde_json::{Value, json};
 
-use crate::{api_with_data, start};
+use crate::{api_with_data, start, start_empty};
 
 impl crate::Api {
     pub(crate) async fn call(
@@ -138,8 +138,7 @@ async fn reading_without_a_good_token_is_refused_on_every_route() {
 
 #[tokio::test]
 async fn admins_register_and_revoke_devices_readers_cannot() {
-    let db = testkit::TestDb::migrated();
-    let api = start(db, |_| {}).await;
+    let api = start_empty(|_| {}).await;
     let admin = api.keys.app_token(Role::Admin);
     let reader = api.reader.clone();
 
@@ -199,8 +198,7 @@ async fn with_the_signing_key_an_admin_gets_a_working_device_token() {
 
 #[tokio::test]
 async fn a_token_flooding_the_api_gets_429() {
-    let db = testkit::TestDb::migrated();
-    let api = start(db, |s| {
+    let api = start_empty(|s| {
         s.rate_limit_per_second = 2;
         s.rate_limit_burst = 5;
     })
@@ -233,11 +231,8 @@ async fn a_token_flooding_the_api_gets_429() {
 
 #[tokio::test]
 async fn browsers_from_allowed_origins_only() {
-    let db = testkit::TestDb::migrated();
-    let api = start(db, |s| {
-        s.cors_allowed_origins = "https://dashboard.example.com".into()
-    })
-    .await;
+    let api =
+        start_empty(|s| s.cors_allowed_origins = "https://dashboard.example.com".into()).await;
     let preflight = |origin: &'static str| {
         api.client
             .request(Method::OPTIONS, format!("{}/v1/devices", api.url))
@@ -369,8 +364,7 @@ async fn a_wrong_method_is_405_with_allow_and_metrics_stay_bounded() {
 /// 429 before any check, even with a good token, while other addresses are served.
 #[tokio::test]
 async fn a_client_that_keeps_being_refused_is_slowed_down() {
-    let db = testkit::TestDb::migrated();
-    let api = start(db, |s| {
+    let api = start_empty(|s| {
         s.refusal_limit_per_second = 1;
         s.refusal_limit_burst = 5;
     })
@@ -404,7 +398,7 @@ async fn a_client_that_keeps_being_refused_is_slowed_down() {
 async fn with_mqtt(admin_url: String) -> (crate::Api, String) {
     let keys = testkit::TestKeys::new();
     let (public, private) = (keys.verifying_key_file(), keys.signing_key_file());
-    let api = start(testkit::TestDb::migrated(), |s| {
+    let api = start_empty(|s| {
         s.auth_public_key_file = public;
         s.auth_signing_key_file = private;
         s.mqtt_admin_url = admin_url;

@@ -8,7 +8,7 @@ use auth::{Claims, Role};
 use reqwest::Method;
 use serde_json::Value;
 
-use crate::start;
+use crate::{start, start_empty};
 
 /// How soon a revoked token must be refused, well within the scheduled re-read.
 const REFUSED_WITHIN: Duration = Duration::from_secs(1);
@@ -19,9 +19,8 @@ fn now() -> i64 {
 
 #[tokio::test]
 async fn a_revoked_app_token_is_refused_at_once() {
-    let db = testkit::TestDb::migrated();
     // scheduled re-reads a minute apart: only the change notification can make this pass
-    let api = start(db, |s| s.auth_refresh_ms = 60_000).await;
+    let api = start_empty(|s| s.auth_refresh_ms = 60_000).await;
     let admin = api.keys.app_token(Role::Admin);
     let reader_id = api.token_id(&api.reader);
     assert_eq!(api.get("/v1/devices").await.0, 200);
@@ -71,8 +70,7 @@ async fn a_revoked_app_token_is_refused_at_once() {
 
 #[tokio::test]
 async fn admins_list_tokens_readers_cannot() {
-    let db = testkit::TestDb::migrated();
-    let api = start(db, |_| {}).await;
+    let api = start_empty(|_| {}).await;
     let admin = api.keys.app_token(Role::Admin);
     let (status, _, body) = api
         .call(Method::GET, "/v1/tokens", Some(&api.reader), None)
@@ -121,8 +119,7 @@ async fn admins_list_tokens_readers_cannot() {
 
 #[tokio::test]
 async fn unrecorded_unexpiring_and_overlong_app_tokens_are_refused() {
-    let db = testkit::TestDb::migrated();
-    let api = start(db, |s| s.app_token_max_ttl_secs = 7 * 86_400).await;
+    let api = start_empty(|s| s.app_token_max_ttl_secs = 7 * 86_400).await;
     let keys = &api.keys;
 
     // signed with the right key, but never recorded (not issued by `sensorctl token issue`)
