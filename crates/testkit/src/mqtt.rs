@@ -262,21 +262,6 @@ impl Device {
         acked
     }
 
-    /// Publishes `message` `times` times, 100 ms apart, on a task of its own (giving up after
-    /// 8 s): a device connected and publishing while the test does something to it, such as
-    /// revoke it. The task answers how many the broker acknowledged.
-    pub fn publish_slowly(
-        self,
-        message: (String, Vec<u8>),
-        times: usize,
-    ) -> tokio::task::JoinHandle<usize> {
-        tokio::spawn(async move {
-            let messages = vec![message; times];
-            self.publish_all(messages, Duration::from_millis(100), Duration::from_secs(8))
-                .await
-        })
-    }
-
     /// Subscribes to `filter` at QoS 1 and collects what arrives for `listen`: (topic, payload).
     /// Returns `None` when the subscription is refused.
     pub async fn subscribe_and_collect(
@@ -325,6 +310,21 @@ impl Device {
             granted: None,
             got: Vec::new(),
         }
+    }
+
+    /// Publishes `message` `times` times, 100 ms apart, on a task of its own (giving up after
+    /// 8 s): a device connected and publishing while the test does something to it, such as
+    /// revoke it. The task answers how many the broker acknowledged.
+    pub fn publish_slowly(
+        self,
+        message: (String, Vec<u8>),
+        times: usize,
+    ) -> tokio::task::JoinHandle<usize> {
+        tokio::spawn(async move {
+            let messages = vec![message; times];
+            self.publish_all(messages, Duration::from_millis(100), Duration::from_secs(8))
+                .await
+        })
     }
 }
 
