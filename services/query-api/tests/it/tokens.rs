@@ -61,7 +61,7 @@ async fn a_revoked_app_token_is_refused_at_once() {
     assert_eq!(status, 404);
     let long = "x".repeat(65);
     for bad in [long.as_str(), "a%20b", "a.b"] {
-        let (status, _, body) = api.revoke_token(&admin, &bad).await;
+        let (status, _, body) = api.revoke_token(&admin, bad).await;
         assert_eq!((status, body["field"].as_str()), (400, Some("id")), "{bad}");
     }
     // the admin's own token is untouched
