@@ -269,7 +269,7 @@ pub fn stored_readings(url: &str, device: &str, limit: i64) -> Vec<store::read::
 /// whole response. HTTP clients normalise paths (dot segments, case of escapes); an attacker's
 /// requests are not normalised, so tests of how a service reads paths speak HTTP by hand.
 pub async fn raw_http(addr: &str, head: &str, body: &str) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let mut stream = tokio::net::TcpStream::connect(addr)
         .await
         .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
@@ -281,18 +281,30 @@ pub async fn raw_http(addr: &str, head: &str, body: &str) -> (u16, String) {
         .write_all(request.as_bytes())
         .await
         .expect("send request");
-    let mut answer = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer))
-        .await
-        .unwrap_or_else(|_| panic!("no answer to {head:?} within 10 s"))
-        .expect("read answer");
-    let text = String::from_utf8_lossy(&answer).into_owned();
+    let what = format!("the answer to {head:?}");
+    let text = read_until_closed(&mut stream, Duration::from_secs(10), &what).await;
     let status = text
         .split(' ')
         .nth(1)
         .and_then(|code| code.parse().ok())
         .unwrap_or_else(|| panic!("not an HTTP answer to {head:?}: {text:?}"));
     (status, text)
+}
+
+/// What arrives on `stream` until the other side closes it, as text; the test fails, naming
+/// `what`, unless it is closed within `within`.
+pub async fn read_until_closed(
+    stream: &mut (impl tokio::io::AsyncRead + Unpin),
+    within: Duration,
+    what: &str,
+) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut answer = Vec::new();
+    tokio::time::timeout(within, stream.read_to_end(&mut answer))
+        .await
+        .unwrap_or_else(|_| panic!("{what}: not closed within {within:?}"))
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    String::from_utf8_lossy(&answer).into_owned()
 }
 
 /// Request targets that spell `path` as a router may read it, or nearly: percent-encoded letters and digits

@@ -204,12 +204,7 @@ async fn slow_clients_cannot_hold_a_connection() {
         "POST /data HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"device_id\""
     );
     slow.write_all(head.as_bytes()).await.unwrap();
-    let mut answer = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut answer))
-        .await
-        .expect("answered and closed")
-        .unwrap();
-    let text = String::from_utf8_lossy(&answer);
+    let text = testkit::read_until_closed(&mut slow, Duration::from_secs(5), "the answer").await;
     assert!(text.starts_with("HTTP/1.1 408"), "{text}");
     ingest.stop().await;
 }

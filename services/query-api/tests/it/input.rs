@@ -7,7 +7,7 @@ use auth::Role;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 use crate::{api_with_data, reading, start, start_empty, t0};
 
@@ -202,12 +202,7 @@ async fn a_request_body_sent_slowly_is_cut_off() {
         }
     });
     let started = Instant::now();
-    let mut answer = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), reader.read_to_end(&mut answer))
-        .await
-        .expect("answered and closed within the timeout")
-        .unwrap();
-    let text = String::from_utf8_lossy(&answer);
+    let text = testkit::read_until_closed(&mut reader, Duration::from_secs(5), "the answer").await;
     assert!(text.starts_with("HTTP/1.1 408"), "{text}");
     assert!(text.contains("\"error\":\"timeout\""), "{text}");
     assert!(
