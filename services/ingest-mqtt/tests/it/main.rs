@@ -192,6 +192,20 @@ async fn all_acknowledged(sends: Vec<tokio::task::JoinHandle<usize>>, n: usize) 
     }
 }
 
+/// Each `(device, id)` publishes `n` [`device_messages`] of `id`, all at once; waits until the
+/// broker has acknowledged every one and exactly as many readings are in the database at
+/// `database_url`.
+async fn publish_all_stored(
+    devices: impl IntoIterator<Item = (Device, String)>,
+    n: usize,
+    database_url: &str,
+) {
+    let sends = publish_at_once(devices, n);
+    let total = sends.len() * n;
+    all_acknowledged(sends, n).await;
+    testkit::wait_for_exactly(database_url, "readings", total as i64, WAIT).await;
+}
+
 /// How many messages of `kind` ingest-mqtt refused as invalid.
 async fn invalid(ingest: &Running, kind: &str) -> f64 {
     ingest
@@ -274,12 +288,8 @@ async fn ten_thousand_messages_from_ten_devices_are_all_stored_once() {
     let stack = Stack::new();
     let _persister = stack.persister().await;
     let ingest = stack.ingest(&stack.settings("ingest-load")).await;
-    let sends = publish_at_once(
-        (0..10).map(|d| (stack.device(&format!("pi{d}")), format!("pi-{d}"))),
-        1000,
-    );
-    all_acknowledged(sends, 1000).await;
-    stack.wait_stored(10_000).await;
+    let devices = (0..10).map(|d| (stack.device(&format!("pi{d}")), format!("pi-{d}")));
+    publish_all_stored(devices, 1000, &stack.db.url).await;
     for d in 0..10 {
         let ids: HashSet<String> = stack.stored_ids(&format!("pi-{d}")).into_iter().collect();
         assert_eq!(ids.len(), 1000);
@@ -387,12 +397,8 @@ async fn two_instances_share_the_load_and_nothing_is_stored_twice() {
     let _persister = stack.persister().await;
     let a = stack.ingest(&stack.settings("ingest-share-a")).await;
     let b = stack.ingest(&stack.settings("ingest-share-b")).await;
-    let sends = publish_at_once(
-        (0..4).map(|d| (stack.device(&format!("s{d}")), format!("s-{d}"))),
-        500,
-    );
-    all_acknowledged(sends, 500).await;
-    stack.wait_stored(2000).await;
+    let devices = (0..4).map(|d| (stack.device(&format!("s{d}")), format!("s-{d}")));
+    publish_all_stored(devices, 500, &stack.db.url).await;
     let (ra, rb) = (
         a.metric("mqtt_messages_received_total").await,
         b.metric("mqtt_messages_received_total").await,

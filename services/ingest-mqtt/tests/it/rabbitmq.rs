@@ -13,7 +13,8 @@ use testkit::{TestDb, count_rows, eventually};
 use testkit::spawn::Running;
 
 use crate::{
-    WAIT, all_acknowledged, device_messages, invalid, publish_at_once, publish_until_acknowledged,
+    WAIT, all_acknowledged, device_messages, invalid, publish_all_stored, publish_at_once,
+    publish_until_acknowledged,
 };
 
 pub struct DurableStack {
@@ -206,12 +207,8 @@ async fn two_consumers_forward_every_acknowledged_message_exactly_once_and_nothi
     let a = stack.ingest(&stack.settings("ingest-durable-a")).await;
     let b = stack.ingest(&stack.settings("ingest-durable-b")).await;
     // one device id with a dot: the plugin turns `/` into `.`, the id keeps its own
-    let sends = publish_at_once(
-        (0..4).map(|d| (stack.device(&format!("r{d}")), format!("r.{d}"))),
-        500,
-    );
-    all_acknowledged(sends, 500).await;
-    stack.wait_stored(2000).await;
+    let devices = (0..4).map(|d| (stack.device(&format!("r{d}")), format!("r.{d}")));
+    publish_all_stored(devices, 500, &stack.db.url).await;
     for d in 0..4 {
         assert_eq!(stack.stored_ids(&format!("r.{d}")).len(), 500);
     }

@@ -253,7 +253,10 @@ async fn a_database_outage_is_waited_out_and_nothing_is_lost() {
         (running.readyz().await == 503).then_some(())
     })
     .await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // the outage lasts until the persister has tried to write and failed
+    running
+        .metrics_reaching("write_failures_total", 1.0, WAIT)
+        .await;
 
     testkit::execute(
         &mut admin,

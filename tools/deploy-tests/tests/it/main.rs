@@ -630,10 +630,11 @@ async fn behind_traefik_the_audit_trail_has_the_real_client_address() {
     // Traefik and the services are on 127.0.0.1: the device connects from 127.0.0.2
     let pi: IpAddr = [127, 0, 0, 2].into();
     let client = t.https_from(Some(pi));
+    let readings = t.url("/v1/readings");
 
     // accepted, though the device claims to be elsewhere
     let r = client
-        .post(t.url("/v1/readings"))
+        .post(&readings)
         .bearer_auth(token)
         .header("x-forwarded-for", "203.0.113.66")
         .json(&reading("audit-pi", 0, base))
@@ -651,16 +652,8 @@ async fn behind_traefik_the_audit_trail_has_the_real_client_address() {
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
     assert!(r.headers().contains_key("www-authenticate"));
     // another device's reading with this device's token: 403
-    assert_eq!(
-        post_reading(
-            &client,
-            &t.url("/v1/readings"),
-            token,
-            &reading("someone-else", 0, base)
-        )
-        .await,
-        StatusCode::FORBIDDEN
-    );
+    let status = post_reading(&client, &readings, token, &reading("someone-else", 0, base)).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
     // straight to the replica, around Traefik, from 127.0.0.3: not a trusted proxy, so the
     // X-Forwarded-For it sends is not believed
     let direct = reqwest::Client::builder()
@@ -754,7 +747,7 @@ async fn behind_traefik_the_audit_trail_has_the_real_client_address() {
     // a body that is no reading: 400 while the token still passes, so nothing is stored meanwhile)
     testkit::eventually(WAIT, "the revoked token refused", || async {
         let r = client
-            .post(t.url("/v1/readings"))
+            .post(&readings)
             .bearer_auth(token)
             .json(&json!({}))
             .send()
@@ -763,16 +756,8 @@ async fn behind_traefik_the_audit_trail_has_the_real_client_address() {
         (r.status() == StatusCode::UNAUTHORIZED).then_some(())
     })
     .await;
-    assert_eq!(
-        post_reading(
-            &client,
-            &t.url("/v1/readings"),
-            token,
-            &reading("audit-pi", 2, base)
-        )
-        .await,
-        StatusCode::UNAUTHORIZED
-    );
+    let status = post_reading(&client, &readings, token, &reading("audit-pi", 2, base)).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
     let acknowledged: Acknowledged = [0, 1]
         .iter()
         .map(|&i| key(&reading("audit-pi", i, base)))
