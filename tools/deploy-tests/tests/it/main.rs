@@ -33,21 +33,20 @@ async fn topology_with_device(device: &str) -> (Topology, String) {
     (t, token)
 }
 
-/// The status of one POST of `body` to `url` with `token`.
+/// One POST of `body` to `url` with `token`: its status, or why it got none.
 async fn post_reading(
     client: &reqwest::Client,
     url: &str,
     token: &str,
     body: &serde_json::Value,
-) -> StatusCode {
-    client
+) -> reqwest::Result<StatusCode> {
+    let response = client
         .post(url)
         .bearer_auth(token)
         .json(body)
         .send()
-        .await
-        .unwrap()
-        .status()
+        .await?;
+    Ok(response.status())
 }
 
 /// Three ingest-http and two persisters behind Traefik, with `ingest_mqtt` ingest-mqtt, and
@@ -104,8 +103,8 @@ async fn send_until_acknowledged(
 ) -> Sent {
     let mut failed_attempts = 0;
     for _ in 0..60 {
-        match client.post(url).bearer_auth(token).json(body).send().await {
-            Ok(r) if r.status().is_success() => {
+        match post_reading(client, url, token, body).await {
+            Ok(status) if status.is_success() => {
                 return Sent {
                     acknowledged: true,
                     failed_attempts,
@@ -363,14 +362,7 @@ async fn the_rate_limit_answers_429() {
             let client = client.clone();
             let url = t.url("/v1/readings");
             async move {
-                let status = client
-                    .post(url)
-                    .bearer_auth(device)
-                    .json(r)
-                    .send()
-                    .await
-                    .unwrap()
-                    .status();
+                let status = post_reading(&client, &url, device, r).await.unwrap();
                 (status, r.clone())
             }
         })
@@ -420,14 +412,9 @@ async fn the_rate_limit_answers_429() {
 
     // and once the bucket refills, the client's allowance is back
     testkit::eventually(WAIT, "the allowance back", || async {
-        let r = client
-            .post(t.url("/v1/readings"))
-            .bearer_auth(device)
-            .json(&reading("burst", 99, base))
-            .send()
-            .await
-            .ok()?;
-        (r.status() == StatusCode::ACCEPTED).then_some(())
+        let url = t.url("/v1/readings");
+        let status = post_reading(&client, &url, device, &reading("burst", 99, base)).await;
+        (status.ok()? == StatusCode::ACCEPTED).then_some(())
     })
     .await;
 }
@@ -585,14 +572,9 @@ async fn a_replica_killed_mid_load_is_taken_out_and_nothing_is_lost_or_doubled()
         .map(|i| reading(&format!("pi-{}", i % 11), i, base))
         .collect();
     for r in &after_kill {
-        let status = client
-            .post(t.url("/v1/readings"))
-            .bearer_auth(token_of(&tokens, r))
-            .json(r)
-            .send()
-            .await;
+        let status = post_reading(&client, &t.url("/v1/readings"), token_of(&tokens, r), r).await;
         assert_eq!(
-            status.map(|r| r.status()).ok(),
+            status.ok(),
             Some(StatusCode::ACCEPTED),
             "a request after the replica was taken out"
         );
@@ -653,7 +635,7 @@ async fn behind_traefik_the_audit_trail_has_the_real_client_address() {
     assert!(r.headers().contains_key("www-authenticate"));
     // another device's reading with this device's token: 403
     let status = post_reading(&client, &readings, token, &reading("someone-else", 0, base)).await;
-    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(status.unwrap(), StatusCode::FORBIDDEN);
     // straight to the replica, around Traefik, from 127.0.0.3: not a trusted proxy, so the
     // X-Forwarded-For it sends is not believed
     let direct = reqwest::Client::builder()
@@ -746,18 +728,12 @@ async fn behind_traefik_the_audit_trail_has_the_real_client_address() {
     // ingest refuses the revoked token within its registry refresh, without a restart (asked with
     // a body that is no reading: 400 while the token still passes, so nothing is stored meanwhile)
     testkit::eventually(WAIT, "the revoked token refused", || async {
-        let r = client
-            .post(&readings)
-            .bearer_auth(token)
-            .json(&json!({}))
-            .send()
-            .await
-            .ok()?;
-        (r.status() == StatusCode::UNAUTHORIZED).then_some(())
+        let status = post_reading(&client, &readings, token, &json!({})).await;
+        (status.ok()? == StatusCode::UNAUTHORIZED).then_some(())
     })
     .await;
     let status = post_reading(&client, &readings, token, &reading("audit-pi", 2, base)).await;
-    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(status.unwrap(), StatusCode::UNAUTHORIZED);
     let acknowledged: Acknowledged = [0, 1]
         .iter()
         .map(|&i| key(&reading("audit-pi", i, base)))
