@@ -231,12 +231,45 @@ pub fn count_rows(url: &str, table: &str) -> i64 {
         .n
 }
 
+/// The body of `GET url` as text; a failed request or an error status fails the test.
+pub async fn get_text(client: &reqwest::Client, url: &str) -> String {
+    text_of(client.get(url), &format!("GET {url}")).await
+}
+
+/// Sends `request` and answers its body as text; a failed request or an error status fails the
+/// test, naming `what`.
+pub async fn text_of(request: reqwest::RequestBuilder, what: &str) -> String {
+    request
+        .send()
+        .await
+        .and_then(|r| r.error_for_status())
+        .unwrap_or_else(|e| panic!("{what}: {e}"))
+        .text()
+        .await
+        .unwrap_or_else(|e| panic!("{what}: the body: {e}"))
+}
+
+/// The newest `limit` readings of `device` stored in the database at `url`, newest first, as the
+/// read API pages them (a blocking call, fine in tests).
+pub fn stored_readings(url: &str, device: &str, limit: i64) -> Vec<store::read::StoredReading> {
+    let mut conn = PgConnection::establish(url).expect("connect");
+    store::read::readings_page(
+        &mut conn,
+        &store::read::ReadingsQuery {
+            device_id: device.into(),
+            limit,
+            ..Default::default()
+        },
+    )
+    .unwrap_or_else(|e| panic!("the readings of {device}: {e}"))
+}
+
 /// Sends `head` (request line and headers, without the blank line that ends them) and `body`
 /// byte for byte as written, with `Connection: close`, and answers the status code and the
 /// whole response. HTTP clients normalise paths (dot segments, case of escapes); an attacker's
 /// requests are not normalised, so tests of how a service reads paths speak HTTP by hand.
 pub async fn raw_http(addr: &str, head: &str, body: &str) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let mut stream = tokio::net::TcpStream::connect(addr)
         .await
         .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
@@ -248,18 +281,30 @@ pub async fn raw_http(addr: &str, head: &str, body: &str) -> (u16, String) {
         .write_all(request.as_bytes())
         .await
         .expect("send request");
-    let mut answer = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer))
-        .await
-        .unwrap_or_else(|_| panic!("no answer to {head:?} within 10 s"))
-        .expect("read answer");
-    let text = String::from_utf8_lossy(&answer).into_owned();
+    let what = format!("the answer to {head:?}");
+    let text = read_until_closed(&mut stream, Duration::from_secs(10), &what).await;
     let status = text
         .split(' ')
         .nth(1)
         .and_then(|code| code.parse().ok())
         .unwrap_or_else(|| panic!("not an HTTP answer to {head:?}: {text:?}"));
     (status, text)
+}
+
+/// What arrives on `stream` until the other side closes it, as text; the test fails, naming
+/// `what`, unless it is closed within `within`.
+pub async fn read_until_closed(
+    stream: &mut (impl tokio::io::AsyncRead + Unpin),
+    within: Duration,
+    what: &str,
+) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut answer = Vec::new();
+    tokio::time::timeout(within, stream.read_to_end(&mut answer))
+        .await
+        .unwrap_or_else(|_| panic!("{what}: not closed within {within:?}"))
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    String::from_utf8_lossy(&answer).into_owned()
 }
 
 /// Request targets that spell `path` as a router may read it, or nearly: percent-encoded letters and digits
@@ -505,14 +550,24 @@ impl Drop for TestKeys {
     }
 }
 
-/// Waits until `table` holds `expected` rows, then a moment more, and asserts that no more came:
-/// "all of them, and only once".
-pub async fn wait_for_exactly(url: &str, table: &str, expected: i64, timeout: Duration) {
-    eventually(timeout, &format!("{expected} rows in {table}"), || async {
-        (count_rows(url, table) >= expected).then_some(())
+/// Waits until `table` holds at least `at_least` rows.
+pub async fn wait_for_rows(url: &str, table: &str, at_least: i64, timeout: Duration) {
+    eventually(timeout, &format!("{at_least} rows in {table}"), || async {
+        (count_rows(url, table) >= at_least).then_some(())
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+}
+
+/// How long [`wait_for_exactly`] waits, once the count is reached, for a row stored twice to show
+/// up too: no event marks "nothing more will come", so proving it takes a wait, longer than the
+/// test persister's batch linger and a message's way through RabbitMQ.
+pub const SETTLE: Duration = Duration::from_millis(300);
+
+/// Waits until `table` holds `expected` rows, then [`SETTLE`] more, and asserts that no more came:
+/// "all of them, and only once".
+pub async fn wait_for_exactly(url: &str, table: &str, expected: i64, timeout: Duration) {
+    wait_for_rows(url, table, expected, timeout).await;
+    tokio::time::sleep(SETTLE).await;
     assert_eq!(count_rows(url, table), expected, "rows in {table}");
 }
 
@@ -592,6 +647,39 @@ async fn delete_amqp_topology(prefix: &str) -> Result<(), String> {
         .map_err(|e| e.to_string());
     let _ = conn.close(200, "test cleaned up".into()).await;
     deleted
+}
+
+/// What tests publish with unless they say otherwise (the services take theirs from their
+/// `defaults.toml`): batches sent a millisecond after their first reading, reconnects within 5 s.
+pub fn publisher_settings() -> bus::PublisherSettings {
+    bus::PublisherSettings {
+        publish_linger_ms: 1,
+        publish_max_batch_readings: 2000,
+        publish_max_in_flight: 16,
+        publish_queue_capacity: 8192,
+        publish_confirm_timeout_ms: 10_000,
+        reconnect_max_backoff_ms: 5_000,
+    }
+}
+
+/// A publisher to `topology` on the test RabbitMQ, as connection `name`, connected.
+pub async fn connected_publisher(
+    topology: &bus::Topology,
+    settings: bus::PublisherSettings,
+    name: &str,
+) -> bus::Publisher {
+    let publisher = bus::Publisher::start(
+        amqp_url(),
+        topology.clone(),
+        settings,
+        bus::PublisherMetrics::unregistered(),
+        name.to_owned(),
+    );
+    assert!(
+        publisher.wait_connected(Duration::from_secs(10)).await,
+        "RabbitMQ is running"
+    );
+    publisher
 }
 
 /// Messages ready in the readings queue of `prefix` (declared first if need be; a message a

@@ -269,35 +269,118 @@ impl Device {
         filter: &str,
         listen: Duration,
     ) -> Option<Vec<(String, Vec<u8>)>> {
+        self.listen(filter, listen).collect().await
+    }
+
+    /// Subscribes to `filter` at QoS 1 and listens for `listen` on a task of its own, so a test
+    /// can publish once [`Listening::subscribed`] says the broker has taken the subscription,
+    /// rather than after a guessed pause.
+    pub fn listen(&self, filter: &str, listen: Duration) -> Listening {
         let (client, mut events) = AsyncClient::new(self.options(), 16);
-        client.subscribe(filter, QoS::AtLeastOnce).await.ok()?;
-        let deadline = tokio::time::Instant::now() + listen;
-        let mut got = Vec::new();
-        let mut granted = None;
-        loop {
-            match tokio::time::timeout_at(deadline, events.poll()).await {
-                Ok(Ok(Event::Incoming(Packet::SubAck(ack)))) => {
-                    granted = Some(
-                        ack.return_codes
-                            .iter()
-                            .all(|c| !matches!(c, rumqttc::SubscribeReasonCode::Failure)),
-                    );
-                    if granted == Some(false) {
-                        break;
-                    }
-                }
-                Ok(Ok(Event::Incoming(Packet::Publish(p)))) => {
-                    got.push((p.topic.clone(), p.payload.to_vec()))
-                }
-                Ok(Ok(_)) => {}
-                Ok(Err(_)) | Err(_) => break,
+        let (heard, receiver) = tokio::sync::mpsc::unbounded_channel();
+        let filter = filter.to_owned();
+        tokio::spawn(async move {
+            if client.subscribe(filter, QoS::AtLeastOnce).await.is_err() {
+                return;
             }
+            let deadline = tokio::time::Instant::now() + listen;
+            loop {
+                match tokio::time::timeout_at(deadline, events.poll()).await {
+                    Ok(Ok(Event::Incoming(Packet::SubAck(ack)))) => {
+                        let granted = ack
+                            .return_codes
+                            .iter()
+                            .all(|c| !matches!(c, rumqttc::SubscribeReasonCode::Failure));
+                        let _ = heard.send(Heard::Granted(granted));
+                        if !granted {
+                            break;
+                        }
+                    }
+                    Ok(Ok(Event::Incoming(Packet::Publish(p)))) => {
+                        let _ = heard.send(Heard::Message(p.topic.clone(), p.payload.to_vec()));
+                    }
+                    Ok(Ok(_)) => {}
+                    Ok(Err(_)) | Err(_) => break,
+                }
+            }
+            let _ = client.disconnect().await;
+        });
+        Listening {
+            heard: receiver,
+            granted: None,
+            got: Vec::new(),
         }
-        let _ = client.disconnect().await;
-        match granted {
-            Some(true) => Some(got),
+    }
+
+    /// Publishes `message` `times` times, 100 ms apart, on a task of its own (giving up after
+    /// 8 s): a device connected and publishing while the test does something to it, such as
+    /// revoke it. The task answers how many the broker acknowledged.
+    pub fn publish_slowly(
+        self,
+        message: (String, Vec<u8>),
+        times: usize,
+    ) -> tokio::task::JoinHandle<usize> {
+        tokio::spawn(async move {
+            let messages = vec![message; times];
+            self.publish_all(messages, Duration::from_millis(100), Duration::from_secs(8))
+                .await
+        })
+    }
+}
+
+/// What a [`Device::listen`] task hears.
+enum Heard {
+    /// The broker's answer to the subscription: granted or refused.
+    Granted(bool),
+    Message(String, Vec<u8>),
+}
+
+/// A subscription listening on its own task (see [`Device::listen`]).
+pub struct Listening {
+    heard: tokio::sync::mpsc::UnboundedReceiver<Heard>,
+    granted: Option<bool>,
+    got: Vec<(String, Vec<u8>)>,
+}
+
+impl Listening {
+    /// Waits for the broker's answer to the subscription: true when it was granted, false when it
+    /// was refused or the listening ended without an answer.
+    pub async fn subscribed(&mut self) -> bool {
+        while self.granted.is_none() && self.hear().await {}
+        self.granted == Some(true)
+    }
+
+    /// Waits until `n` messages have arrived in all; false when the listening ended first.
+    pub async fn received(&mut self, n: usize) -> bool {
+        while self.got.len() < n && self.hear().await {}
+        self.got.len() >= n
+    }
+
+    /// Everything that arrived until the listening ended, (topic, payload); `None` when the
+    /// subscription was refused (or never answered).
+    pub async fn collect(mut self) -> Option<Vec<(String, Vec<u8>)>> {
+        while self.hear().await {}
+        match self.granted {
+            Some(true) => Some(self.got),
             _ => None,
         }
+    }
+
+    /// The topics of everything that arrived until the listening ended, in order; `None` when the
+    /// subscription was refused (or never answered).
+    pub async fn topics(self) -> Option<Vec<String>> {
+        let got = self.collect().await?;
+        Some(got.into_iter().map(|(topic, _)| topic).collect())
+    }
+
+    /// Takes in what the task heard next; false once it has ended.
+    async fn hear(&mut self) -> bool {
+        match self.heard.recv().await {
+            Some(Heard::Granted(granted)) => self.granted = Some(granted),
+            Some(Heard::Message(topic, payload)) => self.got.push((topic, payload)),
+            None => return false,
+        }
+        true
     }
 }
 

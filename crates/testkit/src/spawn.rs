@@ -59,20 +59,21 @@ impl Running {
 
     /// Its `/metrics` page.
     pub async fn metrics(&self) -> String {
-        self.client
-            .get(format!("{}/metrics", self.url))
-            .send()
-            .await
-            .and_then(|r| r.error_for_status())
-            .unwrap_or_else(|e| panic!("GET /metrics: {e}"))
-            .text()
-            .await
-            .unwrap_or_default()
+        crate::get_text(&self.client, &format!("{}/metrics", self.url)).await
     }
 
     /// A sample of its `/metrics` (see [`crate::metric`]).
     pub async fn metric(&self, name: &str) -> f64 {
         crate::metric(&self.metrics().await, name)
+    }
+
+    /// Waits until the sample `name` of its `/metrics` reaches `at_least`, and answers that page.
+    pub async fn metrics_reaching(&self, name: &str, at_least: f64, timeout: Duration) -> String {
+        crate::eventually(timeout, &format!("{name} at {at_least}"), || async {
+            let text = self.metrics().await;
+            (crate::metric(&text, name) >= at_least).then_some(text)
+        })
+        .await
     }
 
     /// The status of `/readyz`, 0 when it does not answer.

@@ -40,6 +40,11 @@ pub const WAIT: Duration = Duration::from_secs(90);
 
 /// How often ingest-http re-reads the device registry here, so a device registered by a test is
 /// let in quickly.
+/// How long [`Topology::assert_stored_exactly`] waits, once the count is reached, for a reading
+/// stored twice or never acknowledged to show up too: no event marks "nothing more will come", so
+/// proving it takes a wait, longer than the persisters' batch linger and a redelivery through
+/// RabbitMQ.
+const SETTLE: Duration = Duration::from_millis(500);
 const AUTH_REFRESH_MS: &str = "200";
 
 /// The repository's root.
@@ -412,16 +417,12 @@ impl Topology {
 
     /// Traefik's API, through the dashboard router and its basic auth.
     pub async fn traefik_api(&self, path: &str) -> serde_json::Value {
-        self.https()
+        let request = self
+            .https()
             .get(self.url(&format!("/api{path}")))
-            .basic_auth("admin", Some(&self.traefik.password))
-            .send()
-            .await
-            .and_then(|r| r.error_for_status())
-            .unwrap_or_else(|e| panic!("Traefik's API {path}: {e}"))
-            .json()
-            .await
-            .expect("JSON from Traefik's API")
+            .basic_auth("admin", Some(&self.traefik.password));
+        let text = testkit::text_of(request, &format!("Traefik's API {path}")).await;
+        serde_json::from_str(&text).expect("JSON from Traefik's API")
     }
 
     /// Traefik's view of a service's servers: URL → "UP" / "DOWN".
@@ -471,12 +472,8 @@ impl Topology {
     /// each once, none missing, nothing else.
     pub async fn assert_stored_exactly(&self, acknowledged: &HashSet<(String, String)>) {
         let n = acknowledged.len() as i64;
-        testkit::eventually(WAIT, &format!("{n} readings stored"), || async {
-            (self.stored_count() >= n).then_some(())
-        })
-        .await;
-        // a moment for anything stored twice or unexpected to show up as well
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        testkit::wait_for_rows(&self.db.url, "readings", n, WAIT).await;
+        tokio::time::sleep(SETTLE).await;
         let stored = self.stored();
         let distinct: HashSet<_> = stored.iter().cloned().collect();
         assert_eq!(

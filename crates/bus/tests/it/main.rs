@@ -36,6 +36,11 @@ impl TestBus {
         }
     }
 
+    /// A publisher to this topology, connected.
+    async fn publisher(&self, settings: PublisherSettings) -> Publisher {
+        testkit::connected_publisher(&self.topology, settings, "bus-test").await
+    }
+
     /// Every message in the readings queue, decoded.
     async fn drain(&self) -> Vec<Vec<models::Reading>> {
         let mut messages = Vec::new();
@@ -70,17 +75,23 @@ fn readings(device: &str, n: usize) -> Vec<models::Reading> {
     .unwrap()
 }
 
-/// What these tests publish with unless they say otherwise (the services take theirs from their
-/// `defaults.toml`).
-fn publisher_settings() -> PublisherSettings {
-    PublisherSettings {
-        publish_linger_ms: 1,
-        publish_max_batch_readings: 2000,
-        publish_max_in_flight: 16,
-        publish_queue_capacity: 8192,
-        publish_confirm_timeout_ms: 10_000,
-        reconnect_max_backoff_ms: 5_000,
-    }
+/// `requests` publishes at once, of `per_request` readings each (device `d{i}` for the `i`th), on
+/// tasks of their own.
+fn publish_at_once(
+    publisher: &Publisher,
+    requests: usize,
+    per_request: usize,
+) -> Vec<tokio::task::JoinHandle<Result<(), PublishError>>> {
+    (0..requests)
+        .map(|i| {
+            let publisher = publisher.clone();
+            tokio::spawn(async move {
+                publisher
+                    .publish(readings(&format!("d{i}"), per_request))
+                    .await
+            })
+        })
+        .collect()
 }
 
 fn start(url: String, topology: &Topology, settings: PublisherSettings) -> Publisher {
@@ -96,8 +107,7 @@ fn start(url: String, topology: &Topology, settings: PublisherSettings) -> Publi
 #[tokio::test]
 async fn a_confirmed_publish_is_in_the_queue_exactly() {
     let bus = TestBus::new().await;
-    let publisher = start(testkit::amqp_url(), &bus.topology, publisher_settings());
-    assert!(publisher.wait_connected(Duration::from_secs(10)).await);
+    let publisher = bus.publisher(testkit::publisher_settings()).await;
     let sent = readings("raspi-01", 3);
     publisher.publish(sent.clone()).await.unwrap();
     let received: Vec<_> = bus.drain().await.into_iter().flatten().collect();
@@ -111,16 +121,10 @@ async fn concurrent_requests_share_messages_and_each_is_answered() {
     let settings = PublisherSettings {
         publish_linger_ms: 20,
         publish_max_in_flight: 1,
-        ..publisher_settings()
+        ..testkit::publisher_settings()
     };
-    let publisher = start(testkit::amqp_url(), &bus.topology, settings);
-    assert!(publisher.wait_connected(Duration::from_secs(10)).await);
-    let tasks: Vec<_> = (0..200)
-        .map(|i| {
-            let publisher = publisher.clone();
-            tokio::spawn(async move { publisher.publish(readings(&format!("d{i}"), 1)).await })
-        })
-        .collect();
+    let publisher = bus.publisher(settings).await;
+    let tasks = publish_at_once(&publisher, 200, 1);
     for task in tasks {
         task.await.unwrap().unwrap();
     }
@@ -142,7 +146,7 @@ async fn an_unreachable_broker_is_refused_at_once_not_buffered() {
     let publisher = start(
         "amqp://guest:guest@127.0.0.1:1/%2f".into(),
         &topology,
-        publisher_settings(),
+        testkit::publisher_settings(),
     );
     let started = std::time::Instant::now();
     let err = publisher.publish(readings("d", 1)).await.unwrap_err();
@@ -155,8 +159,7 @@ async fn an_unreachable_broker_is_refused_at_once_not_buffered() {
 #[tokio::test]
 async fn a_missing_queue_is_an_error_not_a_silent_loss() {
     let bus = TestBus::new().await;
-    let publisher = start(testkit::amqp_url(), &bus.topology, publisher_settings());
-    assert!(publisher.wait_connected(Duration::from_secs(10)).await);
+    let publisher = bus.publisher(testkit::publisher_settings()).await;
     // someone deletes the queue behind the publisher's back: the message is unroutable
     bus.channel
         .queue_delete(
@@ -175,16 +178,10 @@ async fn close_publishes_what_was_handed_over_then_refuses() {
     let bus = TestBus::new().await;
     let settings = PublisherSettings {
         publish_linger_ms: 50,
-        ..publisher_settings()
+        ..testkit::publisher_settings()
     };
-    let publisher = start(testkit::amqp_url(), &bus.topology, settings);
-    assert!(publisher.wait_connected(Duration::from_secs(10)).await);
-    let waiting: Vec<_> = (0..20)
-        .map(|i| {
-            let publisher = publisher.clone();
-            tokio::spawn(async move { publisher.publish(readings(&format!("d{i}"), 5)).await })
-        })
-        .collect();
+    let publisher = bus.publisher(settings).await;
+    let waiting = publish_at_once(&publisher, 20, 5);
     tokio::time::sleep(Duration::from_millis(5)).await;
     publisher.close().await;
     let mut confirmed = 0;
@@ -211,8 +208,7 @@ async fn close_publishes_what_was_handed_over_then_refuses() {
 #[tokio::test]
 async fn refused_payloads_are_kept_on_the_invalid_queue_with_their_reason() {
     let bus = TestBus::new().await;
-    let publisher = start(testkit::amqp_url(), &bus.topology, publisher_settings());
-    assert!(publisher.wait_connected(Duration::from_secs(10)).await);
+    let publisher = bus.publisher(testkit::publisher_settings()).await;
     let (good, bad) = tokio::join!(
         publisher.publish(readings("d", 2)),
         publisher.keep_invalid(

@@ -6,10 +6,48 @@
 )]
 
 use chrono::{DateTime, Duration, Utc};
+use diesel::PgConnection;
 use models::{DeviceId, MetricName, Metrics, Origin, Reading, ReadingId};
 use store::read::{Aggregate, ReadingsQuery, SeriesQuery};
 use store::{KnownPartitions, WriteOutcome, write_readings};
 use testkit::TestDb;
+
+/// A test's own migrated database, a connection to it, and what its writer knows of the
+/// partitions (as one persister would).
+struct Store {
+    db: TestDb,
+    conn: PgConnection,
+    known: KnownPartitions,
+}
+
+impl Store {
+    fn new() -> Self {
+        let db = TestDb::migrated();
+        let conn = db.connect();
+        Self {
+            db,
+            conn,
+            known: KnownPartitions::default(),
+        }
+    }
+
+    /// Writes `batch` as the persister does.
+    fn write(&mut self, batch: &[Reading]) -> WriteOutcome {
+        write_readings(&mut self.conn, batch, &mut self.known).unwrap()
+    }
+
+    fn rows(&self, table: &str) -> i64 {
+        testkit::count_rows(&self.db.url, table)
+    }
+}
+
+fn outcome(inserted: usize, duplicates: usize, conflicting: usize) -> WriteOutcome {
+    WriteOutcome {
+        inserted,
+        duplicates,
+        conflicting,
+    }
+}
 
 fn at(text: &str) -> DateTime<Utc> {
     models::parse_timestamp_rfc3339(text).unwrap()
@@ -33,9 +71,7 @@ fn reading(device: &str, id: &str, ts: DateTime<Utc>, metrics: &[(&str, f64)]) -
 
 #[test]
 fn a_batch_is_stored_once_however_often_it_is_written() {
-    let db = TestDb::migrated();
-    let mut conn = db.connect();
-    let mut known = KnownPartitions::default();
+    let mut s = Store::new();
     let t = at("2026-11-25T10:00:00.123456Z");
     let batch = vec![
         reading(
@@ -47,49 +83,17 @@ fn a_batch_is_stored_once_however_often_it_is_written() {
         reading("raspi-01", "b", t, &[("temperature", 25.6)]),
         reading("raspi-02", "a", t, &[("co2", 415.0)]),
     ];
-    let first = write_readings(&mut conn, &batch, &mut known).unwrap();
-    assert_eq!(
-        first,
-        WriteOutcome {
-            inserted: 3,
-            duplicates: 0,
-            conflicting: 0
-        }
-    );
+    assert_eq!(s.write(&batch), outcome(3, 0, 0));
     // a redelivery of the same message, and a batch overlapping it
-    let again = write_readings(&mut conn, &batch, &mut known).unwrap();
-    assert_eq!(
-        again,
-        WriteOutcome {
-            inserted: 0,
-            duplicates: 3,
-            conflicting: 0
-        }
-    );
+    assert_eq!(s.write(&batch), outcome(0, 3, 0));
     let overlap = vec![
         batch[0].clone(),
         reading("raspi-01", "c", t, &[("temperature", 1.0)]),
     ];
-    let third = write_readings(&mut conn, &overlap, &mut known).unwrap();
-    assert_eq!(
-        third,
-        WriteOutcome {
-            inserted: 1,
-            duplicates: 1,
-            conflicting: 0
-        }
-    );
-    assert_eq!(testkit::count_rows(&db.url, "readings"), 4);
+    assert_eq!(s.write(&overlap), outcome(1, 1, 0));
+    assert_eq!(s.rows("readings"), 4);
 
-    let page = store::read::readings_page(
-        &mut conn,
-        &ReadingsQuery {
-            device_id: "raspi-01".into(),
-            limit: 10,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let page = testkit::stored_readings(&s.db.url, "raspi-01", 10);
     let a = page.iter().find(|r| r.reading_id == "a").unwrap();
     assert_eq!(a.ts, t, "microseconds survive the round trip");
     assert_eq!(
@@ -101,23 +105,13 @@ fn a_batch_is_stored_once_however_often_it_is_written() {
 #[test]
 fn a_reading_twice_in_one_batch_is_stored_once_and_the_batch_is_kept() {
     // The fast path (COPY) fails on the repeat; the batch must still be stored, by the slow path.
-    let db = TestDb::migrated();
-    let mut conn = db.connect();
-    let mut known = KnownPartitions::default();
+    let mut s = Store::new();
     let t = at("2026-11-25T10:00:00Z");
     let r = reading("raspi-01", "twice", t, &[("temperature", 20.0)]);
     let other = reading("raspi-02", "once", t, &[("humidity", 50.0)]);
-    let outcome = write_readings(&mut conn, &[r.clone(), other, r], &mut known).unwrap();
-    assert_eq!(
-        outcome,
-        WriteOutcome {
-            inserted: 2,
-            duplicates: 1,
-            conflicting: 0
-        }
-    );
-    assert_eq!(testkit::count_rows(&db.url, "readings"), 2);
-    let devices = store::read::list_devices(&mut conn, None, 10).unwrap();
+    assert_eq!(s.write(&[r.clone(), other, r]), outcome(2, 1, 0));
+    assert_eq!(s.rows("readings"), 2);
+    let devices = store::read::list_devices(&mut s.conn, None, 10).unwrap();
     assert_eq!(devices.len(), 2, "devices are updated on the slow path too");
 }
 
@@ -129,44 +123,28 @@ fn stamped(device: &str, id: &str, ts: DateTime<Utc>, metrics: &[(&str, f64)]) -
     })
 }
 
-fn outcome(inserted: usize, duplicates: usize, conflicting: usize) -> WriteOutcome {
-    WriteOutcome {
-        inserted,
-        duplicates,
-        conflicting,
-    }
+/// raspi-01's reading `r-1` (t = 20), sent without a time and stamped `time` by the server.
+fn r1_stamped(time: &str) -> Reading {
+    stamped("raspi-01", "r-1", at(time), &[("t", 20.0)])
 }
 
 #[test]
 fn a_devices_id_sent_without_a_time_is_stored_once_however_often_it_is_stamped() {
-    let db = TestDb::migrated();
-    let mut conn = db.connect();
-    let mut known = KnownPartitions::default();
-    let first = stamped(
-        "raspi-01",
-        "r-1",
-        at("2026-11-25T10:00:00Z"),
-        &[("t", 20.0)],
-    );
-    assert_eq!(
-        write_readings(&mut conn, &[first], &mut known).unwrap(),
-        outcome(1, 0, 0)
-    );
+    let mut s = Store::new();
+    let first = r1_stamped("2026-11-25T10:00:00Z");
+    assert_eq!(s.write(&[first]), outcome(1, 0, 0));
     // the retry, and a redelivery through another ingest, each stamped later by the server
     for later in ["2026-11-25T10:00:07Z", "2026-11-25T10:03:00Z"] {
-        let retry = stamped("raspi-01", "r-1", at(later), &[("t", 20.0)]);
+        let retry = r1_stamped(later);
         let other = stamped(
             "raspi-01",
             &format!("new-{later}"),
             at(later),
             &[("t", 1.0)],
         );
-        assert_eq!(
-            write_readings(&mut conn, &[retry, other], &mut known).unwrap(),
-            outcome(1, 1, 0)
-        );
+        assert_eq!(s.write(&[retry, other]), outcome(1, 1, 0));
     }
-    assert_eq!(testkit::count_rows(&db.url, "readings"), 3);
+    assert_eq!(s.rows("readings"), 3);
     // the same id from another device is another reading
     let elsewhere = stamped(
         "raspi-02",
@@ -174,10 +152,7 @@ fn a_devices_id_sent_without_a_time_is_stored_once_however_often_it_is_stamped()
         at("2026-11-25T10:05:00Z"),
         &[("t", 20.0)],
     );
-    assert_eq!(
-        write_readings(&mut conn, &[elsewhere], &mut known).unwrap(),
-        outcome(1, 0, 0)
-    );
+    assert_eq!(s.write(&[elsewhere]), outcome(1, 0, 0));
     // the device's time on one side and the server's on the other: the same reading
     let timed = reading(
         "raspi-01",
@@ -185,11 +160,8 @@ fn a_devices_id_sent_without_a_time_is_stored_once_however_often_it_is_stamped()
         at("2026-11-25T09:59:59Z"),
         &[("t", 20.0)],
     );
-    assert_eq!(
-        write_readings(&mut conn, &[timed], &mut known).unwrap(),
-        outcome(0, 1, 0)
-    );
-    let last_seen: Vec<DateTime<Utc>> = store::read::list_devices(&mut conn, None, 10)
+    assert_eq!(s.write(&[timed]), outcome(0, 1, 0));
+    let last_seen: Vec<DateTime<Utc>> = store::read::list_devices(&mut s.conn, None, 10)
         .unwrap()
         .into_iter()
         .filter(|d| d.device_id == "raspi-01")
@@ -204,12 +176,10 @@ fn a_devices_id_sent_without_a_time_is_stored_once_however_often_it_is_stamped()
 
 #[test]
 fn the_same_id_with_other_content_is_a_conflict_kept_once_and_the_first_write_stays() {
-    let db = TestDb::migrated();
-    let mut conn = db.connect();
-    let mut known = KnownPartitions::default();
+    let mut s = Store::new();
     let t = at("2026-11-25T10:00:00Z");
     let first = reading("raspi-01", "r-1", t, &[("t", 20.0)]);
-    write_readings(&mut conn, &[first], &mut known).unwrap();
+    s.write(&[first]);
 
     let other_metrics = stamped(
         "raspi-01",
@@ -225,26 +195,12 @@ fn the_same_id_with_other_content_is_a_conflict_kept_once_and_the_first_write_st
     );
     let same_key_other_metrics = reading("raspi-01", "r-1", t, &[("t", 22.0)]);
     let batch = [other_metrics, other_time, same_key_other_metrics];
-    assert_eq!(
-        write_readings(&mut conn, &batch, &mut known).unwrap(),
-        outcome(0, 0, 3)
-    );
+    assert_eq!(s.write(&batch), outcome(0, 0, 3));
     // redelivered: counted again, kept once
-    assert_eq!(
-        write_readings(&mut conn, &batch, &mut known).unwrap(),
-        outcome(0, 0, 3)
-    );
-    assert_eq!(testkit::count_rows(&db.url, "readings"), 1);
-    assert_eq!(testkit::count_rows(&db.url, "reading_conflicts"), 3);
-    let page = store::read::readings_page(
-        &mut conn,
-        &ReadingsQuery {
-            device_id: "raspi-01".into(),
-            limit: 10,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    assert_eq!(s.write(&batch), outcome(0, 0, 3));
+    assert_eq!(s.rows("readings"), 1);
+    assert_eq!(s.rows("reading_conflicts"), 3);
+    let page = testkit::stored_readings(&s.db.url, "raspi-01", 10);
     assert_eq!(
         page[0].metrics,
         serde_json::json!({"t": 20.0}),
@@ -254,48 +210,30 @@ fn the_same_id_with_other_content_is_a_conflict_kept_once_and_the_first_write_st
     // within one batch: the first occurrence is stored, the second is the conflict
     let a = stamped("raspi-01", "r-2", t, &[("t", 1.0)]);
     let b = stamped("raspi-01", "r-2", t, &[("t", 2.0)]);
-    assert_eq!(
-        write_readings(&mut conn, &[a, b], &mut known).unwrap(),
-        outcome(1, 0, 1)
-    );
-    assert_eq!(testkit::count_rows(&db.url, "reading_conflicts"), 4);
+    assert_eq!(s.write(&[a, b]), outcome(1, 0, 1));
+    assert_eq!(s.rows("reading_conflicts"), 4);
 }
 
 #[test]
 fn an_identity_is_forgotten_after_the_dedupe_window() {
     use std::time::Duration;
     use store::Expiring;
-    let db = TestDb::migrated();
-    let mut conn = db.connect();
-    let mut known = KnownPartitions::default();
-    let first = stamped(
-        "raspi-01",
-        "r-1",
-        at("2026-11-25T10:00:00Z"),
-        &[("t", 20.0)],
-    );
-    write_readings(&mut conn, &[first], &mut known).unwrap();
+    let mut s = Store::new();
+    let first = r1_stamped("2026-11-25T10:00:00Z");
+    s.write(&[first]);
     let week = Duration::from_secs(7 * 24 * 3600);
     assert_eq!(
-        store::forget_older_than(&mut conn, Expiring::Identities, week, 100).unwrap(),
+        store::forget_older_than(&mut s.conn, Expiring::Identities, week, 100).unwrap(),
         0
     );
     assert_eq!(
-        store::forget_older_than(&mut conn, Expiring::Identities, Duration::ZERO, 100).unwrap(),
+        store::forget_older_than(&mut s.conn, Expiring::Identities, Duration::ZERO, 100).unwrap(),
         1
     );
     // past the window, an id without a time is a new reading again (documented)
-    let much_later = stamped(
-        "raspi-01",
-        "r-1",
-        at("2026-11-26T10:00:00Z"),
-        &[("t", 20.0)],
-    );
-    assert_eq!(
-        write_readings(&mut conn, &[much_later], &mut known).unwrap(),
-        outcome(1, 0, 0)
-    );
-    assert_eq!(testkit::count_rows(&db.url, "readings"), 2);
+    let much_later = r1_stamped("2026-11-26T10:00:00Z");
+    assert_eq!(s.write(&[much_later]), outcome(1, 0, 0));
+    assert_eq!(s.rows("readings"), 2);
 }
 
 /// `readings_YYYY_MM` of the month `months` away from this one.
@@ -324,9 +262,7 @@ fn partition_exists(db: &TestDb, name: &str) -> bool {
 
 #[test]
 fn readings_in_new_months_within_the_horizon_get_their_partitions() {
-    let db = TestDb::migrated();
-    let mut conn = db.connect();
-    let mut known = KnownPartitions::default();
+    let mut s = Store::new();
     let (last_month, last_start) = partition_of(-1);
     let (this_month, this_start) = partition_of(0);
     let (next_month, next_start) = partition_of(1);
@@ -335,23 +271,21 @@ fn readings_in_new_months_within_the_horizon_get_their_partitions() {
         reading("d", "2", this_start, &[("t", 2.0)]),
         reading("d", "3", next_start, &[("t", 3.0)]),
     ];
-    write_readings(&mut conn, &batch, &mut known).unwrap();
+    s.write(&batch);
     for partition in [&last_month, &this_month, &next_month] {
-        assert_eq!(testkit::count_rows(&db.url, partition), 1, "{partition}");
+        assert_eq!(s.rows(partition), 1, "{partition}");
     }
     // a second writer that has not seen these months yet finds them existing
-    write_readings(&mut conn, &batch, &mut KnownPartitions::default()).unwrap();
-    assert_eq!(testkit::count_rows(&db.url, "readings"), 3);
-    assert_eq!(testkit::count_rows(&db.url, "readings_default"), 0);
+    write_readings(&mut s.conn, &batch, &mut KnownPartitions::default()).unwrap();
+    assert_eq!(s.rows("readings"), 3);
+    assert_eq!(s.rows("readings_default"), 0);
 }
 
 #[test]
 fn readings_outside_the_horizon_are_stored_without_creating_partitions() {
     // What an attacker's batch asked for before ingest refused old readings: a month each, back to
     // 2000. Already queued, such readings must still be stored, but no table is made for them.
-    let db = TestDb::migrated();
-    let mut conn = db.connect();
-    let mut known = KnownPartitions::default();
+    let mut s = Store::new();
     let (too_old, too_old_start) = partition_of(-14);
     let (too_new, too_new_start) = partition_of(2);
     // 11 months back is inside 365 days whatever today is (12 may not be, on 29 February)
@@ -377,41 +311,30 @@ fn readings_outside_the_horizon_are_stored_without_creating_partitions() {
         oldest_allowed_start + Duration::days(20),
         &[("t", 1.0)],
     ));
-    let partitions_before = partitions(&db);
-    let outcome = write_readings(&mut conn, &batch, &mut known).unwrap();
+    let partitions_before = partitions(&s.db);
+    let outcome = s.write(&batch);
     assert_eq!(outcome.inserted, batch.len());
-    assert_eq!(testkit::count_rows(&db.url, "readings"), old_count + 2);
-    assert_eq!(
-        testkit::count_rows(&db.url, "readings_default"),
-        old_count + 1
-    );
-    assert!(!partition_exists(&db, &too_old));
-    assert!(!partition_exists(&db, &too_new));
-    assert!(!partition_exists(&db, "readings_2000_01"));
-    assert!(partition_exists(&db, &oldest_allowed));
-    assert_eq!(partitions(&db), partitions_before + 1);
+    assert_eq!(s.rows("readings"), old_count + 2);
+    assert_eq!(s.rows("readings_default"), old_count + 1);
+    assert!(!partition_exists(&s.db, &too_old));
+    assert!(!partition_exists(&s.db, &too_new));
+    assert!(!partition_exists(&s.db, "readings_2000_01"));
+    assert!(partition_exists(&s.db, &oldest_allowed));
+    assert_eq!(partitions(&s.db), partitions_before + 1);
 
     // a shorter horizon, configured: last month's readings go to the default partition too
     let mut week = KnownPartitions::with_horizon(models::BackfillHorizon::days(7).unwrap());
     let (two_months_ago, start) = partition_of(-2);
     write_readings(
-        &mut conn,
+        &mut s.conn,
         &[reading("d", "w", start, &[("t", 1.0)])],
         &mut week,
     )
     .unwrap();
-    assert!(!partition_exists(&db, &two_months_ago));
+    assert!(!partition_exists(&s.db, &two_months_ago));
 
     // what the default partition holds reads back like any other reading
-    let page = store::read::readings_page(
-        &mut conn,
-        &ReadingsQuery {
-            device_id: "spray".into(),
-            limit: 1_000,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let page = testkit::stored_readings(&s.db.url, "spray", 1_000);
     assert_eq!(page.len() as i64, old_count);
     // and a later, longer horizon cannot strand them: the month is not created while the default
     // partition holds its readings, which stay where they are, and new ones join them
@@ -420,9 +343,9 @@ fn readings_outside_the_horizon_are_stored_without_creating_partitions() {
         reading("spray", "later", too_old_start, &[("t", 1.0)]),
         reading("spray", "old-0", at("2000-01-01T00:00:00Z"), &[("t", 0.0)]),
     ];
-    let outcome = write_readings(&mut conn, &again, &mut century).unwrap();
+    let outcome = write_readings(&mut s.conn, &again, &mut century).unwrap();
     assert_eq!((outcome.inserted, outcome.duplicates), (1, 1));
-    assert!(!partition_exists(&db, &too_old));
+    assert!(!partition_exists(&s.db, &too_old));
 }
 
 fn partitions(db: &TestDb) -> i64 {
@@ -477,52 +400,43 @@ fn database_errors_are_transient_only_when_the_database_cannot_serve_now() {
 
 #[test]
 fn devices_track_first_and_last_seen_and_metric_names() {
-    let db = TestDb::migrated();
-    let mut conn = db.connect();
-    let mut known = KnownPartitions::default();
+    let mut s = Store::new();
     let t = at("2026-11-25T10:00:00Z");
-    write_readings(
-        &mut conn,
-        &[reading("d1", "1", t, &[("t", 1.0)])],
-        &mut known,
-    )
-    .unwrap();
-    write_readings(
-        &mut conn,
-        &[
-            reading("d1", "2", t - Duration::hours(1), &[("h", 1.0)]),
-            reading(
-                "d1",
-                "3",
-                t + Duration::hours(1),
-                &[("t", 1.0), ("co2", 1.0)],
-            ),
-            reading("d0", "1", t, &[("x", 1.0)]),
-        ],
-        &mut known,
-    )
-    .unwrap();
-    let d1 = store::read::device(&mut conn, "d1").unwrap().unwrap();
+    s.write(&[reading("d1", "1", t, &[("t", 1.0)])]);
+    s.write(&[
+        reading("d1", "2", t - Duration::hours(1), &[("h", 1.0)]),
+        reading(
+            "d1",
+            "3",
+            t + Duration::hours(1),
+            &[("t", 1.0), ("co2", 1.0)],
+        ),
+        reading("d0", "1", t, &[("x", 1.0)]),
+    ]);
+    let d1 = store::read::device(&mut s.conn, "d1").unwrap().unwrap();
     assert_eq!(d1.first_seen, t - Duration::hours(1));
     assert_eq!(d1.last_seen, t + Duration::hours(1));
     assert_eq!(
         d1.metrics,
         [Some("co2".into()), Some("h".into()), Some("t".into())]
     );
-    let all = store::read::list_devices(&mut conn, None, 10).unwrap();
+    let all = store::read::list_devices(&mut s.conn, None, 10).unwrap();
     assert_eq!(
         all.iter().map(|d| d.device_id.as_str()).collect::<Vec<_>>(),
         ["d0", "d1"]
     );
-    let after = store::read::list_devices(&mut conn, Some("d0"), 10).unwrap();
+    let after = store::read::list_devices(&mut s.conn, Some("d0"), 10).unwrap();
     assert_eq!(after.len(), 1);
-    assert!(store::read::device(&mut conn, "nobody").unwrap().is_none());
+    assert!(
+        store::read::device(&mut s.conn, "nobody")
+            .unwrap()
+            .is_none()
+    );
 }
 
 #[test]
 fn pages_follow_the_keyset_through_equal_timestamps() {
-    let db = TestDb::migrated();
-    let mut conn = db.connect();
+    let mut s = Store::new();
     let t = at("2026-11-25T10:00:00Z");
     // 5 readings at the same instant and 5 a second apart: ties must not be lost or repeated
     let mut batch: Vec<Reading> = (0..5)
@@ -536,12 +450,12 @@ fn pages_follow_the_keyset_through_equal_timestamps() {
             &[("t", 0.0)],
         )
     }));
-    write_readings(&mut conn, &batch, &mut KnownPartitions::default()).unwrap();
+    s.write(&batch);
     let mut seen = Vec::new();
     let mut before = None;
     loop {
         let page = store::read::readings_page(
-            &mut conn,
+            &mut s.conn,
             &ReadingsQuery {
                 device_id: "d".into(),
                 limit: 3,
@@ -565,10 +479,25 @@ fn pages_follow_the_keyset_through_equal_timestamps() {
     );
 }
 
+/// Metric `t` of device `d` in minutes over the hour from `t0`.
+fn minute_series(db: &TestDb, t0: DateTime<Utc>, aggregate: Aggregate) -> Vec<store::read::Bucket> {
+    store::read::series(
+        &mut db.connect(),
+        &SeriesQuery {
+            device_id: "d".into(),
+            metric: "t".into(),
+            from: t0,
+            to: t0 + Duration::hours(1),
+            bucket_micros: 60_000_000,
+            aggregate,
+        },
+    )
+    .unwrap()
+}
+
 #[test]
 fn latest_and_series_compute_exact_values() {
-    let db = TestDb::migrated();
-    let mut conn = db.connect();
+    let mut s = Store::new();
     let t0 = at("2026-11-25T10:00:00Z");
     let batch = vec![
         reading("d", "1", t0, &[("t", 1.0), ("h", 50.0)]),
@@ -578,9 +507,9 @@ fn latest_and_series_compute_exact_values() {
         reading("d", "5", t0 + Duration::seconds(300), &[("h", 40.0)]),
         reading("other", "1", t0, &[("t", 1000.0)]),
     ];
-    write_readings(&mut conn, &batch, &mut KnownPartitions::default()).unwrap();
+    s.write(&batch);
 
-    let latest = store::read::latest(&mut conn, "d").unwrap();
+    let latest = store::read::latest(&mut s.conn, "d").unwrap();
     let pairs: Vec<_> = latest
         .iter()
         .map(|v| (v.metric.as_str(), v.value, v.ts))
@@ -594,49 +523,30 @@ fn latest_and_series_compute_exact_values() {
     );
 
     let series = |aggregate| {
-        store::read::series(
-            &mut db.connect(),
-            &SeriesQuery {
-                device_id: "d".into(),
-                metric: "t".into(),
-                from: t0,
-                to: t0 + Duration::hours(1),
-                bucket_micros: 60_000_000,
-                aggregate,
-            },
-        )
-        .unwrap()
-        .into_iter()
-        .map(|b| (b.start, b.value.unwrap()))
-        .collect::<Vec<_>>()
+        minute_series(&s.db, t0, aggregate)
+            .into_iter()
+            .map(|b| (b.start, b.value.unwrap()))
+            .collect::<Vec<_>>()
     };
     let minute = |m| t0 + Duration::minutes(m);
-    assert_eq!(
-        series(Aggregate::Avg),
-        [(minute(0), 2.0), (minute(1), 15.0)]
-    );
-    assert_eq!(
-        series(Aggregate::Min),
-        [(minute(0), 1.0), (minute(1), 10.0)]
-    );
-    assert_eq!(
-        series(Aggregate::Max),
-        [(minute(0), 3.0), (minute(1), 20.0)]
-    );
-    assert_eq!(
-        series(Aggregate::Sum),
-        [(minute(0), 4.0), (minute(1), 30.0)]
-    );
-    assert_eq!(
-        series(Aggregate::Count),
-        [(minute(0), 2.0), (minute(1), 2.0)]
-    );
+    for (aggregate, first, second) in [
+        (Aggregate::Avg, 2.0, 15.0),
+        (Aggregate::Min, 1.0, 10.0),
+        (Aggregate::Max, 3.0, 20.0),
+        (Aggregate::Sum, 4.0, 30.0),
+        (Aggregate::Count, 2.0, 2.0),
+    ] {
+        assert_eq!(
+            series(aggregate),
+            [(minute(0), first), (minute(1), second)],
+            "{aggregate:?}"
+        );
+    }
 }
 
 #[test]
 fn sums_beyond_a_double_are_none_and_averages_of_huge_values_are_exact() {
-    let db = TestDb::migrated();
-    let mut conn = db.connect();
+    let mut s = Store::new();
     let t0 = at("2026-11-25T10:00:00Z");
     let batch = vec![
         reading("d", "1", t0, &[("t", 1e308)]),
@@ -657,23 +567,12 @@ fn sums_beyond_a_double_are_none_and_averages_of_huge_values_are_exact() {
             &[("t", 0.2)],
         ),
     ];
-    write_readings(&mut conn, &batch, &mut KnownPartitions::default()).unwrap();
+    s.write(&batch);
     let series = |aggregate| {
-        store::read::series(
-            &mut db.connect(),
-            &SeriesQuery {
-                device_id: "d".into(),
-                metric: "t".into(),
-                from: t0,
-                to: t0 + Duration::hours(1),
-                bucket_micros: 60_000_000,
-                aggregate,
-            },
-        )
-        .unwrap()
-        .into_iter()
-        .map(|b| b.value)
-        .collect::<Vec<_>>()
+        minute_series(&s.db, t0, aggregate)
+            .into_iter()
+            .map(|b| b.value)
+            .collect::<Vec<_>>()
     };
     // minute 0 overflows a double; minute 1 cancels out exactly; minute 2 is exact in decimal
     assert_eq!(series(Aggregate::Sum), [None, Some(0.0), Some(0.3)]);

@@ -23,6 +23,15 @@ const WAIT: Duration = Duration::from_secs(60);
 /// How often ingest-http re-reads the device registry in these tests.
 const REGISTRY_REFRESH: Duration = Duration::from_millis(200);
 
+fn now() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+/// A valid reading of `device`, always the same one.
+fn reading(device: &str) -> Value {
+    json!({"device_id": device, "id": "x", "ts": 1_795_000_000_000u64, "temperature": 21.5})
+}
+
 /// One test's stack: its own database and queue names (deleted when it is dropped); services
 /// started on demand on free ports.
 struct Stack {
@@ -124,6 +133,38 @@ impl Stack {
         (status, response.json().await.unwrap_or(Value::Null))
     }
 
+    /// The status of [`Stack::post_with`].
+    async fn post_status(&self, url: String, token: Option<&str>, body: Value) -> u16 {
+        self.post_with(url, token, body).await.0
+    }
+
+    /// The status of posting `body` as it is, of `content_type`, to `url` as `device` (with its
+    /// token).
+    async fn post_raw(
+        &self,
+        url: &str,
+        device: &str,
+        content_type: &str,
+        body: &'static str,
+    ) -> u16 {
+        self.client
+            .post(url)
+            .bearer_auth(self.token(device).await)
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    }
+
+    /// The status of posting [`reading`]`(device)` to `url` with `token`.
+    async fn post_reading(&self, url: &str, token: &str, device: &str) -> u16 {
+        self.post_status(url.to_owned(), Some(token), reading(device))
+            .await
+    }
+
     async fn get(&self, url: String) -> Value {
         self.client
             .get(url)
@@ -221,16 +262,7 @@ async fn batches_are_stored_exactly_and_a_retried_reading_once() {
         .await;
     assert_eq!(status, 202);
     stack.wait_stored(1000).await;
-    let mut conn = stack.db.connect();
-    let page = store::read::readings_page(
-        &mut conn,
-        &store::read::ReadingsQuery {
-            device_id: "pi-7".into(),
-            limit: 1,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let page = testkit::stored_readings(&stack.db.url, "pi-7", 1);
     assert_eq!(page[0].reading_id, "r997");
     assert_eq!(page[0].metrics, json!({"t": 249.25, "n": -997.0}));
     assert_eq!(page[0].ts.timestamp_millis(), 1_795_000_000_997);
@@ -261,16 +293,7 @@ async fn a_reading_retried_without_a_time_is_stored_once_and_a_changed_one_kept_
     assert_eq!(status, 200);
     testkit::wait_for_exactly(&stack.db.url, "reading_conflicts", 1, WAIT).await;
     assert_eq!(stack.stored(), 1);
-    let mut conn = stack.db.connect();
-    let page = store::read::readings_page(
-        &mut conn,
-        &store::read::ReadingsQuery {
-            device_id: "pi-r".into(),
-            limit: 10,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let page = testkit::stored_readings(&stack.db.url, "pi-r", 10);
     assert_eq!(page.len(), 1);
     assert_eq!(page[0].metrics, json!({"temperature": 20.5}));
     ingest.stop().await;
@@ -349,42 +372,24 @@ async fn every_invalid_request_is_refused_with_its_field_and_nothing_is_queued()
         (413, Some("payload_too_large"))
     );
 
-    let response = stack
-        .client
-        .post(&data)
-        .bearer_auth(stack.token("a").await)
-        .header("content-type", "application/x-www-form-urlencoded")
-        .body("device_id=a&t=1")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 415);
-
-    let response = stack
-        .client
-        .post(&data)
-        .bearer_auth(stack.token("a").await)
-        .header("content-type", "application/json")
-        .body("{oops")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 400);
+    let form = "application/x-www-form-urlencoded";
+    assert_eq!(
+        stack.post_raw(&data, "a", form, "device_id=a&t=1").await,
+        415
+    );
+    assert_eq!(
+        stack
+            .post_raw(&data, "a", "application/json", "{oops")
+            .await,
+        400
+    );
 
     assert_eq!(
         stack.queued_messages().await,
         0,
         "nothing invalid reaches the queue"
     );
-    let metrics = stack
-        .client
-        .get(format!("{}/metrics", ingest.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = ingest.metrics().await;
     assert!(
         metrics.contains("requests_rejected_total{endpoint=\"/data\",reason=\"invalid\"} 13"),
         "{metrics}"
@@ -427,9 +432,8 @@ async fn a_database_outage_does_not_stop_ingest_until_the_registry_is_too_old() 
         json!({"device_id": "raspi-01", "id": "during-outage", "ts": 1_795_000_000_000u64, "t": 1});
     assert_eq!(
         stack
-            .post_with(format!("{}/data", patient.url), Some(&token), reading)
-            .await
-            .0,
+            .post_status(format!("{}/data", patient.url), Some(&token), reading)
+            .await,
         200,
         "a known device is still accepted while the database is away"
     );
@@ -486,20 +490,8 @@ async fn a_broker_that_is_down_gets_503_and_no_acknowledged_reading_is_lost() {
     );
     let _persister = stack.persister().await;
     let acked = acknowledged.len() as i64;
-    eventually(WAIT, "every acknowledged reading stored", || async {
-        (stack.stored() >= acked).then_some(())
-    })
-    .await;
-    let mut conn = stack.db.connect();
-    let stored = store::read::readings_page(
-        &mut conn,
-        &store::read::ReadingsQuery {
-            device_id: "raspi-01".into(),
-            limit: 1000,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    testkit::wait_for_rows(&stack.db.url, "readings", acked, WAIT).await;
+    let stored = testkit::stored_readings(&stack.db.url, "raspi-01", 1000);
     for id in &acknowledged {
         assert!(
             stored.iter().any(|r| &r.reading_id == id),

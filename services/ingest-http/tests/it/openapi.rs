@@ -83,17 +83,14 @@ async fn the_description_says_who_may_write_and_every_answer_a_write_can_get() {
     assert_eq!(response.status(), 401);
     assert!(response.headers().contains_key("www-authenticate"));
     // ...and the 415 is what a form post gets
-    let token = stack.token("raspi-01").await;
-    let response = stack
-        .client
-        .post(format!("{}/data", ingest.url))
-        .bearer_auth(&token)
-        .header("content-type", "application/x-www-form-urlencoded")
-        .body("device_id=raspi-01&t=1")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 415);
+    let form = "application/x-www-form-urlencoded";
+    let data = format!("{}/data", ingest.url);
+    assert_eq!(
+        stack
+            .post_raw(&data, "raspi-01", form, "device_id=raspi-01&t=1")
+            .await,
+        415
+    );
 
     ingest.stop().await;
 }
@@ -167,15 +164,7 @@ async fn every_example_in_the_docs_has_its_own_reading_id() {
     // as a conflict, not stored.
     let stack = Stack::new();
     let ingest = stack.ingest().await;
-    let openapi = stack
-        .client
-        .get(format!("{}/openapi.json", ingest.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let openapi = testkit::get_text(&stack.client, &format!("{}/openapi.json", ingest.url)).await;
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
     let mut ids = Vec::new();
     for doc in ["README.md", "deploy/README.md"] {

@@ -6,16 +6,8 @@ use auth::{Claims, Role};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::{Stack, WAIT};
+use crate::{Stack, WAIT, now, reading};
 use testkit::eventually;
-
-fn now() -> i64 {
-    chrono::Utc::now().timestamp()
-}
-
-fn reading(device: &str) -> Value {
-    json!({"device_id": device, "id": "x", "ts": 1_795_000_000_000u64, "temperature": 21.5})
-}
 
 #[tokio::test]
 async fn writes_without_a_valid_device_token_are_refused_and_store_nothing() {
@@ -67,10 +59,7 @@ async fn writes_without_a_valid_device_token_are_refused_and_store_nothing() {
     }
     let reader = stack.keys.app_token(Role::Reader);
     assert_eq!(
-        stack
-            .post_with(data.clone(), Some(&reader), reading("raspi-a"))
-            .await
-            .0,
+        stack.post_reading(&data, &reader, "raspi-a").await,
         403,
         "reader token"
     );
@@ -90,13 +79,7 @@ async fn writes_without_a_valid_device_token_are_refused_and_store_nothing() {
     assert_eq!(status, 403);
 
     // the one legitimate write goes through, and is all that is stored
-    assert_eq!(
-        stack
-            .post_with(data.clone(), Some(&a_token), reading("raspi-a"))
-            .await
-            .0,
-        200
-    );
+    assert_eq!(stack.post_reading(&data, &a_token, "raspi-a").await, 200);
     stack.wait_stored(1).await;
     ingest.stop().await;
 }
@@ -108,27 +91,14 @@ async fn a_revoked_device_is_refused_within_seconds_without_a_restart() {
     // the production default refresh, not the tests' quick one
     let ingest = stack.ingest_with(|s| s.auth_refresh_ms = 2000).await;
     let data = format!("{}/data", ingest.url);
-    assert_eq!(
-        stack
-            .post_with(data.clone(), Some(&token), reading("raspi-r"))
-            .await
-            .0,
-        200
-    );
+    assert_eq!(stack.post_reading(&data, &token, "raspi-r").await, 200);
     let mut conn = store::connect(&stack.db.url).unwrap();
     assert!(store::credentials::revoke_device(&mut conn, "raspi-r").unwrap());
     let revoked_at = Instant::now();
     eventually(
         Duration::from_secs(10),
         "the revocation to take effect",
-        || async {
-            (stack
-                .post_with(data.clone(), Some(&token), reading("raspi-r"))
-                .await
-                .0
-                == 401)
-                .then_some(())
-        },
+        || async { (stack.post_reading(&data, &token, "raspi-r").await == 401).then_some(()) },
     )
     .await;
     assert!(revoked_at.elapsed() < Duration::from_secs(10));
@@ -234,12 +204,7 @@ async fn slow_clients_cannot_hold_a_connection() {
         "POST /data HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"device_id\""
     );
     slow.write_all(head.as_bytes()).await.unwrap();
-    let mut answer = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut answer))
-        .await
-        .expect("answered and closed")
-        .unwrap();
-    let text = String::from_utf8_lossy(&answer);
+    let text = testkit::read_until_closed(&mut slow, Duration::from_secs(5), "the answer").await;
     assert!(text.starts_with("HTTP/1.1 408"), "{text}");
     ingest.stop().await;
 }
@@ -261,25 +226,12 @@ async fn every_write_is_audited_with_who_when_where_and_never_the_token() {
         r.status().is_success().then_some(())
     })
     .await;
+    assert_eq!(stack.post_reading(&data, &token, "raspi-audit").await, 200);
+    assert_eq!(stack.post_reading(&data, &token, "raspi-other").await, 403);
     assert_eq!(
         stack
-            .post_with(data.clone(), Some(&token), reading("raspi-audit"))
-            .await
-            .0,
-        200
-    );
-    assert_eq!(
-        stack
-            .post_with(data.clone(), Some(&token), reading("raspi-other"))
-            .await
-            .0,
-        403
-    );
-    assert_eq!(
-        stack
-            .post_with(data.clone(), None, reading("raspi-audit"))
-            .await
-            .0,
+            .post_status(data.clone(), None, reading("raspi-audit"))
+            .await,
         401
     );
     let audit = std::thread::spawn(move || {
@@ -485,15 +437,7 @@ async fn every_spelling_of_every_route_needs_a_device_token() {
         }
     }
     assert!(probes > 40, "{probes} probes");
-    let metrics = stack
-        .client
-        .get(format!("{}/metrics", ingest.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = ingest.metrics().await;
     assert_eq!(
         testkit::metric_sum(&metrics, "readings_accepted_total"),
         0.0
@@ -532,12 +476,7 @@ async fn an_address_that_keeps_being_refused_is_slowed_down() {
     let forged = testkit::TestKeys::new().sign(&Claims::device("raspi-honest", now()));
     let mut statuses = Vec::new();
     for _ in 0..8 {
-        statuses.push(
-            stack
-                .post_with(data.clone(), Some(&forged), reading("raspi-honest"))
-                .await
-                .0,
-        );
+        statuses.push(stack.post_reading(&data, &forged, "raspi-honest").await);
     }
     assert_eq!(statuses, [401, 401, 401, 401, 401, 401, 429, 429]);
     let (status, _) = stack

@@ -1,13 +1,10 @@
 //! Readings older than the backfill horizon are invalid over MQTT too: acknowledged (so Mosquitto
 //! does not redeliver them forever), kept on the invalid queue with the reason, never stored.
 
-use std::time::Duration;
-
 use chrono::Utc;
 use serde_json::json;
-use testkit::eventually;
 
-use crate::{Stack, WAIT};
+use crate::{Stack, invalid, publish_until_acknowledged};
 
 #[tokio::test]
 async fn readings_older_than_the_backfill_horizon_are_kept_as_invalid_not_stored() {
@@ -43,48 +40,23 @@ async fn readings_older_than_the_backfill_horizon_are_kept_as_invalid_not_stored
         .into_iter()
         .map(|(t, body)| (t, body.to_string().into_bytes()))
         .collect();
-    assert_eq!(
-        stack
-            .device("horizon")
-            .publish_all(messages, Duration::ZERO, WAIT)
-            .await,
-        4
-    );
-    stack.wait_stored(1).await;
-    eventually(WAIT, "all four acknowledged", || async {
-        (ingest.metric("mqtt_messages_acked_total").await == 4.0).then_some(())
-    })
+    publish_until_acknowledged(
+        &stack.device("horizon"),
+        messages,
+        &ingest,
+        &stack.db.url,
+        1,
+    )
     .await;
-    assert_eq!(
-        ingest
-            .metric("mqtt_messages_invalid_total{kind=\"invalid_reading\"}")
-            .await,
-        3.0
-    );
+    assert_eq!(invalid(&ingest, "invalid_reading").await, 3.0);
     assert_eq!(stack.stored_ids("raspi-h"), ["new-2"]);
 
-    let conn = bus::connect(&testkit::amqp_url(), "mqtt-test")
+    let mut reasons: Vec<String> = stack
+        .take_invalid()
         .await
-        .unwrap();
-    let channel = conn.create_channel().await.unwrap();
-    let topology = bus::Topology::with_prefix(&stack.prefix);
-    let mut reasons = Vec::new();
-    while let Some(m) = channel
-        .basic_get(
-            topology.invalid_queue.as_str().into(),
-            bus::lapin::options::BasicGetOptions { no_ack: true },
-        )
-        .await
-        .unwrap()
-    {
-        let headers = m.delivery.properties.headers().clone().unwrap();
-        reasons.push(
-            headers.inner()["x-sensorhub-reason"]
-                .as_long_string()
-                .unwrap()
-                .to_string(),
-        );
-    }
+        .into_iter()
+        .map(|kept| kept.reason)
+        .collect();
     reasons.sort();
     assert_eq!(reasons.len(), 3, "{reasons:?}");
     assert!(

@@ -21,6 +21,21 @@ use testkit::spawn::{self, Running};
 use testkit::{AmqpPrefix, TcpProxy, TestDb, count_rows, eventually};
 
 const WAIT: Duration = Duration::from_secs(90);
+/// How long a killed ingest-mqtt stays down before its next run: devices go on publishing
+/// meanwhile, into its session.
+const KILLED_FOR: Duration = Duration::from_millis(500);
+/// How long RabbitMQ is kept away, with messages in ingest-mqtt's hands, to show that none is
+/// acknowledged meanwhile: nothing marks "none will be", so showing it takes a wait.
+const OUTAGE_HELD: Duration = Duration::from_secs(2);
+
+/// A message kept on the invalid queue.
+struct Kept {
+    /// The MQTT topic it came on.
+    topic: Option<String>,
+    payload: Vec<u8>,
+    /// Why it was refused.
+    reason: String,
+}
 
 /// One test's stack: its own database, queue names (deleted when it is dropped) and Mosquitto.
 struct Stack {
@@ -65,6 +80,36 @@ impl Stack {
         spawn::ingest_http(&settings).await
     }
 
+    /// Takes every message kept on this stack's invalid queue.
+    async fn take_invalid(&self) -> Vec<Kept> {
+        let conn = bus::connect(&testkit::amqp_url(), "mqtt-test")
+            .await
+            .unwrap();
+        let channel = conn.create_channel().await.unwrap();
+        let topology = bus::Topology::with_prefix(&self.prefix);
+        let mut kept = Vec::new();
+        while let Some(m) = channel
+            .basic_get(
+                topology.invalid_queue.as_str().into(),
+                bus::lapin::options::BasicGetOptions { no_ack: true },
+            )
+            .await
+            .unwrap()
+        {
+            let headers = m.delivery.properties.headers().clone().unwrap();
+            let header = |name: &str| {
+                let value = headers.inner().get(name)?.as_long_string()?;
+                Some(value.to_string())
+            };
+            kept.push(Kept {
+                topic: header("x-mqtt-topic"),
+                payload: m.delivery.data.clone(),
+                reason: header("x-sensorhub-reason").expect("a kept message says why"),
+            });
+        }
+        kept
+    }
+
     fn device(&self, id: &str) -> Device {
         Device::new(&testkit::unique_name(id), self.mosquitto.port)
     }
@@ -78,19 +123,94 @@ impl Stack {
     }
 
     fn stored_ids(&self, device: &str) -> Vec<String> {
-        store::read::readings_page(
-            &mut self.db.connect(),
-            &store::read::ReadingsQuery {
-                device_id: device.into(),
-                limit: 10_000,
-                ..Default::default()
-            },
-        )
-        .unwrap()
-        .into_iter()
-        .map(|r| r.reading_id)
-        .collect()
+        testkit::stored_readings(&self.db.url, device, 10_000)
+            .into_iter()
+            .map(|r| r.reading_id)
+            .collect()
     }
+}
+
+/// Publishes `messages` as `device`, every one acknowledged by the broker, and waits until `stored`
+/// readings are in the database at `database_url` and ingest-mqtt has acknowledged every message,
+/// valid or not.
+async fn publish_until_acknowledged(
+    device: &Device,
+    messages: Vec<(String, Vec<u8>)>,
+    ingest: &Running,
+    database_url: &str,
+    stored: i64,
+) {
+    let n = messages.len();
+    assert_eq!(device.publish_all(messages, Duration::ZERO, WAIT).await, n);
+    testkit::wait_for_exactly(database_url, "readings", stored, WAIT).await;
+    eventually(WAIT, &format!("all {n} acknowledged"), || async {
+        (ingest.metric("mqtt_messages_acked_total").await == n as f64).then_some(())
+    })
+    .await;
+}
+
+/// The broker's answer to a CONNECT (`None`: no answer within `within`, or the connection failed).
+async fn connack(
+    events: &mut rumqttc::EventLoop,
+    within: Duration,
+) -> Option<rumqttc::ConnectReturnCode> {
+    let answer = async {
+        loop {
+            match events.poll().await {
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(ack))) => {
+                    return Some(ack.code);
+                }
+                Ok(_) => {}
+                Err(rumqttc::ConnectionError::ConnectionRefused(code)) => return Some(code),
+                Err(_) => return None,
+            }
+        }
+    };
+    tokio::time::timeout(within, answer).await.ok().flatten()
+}
+
+/// Each `(device, id)` publishes `n` [`device_messages`] of `id`, all at once, on tasks of their
+/// own; each task answers how many of its messages the broker acknowledged.
+fn publish_at_once(
+    devices: impl IntoIterator<Item = (Device, String)>,
+    n: usize,
+) -> Vec<tokio::task::JoinHandle<usize>> {
+    devices
+        .into_iter()
+        .map(|(device, id)| {
+            let messages = device_messages(&id, n);
+            tokio::spawn(async move { device.publish_all(messages, Duration::ZERO, WAIT).await })
+        })
+        .collect()
+}
+
+/// Waits for publishes running on tasks of their own (as [`publish_at_once`] starts them): the
+/// broker must have acknowledged all `n` messages of each.
+async fn all_acknowledged(sends: Vec<tokio::task::JoinHandle<usize>>, n: usize) {
+    for send in sends {
+        assert_eq!(send.await.unwrap(), n, "every publish acknowledged");
+    }
+}
+
+/// Each `(device, id)` publishes `n` [`device_messages`] of `id`, all at once; waits until the
+/// broker has acknowledged every one and exactly as many readings are in the database at
+/// `database_url`.
+async fn publish_all_stored(
+    devices: impl IntoIterator<Item = (Device, String)>,
+    n: usize,
+    database_url: &str,
+) {
+    let sends = publish_at_once(devices, n);
+    let total = sends.len() * n;
+    all_acknowledged(sends, n).await;
+    testkit::wait_for_exactly(database_url, "readings", total as i64, WAIT).await;
+}
+
+/// How many messages of `kind` ingest-mqtt refused as invalid.
+async fn invalid(ingest: &Running, kind: &str) -> f64 {
+    ingest
+        .metric(&format!("mqtt_messages_invalid_total{{kind=\"{kind}\"}}"))
+        .await
 }
 
 /// `n` messages for `device` on its own topic, ids `{device}-{i}`, with times, as a careful Pi sends.
@@ -147,18 +267,12 @@ async fn the_seed_snippet_and_device_topics_are_stored_exactly() {
         .await;
     assert_eq!(acked, 2);
     stack.wait_stored(3).await;
-    let mut conn = stack.db.connect();
-    let query = |device: &str| store::read::ReadingsQuery {
-        device_id: device.into(),
-        limit: 10,
-        ..Default::default()
-    };
-    let r1 = store::read::readings_page(&mut conn, &query("raspi-01")).unwrap();
+    let r1 = testkit::stored_readings(&stack.db.url, "raspi-01", 10);
     assert_eq!(
         r1[0].metrics,
         json!({"temperature": 25.5, "humidity": 60.3})
     );
-    let r2 = store::read::readings_page(&mut conn, &query("raspi-02")).unwrap();
+    let r2 = testkit::stored_readings(&stack.db.url, "raspi-02", 10);
     assert_eq!(
         r2.iter()
             .map(|r| (r.reading_id.as_str(), r.metrics.clone()))
@@ -174,17 +288,8 @@ async fn ten_thousand_messages_from_ten_devices_are_all_stored_once() {
     let stack = Stack::new();
     let _persister = stack.persister().await;
     let ingest = stack.ingest(&stack.settings("ingest-load")).await;
-    let sends: Vec<_> = (0..10)
-        .map(|d| {
-            let device = stack.device(&format!("pi{d}"));
-            let messages = device_messages(&format!("pi-{d}"), 1000);
-            tokio::spawn(async move { device.publish_all(messages, Duration::ZERO, WAIT).await })
-        })
-        .collect();
-    for send in sends {
-        assert_eq!(send.await.unwrap(), 1000);
-    }
-    stack.wait_stored(10_000).await;
+    let devices = (0..10).map(|d| (stack.device(&format!("pi{d}")), format!("pi-{d}")));
+    publish_all_stored(devices, 1000, &stack.db.url).await;
     for d in 0..10 {
         let ids: HashSet<String> = stack.stored_ids(&format!("pi-{d}")).into_iter().collect();
         assert_eq!(ids.len(), 1000);
@@ -241,21 +346,12 @@ async fn a_killed_ingest_resumes_its_session_and_stores_everything_once() {
             })
         })
         .collect();
-    eventually(WAIT, "part of the stream stored", || async {
-        (stack.stored() >= 600).then_some(())
-    })
-    .await;
+    testkit::wait_for_rows(&stack.db.url, "readings", 600, WAIT).await;
     first.kill(); // SIGKILL: messages in flight are neither confirmed nor acknowledged
     let at_kill = stack.stored();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::time::sleep(KILLED_FOR).await;
     let mut second = spawn();
-    for device in devices {
-        assert_eq!(
-            device.await.unwrap(),
-            1000,
-            "Mosquitto acknowledged every publish"
-        );
-    }
+    all_acknowledged(devices, 1000).await;
     stack.wait_stored(3001).await;
     for d in 0..3 {
         assert_eq!(stack.stored_ids(&format!("k-{d}")).len(), 1000);
@@ -282,7 +378,7 @@ async fn while_rabbitmq_is_unreachable_nothing_is_acknowledged_and_everything_ar
         (ingest.metric("mqtt_messages_in_flight").await > 0.0).then_some(())
     })
     .await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    tokio::time::sleep(OUTAGE_HELD).await;
     assert_eq!(
         ingest.metric("mqtt_messages_acked_total").await,
         0.0,
@@ -301,17 +397,8 @@ async fn two_instances_share_the_load_and_nothing_is_stored_twice() {
     let _persister = stack.persister().await;
     let a = stack.ingest(&stack.settings("ingest-share-a")).await;
     let b = stack.ingest(&stack.settings("ingest-share-b")).await;
-    let sends: Vec<_> = (0..4)
-        .map(|d| {
-            let device = stack.device(&format!("s{d}"));
-            let messages = device_messages(&format!("s-{d}"), 500);
-            tokio::spawn(async move { device.publish_all(messages, Duration::ZERO, WAIT).await })
-        })
-        .collect();
-    for send in sends {
-        assert_eq!(send.await.unwrap(), 500);
-    }
-    stack.wait_stored(2000).await;
+    let devices = (0..4).map(|d| (stack.device(&format!("s{d}")), format!("s-{d}")));
+    publish_all_stored(devices, 500, &stack.db.url).await;
     let (ra, rb) = (
         a.metric("mqtt_messages_received_total").await,
         b.metric("mqtt_messages_received_total").await,
@@ -343,69 +430,24 @@ async fn every_kind_of_bad_payload_is_refused_counted_and_kept_and_the_service_g
     let good = device_messages("b-1", 1);
     let mut messages = bad.clone();
     messages.extend(good);
-    assert_eq!(
-        stack
-            .device("bad")
-            .publish_all(messages, Duration::ZERO, WAIT)
-            .await,
-        6
-    );
-    stack.wait_stored(1).await;
-    eventually(WAIT, "all six acknowledged", || async {
-        (ingest.metric("mqtt_messages_acked_total").await == 6.0).then_some(())
-    })
-    .await;
-    assert_eq!(
-        ingest
-            .metric("mqtt_messages_invalid_total{kind=\"not_json\"}")
-            .await,
-        2.0
-    );
-    assert_eq!(
-        ingest
-            .metric("mqtt_messages_invalid_total{kind=\"invalid_reading\"}")
-            .await,
-        2.0
-    );
-    assert_eq!(
-        ingest
-            .metric("mqtt_messages_invalid_total{kind=\"device_mismatch\"}")
-            .await,
-        1.0
-    );
+    publish_until_acknowledged(&stack.device("bad"), messages, &ingest, &stack.db.url, 1).await;
+    assert_eq!(invalid(&ingest, "not_json").await, 2.0);
+    assert_eq!(invalid(&ingest, "invalid_reading").await, 2.0);
+    assert_eq!(invalid(&ingest, "device_mismatch").await, 1.0);
 
     // kept on the invalid queue, with the reason and the topic
-    let conn = bus::connect(&testkit::amqp_url(), "mqtt-test")
-        .await
-        .unwrap();
-    let channel = conn.create_channel().await.unwrap();
-    let topology = bus::Topology::with_prefix(&stack.prefix);
-    let mut kept = Vec::new();
-    while let Some(m) = channel
-        .basic_get(
-            topology.invalid_queue.as_str().into(),
-            bus::lapin::options::BasicGetOptions { no_ack: true },
-        )
-        .await
-        .unwrap()
-    {
-        let headers = m.delivery.properties.headers().clone().unwrap();
-        let header = |name: &str| headers.inner()[name].as_long_string().unwrap().to_string();
-        kept.push((
-            header("x-mqtt-topic"),
-            m.delivery.data.clone(),
-            header("x-sensorhub-reason"),
-        ));
-    }
+    let kept = stack.take_invalid().await;
     assert_eq!(kept.len(), 5);
     for (topic, payload) in bad {
-        let found = kept.iter().find(|(t, p, _)| *t == topic && *p == payload);
+        let found = kept
+            .iter()
+            .find(|k| k.topic.as_deref() == Some(topic.as_str()) && k.payload == payload);
         assert!(found.is_some(), "{topic} {payload:?} not kept");
     }
     let mismatch = kept
         .iter()
-        .find(|(_, p, _)| p.starts_with(br#"{"device_id": "b-2""#))
+        .find(|k| k.payload.starts_with(br#"{"device_id": "b-2""#))
         .unwrap();
-    assert!(mismatch.2.contains("device_id"), "{}", mismatch.2);
+    assert!(mismatch.reason.contains("device_id"), "{}", mismatch.reason);
     ingest.stop().await;
 }

@@ -12,7 +12,10 @@ use testkit::{TestDb, count_rows, eventually};
 
 use testkit::spawn::Running;
 
-use crate::{WAIT, device_messages};
+use crate::{
+    WAIT, all_acknowledged, device_messages, invalid, publish_all_stored, publish_at_once,
+    publish_until_acknowledged,
+};
 
 pub struct DurableStack {
     pub db: TestDb,
@@ -71,6 +74,19 @@ impl DurableStack {
         Device::new(device, self.node.mqtt_port).with_credentials(device, token)
     }
 
+    /// Publishes `messages` at once through [`DurableStack::account`], and answers how many the
+    /// broker acknowledged within 5 s.
+    pub async fn publish_as(
+        &self,
+        device: &str,
+        token: &str,
+        messages: Vec<(String, Vec<u8>)>,
+    ) -> usize {
+        self.account(device, token)
+            .publish_all(messages, Duration::ZERO, Duration::from_secs(5))
+            .await
+    }
+
     /// What this stack declared on the machine's RabbitMQ goes with its prefix, when dropped.
     pub async fn cleanup(self) {}
 
@@ -109,18 +125,10 @@ impl DurableStack {
     }
 
     pub fn stored_ids(&self, device: &str) -> HashSet<String> {
-        store::read::readings_page(
-            &mut self.db.connect(),
-            &store::read::ReadingsQuery {
-                device_id: device.into(),
-                limit: 10_000,
-                ..Default::default()
-            },
-        )
-        .unwrap()
-        .into_iter()
-        .map(|r| r.reading_id)
-        .collect()
+        testkit::stored_readings(&self.db.url, device, 10_000)
+            .into_iter()
+            .map(|r| r.reading_id)
+            .collect()
     }
 
     /// What ingest-mqtt declares when it starts: the exchange the MQTT plugin publishes to.
@@ -198,18 +206,9 @@ async fn two_consumers_forward_every_acknowledged_message_exactly_once_and_nothi
     let _persister = stack.persister().await;
     let a = stack.ingest(&stack.settings("ingest-durable-a")).await;
     let b = stack.ingest(&stack.settings("ingest-durable-b")).await;
-    let sends: Vec<_> = (0..4)
-        .map(|d| {
-            let device = stack.device(&format!("r{d}"));
-            // one device id with a dot: the plugin turns `/` into `.`, the id keeps its own
-            let messages = device_messages(&format!("r.{d}"), 500);
-            tokio::spawn(async move { device.publish_all(messages, Duration::ZERO, WAIT).await })
-        })
-        .collect();
-    for send in sends {
-        assert_eq!(send.await.unwrap(), 500, "every publish acknowledged");
-    }
-    stack.wait_stored(2000).await;
+    // one device id with a dot: the plugin turns `/` into `.`, the id keeps its own
+    let devices = (0..4).map(|d| (stack.device(&format!("r{d}")), format!("r.{d}")));
+    publish_all_stored(devices, 500, &stack.db.url).await;
     for d in 0..4 {
         assert_eq!(stack.stored_ids(&format!("r.{d}")).len(), 500);
     }
@@ -258,24 +257,8 @@ async fn a_bad_payload_on_the_durable_broker_is_kept_as_invalid_with_its_topic()
         b"not json at all".to_vec(),
     )];
     messages.extend(device_messages("bad-1", 1));
-    assert_eq!(
-        stack
-            .device("bad")
-            .publish_all(messages, Duration::ZERO, WAIT)
-            .await,
-        2
-    );
-    stack.wait_stored(1).await;
-    eventually(WAIT, "both acknowledged", || async {
-        (ingest.metric("mqtt_messages_acked_total").await == 2.0).then_some(())
-    })
-    .await;
-    assert_eq!(
-        ingest
-            .metric("mqtt_messages_invalid_total{kind=\"not_json\"}")
-            .await,
-        1.0
-    );
+    publish_until_acknowledged(&stack.device("bad"), messages, &ingest, &stack.db.url, 1).await;
+    assert_eq!(invalid(&ingest, "not_json").await, 1.0);
     let invalid = stack
         .take_all(&bus::Topology::with_prefix(&stack.prefix).invalid_queue)
         .await;
@@ -301,19 +284,7 @@ async fn connect(
         .set_clean_session(false)
         .set_keep_alive(Duration::from_secs(10));
     let (client, mut events) = rumqttc::AsyncClient::new(options, 16);
-    let code = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            match events.poll().await {
-                Ok(Event::Incoming(Packet::ConnAck(ack))) => return Some(ack.code),
-                Ok(_) => {}
-                Err(rumqttc::ConnectionError::ConnectionRefused(code)) => return Some(code),
-                Err(_) => return None,
-            }
-        }
-    })
-    .await
-    .ok()
-    .flatten();
+    let code = crate::connack(&mut events, Duration::from_secs(10)).await;
     (code, client, events)
 }
 
@@ -393,14 +364,8 @@ async fn each_device_logs_in_only_as_itself_and_writes_and_reads_only_its_own_to
         "devices/dev-a/other",
         "sensor/data",
     ] {
-        let acked = stack
-            .account("dev-a", &a_token)
-            .publish_all(
-                vec![(topic.to_owned(), br#"{"metrics":{"t":1}}"#.to_vec())],
-                Duration::ZERO,
-                Duration::from_secs(5),
-            )
-            .await;
+        let message = (topic.to_owned(), br#"{"metrics":{"t":1}}"#.to_vec());
+        let acked = stack.publish_as("dev-a", &a_token, vec![message]).await;
         assert_eq!(acked, 0, "dev-a published on {topic}");
     }
 
@@ -431,9 +396,17 @@ async fn each_device_logs_in_only_as_itself_and_writes_and_reads_only_its_own_to
     })
     .await;
 
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(stack.stored(), 3, "only dev-a's own readings");
-    assert_eq!(stack.stored_ids("dev-a").len(), 3);
+    // a reading dev-b sends now, once stored, shows that all sent before it has been handled
+    let marker = stack
+        .publish_as("dev-b", &b_token, device_messages("dev-b", 1))
+        .await;
+    assert_eq!(marker, 1, "dev-b publishes on its own topic");
+    stack.wait_stored(4).await;
+    assert_eq!(
+        stack.stored_ids("dev-a").len(),
+        3,
+        "only dev-a's own readings"
+    );
     ingest.stop().await;
     stack.cleanup().await;
 }
@@ -485,20 +458,12 @@ async fn a_broker_killed_under_load_loses_nothing_it_acknowledged() {
     let mut stack = DurableStack::new(MqttAuth::Anonymous);
     let _persister = stack.persister().await;
     let ingest = stack.ingest(&stack.settings("ingest-durable-kill")).await;
-    let devices: Vec<_> = (0..3)
-        .map(|d| {
-            let device = stack.device(&format!("kill{d}"));
-            let messages = device_messages(&format!("kill-{d}"), PER_DEVICE);
-            tokio::spawn(async move {
-                // ends at the kill: what was acknowledged by then is what must be stored
-                device.publish_all(messages, Duration::ZERO, WAIT).await
-            })
-        })
-        .collect();
-    eventually(WAIT, "part of the stream stored", || async {
-        (stack.stored() >= 2000).then_some(())
-    })
-    .await;
+    // each ends at the kill: what was acknowledged by then is what must be stored
+    let devices = publish_at_once(
+        (0..3).map(|d| (stack.device(&format!("kill{d}")), format!("kill-{d}"))),
+        PER_DEVICE,
+    );
+    testkit::wait_for_rows(&stack.db.url, "readings", 2000, WAIT).await;
     stack.node.kill(); // SIGKILL, the Erlang VM and all
     let mut acked = Vec::new();
     for device in devices {
@@ -563,27 +528,15 @@ async fn a_killed_consumer_leaves_its_messages_to_the_next_and_everything_is_sto
     // the queue exists before the first publish, whenever the consumer gets going
     stack.declare_mqtt_topology().await;
     let mut first = spawn();
-    let devices: Vec<_> = (0..3)
-        .map(|d| {
-            let device = stack.device(&format!("c{d}"));
-            let messages = device_messages(&format!("c-{d}"), 1000);
-            tokio::spawn(async move { device.publish_all(messages, Duration::ZERO, WAIT).await })
-        })
-        .collect();
-    eventually(WAIT, "part of the stream stored", || async {
-        (stack.stored() >= 600).then_some(())
-    })
-    .await;
+    let devices = publish_at_once(
+        (0..3).map(|d| (stack.device(&format!("c{d}")), format!("c-{d}"))),
+        1000,
+    );
+    testkit::wait_for_rows(&stack.db.url, "readings", 600, WAIT).await;
     first.0.kill().unwrap(); // SIGKILL: what it had in hand is neither confirmed nor acked
     first.0.wait().unwrap();
     let at_kill = stack.stored();
-    for device in devices {
-        assert_eq!(
-            device.await.unwrap(),
-            1000,
-            "RabbitMQ acknowledged every publish"
-        );
-    }
+    all_acknowledged(devices, 1000).await;
     let _second = spawn();
     stack.wait_stored(3000).await;
     for d in 0..3 {

@@ -4,8 +4,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use crate::Stack;
-use crate::security::production;
+use crate::security::behind_production;
 
 const README: &str = include_str!("../../../../README.md");
 
@@ -50,11 +49,7 @@ async fn the_readmes_python_snippets_work_with_a_token() {
         .find(|b| b.contains("paho"))
         .expect("an MQTT snippet");
 
-    let broker = production().await;
-    let stack = Stack::new();
-    let _persister = stack.persister().await;
-    let mut settings = stack.settings("unused");
-    broker.ingest_settings(&mut settings, 1);
+    let (broker, stack, _persister, settings) = behind_production().await;
     let ingest = stack.ingest(&settings).await;
     let http_ingest = stack.ingest_http(&broker).await;
 

@@ -11,9 +11,10 @@ use ingest_mqtt::Settings;
 use models::DeviceId;
 use rumqttc::{AsyncClient, ConnectReturnCode, Event, MqttOptions, Packet};
 use serde_json::json;
-use testkit::mqtt::{Device, Mosquitto};
+use testkit::mqtt::{Device, Listening, Mosquitto};
 
 use crate::Stack;
+use testkit::spawn::Running;
 
 const INGEST_PASSWORD: &str = "ingest-secret";
 /// ingest-mqtt replicas with an account, as `sensorctl mqtt init --ingest-replicas 2` makes them.
@@ -48,6 +49,15 @@ impl Production {
         settings.mqtt_client_id = account;
     }
 
+    /// ingest-mqtt's first replica's account listening to every device's readings, as ingest-mqtt
+    /// subscribes (shared), for `listen`: to see what reaches ingest.
+    pub fn ingest_listening(&self, listen: Duration) -> Listening {
+        let account = mqtt_admin::ingest_client_id(1);
+        Device::new(&account, self.mosquitto.port)
+            .with_credentials(&account, INGEST_PASSWORD)
+            .listen("$share/sensorhub/devices/+/readings", listen)
+    }
+
     /// An account allowed to send any device its commands (what a back-end that commands devices
     /// would get), to see what devices receive.
     async fn add_commander(&self) -> Device {
@@ -79,19 +89,7 @@ impl Production {
             .set_credentials(user, password)
             .set_clean_session(false);
         let (client, mut events) = AsyncClient::new(options, 16);
-        let code = tokio::time::timeout(Duration::from_secs(3), async {
-            loop {
-                match events.poll().await {
-                    Ok(Event::Incoming(Packet::ConnAck(ack))) => return Some(ack.code),
-                    Ok(_) => {}
-                    Err(rumqttc::ConnectionError::ConnectionRefused(code)) => return Some(code),
-                    Err(_) => return None,
-                }
-            }
-        })
-        .await
-        .ok()
-        .flatten();
+        let code = crate::connack(&mut events, Duration::from_secs(3)).await;
         let mut delivered = 0;
         if code == Some(ConnectReturnCode::Success) {
             let _ = tokio::time::timeout(Duration::from_secs(1), async {
@@ -126,6 +124,17 @@ pub async fn production() -> Production {
     }
 }
 
+/// The production broker, and a stack behind it with its persister running; ingest-mqtt's settings
+/// (not started) are replica 1's on that broker.
+pub async fn behind_production() -> (Production, Stack, Running, Settings) {
+    let p = production().await;
+    let stack = Stack::new();
+    let persister = stack.persister().await;
+    let mut settings = stack.settings("unused");
+    p.ingest_settings(&mut settings, 1);
+    (p, stack, persister, settings)
+}
+
 fn reading(device: &str) -> (String, Vec<u8>) {
     (
         format!("devices/{device}/readings"),
@@ -133,73 +142,51 @@ fn reading(device: &str) -> (String, Vec<u8>) {
     )
 }
 
+/// Publishes `messages` at once and answers how many the broker acknowledged within 3 s (MQTT
+/// 3.1.1 cannot refuse a publish: one a device may not make is acknowledged and dropped).
+async fn publish(device: &Device, messages: Vec<(String, Vec<u8>)>) -> usize {
+    device
+        .publish_all(messages, Duration::ZERO, Duration::from_secs(3))
+        .await
+}
+
 #[tokio::test]
 async fn nobody_gets_in_without_credentials() {
     let p = production().await;
     p.add_device("raspi-01", "token-01").await;
     let port = p.mosquitto.port;
-    let wait = Duration::from_secs(3);
     assert_eq!(
-        Device::new("anon", port)
-            .publish_all(vec![reading("raspi-01")], Duration::ZERO, wait)
-            .await,
+        publish(&Device::new("anon", port), vec![reading("raspi-01")]).await,
         0
     );
     let wrong = p.device("raspi-01", "not-the-token");
-    assert_eq!(
-        wrong
-            .publish_all(vec![reading("raspi-01")], Duration::ZERO, wait)
-            .await,
-        0
-    );
+    assert_eq!(publish(&wrong, vec![reading("raspi-01")]).await, 0);
     let unknown = p.device("raspi-99", "token-99");
-    assert_eq!(
-        unknown
-            .publish_all(vec![reading("raspi-99")], Duration::ZERO, wait)
-            .await,
-        0
-    );
+    assert_eq!(publish(&unknown, vec![reading("raspi-99")]).await, 0);
     let right = p.device("raspi-01", "token-01");
-    assert_eq!(
-        right
-            .publish_all(vec![reading("raspi-01")], Duration::ZERO, wait)
-            .await,
-        1
-    );
+    assert_eq!(publish(&right, vec![reading("raspi-01")]).await, 1);
 }
 
 #[tokio::test]
 async fn a_device_publishes_only_as_itself_and_ingest_sees_only_that() {
     let p = production().await;
     p.add_device("raspi-01", "token-01").await;
-    let ingest = Device::new("ingest-mqtt:1", p.mosquitto.port)
-        .with_credentials("ingest-mqtt:1", INGEST_PASSWORD);
-    let listening = tokio::spawn(async move {
-        ingest
-            .subscribe_and_collect(
-                "$share/sensorhub/devices/+/readings",
-                Duration::from_secs(3),
-            )
-            .await
-    });
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut listening = p.ingest_listening(Duration::from_secs(3));
+    assert!(
+        listening.subscribed().await,
+        "ingest may subscribe (shared)"
+    );
     let pi = p.device("raspi-01", "token-01");
     // MQTT 3.1.1 cannot say "refused" to a publish: Mosquitto acknowledges and drops it
     let legacy = (
         "sensor/data".to_owned(),
         br#"{"device_id":"raspi-02","t":1}"#.to_vec(),
     );
-    pi.publish_all(
-        vec![reading("raspi-01"), reading("raspi-02"), legacy],
-        Duration::ZERO,
-        Duration::from_secs(3),
-    )
-    .await;
-    let seen = listening
+    publish(&pi, vec![reading("raspi-01"), reading("raspi-02"), legacy]).await;
+    let topics = listening
+        .topics()
         .await
-        .unwrap()
         .expect("ingest may subscribe (shared)");
-    let topics: Vec<&str> = seen.iter().map(|(t, _)| t.as_str()).collect();
     assert_eq!(topics, ["devices/raspi-01/readings"]);
 }
 
@@ -210,39 +197,24 @@ async fn a_device_reads_only_its_own_commands() {
     p.add_device("raspi-02", "token-02").await;
     let commander = p.add_commander().await;
     assert!(
-        p.device("raspi-01", "token-01")
-            .subscribe_and_collect("devices/+/readings", Duration::from_millis(300))
-            .await
-            .is_none(),
+        !p.device("raspi-01", "token-01")
+            .listen("devices/+/readings", Duration::from_millis(300))
+            .subscribed()
+            .await,
         "a device cannot subscribe to others' readings"
     );
-    let pi1 = p.device("raspi-01", "token-01");
-    let listening = tokio::spawn(async move {
-        pi1.subscribe_and_collect("devices/raspi-01/commands", Duration::from_secs(3))
-            .await
-    });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut listening = p
+        .device("raspi-01", "token-01")
+        .listen("devices/raspi-01/commands", Duration::from_secs(3));
+    assert!(listening.subscribed().await, "its own commands are allowed");
     let command = |device: &str| (format!("devices/{device}/commands"), b"{}".to_vec());
     // raspi-02 may not command raspi-01 (MQTT 3.1.1 cannot say so: the publish is dropped)
-    p.device("raspi-02", "token-02")
-        .publish_all(
-            vec![command("raspi-01")],
-            Duration::ZERO,
-            Duration::from_secs(3),
-        )
-        .await;
-    commander
-        .publish_all(
-            vec![command("raspi-02"), command("raspi-01")],
-            Duration::ZERO,
-            Duration::from_secs(3),
-        )
-        .await;
-    let seen = listening
+    publish(&p.device("raspi-02", "token-02"), vec![command("raspi-01")]).await;
+    publish(&commander, vec![command("raspi-02"), command("raspi-01")]).await;
+    let topics = listening
+        .topics()
         .await
-        .unwrap()
         .expect("its own commands are allowed");
-    let topics: Vec<&str> = seen.iter().map(|(t, _)| t.as_str()).collect();
     assert_eq!(topics, ["devices/raspi-01/commands"]);
 }
 
@@ -253,12 +225,10 @@ async fn no_device_can_take_over_another_clients_id_or_session() {
     p.add_device("raspi-b", "token-b").await;
     let commander = p.add_commander().await;
     // B connected, with a persistent session subscribed to its commands
-    let b = p.device("raspi-b", "token-b");
-    let b_listening = tokio::spawn(async move {
-        b.subscribe_and_collect("devices/raspi-b/commands", Duration::from_secs(4))
-            .await
-    });
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut b_listening = p
+        .device("raspi-b", "token-b")
+        .listen("devices/raspi-b/commands", Duration::from_secs(4));
+    assert!(b_listening.subscribed().await, "B's subscription stands");
 
     // A, with its own valid credentials, under B's client id, ingest-mqtt's, or anything not its own
     for foreign in ["raspi-b", "ingest-mqtt:1", "ingest-mqtt:2", "raspi-a-2"] {
@@ -269,24 +239,24 @@ async fn no_device_can_take_over_another_clients_id_or_session() {
         );
     }
     // A under its own id is fine, and what is sent to B meanwhile reaches B alone
-    let a = p.device("raspi-a", "token-a");
-    let a_listening = tokio::spawn(async move {
-        a.subscribe_and_collect("devices/raspi-b/commands", Duration::from_secs(2))
-            .await
-    });
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    commander
-        .publish_all(
-            vec![("devices/raspi-b/commands".to_owned(), b"reboot".to_vec())],
-            Duration::ZERO,
-            Duration::from_secs(3),
-        )
-        .await;
+    let mut a_listening = p
+        .device("raspi-a", "token-a")
+        .listen("devices/raspi-b/commands", Duration::from_secs(2));
+    // the broker's answer (a refusal) before B's command is sent
+    a_listening.subscribed().await;
+    publish(
+        &commander,
+        vec![("devices/raspi-b/commands".to_owned(), b"reboot".to_vec())],
+    )
+    .await;
     assert!(
-        a_listening.await.unwrap().is_none(),
+        a_listening.collect().await.is_none(),
         "A may not even subscribe to B's commands"
     );
-    let seen = b_listening.await.unwrap().expect("B's subscription stands");
+    let seen = b_listening
+        .collect()
+        .await
+        .expect("B's subscription stands");
     assert_eq!(
         seen,
         [("devices/raspi-b/commands".to_owned(), b"reboot".to_vec())],
@@ -299,26 +269,13 @@ async fn a_revoked_device_is_disconnected_and_refused() {
     let p = production().await;
     p.add_device("raspi-01", "token-01").await;
     let pi = p.device("raspi-01", "token-01");
-    assert_eq!(
-        pi.publish_all(
-            vec![reading("raspi-01")],
-            Duration::ZERO,
-            Duration::from_secs(3)
-        )
-        .await,
-        1
-    );
+    assert_eq!(publish(&pi, vec![reading("raspi-01")]).await, 1);
     // connected, publishing slowly, when the operator revokes it
+    let mut ingest = p.ingest_listening(Duration::from_secs(8));
+    assert!(ingest.subscribed().await, "ingest may subscribe (shared)");
     let pi = p.device("raspi-01", "token-01");
-    let streaming = tokio::spawn(async move {
-        pi.publish_all(
-            (0..50).map(|_| reading("raspi-01")).collect(),
-            Duration::from_millis(100),
-            Duration::from_secs(8),
-        )
-        .await
-    });
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let streaming = pi.publish_slowly(reading("raspi-01"), 50);
+    assert!(ingest.received(1).await, "raspi-01 publishing");
     let removed = p
         .broker
         .remove_device(&DeviceId::parse("raspi-01").unwrap())
@@ -331,16 +288,7 @@ async fn a_revoked_device_is_disconnected_and_refused() {
         "the connection was cut at the revocation ({acked} acknowledged)"
     );
     let again = p.device("raspi-01", "token-01");
-    assert_eq!(
-        again
-            .publish_all(
-                vec![reading("raspi-01")],
-                Duration::ZERO,
-                Duration::from_secs(3)
-            )
-            .await,
-        0
-    );
+    assert_eq!(publish(&again, vec![reading("raspi-01")]).await, 0);
 }
 
 #[tokio::test]
@@ -363,11 +311,7 @@ async fn the_tls_listener_serves_its_certificate() {
 
 #[tokio::test]
 async fn behind_the_production_broker_ingest_stores_only_what_devices_may_write() {
-    let p = production().await;
-    let stack = Stack::new();
-    let _persister = stack.persister().await;
-    let mut settings = stack.settings("unused");
-    p.ingest_settings(&mut settings, 1);
+    let (p, stack, _persister, settings) = behind_production().await;
     let ingest = stack.ingest(&settings).await;
     p.add_device("raspi-a", "token-a").await;
     let a = p.device("raspi-a", "token-a");
@@ -406,11 +350,7 @@ async fn behind_the_production_broker_ingest_stores_only_what_devices_may_write(
 
 #[tokio::test]
 async fn ingest_mqtts_session_is_its_own_neither_a_device_nor_another_replica_can_take_it() {
-    let p = production().await;
-    let stack = Stack::new();
-    let _persister = stack.persister().await;
-    let mut settings = stack.settings("unused");
-    p.ingest_settings(&mut settings, 1);
+    let (p, stack, _persister, mut settings) = behind_production().await;
     // plain subscriptions: every reading waits in replica 1's own session while it is away
     settings.mqtt_shared_group = String::new();
     let ingest = stack.ingest(&settings).await;

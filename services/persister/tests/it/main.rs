@@ -9,10 +9,10 @@ use std::time::Duration;
 
 use bus::lapin::BasicProperties;
 use bus::lapin::options::{BasicGetOptions, BasicPublishOptions};
-use bus::{Publisher, PublisherMetrics, PublisherSettings, Topology};
+use bus::{Publisher, Topology};
 use models::Reading;
 use persister::{Persister, Settings};
-use testkit::spawn;
+use testkit::spawn::{self, Running};
 use testkit::{AmqpPrefix, TestDb, count_rows, eventually};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -35,6 +35,15 @@ impl Fixture {
         }
     }
 
+    /// A fixture with the persister running on it and a publisher to its queue, as most tests
+    /// start.
+    async fn running() -> (Self, Running, Publisher) {
+        let f = Self::new();
+        let running = spawn::persister(&f.settings()).await;
+        let publisher = f.publisher().await;
+        (f, running, publisher)
+    }
+
     fn settings(&self) -> Settings {
         spawn::persister_settings(&self.db.url, &self.prefix)
     }
@@ -53,25 +62,12 @@ impl Fixture {
     }
 
     async fn publisher(&self) -> Publisher {
-        let p = Publisher::start(
-            testkit::amqp_url(),
-            self.topology.clone(),
-            PublisherSettings {
-                publish_linger_ms: 1,
-                publish_max_batch_readings: 2000,
-                publish_max_in_flight: 16,
-                publish_queue_capacity: 8192,
-                publish_confirm_timeout_ms: 10_000,
-                reconnect_max_backoff_ms: 5_000,
-            },
-            PublisherMetrics::unregistered(),
-            "persister-test".into(),
-        );
-        assert!(
-            p.wait_connected(Duration::from_secs(10)).await,
-            "RabbitMQ is running"
-        );
-        p
+        testkit::connected_publisher(
+            &self.topology,
+            testkit::publisher_settings(),
+            "persister-test",
+        )
+        .await
     }
 
     fn stored(&self) -> i64 {
@@ -113,9 +109,7 @@ fn readings(device: &str, tag: &str, n: usize) -> Vec<Reading> {
 
 #[tokio::test]
 async fn readings_are_stored_exactly_and_an_undecodable_message_is_dead_lettered() {
-    let f = Fixture::new();
-    let running = spawn::persister(&f.settings()).await;
-    let publisher = f.publisher().await;
+    let (f, running, publisher) = Fixture::running().await;
     let (_conn, channel) = f.channel().await;
 
     publisher
@@ -141,15 +135,7 @@ async fn readings_are_stored_exactly_and_an_undecodable_message_is_dead_lettered
         .unwrap();
 
     f.wait_stored(5).await;
-    let page = store::read::readings_page(
-        &mut f.db.connect(),
-        &store::read::ReadingsQuery {
-            device_id: "raspi-01".into(),
-            limit: 10,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let page = testkit::stored_readings(&f.db.url, "raspi-01", 10);
     assert_eq!(page.len(), 3);
     assert_eq!(page[0].reading_id, "a-2");
     assert_eq!(page[0].metrics, serde_json::json!({"h": -2.0, "t": 2.25}));
@@ -186,19 +172,15 @@ async fn readings_are_stored_exactly_and_an_undecodable_message_is_dead_lettered
 
 #[tokio::test]
 async fn a_reading_delivered_twice_is_stored_once() {
-    let f = Fixture::new();
-    let running = spawn::persister(&f.settings()).await;
-    let publisher = f.publisher().await;
+    let (f, running, publisher) = Fixture::running().await;
     let batch = readings("raspi-01", "dup", 50);
     publisher.publish(batch.clone()).await.unwrap();
     publisher.publish(batch[10..20].to_vec()).await.unwrap();
     publisher.publish(batch).await.unwrap();
     f.wait_stored(50).await;
-    let text = eventually(WAIT, "duplicates counted", || async {
-        let text = running.metrics().await;
-        (testkit::metric(&text, "readings_duplicate_total") >= 60.0).then_some(text)
-    })
-    .await;
+    let text = running
+        .metrics_reaching("readings_duplicate_total", 60.0, WAIT)
+        .await;
     assert_eq!(testkit::metric(&text, "readings_duplicate_total"), 60.0);
     running.stop().await;
     publisher.close().await;
@@ -217,9 +199,7 @@ fn untimed(device: &str, id: &str, value: f64, now: chrono::DateTime<chrono::Utc
 async fn a_reading_queued_again_with_another_time_is_stored_once_and_a_conflict_is_counted() {
     // Two ingest attempts of one reading (a redelivery from the broker, a retry), stamped by the
     // server a few seconds apart; then the same id with another value.
-    let f = Fixture::new();
-    let running = spawn::persister(&f.settings()).await;
-    let publisher = f.publisher().await;
+    let (f, running, publisher) = Fixture::running().await;
     let now = chrono::Utc::now();
     publisher
         .publish(untimed("raspi-01", "r-1", 20.0, now))
@@ -234,11 +214,9 @@ async fn a_reading_queued_again_with_another_time_is_stored_once_and_a_conflict_
         .publish(untimed("raspi-01", "r-1", 21.0, later))
         .await
         .unwrap();
-    let text = eventually(WAIT, "the repeat and the conflict counted", || async {
-        let text = running.metrics().await;
-        (testkit::metric(&text, "readings_conflicting_total") >= 1.0).then_some(text)
-    })
-    .await;
+    let text = running
+        .metrics_reaching("readings_conflicting_total", 1.0, WAIT)
+        .await;
     assert_eq!(testkit::metric(&text, "readings_stored_total"), 1.0);
     assert_eq!(testkit::metric(&text, "readings_duplicate_total"), 1.0);
     assert_eq!(testkit::metric(&text, "readings_conflicting_total"), 1.0);
@@ -250,9 +228,7 @@ async fn a_reading_queued_again_with_another_time_is_stored_once_and_a_conflict_
 
 #[tokio::test]
 async fn a_database_outage_is_waited_out_and_nothing_is_lost() {
-    let f = Fixture::new();
-    let running = spawn::persister(&f.settings()).await;
-    let publisher = f.publisher().await;
+    let (f, running, publisher) = Fixture::running().await;
     publisher
         .publish(readings("d", "before", 10))
         .await
@@ -277,7 +253,10 @@ async fn a_database_outage_is_waited_out_and_nothing_is_lost() {
         (running.readyz().await == 503).then_some(())
     })
     .await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // the outage lasts until the persister has tried to write and failed
+    running
+        .metrics_reaching("write_failures_total", 1.0, WAIT)
+        .await;
 
     testkit::execute(
         &mut admin,
@@ -314,10 +293,7 @@ async fn a_persister_killed_mid_stream_loses_nothing() {
             }
         })
     };
-    eventually(WAIT, "the persister to be part way", || async {
-        (f.stored() >= 2000).then_some(())
-    })
-    .await;
+    testkit::wait_for_rows(&f.db.url, "readings", 2000, WAIT).await;
     first.kill(); // SIGKILL: no chance to finish its batch or ack
     let at_kill = f.stored();
     sender.await.unwrap();
@@ -391,10 +367,7 @@ async fn sigterm_under_load_finishes_its_batches_and_loses_nothing() {
             .unwrap();
     }
     let first = f.binary(300);
-    eventually(WAIT, "the persister to be part way", || async {
-        (f.stored() >= 1000).then_some(())
-    })
-    .await;
+    testkit::wait_for_rows(&f.db.url, "readings", 1000, WAIT).await;
     let stopped = first.terminate(WAIT).await;
     assert!(stopped.success(), "a graceful stop exits 0: {stopped:?}");
 
@@ -435,9 +408,7 @@ async fn sigterm_under_load_finishes_its_batches_and_loses_nothing() {
 /// since 2000) is still stored, in the default partition, and no month's table is made for it.
 #[tokio::test]
 async fn readings_queued_from_beyond_the_horizon_are_stored_without_new_partitions() {
-    let f = Fixture::new();
-    let running = spawn::persister(&f.settings()).await;
-    let publisher = f.publisher().await;
+    let (f, running, publisher) = Fixture::running().await;
     let metrics =
         models::Metrics::new(vec![(models::MetricName::parse("t").unwrap(), 1.0)]).unwrap();
     let old: Vec<Reading> = (0..300)

@@ -7,9 +7,9 @@ use auth::Role;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
-use crate::{api_with_data, reading, start, t0};
+use crate::{api_with_data, reading, start, start_empty, t0};
 
 impl crate::Api {
     async fn send(&self, method: reqwest::Method, path: &str, token: &str) -> (u16, Value) {
@@ -182,8 +182,7 @@ async fn a_database_error_that_is_not_an_outage_is_a_500_and_an_outage_a_503() {
 
 #[tokio::test]
 async fn a_request_body_sent_slowly_is_cut_off() {
-    let db = testkit::TestDb::migrated();
-    let api = start(db, |s| s.http.http_body_timeout_ms = 500).await;
+    let api = start_empty(|s| s.http.http_body_timeout_ms = 500).await;
     let admin = api.keys.app_token(Role::Admin);
     let addr = api.url.trim_start_matches("http://").to_owned();
     let mut slow = tokio::net::TcpStream::connect(&addr).await.unwrap();
@@ -203,12 +202,7 @@ async fn a_request_body_sent_slowly_is_cut_off() {
         }
     });
     let started = Instant::now();
-    let mut answer = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), reader.read_to_end(&mut answer))
-        .await
-        .expect("answered and closed within the timeout")
-        .unwrap();
-    let text = String::from_utf8_lossy(&answer);
+    let text = testkit::read_until_closed(&mut reader, Duration::from_secs(5), "the answer").await;
     assert!(text.starts_with("HTTP/1.1 408"), "{text}");
     assert!(text.contains("\"error\":\"timeout\""), "{text}");
     assert!(

@@ -76,6 +76,12 @@ async fn api_with_data_and(adjust: impl FnOnce(&mut query_api::Settings)) -> Api
     start(db, adjust).await
 }
 
+/// query-api on a migrated database of its own, without data; `adjust` changes settings before it
+/// starts.
+async fn start_empty(adjust: impl FnOnce(&mut query_api::Settings)) -> Api {
+    start(TestDb::migrated(), adjust).await
+}
+
 /// query-api on `db`, with its own keys; `adjust` changes settings before it starts.
 async fn start(db: TestDb, adjust: impl FnOnce(&mut query_api::Settings)) -> Api {
     let keys = TestKeys::new();

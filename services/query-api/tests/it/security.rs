@@ -6,7 +6,7 @@ use auth::{Claims, Role};
 use reqwest::Method;
 use serde_json::{Value, json};
 
-use crate::{api_with_data, start};
+use crate::{api_with_data, start, start_empty};
 
 impl crate::Api {
     pub(crate) async fn call(
@@ -31,6 +31,42 @@ impl crate::Api {
             headers,
             response.json().await.unwrap_or(Value::Null),
         )
+    }
+
+    /// The status of `GET path` with `token`.
+    pub(crate) async fn get_status(&self, path: &str, token: &str) -> u16 {
+        self.call(Method::GET, path, Some(token), None).await.0
+    }
+
+    /// `DELETE /v1/tokens/{id}` with `token`.
+    pub(crate) async fn revoke_token(
+        &self,
+        token: &str,
+        id: &str,
+    ) -> (u16, reqwest::header::HeaderMap, Value) {
+        let path = format!("/v1/tokens/{id}");
+        self.call(Method::DELETE, &path, Some(token), None).await
+    }
+
+    /// The id (`jti`) of a token signed with this query-api's keys.
+    pub(crate) fn token_id(&self, token: &str) -> String {
+        let key = self.keys.verifying_key_file();
+        auth::TokenVerifier::from_file(std::path::Path::new(&key))
+            .unwrap()
+            .verify(token)
+            .unwrap()
+            .jti
+    }
+
+    /// `POST /v1/devices` for `device`, with `token`.
+    pub(crate) async fn add_device(
+        &self,
+        token: &str,
+        device: &str,
+    ) -> (u16, reqwest::header::HeaderMap, Value) {
+        let body = json!({ "device_id": device });
+        self.call(Method::POST, "/v1/devices", Some(token), Some(body))
+            .await
     }
 }
 
@@ -102,33 +138,18 @@ async fn reading_without_a_good_token_is_refused_on_every_route() {
 
 #[tokio::test]
 async fn admins_register_and_revoke_devices_readers_cannot() {
-    let db = testkit::TestDb::migrated();
-    let api = start(db, |_| {}).await;
+    let api = start_empty(|_| {}).await;
     let admin = api.keys.app_token(Role::Admin);
     let reader = api.reader.clone();
 
     // without a signing key, query-api cannot mint device tokens and says where to get them
-    let (status, _, body) = api
-        .call(
-            Method::POST,
-            "/v1/devices",
-            Some(&admin),
-            Some(json!({"device_id": "pi-9"})),
-        )
-        .await;
+    let (status, _, body) = api.add_device(&admin, "pi-9").await;
     assert_eq!(
         (status, body["error"].as_str()),
         (501, Some("not_configured"))
     );
 
-    let (status, _, _) = api
-        .call(
-            Method::POST,
-            "/v1/devices",
-            Some(&reader),
-            Some(json!({"device_id": "pi-9"})),
-        )
-        .await;
+    let (status, _, _) = api.add_device(&reader, "pi-9").await;
     assert_eq!(status, 403);
     api.keys.register_device(&api.db.url, "pi-9");
     let (status, _, _) = api
@@ -161,14 +182,7 @@ async fn with_the_signing_key_an_admin_gets_a_working_device_token() {
     })
     .await;
     let admin = keys.app_token(Role::Admin);
-    let (status, _, body) = api
-        .call(
-            Method::POST,
-            "/v1/devices",
-            Some(&admin),
-            Some(json!({"device_id": "pi-7"})),
-        )
-        .await;
+    let (status, _, body) = api.add_device(&admin, "pi-7").await;
     assert_eq!(status, 201, "{body}");
     let token = body["token"].as_str().unwrap();
     let verifier =
@@ -176,30 +190,15 @@ async fn with_the_signing_key_an_admin_gets_a_working_device_token() {
     let claims = verifier.verify(token).unwrap();
     assert_eq!((claims.sub.as_str(), claims.role), ("pi-7", Role::Device));
     assert_eq!(body["token_id"], claims.jti);
-    let (status, _, _) = api
-        .call(
-            Method::POST,
-            "/v1/devices",
-            Some(&admin),
-            Some(json!({"device_id": "pi-7"})),
-        )
-        .await;
+    let (status, _, _) = api.add_device(&admin, "pi-7").await;
     assert_eq!(status, 409);
-    let (status, _, body) = api
-        .call(
-            Method::POST,
-            "/v1/devices",
-            Some(&admin),
-            Some(json!({"device_id": "bad id"})),
-        )
-        .await;
+    let (status, _, body) = api.add_device(&admin, "bad id").await;
     assert_eq!((status, body["field"].as_str()), (400, Some("device_id")));
 }
 
 #[tokio::test]
 async fn a_token_flooding_the_api_gets_429() {
-    let db = testkit::TestDb::migrated();
-    let api = start(db, |s| {
+    let api = start_empty(|s| {
         s.rate_limit_per_second = 2;
         s.rate_limit_burst = 5;
     })
@@ -222,16 +221,9 @@ async fn a_token_flooding_the_api_gets_429() {
     assert!(statuses.iter().all(|s| *s == 200 || *s == 429));
     // another token has its own budget
     let other = api.keys.app_token(Role::Reader);
-    assert_eq!(
-        api.call(Method::GET, "/v1/devices", Some(&other), None)
-            .await
-            .0,
-        200
-    );
+    assert_eq!(api.get_status("/v1/devices", &other).await, 200);
     testkit::eventually(Duration::from_secs(10), "the budget to refill", || async {
-        let (status, _, _) = api
-            .call(Method::GET, "/v1/devices", Some(&api.reader), None)
-            .await;
+        let status = api.get_status("/v1/devices", &api.reader).await;
         (status == 200).then_some(())
     })
     .await;
@@ -239,11 +231,8 @@ async fn a_token_flooding_the_api_gets_429() {
 
 #[tokio::test]
 async fn browsers_from_allowed_origins_only() {
-    let db = testkit::TestDb::migrated();
-    let api = start(db, |s| {
-        s.cors_allowed_origins = "https://dashboard.example.com".into()
-    })
-    .await;
+    let api =
+        start_empty(|s| s.cors_allowed_origins = "https://dashboard.example.com".into()).await;
     let preflight = |origin: &'static str| {
         api.client
             .request(Method::OPTIONS, format!("{}/v1/devices", api.url))
@@ -330,9 +319,7 @@ async fn a_wrong_method_is_405_with_allow_and_metrics_stay_bounded() {
             assert_eq!(headers["allow"], allow, "{method} {path}");
             assert_eq!(body["error"], "method_not_allowed");
         }
-        let (status, _, _) = api
-            .call(Method::GET, "/v1/nothing", Some(token), None)
-            .await;
+        let status = api.get_status("/v1/nothing", token).await;
         assert_eq!(status, 404);
     }
     // the ops endpoints are public, and answer a wrong method the same way
@@ -355,15 +342,7 @@ async fn a_wrong_method_is_405_with_allow_and_metrics_stay_bounded() {
         api.reader
     );
     assert_eq!(testkit::raw_http(addr, &head, "").await.0, 200);
-    let metrics = api
-        .client
-        .get(format!("{}/metrics", api.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = testkit::get_text(&api.client, &format!("{}/metrics", api.url)).await;
     let series: Vec<&str> = metrics
         .lines()
         .filter(|l| l.starts_with("http_requests_total{"))
@@ -385,8 +364,7 @@ async fn a_wrong_method_is_405_with_allow_and_metrics_stay_bounded() {
 /// 429 before any check, even with a good token, while other addresses are served.
 #[tokio::test]
 async fn a_client_that_keeps_being_refused_is_slowed_down() {
-    let db = testkit::TestDb::migrated();
-    let api = start(db, |s| {
+    let api = start_empty(|s| {
         s.refusal_limit_per_second = 1;
         s.refusal_limit_burst = 5;
     })
@@ -394,11 +372,7 @@ async fn a_client_that_keeps_being_refused_is_slowed_down() {
     let forged = testkit::TestKeys::new().app_token(Role::Admin);
     let mut statuses = Vec::new();
     for _ in 0..8 {
-        statuses.push(
-            api.call(Method::GET, "/v1/devices", Some(&forged), None)
-                .await
-                .0,
-        );
+        statuses.push(api.get_status("/v1/devices", &forged).await);
     }
     assert_eq!(statuses[..6], [401; 6], "{statuses:?}");
     assert_eq!(statuses[6..], [429; 2], "{statuses:?}");
@@ -424,7 +398,7 @@ async fn a_client_that_keeps_being_refused_is_slowed_down() {
 async fn with_mqtt(admin_url: String) -> (crate::Api, String) {
     let keys = testkit::TestKeys::new();
     let (public, private) = (keys.verifying_key_file(), keys.signing_key_file());
-    let api = start(testkit::TestDb::migrated(), |s| {
+    let api = start_empty(|s| {
         s.auth_public_key_file = public;
         s.auth_signing_key_file = private;
         s.mqtt_admin_url = admin_url;
@@ -446,26 +420,20 @@ fn mqtt_reading(device: &str) -> (String, Vec<u8>) {
 async fn devices_added_and_revoked_through_the_api_get_and_lose_their_mqtt_accounts() {
     let mosquitto = testkit::mqtt::Mosquitto::production();
     let broker = mqtt_admin::Broker::from_url(&mosquitto.admin_url()).unwrap();
-    let ingest = mqtt_admin::IngestAccounts {
-        password: "ingest-pw",
+    let ingest_password = "ingest-pw";
+    let accounts = mqtt_admin::IngestAccounts {
+        password: ingest_password,
         replicas: 1,
         legacy_topic: None,
     };
-    broker.init(&ingest, &[]).await.unwrap();
+    broker.init(&accounts, &[]).await.unwrap();
     let (api, admin) = with_mqtt(mosquitto.admin_url()).await;
     let device = |token: &str| {
         testkit::mqtt::Device::new("raspi-05", mosquitto.port).with_credentials("raspi-05", token)
     };
     let wait = Duration::from_secs(3);
 
-    let (status, _, body) = api
-        .call(
-            Method::POST,
-            "/v1/devices",
-            Some(&admin),
-            Some(json!({"device_id": "raspi-05"})),
-        )
-        .await;
+    let (status, _, body) = api.add_device(&admin, "raspi-05").await;
     assert_eq!(status, 201, "{body}");
     let token = body["token"].as_str().unwrap().to_owned();
     assert_eq!(
@@ -476,19 +444,18 @@ async fn devices_added_and_revoked_through_the_api_get_and_lose_their_mqtt_accou
         "the new device connects with its token"
     );
 
-    // connected, publishing slowly, when an admin revokes it through the API
-    let streaming = tokio::spawn({
-        let pi = device(&token);
-        async move {
-            pi.publish_all(
-                (0..50).map(|_| mqtt_reading("raspi-05")).collect(),
-                Duration::from_millis(100),
-                Duration::from_secs(8),
-            )
-            .await
-        }
-    });
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // connected, publishing slowly, when an admin revokes it through the API: seen publishing by
+    // the broker's ingest account
+    let ingest_account = mqtt_admin::ingest_client_id(1);
+    let mut ingest = testkit::mqtt::Device::new(&ingest_account, mosquitto.port)
+        .with_credentials(&ingest_account, ingest_password)
+        .listen(
+            "$share/sensorhub/devices/+/readings",
+            Duration::from_secs(8),
+        );
+    assert!(ingest.subscribed().await, "ingest may subscribe (shared)");
+    let streaming = device(&token).publish_slowly(mqtt_reading("raspi-05"), 50);
+    assert!(ingest.received(1).await, "raspi-05 publishing");
     let (status, _, body) = api
         .call(Method::DELETE, "/v1/devices/raspi-05", Some(&admin), None)
         .await;
@@ -511,27 +478,13 @@ async fn devices_added_and_revoked_through_the_api_get_and_lose_their_mqtt_accou
     assert_eq!(status, 404, "nothing left to revoke");
 
     // the plugin's own admin is "admin": no API call can replace or remove it
-    let (status, _, body) = api
-        .call(
-            Method::POST,
-            "/v1/devices",
-            Some(&admin),
-            Some(json!({"device_id": "admin"})),
-        )
-        .await;
+    let (status, _, body) = api.add_device(&admin, "admin").await;
     assert_eq!((status, body["error"].as_str()), (409, Some("conflict")));
     let (status, _, _) = api
         .call(Method::DELETE, "/v1/devices/admin", Some(&admin), None)
         .await;
     assert_eq!(status, 404);
-    let (status, _, body) = api
-        .call(
-            Method::POST,
-            "/v1/devices",
-            Some(&admin),
-            Some(json!({"device_id": "raspi-06"})),
-        )
-        .await;
+    let (status, _, body) = api.add_device(&admin, "raspi-06").await;
     assert_eq!(status, 201, "the broker's admin still works: {body}");
 }
 
@@ -540,14 +493,7 @@ async fn while_the_broker_is_unreachable_nothing_is_added_and_a_revoke_says_mqtt
     let nothing_there = testkit::mqtt::free_port();
     let (api, admin) = with_mqtt(format!("mqtt://admin:pw@127.0.0.1:{nothing_there}")).await;
 
-    let (status, headers, body) = api
-        .call(
-            Method::POST,
-            "/v1/devices",
-            Some(&admin),
-            Some(json!({"device_id": "raspi-07"})),
-        )
-        .await;
+    let (status, headers, body) = api.add_device(&admin, "raspi-07").await;
     assert_eq!(status, 503, "{body}");
     assert!(headers.contains_key("retry-after"));
     assert!(

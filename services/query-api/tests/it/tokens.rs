@@ -2,13 +2,16 @@
 //! in; admins list and revoke them; a revoked token is refused at once; `/readyz` says when the
 //! list cannot be followed.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use auth::{Claims, Role};
 use reqwest::Method;
 use serde_json::Value;
 
-use crate::start;
+use crate::{start, start_empty};
+
+/// How soon a revoked token must be refused, well within the scheduled re-read.
+const REFUSED_WITHIN: Duration = Duration::from_secs(1);
 
 fn now() -> i64 {
     chrono::Utc::now().timestamp()
@@ -16,111 +19,58 @@ fn now() -> i64 {
 
 #[tokio::test]
 async fn a_revoked_app_token_is_refused_at_once() {
-    let db = testkit::TestDb::migrated();
     // scheduled re-reads a minute apart: only the change notification can make this pass
-    let api = start(db, |s| s.auth_refresh_ms = 60_000).await;
+    let api = start_empty(|s| s.auth_refresh_ms = 60_000).await;
     let admin = api.keys.app_token(Role::Admin);
-    let reader_id =
-        auth::TokenVerifier::from_file(std::path::Path::new(&api.keys.verifying_key_file()))
-            .unwrap()
-            .verify(&api.reader)
-            .unwrap()
-            .jti;
+    let reader_id = api.token_id(&api.reader);
     assert_eq!(api.get("/v1/devices").await.0, 200);
 
-    let (status, _, _) = api
-        .call(
-            Method::DELETE,
-            &format!("/v1/tokens/{reader_id}"),
-            Some(&admin),
-            None,
-        )
-        .await;
+    let (status, _, _) = api.revoke_token(&admin, &reader_id).await;
     assert_eq!(status, 204);
-    let revoked_at = Instant::now();
-    loop {
+    let body = testkit::eventually(REFUSED_WITHIN, "the revoked token refused", || async {
         let (status, body) = api.get("/v1/devices").await;
-        if status == 401 {
-            assert!(
-                body["message"].as_str().unwrap().contains("revoked"),
-                "{body}"
-            );
-            break;
+        if status != 401 {
+            assert_eq!(status, 200);
         }
-        assert_eq!(status, 200);
-        assert!(
-            revoked_at.elapsed() < Duration::from_secs(1),
-            "a revoked token is still let in after {:?}",
-            revoked_at.elapsed()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+        (status == 401).then_some(body)
+    })
+    .await;
+    assert!(
+        body["message"].as_str().unwrap().contains("revoked"),
+        "{body}"
+    );
 
     // as `sensorctl token revoke` does it: straight in the database
     let other = api.keys.app_token(Role::Reader);
-    let other_id =
-        auth::TokenVerifier::from_file(std::path::Path::new(&api.keys.verifying_key_file()))
-            .unwrap()
-            .verify(&other)
-            .unwrap()
-            .jti;
-    let (status, _, _) = api
-        .call(Method::GET, "/v1/devices", Some(&other), None)
-        .await;
+    let other_id = api.token_id(&other);
+    let status = api.get_status("/v1/devices", &other).await;
     assert_eq!(status, 200, "a token issued a moment ago is let in");
     let mut conn = store::connect(&api.db.url).unwrap();
     assert!(store::app_tokens::revoke_app_token(&mut conn, &other_id).unwrap());
-    let revoked_at = Instant::now();
-    loop {
-        let (status, _, _) = api
-            .call(Method::GET, "/v1/devices", Some(&other), None)
-            .await;
-        if status == 401 {
-            break;
-        }
-        assert!(revoked_at.elapsed() < Duration::from_secs(1));
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    testkit::eventually(
+        REFUSED_WITHIN,
+        "the token revoked in the database refused",
+        || async { (api.get_status("/v1/devices", &other).await == 401).then_some(()) },
+    )
+    .await;
 
     // revoked already, unknown, not an id
-    let (status, _, _) = api
-        .call(
-            Method::DELETE,
-            &format!("/v1/tokens/{reader_id}"),
-            Some(&admin),
-            None,
-        )
-        .await;
+    let (status, _, _) = api.revoke_token(&admin, &reader_id).await;
     assert_eq!(status, 404);
-    let (status, _, _) = api
-        .call(Method::DELETE, "/v1/tokens/nope", Some(&admin), None)
-        .await;
+    let (status, _, _) = api.revoke_token(&admin, "nope").await;
     assert_eq!(status, 404);
     let long = "x".repeat(65);
     for bad in [long.as_str(), "a%20b", "a.b"] {
-        let (status, _, body) = api
-            .call(
-                Method::DELETE,
-                &format!("/v1/tokens/{bad}"),
-                Some(&admin),
-                None,
-            )
-            .await;
+        let (status, _, body) = api.revoke_token(&admin, bad).await;
         assert_eq!((status, body["field"].as_str()), (400, Some("id")), "{bad}");
     }
     // the admin's own token is untouched
-    assert_eq!(
-        api.call(Method::GET, "/v1/devices", Some(&admin), None)
-            .await
-            .0,
-        200
-    );
+    assert_eq!(api.get_status("/v1/devices", &admin).await, 200);
 }
 
 #[tokio::test]
 async fn admins_list_tokens_readers_cannot() {
-    let db = testkit::TestDb::migrated();
-    let api = start(db, |_| {}).await;
+    let api = start_empty(|_| {}).await;
     let admin = api.keys.app_token(Role::Admin);
     let (status, _, body) = api
         .call(Method::GET, "/v1/tokens", Some(&api.reader), None)
@@ -163,16 +113,13 @@ async fn admins_list_tokens_readers_cannot() {
     assert_eq!(second["tokens"].as_array().unwrap().len(), 1);
     assert_ne!(first["tokens"][0]["id"], second["tokens"][0]["id"]);
     assert_eq!(second["next_cursor"], Value::Null);
-    let (status, _, _) = api
-        .call(Method::GET, "/v1/tokens?limit=0", Some(&admin), None)
-        .await;
+    let status = api.get_status("/v1/tokens?limit=0", &admin).await;
     assert_eq!(status, 400);
 }
 
 #[tokio::test]
 async fn unrecorded_unexpiring_and_overlong_app_tokens_are_refused() {
-    let db = testkit::TestDb::migrated();
-    let api = start(db, |s| s.app_token_max_ttl_secs = 7 * 86_400).await;
+    let api = start_empty(|s| s.app_token_max_ttl_secs = 7 * 86_400).await;
     let keys = &api.keys;
 
     // signed with the right key, but never recorded (not issued by `sensorctl token issue`)
@@ -195,9 +142,7 @@ async fn unrecorded_unexpiring_and_overlong_app_tokens_are_refused() {
         Duration::from_secs(30),
         "the recorded tokens followed",
         || async {
-            let (status, _, _) = api
-                .call(Method::GET, "/v1/devices", Some(&week), None)
-                .await;
+            let status = api.get_status("/v1/devices", &week).await;
             (status == 200).then_some(())
         },
     )
@@ -223,12 +168,7 @@ async fn unrecorded_unexpiring_and_overlong_app_tokens_are_refused() {
                 .contains("invalid_token")
         );
     }
-    assert_eq!(
-        api.call(Method::GET, "/v1/devices", Some(&week), None)
-            .await
-            .0,
-        200
-    );
+    assert_eq!(api.get_status("/v1/devices", &week).await, 200);
 }
 
 #[tokio::test]

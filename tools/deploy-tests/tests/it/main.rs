@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use auth::Role;
-use deploy_tests::{Options, Topology, WAIT, reading, traefik_or_skip};
+use deploy_tests::{Options, Process, Topology, WAIT, reading, traefik_or_skip};
 use futures_util::StreamExt;
 use reqwest::StatusCode;
 use serde_json::json;
@@ -24,6 +24,54 @@ use serde_json::json;
 type Acknowledged = HashSet<(String, String)>;
 /// Device id → its token.
 type Tokens = HashMap<String, String>;
+
+/// The default topology, with `device` registered: the topology and the device's token.
+async fn topology_with_device(device: &str) -> (Topology, String) {
+    let mut t = Topology::start(Options::default()).await;
+    let mut tokens = t.register_devices([device]).await;
+    let token = tokens.remove(device).expect("the device registered");
+    (t, token)
+}
+
+/// One POST of `body` to `url` with `token`: its status, or why it got none.
+async fn post_reading(
+    client: &reqwest::Client,
+    url: &str,
+    token: &str,
+    body: &serde_json::Value,
+) -> reqwest::Result<StatusCode> {
+    let response = client
+        .post(url)
+        .bearer_auth(token)
+        .json(body)
+        .send()
+        .await?;
+    Ok(response.status())
+}
+
+/// Three ingest-http and two persisters behind Traefik, with `ingest_mqtt` ingest-mqtt, and
+/// `devices` devices registered, named `{prefix}-0`, `{prefix}-1`, ...
+async fn scaled_topology(ingest_mqtt: usize, prefix: &str, devices: usize) -> (Topology, Tokens) {
+    let mut t = Topology::start(Options {
+        ingest_http: 3,
+        persisters: 2,
+        ingest_mqtt,
+        ..Options::default()
+    })
+    .await;
+    let devices: Vec<String> = (0..devices).map(|d| format!("{prefix}-{d}")).collect();
+    let tokens = t.register_devices(devices.iter().map(String::as_str)).await;
+    (t, tokens)
+}
+
+/// A sample of every replica's `/metrics` (see [`Process::metric`]), in the replicas' order.
+async fn metric_per_replica(replicas: &[Process], name: &str) -> Vec<f64> {
+    let mut values = Vec::new();
+    for replica in replicas {
+        values.push(replica.metric(name).await);
+    }
+    values
+}
 
 fn key(reading: &serde_json::Value) -> (String, String) {
     (
@@ -55,8 +103,8 @@ async fn send_until_acknowledged(
 ) -> Sent {
     let mut failed_attempts = 0;
     for _ in 0..60 {
-        match client.post(url).bearer_auth(token).json(body).send().await {
-            Ok(r) if r.status().is_success() => {
+        match post_reading(client, url, token, body).await {
+            Ok(status) if status.is_success() => {
                 return Sent {
                     acknowledged: true,
                     failed_attempts,
@@ -105,9 +153,7 @@ async fn every_public_path_is_routed_over_tls_and_nothing_else() {
     if !traefik_or_skip("every_public_path_is_routed_over_tls_and_nothing_else") {
         return;
     }
-    let mut t = Topology::start(Options::default()).await;
-    let tokens = t.register_devices(["raspi-01"]).await;
-    let device = &tokens["raspi-01"];
+    let (t, ref device) = topology_with_device("raspi-01").await;
     let reader = t.app_token(Role::Reader);
     let client = t.https();
     let base = chrono::Utc::now() - chrono::Duration::hours(1);
@@ -190,23 +236,9 @@ async fn every_public_path_is_routed_over_tls_and_nothing_else() {
     assert!(readings.to_string().contains("mqtt-1"), "{readings}");
 
     // the two OpenAPI descriptions: the read API's at /openapi.json, ingest's under /ingest/
-    let read_api = client
-        .get(t.url("/openapi.json"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let read_api = testkit::get_text(&client, &t.url("/openapi.json")).await;
     assert!(read_api.contains("/v1/devices"), "{read_api}");
-    let ingest_api = client
-        .get(t.url("/ingest/openapi.json"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let ingest_api = testkit::get_text(&client, &t.url("/ingest/openapi.json")).await;
     assert!(ingest_api.contains("/v1/readings"), "{ingest_api}");
     // the compress middleware
     let r = client
@@ -330,14 +362,7 @@ async fn the_rate_limit_answers_429() {
             let client = client.clone();
             let url = t.url("/v1/readings");
             async move {
-                let status = client
-                    .post(url)
-                    .bearer_auth(device)
-                    .json(r)
-                    .send()
-                    .await
-                    .unwrap()
-                    .status();
+                let status = post_reading(&client, &url, device, r).await.unwrap();
                 (status, r.clone())
             }
         })
@@ -387,14 +412,9 @@ async fn the_rate_limit_answers_429() {
 
     // and once the bucket refills, the client's allowance is back
     testkit::eventually(WAIT, "the allowance back", || async {
-        let r = client
-            .post(t.url("/v1/readings"))
-            .bearer_auth(device)
-            .json(&reading("burst", 99, base))
-            .send()
-            .await
-            .ok()?;
-        (r.status() == StatusCode::ACCEPTED).then_some(())
+        let url = t.url("/v1/readings");
+        let status = post_reading(&client, &url, device, &reading("burst", 99, base)).await;
+        (status.ok()? == StatusCode::ACCEPTED).then_some(())
     })
     .await;
 }
@@ -404,15 +424,7 @@ async fn load_spreads_across_every_replica() {
     if !traefik_or_skip("load_spreads_across_every_replica") {
         return;
     }
-    let mut t = Topology::start(Options {
-        ingest_http: 3,
-        persisters: 2,
-        ingest_mqtt: 2,
-        ..Options::default()
-    })
-    .await;
-    let devices: Vec<String> = (0..7).map(|d| format!("http-{d}")).collect();
-    let tokens = t.register_devices(devices.iter().map(String::as_str)).await;
+    let (t, tokens) = scaled_topology(2, "http", 7).await;
     let client = t.https();
     let base = chrono::Utc::now() - chrono::Duration::hours(1);
 
@@ -452,28 +464,19 @@ async fn load_spreads_across_every_replica() {
 
     t.assert_stored_exactly(&acknowledged).await;
 
-    let mut per_ingest = Vec::new();
-    for replica in &t.ingest_http {
-        per_ingest.push(replica.metric("readings_accepted_total").await);
-    }
+    let per_ingest = metric_per_replica(&t.ingest_http, "readings_accepted_total").await;
     assert_eq!(per_ingest.iter().sum::<f64>(), 600.0, "{per_ingest:?}");
     assert!(
         per_ingest.iter().all(|n| *n >= 60.0),
         "Traefik spreads the requests over the 3 ingest-http: {per_ingest:?}"
     );
-    let mut per_mqtt = Vec::new();
-    for replica in &t.ingest_mqtt {
-        per_mqtt.push(replica.metric("mqtt_messages_acked_total").await);
-    }
+    let per_mqtt = metric_per_replica(&t.ingest_mqtt, "mqtt_messages_acked_total").await;
     assert_eq!(per_mqtt.iter().sum::<f64>(), 200.0, "{per_mqtt:?}");
     assert!(
         per_mqtt.iter().all(|n| *n > 0.0),
         "the shared subscription spreads the messages: {per_mqtt:?}"
     );
-    let mut per_persister = Vec::new();
-    for replica in &t.persisters {
-        per_persister.push(replica.metric("readings_stored_total").await);
-    }
+    let per_persister = metric_per_replica(&t.persisters, "readings_stored_total").await;
     assert_eq!(
         per_persister.iter().sum::<f64>(),
         800.0,
@@ -490,15 +493,7 @@ async fn a_replica_killed_mid_load_is_taken_out_and_nothing_is_lost_or_doubled()
     if !traefik_or_skip("a_replica_killed_mid_load_is_taken_out_and_nothing_is_lost_or_doubled") {
         return;
     }
-    let mut t = Topology::start(Options {
-        ingest_http: 3,
-        persisters: 2,
-        ingest_mqtt: 1,
-        ..Options::default()
-    })
-    .await;
-    let devices: Vec<String> = (0..11).map(|d| format!("pi-{d}")).collect();
-    let tokens = t.register_devices(devices.iter().map(String::as_str)).await;
+    let (mut t, tokens) = scaled_topology(1, "pi", 11).await;
     let client = t.https();
     let base = chrono::Utc::now() - chrono::Duration::hours(1);
     let victim = t.ingest_http[0].url();
@@ -572,30 +567,19 @@ async fn a_replica_killed_mid_load_is_taken_out_and_nothing_is_lost_or_doubled()
     eprintln!("readings a client had to send again around the kill: {retried}");
 
     // With the replica out, every request is answered by the two left, at the first attempt.
-    let mut before = Vec::new();
-    for replica in &t.ingest_http[1..] {
-        before.push(replica.metric("readings_accepted_total").await);
-    }
+    let before = metric_per_replica(&t.ingest_http[1..], "readings_accepted_total").await;
     let after_kill: Vec<_> = (1500..1560)
         .map(|i| reading(&format!("pi-{}", i % 11), i, base))
         .collect();
     for r in &after_kill {
-        let status = client
-            .post(t.url("/v1/readings"))
-            .bearer_auth(token_of(&tokens, r))
-            .json(r)
-            .send()
-            .await;
+        let status = post_reading(&client, &t.url("/v1/readings"), token_of(&tokens, r), r).await;
         assert_eq!(
-            status.map(|r| r.status()).ok(),
+            status.ok(),
             Some(StatusCode::ACCEPTED),
             "a request after the replica was taken out"
         );
     }
-    let mut after = Vec::new();
-    for replica in &t.ingest_http[1..] {
-        after.push(replica.metric("readings_accepted_total").await);
-    }
+    let after = metric_per_replica(&t.ingest_http[1..], "readings_accepted_total").await;
     let grown: Vec<f64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
     assert_eq!(grown.iter().sum::<f64>(), 60.0, "{grown:?}");
     assert!(grown.iter().all(|n| *n > 0.0), "{grown:?}");
@@ -615,9 +599,7 @@ async fn behind_traefik_the_audit_trail_has_the_real_client_address() {
     if !traefik_or_skip("behind_traefik_the_audit_trail_has_the_real_client_address") {
         return;
     }
-    let mut t = Topology::start(Options::default()).await;
-    let tokens = t.register_devices(["audit-pi"]).await;
-    let token = &tokens["audit-pi"];
+    let (t, ref token) = topology_with_device("audit-pi").await;
     let token_id =
         auth::TokenVerifier::from_file(std::path::Path::new(&t.keys.verifying_key_file()))
             .unwrap()
@@ -630,10 +612,11 @@ async fn behind_traefik_the_audit_trail_has_the_real_client_address() {
     // Traefik and the services are on 127.0.0.1: the device connects from 127.0.0.2
     let pi: IpAddr = [127, 0, 0, 2].into();
     let client = t.https_from(Some(pi));
+    let readings = t.url("/v1/readings");
 
     // accepted, though the device claims to be elsewhere
     let r = client
-        .post(t.url("/v1/readings"))
+        .post(&readings)
         .bearer_auth(token)
         .header("x-forwarded-for", "203.0.113.66")
         .json(&reading("audit-pi", 0, base))
@@ -651,14 +634,8 @@ async fn behind_traefik_the_audit_trail_has_the_real_client_address() {
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
     assert!(r.headers().contains_key("www-authenticate"));
     // another device's reading with this device's token: 403
-    let r = client
-        .post(t.url("/v1/readings"))
-        .bearer_auth(token)
-        .json(&reading("someone-else", 0, base))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    let status = post_reading(&client, &readings, token, &reading("someone-else", 0, base)).await;
+    assert_eq!(status.unwrap(), StatusCode::FORBIDDEN);
     // straight to the replica, around Traefik, from 127.0.0.3: not a trusted proxy, so the
     // X-Forwarded-For it sends is not believed
     let direct = reqwest::Client::builder()
@@ -751,24 +728,12 @@ async fn behind_traefik_the_audit_trail_has_the_real_client_address() {
     // ingest refuses the revoked token within its registry refresh, without a restart (asked with
     // a body that is no reading: 400 while the token still passes, so nothing is stored meanwhile)
     testkit::eventually(WAIT, "the revoked token refused", || async {
-        let r = client
-            .post(t.url("/v1/readings"))
-            .bearer_auth(token)
-            .json(&json!({}))
-            .send()
-            .await
-            .ok()?;
-        (r.status() == StatusCode::UNAUTHORIZED).then_some(())
+        let status = post_reading(&client, &readings, token, &json!({})).await;
+        (status.ok()? == StatusCode::UNAUTHORIZED).then_some(())
     })
     .await;
-    let r = client
-        .post(t.url("/v1/readings"))
-        .bearer_auth(token)
-        .json(&reading("audit-pi", 2, base))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let status = post_reading(&client, &readings, token, &reading("audit-pi", 2, base)).await;
+    assert_eq!(status.unwrap(), StatusCode::UNAUTHORIZED);
     let acknowledged: Acknowledged = [0, 1]
         .iter()
         .map(|&i| key(&reading("audit-pi", i, base)))
