@@ -10,6 +10,7 @@
 //! - [`procs`]: CPU time and peak memory from `/proc`, and the processes below a process.
 //! - [`prometheus`]: reading figures out of a `/metrics` page.
 //! - [`mqtt`]: an MQTT client's clean goodbye.
+//! - [`numbers`]: numbers as the reports print them.
 //! - [`devices`]: simulated Pis that send over HTTP and MQTT as careful ones do, with a ledger of
 //!   what was acknowledged.
 #![allow(
@@ -20,6 +21,7 @@
 
 pub mod devices;
 pub mod mqtt;
+pub mod numbers;
 pub mod process;
 pub mod procs;
 pub mod prometheus;
