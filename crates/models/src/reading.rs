@@ -251,6 +251,22 @@ mod tests {
         MetricName::parse(n).unwrap()
     }
 
+    /// `Reading::new` of valid parts: the device `device`, the metrics `metrics`.
+    fn reading(
+        device: &str,
+        id: ReadingId,
+        ts: DateTime<Utc>,
+        metrics: &[(&str, f64)],
+    ) -> Result<Reading, ValidationError> {
+        let metrics = metrics.iter().map(|&(n, v)| (name(n), v)).collect();
+        Reading::new(
+            DeviceId::parse(device).unwrap(),
+            id,
+            ts,
+            Metrics::new(metrics).unwrap(),
+        )
+    }
+
     #[test]
     fn metrics_are_sorted_and_looked_up_by_name() {
         let m = Metrics::new(vec![(name("temperature"), 25.5), (name("humidity"), 60.3)]).unwrap();
@@ -289,27 +305,16 @@ mod tests {
 
     #[test]
     fn readings_before_2000_are_refused() {
-        let m = Metrics::new(vec![(name("a"), 1.0)]).unwrap();
-        let err = Reading::new(
-            DeviceId::parse("d").unwrap(),
-            ReadingId::generate(),
-            DateTime::from_timestamp(0, 0).unwrap(),
-            m,
-        )
-        .unwrap_err();
+        let ts = DateTime::from_timestamp(0, 0).unwrap();
+        let err = reading("d", ReadingId::generate(), ts, &[("a", 1.0)]).unwrap_err();
         assert_eq!(err.field, "ts");
     }
 
     #[test]
     fn readings_round_trip_through_the_wire_format_exactly() {
-        let m = Metrics::new(vec![(name("t"), 25.5), (name("h"), 0.1 + 0.2)]).unwrap();
-        let r = Reading::new(
-            DeviceId::parse("raspi-01").unwrap(),
-            ReadingId::parse("r-1").unwrap(),
-            parse_timestamp_rfc3339("2026-11-25T10:00:00.000001Z").unwrap(),
-            m,
-        )
-        .unwrap();
+        let ts = parse_timestamp_rfc3339("2026-11-25T10:00:00.000001Z").unwrap();
+        let id = ReadingId::parse("r-1").unwrap();
+        let r = reading("raspi-01", id, ts, &[("t", 25.5), ("h", 0.1 + 0.2)]).unwrap();
         let json = serde_json::to_string(&r).unwrap();
         assert_eq!(
             json,
@@ -320,18 +325,13 @@ mod tests {
 
     #[test]
     fn what_the_server_filled_in_travels_with_the_reading() {
-        let m = Metrics::new(vec![(name("t"), 1.0)]).unwrap();
-        let r = Reading::new(
-            DeviceId::parse("d").unwrap(),
-            ReadingId::generate(),
-            parse_timestamp_rfc3339("2026-11-25T10:00:00Z").unwrap(),
-            m,
-        )
-        .unwrap()
-        .with_origin(Origin {
-            id_assigned: true,
-            ts_assigned: true,
-        });
+        let ts = parse_timestamp_rfc3339("2026-11-25T10:00:00Z").unwrap();
+        let r = reading("d", ReadingId::generate(), ts, &[("t", 1.0)])
+            .unwrap()
+            .with_origin(Origin {
+                id_assigned: true,
+                ts_assigned: true,
+            });
         let json = serde_json::to_string(&r).unwrap();
         assert!(json.ends_with(r#","ia":true,"ta":true}"#), "{json}");
         let back = serde_json::from_str::<Reading>(&json).unwrap();

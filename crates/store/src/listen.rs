@@ -9,6 +9,7 @@
 use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
 
+use backon::{BackoffBuilder, ExponentialBuilder};
 use diesel::connection::SimpleConnection;
 use diesel::{Connection, PgConnection};
 
@@ -17,6 +18,8 @@ pub const POLL: Duration = Duration::from_millis(20);
 /// How often the listening connection is checked with a query: `PQconsumeInput` notices a closed
 /// connection but not one that silently went away.
 const CHECK_EVERY: Duration = Duration::from_secs(1);
+/// The first reconnection's delay; it doubles with each failure up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// The device registry's channel (table `device_credentials`).
@@ -54,11 +57,11 @@ where
     std::thread::Builder::new()
         .name(format!("listen {channel}"))
         .spawn(move || {
-            let mut backoff = Duration::from_millis(100);
+            let mut backoff = reconnect_delays();
             loop {
                 let outcome = match listen(&database_url, channel, &application_name) {
                     Ok(mut conn) => {
-                        backoff = Duration::from_millis(100);
+                        backoff = reconnect_delays();
                         if on_event(ListenEvent::Listening).is_break() {
                             return;
                         }
@@ -72,10 +75,21 @@ where
                 if on_event(ListenEvent::Lost(error)).is_break() {
                     return;
                 }
-                std::thread::sleep(backoff);
-                backoff = (backoff * 2).min(MAX_BACKOFF);
+                std::thread::sleep(backoff.next().unwrap_or(MAX_BACKOFF));
             }
         })
+}
+
+/// Delays between reconnections, each drawn from `[d/2, d]` where `d` doubles from
+/// [`FIRST_BACKOFF`] to [`MAX_BACKOFF`]: the replicas of a service that lost the database at once
+/// do not all come back at once. (backon's jitter adds up to the delay itself, hence the halves.)
+fn reconnect_delays() -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::new()
+        .with_min_delay(FIRST_BACKOFF / 2)
+        .with_max_delay(MAX_BACKOFF / 2)
+        .with_jitter()
+        .without_max_times()
+        .build()
 }
 
 fn listen(

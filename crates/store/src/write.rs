@@ -322,7 +322,7 @@ fn claim_identities(
         #[diesel(sql_type = Text)]
         reading_id: String,
     }
-    let claimed: HashSet<(String, String)> = diesel::sql_query(
+    let claimed: Vec<Claimed> = diesel::sql_query(
         "INSERT INTO reading_ids (device_id, reading_id, ts, ts_assigned)
          SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::bool[])
          ON CONFLICT DO NOTHING
@@ -332,23 +332,21 @@ fn claim_identities(
     .bind::<Array<Text>, _>(&ids)
     .bind::<Array<Timestamptz>, _>(&times)
     .bind::<Array<Bool>, _>(&assigned)
-    .load::<Claimed>(conn)?
-    .into_iter()
-    .map(|c| (c.device_id, c.reading_id))
-    .collect();
+    .load(conn)?;
+    let claimed: HashSet<(&str, &str)> = claimed
+        .iter()
+        .map(|c| (c.device_id.as_str(), c.reading_id.as_str()))
+        .collect();
     let taken: Vec<usize> = candidates
         .into_iter()
-        .filter(|&i| {
-            let r = &batch[i];
-            !claimed.contains(&(r.device_id.as_str().to_owned(), r.id.as_str().to_owned()))
-        })
+        .filter(|&i| !claimed.contains(&(batch[i].device_id.as_str(), batch[i].id.as_str())))
         .collect();
     if taken.is_empty() {
         return Ok(());
     }
     let devices: Vec<&str> = taken.iter().map(|&i| batch[i].device_id.as_str()).collect();
     let ids: Vec<&str> = taken.iter().map(|&i| batch[i].id.as_str()).collect();
-    let stored: HashMap<(String, String), StoredIdentity> = diesel::sql_query(
+    let stored: Vec<StoredIdentity> = diesel::sql_query(
         "SELECT i.device_id, i.reading_id, i.ts, i.ts_assigned, r.metrics::text AS metrics
          FROM unnest($1::text[], $2::text[]) AS k(device_id, reading_id)
          JOIN reading_ids i USING (device_id, reading_id)
@@ -357,14 +355,14 @@ fn claim_identities(
     )
     .bind::<Array<Text>, _>(&devices)
     .bind::<Array<Text>, _>(&ids)
-    .load::<StoredIdentity>(conn)?
-    .into_iter()
-    .map(|s| ((s.device_id.clone(), s.reading_id.clone()), s))
-    .collect();
+    .load(conn)?;
+    let stored: HashMap<(&str, &str), &StoredIdentity> = stored
+        .iter()
+        .map(|s| ((s.device_id.as_str(), s.reading_id.as_str()), s))
+        .collect();
     for i in taken {
         let r = &batch[i];
-        let key = (r.device_id.as_str().to_owned(), r.id.as_str().to_owned());
-        verdicts[i] = match stored.get(&key) {
+        verdicts[i] = match stored.get(&(r.device_id.as_str(), r.id.as_str())) {
             Some(StoredIdentity {
                 ts,
                 ts_assigned,
@@ -392,24 +390,25 @@ fn insert_new(
     let new: Vec<usize> = (0..batch.len())
         .filter(|&i| verdicts[i] == Verdict::New)
         .collect();
-    let mut inserted: HashSet<(String, DateTime<Utc>, String)> = HashSet::new();
+    let mut rows: Vec<(String, DateTime<Utc>, String)> = Vec::new();
     for chunk in new.chunks(ROWS_PER_STATEMENT) {
-        let rows = diesel::insert_into(readings::table)
-            .values(&new_rows(chunk.iter().map(|&i| &batch[i])))
-            .on_conflict_do_nothing()
-            .returning((readings::device_id, readings::ts, readings::reading_id))
-            .load::<(String, DateTime<Utc>, String)>(conn)?;
-        inserted.extend(rows);
+        rows.extend(
+            diesel::insert_into(readings::table)
+                .values(&new_rows(chunk.iter().map(|&i| &batch[i])))
+                .on_conflict_do_nothing()
+                .returning((readings::device_id, readings::ts, readings::reading_id))
+                .load::<(String, DateTime<Utc>, String)>(conn)?,
+        );
     }
+    let inserted: HashSet<(&str, DateTime<Utc>, &str)> = rows
+        .iter()
+        .map(|(device, ts, id)| (device.as_str(), *ts, id.as_str()))
+        .collect();
     let repeated: Vec<usize> = new
         .into_iter()
         .filter(|&i| {
             let r = &batch[i];
-            !inserted.contains(&(
-                r.device_id.as_str().to_owned(),
-                r.ts,
-                r.id.as_str().to_owned(),
-            ))
+            !inserted.contains(&(r.device_id.as_str(), r.ts, r.id.as_str()))
         })
         .collect();
     if repeated.is_empty() {
@@ -432,7 +431,7 @@ fn insert_new(
         #[diesel(sql_type = Text)]
         metrics: String,
     }
-    let stored: HashMap<(String, DateTime<Utc>, String), String> = diesel::sql_query(
+    let stored: Vec<Stored> = diesel::sql_query(
         "SELECT r.device_id, r.ts, r.reading_id, r.metrics::text AS metrics
          FROM unnest($1::text[], $2::timestamptz[], $3::text[]) AS k(device_id, ts, reading_id)
          JOIN readings r USING (device_id, ts, reading_id)",
@@ -440,17 +439,19 @@ fn insert_new(
     .bind::<Array<Text>, _>(&devices)
     .bind::<Array<Timestamptz>, _>(&times)
     .bind::<Array<Text>, _>(&ids)
-    .load::<Stored>(conn)?
-    .into_iter()
-    .map(|s| ((s.device_id, s.ts, s.reading_id), s.metrics))
-    .collect();
+    .load(conn)?;
+    let stored: HashMap<(&str, DateTime<Utc>, &str), &str> = stored
+        .iter()
+        .map(|s| {
+            (
+                (s.device_id.as_str(), s.ts, s.reading_id.as_str()),
+                s.metrics.as_str(),
+            )
+        })
+        .collect();
     for i in repeated {
         let r = &batch[i];
-        let key = (
-            r.device_id.as_str().to_owned(),
-            r.ts,
-            r.id.as_str().to_owned(),
-        );
+        let key = (r.device_id.as_str(), r.ts, r.id.as_str());
         verdicts[i] = match stored.get(&key).map(|m| serde_json::from_str::<Metrics>(m)) {
             // same time and id: only the metrics can differ
             Some(Ok(metrics)) => compare_content(&metrics, r.ts, true, r),

@@ -571,25 +571,8 @@ pub async fn wait_for_exactly(url: &str, table: &str, expected: i64, timeout: Du
     assert_eq!(count_rows(url, table), expected, "rows in {table}");
 }
 
-/// A sample's value in Prometheus text (`name` with its labels, as written), 0 when absent.
-pub fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or(0.0)
-}
-
-/// The sum of every sample of a metric family in Prometheus text.
-pub fn metric_sum(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|line| !line.starts_with('#'))
-        .filter_map(|line| {
-            let (key, value) = line.rsplit_once(' ')?;
-            (key.split('{').next()? == name)
-                .then(|| value.parse::<f64>().ok())
-                .flatten()
-        })
-        .sum()
-}
+// The Prometheus text reader the tools use, so a figure is read one way in tests and in the tools.
+pub use system::prometheus::{metric, metric_sum};
 
 /// A test's own AMQP names: a unique prefix for its exchanges and queues, which are deleted when
 /// this is dropped, so a test that fails (panics) half-way leaves nothing behind either.

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
 /// The dynamic security admin of [`Mosquitto::production`] instances.
 pub const DYNSEC_ADMIN: (&str, &str) = ("admin", "admin-secret");
@@ -251,14 +251,7 @@ impl Device {
             }
         }
         feeding.abort();
-        let _ = client.disconnect().await;
-        let _ = tokio::time::timeout(Duration::from_secs(1), async {
-            while !matches!(
-                events.poll().await,
-                Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_)
-            ) {}
-        })
-        .await;
+        system::mqtt::disconnect(&client, &mut events, Duration::from_secs(1)).await;
         acked
     }
 

@@ -2,20 +2,9 @@
 
 use std::fmt::Write as _;
 
-use crate::run::StepOutcome;
+use system::numbers::thousands;
 
-/// `1234567` as `1,234,567`.
-fn thousands(n: u64) -> String {
-    let digits = n.to_string();
-    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
-}
+use crate::run::StepOutcome;
 
 /// What a step's row says in its last column.
 fn verdict(outcome: &StepOutcome) -> String {
@@ -125,13 +114,5 @@ mod tests {
         let details = details(&[outcome(3, Some("why"))]);
         assert!(details.contains("HTTP 503 ×7") && details.contains("known gap: why"));
         assert!(details.contains("4,000 of the acknowledged over MQTT"));
-    }
-
-    #[test]
-    fn thousands_are_grouped() {
-        assert_eq!(thousands(0), "0");
-        assert_eq!(thousands(999), "999");
-        assert_eq!(thousands(1000), "1,000");
-        assert_eq!(thousands(1234567), "1,234,567");
     }
 }

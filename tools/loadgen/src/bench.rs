@@ -12,13 +12,16 @@ use tokio::time::Instant;
 use crate::http::{self, Body, Endpoint};
 use crate::mqtt::{self, Broker, Format};
 use crate::progress::Progress;
-use crate::report::{Figure, Machine, Report, Resource, Target};
+use crate::report::{Figure, Machine, Report, Resource};
 use crate::stats::Summary;
 use crate::{Args, Workload, db};
-use system::procs::{CpuWindow, PeakWindow, Watched};
+use system::numbers::readable;
+use system::procs::{CpuWindow, PeakWindow, Usage, Watched};
 
 /// The name loadgen's own process is shown under.
 const LOADGEN: &str = "loadgen (this)";
+/// The figure both HTTP workloads report for requests not answered 2xx.
+const REFUSED: &str = "refused or failed requests";
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
 enum SideKind {
@@ -65,6 +68,40 @@ impl Runs {
         self.0
             .get(&(key.to_owned(), side))
             .and_then(|v| Summary::of(v))
+    }
+}
+
+/// CPU (percent of one core) of each watched process, by side, over a workload's runs.
+#[derive(Default)]
+struct CpuRuns(BTreeMap<(SideKind, String), Vec<f64>>);
+
+impl CpuRuns {
+    /// Adds one run's CPU, as its `CpuWindow` measured it.
+    fn add(&mut self, side: SideKind, usage: Vec<Usage>) {
+        for u in usage {
+            if let Some(v) = u.cpu_percent {
+                self.0.entry((side, u.name)).or_default().push(v);
+            }
+        }
+    }
+}
+
+/// What the sides' processes take over all the runs of a workload: peak memory since it began,
+/// CPU run by run.
+struct Taken {
+    peaks: Vec<PeakWindow>,
+    cpu: CpuRuns,
+}
+
+impl Taken {
+    fn start(sides: &[Side]) -> Self {
+        Self {
+            peaks: sides
+                .iter()
+                .map(|s| PeakWindow::start(&s.watched))
+                .collect(),
+            cpu: CpuRuns::default(),
+        }
     }
 }
 
@@ -251,23 +288,20 @@ impl Bench {
             for run in 1..=self.args.runs {
                 let reset_url = url.clone();
                 blocking(move || db::truncate_copy_table(&mut db::connect(&reset_url)?)).await?;
-                let counter = self.progress.phase(format!(
+                let phase = format!(
                     "COPY ceiling, {connections} conn, run {run}/{}",
                     self.args.runs
-                ));
+                );
                 let (url, rows, fleet) = (url.clone(), self.args.copy_rows.max(1), self.args.fleet);
-                let (copied, rate) =
-                    until_deadline(connections, self.args.copy_secs, move |worker, deadline| {
-                        db::copy_until(&url, worker, rows, fleet, deadline)
+                let rate = self
+                    .timed_run(phase, &format!("copy{connections}"), connections, {
+                        move |worker, deadline| db::copy_until(&url, worker, rows, fleet, deadline)
                     })
                     .await
                     .context("a COPY worker failed")?;
-                counter.store(copied, std::sync::atomic::Ordering::Relaxed);
-                self.runs
-                    .push(&format!("copy{connections}"), SideKind::Sensorhub, rate);
                 self.say(format!(
                     "COPY ceiling, {connections} conn, run {run}: {} rows/s",
-                    crate::report::thousands(rate)
+                    readable(rate)
                 ));
             }
         }
@@ -280,27 +314,45 @@ impl Bench {
         for batch in self.args.write_batches.clone() {
             for run in 1..=self.args.runs {
                 self.prepare(side).await?;
-                let counter = self.progress.phase(format!(
+                let phase = format!(
                     "persister write path, batches of {batch}, 2 conn, run {run}/{}",
                     self.args.runs
-                ));
+                );
                 let (url, fleet) = (side.db_url.clone(), self.args.fleet);
-                let (stored, rate) =
-                    until_deadline(2, self.args.copy_secs, move |worker, deadline| {
-                        db::write_path_until(&url, worker, batch, fleet, deadline)
-                    })
+                let rate = self
+                    .timed_run(
+                        phase,
+                        &format!("writer{batch}"),
+                        2,
+                        move |worker, deadline| {
+                            db::write_path_until(&url, worker, batch, fleet, deadline)
+                        },
+                    )
                     .await
                     .context("a writer failed")?;
-                counter.store(stored, std::sync::atomic::Ordering::Relaxed);
-                self.runs
-                    .push(&format!("writer{batch}"), SideKind::Sensorhub, rate);
                 self.say(format!(
                     "persister write path, batches of {batch}, run {run}: {} readings/s",
-                    crate::report::thousands(rate)
+                    readable(rate)
                 ));
             }
         }
         Ok(())
+    }
+
+    /// `work(worker, deadline)` on `workers` blocking threads for `--copy-secs`, shown as `phase`:
+    /// what they counted per second, recorded as Sensorhub's `key`.
+    async fn timed_run(
+        &mut self,
+        phase: String,
+        key: &str,
+        workers: usize,
+        work: impl Fn(usize, std::time::Instant) -> anyhow::Result<u64> + Clone + Send + 'static,
+    ) -> anyhow::Result<f64> {
+        let counter = self.progress.phase(phase);
+        let (counted, rate) = until_deadline(workers, self.args.copy_secs, work).await?;
+        counter.store(counted, std::sync::atomic::Ordering::Relaxed);
+        self.runs.push(key, SideKind::Sensorhub, rate);
+        Ok(rate)
     }
 
     async fn http_workload(
@@ -310,11 +362,7 @@ impl Bench {
         body: Body,
         connections: usize,
     ) -> anyhow::Result<()> {
-        let peaks: Vec<_> = sides
-            .iter()
-            .map(|s| PeakWindow::start(&s.watched))
-            .collect();
-        let mut cpu: BTreeMap<(SideKind, String), Vec<f64>> = BTreeMap::new();
+        let mut taken = Taken::start(sides);
         for run in 1..=self.args.runs {
             for side in sides {
                 let phase = format!("{label}, {}, run {run}/{}", side.name(), self.args.runs);
@@ -339,15 +387,13 @@ impl Bench {
                 }
                 self.runs.push(&key("persisted"), k, r.persisted_per_s);
                 self.runs.push(&key("refused"), k, r.refused as f64);
-                for (name, value) in r.cpu {
-                    cpu.entry((k, name)).or_default().push(value);
-                }
+                taken.cpu.add(k, r.cpu);
                 self.say(format!(
                     "{phase}: accepted {}/s, ack p50 {} ms p99 {} ms, persisted {}/s{}{}",
-                    crate::report::thousands(r.accepted_per_s),
-                    r.p50.map_or("–".into(), crate::report::thousands),
-                    r.p99.map_or("–".into(), crate::report::thousands),
-                    crate::report::thousands(r.persisted_per_s),
+                    readable(r.accepted_per_s),
+                    r.p50.map_or("–".into(), readable),
+                    r.p99.map_or("–".into(), readable),
+                    readable(r.persisted_per_s),
                     if r.refused > 0 {
                         format!(", {} refused or failed", r.refused)
                     } else {
@@ -367,7 +413,7 @@ impl Bench {
                 }
             }
         }
-        self.record_resources(label, sides, peaks, cpu);
+        self.record_resources(label, sides, taken);
         Ok(())
     }
 
@@ -414,10 +460,7 @@ impl Bench {
             acked: outcome.ok_readings as i64,
             stored: drained.stored,
             complete: drained.complete,
-            cpu: cpu
-                .into_iter()
-                .filter_map(|u| Some((u.name, u.cpu_percent?)))
-                .collect(),
+            cpu,
         })
     }
 
@@ -477,11 +520,7 @@ impl Bench {
             "MQTT QoS 1 ({}), {} devices",
             self.args.mqtt_broker, self.args.mqtt_devices
         );
-        let peaks: Vec<_> = sides
-            .iter()
-            .map(|s| PeakWindow::start(&s.watched))
-            .collect();
-        let mut cpu: BTreeMap<(SideKind, String), Vec<f64>> = BTreeMap::new();
+        let mut taken = Taken::start(&sides);
         for run in 1..=self.args.runs {
             for side in &sides {
                 let Some(broker) = side.mqtt.clone() else {
@@ -496,7 +535,7 @@ impl Bench {
                 };
                 let phase = format!(
                     "{label}, burst of {}, {}, run {run}/{}",
-                    crate::report::thousands(messages as f64),
+                    readable(messages as f64),
                     side.name(),
                     self.args.runs
                 );
@@ -530,11 +569,7 @@ impl Bench {
                 let drained = self
                     .drain(side, &phase, before, outcome.acked as i64)
                     .await?;
-                for u in window.finish() {
-                    if let Some(v) = u.cpu_percent {
-                        cpu.entry((side.kind, u.name)).or_default().push(v);
-                    }
-                }
+                taken.cpu.add(side.kind, window.finish());
                 let acked_per_s = outcome.acked as f64 / outcome.elapsed.as_secs_f64().max(1e-3);
                 let persisted_per_s =
                     drained.stored as f64 / (drained.last_growth - started).as_secs_f64().max(1e-3);
@@ -552,9 +587,9 @@ impl Bench {
                     "{phase}: {} published, {} PUBACKed ({}/s), {} stored ({}/s), lost {lost}{}",
                     outcome.published,
                     outcome.acked,
-                    crate::report::thousands(acked_per_s),
+                    readable(acked_per_s),
                     drained.stored,
-                    crate::report::thousands(persisted_per_s),
+                    readable(persisted_per_s),
                     if outcome.failed_devices > 0 {
                         format!(", {} devices failed", outcome.failed_devices)
                     } else {
@@ -569,7 +604,7 @@ impl Bench {
                 }
             }
         }
-        self.record_resources(&label, &sides, peaks, cpu);
+        self.record_resources(&label, &sides, taken);
         Ok(())
     }
 
@@ -595,10 +630,10 @@ impl Bench {
         let connections = 64;
         let label = format!(
             "half load: {} req/s POST /data, {connections} conn",
-            crate::report::thousands(rate)
+            readable(rate)
         );
-        let peaks = vec![PeakWindow::start(&side.watched)];
-        let mut cpu: BTreeMap<(SideKind, String), Vec<f64>> = BTreeMap::new();
+        let sides = std::slice::from_ref(side);
+        let mut taken = Taken::start(sides);
         for run in 1..=self.args.runs {
             let phase = format!("{label}, run {run}/{}", self.args.runs);
             let before = self.prepare(side).await?;
@@ -627,11 +662,7 @@ impl Bench {
             let drained = self
                 .drain(side, &phase, before, outcome.ok_readings as i64)
                 .await?;
-            for u in window.finish() {
-                if let Some(v) = u.cpu_percent {
-                    cpu.entry((side.kind, u.name)).or_default().push(v);
-                }
-            }
+            taken.cpu.add(side.kind, window.finish());
             let k = side.kind;
             let achieved = outcome.ok_requests as f64 / outcome.elapsed.as_secs_f64();
             self.runs.push("e2e|rate", k, achieved);
@@ -656,27 +687,21 @@ impl Bench {
             self.runs.push("e2e|unseen", k, visible.unseen as f64);
             self.say(format!(
                 "{phase}: {} req/s, ack p50 {} p99 {} ms; queryable p50 {} p99 {} ms ({} samples, {} never seen){}",
-                crate::report::thousands(achieved),
-                p50.map_or("–".into(), crate::report::thousands),
-                p99.map_or("–".into(), crate::report::thousands),
-                v50.map_or("–".into(), crate::report::thousands),
-                v99.map_or("–".into(), crate::report::thousands),
+                readable(achieved),
+                p50.map_or("–".into(), readable),
+                p99.map_or("–".into(), readable),
+                v50.map_or("–".into(), readable),
+                v99.map_or("–".into(), readable),
                 visible.latencies.len(),
                 visible.unseen,
                 if drained.complete { "" } else { ", NOT ALL STORED" }
             ));
         }
-        self.record_resources(&label, std::slice::from_ref(side), peaks, cpu);
+        self.record_resources(&label, sides, taken);
         Ok(())
     }
 
-    fn record_resources(
-        &mut self,
-        label: &str,
-        sides: &[Side],
-        peaks: Vec<PeakWindow>,
-        cpu: BTreeMap<(SideKind, String), Vec<f64>>,
-    ) {
+    fn record_resources(&mut self, label: &str, sides: &[Side], Taken { peaks, cpu }: Taken) {
         for (side, peak) in sides.iter().zip(peaks) {
             let peaks = peak.finish();
             for w in &side.watched {
@@ -690,6 +715,7 @@ impl Bench {
                         w.name.clone()
                     },
                     cpu_percent: cpu
+                        .0
                         .get(&(side.kind, w.name.clone()))
                         .and_then(|v| Summary::of(v)),
                     peak_rss_mib: peak.and_then(|p| p.peak_mib),
@@ -704,265 +730,115 @@ impl Bench {
     }
 
     fn report(&self, sides: &[Side]) -> Report {
-        let mut figures = Vec::new();
-        let s = |key: &str, side| self.runs.summary(key, side);
-        let ratio = |a: &Option<Summary>, b: &Option<Summary>| match (a, b) {
-            (Some(a), Some(b)) if b.median > 0.0 => Some(a.median / b.median),
-            _ => None,
-        };
-        let mut figure = |workload: &str,
-                          name: &str,
-                          unit: &'static str,
-                          ours: Option<Summary>,
-                          seed: Option<Summary>,
-                          ratio: Option<f64>,
-                          ratio_of: Option<String>,
-                          target: Option<Target>| {
-            if ours.is_none() && seed.is_none() {
-                return;
-            }
-            figures.push(Figure {
-                workload: workload.to_owned(),
-                name: name.to_owned(),
-                unit,
-                sensorhub: ours,
-                seed,
-                ratio,
-                ratio_of,
-                target,
-            });
-        };
         use SideKind::{Seed, Sensorhub};
+        let s = |key: &str, side| self.runs.summary(key, side);
+        let both = |key: &str| (s(key, Sensorhub), s(key, Seed));
+        let ours = |key: &str| (s(key, Sensorhub), None);
+        let mut figures = Vec::new();
+        // a figure neither side has runs of (its workload did not run) is left out
+        let mut add = |figure: Figure| {
+            if figure.sensorhub.is_some() || figure.seed.is_some() {
+                figures.push(figure);
+            }
+        };
 
         let copy2 = s("copy2", Sensorhub);
         for (i, c) in self.args.connections.iter().enumerate() {
             let w = format!("HTTP POST /data, {c} conn");
-            let k = |f: &str| format!("{w}|{f}");
-            let (a, b) = (s(&k("accepted"), Sensorhub), s(&k("accepted"), Seed));
-            let r = ratio(&a, &b);
-            figure(&w, "accepted", "readings/s", a, b, r, None, None);
-            figure(
-                &w,
-                "ack latency p50",
-                "ms",
-                s(&k("p50"), Sensorhub),
-                s(&k("p50"), Seed),
-                None,
-                None,
-                None,
-            );
-            figure(
-                &w,
-                "ack latency p99",
-                "ms",
-                s(&k("p99"), Sensorhub),
-                s(&k("p99"), Seed),
-                None,
-                None,
-                None,
-            );
-            let (a, b) = (s(&k("persisted"), Sensorhub), s(&k("persisted"), Seed));
-            let r = ratio(&a, &b);
-            let target = (i == 0).then_some(()).and(r).map(|r| Target {
-                text: "≥ 10× seed".into(),
-                met: r >= 10.0,
-            });
-            figure(&w, "persisted", "readings/s", a, b, r, None, target);
-            figure(
-                &w,
-                "refused or failed requests",
-                "",
-                s(&k("refused"), Sensorhub),
-                s(&k("refused"), Seed),
-                None,
-                None,
-                None,
-            );
+            let k = |f: &str| both(&format!("{w}|{f}"));
+            add(Figure::new(&w, "accepted", "readings/s", k("accepted")).vs_seed());
+            add(Figure::new(&w, "ack latency p50", "ms", k("p50")));
+            add(Figure::new(&w, "ack latency p99", "ms", k("p99")));
+            add(Figure::new(&w, "persisted", "readings/s", k("persisted"))
+                .vs_seed()
+                .target("≥ 10× seed", |f| {
+                    f.ratio.filter(|_| i == 0).map(|r| r >= 10.0)
+                }));
+            add(Figure::new(&w, REFUSED, "", k("refused")));
         }
         let w = format!(
             "HTTP POST /v1/readings ×{}, {} conn",
             self.args.batch_size, self.args.batch_connections
         );
-        let k = |f: &str| format!("{w}|{f}");
-        figure(
-            &w,
-            "accepted",
-            "readings/s",
-            s(&k("accepted"), Sensorhub),
-            None,
-            None,
-            None,
-            None,
-        );
-        let a = s(&k("persisted"), Sensorhub);
-        let r = ratio(&a, &copy2);
-        let target = r.map(|r| Target {
-            text: "≥ 50% of COPY, 2 conn".into(),
-            met: r >= 0.5,
-        });
-        figure(
-            &w,
-            "persisted",
-            "readings/s",
-            a,
-            None,
-            r,
-            Some("COPY, 2 conn".into()),
-            target,
-        );
-        figure(
-            &w,
-            "ack latency p99",
-            "ms",
-            s(&k("p99"), Sensorhub),
-            None,
-            None,
-            None,
-            None,
-        );
-        figure(
-            &w,
-            "refused or failed requests",
-            "",
-            s(&k("refused"), Sensorhub),
-            None,
-            None,
-            None,
-            None,
-        );
+        let k = |f: &str| ours(&format!("{w}|{f}"));
+        add(Figure::new(&w, "accepted", "readings/s", k("accepted")));
+        add(Figure::new(&w, "persisted", "readings/s", k("persisted"))
+            .vs("COPY, 2 conn", copy2.as_ref())
+            .target("≥ 50% of COPY, 2 conn", |f| f.ratio.map(|r| r >= 0.5)));
+        add(Figure::new(&w, "ack latency p99", "ms", k("p99")));
+        add(Figure::new(&w, REFUSED, "", k("refused")));
 
         let w = format!(
             "MQTT QoS 1 ({}), {} devices, bursts of {} (seed: {})",
             self.args.mqtt_broker,
             self.args.mqtt_devices,
-            crate::report::thousands(self.args.mqtt_messages as f64),
-            crate::report::thousands(
+            readable(self.args.mqtt_messages as f64),
+            readable(
                 self.args
                     .peer_mqtt_messages
                     .unwrap_or(self.args.mqtt_messages) as f64
             )
         );
-        let (a, b) = (s("mqtt|acked", Sensorhub), s("mqtt|acked", Seed));
-        let r = ratio(&a, &b);
-        figure(&w, "PUBACKed", "msgs/s", a, b, r, None, None);
-        let (a, b) = (s("mqtt|persisted", Sensorhub), s("mqtt|persisted", Seed));
-        let r = ratio(&a, &b);
-        let target = r.map(|r| Target {
-            text: "≥ 10× seed".into(),
-            met: r >= 10.0,
-        });
-        figure(&w, "persisted", "readings/s", a, b, r, None, target);
-        let lost = s("mqtt|lost", Sensorhub);
-        let target = lost.as_ref().map(|l| Target {
-            text: "0".into(),
-            met: l.max == 0.0,
-        });
-        figure(
+        add(Figure::new(&w, "PUBACKed", "msgs/s", both("mqtt|acked")).vs_seed());
+        add(
+            Figure::new(&w, "persisted", "readings/s", both("mqtt|persisted"))
+                .vs_seed()
+                .target("≥ 10× seed", |f| f.ratio.map(|r| r >= 10.0)),
+        );
+        add(Figure::new(
             &w,
             "lost (PUBACKed, not stored)",
             "readings",
-            lost,
-            s("mqtt|lost", Seed),
-            None,
-            None,
-            target,
-        );
-        figure(
-            &w,
-            "lost",
-            "%",
-            s("mqtt|lost_pct", Sensorhub),
-            s("mqtt|lost_pct", Seed),
-            None,
-            None,
-            None,
-        );
+            both("mqtt|lost"),
+        )
+        .target("0", |f| f.sensorhub.as_ref().map(|l| l.max == 0.0)));
+        add(Figure::new(&w, "lost", "%", both("mqtt|lost_pct")));
 
         if let Some(rate) = s("e2e|rate", Sensorhub) {
             let w = format!(
                 "half load: {} req/s POST /data, 64 conn",
-                crate::report::thousands(rate.median)
+                readable(rate.median)
             );
-            let p99 = s("e2e|p99", Sensorhub);
-            let t = p99.as_ref().map(|p| Target {
-                text: "≤ 20 ms".into(),
-                met: p.median <= 20.0,
-            });
-            figure(
-                &w,
-                "ack latency p50",
-                "ms",
-                s("e2e|p50", Sensorhub),
-                None,
-                None,
-                None,
-                None,
-            );
-            figure(&w, "ack latency p99", "ms", p99, None, None, None, t);
-            figure(
+            let at_most = |ms: f64| move |f: &Figure| f.sensorhub.as_ref().map(|p| p.median <= ms);
+            add(Figure::new(&w, "ack latency p50", "ms", ours("e2e|p50")));
+            add(Figure::new(&w, "ack latency p99", "ms", ours("e2e|p99"))
+                .target("≤ 20 ms", at_most(20.0)));
+            add(Figure::new(
                 &w,
                 "ack → queryable p50",
                 "ms",
-                s("e2e|v50", Sensorhub),
-                None,
-                None,
-                None,
-                None,
+                ours("e2e|v50"),
+            ));
+            add(
+                Figure::new(&w, "ack → queryable p99", "ms", ours("e2e|v99"))
+                    .target("≤ 1,000 ms", at_most(1000.0)),
             );
-            let v99 = s("e2e|v99", Sensorhub);
-            let t = v99.as_ref().map(|p| Target {
-                text: "≤ 1,000 ms".into(),
-                met: p.median <= 1000.0,
-            });
-            figure(&w, "ack → queryable p99", "ms", v99, None, None, None, t);
-            figure(
+            add(Figure::new(
                 &w,
                 "samples never seen",
                 "",
-                s("e2e|unseen", Sensorhub),
-                None,
-                None,
-                None,
-                None,
-            );
+                ours("e2e|unseen"),
+            ));
         }
         let w = format!(
             "ceiling: PostgreSQL binary COPY, {} rows per COPY",
-            crate::report::thousands(self.args.copy_rows as f64)
+            readable(self.args.copy_rows as f64)
         );
-        figure(
-            &w,
-            "1 connection",
-            "rows/s",
-            s("copy1", Sensorhub),
-            None,
-            None,
-            None,
-            None,
-        );
-        figure(
+        add(Figure::new(&w, "1 connection", "rows/s", ours("copy1")));
+        add(Figure::new(
             &w,
             "2 connections",
             "rows/s",
-            copy2.clone(),
-            None,
-            None,
-            None,
-            None,
-        );
+            (copy2.clone(), None),
+        ));
         for batch in &self.args.write_batches {
-            let a = s(&format!("writer{batch}"), Sensorhub);
-            let r = ratio(&a, &copy2);
-            figure(
+            add(Figure::new(
                 "persister write path alone (store::write_readings, 2 conn)",
                 &format!("batches of {batch}"),
                 "readings/s",
-                a,
-                None,
-                r,
-                Some("COPY, 2 conn".into()),
-                None,
-            );
+                ours(&format!("writer{batch}")),
+            )
+            .vs("COPY, 2 conn", copy2.as_ref()));
         }
 
         // the memory target, over every workload
@@ -983,19 +859,13 @@ impl Bench {
             .filter_map(|r| r.peak_rss_mib.map(|p| (p, r.process.clone())))
             .max_by(|a, b| a.0.total_cmp(&b.0));
         if let Some((peak, process)) = peak {
-            figure(
+            add(Figure::new(
                 "memory",
                 &format!("largest peak RSS of a Sensorhub service ({process})"),
                 "MiB",
-                Summary::of(&[peak]),
-                None,
-                None,
-                None,
-                Some(Target {
-                    text: "≤ 64 MiB".into(),
-                    met: peak <= 64.0,
-                }),
-            );
+                (Summary::of(&[peak]), None),
+            )
+            .target("≤ 64 MiB", |_| Some(peak <= 64.0)));
         }
 
         Report {
@@ -1036,7 +906,7 @@ struct HttpRun {
     acked: i64,
     stored: i64,
     complete: bool,
-    cpu: Vec<(String, f64)>,
+    cpu: Vec<Usage>,
 }
 
 /// `work(worker, deadline)` on `workers` blocking threads at once, each until `secs` from now: the

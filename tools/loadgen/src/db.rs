@@ -253,10 +253,7 @@ pub fn copy_until(
                                          "temperature": 15.0 + (i % 200) as f64 / 10.0}),
         })
         .collect();
-    let mut copied = 0u64;
-    let mut round: i64 = 0;
-    while std::time::Instant::now() < deadline {
-        let ts = base + chrono::Duration::microseconds(round);
+    rounds_until(deadline, base, |_, ts| {
         for row in &mut rows {
             row.ts = ts;
         }
@@ -264,10 +261,8 @@ pub fn copy_until(
             .from_insertable(&rows)
             .execute(&mut conn)
             .context("COPY")?;
-        copied += n as u64;
-        round += 1;
-    }
-    Ok(copied)
+        Ok(n as u64)
+    })
 }
 
 /// The persister's own write path (`store::write_readings`: partitions, the idempotent insert, the
@@ -305,12 +300,9 @@ pub fn write_path_until(
             .map_err(|e| anyhow::anyhow!("{e:?}"))?,
         );
     }
-    let mut stored = 0u64;
-    let mut round: i64 = 0;
-    while std::time::Instant::now() < deadline {
+    rounds_until(deadline, base, |round, ts| {
         // every reading new: its time moves by a microsecond each round, and its id (the device's
         // own, so the identity is recorded as a Pi's is) names the round
-        let ts = base + chrono::Duration::microseconds(round);
         for (i, r) in readings.iter_mut().enumerate() {
             r.ts = ts;
             r.id = models::ReadingId::parse(format!("wp-w{worker}-r{round}-{i}"))
@@ -318,10 +310,24 @@ pub fn write_path_until(
         }
         let outcome = store::write_readings(&mut conn, &readings, &mut known)
             .map_err(|e| anyhow::anyhow!("write_readings: {e}"))?;
-        stored += outcome.inserted as u64;
-        round += 1;
+        Ok(outcome.inserted as u64)
+    })
+}
+
+/// `round(n, ts)` for n = 0, 1, … until `deadline`, `ts` moving a microsecond a round from `base`
+/// (so a round that writes the same rows again writes new ones); the sum of what the rounds counted.
+fn rounds_until(
+    deadline: std::time::Instant,
+    base: DateTime<Utc>,
+    mut round: impl FnMut(i64, DateTime<Utc>) -> anyhow::Result<u64>,
+) -> anyhow::Result<u64> {
+    let mut counted = 0u64;
+    let mut n: i64 = 0;
+    while std::time::Instant::now() < deadline {
+        counted += round(n, base + chrono::Duration::microseconds(n))?;
+        n += 1;
     }
-    Ok(stored)
+    Ok(counted)
 }
 
 /// Registers devices `pi-00000`.. of a fleet of `fleet` in Sensorhub's registry (again, where an

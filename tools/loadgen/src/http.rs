@@ -361,21 +361,18 @@ mod tests {
 
         fill_body(&mut s, &plan(Body::Batch(100)), 2, 3);
         let v: serde_json::Value = serde_json::from_str(&s).unwrap();
-        let ids: std::collections::HashSet<_> = v
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|r| r["id"].as_str().unwrap().to_owned())
-            .collect();
-        assert_eq!(ids.len(), 100);
-        let devices: std::collections::HashSet<_> = v
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|r| r["device_id"].as_str().unwrap().to_owned())
-            .collect();
+        let distinct = |field: &str| {
+            let values: std::collections::HashSet<&str> = v
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| r[field].as_str().unwrap())
+                .collect();
+            values.len()
+        };
+        assert_eq!(distinct("id"), 100);
         assert_eq!(
-            devices.len(),
+            distinct("device_id"),
             1,
             "a request is one device's, as its token allows"
         );

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tokio::sync::Barrier;
 use tokio::time::Instant;
 
@@ -205,14 +205,7 @@ async fn device(
     feeder.abort();
     let _ = feeder.await;
     out.published = sent.load(Ordering::Relaxed);
-    let _ = client.disconnect().await;
-    let _ = tokio::time::timeout(Duration::from_secs(2), async {
-        while !matches!(
-            events.poll().await,
-            Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_)
-        ) {}
-    })
-    .await;
+    system::mqtt::disconnect(&client, &mut events, Duration::from_secs(2)).await;
     out
 }
 

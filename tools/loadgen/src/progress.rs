@@ -5,6 +5,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use system::numbers::readable;
+
 #[derive(Clone)]
 pub struct Progress {
     inner: Arc<Inner>,
@@ -65,8 +67,8 @@ impl Progress {
         let rate = if secs > 0.0 { n as f64 / secs } else { 0.0 };
         let line = format!(
             "{label}  {secs:5.1} s  {} ({}/s)",
-            crate::report::thousands(n as f64),
-            crate::report::thousands(rate)
+            readable(n as f64),
+            readable(rate)
         );
         let mut err = std::io::stderr().lock();
         if self.inner.tty {

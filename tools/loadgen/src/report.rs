@@ -4,6 +4,8 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
+use system::numbers::readable;
+
 use crate::stats::Summary;
 
 #[derive(Debug, Clone, Serialize)]
@@ -23,6 +25,56 @@ pub struct Figure {
     pub ratio: Option<f64>,
     pub ratio_of: Option<String>,
     pub target: Option<Target>,
+}
+
+impl Figure {
+    /// Sensorhub's and the seed's runs of a figure, compared with nothing and with no target.
+    pub fn new(
+        workload: &str,
+        name: &str,
+        unit: &'static str,
+        (sensorhub, seed): (Option<Summary>, Option<Summary>),
+    ) -> Self {
+        Self {
+            workload: workload.to_owned(),
+            name: name.to_owned(),
+            unit,
+            sensorhub,
+            seed,
+            ratio: None,
+            ratio_of: None,
+            target: None,
+        }
+    }
+
+    /// With Sensorhub's median over the seed's.
+    pub fn vs_seed(mut self) -> Self {
+        self.ratio = median_ratio(self.sensorhub.as_ref(), self.seed.as_ref());
+        self
+    }
+
+    /// With Sensorhub's median over that of `ceiling`, which the table names `of`.
+    pub fn vs(mut self, of: &str, ceiling: Option<&Summary>) -> Self {
+        self.ratio = median_ratio(self.sensorhub.as_ref(), ceiling);
+        self.ratio_of = Some(of.to_owned());
+        self
+    }
+
+    /// With the target `text`, met or missed as `met` finds this figure; none when it cannot tell.
+    pub fn target(mut self, text: &str, met: impl FnOnce(&Self) -> Option<bool>) -> Self {
+        self.target = met(&self).map(|met| Target {
+            text: text.to_owned(),
+            met,
+        });
+        self
+    }
+}
+
+fn median_ratio(a: Option<&Summary>, b: Option<&Summary>) -> Option<f64> {
+    match (a, b) {
+        (Some(a), Some(b)) if b.median > 0.0 => Some(a.median / b.median),
+        _ => None,
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -90,39 +142,26 @@ pub struct Report {
     pub notes: Vec<String>,
 }
 
-/// `12,345` for large numbers, `12.3` / `1.23` for small ones.
-pub fn thousands(v: f64) -> String {
-    if !v.is_finite() {
-        return "–".into();
-    }
-    if v.abs() >= 100.0 {
-        let n = v.round() as i64;
-        let digits = n.abs().to_string();
-        let mut out = String::new();
-        for (i, c) in digits.chars().enumerate() {
-            if i > 0 && (digits.len() - i).is_multiple_of(3) {
-                out.push(',');
-            }
-            out.push(c);
-        }
-        if n < 0 { format!("-{out}") } else { out }
-    } else if v.abs() >= 10.0 || v == v.trunc() {
-        format!("{v:.1}").trim_end_matches(".0").to_owned()
-    } else {
-        format!("{v:.2}")
-    }
-}
-
 fn cell(s: &Option<Summary>) -> String {
     match s {
         None => "–".into(),
-        Some(s) if s.runs.len() == 1 || s.min == s.max => thousands(s.median),
+        Some(s) if s.runs.len() == 1 || s.min == s.max => readable(s.median),
         Some(s) => format!(
             "{} ({}–{})",
-            thousands(s.median),
-            thousands(s.min),
-            thousands(s.max)
+            readable(s.median),
+            readable(s.min),
+            readable(s.max)
         ),
+    }
+}
+
+/// A table names each workload once, on the first of its rows: `workload` there, nothing below it.
+fn first_of_group<'a>(last: &mut &'a str, workload: &'a str) -> &'a str {
+    if workload == *last {
+        ""
+    } else {
+        *last = workload;
+        workload
     }
 }
 
@@ -144,12 +183,7 @@ impl Report {
         out.push_str("|---|---|---|---|---|---|\n");
         let mut last_workload = "";
         for f in &self.figures {
-            let workload = if f.workload == last_workload {
-                ""
-            } else {
-                &f.workload
-            };
-            last_workload = &f.workload;
+            let workload = first_of_group(&mut last_workload, &f.workload);
             let ratio = match (f.ratio, &f.ratio_of) {
                 (Some(r), Some(of)) if r < 1.0 => format!("{:.0}% of {of}", r * 100.0),
                 (Some(r), Some(of)) => format!("{r:.2}× {of}"),
@@ -177,12 +211,7 @@ impl Report {
             out.push_str("|---|---|---|---|\n");
             let mut last_workload = "";
             for r in &self.resources {
-                let workload = if r.workload == last_workload {
-                    ""
-                } else {
-                    &r.workload
-                };
-                last_workload = &r.workload;
+                let workload = first_of_group(&mut last_workload, &r.workload);
                 let peak = match r.peak_rss_mib {
                     Some(p) if r.peak_since_workload_start => format!("{p:.1}"),
                     Some(p) => format!("{p:.1} (since start)"),
@@ -200,19 +229,5 @@ impl Report {
             let _ = writeln!(out, "\n{note}");
         }
         out
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn numbers_read_well() {
-        assert_eq!(thousands(1234567.4), "1,234,567");
-        assert_eq!(thousands(512.0), "512");
-        assert_eq!(thousands(12.34), "12.3");
-        assert_eq!(thousands(1.234), "1.23");
-        assert_eq!(thousands(0.0), "0");
     }
 }

@@ -10,10 +10,27 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use backon::{BackoffBuilder, ExponentialBuilder};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::json;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
+
+const FIRST_RETRY_DELAY: Duration = Duration::from_millis(50);
+const MAX_RETRY_DELAY: Duration = Duration::from_millis(500);
+
+/// An HTTP device's delays between sends of one request, each drawn from `[d/2, d]` where `d`
+/// doubles from [`FIRST_RETRY_DELAY`] to [`MAX_RETRY_DELAY`]: as a fleet of Pis does, the devices
+/// refused together do not all come back at once. (backon's jitter adds up to the delay itself,
+/// hence the halves.)
+fn retry_delays() -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::new()
+        .with_min_delay(FIRST_RETRY_DELAY / 2)
+        .with_max_delay(MAX_RETRY_DELAY / 2)
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
 
 /// A reading in the `POST /v1/readings` format (with `device` `None`, MQTT's: the topic names the
 /// device), with its own `id` and `ts`, so that sending it again (a retry) stores it once.
@@ -261,7 +278,7 @@ impl Device {
             self.ledger
                 .sent
                 .fetch_add(ids.len() as u64, Ordering::Relaxed);
-            let mut backoff = Duration::from_millis(50);
+            let mut backoff = retry_delays();
             loop {
                 let answer = client
                     .post(&url)
@@ -285,8 +302,7 @@ impl Device {
                         .fetch_add(ids.len() as u64, Ordering::Relaxed);
                     break;
                 }
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_millis(500));
+                tokio::time::sleep(backoff.next().unwrap_or(MAX_RETRY_DELAY)).await;
             }
             tokio::time::sleep(self.pace).await;
         }

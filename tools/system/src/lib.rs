@@ -9,6 +9,8 @@
 //!   path, on their own ports and data directories.
 //! - [`procs`]: CPU time and peak memory from `/proc`, and the processes below a process.
 //! - [`prometheus`]: reading figures out of a `/metrics` page.
+//! - [`mqtt`]: an MQTT client's clean goodbye.
+//! - [`numbers`]: numbers as the reports print them.
 //! - [`devices`]: simulated Pis that send over HTTP and MQTT as careful ones do, with a ledger of
 //!   what was acknowledged.
 #![allow(
@@ -18,6 +20,8 @@
 )]
 
 pub mod devices;
+pub mod mqtt;
+pub mod numbers;
 pub mod process;
 pub mod procs;
 pub mod prometheus;

@@ -102,48 +102,62 @@ fn replicas(args: &Args) -> anyhow::Result<Vec<Replica>> {
     };
     let mut all = Vec::new();
     // persisters first: they declare the queue the ingest services publish to
-    for i in 0..args.persisters {
-        all.push(Replica {
-            label: format!("persister-{}", i + 1),
-            binary: "persister",
-            port: args.persister_port + i,
-            env: with(vec![]),
-        });
-    }
+    all.extend(numbered(
+        "persister",
+        args.persisters,
+        args.persister_port,
+        |_| with(vec![]),
+    ));
     // behind Traefik, ingest-http and query-api believe X-Forwarded-For from Traefik alone
-    for i in 0..args.ingest_http {
-        all.push(Replica {
-            label: format!("ingest-http-{}", i + 1),
-            binary: "ingest-http",
-            port: args.ingest_http_port + i,
-            env: with(vec![
+    all.extend(numbered(
+        "ingest-http",
+        args.ingest_http,
+        args.ingest_http_port,
+        |_| {
+            with(vec![
                 ("HTTP_WORKERS", "2".into()),
                 ("TRUSTED_PROXIES", "127.0.0.1".into()),
-            ]),
-        });
-    }
+            ])
+        },
+    ));
     all.push(Replica {
         label: "query-api".into(),
         binary: "query-api",
         port: args.query_api_port,
         env: with(vec![("TRUSTED_PROXIES", "127.0.0.1".into())]),
     });
-    for i in 0..args.ingest_mqtt {
-        all.push(Replica {
-            label: format!("ingest-mqtt-{}", i + 1),
-            binary: "ingest-mqtt",
-            port: args.ingest_mqtt_port + i,
-            env: with(vec![
+    all.extend(numbered(
+        "ingest-mqtt",
+        args.ingest_mqtt,
+        args.ingest_mqtt_port,
+        |n| {
+            with(vec![
                 ("MQTT_URL", args.mqtt_url.clone()),
                 (
                     "MQTT_CLIENT_ID",
-                    format!("{}-ingest-mqtt-{}", args.mqtt_group, i + 1),
+                    format!("{}-ingest-mqtt-{n}", args.mqtt_group),
                 ),
                 ("MQTT_SHARED_GROUP", args.mqtt_group.clone()),
-            ]),
-        });
-    }
+            ])
+        },
+    ));
     Ok(all)
+}
+
+/// `count` replicas of `binary`, `<binary>-1` on `first_port` and on from there, replica `n` with
+/// the environment `env(n)`.
+fn numbered(
+    binary: &'static str,
+    count: u16,
+    first_port: u16,
+    env: impl Fn(u16) -> Vec<(&'static str, String)>,
+) -> impl Iterator<Item = Replica> {
+    (1..=count).map(move |n| Replica {
+        label: format!("{binary}-{n}"),
+        binary,
+        port: first_port + n - 1,
+        env: env(n),
+    })
 }
 
 #[tokio::main(flavor = "current_thread")]
