@@ -150,7 +150,7 @@ fn numbered(
     binary: &'static str,
     count: u16,
     first_port: u16,
-    env: impl Fn(u16) -> Vec<(&'static str, String)>,
+    env: impl Fn(u16) -> Vec<(String, String)>,
 ) -> impl Iterator<Item = Replica> {
     (1..=count).map(move |n| Replica {
         label: format!("{binary}-{n}"),
