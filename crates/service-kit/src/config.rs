@@ -6,6 +6,8 @@ use std::path::Path;
 use config::{Config, Environment, File, FileFormat, Source, ValueKind};
 use serde::de::DeserializeOwned;
 
+use crate::telemetry::LogFormat;
+
 #[derive(Debug, thiserror::Error)]
 #[error("configuration: {0}")]
 pub struct ConfigError(#[from] config::ConfigError);
@@ -23,6 +25,32 @@ pub fn defaults<T: DeserializeOwned>(defaults: &str) -> Result<T, ConfigError> {
         .add_source(File::from_str(defaults, FileFormat::Toml))
         .build()?
         .try_deserialize()?)
+}
+
+/// A service's settings: its built-in defaults (`DEFAULTS`, its `defaults.toml`), loaded the one
+/// way every service loads them.
+pub trait ServiceSettings: DeserializeOwned {
+    /// The service's `defaults.toml`, embedded with `include_str!`.
+    const DEFAULTS: &'static str;
+
+    /// How the service's logs are written, known before anything else is built.
+    fn log_format(&self) -> LogFormat;
+
+    /// The defaults, then `file`, then the environment (see [`load`]).
+    fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        load(Self::DEFAULTS, file)
+    }
+
+    /// The built-in defaults alone (no file, no environment), for tests to start from.
+    #[allow(
+        clippy::expect_used,
+        reason = "the defaults are compiled in and every test starts from them"
+    )]
+    fn defaults() -> Self {
+        // `DEFAULTS` is compiled in, and every service's tests start from it: a broken file fails
+        // them all, never a deployment
+        defaults(Self::DEFAULTS).expect("built-in defaults parse")
+    }
 }
 
 fn load_from<T: DeserializeOwned>(

@@ -130,3 +130,21 @@ impl IngestMqtt {
         let _ = ops.await;
     }
 }
+
+impl service_kit::service::Service for IngestMqtt {
+    const NAME: &'static str = "ingest-mqtt";
+    type Settings = Settings;
+
+    async fn start(settings: &Settings) -> anyhow::Result<Self> {
+        Self::build(settings)
+    }
+
+    fn log_started(&self, _: &Settings) {
+        tracing::info!(ops_port = self.ops_port, client_id = %self.client_id, "ingest-mqtt started");
+    }
+
+    async fn run(self, stop: impl Future<Output = ()>) -> anyhow::Result<()> {
+        self.run_until(stop).await;
+        Ok(())
+    }
+}

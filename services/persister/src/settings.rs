@@ -1,8 +1,7 @@
-use std::path::Path;
-
 use bus::BusSettings;
 use serde::Deserialize;
 use service_kit::DatabaseSettings;
+use service_kit::config::ServiceSettings;
 use service_kit::telemetry::LogFormat;
 use store::PoolSettings;
 
@@ -26,24 +25,15 @@ pub struct Settings {
     pub log_format: LogFormat,
 }
 
+impl ServiceSettings for Settings {
+    const DEFAULTS: &'static str = include_str!("defaults.toml");
+
+    fn log_format(&self) -> LogFormat {
+        self.log_format
+    }
+}
+
 impl Settings {
-    pub const DEFAULTS: &'static str = include_str!("defaults.toml");
-
-    pub fn load(file: Option<&Path>) -> Result<Self, service_kit::config::ConfigError> {
-        service_kit::config::load(Self::DEFAULTS, file)
-    }
-
-    /// The built-in defaults alone (no file, no environment), for tests to start from.
-    #[allow(
-        clippy::expect_used,
-        reason = "the defaults are compiled in and every test starts from them"
-    )]
-    pub fn defaults() -> Self {
-        // `DEFAULTS` is compiled in, and every service's tests start from it: a broken file fails
-        // them all, never a deployment
-        service_kit::config::defaults(Self::DEFAULTS).expect("built-in defaults parse")
-    }
-
     pub fn pool(&self) -> PoolSettings {
         PoolSettings {
             // the writers, and one for readiness checks

@@ -1,7 +1,6 @@
 //! App tokens: query-api follows the list of issued tokens in PostgreSQL (so a revoked one is refused
 //! at once), and admins list and revoke them through `GET /v1/tokens` and `DELETE /v1/tokens/{id}`.
 
-use std::ops::ControlFlow;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,7 +13,6 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use service_kit::Readiness;
 use store::PgPool;
-use store::listen::ListenEvent;
 use utoipa::ToSchema;
 
 use crate::api::PageParams;
@@ -43,23 +41,11 @@ pub async fn follow_app_tokens(
         follower.clone(),
         UNKNOWN_FOR,
     ));
-    let listening = Arc::downgrade(&follower);
-    store::listen::spawn_listener(
-        settings.database.database_url.clone(),
+    service_kit::postgres::follow_notifications(
+        &settings.database.database_url,
         store::listen::APP_TOKENS_CHANNEL,
         "query-api app token listener",
-        move |event| {
-            let Some(follower) = listening.upgrade() else {
-                return ControlFlow::Break(());
-            };
-            match event {
-                ListenEvent::Listening => follower.listening_again(),
-                ListenEvent::Changed => follower.changed(),
-                ListenEvent::Quiet => {}
-                ListenEvent::Lost(error) => follower.listener_lost(&error),
-            }
-            ControlFlow::Continue(())
-        },
+        &follower,
     )
     .context("starting the app token listener")?;
     let interval = Duration::from_millis(settings.auth_refresh_ms.max(100));

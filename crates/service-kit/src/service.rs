@@ -1,0 +1,37 @@
+//! The one way a service runs: arguments, settings, telemetry, build, serve until SIGTERM or SIGINT.
+
+use std::future::Future;
+
+use crate::cli::ServiceArgs;
+use crate::config::ServiceSettings;
+
+/// A service, built from its settings and run until asked to stop; its binary's `main` is
+/// [`main`].
+pub trait Service: Sized {
+    /// As in its logs, and the name `--version` prints.
+    const NAME: &'static str;
+    type Settings: ServiceSettings;
+
+    /// Builds the service (its ports bound), ready to run.
+    fn start(settings: &Self::Settings) -> impl Future<Output = anyhow::Result<Self>>;
+
+    /// Logs that the service is up, with what an operator wants to know of it (its ports).
+    fn log_started(&self, settings: &Self::Settings);
+
+    /// Runs until `stop` resolves, then stops gracefully.
+    fn run(self, stop: impl Future<Output = ()>) -> impl Future<Output = anyhow::Result<()>>;
+}
+
+/// A service's whole `main`, under whichever runtime the service needs: parses the command line
+/// (`--help` shows `about`), loads the settings, starts telemetry, builds the service and runs it
+/// until SIGTERM or SIGINT.
+pub async fn main<S: Service>(version: &'static str, about: &'static str) -> anyhow::Result<()> {
+    let args = ServiceArgs::parse_for(S::NAME, version, about);
+    let settings = S::Settings::load(args.config.as_deref())?;
+    crate::telemetry::init(settings.log_format());
+    let service = S::start(&settings).await?;
+    service.log_started(&settings);
+    service.run(crate::shutdown::signal()).await?;
+    tracing::info!("{} stopped", S::NAME);
+    Ok(())
+}
