@@ -6,8 +6,6 @@ use std::path::Path;
 use config::{Config, Environment, File, FileFormat, Source, ValueKind};
 use serde::de::DeserializeOwned;
 
-use crate::telemetry::LogFormat;
-
 #[derive(Debug, thiserror::Error)]
 #[error("configuration: {0}")]
 pub struct ConfigError(#[from] config::ConfigError);
@@ -27,19 +25,11 @@ pub fn defaults<T: DeserializeOwned>(defaults: &str) -> Result<T, ConfigError> {
         .try_deserialize()?)
 }
 
-/// A service's settings: its built-in defaults (`DEFAULTS`, its `defaults.toml`), loaded the one
-/// way every service loads them.
+/// A service's settings, with its built-in defaults (`DEFAULTS`, its `defaults.toml`). Besides
+/// its own, every service has `log_format`, which [`crate::service::main`] reads.
 pub trait ServiceSettings: DeserializeOwned {
     /// The service's `defaults.toml`, embedded with `include_str!`.
     const DEFAULTS: &'static str;
-
-    /// How the service's logs are written, known before anything else is built.
-    fn log_format(&self) -> LogFormat;
-
-    /// The defaults, then `file`, then the environment (see [`load`]).
-    fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
-        load(Self::DEFAULTS, file)
-    }
 
     /// The built-in defaults alone (no file, no environment), for tests to start from.
     #[allow(

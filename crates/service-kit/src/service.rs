@@ -2,8 +2,11 @@
 
 use std::future::Future;
 
+use serde::Deserialize;
+
 use crate::cli::ServiceArgs;
 use crate::config::ServiceSettings;
+use crate::telemetry::LogFormat;
 
 /// A service, built from its settings and run until asked to stop; its binary's `main` is
 /// [`main`].
@@ -12,14 +15,19 @@ pub trait Service: Sized {
     const NAME: &'static str;
     type Settings: ServiceSettings;
 
-    /// Builds the service (its ports bound), ready to run.
+    /// Builds the service (its ports bound), ready to run, and logs that it is up with what an
+    /// operator wants to know of it (its ports).
     fn start(settings: &Self::Settings) -> impl Future<Output = anyhow::Result<Self>>;
-
-    /// Logs that the service is up, with what an operator wants to know of it (its ports).
-    fn log_started(&self, settings: &Self::Settings);
 
     /// Runs until `stop` resolves, then stops gracefully.
     fn run(self, stop: impl Future<Output = ()>) -> impl Future<Output = anyhow::Result<()>>;
+}
+
+/// The settings every service has besides its own (in its `defaults.toml` all the same), read
+/// here from the same layers as the service's.
+#[derive(Deserialize)]
+struct Shared {
+    log_format: LogFormat,
 }
 
 /// A service's whole `main`, under whichever runtime the service needs: parses the command line
@@ -27,10 +35,11 @@ pub trait Service: Sized {
 /// until SIGTERM or SIGINT.
 pub async fn main<S: Service>(version: &'static str, about: &'static str) -> anyhow::Result<()> {
     let args = ServiceArgs::parse_for(S::NAME, version, about);
-    let settings = S::Settings::load(args.config.as_deref())?;
-    crate::telemetry::init(settings.log_format());
+    let file = args.config.as_deref();
+    let settings = crate::config::load::<S::Settings>(S::Settings::DEFAULTS, file)?;
+    let Shared { log_format } = crate::config::load(S::Settings::DEFAULTS, file)?;
+    crate::telemetry::init(log_format);
     let service = S::start(&settings).await?;
-    service.log_started(&settings);
     service.run(crate::shutdown::signal()).await?;
     tracing::info!("{} stopped", S::NAME);
     Ok(())

@@ -2,11 +2,11 @@ use bus::{BusSettings, PublisherSettings};
 use serde::Deserialize;
 use service_kit::HttpSettings;
 use service_kit::config::ServiceSettings;
-use service_kit::telemetry::LogFormat;
 
 use crate::audit::AcceptedWrites;
 
-/// Every setting of ingest-http; README's configuration table documents each.
+/// Every setting of ingest-http but `log_format` (which `service_kit::service::main` reads); README's
+/// configuration table documents each.
 #[derive(Clone, Deserialize)]
 pub struct Settings {
     #[serde(flatten)]
@@ -34,13 +34,8 @@ pub struct Settings {
     pub rabbitmq_mqtt_vhost: String,
     pub audit_accepted: AcceptedWrites,
     pub audit_summary_interval_secs: u64,
-    pub log_format: LogFormat,
 }
 
 impl ServiceSettings for Settings {
     const DEFAULTS: &'static str = include_str!("defaults.toml");
-
-    fn log_format(&self) -> LogFormat {
-        self.log_format
-    }
 }

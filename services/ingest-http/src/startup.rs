@@ -150,11 +150,9 @@ impl service_kit::service::Service for Application {
     type Settings = Settings;
 
     async fn start(settings: &Settings) -> anyhow::Result<Self> {
-        Self::build(settings)
-    }
-
-    fn log_started(&self, settings: &Settings) {
-        tracing::info!(addr = %settings.http.http_addr, port = self.port, "ingest-http listening");
+        let app = Self::build(settings)?;
+        tracing::info!(addr = %settings.http.http_addr, port = app.port, "ingest-http listening");
+        Ok(app)
     }
 
     async fn run(self, stop: impl Future<Output = ()>) -> anyhow::Result<()> {

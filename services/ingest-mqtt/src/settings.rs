@@ -2,7 +2,6 @@ use bus::{BusSettings, PublisherSettings};
 use mqtt_admin::{MqttEndpoint, parse_mqtt_url};
 use serde::Deserialize;
 use service_kit::config::ServiceSettings;
-use service_kit::telemetry::LogFormat;
 
 /// Which broker devices publish to, and so where ingest-mqtt takes their messages from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
@@ -15,7 +14,8 @@ pub enum MqttBroker {
     Rabbitmq,
 }
 
-/// Every setting of ingest-mqtt; README's configuration table documents each.
+/// Every setting of ingest-mqtt but `log_format` (which `service_kit::service::main` reads); README's
+/// configuration table documents each.
 #[derive(Clone, Deserialize)]
 pub struct Settings {
     pub http_addr: String,
@@ -37,15 +37,10 @@ pub struct Settings {
     pub bus: BusSettings,
     #[serde(flatten)]
     pub publisher: PublisherSettings,
-    pub log_format: LogFormat,
 }
 
 impl ServiceSettings for Settings {
     const DEFAULTS: &'static str = include_str!("defaults.toml");
-
-    fn log_format(&self) -> LogFormat {
-        self.log_format
-    }
 }
 
 impl Settings {

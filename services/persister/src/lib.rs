@@ -126,11 +126,9 @@ impl service_kit::service::Service for Persister {
     type Settings = Settings;
 
     async fn start(settings: &Settings) -> anyhow::Result<Self> {
-        Self::build(settings).await
-    }
-
-    fn log_started(&self, _: &Settings) {
-        tracing::info!(ops_port = self.ops_port, "persister started");
+        let persister = Self::build(settings).await?;
+        tracing::info!(ops_port = persister.ops_port, "persister started");
+        Ok(persister)
     }
 
     async fn run(self, stop: impl Future<Output = ()>) -> anyhow::Result<()> {

@@ -2,10 +2,10 @@ use bus::BusSettings;
 use serde::Deserialize;
 use service_kit::DatabaseSettings;
 use service_kit::config::ServiceSettings;
-use service_kit::telemetry::LogFormat;
 use store::PoolSettings;
 
-/// Every setting of the persister; README's configuration table documents each.
+/// Every setting of the persister but `log_format` (which `service_kit::service::main` reads); README's
+/// configuration table documents each.
 #[derive(Clone, Deserialize)]
 pub struct Settings {
     /// The ops endpoints (`/healthz`, `/readyz`, `/metrics`).
@@ -22,15 +22,10 @@ pub struct Settings {
     pub backfill_horizon_days: models::BackfillHorizon,
     pub dedupe_window_days: u32,
     pub conflicts_kept_days: u32,
-    pub log_format: LogFormat,
 }
 
 impl ServiceSettings for Settings {
     const DEFAULTS: &'static str = include_str!("defaults.toml");
-
-    fn log_format(&self) -> LogFormat {
-        self.log_format
-    }
 }
 
 impl Settings {
@@ -41,9 +36,7 @@ impl Settings {
                 .database
                 .db_max_connections
                 .max(self.db_writers as u32 + 1),
-            acquire_timeout_ms: self.database.db_acquire_timeout_ms,
-            statement_timeout_ms: self.database.db_statement_timeout_ms,
-            application_name: "persister".into(),
+            ..self.database.pool("persister")
         }
     }
 }

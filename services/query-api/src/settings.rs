@@ -1,10 +1,10 @@
 use serde::Deserialize;
 use service_kit::config::ServiceSettings;
-use service_kit::telemetry::LogFormat;
 use service_kit::{DatabaseSettings, HttpSettings};
 use store::PoolSettings;
 
-/// Every setting of query-api; README's configuration table documents each.
+/// Every setting of query-api but `log_format` (which `service_kit::service::main` reads); README's
+/// configuration table documents each.
 #[derive(Clone, Deserialize)]
 pub struct Settings {
     #[serde(flatten)]
@@ -25,24 +25,14 @@ pub struct Settings {
     pub refusal_limit_burst: u32,
     pub cors_allowed_origins: String,
     pub trusted_proxies: String,
-    pub log_format: LogFormat,
 }
 
 impl ServiceSettings for Settings {
     const DEFAULTS: &'static str = include_str!("defaults.toml");
-
-    fn log_format(&self) -> LogFormat {
-        self.log_format
-    }
 }
 
 impl Settings {
     pub fn pool(&self) -> PoolSettings {
-        PoolSettings {
-            max_connections: self.database.db_max_connections,
-            acquire_timeout_ms: self.database.db_acquire_timeout_ms,
-            statement_timeout_ms: self.database.db_statement_timeout_ms,
-            application_name: "query-api".into(),
-        }
+        self.database.pool("query-api")
     }
 }

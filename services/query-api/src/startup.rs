@@ -137,11 +137,9 @@ impl service_kit::service::Service for Application {
     type Settings = Settings;
 
     async fn start(settings: &Settings) -> anyhow::Result<Self> {
-        Self::build(settings).await
-    }
-
-    fn log_started(&self, settings: &Settings) {
-        tracing::info!(addr = %settings.http.http_addr, port = self.port, "query-api listening");
+        let app = Self::build(settings).await?;
+        tracing::info!(addr = %settings.http.http_addr, port = app.port, "query-api listening");
+        Ok(app)
     }
 
     async fn run(self, stop: impl Future<Output = ()>) -> anyhow::Result<()> {
