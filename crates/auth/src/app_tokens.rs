@@ -158,15 +158,11 @@ impl Followed for AppTokenRegistry {
             let forget_before = Utc::now() - chrono::Duration::days(1);
             tokens.retain(|_, t| t.expires_at > forget_before);
         }
-        if let Ok(mut progress) = self.progress.lock() {
-            progress.applied(changes.iter().map(|c| c.updated_at).max());
-        }
+        Progress::record_applied(&self.progress, changes.iter().map(|c| c.updated_at).max());
     }
 
     fn failed(&self, error: String) {
-        if let Ok(mut progress) = self.progress.lock() {
-            progress.failed(error);
-        }
+        Progress::record_failed(&self.progress, error);
     }
 }
 

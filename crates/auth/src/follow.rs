@@ -230,6 +230,20 @@ impl Progress {
         self.last_error = Some(error);
     }
 
+    /// [`Progress::applied`], through the lock a registry keeps its progress behind.
+    pub(crate) fn record_applied(progress: &Mutex<Self>, newest: Option<DateTime<Utc>>) {
+        if let Ok(mut progress) = progress.lock() {
+            progress.applied(newest);
+        }
+    }
+
+    /// [`Progress::failed`], through the lock a registry keeps its progress behind.
+    pub(crate) fn record_failed(progress: &Mutex<Self>, error: String) {
+        if let Ok(mut progress) = progress.lock() {
+            progress.failed(error);
+        }
+    }
+
     /// Read at least once, and recently (changes are being followed).
     pub(crate) fn health(&self, what: &str, max_age: Duration) -> Result<(), String> {
         match (self.loaded_at, &self.last_error) {

@@ -125,15 +125,11 @@ impl Followed for DeviceRegistry {
                 }
             }
         }
-        if let Ok(mut progress) = self.progress.lock() {
-            progress.applied(changes.iter().map(|c| c.updated_at).max());
-        }
+        Progress::record_applied(&self.progress, changes.iter().map(|c| c.updated_at).max());
     }
 
     fn failed(&self, error: String) {
-        if let Ok(mut progress) = self.progress.lock() {
-            progress.failed(error);
-        }
+        Progress::record_failed(&self.progress, error);
     }
 }
 

@@ -1,5 +1,6 @@
 //! Consuming the readings queue: deliveries with an acknowledgement handle, dead-lettering of what can
-//! never be stored, and the queue's depth. No `lapin` type crosses this module's edge.
+//! never be stored, and the queue's depth; and consuming the MQTT queue (broker mode `rabbitmq`).
+//! No `lapin` type crosses this module's edge.
 
 use futures_util::StreamExt;
 use lapin::message::Delivery as LapinDelivery;
@@ -12,7 +13,10 @@ use lapin::{Acker, Channel, Confirmation, Connection};
 use models::{MessageError, Reading};
 
 use crate::wire::{self, ORIGINAL_MESSAGE_ID_HEADER, REASON_HEADER};
-use crate::{READINGS_ROUTING_KEY, Topology, connect, declare_topology};
+use crate::{
+    MqttTopology, READINGS_ROUTING_KEY, Topology, connect, declare_mqtt_topology, declare_topology,
+    mqtt_topic_of, open_queue_consumer,
+};
 
 /// Why consuming stopped; the caller reconnects.
 #[derive(Debug, thiserror::Error)]
@@ -113,20 +117,12 @@ impl ReadingsConsumer {
     /// RabbitMQ, lapin was seen to log the connection's reset and never end the consumer's stream,
     /// leaving a persister waiting for deliveries on a dead connection, forever.
     pub async fn next(&mut self) -> Result<Delivery, ConsumeError> {
-        loop {
-            tokio::select! {
-                next = self.consumer.next() => return match next {
-                    Some(Ok(delivery)) => Ok(Delivery::new(delivery, &self.channel)),
-                    Some(Err(e)) => Err(e.into()),
-                    None => Err(ConsumeError::Cancelled),
-                },
-                _ = tokio::time::sleep(LIVENESS_CHECK) => {
-                    if !self.connection.status().connected() || !self.channel.status().connected() {
-                        return Err(ConsumeError::ConnectionGone);
-                    }
-                }
-            }
-        }
+        let (connection, channel) = (&self.connection, &self.channel);
+        let delivery = next_while_alive(&mut self.consumer, || {
+            connection.status().connected() && channel.status().connected()
+        })
+        .await?;
+        Ok(Delivery::new(delivery, &self.channel))
     }
 
     pub fn channel_state(&self) -> ChannelState {
@@ -186,6 +182,103 @@ impl ReadingsConsumer {
             let _ = self.connection.close(200, "bye".into()).await;
         })
         .await;
+    }
+}
+
+/// The consumer's next delivery, looking every [`LIVENESS_CHECK`] while it waits whether its
+/// connection is still `alive`: a consumer's stream was seen not to end when RabbitMQ was killed
+/// under it.
+async fn next_while_alive(
+    consumer: &mut lapin::Consumer,
+    alive: impl Fn() -> bool,
+) -> Result<LapinDelivery, ConsumeError> {
+    loop {
+        tokio::select! {
+            next = consumer.next() => return match next {
+                Some(Ok(delivery)) => Ok(delivery),
+                Some(Err(e)) => Err(e.into()),
+                None => Err(ConsumeError::Cancelled),
+            },
+            _ = tokio::time::sleep(LIVENESS_CHECK) => {
+                if !alive() {
+                    return Err(ConsumeError::ConnectionGone);
+                }
+            }
+        }
+    }
+}
+
+/// A consumer of the MQTT queue of [`MqttTopology`] (broker mode `rabbitmq`) on its own
+/// connection, with at most `prefetch` messages unacknowledged; every instance consumes the same
+/// queue (competing consumers). Whatever is unacknowledged when it closes or its connection dies
+/// goes back to the queue.
+pub struct MqttQueueConsumer {
+    connection: Connection,
+    consumer: lapin::Consumer,
+}
+
+/// One message from the MQTT queue; it stays unacknowledged until [`MqttDelivery::ack`].
+pub struct MqttDelivery {
+    /// The MQTT topic the device published to.
+    pub topic: String,
+    pub body: Vec<u8>,
+    acker: Acker,
+}
+
+impl MqttQueueConsumer {
+    /// Connects (the connection and the consumer named `consumer_tag`), declares the MQTT side of
+    /// the topology (so the plugin has its exchange and the queue exists before the first device
+    /// publishes) and starts consuming, all within [`crate::SETUP_TIMEOUT`].
+    pub async fn open(
+        amqp_url: &str,
+        topology: &MqttTopology,
+        prefetch: u16,
+        consumer_tag: &str,
+    ) -> Result<Self, ConsumeError> {
+        let (connection, consumer) = crate::bounded_setup(async {
+            let connection = connect(amqp_url, consumer_tag).await?;
+            let channel = connection.create_channel().await?;
+            declare_mqtt_topology(&channel, topology).await?;
+            let _ = channel.close(200, "declared".into()).await;
+            let (_channel, consumer) = open_queue_consumer(
+                &connection,
+                &topology.readings_queue,
+                prefetch,
+                consumer_tag,
+            )
+            .await?;
+            Ok((connection, consumer))
+        })
+        .await?;
+        Ok(Self {
+            connection,
+            consumer,
+        })
+    }
+
+    /// The next message; an error means the session is over (connection lost, consumer
+    /// cancelled). The connection's state is looked at every [`LIVENESS_CHECK`] while it waits.
+    pub async fn next(&mut self) -> Result<MqttDelivery, ConsumeError> {
+        let connection = &self.connection;
+        let delivery =
+            next_while_alive(&mut self.consumer, || connection.status().connected()).await?;
+        Ok(MqttDelivery {
+            topic: mqtt_topic_of(delivery.routing_key.as_str()),
+            body: delivery.data,
+            acker: delivery.acker,
+        })
+    }
+
+    /// Closes the connection, saying `reason`: what is unacknowledged returns to the queue.
+    pub async fn close(self, reason: &str) {
+        let _ = self.connection.close(200, reason.into()).await;
+    }
+}
+
+impl MqttDelivery {
+    /// Whether the acknowledgement reached RabbitMQ (if not, the message is delivered again).
+    pub async fn ack(self) -> bool {
+        self.acker.ack(BasicAckOptions::default()).await.is_ok()
     }
 }
 

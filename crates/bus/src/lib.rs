@@ -9,7 +9,7 @@
 //! - [`Backoff`]: the one retry shape (exponential, jittered, capped) for every retrying loop.
 //! - `wire` (private): the queue's wire shape, in one place.
 //! - [`MqttTopology`]: where RabbitMQ's MQTT plugin routes what devices publish (broker mode
-//!   `rabbitmq`), and [`open_queue_consumer`] for ingest-mqtt to consume it.
+//!   `rabbitmq`), and [`MqttQueueConsumer`] for ingest-mqtt to consume it.
 
 mod backoff;
 mod connection;
@@ -22,7 +22,8 @@ mod wire;
 pub use backoff::Backoff;
 pub use connection::{BusSettings, SETUP_TIMEOUT, bounded_setup, connect, open_queue_consumer};
 pub use consumer::{
-    Ack, ChannelState, ConsumeError, Delivery, LIVENESS_CHECK, QueueDepth, ReadingsConsumer,
+    Ack, ChannelState, ConsumeError, Delivery, LIVENESS_CHECK, MqttDelivery, MqttQueueConsumer,
+    QueueDepth, ReadingsConsumer,
 };
 pub use metrics::PublisherMetrics;
 pub use publisher::{PublishError, Publisher, PublisherSettings};

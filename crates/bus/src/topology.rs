@@ -56,40 +56,73 @@ fn quorum_arguments(dead_letter_exchange: Option<&str>) -> FieldTable {
 
 /// Declares the whole topology; safe to call from every service at every connect.
 pub async fn declare_topology(channel: &Channel, t: &Topology) -> lapin::Result<()> {
+    for exchange in [&t.readings_exchange, &t.dead_letter_exchange] {
+        declare_exchange(
+            channel,
+            exchange,
+            ExchangeKind::Direct,
+            FieldTable::default(),
+        )
+        .await?;
+    }
+    declare_bound_queues(
+        channel,
+        [
+            (
+                &t.readings_queue,
+                Some(t.dead_letter_exchange.as_str()),
+                &t.readings_exchange,
+                READINGS_ROUTING_KEY,
+            ),
+            (
+                &t.dead_readings_queue,
+                None,
+                &t.dead_letter_exchange,
+                READINGS_ROUTING_KEY,
+            ),
+            (
+                &t.invalid_queue,
+                None,
+                &t.dead_letter_exchange,
+                INVALID_ROUTING_KEY,
+            ),
+        ],
+    )
+    .await
+}
+
+/// Removes everything (tests clean up after themselves with this).
+pub async fn delete_topology(channel: &Channel, t: &Topology) -> lapin::Result<()> {
+    delete_all(
+        channel,
+        &[&t.readings_queue, &t.dead_readings_queue, &t.invalid_queue],
+        &[&t.readings_exchange, &t.dead_letter_exchange],
+    )
+    .await
+}
+
+/// A durable exchange.
+async fn declare_exchange(
+    channel: &Channel,
+    name: &str,
+    kind: ExchangeKind,
+    arguments: FieldTable,
+) -> lapin::Result<()> {
     let durable = ExchangeDeclareOptions {
         durable: true,
         ..Default::default()
     };
-    for exchange in [&t.readings_exchange, &t.dead_letter_exchange] {
-        channel
-            .exchange_declare(
-                exchange.as_str().into(),
-                ExchangeKind::Direct,
-                durable,
-                FieldTable::default(),
-            )
-            .await?;
-    }
-    let queues = [
-        (
-            &t.readings_queue,
-            Some(t.dead_letter_exchange.as_str()),
-            &t.readings_exchange,
-            READINGS_ROUTING_KEY,
-        ),
-        (
-            &t.dead_readings_queue,
-            None,
-            &t.dead_letter_exchange,
-            READINGS_ROUTING_KEY,
-        ),
-        (
-            &t.invalid_queue,
-            None,
-            &t.dead_letter_exchange,
-            INVALID_ROUTING_KEY,
-        ),
-    ];
+    channel
+        .exchange_declare(name.into(), kind, durable, arguments)
+        .await
+}
+
+/// Durable quorum queues, each bound to its exchange with its routing key, and dead-lettering to
+/// the exchange named with it (if any).
+async fn declare_bound_queues<'a>(
+    channel: &Channel,
+    queues: impl IntoIterator<Item = (&'a String, Option<&'a str>, &'a String, &'a str)>,
+) -> lapin::Result<()> {
     for (queue, dlx, exchange, key) in queues {
         channel
             .queue_declare(
@@ -111,14 +144,18 @@ pub async fn declare_topology(channel: &Channel, t: &Topology) -> lapin::Result<
     Ok(())
 }
 
-/// Removes everything (tests clean up after themselves with this).
-pub async fn delete_topology(channel: &Channel, t: &Topology) -> lapin::Result<()> {
-    for queue in [&t.readings_queue, &t.dead_readings_queue, &t.invalid_queue] {
+/// Deletes the queues, then the exchanges.
+async fn delete_all(
+    channel: &Channel,
+    queues: &[&String],
+    exchanges: &[&String],
+) -> lapin::Result<()> {
+    for queue in queues {
         channel
             .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
             .await?;
     }
-    for exchange in [&t.readings_exchange, &t.dead_letter_exchange] {
+    for exchange in exchanges {
         channel
             .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
             .await?;
@@ -164,68 +201,37 @@ impl MqttTopology {
 /// Declares the MQTT side (idempotent): the exchange the MQTT plugin publishes to, with its
 /// alternate exchange, and both quorum queues.
 pub async fn declare_mqtt_topology(channel: &Channel, t: &MqttTopology) -> lapin::Result<()> {
-    let durable = ExchangeDeclareOptions {
-        durable: true,
-        ..Default::default()
-    };
-    channel
-        .exchange_declare(
-            t.unrouted_exchange.as_str().into(),
-            ExchangeKind::Fanout,
-            durable,
-            FieldTable::default(),
-        )
-        .await?;
+    declare_exchange(
+        channel,
+        &t.unrouted_exchange,
+        ExchangeKind::Fanout,
+        FieldTable::default(),
+    )
+    .await?;
     let mut arguments = FieldTable::default();
     arguments.insert(
         "alternate-exchange".into(),
         AMQPValue::LongString(t.unrouted_exchange.as_str().into()),
     );
-    channel
-        .exchange_declare(
-            t.exchange.as_str().into(),
-            ExchangeKind::Topic,
-            durable,
-            arguments,
-        )
-        .await?;
-    for (queue, exchange, key) in [
-        (&t.readings_queue, &t.exchange, MQTT_READINGS_BINDING),
-        (&t.unrouted_queue, &t.unrouted_exchange, ""),
-    ] {
-        channel
-            .queue_declare(
-                queue.as_str().into(),
-                QueueDeclareOptions::durable(),
-                quorum_arguments(None),
-            )
-            .await?;
-        channel
-            .queue_bind(
-                queue.as_str().into(),
-                exchange.as_str().into(),
-                key.into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-    }
-    Ok(())
+    declare_exchange(channel, &t.exchange, ExchangeKind::Topic, arguments).await?;
+    declare_bound_queues(
+        channel,
+        [
+            (&t.readings_queue, None, &t.exchange, MQTT_READINGS_BINDING),
+            (&t.unrouted_queue, None, &t.unrouted_exchange, ""),
+        ],
+    )
+    .await
 }
 
 /// Removes the MQTT side (tests clean up after themselves with this).
 pub async fn delete_mqtt_topology(channel: &Channel, t: &MqttTopology) -> lapin::Result<()> {
-    for queue in [&t.readings_queue, &t.unrouted_queue] {
-        channel
-            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-            .await?;
-    }
-    for exchange in [&t.exchange, &t.unrouted_exchange] {
-        channel
-            .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
-            .await?;
-    }
-    Ok(())
+    delete_all(
+        channel,
+        &[&t.readings_queue, &t.unrouted_queue],
+        &[&t.exchange, &t.unrouted_exchange],
+    )
+    .await
 }
 
 /// The MQTT topic a message from the MQTT plugin was published to, from its routing key. The

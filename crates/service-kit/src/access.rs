@@ -9,9 +9,9 @@ use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use actix_web::HttpRequest;
 use actix_web::http::Method;
 use actix_web::http::header::{self, HeaderMap};
+use actix_web::{HttpMessage, HttpRequest};
 
 use crate::net::KeyedLimit;
 
@@ -56,6 +56,20 @@ pub const OPS_ROUTES: &[&str] = &["/healthz", "/readyz", "/metrics", "/openapi.j
 /// it reaches none. Usable before routing (in an app-wide middleware) as well as after.
 pub fn route_of(req: &HttpRequest) -> Option<String> {
     req.resource_map().match_pattern(req.match_info().as_str())
+}
+
+/// [`route_of`], worked out once per request: the first middleware to ask keeps the answer in the
+/// request's extensions, and the others (the metrics, the access check) read it there.
+pub fn matched_route(req: &HttpRequest) -> Option<String> {
+    #[derive(Clone)]
+    struct MatchedRoute(Option<String>);
+    let known = req.extensions().get::<MatchedRoute>().cloned();
+    if let Some(MatchedRoute(route)) = known {
+        return route;
+    }
+    let route = route_of(req);
+    req.extensions_mut().insert(MatchedRoute(route.clone()));
+    route
 }
 
 /// The methods `route` takes, as the service's OpenAPI document (in the app's data) describes it;

@@ -25,6 +25,24 @@ pub fn defaults<T: DeserializeOwned>(defaults: &str) -> Result<T, ConfigError> {
         .try_deserialize()?)
 }
 
+/// A service's settings, with its built-in defaults (`DEFAULTS`, its `defaults.toml`). Besides
+/// its own, every service has `log_format`, which [`crate::service::main`] reads.
+pub trait ServiceSettings: DeserializeOwned {
+    /// The service's `defaults.toml`, embedded with `include_str!`.
+    const DEFAULTS: &'static str;
+
+    /// The built-in defaults alone (no file, no environment), for tests to start from.
+    #[allow(
+        clippy::expect_used,
+        reason = "the defaults are compiled in and every test starts from them"
+    )]
+    fn defaults() -> Self {
+        // `DEFAULTS` is compiled in, and every service's tests start from it: a broken file fails
+        // them all, never a deployment
+        defaults(Self::DEFAULTS).expect("built-in defaults parse")
+    }
+}
+
 fn load_from<T: DeserializeOwned>(
     defaults: &str,
     file: Option<&Path>,

@@ -36,6 +36,15 @@ pub enum Common {
 }
 
 impl Common {
+    /// Every one: what an operation behind the token check and the rate limit, served only while
+    /// the service's dependencies are, can answer.
+    pub const ALL: [Common; 4] = [
+        Common::Unauthorized,
+        Common::Forbidden,
+        Common::TooManyRequests,
+        Common::Unavailable,
+    ];
+
     fn status(self) -> &'static str {
         match self {
             Common::Unauthorized => "401",
@@ -177,7 +186,12 @@ fn operations(
 /// The ops endpoints of [`crate::Ops`], as every service serves them.
 #[derive(OpenApi)]
 #[openapi(
-    paths(healthz, readyz, metrics, openapi_json),
+    paths(
+        ops_paths::healthz,
+        ops_paths::readyz,
+        ops_paths::metrics,
+        ops_paths::openapi_json
+    ),
     components(schemas(Alive, ReadinessReport))
 )]
 struct OpsDoc;
@@ -202,55 +216,49 @@ struct ReadinessReport {
     checks: BTreeMap<String, String>,
 }
 
-/// The process is alive (says nothing about its connections).
-///
-/// Like `/readyz` and `/metrics`: on the internal network only in the deployment (Traefik does
-/// not route it).
-#[utoipa::path(get, path = "/healthz", tag = "ops",
-    responses((status = 200, description = "Alive", body = Alive)))]
-#[allow(
-    dead_code,
-    reason = "describes a route the ops server serves; only its OpenAPI path is used"
-)]
-fn healthz() {}
+/// The ops endpoints' descriptions: functions that exist for their `#[utoipa::path]` alone.
+mod ops_paths {
+    #![allow(
+        dead_code,
+        reason = "describes routes the ops server serves; only their OpenAPI paths are used"
+    )]
 
-/// Whether the service can do its work: each of its connections, checked now.
-///
-/// On the internal network only in the deployment (Traefik does not route it).
-#[utoipa::path(get, path = "/readyz", tag = "ops",
-    responses(
-        (status = 200, description = "Every check is up", body = ReadinessReport),
-        (status = 503, description = "A check is down (named in `checks`); `Retry-After` says when to ask again",
-            body = ReadinessReport,
-            headers(("Retry-After" = u64, description = "Seconds"))),
-    ))]
-#[allow(
-    dead_code,
-    reason = "describes a route the ops server serves; only its OpenAPI path is used"
-)]
-fn readyz() {}
+    use super::{Alive, ReadinessReport};
 
-/// Prometheus metrics, in the OpenMetrics text format.
-///
-/// On the internal network only in the deployment (Traefik does not route it).
-#[utoipa::path(get, path = "/metrics", tag = "ops",
-    responses((status = 200, description = "The service's metrics",
-        body = String, content_type = "application/openmetrics-text")))]
-#[allow(
-    dead_code,
-    reason = "describes a route the ops server serves; only its OpenAPI path is used"
-)]
-fn metrics() {}
+    /// The process is alive (says nothing about its connections).
+    ///
+    /// Like `/readyz` and `/metrics`: on the internal network only in the deployment (Traefik does
+    /// not route it).
+    #[utoipa::path(get, path = "/healthz", tag = "ops",
+        responses((status = 200, description = "Alive", body = Alive)))]
+    pub(super) fn healthz() {}
 
-/// This description.
-#[utoipa::path(get, path = "/openapi.json", tag = "ops",
-    responses((status = 200, description = "The OpenAPI 3.1 description of this service",
-        body = Object, content_type = "application/json")))]
-#[allow(
-    dead_code,
-    reason = "describes a route the ops server serves; only its OpenAPI path is used"
-)]
-fn openapi_json() {}
+    /// Whether the service can do its work: each of its connections, checked now.
+    ///
+    /// On the internal network only in the deployment (Traefik does not route it).
+    #[utoipa::path(get, path = "/readyz", tag = "ops",
+        responses(
+            (status = 200, description = "Every check is up", body = ReadinessReport),
+            (status = 503, description = "A check is down (named in `checks`); `Retry-After` says when to ask again",
+                body = ReadinessReport,
+                headers(("Retry-After" = u64, description = "Seconds"))),
+        ))]
+    pub(super) fn readyz() {}
+
+    /// Prometheus metrics, in the OpenMetrics text format.
+    ///
+    /// On the internal network only in the deployment (Traefik does not route it).
+    #[utoipa::path(get, path = "/metrics", tag = "ops",
+        responses((status = 200, description = "The service's metrics",
+            body = String, content_type = "application/openmetrics-text")))]
+    pub(super) fn metrics() {}
+
+    /// This description.
+    #[utoipa::path(get, path = "/openapi.json", tag = "ops",
+        responses((status = 200, description = "The OpenAPI 3.1 description of this service",
+            body = Object, content_type = "application/json")))]
+    pub(super) fn openapi_json() {}
+}
 
 #[cfg(test)]
 mod tests {

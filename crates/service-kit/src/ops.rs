@@ -198,7 +198,7 @@ impl HttpMetrics {
         // The route pattern the router will match, not the path: `/v1/devices/{id}/readings` and a
         // few known methods keep the label set bounded whatever a client sends.
         let route =
-            crate::access::route_of(req.request()).unwrap_or_else(|| "unmatched".to_owned());
+            crate::access::matched_route(req.request()).unwrap_or_else(|| "unmatched".to_owned());
         let method = crate::access::method_label(req.method());
         let response = next.call(req).await?;
         if let Some(metrics) = metrics {

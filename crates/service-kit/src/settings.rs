@@ -71,6 +71,16 @@ impl DatabaseSettings {
     pub fn startup_wait(&self) -> Duration {
         Duration::from_millis(self.startup_wait_ms)
     }
+
+    /// The pool these settings describe, its connections named `application_name` in PostgreSQL.
+    pub fn pool(&self, application_name: &str) -> store::PoolSettings {
+        store::PoolSettings {
+            max_connections: self.db_max_connections,
+            acquire_timeout_ms: self.db_acquire_timeout_ms,
+            statement_timeout_ms: self.db_statement_timeout_ms,
+            application_name: application_name.into(),
+        }
+    }
 }
 
 /// README's configuration table and the services' `defaults.toml` files say the same: every setting

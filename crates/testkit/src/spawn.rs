@@ -9,6 +9,14 @@
 
 use std::time::Duration;
 
+#[cfg(any(
+    feature = "ingest-http",
+    feature = "ingest-mqtt",
+    feature = "persister",
+    feature = "query-api"
+))]
+use service_kit::config::ServiceSettings;
+
 /// How long a service may take to become ready in a test.
 const READY: Duration = Duration::from_secs(60);
 

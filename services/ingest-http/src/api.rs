@@ -36,16 +36,7 @@ pub struct ApiDoc;
 /// The description as served: the routes' own, plus what every route can answer because of the
 /// device check and rate limit (401, 403, 429) and RabbitMQ (503).
 pub fn description(generated: utoipa::openapi::OpenApi) -> utoipa::openapi::OpenApi {
-    use service_kit::openapi::Common;
-    service_kit::openapi::complete(
-        generated,
-        &[
-            Common::Unauthorized,
-            Common::Forbidden,
-            Common::TooManyRequests,
-            Common::Unavailable,
-        ],
-    )
+    service_kit::openapi::complete(generated, &service_kit::openapi::Common::ALL)
 }
 
 pub struct IngestState {

@@ -10,7 +10,8 @@ use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::middleware::Next;
 use actix_web::{HttpMessage, HttpRequest, web};
 use auth::{Access, CachedVerifier, DeviceRegistry, Role};
-use service_kit::access::{BearerError, bearer_token, route_of};
+use service_kit::ApiError;
+use service_kit::access::{BearerError, bearer_token, matched_route};
 
 use crate::api::{IngestState, endpoint_label};
 use crate::error::IngestError;
@@ -21,10 +22,11 @@ pub async fn require_device(
     next: Next<impl MessageBody>,
 ) -> Result<ServiceResponse<EitherBody<impl MessageBody>>, actix_web::Error> {
     let Some(state) = req.app_data::<web::Data<IngestState>>().cloned() else {
-        let error = IngestError::Forbidden("access control is not set up".into());
+        // the server was put together without the device check: its fault, not the client's
+        let error = ApiError::internal(&"access control is not set up");
         return Ok(req.error_response(error).map_into_right_body());
     };
-    let route = route_of(req.request());
+    let route = matched_route(req.request());
     if state.public.contains(route.as_deref()) {
         return next
             .call(req)
@@ -138,5 +140,28 @@ impl Authenticator {
             )),
             Access::NotLoaded => Err(IngestError::RegistryUnavailable),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use actix_web::middleware::from_fn;
+    use actix_web::{App, HttpResponse, test};
+
+    use super::*;
+
+    #[actix_web::test]
+    async fn a_server_without_the_device_check_answers_500() {
+        let app = test::init_service(
+            App::new()
+                .wrap(from_fn(require_device))
+                .route("/data", web::post().to(HttpResponse::Ok)),
+        )
+        .await;
+        let response =
+            test::call_service(&app, test::TestRequest::post().uri("/data").to_request()).await;
+        assert_eq!(response.status(), 500);
+        let body: serde_json::Value = test::read_body_json(response).await;
+        assert_eq!(body["error"], "internal", "{body}");
     }
 }

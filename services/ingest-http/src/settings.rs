@@ -1,13 +1,12 @@
-use std::path::Path;
-
 use bus::{BusSettings, PublisherSettings};
 use serde::Deserialize;
 use service_kit::HttpSettings;
-use service_kit::telemetry::LogFormat;
+use service_kit::config::ServiceSettings;
 
 use crate::audit::AcceptedWrites;
 
-/// Every setting of ingest-http; README's configuration table documents each.
+/// Every setting of ingest-http but `log_format` (which `service_kit::service::main` reads); README's
+/// configuration table documents each.
 #[derive(Clone, Deserialize)]
 pub struct Settings {
     #[serde(flatten)]
@@ -35,24 +34,8 @@ pub struct Settings {
     pub rabbitmq_mqtt_vhost: String,
     pub audit_accepted: AcceptedWrites,
     pub audit_summary_interval_secs: u64,
-    pub log_format: LogFormat,
 }
 
-impl Settings {
-    pub const DEFAULTS: &'static str = include_str!("defaults.toml");
-
-    pub fn load(file: Option<&Path>) -> Result<Self, service_kit::config::ConfigError> {
-        service_kit::config::load(Self::DEFAULTS, file)
-    }
-
-    /// The built-in defaults alone (no file, no environment), for tests to start from.
-    #[allow(
-        clippy::expect_used,
-        reason = "the defaults are compiled in and every test starts from them"
-    )]
-    pub fn defaults() -> Self {
-        // `DEFAULTS` is compiled in, and every service's tests start from it: a broken file fails
-        // them all, never a deployment
-        service_kit::config::defaults(Self::DEFAULTS).expect("built-in defaults parse")
-    }
+impl ServiceSettings for Settings {
+    const DEFAULTS: &'static str = include_str!("defaults.toml");
 }

@@ -1,5 +1,4 @@
 use std::future::Future;
-use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,7 +15,6 @@ use service_kit::access::{PublicRoutes, RefusalLimit};
 use service_kit::net::{KeyedLimit, TrustedProxies};
 use service_kit::ops::HttpMetrics;
 use service_kit::{Ops, Readiness};
-use store::listen::ListenEvent;
 use utoipa::OpenApi;
 use utoipa_actix_web::AppExt;
 
@@ -147,6 +145,21 @@ impl Application {
     }
 }
 
+impl service_kit::service::Service for Application {
+    const NAME: &'static str = "ingest-http";
+    type Settings = Settings;
+
+    async fn start(settings: &Settings) -> anyhow::Result<Self> {
+        let app = Self::build(settings)?;
+        tracing::info!(addr = %settings.http.http_addr, port = app.port, "ingest-http listening");
+        Ok(app)
+    }
+
+    async fn run(self, stop: impl Future<Output = ()>) -> anyhow::Result<()> {
+        Ok(self.run_until(stop).await?)
+    }
+}
+
 /// The device check: the public key, and the device registry followed from PostgreSQL (re-read at
 /// each change it notifies, every `auth_refresh_ms`, and promptly for a device it does not know).
 /// Without a key, only an explicit `auth_allow_anonymous` lets the service start, and it says so
@@ -194,7 +207,13 @@ fn authenticator(
         },
     )?;
     let interval = Duration::from_millis(settings.auth_refresh_ms.max(100));
-    follow_changes(&settings.database_url, &follower)?;
+    service_kit::postgres::follow_notifications(
+        &settings.database_url,
+        store::listen::DEVICE_CREDENTIALS_CHANNEL,
+        "ingest-http registry listener",
+        &follower,
+    )
+    .context("starting the registry's change listener")?;
     tokio::spawn(auth::keep_fresh(
         registry.clone(),
         follower,
@@ -228,31 +247,6 @@ fn authenticator(
         allow_anonymous: settings.auth_allow_anonymous,
     };
     Ok((authenticator, readiness))
-}
-
-/// Wakes `follower` whenever PostgreSQL notifies a change of the device registry, from a thread
-/// that ends once the follower is gone.
-fn follow_changes(database_url: &str, follower: &Arc<Follower>) -> anyhow::Result<()> {
-    let follower = Arc::downgrade(follower);
-    store::listen::spawn_listener(
-        database_url.to_owned(),
-        store::listen::DEVICE_CREDENTIALS_CHANNEL,
-        "ingest-http registry listener",
-        move |event| {
-            let Some(follower) = follower.upgrade() else {
-                return ControlFlow::Break(());
-            };
-            match event {
-                ListenEvent::Listening => follower.listening_again(),
-                ListenEvent::Changed => follower.changed(),
-                ListenEvent::Quiet => {}
-                ListenEvent::Lost(error) => follower.listener_lost(&error),
-            }
-            ControlFlow::Continue(())
-        },
-    )
-    .context("starting the registry's change listener")?;
-    Ok(())
 }
 
 fn load_changes(

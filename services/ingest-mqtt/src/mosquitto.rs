@@ -20,7 +20,7 @@ use tokio::time::Instant;
 use crate::forward::{Forwarded, Forwarder};
 use crate::metrics::MqttMetrics;
 use crate::settings::Settings;
-use crate::startup::STOP_GRACE;
+use crate::startup::{STOP_GRACE, Source};
 
 /// The longest wait between two attempts to reconnect to Mosquitto: readings wait in Mosquitto for
 /// as long as we are away, and trying one broker again is cheap.
@@ -63,14 +63,15 @@ pub struct MosquittoBridge {
 }
 
 impl MosquittoBridge {
-    pub fn new(
-        settings: &Settings,
-        client_id: &str,
-        forwarder: Arc<Forwarder>,
-        metrics: MqttMetrics,
-        connected: Arc<AtomicBool>,
-        shutdown: watch::Receiver<bool>,
-    ) -> Self {
+    pub fn new(source: Source<'_>) -> Self {
+        let Source {
+            settings,
+            client_id,
+            forwarder,
+            metrics,
+            ready: connected,
+            shutdown,
+        } = source;
         let (client, events) = AsyncClient::new(mqtt_options(settings, client_id), 4096);
         let (done, finished) = mpsc::unbounded_channel();
         let acker = tokio::spawn(acknowledge_in_order(

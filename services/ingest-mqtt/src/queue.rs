@@ -9,18 +9,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use bus::lapin::message::Delivery;
-use bus::lapin::options::BasicAckOptions;
-use bus::lapin::{Connection, Consumer};
-use bus::{MqttTopology, mqtt_topic_of};
-use futures_util::StreamExt;
+use bus::{ConsumeError, MqttDelivery, MqttQueueConsumer, MqttTopology};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::forward::{Forwarded, Forwarder};
 use crate::metrics::MqttMetrics;
-use crate::settings::Settings;
-use crate::startup::STOP_GRACE;
+use crate::startup::{STOP_GRACE, Source};
 
 const FIRST_RECONNECT_BACKOFF: Duration = Duration::from_millis(100);
 
@@ -45,23 +40,17 @@ pub struct QueueBridge {
 }
 
 impl QueueBridge {
-    pub fn new(
-        settings: &Settings,
-        consumer_tag: &str,
-        forwarder: Arc<Forwarder>,
-        metrics: MqttMetrics,
-        connected: Arc<AtomicBool>,
-        shutdown: watch::Receiver<bool>,
-    ) -> Self {
+    pub fn new(source: Source<'_>) -> Self {
+        let settings = source.settings;
         Self {
             amqp_url: settings.bus.amqp_url.clone(),
-            consumer_tag: consumer_tag.to_owned(),
+            consumer_tag: source.client_id.to_owned(),
             topology: MqttTopology::with_prefix(&settings.bus.amqp_prefix),
             prefetch: settings.mqtt_queue_prefetch.max(1),
-            forwarder,
-            metrics,
-            connected,
-            shutdown,
+            forwarder: source.forwarder,
+            metrics: source.metrics,
+            connected: source.ready,
+            shutdown: source.shutdown,
             handlers: JoinSet::new(),
             backoff: bus::Backoff::new(
                 FIRST_RECONNECT_BACKOFF,
@@ -79,14 +68,14 @@ impl QueueBridge {
                 break;
             }
             let ended = match self.connect().await {
-                Ok((connection, consumer)) => {
+                Ok(mut consumer) => {
                     self.backoff.reset();
                     self.set_connected(true);
                     tracing::info!(queue = %self.topology.readings_queue, "consuming devices' MQTT messages");
-                    let ended = self.consume(&connection, consumer).await;
+                    let ended = self.consume(&mut consumer).await;
                     self.set_connected(false);
                     if let Ended::Shutdown = ended {
-                        self.drain(connection).await;
+                        self.drain(consumer).await;
                         return;
                     }
                     ended
@@ -104,56 +93,43 @@ impl QueueBridge {
         }
     }
 
-    /// Connects, declares the MQTT side of the topology (so the plugin has its exchange and the
-    /// queue exists before the first device publishes) and starts consuming.
-    async fn connect(&self) -> bus::lapin::Result<(Connection, Consumer)> {
-        bus::bounded_setup(async {
-            let connection = bus::connect(&self.amqp_url, &self.consumer_tag).await?;
-            let channel = connection.create_channel().await?;
-            bus::declare_mqtt_topology(&channel, &self.topology).await?;
-            let _ = channel.close(200, "declared".into()).await;
-            let (_channel, consumer) = bus::open_queue_consumer(
-                &connection,
-                &self.topology.readings_queue,
-                self.prefetch,
-                &self.consumer_tag,
-            )
-            .await?;
-            Ok((connection, consumer))
-        })
+    /// Connects, declares the MQTT side of the topology and starts consuming (see
+    /// [`MqttQueueConsumer::open`]).
+    async fn connect(&self) -> Result<MqttQueueConsumer, ConsumeError> {
+        MqttQueueConsumer::open(
+            &self.amqp_url,
+            &self.topology,
+            self.prefetch,
+            &self.consumer_tag,
+        )
         .await
     }
 
-    /// Takes deliveries until the connection is lost or the service stops. The connection's state
-    /// is looked at too (see [`bus::LIVENESS_CHECK`]): a consumer's stream was seen not to end
-    /// when RabbitMQ was killed under it.
-    async fn consume(&mut self, connection: &Connection, mut consumer: Consumer) -> Ended {
+    /// Takes deliveries until the connection is lost (which [`MqttQueueConsumer::next`] also
+    /// notices when the consumer's stream does not say so) or the service stops.
+    async fn consume(&mut self, consumer: &mut MqttQueueConsumer) -> Ended {
         loop {
             while self.handlers.try_join_next().is_some() {}
             tokio::select! {
                 delivery = consumer.next() => match delivery {
-                    Some(Ok(delivery)) => self.dispatch(delivery),
-                    Some(Err(e)) => return Ended::ConnectionLost(e.to_string()),
-                    None => return Ended::ConnectionLost("the consumer was cancelled".into()),
+                    Ok(delivery) => self.dispatch(delivery),
+                    Err(e) => return Ended::ConnectionLost(e.to_string()),
                 },
-                _ = tokio::time::sleep(bus::LIVENESS_CHECK) => {
-                    if !connection.status().connected() {
-                        return Ended::ConnectionLost("the connection to RabbitMQ is gone".into());
-                    }
-                }
                 _ = self.shutdown.changed() => return Ended::Shutdown,
             }
         }
     }
 
     /// Hands a message to its own task (the prefetch bounds how many are in hand).
-    fn dispatch(&mut self, delivery: Delivery) {
+    fn dispatch(&mut self, delivery: MqttDelivery) {
         self.metrics.messages_received.inc();
         let (forwarder, metrics) = (self.forwarder.clone(), self.metrics.clone());
         self.handlers.spawn(async move {
-            let topic = mqtt_topic_of(delivery.routing_key.as_str());
-            if forwarder.forward(topic.as_bytes(), &delivery.data).await == Forwarded::Confirmed
-                && delivery.ack(BasicAckOptions::default()).await.is_ok()
+            if forwarder
+                .forward(delivery.topic.as_bytes(), &delivery.body)
+                .await
+                == Forwarded::Confirmed
+                && delivery.ack().await
             {
                 metrics.messages_acked.inc();
             }
@@ -167,13 +143,13 @@ impl QueueBridge {
 
     /// Gives the messages in hand up to [`STOP_GRACE`] to be confirmed and acknowledged; closing
     /// the connection then returns the others to the queue.
-    async fn drain(&mut self, connection: Connection) {
+    async fn drain(&mut self, consumer: MqttQueueConsumer) {
         let _ = tokio::time::timeout(STOP_GRACE, async {
             while self.handlers.join_next().await.is_some() {}
         })
         .await;
         self.handlers.abort_all();
         while self.handlers.join_next().await.is_some() {}
-        let _ = connection.close(200, "ingest-mqtt stopping".into()).await;
+        consumer.close("ingest-mqtt stopping").await;
     }
 }

@@ -1,9 +1,7 @@
-use std::path::Path;
-
 use bus::{BusSettings, PublisherSettings};
 use mqtt_admin::{MqttEndpoint, parse_mqtt_url};
 use serde::Deserialize;
-use service_kit::telemetry::LogFormat;
+use service_kit::config::ServiceSettings;
 
 /// Which broker devices publish to, and so where ingest-mqtt takes their messages from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
@@ -16,7 +14,8 @@ pub enum MqttBroker {
     Rabbitmq,
 }
 
-/// Every setting of ingest-mqtt; README's configuration table documents each.
+/// Every setting of ingest-mqtt but `log_format` (which `service_kit::service::main` reads); README's
+/// configuration table documents each.
 #[derive(Clone, Deserialize)]
 pub struct Settings {
     pub http_addr: String,
@@ -38,27 +37,13 @@ pub struct Settings {
     pub bus: BusSettings,
     #[serde(flatten)]
     pub publisher: PublisherSettings,
-    pub log_format: LogFormat,
+}
+
+impl ServiceSettings for Settings {
+    const DEFAULTS: &'static str = include_str!("defaults.toml");
 }
 
 impl Settings {
-    pub const DEFAULTS: &'static str = include_str!("defaults.toml");
-
-    pub fn load(file: Option<&Path>) -> Result<Self, service_kit::config::ConfigError> {
-        service_kit::config::load(Self::DEFAULTS, file)
-    }
-
-    /// The built-in defaults alone (no file, no environment), for tests to start from.
-    #[allow(
-        clippy::expect_used,
-        reason = "the defaults are compiled in and every test starts from them"
-    )]
-    pub fn defaults() -> Self {
-        // `DEFAULTS` is compiled in, and every service's tests start from it: a broken file fails
-        // them all, never a deployment
-        service_kit::config::defaults(Self::DEFAULTS).expect("built-in defaults parse")
-    }
-
     pub fn client_id(&self) -> String {
         if !self.mqtt_client_id.is_empty() {
             return self.mqtt_client_id.clone();

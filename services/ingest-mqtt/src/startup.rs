@@ -21,6 +21,18 @@ use crate::settings::{MqttBroker, Settings};
 /// How long a stop waits for messages in flight to reach RabbitMQ before leaving them to the broker.
 pub(crate) const STOP_GRACE: Duration = Duration::from_secs(10);
 
+/// What either source (Mosquitto, RabbitMQ's MQTT queue) is built from.
+pub(crate) struct Source<'a> {
+    pub settings: &'a Settings,
+    /// The MQTT client id (Mosquitto) or AMQP consumer tag (RabbitMQ).
+    pub client_id: &'a str,
+    pub forwarder: Arc<Forwarder>,
+    pub metrics: MqttMetrics,
+    /// Set while the source is connected and taking messages (readiness).
+    pub ready: Arc<AtomicBool>,
+    pub shutdown: watch::Receiver<bool>,
+}
+
 pub struct IngestMqtt {
     settings: Settings,
     client_id: String,
@@ -96,29 +108,17 @@ impl IngestMqtt {
             self.metrics.clone(),
             shutdown_rx.clone(),
         ));
+        let source = Source {
+            settings: &self.settings,
+            client_id: &self.client_id,
+            forwarder,
+            metrics: self.metrics.clone(),
+            ready: self.source_ready.clone(),
+            shutdown: shutdown_rx,
+        };
         let source = match self.settings.mqtt_broker {
-            MqttBroker::Mosquitto => tokio::spawn(
-                MosquittoBridge::new(
-                    &self.settings,
-                    &self.client_id,
-                    forwarder,
-                    self.metrics.clone(),
-                    self.source_ready.clone(),
-                    shutdown_rx,
-                )
-                .run(),
-            ),
-            MqttBroker::Rabbitmq => tokio::spawn(
-                QueueBridge::new(
-                    &self.settings,
-                    &self.client_id,
-                    forwarder,
-                    self.metrics.clone(),
-                    self.source_ready.clone(),
-                    shutdown_rx,
-                )
-                .run(),
-            ),
+            MqttBroker::Mosquitto => tokio::spawn(MosquittoBridge::new(source).run()),
+            MqttBroker::Rabbitmq => tokio::spawn(QueueBridge::new(source).run()),
         };
         stop.await;
         shutdown.send_replace(true);
@@ -128,5 +128,21 @@ impl IngestMqtt {
         self.publisher.close().await;
         ops_handle.stop(true).await;
         let _ = ops.await;
+    }
+}
+
+impl service_kit::service::Service for IngestMqtt {
+    const NAME: &'static str = "ingest-mqtt";
+    type Settings = Settings;
+
+    async fn start(settings: &Settings) -> anyhow::Result<Self> {
+        let ingest = Self::build(settings)?;
+        tracing::info!(ops_port = ingest.ops_port, client_id = %ingest.client_id, "ingest-mqtt started");
+        Ok(ingest)
+    }
+
+    async fn run(self, stop: impl Future<Output = ()>) -> anyhow::Result<()> {
+        self.run_until(stop).await;
+        Ok(())
     }
 }

@@ -47,12 +47,8 @@ impl Persister {
     /// Waits for PostgreSQL (up to `startup_wait_ms`), refuses an unmigrated database, and binds the
     /// ops endpoints on `http_addr`.
     pub async fn build(settings: &Settings) -> anyhow::Result<Self> {
-        let pool = store::connect_pool(&settings.database.database_url, &settings.pool())?;
-        let wait = settings.database.startup_wait();
-        let check_pool = pool.clone();
-        tokio::task::spawn_blocking(move || store::wait_for_migrated_database(&check_pool, wait))
-            .await
-            .context("start-up check")??;
+        let pool =
+            service_kit::postgres::connect_migrated(&settings.database, &settings.pool()).await?;
 
         let mut registry = Registry::default();
         let metrics = PersisterMetrics::register(&mut registry);
@@ -61,14 +57,7 @@ impl Persister {
         let ready_amqp = amqp_connected.clone();
         let readiness = Readiness::default()
             .with_check("postgres", move || {
-                let pool = ready_pool.clone();
-                async move {
-                    tokio::task::spawn_blocking(move || {
-                        store::ping(&pool).map_err(|e| e.to_string())
-                    })
-                    .await
-                    .map_err(|e| e.to_string())?
-                }
+                service_kit::postgres::ping(ready_pool.clone())
             })
             .with_check("rabbitmq", move || {
                 let connected = ready_amqp.load(Ordering::SeqCst);
@@ -129,5 +118,21 @@ impl Persister {
         forgetting.abort();
         ops_handle.stop(true).await;
         let _ = ops.await;
+    }
+}
+
+impl service_kit::service::Service for Persister {
+    const NAME: &'static str = "persister";
+    type Settings = Settings;
+
+    async fn start(settings: &Settings) -> anyhow::Result<Self> {
+        let persister = Self::build(settings).await?;
+        tracing::info!(ops_port = persister.ops_port, "persister started");
+        Ok(persister)
+    }
+
+    async fn run(self, stop: impl Future<Output = ()>) -> anyhow::Result<()> {
+        self.run_until(stop).await;
+        Ok(())
     }
 }

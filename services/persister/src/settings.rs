@@ -1,12 +1,11 @@
-use std::path::Path;
-
 use bus::BusSettings;
 use serde::Deserialize;
 use service_kit::DatabaseSettings;
-use service_kit::telemetry::LogFormat;
+use service_kit::config::ServiceSettings;
 use store::PoolSettings;
 
-/// Every setting of the persister; README's configuration table documents each.
+/// Every setting of the persister but `log_format` (which `service_kit::service::main` reads); README's
+/// configuration table documents each.
 #[derive(Clone, Deserialize)]
 pub struct Settings {
     /// The ops endpoints (`/healthz`, `/readyz`, `/metrics`).
@@ -23,27 +22,13 @@ pub struct Settings {
     pub backfill_horizon_days: models::BackfillHorizon,
     pub dedupe_window_days: u32,
     pub conflicts_kept_days: u32,
-    pub log_format: LogFormat,
+}
+
+impl ServiceSettings for Settings {
+    const DEFAULTS: &'static str = include_str!("defaults.toml");
 }
 
 impl Settings {
-    pub const DEFAULTS: &'static str = include_str!("defaults.toml");
-
-    pub fn load(file: Option<&Path>) -> Result<Self, service_kit::config::ConfigError> {
-        service_kit::config::load(Self::DEFAULTS, file)
-    }
-
-    /// The built-in defaults alone (no file, no environment), for tests to start from.
-    #[allow(
-        clippy::expect_used,
-        reason = "the defaults are compiled in and every test starts from them"
-    )]
-    pub fn defaults() -> Self {
-        // `DEFAULTS` is compiled in, and every service's tests start from it: a broken file fails
-        // them all, never a deployment
-        service_kit::config::defaults(Self::DEFAULTS).expect("built-in defaults parse")
-    }
-
     pub fn pool(&self) -> PoolSettings {
         PoolSettings {
             // the writers, and one for readiness checks
@@ -51,9 +36,7 @@ impl Settings {
                 .database
                 .db_max_connections
                 .max(self.db_writers as u32 + 1),
-            acquire_timeout_ms: self.database.db_acquire_timeout_ms,
-            statement_timeout_ms: self.database.db_statement_timeout_ms,
-            application_name: "persister".into(),
+            ..self.database.pool("persister")
         }
     }
 }

@@ -12,7 +12,8 @@ use actix_web::middleware::Next;
 use actix_web::web;
 use auth::{CachedVerifier, Claims, Role};
 use service_kit::access::{
-    BearerError, PublicRoutes, RefusalLimit, allowed_methods, bearer_token, method_label, route_of,
+    BearerError, PublicRoutes, RefusalLimit, allowed_methods, bearer_token, matched_route,
+    method_label,
 };
 use service_kit::net::{KeyedLimit, TrustedProxies};
 
@@ -33,7 +34,7 @@ pub async fn require_token(
     req: ServiceRequest,
     next: Next<impl MessageBody>,
 ) -> Result<ServiceResponse<EitherBody<impl MessageBody>>, actix_web::Error> {
-    let route = route_of(req.request());
+    let route = matched_route(req.request());
     let Some(access) = req.app_data::<web::Data<Access>>().cloned() else {
         let error = QueryError::NotConfigured("access control is not set up");
         return Ok(req.error_response(error).map_into_right_body());

@@ -28,16 +28,7 @@ pub struct ApiDoc;
 /// The description as served: the routes' own, plus what every `/v1` route can answer because of
 /// the token check and rate limit (`access`) and the database (503).
 pub fn description(generated: utoipa::openapi::OpenApi) -> utoipa::openapi::OpenApi {
-    use service_kit::openapi::Common;
-    service_kit::openapi::complete(
-        generated,
-        &[
-            Common::Unauthorized,
-            Common::Forbidden,
-            Common::TooManyRequests,
-            Common::Unavailable,
-        ],
-    )
+    service_kit::openapi::complete(generated, &service_kit::openapi::Common::ALL)
 }
 
 /// The `{id}` of the device routes.
@@ -70,7 +61,7 @@ pub fn routes(cfg: &mut ServiceConfig) {
 }
 
 /// Runs a store call on the blocking pool with a pooled connection, in the request's span.
-async fn with_conn<T, F>(pool: &web::Data<PgPool>, call: F) -> Result<T, QueryError>
+pub(crate) async fn with_conn<T, F>(pool: &web::Data<PgPool>, call: F) -> Result<T, QueryError>
 where
     T: Send + 'static,
     F: FnOnce(&mut PgConnection) -> Result<T, StoreError> + Send + 'static,
@@ -150,18 +141,32 @@ async fn list_devices(
     pool: web::Data<PgPool>,
     query: web::Query<PageParams>,
 ) -> Result<web::Json<DeviceList>, QueryError> {
-    let limit = params::limit(query.limit.as_deref())?;
-    let after = params::decode_device_cursor(query.cursor.as_deref())?;
-    let mut devices = with_conn(&pool, move |conn| {
-        store::read::list_devices(conn, after.as_deref(), limit + 1)
-    })
-    .await?;
-    let next_cursor =
-        next_page(&mut devices, limit).map(|last| params::encode_device_cursor(&last.device_id));
+    let (devices, next_cursor) =
+        id_page(&pool, &query, store::read::list_devices, |d| &d.device_id).await?;
     Ok(web::Json(DeviceList {
         devices: devices.into_iter().map(Device::from).collect(),
         next_cursor,
     }))
+}
+
+/// A page of a list in id order (devices, app tokens), as `query` asks: `fetch` reads up to a given
+/// number of rows after an id; the next cursor is the id of the page's last row when more follow.
+pub(crate) async fn id_page<T, F>(
+    pool: &web::Data<PgPool>,
+    query: &PageParams,
+    fetch: F,
+    id: impl Fn(&T) -> &str,
+) -> Result<(Vec<T>, Option<String>), QueryError>
+where
+    T: Send + 'static,
+    F: FnOnce(&mut PgConnection, Option<&str>, i64) -> Result<Vec<T>, StoreError> + Send + 'static,
+{
+    let limit = params::limit(query.limit.as_deref())?;
+    let after = params::decode_device_cursor(query.cursor.as_deref())?;
+    let mut items = with_conn(pool, move |conn| fetch(conn, after.as_deref(), limit + 1)).await?;
+    let next_cursor =
+        next_page(&mut items, limit).map(|last| params::encode_device_cursor(id(last)));
+    Ok((items, next_cursor))
 }
 
 /// Keeps the first `limit` of `items` (fetched as `limit + 1`); returns the last kept one when more

@@ -1,11 +1,10 @@
-use std::path::Path;
-
 use serde::Deserialize;
-use service_kit::telemetry::LogFormat;
+use service_kit::config::ServiceSettings;
 use service_kit::{DatabaseSettings, HttpSettings};
 use store::PoolSettings;
 
-/// Every setting of query-api; README's configuration table documents each.
+/// Every setting of query-api but `log_format` (which `service_kit::service::main` reads); README's
+/// configuration table documents each.
 #[derive(Clone, Deserialize)]
 pub struct Settings {
     #[serde(flatten)]
@@ -26,33 +25,14 @@ pub struct Settings {
     pub refusal_limit_burst: u32,
     pub cors_allowed_origins: String,
     pub trusted_proxies: String,
-    pub log_format: LogFormat,
+}
+
+impl ServiceSettings for Settings {
+    const DEFAULTS: &'static str = include_str!("defaults.toml");
 }
 
 impl Settings {
-    pub const DEFAULTS: &'static str = include_str!("defaults.toml");
-
-    pub fn load(file: Option<&Path>) -> Result<Self, service_kit::config::ConfigError> {
-        service_kit::config::load(Self::DEFAULTS, file)
-    }
-
-    /// The built-in defaults alone (no file, no environment), for tests to start from.
-    #[allow(
-        clippy::expect_used,
-        reason = "the defaults are compiled in and every test starts from them"
-    )]
-    pub fn defaults() -> Self {
-        // `DEFAULTS` is compiled in, and every service's tests start from it: a broken file fails
-        // them all, never a deployment
-        service_kit::config::defaults(Self::DEFAULTS).expect("built-in defaults parse")
-    }
-
     pub fn pool(&self) -> PoolSettings {
-        PoolSettings {
-            max_connections: self.database.db_max_connections,
-            acquire_timeout_ms: self.database.db_acquire_timeout_ms,
-            statement_timeout_ms: self.database.db_statement_timeout_ms,
-            application_name: "query-api".into(),
-        }
+        self.database.pool("query-api")
     }
 }

@@ -11,7 +11,6 @@ use prometheus_client::registry::Registry;
 use service_kit::access::{PublicRoutes, RefusalLimit};
 use service_kit::ops::HttpMetrics;
 use service_kit::{Ops, Readiness};
-use store::PgPool;
 use utoipa::OpenApi;
 use utoipa_actix_web::AppExt;
 
@@ -31,12 +30,8 @@ impl Application {
     /// Connects to PostgreSQL (waiting for it up to `startup_wait_ms`), refuses an unmigrated
     /// database, and binds `http_addr` (port 0 picks a free port: see [`Application::port`]).
     pub async fn build(settings: &Settings) -> anyhow::Result<Self> {
-        let pool = store::connect_pool(&settings.database.database_url, &settings.pool())?;
-        let wait = settings.database.startup_wait();
-        let check_pool = pool.clone();
-        tokio::task::spawn_blocking(move || store::wait_for_migrated_database(&check_pool, wait))
-            .await
-            .context("start-up check")??;
+        let pool =
+            service_kit::postgres::connect_migrated(&settings.database, &settings.pool()).await?;
 
         let (listener, port) = settings.http.bind()?;
 
@@ -44,8 +39,7 @@ impl Application {
         let http_metrics = HttpMetrics::register(&mut registry);
         let ready_pool = pool.clone();
         let readiness = Readiness::default().with_check("postgres", move || {
-            let pool = ready_pool.clone();
-            async move { database_check(pool).await }
+            service_kit::postgres::ping(ready_pool.clone())
         });
         let (app_tokens, readiness) = tokens::follow_app_tokens(settings, &pool, readiness).await?;
         let ops = Ops::new(registry, readiness);
@@ -138,10 +132,19 @@ impl Application {
     }
 }
 
-async fn database_check(pool: PgPool) -> Result<(), String> {
-    tokio::task::spawn_blocking(move || store::ping(&pool).map_err(|e| e.to_string()))
-        .await
-        .map_err(|e| e.to_string())?
+impl service_kit::service::Service for Application {
+    const NAME: &'static str = "query-api";
+    type Settings = Settings;
+
+    async fn start(settings: &Settings) -> anyhow::Result<Self> {
+        let app = Self::build(settings).await?;
+        tracing::info!(addr = %settings.http.http_addr, port = app.port, "query-api listening");
+        Ok(app)
+    }
+
+    async fn run(self, stop: impl Future<Output = ()>) -> anyhow::Result<()> {
+        Ok(self.run_until(stop).await?)
+    }
 }
 
 fn access(

@@ -1,7 +1,6 @@
 //! App tokens: query-api follows the list of issued tokens in PostgreSQL (so a revoked one is refused
 //! at once), and admins list and revoke them through `GET /v1/tokens` and `DELETE /v1/tokens/{id}`.
 
-use std::ops::ControlFlow;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,12 +13,10 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use service_kit::Readiness;
 use store::PgPool;
-use store::listen::ListenEvent;
 use utoipa::ToSchema;
 
-use crate::api::PageParams;
+use crate::api::{PageParams, id_page, with_conn};
 use crate::error::QueryError;
-use crate::params;
 use crate::settings::Settings;
 
 /// Reads of the list (notified, or asked for by a token issued a moment ago) are spaced at least
@@ -43,23 +40,11 @@ pub async fn follow_app_tokens(
         follower.clone(),
         UNKNOWN_FOR,
     ));
-    let listening = Arc::downgrade(&follower);
-    store::listen::spawn_listener(
-        settings.database.database_url.clone(),
+    service_kit::postgres::follow_notifications(
+        &settings.database.database_url,
         store::listen::APP_TOKENS_CHANNEL,
         "query-api app token listener",
-        move |event| {
-            let Some(follower) = listening.upgrade() else {
-                return ControlFlow::Break(());
-            };
-            match event {
-                ListenEvent::Listening => follower.listening_again(),
-                ListenEvent::Changed => follower.changed(),
-                ListenEvent::Quiet => {}
-                ListenEvent::Lost(error) => follower.listener_lost(&error),
-            }
-            ControlFlow::Continue(())
-        },
+        &follower,
     )
     .context("starting the app token listener")?;
     let interval = Duration::from_millis(settings.auth_refresh_ms.max(100));
@@ -191,20 +176,6 @@ impl From<store::app_tokens::AppToken> for AppToken {
     }
 }
 
-async fn with_conn<T, F>(pool: &web::Data<PgPool>, call: F) -> Result<T, QueryError>
-where
-    T: Send + 'static,
-    F: FnOnce(&mut store::PgConnection) -> Result<T, store::StoreError> + Send + 'static,
-{
-    let pool = pool.clone();
-    web::block(move || {
-        let mut conn = pool.get()?;
-        call(&mut conn)
-    })
-    .await?
-    .map_err(QueryError::from)
-}
-
 /// Every app token issued, by id, with its state (admin).
 #[utoipa::path(
     tag = "tokens",
@@ -223,18 +194,8 @@ pub(crate) async fn list_tokens(
     query: web::Query<PageParams>,
 ) -> Result<web::Json<AppTokenList>, QueryError> {
     admins.require_admin(&req)?;
-    let limit = params::limit(query.limit.as_deref())?;
-    let after = params::decode_device_cursor(query.cursor.as_deref())?;
-    let mut tokens = with_conn(&pool, move |conn| {
-        store::app_tokens::list_app_tokens(conn, after.as_deref(), limit + 1)
-    })
-    .await?;
-    let more = tokens.len() as i64 > limit;
-    tokens.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
-    let next_cursor = more
-        .then(|| tokens.last())
-        .flatten()
-        .map(|last| params::encode_device_cursor(&last.id));
+    let (tokens, next_cursor) =
+        id_page(&pool, &query, store::app_tokens::list_app_tokens, |t| &t.id).await?;
     Ok(web::Json(AppTokenList {
         tokens: tokens.into_iter().map(AppToken::from).collect(),
         next_cursor,

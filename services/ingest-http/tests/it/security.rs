@@ -4,6 +4,7 @@ use std::time::{Duration, Instant};
 
 use auth::{Claims, Role};
 use serde_json::{Value, json};
+use service_kit::config::ServiceSettings;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::{Stack, WAIT, now, reading};

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use ingest_mqtt::{MqttBroker, Settings};
 use rumqttc::{ConnectReturnCode, Event, MqttOptions, Packet, QoS};
+use service_kit::config::ServiceSettings;
 use testkit::mqtt::Device;
 use testkit::rabbitmq::{MqttAuth, RabbitMqtt};
 use testkit::{TestDb, count_rows, eventually};
