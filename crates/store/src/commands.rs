@@ -263,7 +263,10 @@ pub fn device_commands(
     limit: i64,
 ) -> Result<Vec<Command>, StoreError> {
     use commands::dsl as c;
-    let open = [CommandStatus::Pending.as_str(), CommandStatus::Sent.as_str()];
+    let open = [
+        CommandStatus::Pending.as_str(),
+        CommandStatus::Sent.as_str(),
+    ];
     let mut query = c::commands
         .filter(c::device_id.eq(device_id))
         .select(Command::as_select())
@@ -279,11 +282,9 @@ pub fn device_commands(
             .filter(c::status.eq(s.as_str()))
             .filter(c::expires_at.gt(diesel::dsl::now)),
         Some(CommandStatus::Expired) => query.filter(
-            c::status
-                .eq(CommandStatus::Expired.as_str())
-                .or(c::status
-                    .eq_any(open)
-                    .and(c::expires_at.le(diesel::dsl::now))),
+            c::status.eq(CommandStatus::Expired.as_str()).or(c::status
+                .eq_any(open)
+                .and(c::expires_at.le(diesel::dsl::now))),
         ),
         Some(s) => query.filter(c::status.eq(s.as_str())),
     };

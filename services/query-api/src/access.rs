@@ -7,8 +7,8 @@
 
 use std::net::IpAddr;
 
-use actix_web::body::{EitherBody, MessageBody};
 use actix_web::HttpMessage;
+use actix_web::body::{EitherBody, MessageBody};
 use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::http::Method;
 use actix_web::middleware::Next;

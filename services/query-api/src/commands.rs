@@ -275,9 +275,9 @@ pub(crate) async fn get_command(
     let id = command_id(path.into_inner().id)?;
     let lookup = id.clone();
     match with_conn(&pool, move |conn| store::commands::command(conn, &lookup)).await? {
-        Some((command, history)) => {
-            Ok(web::Json(Command::new(command, Utc::now()).with_history(history)))
-        }
+        Some((command, history)) => Ok(web::Json(
+            Command::new(command, Utc::now()).with_history(history),
+        )),
         None => Err(QueryError::UnknownCommand(id)),
     }
 }
@@ -325,7 +325,10 @@ pub(crate) async fn device_commands(
     .await?;
     let more = commands.len() as i64 > limit;
     commands.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
-    let next_cursor = more.then(|| commands.last()).flatten().map(|c| c.id.clone());
+    let next_cursor = more
+        .then(|| commands.last())
+        .flatten()
+        .map(|c| c.id.clone());
     let now = Utc::now();
     Ok(web::Json(CommandList {
         commands: commands.into_iter().map(|c| Command::new(c, now)).collect(),

@@ -11,6 +11,7 @@ use serde_json::{Value, json};
 use testkit::spawn;
 use testkit::{TestDb, TestKeys};
 
+mod commands;
 mod input;
 mod openapi;
 mod security;
