@@ -148,7 +148,7 @@ pub struct NewCommand<'a> {
 /// How issuing a command went.
 #[derive(Debug)]
 pub enum Issued {
-    Issued(Command),
+    Issued(Box<Command>),
     /// Neither registered nor ever seen.
     UnknownDevice,
     /// Its credentials are revoked: it can no longer connect to receive anything.
@@ -212,7 +212,7 @@ pub fn issue_command(
             now,
             &format!("issued by token {}", new.issued_by),
         )?;
-        Ok(Issued::Issued(command))
+        Ok(Issued::Issued(Box::new(command)))
     })
 }
 
@@ -295,9 +295,9 @@ pub fn device_commands(
 #[derive(Debug)]
 pub enum Change {
     /// Made; the command as it is now.
-    Made(Command),
+    Made(Box<Command>),
     /// Not made: the command is already past it (finished, or expired); as it is.
-    TooLate(Command),
+    TooLate(Box<Command>),
     NoSuchCommand,
 }
 
@@ -342,7 +342,7 @@ fn advance(
         match changed {
             Some(command) => {
                 record_event(conn, id, next, now, detail)?;
-                Ok(Change::Made(command))
+                Ok(Change::Made(Box::new(command)))
             }
             None => Ok(
                 match c::commands
@@ -351,7 +351,7 @@ fn advance(
                     .first(conn)
                     .optional()?
                 {
-                    Some(command) => Change::TooLate(command),
+                    Some(command) => Change::TooLate(Box::new(command)),
                     None => Change::NoSuchCommand,
                 },
             ),

@@ -245,7 +245,7 @@ pub(crate) async fn issue_command(
                     actix_web::http::header::LOCATION,
                     format!("/v1/commands/{}", command.id),
                 ))
-                .json(Command::new(command, Utc::now())))
+                .json(Command::new(*command, Utc::now())))
         }
         Issued::UnknownDevice => Err(QueryError::UnknownDevice(device.into_string())),
         Issued::RevokedDevice => Err(QueryError::Conflict(format!(
@@ -287,8 +287,9 @@ pub(crate) async fn get_command(
     tag = "commands",
     params(DevicePath, CommandsParams),
     responses(
-        (status = 200, description = "A page of commands (empty past the last one)", body = CommandList),
+        (status = 200, description = "A page of commands (empty past the last one, and for a device that has none)", body = CommandList),
         (status = 400, description = "A bad parameter (`field` names it)", body = service_kit::ErrorBody),
+        (status = 404, description = "Not a device id", body = service_kit::ErrorBody),
     )
 )]
 #[get("/v1/devices/{id}/commands")]
@@ -365,7 +366,7 @@ pub(crate) async fn cancel_command(
         Change::Made(command) => {
             tracing::info!(target: "audit", outcome = "command_cancelled", command.id = %command.id,
                 device.id = %command.device_id, token.id = %caller.jti);
-            Ok(web::Json(Command::new(command, now)))
+            Ok(web::Json(Command::new(*command, now)))
         }
         Change::TooLate(command) => Err(QueryError::Conflict(format!(
             "command {id} is {} already: only a pending or sent command can be cancelled",
