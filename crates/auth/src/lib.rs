@@ -51,7 +51,9 @@ pub enum Role {
     Device,
     /// Reads the query API.
     Reader,
-    /// Reads, and manages devices.
+    /// Reads, and commands devices; manages nothing.
+    Operator,
+    /// Reads, commands devices, and manages devices and tokens.
     Admin,
 }
 
@@ -60,6 +62,7 @@ impl Role {
         match name {
             "device" => Some(Self::Device),
             "reader" => Some(Self::Reader),
+            "operator" => Some(Self::Operator),
             "admin" => Some(Self::Admin),
             _ => None,
         }
@@ -69,12 +72,18 @@ impl Role {
         match self {
             Self::Device => "device",
             Self::Reader => "reader",
+            Self::Operator => "operator",
             Self::Admin => "admin",
         }
     }
 
     pub fn can_read(self) -> bool {
-        matches!(self, Self::Reader | Self::Admin)
+        matches!(self, Self::Reader | Self::Operator | Self::Admin)
+    }
+
+    /// May send devices commands, and cancel them.
+    pub fn can_command(self) -> bool {
+        matches!(self, Self::Operator | Self::Admin)
     }
 }
 

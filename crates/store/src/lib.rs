@@ -5,6 +5,7 @@
 //! Everything here is synchronous diesel; async callers run it on a blocking thread.
 
 pub mod app_tokens;
+pub mod commands;
 pub mod conflicts;
 pub mod credentials;
 mod error;

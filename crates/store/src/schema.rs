@@ -13,6 +13,31 @@ diesel::table! {
 }
 
 diesel::table! {
+    command_events (command_id, status) {
+        command_id -> Text,
+        status -> Text,
+        at -> Timestamptz,
+        detail -> Text,
+    }
+}
+
+diesel::table! {
+    commands (id) {
+        id -> Text,
+        device_id -> Text,
+        name -> Text,
+        args -> Jsonb,
+        status -> Text,
+        issued_by -> Text,
+        created_at -> Timestamptz,
+        expires_at -> Timestamptz,
+        sent_at -> Nullable<Timestamptz>,
+        finished_at -> Nullable<Timestamptz>,
+        result -> Nullable<Jsonb>,
+    }
+}
+
+diesel::table! {
     device_credentials (device_id) {
         device_id -> Text,
         token_id -> Text,
@@ -64,8 +89,12 @@ diesel::table! {
     }
 }
 
+diesel::joinable!(command_events -> commands (command_id));
+
 diesel::allow_tables_to_appear_in_same_query!(
     app_tokens,
+    command_events,
+    commands,
     device_credentials,
     devices,
     reading_conflicts,

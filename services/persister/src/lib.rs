@@ -106,6 +106,10 @@ impl Persister {
             self.settings.conflicts_kept_days,
             self.shutdown.subscribe(),
         ));
+        let expiring = tokio::spawn(housekeeping::record_expired_commands(
+            self.pool.clone(),
+            self.shutdown.subscribe(),
+        ));
         tokio::pin!(stop);
         tokio::select! {
             _ = &mut stop => {}
@@ -116,6 +120,7 @@ impl Persister {
             tracing::error!(error = %e, "the consuming task failed");
         }
         forgetting.abort();
+        expiring.abort();
         ops_handle.stop(true).await;
         let _ = ops.await;
     }

@@ -1,10 +1,13 @@
-//! Deny by default: every request needs a bearer token (`reader` or `admin` to read, `admin` to
-//! change anything) unless the route it reaches is public (the ops endpoints, the API description).
+//! Deny by default: every request needs a bearer token (`reader`, `operator` or `admin` to read,
+//! `operator` or `admin` to command devices, `admin` to change anything else) unless the route it
+//! reaches is public (the ops endpoints, the API description). The token's claims, once admitted,
+//! go with the request (`web::ReqData<Claims>`) for the handlers that record who asked.
 //! Checked here, once, before routing, on the route the router will actually match (see
 //! `service_kit::access`), so no handler can forget it and no spelling of a path can skip it.
 
 use std::net::IpAddr;
 
+use actix_web::HttpMessage;
 use actix_web::body::{EitherBody, MessageBody};
 use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::http::Method;
@@ -18,6 +21,9 @@ use service_kit::access::{
 use service_kit::net::{KeyedLimit, TrustedProxies};
 
 use crate::error::QueryError;
+
+/// The routes whose writes (issuing and cancelling commands) an operator may make too.
+const COMMAND_ROUTES: [&str; 2] = ["/v1/devices/{id}/commands", "/v1/commands/{id}"];
 
 pub struct Access {
     pub verifier: CachedVerifier,
@@ -47,10 +53,12 @@ pub async fn require_token(
     }
     let client = access.trusted_proxies.client_addr(req.request());
     match access.admit(&req, route.as_deref(), client).await {
-        Ok(()) => next
-            .call(req)
-            .await
-            .map(ServiceResponse::map_into_left_body),
+        Ok(claims) => {
+            req.extensions_mut().insert(claims);
+            next.call(req)
+                .await
+                .map(ServiceResponse::map_into_left_body)
+        }
         Err(error) => {
             audit_refusal(&req, route.as_deref(), client, &error);
             if error.is_refusal() {
@@ -71,7 +79,7 @@ impl Access {
         req: &ServiceRequest,
         route: Option<&str>,
         client: Option<IpAddr>,
-    ) -> Result<(), QueryError> {
+    ) -> Result<Claims, QueryError> {
         self.refusals
             .check(client)
             .map_err(QueryError::RateLimited)?;
@@ -84,7 +92,13 @@ impl Access {
         }
         self.app_tokens.check_promptly(&claims).await?;
         let writes = req.method() != Method::GET && req.method() != Method::HEAD;
-        if writes && claims.role != Role::Admin {
+        let commands = route.is_some_and(|route| COMMAND_ROUTES.contains(&route));
+        let allowed = if commands {
+            claims.role.can_command()
+        } else {
+            claims.role == Role::Admin
+        };
+        if writes && !allowed {
             // Refused either way; a method the route does not take is named as such.
             if let Some(route) = route {
                 let allowed = allowed_methods(req.request(), route);
@@ -95,9 +109,11 @@ impl Access {
                     });
                 }
             }
-            return Err(QueryError::Forbidden(
-                "changing anything needs an admin token".into(),
-            ));
+            return Err(QueryError::Forbidden(if commands {
+                "commanding devices needs an operator or admin token".into()
+            } else {
+                "changing anything needs an admin token".into()
+            }));
         }
         self.rate_limit
             .check(&claims.jti)
@@ -108,7 +124,7 @@ impl Access {
                 path = ?req.path(), token.id = %claims.jti, token.sub = ?claims.sub,
                 client.addr = %client.map(|a| a.to_string()).unwrap_or_default());
         }
-        Ok(())
+        Ok(claims)
     }
 
     fn authenticate(&self, req: &ServiceRequest) -> Result<Claims, QueryError> {

@@ -18,8 +18,8 @@ use crate::params;
     info(
         title = "Sensorhub query API",
         description = "Read the readings Sensorhub stored: devices, readings by time range, latest values, time buckets. \
-            Every `/v1` route needs `Authorization: Bearer <token>`: a reader or admin token to read, an admin token to \
-            register or revoke devices."
+            Every `/v1` route needs `Authorization: Bearer <token>`: a reader, operator or admin token to read, an operator \
+            or admin token to send devices commands, an admin token to register or revoke devices."
     ),
     components(schemas(service_kit::ErrorBody))
 )]
@@ -56,6 +56,10 @@ pub fn routes(cfg: &mut ServiceConfig) {
         .service(device_readings)
         .service(device_latest)
         .service(device_series)
+        .service(crate::commands::issue_command)
+        .service(crate::commands::device_commands)
+        .service(crate::commands::get_command)
+        .service(crate::commands::cancel_command)
         .service(crate::tokens::list_tokens)
         .service(crate::tokens::revoke_token);
 }

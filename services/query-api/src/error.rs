@@ -47,6 +47,10 @@ pub enum QueryError {
     InvalidBody(String),
     #[error("no app token {0:?}, or it was revoked already")]
     UnknownToken(String),
+    #[error("no command {0:?}")]
+    UnknownCommand(String),
+    #[error("{0}")]
+    TooManyOpenCommands(String),
     #[error(transparent)]
     AppToken(#[from] auth::AppTokenRefusal),
 }
@@ -90,7 +94,8 @@ impl QueryError {
             QueryError::BodyTooLarge(_) => "too_large",
             QueryError::NotJson => "unsupported_media_type",
             QueryError::InvalidBody(_) => "invalid",
-            QueryError::UnknownToken(_) => "not_found",
+            QueryError::UnknownToken(_) | QueryError::UnknownCommand(_) => "not_found",
+            QueryError::TooManyOpenCommands(_) => "too_many_commands",
             QueryError::AppToken(auth::AppTokenRefusal::NotLoaded) => "unavailable",
             QueryError::AppToken(_) => "unauthorized",
         }
@@ -169,7 +174,12 @@ impl QueryError {
             }
             // anything else, a database error that is not an outage included, is a bug or an
             // input the checks missed: logged, and answered without details
-            QueryError::UnknownToken(_) => ApiError::not_found(self.to_string()),
+            QueryError::UnknownToken(_) | QueryError::UnknownCommand(_) => {
+                ApiError::not_found(self.to_string())
+            }
+            QueryError::TooManyOpenCommands(reason) => {
+                ApiError::new(StatusCode::TOO_MANY_REQUESTS, "too_many_commands", reason)
+            }
             QueryError::AppToken(auth::AppTokenRefusal::NotLoaded) => {
                 ApiError::unavailable(self.to_string(), retry_after::REGISTRY_SECS)
             }
@@ -200,7 +210,8 @@ impl ResponseError for QueryError {
             QueryError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             QueryError::NotJson => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             QueryError::InvalidBody(_) => StatusCode::BAD_REQUEST,
-            QueryError::UnknownToken(_) => StatusCode::NOT_FOUND,
+            QueryError::UnknownToken(_) | QueryError::UnknownCommand(_) => StatusCode::NOT_FOUND,
+            QueryError::TooManyOpenCommands(_) => StatusCode::TOO_MANY_REQUESTS,
             QueryError::AppToken(auth::AppTokenRefusal::NotLoaded) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }

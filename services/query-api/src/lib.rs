@@ -1,9 +1,11 @@
 //! query-api: the read side of Sensorhub. Apps list devices, page through a device's readings, ask
-//! for the latest values, and get time buckets aggregated in PostgreSQL.
+//! for the latest values, and get time buckets aggregated in PostgreSQL; operators and admins send
+//! devices commands and follow them.
 
 mod access;
 mod api;
 mod body_deadline;
+mod commands;
 mod error;
 mod params;
 pub mod settings;

@@ -23,6 +23,10 @@ pub struct Settings {
     pub rate_limit_burst: u32,
     pub refusal_limit_per_second: u32,
     pub refusal_limit_burst: u32,
+    pub command_max_open: u32,
+    pub command_args_max_bytes: u32,
+    pub command_ttl_default_secs: u32,
+    pub command_ttl_max_secs: u32,
     pub cors_allowed_origins: String,
     pub trusted_proxies: String,
 }

@@ -62,6 +62,12 @@ impl Application {
                 .transpose()
                 .context("sensorhub_mqtt_admin_url")?,
         ));
+        let command_limits = web::Data::new(crate::commands::CommandLimits {
+            max_open: i64::from(settings.command_max_open),
+            max_args_bytes: settings.command_args_max_bytes as usize,
+            default_ttl_secs: settings.command_ttl_default_secs,
+            max_ttl_secs: settings.command_ttl_max_secs,
+        });
         let origins: Vec<String> = settings
             .cors_allowed_origins
             .split(',')
@@ -85,6 +91,7 @@ impl Application {
                 .app_data(device_tokens.clone())
                 .app_data(mqtt_accounts.clone())
                 .app_data(app_tokens.clone())
+                .app_data(command_limits.clone())
                 .app_data(
                     web::JsonConfig::default()
                         .limit(16 * 1024)

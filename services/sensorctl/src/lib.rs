@@ -121,8 +121,8 @@ pub enum DeviceCommand {
 
 #[derive(Subcommand)]
 pub enum TokenCommand {
-    /// Issue a token for an app: `--role reader` reads the API, `--role admin` also manages devices
-    /// and tokens. It is recorded (by id) in the database: query-api accepts only recorded tokens.
+    /// Issue a token for an app: `--role reader` reads the API, `--role operator` also commands
+    /// devices, `--role admin` also manages devices and tokens. It is recorded (by id) in the database: query-api accepts only recorded tokens.
     Issue {
         #[arg(long)]
         role: String,
@@ -260,7 +260,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 .filter(|r| *r != Role::Device)
                 .ok_or_else(|| {
                     anyhow::anyhow!(
-                        "--role must be reader or admin (device tokens come from `device add`)"
+                        "--role must be reader, operator or admin (device tokens come from `device add`)"
                     )
                 })?;
             let ttl_secs = parse_ttl(&ttl)?;

@@ -441,3 +441,46 @@ async fn readings_queued_from_beyond_the_horizon_are_stored_without_new_partitio
     );
     running.stop().await;
 }
+
+/// A command not finished by its expiry is recorded as expired by the persister's sweep, once, at
+/// its expiry, with its history line.
+#[tokio::test]
+async fn the_persister_records_expired_commands() {
+    let f = Fixture::new();
+    let mut conn = f.db.connect();
+    store::credentials::register_device(&mut conn, "raspi-01", "token-1").unwrap();
+    let issue = |id: &'static str, ttl_secs: i64| store::commands::NewCommand {
+        id,
+        device_id: "raspi-01",
+        name: "led",
+        args: &serde_json::Value::Null,
+        issued_by: "test",
+        ttl: chrono::Duration::seconds(ttl_secs),
+    };
+    for (id, ttl_secs) in [("short", 1), ("long", 3600)] {
+        let issued = store::commands::issue_command(&mut conn, &issue(id, ttl_secs), 10).unwrap();
+        assert!(matches!(issued, store::commands::Issued::Issued(_)));
+    }
+    let running = spawn::persister(&f.settings()).await;
+    let (command, history) = eventually(WAIT, "the short command recorded as expired", || {
+        let url = f.db.url.clone();
+        async move {
+            let mut conn = store::connect(&url).unwrap();
+            let (command, history) = store::commands::command(&mut conn, "short").unwrap()?;
+            (command.stored_status == "expired").then_some((command, history))
+        }
+    })
+    .await;
+    assert_eq!(command.finished_at, Some(command.expires_at));
+    let statuses: Vec<&str> = history.iter().map(|e| e.status.as_str()).collect();
+    assert_eq!(statuses, ["pending", "expired"]);
+    assert_eq!(history[1].at, command.expires_at);
+    let (long, _) = store::commands::command(&mut conn, "long")
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        long.stored_status, "pending",
+        "a command within its ttl is left alone"
+    );
+    running.stop().await;
+}

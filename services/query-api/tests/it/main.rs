@@ -11,6 +11,7 @@ use serde_json::{Value, json};
 use testkit::spawn;
 use testkit::{TestDb, TestKeys};
 
+mod commands;
 mod input;
 mod openapi;
 mod security;
@@ -328,8 +329,10 @@ async fn the_openapi_description_lists_exactly_the_served_routes() {
             "/metrics",
             "/openapi.json",
             "/readyz",
+            "/v1/commands/{id}",
             "/v1/devices",
             "/v1/devices/{id}",
+            "/v1/devices/{id}/commands",
             "/v1/devices/{id}/latest",
             "/v1/devices/{id}/readings",
             "/v1/devices/{id}/series",
@@ -340,11 +343,24 @@ async fn the_openapi_description_lists_exactly_the_served_routes() {
     // every documented read of the API is served (to an admin: the token list is for admins
     // only); the ops endpoints are checked with the description's other claims (openapi.rs)
     let admin = api.keys.app_token(auth::Role::Admin);
+    let (status, _, command) = api
+        .call(
+            reqwest::Method::POST,
+            "/v1/devices/pi-1/commands",
+            Some(&admin),
+            Some(json!({"name": "led"})),
+        )
+        .await;
+    assert_eq!(status, 201, "{command}");
     for path in paths
         .iter()
         .filter(|p| p.starts_with("/v1/") && doc["paths"][p.as_str()].get("get").is_some())
     {
-        let served = path.replace("{id}", "pi-1") + "?metric=t";
+        let id = match path.starts_with("/v1/commands/") {
+            true => command["id"].as_str().unwrap(),
+            false => "pi-1",
+        };
+        let served = path.replace("{id}", id) + "?metric=t";
         let (status, _, body) = api
             .call(reqwest::Method::GET, &served, Some(&admin), None)
             .await;

@@ -176,9 +176,14 @@ fn keys_devices_and_tokens_from_the_command_line() {
     );
     let ttl = claims.exp.unwrap() - claims.iat;
     assert_eq!(ttl, 30 * 86_400);
+    let operator = op.ok(&["token", "issue", "--role", "operator", "--name", "ops"]);
+    assert_eq!(
+        op.verifier().verify(operator.trim()).unwrap().role,
+        Role::Operator
+    );
     assert!(
         op.fails(&["token", "issue", "--role", "device"])
-            .contains("reader or admin")
+            .contains("reader, operator or admin")
     );
     assert!(
         op.fails(&["token", "issue", "--role", "reader", "--ttl", "forever"])

@@ -1,0 +1,445 @@
+//! Commands to devices: issued by an app, delivered at least once, finished by the device's answer,
+//! by expiry or by a cancel. A command's status only moves forward (see [`CommandStatus::may_become`]),
+//! and every change is written once to its history (`command_events`, at most one row a status), so
+//! a change repeated by a redelivery or a race changes nothing.
+
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+use diesel::sql_types::{BigInt, Text};
+
+use crate::StoreError;
+use crate::schema::{command_events, commands, device_credentials, devices};
+
+/// Where a command is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CommandStatus {
+    /// Stored, not yet handed to the device.
+    Pending,
+    /// Handed to the device (at least once), not yet answered.
+    Sent,
+    /// The device answered that it did it.
+    Succeeded,
+    /// The device answered that it could not.
+    Failed,
+    /// Not finished by its expiry; never delivered afterwards.
+    Expired,
+    /// Cancelled by an app while not finished.
+    Cancelled,
+}
+
+impl CommandStatus {
+    pub const ALL: [CommandStatus; 6] = [
+        Self::Pending,
+        Self::Sent,
+        Self::Succeeded,
+        Self::Failed,
+        Self::Expired,
+        Self::Cancelled,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Sent => "sent",
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+            Self::Expired => "expired",
+            Self::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|s| s.as_str() == name)
+    }
+
+    /// Whether nothing can happen to the command any more.
+    pub fn is_finished(self) -> bool {
+        !matches!(self, Self::Pending | Self::Sent)
+    }
+
+    /// Forward only: pending → sent → a finished status, or pending straight to a finished one.
+    pub fn may_become(self, next: CommandStatus) -> bool {
+        match self {
+            Self::Pending => next != Self::Pending,
+            Self::Sent => next.is_finished(),
+            _ => false,
+        }
+    }
+
+    /// The statuses a command may be in to become `next`.
+    fn predecessors(next: CommandStatus) -> Vec<&'static str> {
+        Self::ALL
+            .into_iter()
+            .filter(|s| s.may_become(next))
+            .map(Self::as_str)
+            .collect()
+    }
+}
+
+impl std::fmt::Display for CommandStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A command as stored.
+#[derive(Debug, Clone, PartialEq, Queryable, Selectable)]
+#[diesel(table_name = commands)]
+pub struct Command {
+    /// A UUIDv7: its text sorts by creation time.
+    pub id: String,
+    pub device_id: String,
+    pub name: String,
+    pub args: serde_json::Value,
+    /// As stored; [`Command::status`] is what it is now.
+    #[diesel(column_name = status)]
+    pub stored_status: String,
+    pub issued_by: String,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+    pub sent_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub result: Option<serde_json::Value>,
+}
+
+impl Command {
+    /// The status now: an unfinished command past its expiry is expired, whether or not the
+    /// persister's sweep has recorded it yet, so that what an app reads is exact to the second.
+    pub fn status(&self, now: DateTime<Utc>) -> CommandStatus {
+        let stored = CommandStatus::parse(&self.stored_status).unwrap_or(CommandStatus::Pending);
+        if !stored.is_finished() && self.expires_at <= now {
+            CommandStatus::Expired
+        } else {
+            stored
+        }
+    }
+
+    /// When it finished: an expired command at its expiry.
+    pub fn finished_at(&self, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        match (self.finished_at, self.status(now)) {
+            (Some(at), _) => Some(at),
+            (None, CommandStatus::Expired) => Some(self.expires_at),
+            (None, _) => None,
+        }
+    }
+}
+
+/// One change of a command's status.
+#[derive(Debug, Clone, PartialEq, Queryable, Selectable)]
+#[diesel(table_name = command_events)]
+pub struct CommandEvent {
+    pub status: String,
+    pub at: DateTime<Utc>,
+    pub detail: String,
+}
+
+/// What an app asks for.
+#[derive(Debug, Clone)]
+pub struct NewCommand<'a> {
+    pub id: &'a str,
+    pub device_id: &'a str,
+    pub name: &'a str,
+    pub args: &'a serde_json::Value,
+    /// The id (jti) of the app token that issued it.
+    pub issued_by: &'a str,
+    pub ttl: chrono::Duration,
+}
+
+/// How issuing a command went.
+#[derive(Debug)]
+pub enum Issued {
+    Issued(Box<Command>),
+    /// Neither registered nor ever seen.
+    UnknownDevice,
+    /// Its credentials are revoked: it can no longer connect to receive anything.
+    RevokedDevice,
+    /// It already has this many unfinished commands, the most allowed.
+    TooManyOpen(i64),
+}
+
+/// Stores a new pending command for a device that is registered (or, with anonymous devices, has
+/// sent readings) and has fewer than `max_open` unfinished ones. One device's commands are issued
+/// one at a time (a transaction-scoped advisory lock), so two apps at once cannot both pass the limit.
+pub fn issue_command(
+    conn: &mut PgConnection,
+    new: &NewCommand<'_>,
+    max_open: i64,
+) -> Result<Issued, StoreError> {
+    conn.transaction(|conn| {
+        diesel::sql_query("SELECT pg_advisory_xact_lock(hashtextextended('commands:' || $1, 0))")
+            .bind::<Text, _>(new.device_id)
+            .execute(conn)?;
+        let credentials: Option<Option<DateTime<Utc>>> = device_credentials::table
+            .find(new.device_id)
+            .select(device_credentials::revoked_at)
+            .first(conn)
+            .optional()?;
+        match credentials {
+            Some(Some(_revoked)) => return Ok(Issued::RevokedDevice),
+            Some(None) => {}
+            None => {
+                let seen: i64 = devices::table
+                    .filter(devices::device_id.eq(new.device_id))
+                    .count()
+                    .get_result(conn)?;
+                if seen == 0 {
+                    return Ok(Issued::UnknownDevice);
+                }
+            }
+        }
+        let open = open_commands(conn, new.device_id)?;
+        if open >= max_open {
+            return Ok(Issued::TooManyOpen(open));
+        }
+        let now = Utc::now();
+        let command: Command = diesel::insert_into(commands::table)
+            .values((
+                commands::id.eq(new.id),
+                commands::device_id.eq(new.device_id),
+                commands::name.eq(new.name),
+                commands::args.eq(new.args),
+                commands::status.eq(CommandStatus::Pending.as_str()),
+                commands::issued_by.eq(new.issued_by),
+                commands::created_at.eq(now),
+                commands::expires_at.eq(now + new.ttl),
+            ))
+            .returning(Command::as_returning())
+            .get_result(conn)?;
+        record_event(
+            conn,
+            &command.id,
+            CommandStatus::Pending,
+            now,
+            &format!("issued by token {}", new.issued_by),
+        )?;
+        Ok(Issued::Issued(Box::new(command)))
+    })
+}
+
+/// How many of a device's commands are unfinished and not past their expiry.
+fn open_commands(conn: &mut PgConnection, device_id: &str) -> Result<i64, StoreError> {
+    #[derive(QueryableByName)]
+    struct Count {
+        #[diesel(sql_type = BigInt)]
+        open: i64,
+    }
+    let count: Count = diesel::sql_query(
+        "SELECT count(*) AS open FROM commands \
+         WHERE device_id = $1 AND status IN ('pending', 'sent') AND expires_at > now()",
+    )
+    .bind::<Text, _>(device_id)
+    .get_result(conn)?;
+    Ok(count.open)
+}
+
+/// A command and its history, oldest change first.
+pub fn command(
+    conn: &mut PgConnection,
+    id: &str,
+) -> Result<Option<(Command, Vec<CommandEvent>)>, StoreError> {
+    let Some(command) = commands::table
+        .find(id)
+        .select(Command::as_select())
+        .first(conn)
+        .optional()?
+    else {
+        return Ok(None);
+    };
+    let history = command_events::table
+        .filter(command_events::command_id.eq(id))
+        .select(CommandEvent::as_select())
+        .order((command_events::at, command_events::status))
+        .load(conn)?;
+    Ok(Some((command, history)))
+}
+
+/// A device's commands, newest first, those with `status` (as [`Command::status`] tells it now)
+/// only when given; after the id `before` (the previous page's last), at most `limit`.
+pub fn device_commands(
+    conn: &mut PgConnection,
+    device_id: &str,
+    status: Option<CommandStatus>,
+    before: Option<&str>,
+    limit: i64,
+) -> Result<Vec<Command>, StoreError> {
+    use commands::dsl as c;
+    let open = [
+        CommandStatus::Pending.as_str(),
+        CommandStatus::Sent.as_str(),
+    ];
+    let mut query = c::commands
+        .filter(c::device_id.eq(device_id))
+        .select(Command::as_select())
+        .order(c::id.desc())
+        .limit(limit)
+        .into_boxed();
+    if let Some(before) = before {
+        query = query.filter(c::id.lt(before.to_owned()));
+    }
+    query = match status {
+        None => query,
+        Some(s @ (CommandStatus::Pending | CommandStatus::Sent)) => query
+            .filter(c::status.eq(s.as_str()))
+            .filter(c::expires_at.gt(diesel::dsl::now)),
+        Some(CommandStatus::Expired) => query.filter(
+            c::status.eq(CommandStatus::Expired.as_str()).or(c::status
+                .eq_any(open)
+                .and(c::expires_at.le(diesel::dsl::now))),
+        ),
+        Some(s) => query.filter(c::status.eq(s.as_str())),
+    };
+    Ok(query.load(conn)?)
+}
+
+/// How a status change went.
+#[derive(Debug)]
+pub enum Change {
+    /// Made; the command as it is now.
+    Made(Box<Command>),
+    /// Not made: the command is already past it (finished, or expired); as it is.
+    TooLate(Box<Command>),
+    NoSuchCommand,
+}
+
+/// Cancels a command that is not finished (nor past its expiry).
+pub fn cancel_command(conn: &mut PgConnection, id: &str, by: &str) -> Result<Change, StoreError> {
+    advance(
+        conn,
+        id,
+        CommandStatus::Cancelled,
+        &format!("cancelled by token {by}"),
+    )
+}
+
+/// Moves command `id` to `next` when it may (see [`CommandStatus::may_become`]) and has not
+/// expired, recording the change; otherwise changes nothing and says why.
+fn advance(
+    conn: &mut PgConnection,
+    id: &str,
+    next: CommandStatus,
+    detail: &str,
+) -> Result<Change, StoreError> {
+    use commands::dsl as c;
+    conn.transaction(|conn| {
+        let now = Utc::now();
+        let target = c::commands
+            .filter(c::id.eq(id))
+            .filter(c::status.eq_any(CommandStatus::predecessors(next)))
+            .filter(c::expires_at.gt(now));
+        let changed: Option<Command> = if next.is_finished() {
+            diesel::update(target)
+                .set((c::status.eq(next.as_str()), c::finished_at.eq(now)))
+                .returning(Command::as_returning())
+                .get_result(conn)
+                .optional()?
+        } else {
+            diesel::update(target)
+                .set((c::status.eq(next.as_str()), c::sent_at.eq(now)))
+                .returning(Command::as_returning())
+                .get_result(conn)
+                .optional()?
+        };
+        match changed {
+            Some(command) => {
+                record_event(conn, id, next, now, detail)?;
+                Ok(Change::Made(Box::new(command)))
+            }
+            None => Ok(
+                match c::commands
+                    .find(id)
+                    .select(Command::as_select())
+                    .first(conn)
+                    .optional()?
+                {
+                    Some(command) => Change::TooLate(Box::new(command)),
+                    None => Change::NoSuchCommand,
+                },
+            ),
+        }
+    })
+}
+
+/// Records that unfinished commands past their expiry expired (at their expiry), at most `limit`
+/// of them, the oldest first; how many. Concurrent sweeps (several persisters) skip each other's rows.
+pub fn expire_due(conn: &mut PgConnection, limit: i64) -> Result<usize, StoreError> {
+    use commands::dsl as c;
+    conn.transaction(|conn| {
+        let due: Vec<(String, DateTime<Utc>)> = c::commands
+            .filter(c::status.eq_any([
+                CommandStatus::Pending.as_str(),
+                CommandStatus::Sent.as_str(),
+            ]))
+            .filter(c::expires_at.le(diesel::dsl::now))
+            .order(c::expires_at)
+            .limit(limit)
+            .select((c::id, c::expires_at))
+            .for_update()
+            .skip_locked()
+            .load(conn)?;
+        for (id, expires_at) in &due {
+            diesel::update(c::commands.find(id))
+                .set((
+                    c::status.eq(CommandStatus::Expired.as_str()),
+                    c::finished_at.eq(expires_at),
+                ))
+                .execute(conn)?;
+            record_event(
+                conn,
+                id,
+                CommandStatus::Expired,
+                *expires_at,
+                "not finished by its expiry",
+            )?;
+        }
+        Ok(due.len())
+    })
+}
+
+/// Writes a status change to the history once: a repeat of the same change is no change.
+fn record_event(
+    conn: &mut PgConnection,
+    id: &str,
+    status: CommandStatus,
+    at: DateTime<Utc>,
+    detail: &str,
+) -> Result<(), StoreError> {
+    diesel::insert_into(command_events::table)
+        .values((
+            command_events::command_id.eq(id),
+            command_events::status.eq(status.as_str()),
+            command_events::at.eq(at),
+            command_events::detail.eq(detail),
+        ))
+        .on_conflict_do_nothing()
+        .execute(conn)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::CommandStatus::*;
+
+    #[test]
+    fn statuses_only_move_forward() {
+        assert!(Pending.may_become(Sent));
+        assert!(Pending.may_become(Cancelled));
+        assert!(Pending.may_become(Expired));
+        assert!(Sent.may_become(Succeeded));
+        assert!(Sent.may_become(Failed));
+        assert!(!Sent.may_become(Pending));
+        assert!(!Sent.may_become(Sent));
+        for finished in [Succeeded, Failed, Expired, Cancelled] {
+            for next in super::CommandStatus::ALL {
+                assert!(!finished.may_become(next), "{finished} -> {next}");
+            }
+        }
+    }
+
+    #[test]
+    fn names_round_trip() {
+        for status in super::CommandStatus::ALL {
+            assert_eq!(super::CommandStatus::parse(status.as_str()), Some(status));
+        }
+        assert_eq!(super::CommandStatus::parse("done"), None);
+    }
+}
