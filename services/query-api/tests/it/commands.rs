@@ -38,14 +38,6 @@ impl Api {
         assert_eq!(status, 201, "{answer}");
         answer
     }
-
-    fn token_id(&self, token: &str) -> String {
-        auth::TokenVerifier::from_file(std::path::Path::new(&self.keys.verifying_key_file()))
-            .unwrap()
-            .verify(token)
-            .unwrap()
-            .jti
-    }
 }
 
 fn statuses(command: &Value) -> Vec<&str> {
