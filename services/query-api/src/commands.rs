@@ -181,7 +181,9 @@ pub(crate) async fn issue_command(
     path: web::Path<DevicePath>,
     body: web::Json<NewCommandBody>,
 ) -> Result<HttpResponse, QueryError> {
-    let device = params::device_id(path.into_inner().id)?;
+    let target = path.into_inner().id;
+    let outcome: Result<HttpResponse, QueryError> = async {
+    let device = params::device_id(target.clone())?;
     let body = body.into_inner();
     let name = models::MetricName::parse(body.name.as_str())
         .map_err(|reason| QueryError::invalid("name", reason))?;
@@ -256,6 +258,9 @@ pub(crate) async fn issue_command(
              wait for them to finish or expire, or cancel some"
         ))),
     }
+    }
+    .await;
+    audited("issue", &target, &caller, outcome)
 }
 
 /// A command, with every status it had.
@@ -355,7 +360,9 @@ pub(crate) async fn cancel_command(
     caller: web::ReqData<Claims>,
     path: web::Path<CommandPath>,
 ) -> Result<web::Json<Command>, QueryError> {
-    let id = command_id(path.into_inner().id)?;
+    let target = path.into_inner().id;
+    let outcome: Result<web::Json<Command>, QueryError> = async {
+    let id = command_id(target.clone())?;
     let (lookup, by) = (id.clone(), caller.jti.clone());
     let change = with_conn(&pool, move |conn| {
         store::commands::cancel_command(conn, &lookup, &by)
@@ -374,6 +381,25 @@ pub(crate) async fn cancel_command(
         ))),
         Change::NoSuchCommand => Err(QueryError::UnknownCommand(id)),
     }
+    }
+    .await;
+    audited("cancel", &target, &caller, outcome)
+}
+
+/// A refused command request is a line of the audit trail, as the refusals of the access check
+/// are: what was asked (`issue` a command to a device, `cancel` a command), of what, by which token,
+/// and why not. What the client sent is written escaped (`?`), so no request can forge a line.
+fn audited<T>(
+    action: &'static str,
+    target: &str,
+    caller: &Claims,
+    outcome: Result<T, QueryError>,
+) -> Result<T, QueryError> {
+    if let Err(error) = &outcome {
+        tracing::info!(target: "audit", outcome = "command_refused", action, subject = ?target,
+            token.id = %caller.jti, reason = error.kind(), detail = ?error.to_string());
+    }
+    outcome
 }
 
 /// Whether a string (or a key) anywhere in `value` holds a NUL character.

@@ -235,6 +235,41 @@ async fn every_public_path_is_routed_over_tls_and_nothing_else() {
         .unwrap();
     assert!(readings.to_string().contains("mqtt-1"), "{readings}");
 
+    // commands (an operator issues and cancels, a reader follows) and the token list (admins)
+    let operator = t.app_token(Role::Operator);
+    let r = client
+        .post(t.url("/v1/devices/raspi-01/commands"))
+        .bearer_auth(&operator)
+        .json(&json!({"name": "led", "args": {"on": true}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let command: serde_json::Value = r.json().await.unwrap();
+    let follow = format!("/v1/commands/{}", command["id"].as_str().unwrap());
+    for (method, path, token) in [
+        (reqwest::Method::GET, follow.as_str(), &reader),
+        (
+            reqwest::Method::GET,
+            "/v1/devices/raspi-01/commands",
+            &reader,
+        ),
+        (reqwest::Method::DELETE, follow.as_str(), &operator),
+        (
+            reqwest::Method::GET,
+            "/v1/tokens",
+            &t.app_token(Role::Admin),
+        ),
+    ] {
+        let r = client
+            .request(method.clone(), t.url(path))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "{method} {path}");
+    }
+
     // the two OpenAPI descriptions: the read API's at /openapi.json, ingest's under /ingest/
     let read_api = testkit::get_text(&client, &t.url("/openapi.json")).await;
     assert!(read_api.contains("/v1/devices"), "{read_api}");
@@ -723,6 +758,27 @@ async fn behind_traefik_the_audit_trail_has_the_real_client_address() {
             &json!("\"/v1/devices/audit-pi\""),
             &json!("127.0.0.2")
         )
+    );
+
+    // a command to the revoked device is refused, and the refusal is a line of the trail too
+    let r = client
+        .post(t.url("/v1/devices/audit-pi/commands"))
+        .bearer_auth(t.app_token(Role::Operator))
+        .json(&json!({"name": "led", "args": {"on": true}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CONFLICT);
+    let refused = testkit::eventually(WAIT, "the refused command audited", || async {
+        t.query_api
+            .audit_trail()
+            .into_iter()
+            .find(|e| e["outcome"] == "command_refused")
+    })
+    .await;
+    assert_eq!(
+        (&refused["action"], &refused["subject"], &refused["reason"]),
+        (&json!("issue"), &json!("\"audit-pi\""), &json!("conflict"))
     );
 
     // ingest refuses the revoked token within its registry refresh, without a restart (asked with
