@@ -175,7 +175,7 @@ where
 
 /// Keeps the first `limit` of `items` (fetched as `limit + 1`); returns the last kept one when more
 /// follow, so that a next cursor exists exactly when there is a next page.
-fn next_page<T>(items: &mut Vec<T>, limit: i64) -> Option<&T> {
+pub(crate) fn next_page<T>(items: &mut Vec<T>, limit: i64) -> Option<&T> {
     let limit = usize::try_from(limit).unwrap_or(usize::MAX);
     if items.len() > limit {
         items.truncate(limit);

@@ -11,7 +11,7 @@ use store::PgPool;
 use store::commands::{Change, CommandStatus, Issued, NewCommand};
 use utoipa::{IntoParams, ToSchema};
 
-use crate::api::{DevicePath, with_conn};
+use crate::api::{DevicePath, next_page, with_conn};
 use crate::error::QueryError;
 use crate::params;
 
@@ -329,12 +329,7 @@ pub(crate) async fn device_commands(
         store::commands::device_commands(conn, &device_id, status, before.as_deref(), limit + 1)
     })
     .await?;
-    let more = commands.len() as i64 > limit;
-    commands.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
-    let next_cursor = more
-        .then(|| commands.last())
-        .flatten()
-        .map(|c| c.id.clone());
+    let next_cursor = next_page(&mut commands, limit).map(|last| last.id.clone());
     let now = Utc::now();
     Ok(web::Json(CommandList {
         commands: commands.into_iter().map(|c| Command::new(c, now)).collect(),
