@@ -182,9 +182,18 @@ pub(crate) async fn issue_command(
     body: web::Json<NewCommandBody>,
 ) -> Result<HttpResponse, QueryError> {
     let target = path.into_inner().id;
-    let outcome: Result<HttpResponse, QueryError> = async {
-    let device = params::device_id(target.clone())?;
-    let body = body.into_inner();
+    let outcome = issue(&pool, &limits, &caller, &target, body.into_inner()).await;
+    audited("issue", &target, &caller, outcome)
+}
+
+async fn issue(
+    pool: &web::Data<PgPool>,
+    limits: &CommandLimits,
+    caller: &Claims,
+    target: &str,
+    body: NewCommandBody,
+) -> Result<HttpResponse, QueryError> {
+    let device = params::device_id(target.to_owned())?;
     let name = models::MetricName::parse(body.name.as_str())
         .map_err(|reason| QueryError::invalid("name", reason))?;
     let args = body.args.unwrap_or_else(|| serde_json::json!({}));
@@ -222,7 +231,7 @@ pub(crate) async fn issue_command(
         name.into_string(),
         limits.max_open,
     );
-    let issued = with_conn(&pool, move |conn| {
+    let issued = with_conn(pool, move |conn| {
         store::commands::issue_command(
             conn,
             &NewCommand {
@@ -258,9 +267,6 @@ pub(crate) async fn issue_command(
              wait for them to finish or expire, or cancel some"
         ))),
     }
-    }
-    .await;
-    audited("issue", &target, &caller, outcome)
 }
 
 /// A command, with every status it had.
@@ -356,10 +362,18 @@ pub(crate) async fn cancel_command(
     path: web::Path<CommandPath>,
 ) -> Result<web::Json<Command>, QueryError> {
     let target = path.into_inner().id;
-    let outcome: Result<web::Json<Command>, QueryError> = async {
-    let id = command_id(target.clone())?;
+    let outcome = cancel(&pool, &caller, &target).await;
+    audited("cancel", &target, &caller, outcome)
+}
+
+async fn cancel(
+    pool: &web::Data<PgPool>,
+    caller: &Claims,
+    target: &str,
+) -> Result<web::Json<Command>, QueryError> {
+    let id = command_id(target.to_owned())?;
     let (lookup, by) = (id.clone(), caller.jti.clone());
-    let change = with_conn(&pool, move |conn| {
+    let change = with_conn(pool, move |conn| {
         store::commands::cancel_command(conn, &lookup, &by)
     })
     .await?;
@@ -376,9 +390,6 @@ pub(crate) async fn cancel_command(
         ))),
         Change::NoSuchCommand => Err(QueryError::UnknownCommand(id)),
     }
-    }
-    .await;
-    audited("cancel", &target, &caller, outcome)
 }
 
 /// A refused command request is a line of the audit trail, as the refusals of the access check
