@@ -35,13 +35,14 @@ pub async fn ping(pool: PgPool) -> Result<(), String> {
 }
 
 /// Wakes `follower` whenever PostgreSQL notifies a change on `channel`, from a thread (connecting
-/// as `application_name`) that ends once the follower is gone.
+/// as `application_name`) that ends once the follower is gone or the returned listener is dropped
+/// (keep it as long as the service runs).
 pub fn follow_notifications(
     database_url: &str,
     channel: &'static str,
     application_name: &str,
     follower: &Arc<Follower>,
-) -> std::io::Result<()> {
+) -> std::io::Result<store::listen::Listener> {
     let follower = Arc::downgrade(follower);
     store::listen::spawn_listener(
         database_url.to_owned(),
@@ -59,6 +60,5 @@ pub fn follow_notifications(
             }
             ControlFlow::Continue(())
         },
-    )?;
-    Ok(())
+    )
 }

@@ -7,6 +7,9 @@
 //! socket buffer, no round trip to the server.
 
 use std::ops::ControlFlow;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
@@ -21,6 +24,8 @@ const CHECK_EVERY: Duration = Duration::from_secs(1);
 /// The first reconnection's delay; it doubles with each failure up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// How long dropping a [`Listener`] waits for its thread to end (it looks every [`POLL`]).
+const STOP_WAIT: Duration = Duration::from_secs(2);
 
 /// The device registry's channel (table `device_credentials`).
 pub const DEVICE_CREDENTIALS_CHANNEL: &str = "sensorhub_device_credentials";
@@ -41,22 +46,53 @@ pub enum ListenEvent {
     Lost(String),
 }
 
+/// The listening thread, stopped when this is dropped: told to, then waited for (up to 2 s), so
+/// that a service that stops leaves no thread polling PostgreSQL behind. One left
+/// polling while its process exited was seen to crash the exit (SIGSEGV in libc's exit handlers,
+/// after a test binary's last test had passed).
+pub struct Listener {
+    stop: Arc<AtomicBool>,
+    /// Disconnected once the thread has ended (it holds the sender).
+    ended: mpsc::Receiver<()>,
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = self.ended.recv_timeout(STOP_WAIT);
+    }
+}
+
 /// Listens on `channel` of `database_url` from a thread of its own, reconnecting as needed, and
-/// tells `on_event` what happens. The thread ends when `on_event` returns `Break` (e.g. when what it
-/// feeds is gone).
+/// tells `on_event` what happens. The thread ends when the returned [`Listener`] is dropped, or
+/// when `on_event` returns `Break` (e.g. when what it feeds is gone).
 pub fn spawn_listener<F>(
     database_url: String,
     channel: &'static str,
     application_name: &str,
     mut on_event: F,
-) -> std::io::Result<std::thread::JoinHandle<()>>
+) -> std::io::Result<Listener>
 where
     F: FnMut(ListenEvent) -> ControlFlow<()> + Send + 'static,
 {
     let application_name = application_name.replace('\'', "");
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ending, ended) = mpsc::channel::<()>();
+    let stopped = stop.clone();
+    let on_event = move |event| {
+        if stopped.load(Ordering::SeqCst) {
+            return ControlFlow::Break(());
+        }
+        on_event(event)
+    };
+    let stopped = stop.clone();
     std::thread::Builder::new()
         .name(format!("listen {channel}"))
         .spawn(move || {
+            // dropped last (locals go in reverse order), so that once the owner's wait ends the
+            // callback, and all it holds, is gone too
+            let _ending = ending;
+            let mut on_event = on_event;
             let mut backoff = reconnect_delays();
             loop {
                 let outcome = match listen(&database_url, channel, &application_name) {
@@ -75,9 +111,24 @@ where
                 if on_event(ListenEvent::Lost(error)).is_break() {
                     return;
                 }
-                std::thread::sleep(backoff.next().unwrap_or(MAX_BACKOFF));
+                if !pause(backoff.next().unwrap_or(MAX_BACKOFF), &stopped) {
+                    return;
+                }
             }
-        })
+        })?;
+    Ok(Listener { stop, ended })
+}
+
+/// Sleeps `delay` a [`POLL`] at a time; false (at once) when told to stop meanwhile.
+fn pause(delay: Duration, stop: &AtomicBool) -> bool {
+    let until = Instant::now() + delay;
+    while Instant::now() < until {
+        if stop.load(Ordering::SeqCst) {
+            return false;
+        }
+        std::thread::sleep(POLL.min(until.saturating_duration_since(Instant::now())));
+    }
+    !stop.load(Ordering::SeqCst)
 }
 
 /// Delays between reconnections, each drawn from `[d/2, d]` where `d` doubles from

@@ -29,6 +29,8 @@ use crate::settings::Settings;
 pub struct Application {
     port: u16,
     server: Server,
+    /// The registry's change listener (none for anonymous devices): stops with the service.
+    notifications: Option<store::listen::Listener>,
     publisher: Publisher,
     audit: Arc<AuditTrail>,
 }
@@ -52,7 +54,7 @@ impl Application {
             let available = ready_publisher.check_available().map_err(|e| e.to_string());
             async move { available }
         });
-        let (authenticator, readiness) =
+        let (authenticator, readiness, notifications) =
             authenticator(settings, readiness, ingest_metrics.registry_reads.clone())?;
         let audit = AuditTrail::new(settings.audit_accepted);
         audit.flush_every(Duration::from_secs(settings.audit_summary_interval_secs));
@@ -114,6 +116,7 @@ impl Application {
         Ok(Self {
             port,
             server,
+            notifications,
             publisher,
             audit,
         })
@@ -128,6 +131,7 @@ impl Application {
     /// waiting, and closes the RabbitMQ connection.
     pub async fn run_until(self, stop: impl Future<Output = ()>) -> std::io::Result<()> {
         let served = service_kit::shutdown::serve_until(self.server, stop).await;
+        drop(self.notifications);
         self.publisher.close().await;
         self.audit.flush();
         served
@@ -168,7 +172,7 @@ fn authenticator(
     settings: &Settings,
     readiness: Readiness,
     reads: Family<CauseLabels, Counter>,
-) -> anyhow::Result<(Authenticator, Readiness)> {
+) -> anyhow::Result<(Authenticator, Readiness, Option<store::listen::Listener>)> {
     let follower = Follower::new(Duration::from_millis(
         settings.auth_prompt_read_interval_ms.max(10),
     ));
@@ -193,7 +197,7 @@ fn authenticator(
             registry,
             allow_anonymous: true,
         };
-        return Ok((authenticator, readiness));
+        return Ok((authenticator, readiness, None));
     }
     let verifier = TokenVerifier::from_file(std::path::Path::new(&settings.auth_public_key_file))
         .context("loading auth_public_key_file")?;
@@ -207,7 +211,7 @@ fn authenticator(
         },
     )?;
     let interval = Duration::from_millis(settings.auth_refresh_ms.max(100));
-    service_kit::postgres::follow_notifications(
+    let notifications = service_kit::postgres::follow_notifications(
         &settings.database_url,
         store::listen::DEVICE_CREDENTIALS_CHANNEL,
         "ingest-http registry listener",
@@ -246,7 +250,7 @@ fn authenticator(
         registry,
         allow_anonymous: settings.auth_allow_anonymous,
     };
-    Ok((authenticator, readiness))
+    Ok((authenticator, readiness, Some(notifications)))
 }
 
 fn load_changes(

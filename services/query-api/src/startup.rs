@@ -24,6 +24,8 @@ use crate::tokens;
 pub struct Application {
     port: u16,
     server: Server,
+    /// The app tokens' change listener: stops with the service.
+    notifications: store::listen::Listener,
 }
 
 impl Application {
@@ -41,7 +43,8 @@ impl Application {
         let readiness = Readiness::default().with_check("postgres", move || {
             service_kit::postgres::ping(ready_pool.clone())
         });
-        let (app_tokens, readiness) = tokens::follow_app_tokens(settings, &pool, readiness).await?;
+        let (app_tokens, readiness, notifications) =
+            tokens::follow_app_tokens(settings, &pool, readiness).await?;
         let ops = Ops::new(registry, readiness);
 
         let access = web::Data::new(access(settings, app_tokens.clone())?);
@@ -125,7 +128,11 @@ impl Application {
         .keep_alive(settings.http.keep_alive())
         .listen(listener)?
         .run();
-        Ok(Self { port, server })
+        Ok(Self {
+            port,
+            server,
+            notifications,
+        })
     }
 
     pub fn port(&self) -> u16 {
@@ -135,7 +142,9 @@ impl Application {
     /// Serves until `stop` resolves (`service_kit::shutdown::signal()`: SIGTERM or SIGINT), then
     /// answers the requests in flight and returns.
     pub async fn run_until(self, stop: impl Future<Output = ()>) -> std::io::Result<()> {
-        service_kit::shutdown::serve_until(self.server, stop).await
+        let served = service_kit::shutdown::serve_until(self.server, stop).await;
+        drop(self.notifications);
+        served
     }
 }
 

@@ -33,14 +33,14 @@ pub async fn follow_app_tokens(
     settings: &Settings,
     pool: &PgPool,
     readiness: Readiness,
-) -> anyhow::Result<(Arc<AppTokenRegistry>, Readiness)> {
+) -> anyhow::Result<(Arc<AppTokenRegistry>, Readiness, store::listen::Listener)> {
     let follower = Follower::new(MIN_READ_SPACING);
     let registry = Arc::new(AppTokenRegistry::with_prompt_reads(
         Duration::from_secs(settings.app_token_max_ttl_secs),
         follower.clone(),
         UNKNOWN_FOR,
     ));
-    service_kit::postgres::follow_notifications(
+    let notifications = service_kit::postgres::follow_notifications(
         &settings.database.database_url,
         store::listen::APP_TOKENS_CHANNEL,
         "query-api app token listener",
@@ -71,7 +71,7 @@ pub async fn follow_app_tokens(
         async move { health }
     });
     follower.read_now().await;
-    Ok((registry, readiness))
+    Ok((registry, readiness, notifications))
 }
 
 fn load_changes(

@@ -598,3 +598,33 @@ fn an_unmigrated_database_is_refused_with_the_command_that_fixes_it() {
     assert!(!store::run_migrations(&mut conn).unwrap().is_empty());
     store::check_migrated(&mut conn).unwrap();
 }
+
+/// A dropped listener leaves no thread behind: once the drop returns, the thread, and the callback
+/// with all it holds, are gone (one left polling PostgreSQL while its process exited crashed the
+/// exit).
+#[test]
+fn a_dropped_listener_leaves_no_thread_behind() {
+    use std::ops::ControlFlow;
+    use std::sync::mpsc::{TryRecvError, channel};
+    use store::listen::{APP_TOKENS_CHANNEL, ListenEvent, spawn_listener};
+
+    let db = TestDb::migrated();
+    let (events, heard) = channel();
+    let listener = spawn_listener(db.url.clone(), APP_TOKENS_CHANNEL, "test", move |event| {
+        let _ = events.send(event);
+        ControlFlow::Continue(())
+    })
+    .unwrap();
+    assert_eq!(
+        heard.recv_timeout(std::time::Duration::from_secs(10)),
+        Ok(ListenEvent::Listening)
+    );
+    drop(listener);
+    loop {
+        match heard.try_recv() {
+            Ok(_) => continue,
+            Err(TryRecvError::Disconnected) => break,
+            Err(TryRecvError::Empty) => panic!("the listener's thread outlived its drop"),
+        }
+    }
+}
