@@ -10,6 +10,10 @@ use diesel::sql_types::{BigInt, Text};
 use crate::StoreError;
 use crate::schema::{command_events, commands, device_credentials, devices};
 
+/// The history line of a command that expired: what the sweep records, and what an app is told
+/// before the sweep has recorded it.
+pub const EXPIRED_DETAIL: &str = "not finished by its expiry";
+
 /// Where a command is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum CommandStatus {
@@ -303,7 +307,7 @@ pub enum Change {
 
 /// Cancels a command that is not finished (nor past its expiry).
 pub fn cancel_command(conn: &mut PgConnection, id: &str, by: &str) -> Result<Change, StoreError> {
-    advance(
+    finish(
         conn,
         id,
         CommandStatus::Cancelled,
@@ -311,9 +315,9 @@ pub fn cancel_command(conn: &mut PgConnection, id: &str, by: &str) -> Result<Cha
     )
 }
 
-/// Moves command `id` to `next` when it may (see [`CommandStatus::may_become`]) and has not
+/// Finishes command `id` as `next` when it may (see [`CommandStatus::may_become`]) and has not
 /// expired, recording the change; otherwise changes nothing and says why.
-fn advance(
+fn finish(
     conn: &mut PgConnection,
     id: &str,
     next: CommandStatus,
@@ -326,19 +330,11 @@ fn advance(
             .filter(c::id.eq(id))
             .filter(c::status.eq_any(CommandStatus::predecessors(next)))
             .filter(c::expires_at.gt(now));
-        let changed: Option<Command> = if next.is_finished() {
-            diesel::update(target)
-                .set((c::status.eq(next.as_str()), c::finished_at.eq(now)))
-                .returning(Command::as_returning())
-                .get_result(conn)
-                .optional()?
-        } else {
-            diesel::update(target)
-                .set((c::status.eq(next.as_str()), c::sent_at.eq(now)))
-                .returning(Command::as_returning())
-                .get_result(conn)
-                .optional()?
-        };
+        let changed: Option<Command> = diesel::update(target)
+            .set((c::status.eq(next.as_str()), c::finished_at.eq(now)))
+            .returning(Command::as_returning())
+            .get_result(conn)
+            .optional()?;
         match changed {
             Some(command) => {
                 record_event(conn, id, next, now, detail)?;
@@ -388,7 +384,7 @@ pub fn expire_due(conn: &mut PgConnection, limit: i64) -> Result<usize, StoreErr
                 id,
                 CommandStatus::Expired,
                 *expires_at,
-                "not finished by its expiry",
+                EXPIRED_DETAIL,
             )?;
         }
         Ok(due.len())

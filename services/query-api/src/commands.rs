@@ -117,7 +117,7 @@ impl Command {
             history.push(StatusChange {
                 status: CommandStatus::Expired.as_str().into(),
                 at: self.expires_at,
-                detail: "not finished by its expiry".into(),
+                detail: store::commands::EXPIRED_DETAIL.into(),
             });
         }
         self.history = Some(history);
