@@ -12,6 +12,7 @@ use lapin::types::FieldTable;
 use lapin::{Acker, Channel, Confirmation, Connection};
 use models::{MessageError, Reading};
 
+use crate::topology::{INVALID_ROUTING_KEY, REPORTS_ROUTING_KEY};
 use crate::wire::{self, ORIGINAL_MESSAGE_ID_HEADER, REASON_HEADER};
 use crate::{
     MqttTopology, READINGS_ROUTING_KEY, Topology, connect, declare_mqtt_topology, declare_topology,
@@ -38,14 +39,46 @@ pub const LIVENESS_CHECK: std::time::Duration = std::time::Duration::from_secs(1
 /// The longest a cancel or a close waits for RabbitMQ's answer.
 const CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// A consumer of the readings queue on its own connection, on a channel in confirm mode (dead
-/// letters published on it are confirmed before the original is acknowledged), with at most
+/// Which of the topology's queues a [`QueueConsumer`] takes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConsumedQueue {
+    /// Readings, for the persister.
+    Readings,
+    /// Reports about commands (sent, answered), for the persister.
+    CommandReports,
+    /// Every device's commands, for ingest-mqtt to forward to the MQTT broker.
+    MqttCommands,
+}
+
+impl ConsumedQueue {
+    fn name(self, topology: &Topology) -> &str {
+        match self {
+            Self::Readings => &topology.readings_queue,
+            Self::CommandReports => &topology.reports_queue,
+            Self::MqttCommands => &topology.mqtt_commands_queue,
+        }
+    }
+
+    /// Where [`QueueConsumer::dead_letter`] keeps what can never be handled.
+    fn dead_letter_key(self) -> &'static str {
+        match self {
+            Self::Readings => READINGS_ROUTING_KEY,
+            Self::CommandReports => REPORTS_ROUTING_KEY,
+            // a command that cannot be forwarded is never kept: the persister re-sends it
+            Self::MqttCommands => INVALID_ROUTING_KEY,
+        }
+    }
+}
+
+/// A consumer of one of the topology's queues on its own connection, on a channel in confirm mode
+/// (dead letters published on it are confirmed before the original is acknowledged), with at most
 /// `prefetch` messages unacknowledged.
-pub struct ReadingsConsumer {
+pub struct QueueConsumer {
     connection: Connection,
     channel: Channel,
     consumer: lapin::Consumer,
     topology: Topology,
+    queue: ConsumedQueue,
 }
 
 /// One message taken from the queue; it stays unacknowledged (and returns to the queue should the
@@ -53,6 +86,7 @@ pub struct ReadingsConsumer {
 pub struct Delivery {
     body: Vec<u8>,
     message_id: String,
+    routing_key: String,
     ack: Ack,
 }
 
@@ -75,12 +109,13 @@ pub struct QueueDepth {
     queue: String,
 }
 
-impl ReadingsConsumer {
+impl QueueConsumer {
     /// Connects (naming the connection `connection_name` in RabbitMQ's UI), declares the topology,
-    /// and starts consuming.
+    /// and starts consuming `queue`.
     pub async fn open(
         amqp_url: &str,
         topology: &Topology,
+        queue: ConsumedQueue,
         prefetch: u16,
         connection_name: &str,
     ) -> Result<Self, ConsumeError> {
@@ -94,7 +129,7 @@ impl ReadingsConsumer {
                 .await?;
             let consumer = channel
                 .basic_consume(
-                    topology.readings_queue.as_str().into(),
+                    queue.name(topology).into(),
                     "".into(),
                     BasicConsumeOptions::default(),
                     FieldTable::default(),
@@ -108,6 +143,7 @@ impl ReadingsConsumer {
             channel,
             consumer,
             topology: topology.clone(),
+            queue,
         })
     }
 
@@ -132,7 +168,7 @@ impl ReadingsConsumer {
     pub async fn queue_depth(&self) -> Result<QueueDepth, ConsumeError> {
         Ok(QueueDepth {
             channel: self.connection.create_channel().await?,
-            queue: self.topology.readings_queue.clone(),
+            queue: self.queue.name(&self.topology).to_owned(),
         })
     }
 
@@ -147,7 +183,7 @@ impl ReadingsConsumer {
             .channel
             .basic_publish(
                 self.topology.dead_letter_exchange.as_str().into(),
-                READINGS_ROUTING_KEY.into(),
+                self.queue.dead_letter_key().into(),
                 BasicPublishOptions {
                     mandatory: true,
                     ..Default::default()
@@ -166,7 +202,7 @@ impl ReadingsConsumer {
 
     /// Stops deliveries; what was delivered and not acknowledged returns to the queue at [`close`].
     ///
-    /// [`close`]: ReadingsConsumer::close
+    /// [`close`]: QueueConsumer::close
     pub async fn cancel(&self) {
         let cancel = self
             .channel
@@ -293,6 +329,7 @@ impl Delivery {
         Self {
             body: delivery.data,
             message_id,
+            routing_key: delivery.routing_key.to_string(),
             ack: Ack {
                 acker: delivery.acker,
                 channel: channel.clone(),
@@ -315,13 +352,28 @@ impl Delivery {
     pub fn message_id(&self) -> &str {
         &self.message_id
     }
+
+    /// The routing key it was published with (a command's: its device id).
+    pub fn routing_key(&self) -> &str {
+        &self.routing_key
+    }
+
+    pub fn body(&self) -> &[u8] {
+        &self.body
+    }
+
+    /// Its acknowledgement, for a message handled whole (a report, a command); the body goes with
+    /// it.
+    pub fn into_parts(self) -> (Vec<u8>, Ack) {
+        (self.body, self.ack)
+    }
 }
 
 impl Ack {
     /// `Ok(true)` once acknowledged; `Ok(false)` or an error when the channel closed first (the
     /// message is then delivered again).
     ///
-    /// Like [`ReadingsConsumer::next`], it looks at the channel every [`LIVENESS_CHECK`] while it
+    /// Like [`QueueConsumer::next`], it looks at the channel every [`LIVENESS_CHECK`] while it
     /// waits: an ack sent as RabbitMQ was killed was seen to wait for an answer forever, holding the
     /// persister's writer, and so its session, on a dead connection.
     pub async fn ack(self) -> Result<bool, ConsumeError> {

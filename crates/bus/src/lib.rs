@@ -3,9 +3,11 @@
 //! - [`Topology`]: the exchanges and queues, declared by every service that uses them (idempotently),
 //!   so no one has to set RabbitMQ up by hand.
 //! - [`Publisher`]: publishes readings with publisher confirms, packing concurrent requests into one
-//!   message, and answers each caller only once the broker has confirmed the message carrying it.
-//! - [`ReadingsConsumer`]: takes readings off the queue, with an acknowledgement handle per
-//!   delivery, dead-lettering and the queue's depth; what the persister builds on.
+//!   message, and answers each caller only once the broker has confirmed the message carrying it;
+//!   commands and command reports too, each in a message of its own.
+//! - [`QueueConsumer`]: takes messages off one of the queues (readings, command reports, commands
+//!   for MQTT), with an acknowledgement handle per delivery, dead-lettering and the queue's depth;
+//!   what the persister and ingest-mqtt's command forwarding build on.
 //! - [`Backoff`]: the one retry shape (exponential, jittered, capped) for every retrying loop.
 //! - `wire` (private): the queue's wire shape, in one place.
 //! - [`MqttTopology`]: where RabbitMQ's MQTT plugin routes what devices publish (broker mode
@@ -22,15 +24,15 @@ mod wire;
 pub use backoff::Backoff;
 pub use connection::{BusSettings, SETUP_TIMEOUT, bounded_setup, connect, open_queue_consumer};
 pub use consumer::{
-    Ack, ChannelState, ConsumeError, Delivery, LIVENESS_CHECK, MqttDelivery, MqttQueueConsumer,
-    QueueDepth, ReadingsConsumer,
+    Ack, ChannelState, ConsumeError, ConsumedQueue, Delivery, LIVENESS_CHECK, MqttDelivery,
+    MqttQueueConsumer, QueueConsumer, QueueDepth,
 };
 pub use metrics::PublisherMetrics;
 pub use publisher::{PublishError, Publisher, PublisherSettings};
 pub use topology::{
-    INVALID_ROUTING_KEY, MQTT_READINGS_BINDING, MqttTopology, READINGS_ROUTING_KEY, Topology,
-    declare_mqtt_topology, declare_topology, delete_mqtt_topology, delete_topology, mqtt_topic_of,
-    routing_key_of,
+    ALL_DEVICES_BINDING, INVALID_ROUTING_KEY, MQTT_READINGS_BINDING, MqttTopology,
+    READINGS_ROUTING_KEY, REPORTS_ROUTING_KEY, Topology, declare_mqtt_topology, declare_topology,
+    delete_mqtt_topology, delete_topology, mqtt_topic_of, routing_key_of,
 };
 
 pub use wire::{ORIGINAL_MESSAGE_ID_HEADER, REASON_HEADER};

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use lapin::options::BasicPublishOptions;
 use lapin::{Channel, Confirmation, Connection, Event};
-use models::Reading;
+use models::{CommandReport, DeviceCommand, Reading};
 use serde::Deserialize;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
@@ -66,18 +66,23 @@ struct Job {
 
 enum Content {
     Readings(Vec<Reading>),
-    /// A payload refused at ingest, kept on the invalid queue for an operator to inspect.
-    Invalid {
-        body: Vec<u8>,
-        headers: Vec<(&'static str, String)>,
-    },
+    /// A message published on its own: a payload refused at ingest (kept on the invalid queue for
+    /// an operator to inspect), a command, a command report.
+    Single(Box<Single>),
+}
+
+struct Single {
+    exchange: String,
+    routing_key: String,
+    body: Vec<u8>,
+    properties: lapin::BasicProperties,
 }
 
 impl Job {
     fn readings(&self) -> usize {
         match &self.content {
             Content::Readings(r) => r.len(),
-            Content::Invalid { .. } => 0,
+            Content::Single(_) => 0,
         }
     }
 }
@@ -126,6 +131,7 @@ pub struct Publisher {
     jobs: mpsc::Sender<Job>,
     state: Arc<State>,
     reply_timeout: Duration,
+    topology: Arc<Topology>,
 }
 
 impl Publisher {
@@ -153,7 +159,7 @@ impl Publisher {
         );
         let task = tokio::spawn(run(
             amqp_url,
-            topology,
+            topology.clone(),
             settings,
             state.clone(),
             jobs_rx,
@@ -166,6 +172,7 @@ impl Publisher {
             jobs,
             state,
             reply_timeout,
+            topology: Arc::new(topology),
         }
     }
 
@@ -187,7 +194,47 @@ impl Publisher {
         mut headers: Vec<(&'static str, String)>,
     ) -> Result<(), PublishError> {
         headers.insert(0, (wire::REASON_HEADER, reason.to_owned()));
-        self.submit(Content::Invalid { body, headers }).await
+        let properties =
+            wire::set_aside_properties(headers.iter().map(|(name, value)| (*name, value.as_str())));
+        self.submit(Content::Single(Box::new(Single {
+            exchange: self.topology.dead_letter_exchange.clone(),
+            routing_key: crate::topology::INVALID_ROUTING_KEY.to_owned(),
+            body,
+            properties,
+        })))
+        .await
+    }
+
+    /// Publishes a command for `device` on the commands exchange (routed by device id) with
+    /// `command.expires_at` as its TTL; returns once RabbitMQ confirmed it.
+    pub async fn publish_command(
+        &self,
+        device: &str,
+        command: &DeviceCommand,
+    ) -> Result<(), PublishError> {
+        let ttl = (command.expires_at - chrono::Utc::now()).num_milliseconds();
+        if ttl <= 0 {
+            // Past its expiry it is never delivered; there is nothing to publish.
+            return Ok(());
+        }
+        self.submit(Content::Single(Box::new(Single {
+            exchange: self.topology.commands_exchange.clone(),
+            routing_key: device.to_owned(),
+            body: command.encode(),
+            properties: wire::command_properties(ttl as u64),
+        })))
+        .await
+    }
+
+    /// Publishes a report about a command on the reports queue; returns once RabbitMQ confirmed it.
+    pub async fn publish_report(&self, report: &CommandReport) -> Result<(), PublishError> {
+        self.submit(Content::Single(Box::new(Single {
+            exchange: String::new(),
+            routing_key: self.topology.reports_queue.clone(),
+            body: report.encode(),
+            properties: wire::report_properties(),
+        })))
+        .await
     }
 
     async fn submit(&self, content: Content) -> Result<(), PublishError> {
@@ -396,10 +443,10 @@ enum Next<T> {
     Stop(Stopped),
 }
 
-/// The readings jobs (and the refused payloads) of one message.
+/// The readings jobs of one message, and the single messages gathered with them.
 struct Gathered {
     readings: Vec<Job>,
-    invalid: Vec<Job>,
+    singles: Vec<Job>,
     count: usize,
 }
 
@@ -446,7 +493,7 @@ impl PublishLoop<'_> {
                 }
             };
             let gathered = self.gather(first).await;
-            if let Err(why) = self.publish_invalid(gathered.invalid).await {
+            if let Err(why) = self.publish_singles(gathered.singles).await {
                 return Stopped::ConnectionLost(why);
             }
             if !gathered.readings.is_empty() {
@@ -490,7 +537,7 @@ impl PublishLoop<'_> {
     async fn gather(&mut self, first: Job) -> Gathered {
         let mut gathered = Gathered {
             readings: Vec::new(),
-            invalid: Vec::new(),
+            singles: Vec::new(),
             count: 0,
         };
         gathered.take(first);
@@ -516,9 +563,9 @@ impl PublishLoop<'_> {
         gathered
     }
 
-    async fn publish_invalid(&self, invalid: Vec<Job>) -> Result<(), String> {
-        for job in invalid {
-            publish_invalid(self.channel, self.topology, job, self.confirm_timeout).await?;
+    async fn publish_singles(&self, singles: Vec<Job>) -> Result<(), String> {
+        for job in singles {
+            publish_single(self.channel, job, self.confirm_timeout).await?;
         }
         Ok(())
     }
@@ -528,7 +575,7 @@ impl PublishLoop<'_> {
     fn publish(&self, batch: Vec<Job>, count: usize, permit: OwnedSemaphorePermit) {
         let body = wire::encode_readings(batch.iter().filter_map(|j| match &j.content {
             Content::Readings(readings) => Some(readings.as_slice()),
-            Content::Invalid { .. } => None,
+            Content::Single(_) => None,
         }));
         let message = InFlight {
             channel: self.channel.clone(),
@@ -558,7 +605,7 @@ impl Gathered {
                 self.count += job.readings();
                 self.readings.push(job);
             }
-            Content::Invalid { .. } => self.invalid.push(job),
+            Content::Single(_) => self.singles.push(job),
         }
     }
 }
@@ -651,28 +698,27 @@ impl InFlight {
     }
 }
 
-/// Invalid payloads are rare: each is published on its own, its confirm awaited in a task.
-async fn publish_invalid(
+/// Single messages (refused payloads, commands, reports) are few next to readings: each is
+/// published on its own, its confirm awaited in a task.
+async fn publish_single(
     channel: &Channel,
-    topology: &Topology,
     job: Job,
     confirm_timeout: Duration,
 ) -> Result<(), String> {
-    let Content::Invalid { body, headers } = &job.content else {
+    let Content::Single(single) = &job.content else {
         return Ok(());
     };
-    let properties =
-        wire::set_aside_properties(headers.iter().map(|(name, value)| (*name, value.as_str())));
     let published = channel
         .basic_publish(
-            topology.dead_letter_exchange.as_str().into(),
-            crate::topology::INVALID_ROUTING_KEY.into(),
+            single.exchange.as_str().into(),
+            single.routing_key.as_str().into(),
+            // mandatory: a message no queue takes is returned, and counts as not confirmed
             BasicPublishOptions {
                 mandatory: true,
                 ..Default::default()
             },
-            body,
-            properties,
+            &single.body,
+            single.properties.clone(),
         )
         .await;
     match published {

@@ -12,7 +12,18 @@ use lapin::{Channel, ExchangeKind};
 /// <p>.readings (direct exchange) ──"readings"──► <p>.readings (quorum queue) ──► persisters
 /// <p>.dead     (direct exchange) ──"readings"──► <p>.readings.dead  (what the persister cannot store)
 ///                                ──"invalid"───► <p>.invalid        (payloads ingest-mqtt refused)
+///                                ──"command-reports"──► <p>.command-reports.dead (reports the persister refused)
+///
+/// <p>.commands (topic exchange, routing key: the device id)
+///     ──"#"──────────► <p>.commands.mqtt (quorum) ──► ingest-mqtt ──► devices/<id>/commands
+///     ──"<device id>"─► each ingest-http replica's own queue, bound while it holds the device's
+///                       WebSocket or long-poll (declared by that replica, not here)
+/// (default exchange) ──► <p>.command-reports (quorum) ──► persisters: a command was sent, or answered
 /// ```
+///
+/// A command message carries its expiry as its TTL, so one that waited past it in a queue (no
+/// ingest-mqtt running, say) is dropped by RabbitMQ, never delivered late. A device id has no `*`
+/// or `#` (see `models::DeviceId`), so binding a device id binds exactly that device.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Topology {
     pub readings_exchange: String,
@@ -20,10 +31,17 @@ pub struct Topology {
     pub dead_letter_exchange: String,
     pub dead_readings_queue: String,
     pub invalid_queue: String,
+    pub commands_exchange: String,
+    pub mqtt_commands_queue: String,
+    pub reports_queue: String,
+    pub dead_reports_queue: String,
 }
 
 pub const READINGS_ROUTING_KEY: &str = "readings";
 pub const INVALID_ROUTING_KEY: &str = "invalid";
+pub const REPORTS_ROUTING_KEY: &str = "command-reports";
+/// Every device's commands: ingest-mqtt forwards them all to the MQTT broker.
+pub const ALL_DEVICES_BINDING: &str = "#";
 
 impl Topology {
     pub fn with_prefix(prefix: &str) -> Self {
@@ -33,6 +51,10 @@ impl Topology {
             dead_letter_exchange: format!("{prefix}.dead"),
             dead_readings_queue: format!("{prefix}.readings.dead"),
             invalid_queue: format!("{prefix}.invalid"),
+            commands_exchange: format!("{prefix}.commands"),
+            mqtt_commands_queue: format!("{prefix}.commands.mqtt"),
+            reports_queue: format!("{prefix}.command-reports"),
+            dead_reports_queue: format!("{prefix}.command-reports.dead"),
         }
     }
 }
@@ -65,6 +87,13 @@ pub async fn declare_topology(channel: &Channel, t: &Topology) -> lapin::Result<
         )
         .await?;
     }
+    declare_exchange(
+        channel,
+        &t.commands_exchange,
+        ExchangeKind::Topic,
+        FieldTable::default(),
+    )
+    .await?;
     declare_bound_queues(
         channel,
         [
@@ -86,17 +115,55 @@ pub async fn declare_topology(channel: &Channel, t: &Topology) -> lapin::Result<
                 &t.dead_letter_exchange,
                 INVALID_ROUTING_KEY,
             ),
+            (
+                &t.mqtt_commands_queue,
+                None,
+                &t.commands_exchange,
+                ALL_DEVICES_BINDING,
+            ),
+            (
+                &t.dead_reports_queue,
+                None,
+                &t.dead_letter_exchange,
+                REPORTS_ROUTING_KEY,
+            ),
         ],
     )
-    .await
+    .await?;
+    // Reports are published to the default exchange, which routes by queue name; what RabbitMQ
+    // itself dead-letters goes where the persister's refusals go.
+    let mut arguments = quorum_arguments(Some(t.dead_letter_exchange.as_str()));
+    arguments.insert(
+        "x-dead-letter-routing-key".into(),
+        AMQPValue::LongString(REPORTS_ROUTING_KEY.into()),
+    );
+    channel
+        .queue_declare(
+            t.reports_queue.as_str().into(),
+            QueueDeclareOptions::durable(),
+            arguments,
+        )
+        .await?;
+    Ok(())
 }
 
 /// Removes everything (tests clean up after themselves with this).
 pub async fn delete_topology(channel: &Channel, t: &Topology) -> lapin::Result<()> {
     delete_all(
         channel,
-        &[&t.readings_queue, &t.dead_readings_queue, &t.invalid_queue],
-        &[&t.readings_exchange, &t.dead_letter_exchange],
+        &[
+            &t.readings_queue,
+            &t.dead_readings_queue,
+            &t.invalid_queue,
+            &t.mqtt_commands_queue,
+            &t.reports_queue,
+            &t.dead_reports_queue,
+        ],
+        &[
+            &t.readings_exchange,
+            &t.dead_letter_exchange,
+            &t.commands_exchange,
+        ],
     )
     .await
 }

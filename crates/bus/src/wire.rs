@@ -4,7 +4,7 @@
 
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable};
-use models::{MessageError, Reading, ReadingBatchMessage};
+use models::{CommandReport, MessageError, Reading, ReadingBatchMessage};
 
 /// Why a message was dead-lettered or refused at ingest.
 pub const REASON_HEADER: &str = "x-sensorhub-reason";
@@ -21,6 +21,21 @@ pub(crate) fn readings_properties(app_id: &str) -> BasicProperties {
         .with_content_type(ReadingBatchMessage::CONTENT_TYPE.into())
         .with_message_id(uuid::Uuid::now_v7().to_string().into())
         .with_app_id(app_id.to_owned().into())
+}
+
+/// A command: persistent, JSON, living at most `ttl_ms` in any queue.
+pub(crate) fn command_properties(ttl_ms: u64) -> BasicProperties {
+    BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type("application/json".into())
+        .with_expiration(ttl_ms.to_string().into())
+}
+
+/// A command report: persistent, typed.
+pub(crate) fn report_properties() -> BasicProperties {
+    BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type(CommandReport::CONTENT_TYPE.into())
 }
 
 /// A message set aside (dead letter, or a payload refused at ingest): persistent, with its headers.

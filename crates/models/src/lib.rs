@@ -5,6 +5,7 @@
 //! `Reading` knows it is valid. The queue message format lives here too, so the ingest services and the
 //! persister cannot disagree about it.
 
+mod command;
 mod error;
 mod ids;
 mod message;
@@ -13,6 +14,10 @@ mod parse;
 mod reading;
 mod window;
 
+pub use command::{
+    Channel, CommandAnswer, CommandReport, DeviceCommand, MAX_ANSWER_BYTES, Outcome,
+    REPORT_VERSION, ReportKind, contains_nul, parse_command_answer,
+};
 pub use error::{ValidationError, ValidationKind};
 pub use ids::{DeviceId, MetricName, ReadingId};
 pub use message::{MESSAGE_VERSION, MessageError, ReadingBatchMessage};

@@ -5,7 +5,7 @@
 
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
-use diesel::sql_types::{BigInt, Text};
+use diesel::sql_types::Text;
 
 use crate::StoreError;
 use crate::schema::{command_events, commands, device_credentials, devices};
@@ -32,6 +32,9 @@ pub enum CommandStatus {
 }
 
 impl CommandStatus {
+    /// The statuses of a command that is not finished (though it may be past its expiry).
+    pub const OPEN: [&'static str; 2] = ["pending", "sent"];
+
     pub const ALL: [CommandStatus; 6] = [
         Self::Pending,
         Self::Sent,
@@ -222,18 +225,13 @@ pub fn issue_command(
 
 /// How many of a device's commands are unfinished and not past their expiry.
 fn open_commands(conn: &mut PgConnection, device_id: &str) -> Result<i64, StoreError> {
-    #[derive(QueryableByName)]
-    struct Count {
-        #[diesel(sql_type = BigInt)]
-        open: i64,
-    }
-    let count: Count = diesel::sql_query(
-        "SELECT count(*) AS open FROM commands \
-         WHERE device_id = $1 AND status IN ('pending', 'sent') AND expires_at > now()",
-    )
-    .bind::<Text, _>(device_id)
-    .get_result(conn)?;
-    Ok(count.open)
+    use commands::dsl as c;
+    Ok(c::commands
+        .filter(c::device_id.eq(device_id))
+        .filter(c::status.eq_any(CommandStatus::OPEN))
+        .filter(c::expires_at.gt(diesel::dsl::now))
+        .count()
+        .get_result(conn)?)
 }
 
 /// A command and its history, oldest change first.
@@ -267,10 +265,6 @@ pub fn device_commands(
     limit: i64,
 ) -> Result<Vec<Command>, StoreError> {
     use commands::dsl as c;
-    let open = [
-        CommandStatus::Pending.as_str(),
-        CommandStatus::Sent.as_str(),
-    ];
     let mut query = c::commands
         .filter(c::device_id.eq(device_id))
         .select(Command::as_select())
@@ -287,7 +281,7 @@ pub fn device_commands(
             .filter(c::expires_at.gt(diesel::dsl::now)),
         Some(CommandStatus::Expired) => query.filter(
             c::status.eq(CommandStatus::Expired.as_str()).or(c::status
-                .eq_any(open)
+                .eq_any(CommandStatus::OPEN)
                 .and(c::expires_at.le(diesel::dsl::now))),
         ),
         Some(s) => query.filter(c::status.eq(s.as_str())),
@@ -361,10 +355,7 @@ pub fn expire_due(conn: &mut PgConnection, limit: i64) -> Result<usize, StoreErr
     use commands::dsl as c;
     conn.transaction(|conn| {
         let due: Vec<(String, DateTime<Utc>)> = c::commands
-            .filter(c::status.eq_any([
-                CommandStatus::Pending.as_str(),
-                CommandStatus::Sent.as_str(),
-            ]))
+            .filter(c::status.eq_any(CommandStatus::OPEN))
             .filter(c::expires_at.le(diesel::dsl::now))
             .order(c::expires_at)
             .limit(limit)
@@ -388,6 +379,217 @@ pub fn expire_due(conn: &mut PgConnection, limit: i64) -> Result<usize, StoreErr
             )?;
         }
         Ok(due.len())
+    })
+}
+
+/// Claims at most `limit` unfinished, unexpired commands that are due for publishing (the oldest
+/// due first), and makes each due again `resend_after` from now: until then no other claim takes
+/// it, and if it is still unanswered then, it is published again. Concurrent claims (several
+/// persisters) skip each other's rows.
+pub fn claim_due(
+    conn: &mut PgConnection,
+    resend_after: chrono::Duration,
+    limit: i64,
+) -> Result<Vec<Command>, StoreError> {
+    use commands::dsl as c;
+    conn.transaction(|conn| {
+        let now = Utc::now();
+        let due: Vec<String> = c::commands
+            .filter(c::status.eq_any(CommandStatus::OPEN))
+            .filter(c::deliver_after.le(now))
+            .filter(c::expires_at.gt(now))
+            .order(c::deliver_after)
+            .limit(limit)
+            .select(c::id)
+            .for_update()
+            .skip_locked()
+            .load(conn)?;
+        if due.is_empty() {
+            return Ok(Vec::new());
+        }
+        Ok(diesel::update(c::commands.filter(c::id.eq_any(&due)))
+            .set(c::deliver_after.eq(now + resend_after))
+            .returning(Command::as_returning())
+            .load(conn)?)
+    })
+}
+
+/// Makes claimed commands due again now: their publishing failed.
+pub fn release(conn: &mut PgConnection, ids: &[String]) -> Result<usize, StoreError> {
+    use commands::dsl as c;
+    Ok(diesel::update(
+        c::commands
+            .filter(c::id.eq_any(ids))
+            .filter(c::status.eq_any(CommandStatus::OPEN)),
+    )
+    .set(c::deliver_after.eq(diesel::dsl::now))
+    .execute(conn)?)
+}
+
+/// What a device's long-poll gets: its oldest unfinished, unexpired command that was never handed
+/// to it, or whose re-send is due.
+pub fn next_for_device(
+    conn: &mut PgConnection,
+    device_id: &str,
+) -> Result<Option<Command>, StoreError> {
+    use commands::dsl as c;
+    let now = Utc::now();
+    Ok(c::commands
+        .filter(c::device_id.eq(device_id))
+        .filter(c::expires_at.gt(now))
+        .filter(
+            c::status.eq(CommandStatus::Pending.as_str()).or(c::status
+                .eq(CommandStatus::Sent.as_str())
+                .and(c::deliver_after.le(now))),
+        )
+        .order(c::id)
+        .select(Command::as_select())
+        .first(conn)
+        .optional()?)
+}
+
+/// Why a report about a command is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    NoSuchCommand,
+    /// The command is another device's.
+    NotTheDevices,
+    /// Finished already (answered otherwise, cancelled, expired), or past its expiry when the
+    /// answer came.
+    Finished(CommandStatus),
+}
+
+impl Refusal {
+    /// A short label, for metrics and logs.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Self::NoSuchCommand => "no_such_command",
+            Self::NotTheDevices => "not_the_devices",
+            Self::Finished(CommandStatus::Expired) => "expired",
+            Self::Finished(_) => "finished",
+        }
+    }
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::NoSuchCommand => f.write_str("no such command"),
+            Self::NotTheDevices => f.write_str("the command is not this device's"),
+            Self::Finished(CommandStatus::Expired) => f.write_str("the command has expired"),
+            Self::Finished(status) => write!(f, "the command is already {status}"),
+        }
+    }
+}
+
+/// Whether `device` may answer `command` at `at`: its own, and neither finished nor expired.
+pub fn answerable(command: &Command, device: &str, at: DateTime<Utc>) -> Result<(), Refusal> {
+    if command.device_id != device {
+        return Err(Refusal::NotTheDevices);
+    }
+    match command.status(at) {
+        status if status.is_finished() => Err(Refusal::Finished(status)),
+        _ => Ok(()),
+    }
+}
+
+/// How recording a report went.
+#[derive(Debug)]
+pub enum Reported {
+    /// The command moved on; as it is now.
+    Recorded(Box<Command>),
+    /// Nothing to change: a repeat of what is recorded (a redelivered report, a re-send), or a
+    /// `sent` that came after the command finished.
+    Unchanged,
+    Refused(Refusal),
+}
+
+/// Records what an ingest service saw happen to a command: handed to its device (`sent`, which
+/// also puts its next re-send `resend_after` later) or answered (`succeeded` / `failed`, with the
+/// device's result; a command answered while still `pending` gets its `sent` line too). Repeats
+/// change nothing; an answer from another device, or for a finished or expired command, is refused.
+pub fn record_report(
+    conn: &mut PgConnection,
+    report: &models::CommandReport,
+    resend_after: chrono::Duration,
+) -> Result<Reported, StoreError> {
+    use commands::dsl as c;
+    let device = report.device_id.as_str();
+    conn.transaction(|conn| {
+        let Some(command) = c::commands
+            .find(&report.command_id)
+            .select(Command::as_select())
+            .for_update()
+            .first(conn)
+            .optional()?
+        else {
+            return Ok(Reported::Refused(Refusal::NoSuchCommand));
+        };
+        let at = report.at;
+        let via = report.via.as_str();
+        let stored = command.status(at);
+        match &report.kind {
+            models::ReportKind::Sent => {
+                if command.device_id != device {
+                    return Ok(Reported::Refused(Refusal::NotTheDevices));
+                }
+                if stored != CommandStatus::Pending {
+                    return Ok(Reported::Unchanged);
+                }
+                let claimed_until: DateTime<Utc> = c::commands
+                    .find(&command.id)
+                    .select(c::deliver_after)
+                    .first(conn)?;
+                let changed = diesel::update(c::commands.find(&command.id))
+                    .set((
+                        c::status.eq(CommandStatus::Sent.as_str()),
+                        c::sent_at.eq(at),
+                        c::deliver_after.eq(claimed_until.max(at + resend_after)),
+                    ))
+                    .returning(Command::as_returning())
+                    .get_result(conn)?;
+                record_event(
+                    conn,
+                    &command.id,
+                    CommandStatus::Sent,
+                    at,
+                    &format!("sent via {via}"),
+                )?;
+                Ok(Reported::Recorded(Box::new(changed)))
+            }
+            models::ReportKind::Answered { outcome, result } => {
+                let next = match outcome {
+                    models::Outcome::Succeeded => CommandStatus::Succeeded,
+                    models::Outcome::Failed => CommandStatus::Failed,
+                };
+                if command.device_id == device && stored == next {
+                    return Ok(Reported::Unchanged);
+                }
+                if let Err(refusal) = answerable(&command, device, at) {
+                    return Ok(Reported::Refused(refusal));
+                }
+                let changed = diesel::update(c::commands.find(&command.id))
+                    .set((
+                        c::status.eq(next.as_str()),
+                        c::sent_at.eq(command.sent_at.unwrap_or(at)),
+                        c::finished_at.eq(at),
+                        c::result.eq(result),
+                    ))
+                    .returning(Command::as_returning())
+                    .get_result(conn)?;
+                if command.sent_at.is_none() {
+                    record_event(
+                        conn,
+                        &command.id,
+                        CommandStatus::Sent,
+                        at,
+                        "implied by the answer",
+                    )?;
+                }
+                record_event(conn, &command.id, next, at, &format!("answered via {via}"))?;
+                Ok(Reported::Recorded(Box::new(changed)))
+            }
+        }
     })
 }
 
@@ -429,6 +631,16 @@ mod tests {
                 assert!(!finished.may_become(next), "{finished} -> {next}");
             }
         }
+    }
+
+    #[test]
+    fn the_open_statuses_are_the_unfinished_ones() {
+        let open: Vec<_> = super::CommandStatus::ALL
+            .into_iter()
+            .filter(|s| !s.is_finished())
+            .map(super::CommandStatus::as_str)
+            .collect();
+        assert_eq!(open, super::CommandStatus::OPEN);
     }
 
     #[test]

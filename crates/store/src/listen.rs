@@ -31,6 +31,8 @@ const STOP_WAIT: Duration = Duration::from_secs(2);
 pub const DEVICE_CREDENTIALS_CHANNEL: &str = "sensorhub_device_credentials";
 /// The app tokens' channel (table `app_tokens`).
 pub const APP_TOKENS_CHANNEL: &str = "sensorhub_app_tokens";
+/// New commands (table `commands`, inserts only).
+pub const COMMANDS_CHANNEL: &str = "sensorhub_commands";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ListenEvent {

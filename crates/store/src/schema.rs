@@ -34,6 +34,7 @@ diesel::table! {
         sent_at -> Nullable<Timestamptz>,
         finished_at -> Nullable<Timestamptz>,
         result -> Nullable<Jsonb>,
+        deliver_after -> Timestamptz,
     }
 }
 

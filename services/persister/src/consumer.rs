@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use bus::{Backoff, Delivery, QueueDepth, ReadingsConsumer};
+use bus::{Backoff, ConsumedQueue, Delivery, QueueConsumer, QueueDepth};
 use models::MessageError;
 use tokio::sync::{Mutex, mpsc, watch};
 use tokio::task::JoinHandle;
@@ -41,9 +41,10 @@ pub async fn consume(
         if *shutdown.borrow() {
             return;
         }
-        let opened = ReadingsConsumer::open(
+        let opened = QueueConsumer::open(
             &settings.bus.amqp_url,
             &topology,
+            ConsumedQueue::Readings,
             settings.prefetch,
             "persister",
         )
@@ -83,7 +84,7 @@ pub async fn consume(
 
 /// One connection's worth of consuming: what the loop owns, and its steps.
 struct Session<'a> {
-    consumer: ReadingsConsumer,
+    consumer: QueueConsumer,
     metrics: &'a PersisterMetrics,
     shutdown: &'a mut watch::Receiver<bool>,
     /// One batch waiting per writer at most: beyond that, deliveries wait in the prefetch window
@@ -101,7 +102,7 @@ impl<'a> Session<'a> {
         settings: &Settings,
         pool: &store::PgPool,
         metrics: &'a PersisterMetrics,
-        consumer: ReadingsConsumer,
+        consumer: QueueConsumer,
         shutdown: &'a mut watch::Receiver<bool>,
     ) -> Self {
         let writers = settings.db_writers.max(1);
@@ -137,7 +138,7 @@ impl<'a> Session<'a> {
     }
 
     /// Gathers batches and hands them to the writers until the session ends; then drains.
-    async fn run(mut self) -> (SessionEnd, ReadingsConsumer) {
+    async fn run(mut self) -> (SessionEnd, QueueConsumer) {
         let end = loop {
             let (batch, end) = self.gather().await;
             if let Err(lost) = self.hand_over(batch).await {
@@ -217,7 +218,7 @@ impl<'a> Session<'a> {
     }
 
     /// The writers finish the batches they hold (and any queued), acknowledge them, and stop.
-    async fn drain(self, end: &SessionEnd) -> ReadingsConsumer {
+    async fn drain(self, end: &SessionEnd) -> QueueConsumer {
         let Self {
             consumer,
             batches,

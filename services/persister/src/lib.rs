@@ -8,11 +8,15 @@
 //! sent again with other content, the first write stays and the newcomer is kept in
 //! `reading_conflicts` (counted as `readings_conflicting_total`).
 //!
+//! Commands: the persister also publishes the commands that are due (new ones, and re-sends of
+//! those not answered) and records what the ingest services report about them (see `commands`).
+//!
 //! A message that cannot be decoded goes to the dead-letter queue with the reason, counted. A
 //! database that is down is waited for: writes are retried with backoff while the messages stay
 //! unacknowledged, and the queue holds everything else.
 
 mod batch;
+mod commands;
 mod consumer;
 mod housekeeping;
 mod metrics;
@@ -40,6 +44,8 @@ pub struct Persister {
     ops_port: u16,
     ops_server: actix_web::dev::Server,
     amqp_connected: Arc<AtomicBool>,
+    /// Publishes commands (connecting in the background).
+    publisher: bus::Publisher,
     shutdown: watch::Sender<bool>,
 }
 
@@ -52,6 +58,13 @@ impl Persister {
 
         let mut registry = Registry::default();
         let metrics = PersisterMetrics::register(&mut registry);
+        let publisher = bus::Publisher::start(
+            settings.bus.amqp_url.clone(),
+            settings.bus.topology(),
+            settings.publisher.clone(),
+            bus::PublisherMetrics::register(&mut registry),
+            "persister-commands".to_owned(),
+        );
         let amqp_connected = Arc::new(AtomicBool::new(false));
         let ready_pool = pool.clone();
         let ready_amqp = amqp_connected.clone();
@@ -80,6 +93,7 @@ impl Persister {
             ops_port: ops_addr.port(),
             ops_server,
             amqp_connected,
+            publisher,
             shutdown,
         })
     }
@@ -110,6 +124,19 @@ impl Persister {
             self.pool.clone(),
             self.shutdown.subscribe(),
         ));
+        let dispatching = tokio::spawn(commands::dispatch(
+            self.settings.clone(),
+            self.pool.clone(),
+            self.publisher.clone(),
+            self.metrics.clone(),
+            self.shutdown.subscribe(),
+        ));
+        let recording = tokio::spawn(commands::record_reports(
+            self.settings.clone(),
+            self.pool.clone(),
+            self.metrics.clone(),
+            self.shutdown.subscribe(),
+        ));
         tokio::pin!(stop);
         tokio::select! {
             _ = &mut stop => {}
@@ -119,6 +146,9 @@ impl Persister {
         if let Err(e) = consuming.await {
             tracing::error!(error = %e, "the consuming task failed");
         }
+        let _ = recording.await;
+        let _ = dispatching.await;
+        self.publisher.close().await;
         forgetting.abort();
         expiring.abort();
         ops_handle.stop(true).await;

@@ -10,8 +10,17 @@ pub struct ReasonLabels {
     pub reason: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: &'static str,
+}
+
 #[derive(Clone)]
 pub struct PersisterMetrics {
+    pub commands_published: Counter,
+    pub command_publish_failures: Counter,
+    /// Reports about commands, by what became of them (a fixed set of outcomes).
+    pub command_reports: Family<OutcomeLabels, Counter>,
     pub readings_stored: Counter,
     pub readings_duplicate: Counter,
     pub readings_conflicting: Counter,
@@ -28,6 +37,9 @@ pub struct PersisterMetrics {
 impl PersisterMetrics {
     pub fn register(registry: &mut Registry) -> Self {
         let m = Self {
+            commands_published: Counter::default(),
+            command_publish_failures: Counter::default(),
+            command_reports: Family::default(),
             readings_stored: Counter::default(),
             readings_duplicate: Counter::default(),
             readings_conflicting: Counter::default(),
@@ -83,6 +95,21 @@ impl PersisterMetrics {
             "queue_messages",
             "Messages waiting in the readings queue (the persisters' lag)",
             m.queue_messages.clone(),
+        );
+        registry.register(
+            "commands_published",
+            "Commands published to the devices' channels, re-sends included, confirmed by RabbitMQ",
+            m.commands_published.clone(),
+        );
+        registry.register(
+            "command_publish_failures",
+            "Command publishes RabbitMQ did not confirm (the command stays due and is published again)",
+            m.command_publish_failures.clone(),
+        );
+        registry.register(
+            "command_reports",
+            "Reports about commands (sent, answered) by outcome: recorded, unchanged (a repeat), or refused (no_such_command, not_the_devices, expired, finished, undecodable; kept on the dead-letter queue)",
+            m.command_reports.clone(),
         );
         registry.register(
             "amqp_connected",

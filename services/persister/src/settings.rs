@@ -1,4 +1,4 @@
-use bus::BusSettings;
+use bus::{BusSettings, PublisherSettings};
 use serde::Deserialize;
 use service_kit::DatabaseSettings;
 use service_kit::config::ServiceSettings;
@@ -22,6 +22,11 @@ pub struct Settings {
     pub backfill_horizon_days: models::BackfillHorizon,
     pub dedupe_window_days: u32,
     pub conflicts_kept_days: u32,
+    /// An unanswered command is published again this long after it was last sent.
+    pub command_resend_secs: u32,
+    /// How commands are published (see the bus crate).
+    #[serde(flatten)]
+    pub publisher: PublisherSettings,
 }
 
 impl ServiceSettings for Settings {
@@ -31,11 +36,11 @@ impl ServiceSettings for Settings {
 impl Settings {
     pub fn pool(&self) -> PoolSettings {
         PoolSettings {
-            // the writers, and one for readiness checks
+            // the writers, one for readiness checks and housekeeping, one for commands
             max_connections: self
                 .database
                 .db_max_connections
-                .max(self.db_writers as u32 + 1),
+                .max(self.db_writers as u32 + 2),
             ..self.database.pool("persister")
         }
     }
