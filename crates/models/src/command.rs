@@ -7,7 +7,7 @@
 //! it was offline, a replica restarted before the send was recorded) and must act on a command id
 //! once.
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SubsecRound, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::{DeviceId, ValidationError};
@@ -160,6 +160,11 @@ pub struct CommandReport {
     pub kind: ReportKind,
 }
 
+/// Now, to the microsecond: what PostgreSQL keeps of a time, so a report's time reads back equal.
+fn now() -> DateTime<Utc> {
+    Utc::now().trunc_subsecs(6)
+}
+
 /// Bumped on any change the persister must know about (as [`crate::MESSAGE_VERSION`] for readings).
 pub const REPORT_VERSION: u32 = 1;
 
@@ -170,7 +175,7 @@ impl CommandReport {
         Self {
             command_id: command_id.to_owned(),
             device_id,
-            at: Utc::now(),
+            at: now(),
             via,
             kind: ReportKind::Sent,
         }
@@ -185,7 +190,7 @@ impl CommandReport {
         Self {
             command_id: command_id.to_owned(),
             device_id,
-            at: Utc::now(),
+            at: now(),
             via,
             kind: ReportKind::Answered {
                 outcome: answer.outcome,

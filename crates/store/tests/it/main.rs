@@ -12,6 +12,8 @@ use store::read::{Aggregate, ReadingsQuery, SeriesQuery};
 use store::{KnownPartitions, WriteOutcome, write_readings};
 use testkit::TestDb;
 
+mod commands;
+
 /// A test's own migrated database, a connection to it, and what its writer knows of the
 /// partitions (as one persister would).
 struct Store {

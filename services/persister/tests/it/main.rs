@@ -15,6 +15,8 @@ use persister::{Persister, Settings};
 use testkit::spawn::{self, Running};
 use testkit::{AmqpPrefix, TestDb, count_rows, eventually};
 
+mod commands;
+
 const WAIT: Duration = Duration::from_secs(60);
 
 /// One test's database and queue names (deleted when it is dropped).
