@@ -10,8 +10,8 @@ use diesel::sql_types::Text;
 use crate::StoreError;
 use crate::schema::{command_events, commands, device_credentials, devices};
 
-/// The history line of a command that expired: what the sweep records, and what an app is told
-/// before the sweep has recorded it.
+/// The history line of a command that expired: what the sweep records, and what
+/// [`Command::history`] tells before the sweep has recorded it.
 pub const EXPIRED_DETAIL: &str = "not finished by its expiry";
 
 /// Where a command is in its life.
@@ -119,6 +119,26 @@ impl Command {
         } else {
             stored
         }
+    }
+
+    /// Its history as of `now`: the recorded changes, and, for a command that expired before the
+    /// persister's sweep recorded it, the line the sweep will record.
+    pub fn history(
+        &self,
+        mut recorded: Vec<CommandEvent>,
+        now: DateTime<Utc>,
+    ) -> Vec<CommandEvent> {
+        let expired = CommandStatus::Expired.as_str();
+        if self.status(now) == CommandStatus::Expired
+            && !recorded.iter().any(|e| e.status == expired)
+        {
+            recorded.push(CommandEvent {
+                status: expired.to_owned(),
+                at: self.expires_at,
+                detail: EXPIRED_DETAIL.to_owned(),
+            });
+        }
+        recorded
     }
 
     /// When it finished: an expired command at its expiry.

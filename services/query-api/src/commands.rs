@@ -100,7 +100,7 @@ impl Command {
     }
 
     fn with_history(mut self, events: Vec<store::commands::CommandEvent>) -> Self {
-        let mut history: Vec<StatusChange> = events
+        let history = events
             .into_iter()
             .map(|e| StatusChange {
                 status: e.status,
@@ -108,18 +108,6 @@ impl Command {
                 detail: e.detail,
             })
             .collect();
-        // expired before the persister's sweep recorded it: told as it will be recorded
-        if self.status == CommandStatus::Expired.as_str()
-            && !history
-                .iter()
-                .any(|e| e.status == CommandStatus::Expired.as_str())
-        {
-            history.push(StatusChange {
-                status: CommandStatus::Expired.as_str().into(),
-                at: self.expires_at,
-                detail: store::commands::EXPIRED_DETAIL.into(),
-            });
-        }
         self.history = Some(history);
         self
     }
@@ -200,7 +188,7 @@ async fn issue(
     if !args.is_object() {
         return Err(QueryError::invalid("args", "must be a JSON object"));
     }
-    if holds_nul(&args) {
+    if models::contains_nul(&args) {
         // PostgreSQL's jsonb cannot hold one
         return Err(QueryError::invalid(
             "args",
@@ -286,9 +274,11 @@ pub(crate) async fn get_command(
     let id = command_id(path.into_inner().id)?;
     let lookup = id.clone();
     match with_conn(&pool, move |conn| store::commands::command(conn, &lookup)).await? {
-        Some((command, history)) => Ok(web::Json(
-            Command::new(command, Utc::now()).with_history(history),
-        )),
+        Some((command, recorded)) => {
+            let now = Utc::now();
+            let history = command.history(recorded, now);
+            Ok(web::Json(Command::new(command, now).with_history(history)))
+        }
         None => Err(QueryError::UnknownCommand(id)),
     }
 }
@@ -406,18 +396,6 @@ fn audited<T>(
             token.id = %caller.jti, reason = error.kind(), detail = ?error.to_string());
     }
     outcome
-}
-
-/// Whether a string (or a key) anywhere in `value` holds a NUL character.
-fn holds_nul(value: &serde_json::Value) -> bool {
-    match value {
-        serde_json::Value::String(s) => s.contains('\0'),
-        serde_json::Value::Array(items) => items.iter().any(holds_nul),
-        serde_json::Value::Object(fields) => fields
-            .iter()
-            .any(|(key, value)| key.contains('\0') || holds_nul(value)),
-        _ => false,
-    }
 }
 
 /// A command id is a UUID: any other text names no command (404), and never reaches the database.
