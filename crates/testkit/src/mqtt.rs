@@ -224,6 +224,20 @@ impl Device {
         pace: Duration,
         timeout: Duration,
     ) -> usize {
+        self.publish_all_tracked(messages, pace, timeout)
+            .await
+            .len()
+    }
+
+    /// As [`Device::publish_all`], and says exactly which messages (their indices) the broker
+    /// acknowledged: each PUBACK is matched to its publish by packet id, so a test need not assume
+    /// that the acknowledgements come in publish order.
+    pub async fn publish_all_tracked(
+        &self,
+        messages: Vec<(String, Vec<u8>)>,
+        pace: Duration,
+        timeout: Duration,
+    ) -> Vec<usize> {
         let total = messages.len();
         let (client, mut events) = AsyncClient::new(self.options(), 128);
         let sender = client.clone();
@@ -242,16 +256,28 @@ impl Device {
             }
         });
         let deadline = tokio::time::Instant::now() + timeout;
-        let mut acked = 0;
-        while acked < total {
+        // packet id -> the index of the message it carries (ids are reused once acknowledged)
+        let mut in_flight = HashMap::new();
+        let mut written = 0;
+        let mut acked = Vec::new();
+        while acked.len() < total {
             match tokio::time::timeout_at(deadline, events.poll()).await {
-                Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => acked += 1,
+                Ok(Ok(Event::Outgoing(rumqttc::Outgoing::Publish(pkid)))) => {
+                    in_flight.insert(pkid, written);
+                    written += 1;
+                }
+                Ok(Ok(Event::Incoming(Packet::PubAck(ack)))) => {
+                    if let Some(index) = in_flight.remove(&ack.pkid) {
+                        acked.push(index);
+                    }
+                }
                 Ok(Ok(_)) => {}
                 Ok(Err(_)) | Err(_) => break,
             }
         }
         feeding.abort();
         system::mqtt::disconnect(&client, &mut events, Duration::from_secs(1)).await;
+        acked.sort_unstable();
         acked
     }
 
