@@ -10,6 +10,7 @@
     reason = "a measuring tool stops, with the message, where the system it drives is not as it must be; it serves no one"
 )]
 
+pub mod commands;
 pub mod plan;
 pub mod report;
 pub mod run;
@@ -38,6 +39,8 @@ pub struct Options {
     pub out: PathBuf,
     /// Steps marked as known gaps fail the run too.
     pub strict: bool,
+    /// Commands issued in each step (none by default).
+    pub commands: commands::CommandPlan,
 }
 
 #[derive(Serialize)]
@@ -100,6 +103,7 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
         fleet: options.fleet.clone(),
         tokens,
         timing: options.timing.clone(),
+        commands: options.commands,
     };
     let mut outcomes = Vec::new();
     for (index, step) in options.steps.iter().enumerate() {
@@ -217,7 +221,13 @@ fn register_devices(stack: &Stack, options: &Options) -> anyhow::Result<HashMap<
     let now = chrono::Utc::now().timestamp();
     let mut tokens = HashMap::new();
     for index in 0..options.steps.len() {
-        for (device, _) in options.fleet.devices(&run::step_tag(index)) {
+        let tag = run::step_tag(index);
+        let fleet = options
+            .fleet
+            .devices(&tag)
+            .into_iter()
+            .map(|(device, _)| device);
+        for device in fleet.chain(options.commands.devices(&tag)) {
             let claims = auth::Claims::device(&device, now);
             store::credentials::register_device(&mut conn, &device, &claims.jti)?;
             tokens.insert(device, signer.sign(&claims)?);

@@ -62,6 +62,11 @@ struct Args {
     /// Each device's pause after an acknowledged reading, in milliseconds.
     #[arg(long, default_value_t = 5)]
     pace_ms: u64,
+    /// Commands an app issues to each of a step's two commanded Pis (one on MQTT, one by
+    /// long-poll) before the fault and again after it; each must end succeeded. Default: 2 with
+    /// --full, none otherwise.
+    #[arg(long)]
+    commands: Option<usize>,
     /// Seconds of load before each fault.
     #[arg(long, default_value_t = 3.0)]
     before_secs: f64,
@@ -106,6 +111,10 @@ async fn main() -> std::process::ExitCode {
         port_base: args.port_base,
         out: args.out,
         strict: args.strict,
+        commands: chaos::commands::CommandPlan {
+            per_device: args.commands.unwrap_or(if args.full { 2 } else { 0 }),
+            mqtt: true,
+        },
     };
     // Interrupted, the run is dropped, and with it every process it started (`Stack`'s Drop).
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

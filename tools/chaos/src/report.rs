@@ -66,6 +66,16 @@ pub fn details(outcomes: &[StepOutcome]) -> String {
                 thousands(o.unacknowledged)
             ));
         }
+        if let Some(c) = &o.commands {
+            let finished = c.finished_in_secs.map_or_else(
+                || "not all in time".to_owned(),
+                |s| format!("all within {s:.1} s"),
+            );
+            parts.push(format!(
+                "commands: {} issued, {} succeeded with one answer each ({finished}), {} not; {} deliveries",
+                c.issued, c.succeeded, c.unfinished, c.deliveries
+            ));
+        }
         if let Some(gap) = o.known_gap {
             parts.push(format!("known gap: {gap}"));
         }
@@ -99,6 +109,7 @@ mod tests {
             refusals: BTreeMap::from([("HTTP 503".to_owned(), 7)]),
             catch_up_secs: Some(1.25),
             notes: vec!["killed while a batch was being written".into()],
+            commands: None,
             acknowledged_ids: vec![],
         }
     }
@@ -114,5 +125,25 @@ mod tests {
         let details = details(&[outcome(3, Some("why"))]);
         assert!(details.contains("HTTP 503 ×7") && details.contains("known gap: why"));
         assert!(details.contains("4,000 of the acknowledged over MQTT"));
+    }
+
+    #[test]
+    fn an_unfinished_command_fails_the_step() {
+        let mut step = outcome(0, None);
+        step.commands = Some(crate::commands::CommandOutcome {
+            issued: 4,
+            succeeded: 3,
+            unfinished: 1,
+            deliveries: 7,
+            finished_in_secs: None,
+        });
+        assert!(
+            table(std::slice::from_ref(&step))
+                .lines()
+                .nth(2)
+                .unwrap()
+                .ends_with("❌ |")
+        );
+        assert!(details(&[step]).contains("commands: 4 issued, 3 succeeded"));
     }
 }

@@ -13,6 +13,7 @@ use system::prometheus;
 use system::stack::{Broker, Component, Stack};
 use tokio::time::Instant;
 
+use crate::commands::{CommandOutcome, CommandPlan, Reach, StepCommands};
 use crate::plan::{Fault, Step};
 use crate::verify::Stored;
 
@@ -52,6 +53,8 @@ pub struct StepOutcome {
     pub catch_up_secs: Option<f64>,
     /// What was observed while the fault lasted.
     pub notes: Vec<String>,
+    /// The step's commands (when the run issues any).
+    pub commands: Option<CommandOutcome>,
     #[serde(skip)]
     pub acknowledged_ids: Vec<(String, String)>,
 }
@@ -63,6 +66,7 @@ impl StepOutcome {
             && self.unacknowledged == 0
             && self.catch_up_secs.is_some()
             && self.acknowledged > 0
+            && self.commands.as_ref().is_none_or(|c| c.unfinished == 0)
     }
 }
 
@@ -71,6 +75,7 @@ pub struct Runner<'a> {
     pub fleet: FleetPlan,
     pub tokens: HashMap<String, String>,
     pub timing: Timing,
+    pub commands: CommandPlan,
 }
 
 impl Runner<'_> {
@@ -93,13 +98,21 @@ impl Runner<'_> {
                 Broker::Rabbitmq => MqttLogin::DeviceToken,
             },
         };
+        let mut commands = self.start_commands(&tag, &targets)?;
         let fleet = RunningFleet::start(&self.fleet, devices, targets)?;
         tokio::time::sleep(self.timing.before).await;
         let mut notes = Vec::new();
         if fleet.acknowledged_so_far() == 0 {
             notes.push("nothing was acknowledged before the fault".to_owned());
         }
+        // commands issued just before the fault, and again once it is repaired
+        if let Some(commands) = commands.as_mut() {
+            commands.issue().await?;
+        }
         self.inject(&step.fault, &mut notes).await?;
+        if let Some(commands) = commands.as_mut() {
+            commands.issue().await?;
+        }
         tokio::time::sleep(self.timing.after).await;
 
         let load_stopped = Instant::now();
@@ -117,6 +130,14 @@ impl Runner<'_> {
             .filter(|(device, _)| mqtt_devices.contains(device))
             .count() as u64;
         let (catch_up, stored) = self.wait_stored(&tag, &acknowledged, load_stopped).await;
+        let commands = match commands {
+            Some(commands) => Some(
+                commands
+                    .finish(load_stopped, self.timing.drain_timeout)
+                    .await,
+            ),
+            None => None,
+        };
         for (component, status) in self.stack.exited() {
             notes.push(format!("{} exited by itself ({status})", component.name()));
         }
@@ -139,8 +160,23 @@ impl Runner<'_> {
             refusals,
             catch_up_secs: catch_up.map(|d| d.as_secs_f64()),
             notes,
+            commands,
             acknowledged_ids: acknowledged,
         })
+    }
+
+    /// The step's commanded devices, started, when the run issues commands.
+    fn start_commands(&self, tag: &str, targets: &Targets) -> anyhow::Result<Option<StepCommands>> {
+        if !self.commands.enabled() {
+            return Ok(None);
+        }
+        let reach = Reach {
+            database_url: self.stack.database_url(),
+            ingest_url: targets.ingest_url.clone(),
+            mqtt_port: targets.mqtt_port,
+            mqtt_login: targets.mqtt_login,
+        };
+        StepCommands::start(&self.commands, tag, &self.tokens, reach).map(Some)
     }
 
     async fn inject(&mut self, fault: &Fault, notes: &mut Vec<String>) -> anyhow::Result<()> {

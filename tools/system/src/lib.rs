@@ -13,12 +13,14 @@
 //! - [`numbers`]: numbers as the reports print them.
 //! - [`devices`]: simulated Pis that send over HTTP and MQTT as careful ones do, with a ledger of
 //!   what was acknowledged.
+//! - [`commanded`]: simulated Pis that take commands (MQTT, long-poll) and answer them.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
     reason = "a measuring tool stops, with the message, where the system it drives is not as it must be; it serves no one"
 )]
 
+pub mod commanded;
 pub mod devices;
 pub mod mqtt;
 pub mod numbers;

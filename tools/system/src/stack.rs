@@ -365,7 +365,13 @@ impl Stack {
                     .arg(self.mosquitto_dir().join("mosquitto.conf"));
                 cmd
             }
-            Component::Persister => service("persister", self.ports.persister, vec![]),
+            Component::Persister => service(
+                "persister",
+                self.ports.persister,
+                // unanswered commands go out again every 2 s, so a step's commands finish soon
+                // after the devices are reachable again
+                vec![("COMMAND_RESEND_SECS", "2".to_owned())],
+            ),
             Component::IngestHttp => service(
                 "ingest-http",
                 self.ports.ingest_http,
