@@ -77,3 +77,109 @@ async fn the_readmes_python_snippets_work_with_a_token() {
     let _ = std::fs::remove_file(token_file);
     ingest.stop().await;
 }
+
+/// A README snippet started as a Pi runs it, killed when dropped.
+struct Snippet(std::process::Child);
+
+impl Drop for Snippet {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The README's LED example on each channel: the snippet runs as a Pi runs it, an app's `led`
+/// command reaches it, and the command ends `succeeded` with the snippet's result and an exact
+/// history.
+#[tokio::test]
+async fn the_readmes_command_snippets_turn_the_led_on() {
+    let clients = Command::new("python3")
+        .args(["-c", "import requests, paho.mqtt.client, websocket"])
+        .status();
+    assert!(
+        clients.map(|s| s.success()).unwrap_or(false),
+        "python3 with requests, paho-mqtt and websocket-client is needed (scripts/test installs them)"
+    );
+    let blocks = python_blocks();
+    let snippet = |needle: &str| {
+        blocks
+            .iter()
+            .find(|b| b.contains(needle) && b.contains("set_led"))
+            .unwrap_or_else(|| panic!("a command snippet with {needle}"))
+            .clone()
+    };
+    let (broker, stack, _persister, settings) = behind_production().await;
+    let ingest = stack.ingest(&settings).await;
+    let http_ingest = stack.ingest_http(&broker).await;
+    let token = stack.keys.register_device(&stack.db.url, "raspi-01");
+    broker.add_device("raspi-01", &token).await;
+    tokio::time::sleep(Duration::from_millis(600)).await; // ingest-http's registry refresh
+
+    for (channel, needle) in [
+        ("MQTT", "paho"),
+        ("WebSocket", "websocket"),
+        ("long-poll", "/v1/commands/next"),
+    ] {
+        let code = format!(
+            "TOKEN = {token:?}\nHOST = \"127.0.0.1\"\n{}",
+            snippet(needle)
+        )
+        .replace("HOST, 1883", &format!("HOST, {}", broker.mosquitto.port))
+        .replace("http://HOST:8080", &http_ingest.url)
+        .replace(
+            "ws://HOST:8080",
+            &http_ingest.url.replace("http://", "ws://"),
+        );
+        let mut pi = Snippet(
+            Command::new("python3")
+                .args(["-u", "-W", "ignore::DeprecationWarning", "-c", &code])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("python3"),
+        );
+        // connected and listening; a command sent before would come with the next re-send
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let id = uuid::Uuid::now_v7().to_string();
+        let mut conn = stack.db.connect();
+        let args = serde_json::json!({"on": true});
+        let issued = store::commands::issue_command(
+            &mut conn,
+            &store::commands::NewCommand {
+                id: &id,
+                device_id: "raspi-01",
+                name: "led",
+                args: &args,
+                issued_by: "readme-test",
+                ttl: chrono::Duration::seconds(120),
+            },
+            100,
+        )
+        .unwrap();
+        assert!(matches!(issued, store::commands::Issued::Issued(_)));
+        let what = format!("the {channel} snippet's answer");
+        let (command, history) = testkit::eventually(Duration::from_secs(60), &what, || {
+            let url = stack.db.url.clone();
+            let id = id.clone();
+            async move {
+                let mut conn = store::connect(&url).unwrap();
+                let (command, history) = store::commands::command(&mut conn, &id).unwrap()?;
+                (command.stored_status == "succeeded").then_some((command, history))
+            }
+        })
+        .await;
+        if let Ok(Some(status)) = pi.0.try_wait() {
+            let mut stderr = String::new();
+            let _ = std::io::Read::read_to_string(pi.0.stderr.as_mut().unwrap(), &mut stderr);
+            panic!("the {channel} snippet exited ({status}): {stderr}");
+        }
+        assert_eq!(
+            command.result,
+            Some(serde_json::json!({"led": "on"})),
+            "{channel}"
+        );
+        let statuses: Vec<&str> = history.iter().map(|e| e.status.as_str()).collect();
+        assert_eq!(statuses, ["pending", "sent", "succeeded"], "{channel}");
+    }
+    ingest.stop().await;
+}
