@@ -11,6 +11,7 @@
 //! invalid queue with the reason, counted, and acknowledged, so it is not redelivered forever.
 
 mod classify;
+mod commands;
 mod forward;
 mod metrics;
 mod mosquitto;
