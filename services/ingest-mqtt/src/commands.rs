@@ -27,6 +27,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 
 use crate::metrics::{MqttMetrics, OutcomeLabels};
+use crate::settings::Settings;
 use crate::startup::STOP_GRACE;
 
 /// Commands RabbitMQ may hand over unacknowledged: each waits for one MQTT round trip and one
@@ -92,18 +93,17 @@ struct Shared {
 
 impl CommandsOut {
     pub fn new(
-        amqp_url: &str,
-        topology: Topology,
+        settings: &Settings,
         client_id: &str,
         publisher: Publisher,
         to_broker: mpsc::Sender<CommandPublish>,
         metrics: MqttMetrics,
-        max_backoff: Duration,
         shutdown: watch::Receiver<bool>,
     ) -> Self {
+        let max_backoff = Duration::from_millis(settings.retry_max_backoff_ms);
         Self {
-            amqp_url: amqp_url.to_owned(),
-            topology,
+            amqp_url: settings.bus.amqp_url.clone(),
+            topology: Topology::with_prefix(&settings.bus.amqp_prefix),
             connection_name: format!("{client_id} commands"),
             shared: Arc::new(Shared {
                 publisher,

@@ -117,13 +117,11 @@ impl IngestMqtt {
             MqttBroker::Mosquitto => {
                 let (to_broker, commands) = mpsc::channel(usize::from(COMMANDS_PREFETCH));
                 let out = CommandsOut::new(
-                    &self.settings.bus.amqp_url,
-                    Topology::with_prefix(&self.settings.bus.amqp_prefix),
+                    &self.settings,
                     &self.client_id,
                     self.publisher.clone(),
                     to_broker,
                     self.metrics.clone(),
-                    Duration::from_millis(self.settings.retry_max_backoff_ms),
                     shutdown_rx.clone(),
                 );
                 (Some(commands), Some(tokio::spawn(out.run())))
