@@ -1,10 +1,14 @@
-//! Commands out (broker mode `mosquitto`): the persister publishes every due command on RabbitMQ's
-//! commands exchange; this consumes the queue that takes them all for MQTT
-//! (`<prefix>.commands.mqtt`, every replica on the same queue: competing consumers) and hands each
-//! live one to the MQTT bridge, which publishes it on `devices/<id>/commands` at QoS 1 through its
-//! own session. Once Mosquitto acknowledged that publish (its PUBACK, correlated with the publish by
-//! packet id, see `mosquitto`) and said a subscriber took it, the persister is told it was sent (a
-//! report confirmed by RabbitMQ), and only then is the delivery acknowledged.
+//! Commands out: the persister publishes every due command on RabbitMQ's commands exchange; this
+//! consumes the queue that takes them all for MQTT (`<prefix>.commands.mqtt`, every replica on the
+//! same queue: competing consumers) and publishes each live one on `devices/<id>/commands`:
+//! - broker mode `mosquitto`: handed to the MQTT bridge, which publishes it at QoS 1 through its
+//!   own session. Once Mosquitto acknowledged that publish (its PUBACK, correlated with the publish
+//!   by packet id, see `mosquitto`) and said a subscriber took it, the persister is told it was
+//!   sent (a report confirmed by RabbitMQ), and only then is the delivery acknowledged.
+//! - broker mode `rabbitmq`: published on the MQTT plugin's exchange as `devices.<id>.commands`
+//!   (see [`bus::MqttTopology`]), which reaches the device's subscription queue if it subscribed.
+//!   RabbitMQ's confirm is all there is to wait for, and it cannot tell whether a device took it:
+//!   the command is reported sent once confirmed.
 //!
 //! Whatever else happens to a command (no device subscribed, the broker refused it, the MQTT
 //! connection was lost before the PUBACK, it expired), the delivery is acknowledged without a
@@ -82,10 +86,18 @@ pub(crate) struct CommandsOut {
     backoff: bus::Backoff,
 }
 
+/// Where commands go out.
+pub(crate) enum Outlet {
+    /// To the Mosquitto bridge, which publishes them in its session.
+    Mosquitto(mpsc::Sender<CommandPublish>),
+    /// To the MQTT plugin's exchange of this name.
+    Rabbitmq(String),
+}
+
 /// What every command's handler uses.
 struct Shared {
     publisher: Publisher,
-    to_broker: mpsc::Sender<CommandPublish>,
+    outlet: Outlet,
     metrics: MqttMetrics,
     max_backoff: Duration,
     shutdown: watch::Receiver<bool>,
@@ -96,7 +108,7 @@ impl CommandsOut {
         settings: &Settings,
         client_id: &str,
         publisher: Publisher,
-        to_broker: mpsc::Sender<CommandPublish>,
+        outlet: Outlet,
         metrics: MqttMetrics,
         shutdown: watch::Receiver<bool>,
     ) -> Self {
@@ -107,7 +119,7 @@ impl CommandsOut {
             connection_name: format!("{client_id} commands"),
             shared: Arc::new(Shared {
                 publisher,
-                to_broker,
+                outlet,
                 metrics,
                 max_backoff: max_backoff.max(Duration::from_millis(100)),
                 shutdown: shutdown.clone(),
@@ -245,20 +257,37 @@ impl Shared {
     /// subscriber took it, then acknowledged (see the module's documentation for the rest).
     async fn deliver(&self, device: DeviceId, command: DeviceCommand, delivery: Delivery) {
         let (payload, ack) = delivery.into_parts();
-        let (done, handed) = oneshot::channel();
-        let publish = CommandPublish {
-            topic: commands_topic(&device),
-            payload,
-            expires_at: command.expires_at,
-            done,
-        };
-        // The bridge gone, or gone before answering, means the service is stopping: left
-        // unacknowledged, the command is delivered again (here after a restart, or to a replica).
-        if self.to_broker.send(publish).await.is_err() {
-            return;
-        }
-        let Ok(handed) = handed.await else {
-            return;
+        let handed = match &self.outlet {
+            Outlet::Mosquitto(to_broker) => {
+                let (done, handed) = oneshot::channel();
+                let publish = CommandPublish {
+                    topic: commands_topic(&device),
+                    payload,
+                    expires_at: command.expires_at,
+                    done,
+                };
+                // The bridge gone, or gone before answering, means the service is stopping: left
+                // unacknowledged, the command is delivered again (here after a restart, or to a
+                // replica).
+                if to_broker.send(publish).await.is_err() {
+                    return;
+                }
+                let Ok(handed) = handed.await else {
+                    return;
+                };
+                handed
+            }
+            Outlet::Rabbitmq(exchange) => {
+                match self
+                    .publisher
+                    .publish_mqtt_command(exchange, device.as_str(), &command)
+                    .await
+                {
+                    Ok(()) => Handed::Sent,
+                    Err(PublishError::ShuttingDown) => return,
+                    Err(e) => Handed::Failed(e.to_string()),
+                }
+            }
         };
         match handed {
             Handed::Sent => {
@@ -277,7 +306,7 @@ impl Shared {
                 self.count("refused");
             }
             Handed::Failed(reason) => {
-                tracing::warn!(command = %command.id, %reason, "a command not acknowledged by Mosquitto; the persister sends it again");
+                tracing::warn!(command = %command.id, %reason, "a command not accepted by the broker; the persister sends it again");
                 self.count("failed");
             }
             Handed::Expired => self.count("expired"),

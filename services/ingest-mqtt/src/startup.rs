@@ -12,7 +12,7 @@ use prometheus_client::registry::Registry;
 use service_kit::{Ops, Readiness};
 use tokio::sync::{mpsc, watch};
 
-use crate::commands::{COMMANDS_PREFETCH, CommandPublish, CommandsOut};
+use crate::commands::{COMMANDS_PREFETCH, CommandPublish, CommandsOut, Outlet};
 use crate::forward::Forwarder;
 use crate::metrics::MqttMetrics;
 use crate::mosquitto::MosquittoBridge;
@@ -111,23 +111,28 @@ impl IngestMqtt {
             self.metrics.clone(),
             shutdown_rx.clone(),
         ));
-        // Commands go out through Mosquitto's session; in broker mode rabbitmq nothing forwards
-        // them yet (they wait on the commands queue until they expire).
-        let (commands, commands_out) = match self.settings.mqtt_broker {
+        // Commands go out through Mosquitto's session, or the MQTT plugin's exchange.
+        let (commands, outlet) = match self.settings.mqtt_broker {
             MqttBroker::Mosquitto => {
                 let (to_broker, commands) = mpsc::channel(usize::from(COMMANDS_PREFETCH));
-                let out = CommandsOut::new(
-                    &self.settings,
-                    &self.client_id,
-                    self.publisher.clone(),
-                    to_broker,
-                    self.metrics.clone(),
-                    shutdown_rx.clone(),
-                );
-                (Some(commands), Some(tokio::spawn(out.run())))
+                (Some(commands), Outlet::Mosquitto(to_broker))
             }
-            MqttBroker::Rabbitmq => (None, None),
+            MqttBroker::Rabbitmq => {
+                let mqtt = bus::MqttTopology::with_prefix(&self.settings.bus.amqp_prefix);
+                (None, Outlet::Rabbitmq(mqtt.exchange))
+            }
         };
+        let commands_out = tokio::spawn(
+            CommandsOut::new(
+                &self.settings,
+                &self.client_id,
+                self.publisher.clone(),
+                outlet,
+                self.metrics.clone(),
+                shutdown_rx.clone(),
+            )
+            .run(),
+        );
         let source = Source {
             settings: &self.settings,
             client_id: &self.client_id,
@@ -146,9 +151,7 @@ impl IngestMqtt {
         if let Err(e) = source.await {
             tracing::error!(error = %e, "the MQTT bridge failed");
         }
-        if let Some(commands_out) = commands_out
-            && let Err(e) = commands_out.await
-        {
+        if let Err(e) = commands_out.await {
             tracing::error!(error = %e, "forwarding commands failed");
         }
         self.publisher.close().await;

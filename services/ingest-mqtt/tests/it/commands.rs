@@ -8,11 +8,13 @@ use models::DeviceCommand;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::json;
 use store::commands::{Command, CommandEvent, Issued, NewCommand};
-use testkit::eventually;
+use testkit::rabbitmq::MqttAuth;
 use testkit::spawn::{self, Running};
+use testkit::{TestDb, eventually};
 use tokio::sync::mpsc;
 
 use crate::Stack;
+use crate::rabbitmq::DurableStack;
 use crate::security::{Production, production};
 
 /// How long a step of these tests may take (they take well under a second each when all is well).
@@ -41,7 +43,7 @@ async fn register(p: &Production, stack: &Stack, device: &str) -> String {
 }
 
 /// An app's command to `device`, stored as query-api stores it (living a minute).
-fn issue(stack: &Stack, device: &str, name: &str) -> Command {
+fn issue(db: &TestDb, device: &str, name: &str) -> Command {
     let id = testkit::unique_name("cmd");
     let args = json!({"on": true});
     let new = NewCommand {
@@ -52,22 +54,22 @@ fn issue(stack: &Stack, device: &str, name: &str) -> Command {
         issued_by: "test-app-token",
         ttl: chrono::Duration::seconds(60),
     };
-    match store::commands::issue_command(&mut stack.db.connect(), &new, 10).unwrap() {
+    match store::commands::issue_command(&mut db.connect(), &new, 10).unwrap() {
         Issued::Issued(command) => *command,
         other => panic!("not issued: {other:?}"),
     }
 }
 
-fn stored(stack: &Stack, id: &str) -> (Command, Vec<CommandEvent>) {
-    store::commands::command(&mut stack.db.connect(), id)
+fn stored(db: &TestDb, id: &str) -> (Command, Vec<CommandEvent>) {
+    store::commands::command(&mut db.connect(), id)
         .unwrap()
         .expect("the command is stored")
 }
 
 /// Waits until the command's stored status is `status`; answers it and its history's statuses.
-async fn status_becomes(stack: &Stack, id: &str, status: &str) -> (Command, Vec<String>) {
+async fn status_becomes(db: &TestDb, id: &str, status: &str) -> (Command, Vec<String>) {
     eventually(STEP, &format!("command {id} {status}"), || async {
-        let (command, history) = stored(stack, id);
+        let (command, history) = stored(db, id);
         (command.stored_status == status)
             .then(|| (command, history.into_iter().map(|e| e.status).collect()))
     })
@@ -91,11 +93,17 @@ struct DeviceClient {
 }
 
 impl DeviceClient {
+    /// A device of the production broker: its id as user name and client id.
     fn connect(p: &Production, device: &str, password: &str) -> Self {
-        let mut options = MqttOptions::new(device, "127.0.0.1", p.mosquitto.port);
-        options
-            .set_credentials(device, password)
-            .set_keep_alive(Duration::from_secs(10));
+        Self::connect_to(p.mosquitto.port, device, Some(password))
+    }
+
+    fn connect_to(port: u16, device: &str, password: Option<&str>) -> Self {
+        let mut options = MqttOptions::new(device, "127.0.0.1", port);
+        options.set_keep_alive(Duration::from_secs(10));
+        if let Some(password) = password {
+            options.set_credentials(device, password);
+        }
         let (client, mut events) = AsyncClient::new(options, 16);
         let (tell, heard) = mpsc::unbounded_channel();
         tokio::spawn(async move {
@@ -200,7 +208,7 @@ async fn a_command_reaches_its_device_over_mqtt_and_its_answer_is_recorded() {
     let mut device = DeviceClient::connect(&p, "raspi-a", &token);
     assert!(device.subscribe("devices/raspi-a/commands").await);
 
-    let command = issue(&stack, "raspi-a", "led");
+    let command = issue(&stack.db, "raspi-a", "led");
     let (topic, payload) = device.message(STEP).await.expect("the command arrives");
     assert_eq!(topic, "devices/raspi-a/commands");
     assert_eq!(DeviceCommand::decode(&payload).unwrap(), as_sent(&command));
@@ -211,7 +219,7 @@ async fn a_command_reaches_its_device_over_mqtt_and_its_answer_is_recorded() {
         "the wire shape devices are told of"
     );
     // reported sent once Mosquitto acknowledged it
-    status_becomes(&stack, &command.id, "sent").await;
+    status_becomes(&stack.db, &command.id, "sent").await;
 
     device
         .publish(
@@ -219,7 +227,7 @@ async fn a_command_reaches_its_device_over_mqtt_and_its_answer_is_recorded() {
             br#"{"status":"succeeded","result":{"led":"on"}}"#,
         )
         .await;
-    let (done, history) = status_becomes(&stack, &command.id, "succeeded").await;
+    let (done, history) = status_becomes(&stack.db, &command.id, "succeeded").await;
     assert_eq!(history, ["pending", "sent", "succeeded"]);
     assert_eq!(done.result, Some(json!({"led": "on"})));
     assert_eq!(
@@ -234,12 +242,12 @@ async fn a_command_reaches_its_device_over_mqtt_and_its_answer_is_recorded() {
 async fn a_device_offline_when_its_command_was_issued_gets_it_when_it_connects() {
     let (p, stack, _persister, ingest) = commands_stack(1).await;
     let token = register(&p, &stack, "raspi-off").await;
-    let command = issue(&stack, "raspi-off", "reboot");
+    let command = issue(&stack.db, "raspi-off", "reboot");
     // published while nobody listens: acknowledged by Mosquitto, received by no one, not sent
     ingest
         .metrics_reaching("mqtt_commands_total{outcome=\"no_subscriber\"}", 1.0, STEP)
         .await;
-    assert_eq!(stored(&stack, &command.id).0.stored_status, "pending");
+    assert_eq!(stored(&stack.db, &command.id).0.stored_status, "pending");
 
     // the device comes online (a clean session: nothing was kept for it) and gets the re-send
     let mut device = DeviceClient::connect(&p, "raspi-off", &token);
@@ -252,7 +260,7 @@ async fn a_device_offline_when_its_command_was_issued_gets_it_when_it_connects()
             br#"{"status":"failed","result":"busy"}"#,
         )
         .await;
-    let (done, history) = status_becomes(&stack, &command.id, "failed").await;
+    let (done, history) = status_becomes(&stack.db, &command.id, "failed").await;
     assert_eq!(history, ["pending", "sent", "failed"]);
     assert_eq!(done.result, Some(json!("busy")));
     ingest.stop().await;
@@ -274,9 +282,9 @@ async fn a_device_neither_reads_nor_answers_another_devices_commands() {
     );
     let mut a = DeviceClient::connect(&p, "raspi-a", &token_a);
     assert!(a.subscribe("devices/raspi-a/commands").await);
-    let command = issue(&stack, "raspi-a", "unlock");
+    let command = issue(&stack.db, "raspi-a", "unlock");
     assert!(a.message(STEP).await.is_some(), "A gets its command");
-    status_becomes(&stack, &command.id, "sent").await;
+    status_becomes(&stack.db, &command.id, "sent").await;
     assert!(
         b.message(Duration::from_millis(300)).await.is_none(),
         "B got nothing"
@@ -310,7 +318,7 @@ async fn a_device_neither_reads_nor_answers_another_devices_commands() {
         1.0,
         "only B's answer on its own topic reached ingest"
     );
-    let (still, history) = stored(&stack, &command.id);
+    let (still, history) = stored(&stack.db, &command.id);
     assert_eq!(still.stored_status, "sent");
     assert_eq!(still.result, None);
     assert_eq!(history.len(), 2, "{history:?}");
@@ -321,7 +329,7 @@ async fn a_device_neither_reads_nor_answers_another_devices_commands() {
         br#"{"status":"succeeded"}"#,
     )
     .await;
-    status_becomes(&stack, &command.id, "succeeded").await;
+    status_becomes(&stack.db, &command.id, "succeeded").await;
     ingest.stop().await;
 }
 
@@ -357,5 +365,59 @@ async fn an_invalid_answer_is_refused_counted_and_kept() {
         assert!(found.is_some(), "{payload:?} kept");
     }
     assert!(kept.iter().all(|k| k.reason.starts_with("answer:")));
+    ingest.stop().await;
+}
+
+/// Messages ready in `queue` of RabbitMQ at `amqp_url`.
+async fn ready_in(amqp_url: &str, queue: &str) -> u32 {
+    let conn = bus::connect(amqp_url, "mqtt-test").await.unwrap();
+    let channel = conn.create_channel().await.unwrap();
+    let declared = channel
+        .queue_declare(
+            queue.into(),
+            bus::lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    let _ = conn.close(200, "counted".into()).await;
+    declared.message_count()
+}
+
+#[tokio::test]
+async fn in_rabbitmq_mode_commands_go_out_through_the_mqtt_exchange_and_answers_come_back() {
+    let stack = DurableStack::new(MqttAuth::Anonymous);
+    let _persister = stack.persister().await;
+    let ingest = stack
+        .ingest(&stack.settings("ingest-durable-commands"))
+        .await;
+    stack.register("raspi-r");
+    stack.register("raspi-away");
+    let mut device = DeviceClient::connect_to(stack.node.mqtt_port, "raspi-r", None);
+    assert!(device.subscribe("devices/raspi-r/commands").await);
+
+    let away = issue(&stack.db, "raspi-away", "led");
+    let command = issue(&stack.db, "raspi-r", "led");
+    let (topic, payload) = device.message(STEP).await.expect("the command arrives");
+    assert_eq!(topic, "devices/raspi-r/commands");
+    assert_eq!(DeviceCommand::decode(&payload).unwrap(), as_sent(&command));
+    device
+        .publish(
+            &result_topic("raspi-r", &command.id),
+            br#"{"status":"succeeded","result":{"led":"on"}}"#,
+        )
+        .await;
+    let (done, history) = status_becomes(&stack.db, &command.id, "succeeded").await;
+    assert_eq!(history, ["pending", "sent", "succeeded"]);
+    assert_eq!(done.result, Some(json!({"led": "on"})));
+
+    // the command of the device that is not subscribed went nowhere, and is not kept unrouted
+    status_becomes(&stack.db, &away.id, "sent").await;
+    let unrouted = bus::MqttTopology::with_prefix(&stack.prefix).unrouted_queue;
+    assert_eq!(ready_in(&stack.node.amqp_url(), &unrouted).await, 0);
+    assert_eq!(ingest.metric("mqtt_command_answers_total").await, 1.0);
     ingest.stop().await;
 }
