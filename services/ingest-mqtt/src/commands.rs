@@ -277,6 +277,7 @@ impl Shared {
                 };
                 handed
             }
+            Outlet::Rabbitmq(_) if !command.is_live(Utc::now()) => Handed::Expired,
             Outlet::Rabbitmq(exchange) => {
                 match self
                     .publisher

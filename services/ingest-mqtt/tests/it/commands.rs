@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 
 use crate::Stack;
 use crate::rabbitmq::DurableStack;
-use crate::security::{Production, production};
+use crate::security::{INGEST_PASSWORD, Production, production};
 
 /// How long a step of these tests may take (they take well under a second each when all is well).
 const STEP: Duration = Duration::from_secs(10);
@@ -420,4 +420,51 @@ async fn in_rabbitmq_mode_commands_go_out_through_the_mqtt_exchange_and_answers_
     assert_eq!(ready_in(&stack.node.amqp_url(), &unrouted).await, 0);
     assert_eq!(ingest.metric("mqtt_command_answers_total").await, 1.0);
     ingest.stop().await;
+}
+
+#[tokio::test]
+async fn mqtt_init_gives_the_ingest_role_of_an_earlier_version_what_commands_need() {
+    let p = production().await;
+    // the role as earlier versions left it: readings only
+    let removed = [
+        ("subscribePattern", "devices/+/commands/+/result"),
+        ("subscribePattern", "$share/+/devices/+/commands/+/result"),
+        ("publishClientReceive", "devices/+/commands/+/result"),
+        ("publishClientSend", "devices/+/commands"),
+    ]
+    .map(|(acltype, topic)| {
+        json!({"command": "removeRoleACL", "rolename": mqtt_admin::INGEST_ROLE,
+               "acltype": acltype, "topic": topic})
+    });
+    p.broker.run(removed.to_vec(), &[]).await.unwrap();
+    let answers = "$share/sensorhub/devices/+/commands/+/result";
+    let mut ingest = DeviceClient::connect(&p, "ingest-mqtt:1", INGEST_PASSWORD);
+    assert!(!ingest.subscribe(answers).await, "not allowed before");
+
+    let accounts = mqtt_admin::IngestAccounts {
+        password: INGEST_PASSWORD,
+        replicas: 2,
+        legacy_topic: Some("sensor/data"),
+    };
+    p.broker.init(&accounts, &[]).await.unwrap();
+    p.add_device("raspi-u", "token-u").await;
+    let mut device = DeviceClient::connect(&p, "raspi-u", "token-u");
+    assert!(device.subscribe("devices/raspi-u/commands").await);
+    let mut ingest = DeviceClient::connect(&p, "ingest-mqtt:1", INGEST_PASSWORD);
+    assert!(ingest.subscribe(answers).await, "allowed after init");
+    ingest.publish("devices/raspi-u/commands", b"{}").await;
+    assert_eq!(
+        device.message(STEP).await,
+        Some(("devices/raspi-u/commands".to_owned(), b"{}".to_vec()))
+    );
+    device
+        .publish(
+            "devices/raspi-u/commands/c-1/result",
+            br#"{"status":"failed"}"#,
+        )
+        .await;
+    assert_eq!(
+        ingest.message(STEP).await.map(|(topic, _)| topic),
+        Some("devices/raspi-u/commands/c-1/result".to_owned())
+    );
 }
