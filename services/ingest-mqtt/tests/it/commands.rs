@@ -468,3 +468,37 @@ async fn mqtt_init_gives_the_ingest_role_of_an_earlier_version_what_commands_nee
         Some("devices/raspi-u/commands/c-1/result".to_owned())
     );
 }
+
+#[tokio::test]
+async fn commands_issued_while_mosquitto_is_down_go_out_once_it_is_back() {
+    let (mut p, stack, _persister, ingest) = commands_stack(1).await;
+    let token = register(&p, &stack, "raspi-m").await;
+    p.mosquitto.kill();
+    let command = issue(&stack.db, "raspi-m", "led");
+    // taken off RabbitMQ, held while ingest-mqtt has no connection: nothing reported
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(stored(&stack.db, &command.id).0.stored_status, "pending");
+    p.mosquitto.restart();
+    eventually(STEP, "ingest-mqtt back", || async {
+        (ingest.readyz().await == 200).then_some(())
+    })
+    .await;
+    let mut device = DeviceClient::connect(&p, "raspi-m", &token);
+    assert!(device.subscribe("devices/raspi-m/commands").await);
+    let (_, payload) = device.message(STEP).await.expect("the command");
+    assert_eq!(DeviceCommand::decode(&payload).unwrap(), as_sent(&command));
+    // the PUBACKs after the reconnection still answer the right commands (re-sends of the first
+    // may come in between: devices act on a command id once)
+    let second = issue(&stack.db, "raspi-m", "buzz");
+    loop {
+        let (_, payload) = device.message(STEP).await.expect("the second command");
+        let received = DeviceCommand::decode(&payload).unwrap();
+        if received.id != command.id {
+            assert_eq!(received, as_sent(&second));
+            break;
+        }
+    }
+    status_becomes(&stack.db, &command.id, "sent").await;
+    status_becomes(&stack.db, &second.id, "sent").await;
+    ingest.stop().await;
+}
