@@ -30,9 +30,10 @@ pub use consumer::{
 pub use metrics::PublisherMetrics;
 pub use publisher::{PublishError, Publisher, PublisherSettings};
 pub use topology::{
-    ALL_DEVICES_BINDING, INVALID_ROUTING_KEY, MQTT_READINGS_BINDING, MqttTopology,
-    READINGS_ROUTING_KEY, REPORTS_ROUTING_KEY, Topology, declare_mqtt_topology, declare_topology,
-    delete_mqtt_topology, delete_topology, mqtt_topic_of, routing_key_of,
+    ALL_DEVICES_BINDING, INVALID_ROUTING_KEY, MQTT_ANSWERS_BINDING, MQTT_COMMANDS_BINDING,
+    MQTT_READINGS_BINDING, MqttTopology, READINGS_ROUTING_KEY, REPORTS_ROUTING_KEY, Topology,
+    declare_mqtt_topology, declare_topology, delete_mqtt_topology, delete_topology, mqtt_topic_of,
+    routing_key_of,
 };
 
 pub use wire::{ORIGINAL_MESSAGE_ID_HEADER, REASON_HEADER};

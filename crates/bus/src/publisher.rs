@@ -226,6 +226,28 @@ impl Publisher {
         .await
     }
 
+    /// Publishes a command to its device's MQTT topic `devices/<device>/commands` through RabbitMQ's
+    /// MQTT plugin (broker mode `rabbitmq`): on the MQTT exchange `mqtt_exchange`, with
+    /// `command.expires_at` as its TTL; returns once RabbitMQ confirmed it.
+    pub async fn publish_mqtt_command(
+        &self,
+        mqtt_exchange: &str,
+        device: &str,
+        command: &DeviceCommand,
+    ) -> Result<(), PublishError> {
+        let ttl = (command.expires_at - chrono::Utc::now()).num_milliseconds();
+        if ttl <= 0 {
+            return Ok(());
+        }
+        self.submit(Content::Single(Box::new(Single {
+            exchange: mqtt_exchange.to_owned(),
+            routing_key: crate::topology::routing_key_of(&format!("devices/{device}/commands")),
+            body: command.encode(),
+            properties: wire::command_properties(ttl as u64),
+        })))
+        .await
+    }
+
     /// Publishes a report about a command on the reports queue; returns once RabbitMQ confirmed it.
     pub async fn publish_report(&self, report: &CommandReport) -> Result<(), PublishError> {
         self.submit(Content::Single(Box::new(Single {

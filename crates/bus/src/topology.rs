@@ -243,16 +243,28 @@ async fn delete_all(
 /// quorum queue confirms once a majority wrote it to disk. A message that reached no queue would be
 /// acknowledged and dropped; the alternate exchange keeps it instead. `devices.#.readings` and not
 /// `devices.*.readings`: a device id may contain a `.`, which the plugin does not escape.
+///
+/// Devices' answers to commands (`devices/<id>/commands/<command id>/result`) take the readings'
+/// way ([`MQTT_ANSWERS_BINDING`]). Commands go the other way: ingest-mqtt publishes each on this
+/// exchange as `devices.<id>.commands`, which reaches the subscription queue the plugin made for
+/// that device, if it subscribed. A command for a device not subscribed must not pile up in the
+/// unrouted queue (it is re-sent until answered anyway): `commands_unheard` takes every command
+/// and keeps none (a queue of length 0), so none is ever unrouted.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MqttTopology {
     pub exchange: String,
     pub readings_queue: String,
     pub unrouted_exchange: String,
     pub unrouted_queue: String,
+    pub commands_unheard_queue: String,
 }
 
 /// The binding of every device's readings topic, `devices/<id>/readings` as an AMQP routing key.
 pub const MQTT_READINGS_BINDING: &str = "devices.#.readings";
+/// The binding of every device's answers, `devices/<id>/commands/<command id>/result`.
+pub const MQTT_ANSWERS_BINDING: &str = "devices.#.commands.*.result";
+/// The binding of every device's commands topic, `devices/<id>/commands`.
+pub const MQTT_COMMANDS_BINDING: &str = "devices.#.commands";
 
 impl MqttTopology {
     pub fn with_prefix(prefix: &str) -> Self {
@@ -261,12 +273,13 @@ impl MqttTopology {
             readings_queue: format!("{prefix}.mqtt.readings"),
             unrouted_exchange: format!("{prefix}.mqtt.unrouted"),
             unrouted_queue: format!("{prefix}.mqtt.unrouted"),
+            commands_unheard_queue: format!("{prefix}.mqtt.commands-unheard"),
         }
     }
 }
 
 /// Declares the MQTT side (idempotent): the exchange the MQTT plugin publishes to, with its
-/// alternate exchange, and both quorum queues.
+/// alternate exchange, both quorum queues, and the queue that drops commands no device took.
 pub async fn declare_mqtt_topology(channel: &Channel, t: &MqttTopology) -> lapin::Result<()> {
     declare_exchange(
         channel,
@@ -285,17 +298,42 @@ pub async fn declare_mqtt_topology(channel: &Channel, t: &MqttTopology) -> lapin
         channel,
         [
             (&t.readings_queue, None, &t.exchange, MQTT_READINGS_BINDING),
+            (&t.readings_queue, None, &t.exchange, MQTT_ANSWERS_BINDING),
             (&t.unrouted_queue, None, &t.unrouted_exchange, ""),
         ],
     )
-    .await
+    .await?;
+    // A classic queue of length 0: what it is routed counts as routed, and is dropped at once.
+    let mut unheard = FieldTable::default();
+    unheard.insert("x-max-length".into(), AMQPValue::LongLongInt(0));
+    channel
+        .queue_declare(
+            t.commands_unheard_queue.as_str().into(),
+            QueueDeclareOptions::durable(),
+            unheard,
+        )
+        .await?;
+    channel
+        .queue_bind(
+            t.commands_unheard_queue.as_str().into(),
+            t.exchange.as_str().into(),
+            MQTT_COMMANDS_BINDING.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    Ok(())
 }
 
 /// Removes the MQTT side (tests clean up after themselves with this).
 pub async fn delete_mqtt_topology(channel: &Channel, t: &MqttTopology) -> lapin::Result<()> {
     delete_all(
         channel,
-        &[&t.readings_queue, &t.unrouted_queue],
+        &[
+            &t.readings_queue,
+            &t.unrouted_queue,
+            &t.commands_unheard_queue,
+        ],
         &[&t.exchange, &t.unrouted_exchange],
     )
     .await
@@ -303,15 +341,27 @@ pub async fn delete_mqtt_topology(channel: &Channel, t: &MqttTopology) -> lapin:
 
 /// The MQTT topic a message from the MQTT plugin was published to, from its routing key. The
 /// plugin turns `/` into `.`, and a device id may hold a `.` of its own, so a device's readings
-/// topic is recognised by its ends (`devices.` … `.readings`) and the middle kept whole.
+/// topic is recognised by its ends (`devices.` … `.readings`) and the middle kept whole; its
+/// answers likewise (`devices.` … `.commands.<command id>.result`, a command id having no `.`).
 pub fn mqtt_topic_of(routing_key: &str) -> String {
-    match routing_key
-        .strip_prefix("devices.")
-        .and_then(|rest| rest.strip_suffix(".readings"))
+    let Some(rest) = routing_key.strip_prefix("devices.") else {
+        return routing_key.replace('.', "/");
+    };
+    if let Some(device) = rest.strip_suffix(".readings")
+        && !device.is_empty()
     {
-        Some(device) if !device.is_empty() => format!("devices/{device}/readings"),
-        _ => routing_key.replace('.', "/"),
+        return format!("devices/{device}/readings");
     }
+    if let Some((device, command)) = rest
+        .strip_suffix(".result")
+        .and_then(|rest| rest.rsplit_once('.'))
+        .and_then(|(rest, command)| Some((rest.strip_suffix(".commands")?, command)))
+        && !device.is_empty()
+        && !command.is_empty()
+    {
+        return format!("devices/{device}/commands/{command}/result");
+    }
+    routing_key.replace('.', "/")
 }
 
 /// The AMQP routing key of an MQTT topic, as the MQTT plugin makes it (`/` becomes `.`).
@@ -326,6 +376,12 @@ mod tests {
     #[test]
     fn a_device_id_with_dots_survives_the_round_trip() {
         for topic in ["devices/pi-1/readings", "devices/pi.kitchen/readings"] {
+            assert_eq!(mqtt_topic_of(&routing_key_of(topic)), topic);
+        }
+        for topic in [
+            "devices/pi-1/commands/c-1/result",
+            "devices/pi.kitchen/commands/0193a1b2-c3d4/result",
+        ] {
             assert_eq!(mqtt_topic_of(&routing_key_of(topic)), topic);
         }
         assert_eq!(mqtt_topic_of("sensor.data"), "sensor/data");

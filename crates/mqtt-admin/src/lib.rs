@@ -5,11 +5,13 @@
 //! Accounts, each bound to one client id (the plugin refuses a CONNECT whose client id is not the
 //! account's, and does so before it would take over the session of a client already connected):
 //! - one per device, user name and client id its device id, password its token (one credential for
-//!   HTTP and MQTT); its role `device-<id>` lets it publish only under `devices/<id>/` and
-//!   subscribe to and receive only `devices/<id>/commands`;
+//!   HTTP and MQTT); its role `device-<id>` lets it publish only under `devices/<id>/` (its
+//!   readings, its answers) and subscribe to and receive only `devices/<id>/commands/#`;
 //! - one per ingest-mqtt replica, user name and client id `ingest-mqtt:<n>` (a `:` no device id
 //!   may contain, so no device account can ever be bound to an ingest session); role
-//!   `sensorhub-ingest`: subscribe to and receive every device's readings and the seed's topic.
+//!   `sensorhub-ingest`: subscribe to and receive every device's readings, every device's answers
+//!   to its commands (`devices/<id>/commands/<command id>/result`) and the seed's topic, and
+//!   publish every device's commands (`devices/<id>/commands`).
 //!
 //! Anything not granted is denied, receiving included ([`Broker::init`] sets the plugin's default
 //! ACL access), so a subscription or session an account should not have delivers nothing.
@@ -250,10 +252,12 @@ fn deny_by_default() -> Value {
     ]})
 }
 
-/// The role of every ingest-mqtt account: read devices' readings (plain or shared subscriptions)
-/// and, when enabled, the seed's topic. Existing ACLs answer "already exists".
+/// The role of every ingest-mqtt account: read devices' readings and their answers to commands
+/// (plain or shared subscriptions) and, when enabled, the seed's topic; send devices their
+/// commands. Existing ACLs answer "already exists", so on a broker set up by an earlier version the
+/// role is kept and the ACLs it lacks are added.
 fn ingest_role(legacy_topic: Option<&str>) -> Vec<Value> {
-    let mut topics = vec!["devices/+/readings"];
+    let mut topics = vec!["devices/+/readings", "devices/+/commands/+/result"];
     topics.extend(legacy_topic);
     let mut acls = Vec::new();
     for topic in topics {
@@ -263,6 +267,9 @@ fn ingest_role(legacy_topic: Option<&str>) -> Vec<Value> {
         }
         acls.push(json!({"acltype": "publishClientReceive", "topic": topic, "allow": true}));
     }
+    acls.push(
+        json!({"acltype": "publishClientSend", "topic": "devices/+/commands", "allow": true}),
+    );
     let mut commands = vec![json!({"command": "createRole", "rolename": INGEST_ROLE})];
     commands.extend(acls.into_iter().map(|acl| {
         let mut command = acl;
@@ -416,6 +423,45 @@ mod tests {
         }));
         assert_eq!(commands[1]["username"], "raspi-01");
         assert_eq!(commands[1]["clientid"], "raspi-01");
+    }
+
+    #[test]
+    fn ingest_reads_answers_and_sends_commands_and_an_existing_role_gets_the_new_acls() {
+        let commands = ingest_role(None);
+        assert_eq!(commands[0]["command"], "createRole");
+        assert!(
+            commands[0].get("acls").is_none(),
+            "ACLs are added one by one"
+        );
+        let acls: Vec<(String, String)> = commands[1..]
+            .iter()
+            .map(|c| {
+                assert_eq!(c["command"], "addRoleACL");
+                assert_eq!(c["allow"], true);
+                (
+                    c["acltype"].as_str().unwrap().to_owned(),
+                    c["topic"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect();
+        for expected in [
+            ("subscribePattern", "devices/+/commands/+/result"),
+            ("subscribePattern", "$share/+/devices/+/commands/+/result"),
+            ("publishClientReceive", "devices/+/commands/+/result"),
+            ("publishClientSend", "devices/+/commands"),
+        ] {
+            assert!(
+                acls.contains(&(expected.0.to_owned(), expected.1.to_owned())),
+                "{expected:?} in {acls:?}"
+            );
+        }
+        assert_eq!(
+            acls.iter()
+                .filter(|(t, _)| t == "publishClientSend")
+                .count(),
+            1,
+            "ingest sends nothing but commands"
+        );
     }
 
     #[test]

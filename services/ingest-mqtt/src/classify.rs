@@ -1,11 +1,22 @@
-//! What an MQTT message is: readings to publish, or a payload to refuse (with the reason).
+//! What an MQTT message is: readings to publish, a device's answer to a command to report, or a
+//! payload to refuse (with the reason).
 
-use models::{DeviceId, Reading, TimeWindow, ValidationKind};
+use models::{Channel, CommandReport, DeviceId, Reading, TimeWindow, ValidationKind};
+
+/// The longest command id a result topic may name: ids are UUIDs; anything much longer is no
+/// command's, and would only be refused by the persister after a trip through RabbitMQ.
+const MAX_COMMAND_ID_BYTES: usize = 64;
 
 #[derive(Debug, PartialEq)]
 pub enum Classified {
     Readings(Vec<Reading>),
-    Invalid { kind: &'static str, reason: String },
+    /// A device's answer to one of its commands, for the persister (which alone checks that the
+    /// command is the device's and still open).
+    Answer(Box<CommandReport>),
+    Invalid {
+        kind: &'static str,
+        reason: String,
+    },
 }
 
 fn refused(e: &models::ValidationError) -> Classified {
@@ -25,6 +36,9 @@ fn invalid(kind: &'static str, reason: impl Into<String>) -> Classified {
 
 /// `devices/<id>/readings` carries the `/v1/readings` format (device id optional, and if present the
 /// topic's); the legacy topic carries the seed's flat format. Times must lie in `window`.
+/// `devices/<id>/commands/<command id>/result` carries a device's answer
+/// (`{"status", "result"}`): the broker lets a device publish only under its own `devices/<id>/`,
+/// so the topic's device id is who answered.
 pub fn classify(
     topic: &[u8],
     payload: &[u8],
@@ -42,6 +56,9 @@ pub fn classify(
     }
     let device = match topic.split('/').collect::<Vec<_>>().as_slice() {
         ["devices", device, "readings"] => *device,
+        ["devices", device, "commands", command, "result"] => {
+            return classify_answer(device, command, payload);
+        }
         _ => {
             return invalid(
                 "topic",
@@ -69,6 +86,30 @@ pub fn classify(
     }
 }
 
+/// A device's answer, from its result topic. Every refusal is one kind, `invalid_answer`, whatever
+/// was wrong: answers are counted apart from readings.
+fn classify_answer(device: &str, command: &str, payload: &[u8]) -> Classified {
+    let device = match DeviceId::parse(device) {
+        Ok(device) => device,
+        Err(reason) => return invalid("topic", format!("topic: device id {reason}")),
+    };
+    if command.is_empty() || command.len() > MAX_COMMAND_ID_BYTES {
+        return invalid(
+            "invalid_answer",
+            format!("topic: a command id is 1 to {MAX_COMMAND_ID_BYTES} bytes"),
+        );
+    }
+    match models::parse_command_answer(payload) {
+        Ok(answer) => Classified::Answer(Box::new(CommandReport::answered(
+            command,
+            device,
+            Channel::Mqtt,
+            answer,
+        ))),
+        Err(e) => invalid("invalid_answer", format!("answer: {e}")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -84,7 +125,61 @@ mod tests {
         match c {
             Classified::Invalid { kind, .. } => kind,
             Classified::Readings(r) => panic!("accepted {r:?}"),
+            Classified::Answer(a) => panic!("accepted {a:?}"),
         }
+    }
+
+    #[test]
+    fn a_result_topic_takes_its_devices_answer_to_that_command() {
+        let c = classify(
+            b"devices/raspi-01/commands/c-1/result",
+            br#"{"status":"succeeded","result":{"led":"on"}}"#,
+            None,
+            now(),
+        );
+        let Classified::Answer(report) = c else {
+            panic!("{c:?}")
+        };
+        assert_eq!(
+            (report.command_id.as_str(), report.device_id.as_str()),
+            ("c-1", "raspi-01")
+        );
+        assert_eq!(report.via, Channel::Mqtt);
+        assert_eq!(
+            report.kind,
+            models::ReportKind::Answered {
+                outcome: models::Outcome::Succeeded,
+                result: Some(serde_json::json!({"led": "on"})),
+            }
+        );
+        for (topic, payload) in [
+            (
+                &b"devices/raspi-01/commands/c-1/result"[..],
+                &b"not json"[..],
+            ),
+            (
+                b"devices/raspi-01/commands/c-1/result",
+                br#"{"status":"done"}"#,
+            ),
+            (
+                b"devices/raspi-01/commands//result",
+                br#"{"status":"failed"}"#,
+            ),
+        ] {
+            assert_eq!(
+                kind(classify(topic, payload, None, now())),
+                "invalid_answer"
+            );
+        }
+        assert_eq!(
+            kind(classify(
+                b"devices/a b/commands/c-1/result",
+                br#"{"status":"failed"}"#,
+                None,
+                now()
+            )),
+            "topic"
+        );
     }
 
     #[test]

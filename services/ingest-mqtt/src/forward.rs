@@ -1,5 +1,6 @@
-//! The step both sources share: one MQTT message to RabbitMQ, its readings to the readings exchange
-//! or the payload to the invalid queue with the reason, retried while RabbitMQ is away. The source
+//! The step both sources share: one MQTT message to RabbitMQ, its readings to the readings exchange,
+//! a device's answer to a command to the persister's reports queue, or the payload to the invalid
+//! queue with the reason, retried while RabbitMQ is away. The source
 //! acknowledges the message only when this says [`Forwarded::Confirmed`].
 
 use std::time::Duration;
@@ -77,6 +78,7 @@ impl Forwarder {
         loop {
             let result = match classified {
                 Classified::Readings(readings) => self.publisher.publish(readings.clone()).await,
+                Classified::Answer(report) => self.publisher.publish_report(report).await,
                 Classified::Invalid { kind, reason } => {
                     tracing::debug!(%reason, kind, "refusing an MQTT message");
                     self.publisher
@@ -105,6 +107,9 @@ impl Forwarder {
         match classified {
             Classified::Readings(readings) => {
                 self.metrics.readings_accepted.inc_by(readings.len() as u64);
+            }
+            Classified::Answer(_) => {
+                self.metrics.command_answers.inc();
             }
             Classified::Invalid { kind, .. } => {
                 self.metrics

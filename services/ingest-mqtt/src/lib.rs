@@ -9,8 +9,15 @@
 //!
 //! A payload that can never be a reading (not JSON, invalid, wrong device) is kept on RabbitMQ's
 //! invalid queue with the reason, counted, and acknowledged, so it is not redelivered forever.
+//!
+//! Commands to devices go the other way (`commands`): taken from RabbitMQ's queue of commands for
+//! MQTT, published on `devices/<id>/commands` (through Mosquitto's session, or the MQTT plugin's
+//! exchange), and reported sent to the persister. Devices' answers, on
+//! `devices/<id>/commands/<command id>/result`, come in with the readings and go to the persister
+//! as reports, by the same forwarding step.
 
 mod classify;
+mod commands;
 mod forward;
 mod metrics;
 mod mosquitto;

@@ -9,13 +9,24 @@ pub struct KindLabels {
     pub kind: &'static str,
 }
 
+/// What became of a command taken from the commands queue (fixed values, never from input).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: &'static str,
+}
+
 #[derive(Clone)]
 pub struct MqttMetrics {
     pub messages_received: Counter,
     pub messages_acked: Counter,
-    /// By kind: not_json, invalid_reading, device_mismatch, topic.
+    /// By kind: not_json, invalid_reading, device_mismatch, topic, invalid_answer.
     pub messages_invalid: Family<KindLabels, Counter>,
     pub readings_accepted: Counter,
+    /// Devices' answers to commands handed to the persister (confirmed by RabbitMQ).
+    pub command_answers: Counter,
+    /// Commands taken from the commands queue, by outcome: sent, no_subscriber, refused, failed,
+    /// expired, undecodable.
+    pub commands: Family<OutcomeLabels, Counter>,
     /// Messages received and not yet acknowledged (waiting for RabbitMQ).
     pub messages_in_flight: Gauge,
     pub publish_retries: Counter,
@@ -29,6 +40,8 @@ impl MqttMetrics {
             messages_acked: Counter::default(),
             messages_invalid: Family::default(),
             readings_accepted: Counter::default(),
+            command_answers: Counter::default(),
+            commands: Family::default(),
             messages_in_flight: Gauge::default(),
             publish_retries: Counter::default(),
             connected: Gauge::default(),
@@ -63,6 +76,17 @@ impl MqttMetrics {
             "connected",
             "1 while connected to Mosquitto and subscribed",
             m.connected.clone(),
+        );
+        r.register(
+            "command_answers",
+            "Devices' answers to commands handed to the persister",
+            m.command_answers.clone(),
+        );
+        r.register(
+            "commands",
+            "Commands taken from the commands queue, by outcome (sent: the broker acknowledged the \
+             publish to a subscribed device and the persister was told)",
+            m.commands.clone(),
         );
         registry.register(
             "readings_accepted",

@@ -4,19 +4,31 @@
 //! down, messages stay unacknowledged; Mosquitto stops sending once its window of unacknowledged
 //! messages is full, and keeps the rest in the session. A message forwarded but not yet
 //! acknowledged when the process dies is delivered again after it restarts.
+//!
+//! The same session carries commands out (see `commands`): each is published at QoS 1 on its
+//! device's `devices/<id>/commands`, and its PUBACK answered to whoever handed it over. rumqttc
+//! does not say which publish a PUBACK is for, only the packet id it gave each publish as it
+//! wrote it (`Outgoing::Publish`); ingest-mqtt publishes nothing but commands, so the publishes
+//! queued and the packet ids written line up in order. A lost connection breaks that line: the
+//! commands not yet acknowledged are answered as failed then, and taken out of what rumqttc would
+//! send again on the next connection, so that every packet id written afterwards is a new
+//! command's. (The persister re-sends a command not reported sent.)
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::mqttbytes::v5::{ConnAck, Packet, Publish, SubAck, SubscribeReasonCode};
-use rumqttc::v5::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use rumqttc::v5::mqttbytes::v5::{
+    ConnAck, Packet, PubAck, PubAckReason, Publish, SubAck, SubscribeReasonCode,
+};
+use rumqttc::v5::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Request};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 
+use crate::commands::{CommandPublish, Handed};
 use crate::forward::{Forwarded, Forwarder};
 use crate::metrics::MqttMetrics;
 use crate::settings::Settings;
@@ -31,6 +43,8 @@ const FIRST_RECONNECT_BACKOFF: Duration = Duration::from_millis(100);
 enum Step {
     /// Boxed: an event is large, and most steps are not events.
     Event(Box<Result<Event, ConnectionError>>),
+    /// A command to publish.
+    Command(CommandPublish),
     /// Nothing to do this time round (a timer, a slot freed, shutdown noticed).
     Again,
     Stop,
@@ -60,6 +74,12 @@ pub struct MosquittoBridge {
     backoff: bus::Backoff,
     /// Set once a stop was asked for: messages in flight get until then to be confirmed.
     stop_deadline: Option<Instant>,
+    /// Commands to publish (none in a bridge that forwards no commands).
+    commands: Option<mpsc::Receiver<CommandPublish>>,
+    /// Commands handed to rumqttc and not yet written, in the order they were handed over.
+    commands_queued: VecDeque<oneshot::Sender<Handed>>,
+    /// Commands written, by packet id, waiting for their PUBACK.
+    commands_in_flight: HashMap<u16, oneshot::Sender<Handed>>,
 }
 
 impl MosquittoBridge {
@@ -71,6 +91,7 @@ impl MosquittoBridge {
             metrics,
             ready: connected,
             shutdown,
+            commands,
         } = source;
         let (client, events) = AsyncClient::new(mqtt_options(settings, client_id), 4096);
         let (done, finished) = mpsc::unbounded_channel();
@@ -101,6 +122,9 @@ impl MosquittoBridge {
                 Duration::from_millis(settings.retry_max_backoff_ms).min(MAX_RECONNECT_BACKOFF),
             ),
             stop_deadline: None,
+            commands,
+            commands_queued: VecDeque::new(),
+            commands_in_flight: HashMap::new(),
         }
     }
 
@@ -110,6 +134,10 @@ impl MosquittoBridge {
         loop {
             let event = match self.next_step().await {
                 Step::Event(event) => *event,
+                Step::Command(command) => {
+                    self.publish_command(command);
+                    continue;
+                }
                 Step::Again => continue,
                 Step::Stop => break,
             };
@@ -117,6 +145,10 @@ impl MosquittoBridge {
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => self.on_connected(&ack),
                 Ok(Event::Incoming(Packet::SubAck(ack))) => self.on_subscribed(&ack),
                 Ok(Event::Incoming(Packet::Publish(publish))) => self.dispatch(publish),
+                Ok(Event::Outgoing(rumqttc::Outgoing::Publish(pkid))) => {
+                    self.on_command_written(pkid)
+                }
+                Ok(Event::Incoming(Packet::PubAck(ack))) => self.on_command_acknowledged(&ack),
                 Ok(_) => {}
                 Err(e) => {
                     if self.on_connection_lost(&e).await.is_break() {
@@ -137,7 +169,9 @@ impl MosquittoBridge {
     }
 
     /// Waits for a free slot (polling now and then anyway, so keep-alive pings go out while
-    /// RabbitMQ is away and every slot is taken), then for the next MQTT event.
+    /// RabbitMQ is away and every slot is taken), then for the next MQTT event. A command to
+    /// publish is taken meanwhile, but only while connected and subscribed: until then commands
+    /// wait in the channel (and on RabbitMQ).
     async fn next_step(&mut self) -> Step {
         while self.handlers.try_join_next().is_some() {}
         if let Some(deadline) = self.stop_deadline
@@ -145,9 +179,13 @@ impl MosquittoBridge {
         {
             return Step::Stop;
         }
+        let take_commands = self.commands.is_some() && self.is_connected() && !self.stopping();
         if self.slot.is_none() && !self.stopping() {
             tokio::select! {
                 permit = self.slots.clone().acquire_owned() => self.slot = permit.ok(),
+                Some(command) = next_command(&mut self.commands), if take_commands => {
+                    return Step::Command(command);
+                }
                 _ = self.shutdown.changed() => {
                     self.begin_stop();
                     return Step::Again;
@@ -158,6 +196,9 @@ impl MosquittoBridge {
         let stopping = self.stopping();
         tokio::select! {
             event = self.events.poll() => Step::Event(Box::new(event)),
+            Some(command) = next_command(&mut self.commands), if take_commands => {
+                Step::Command(command)
+            }
             _ = self.shutdown.changed(), if !stopping => {
                 self.begin_stop();
                 Step::Again
@@ -214,8 +255,64 @@ impl MosquittoBridge {
         self.next_seq += 1;
     }
 
+    /// Hands a command to rumqttc, to be written at QoS 1 (its answer comes with the PUBACK).
+    fn publish_command(&mut self, command: CommandPublish) {
+        if command.expires_at <= chrono::Utc::now() {
+            let _ = command.done.send(Handed::Expired);
+            return;
+        }
+        match self
+            .client
+            .try_publish(command.topic, QoS::AtLeastOnce, false, command.payload)
+        {
+            Ok(()) => self.commands_queued.push_back(command.done),
+            Err(e) => {
+                let _ = command.done.send(Handed::Failed(e.to_string()));
+            }
+        }
+    }
+
+    /// rumqttc wrote a publish with this packet id: the oldest command queued (nothing else is
+    /// published on this session, and what a lost connection left is never written again).
+    fn on_command_written(&mut self, pkid: u16) {
+        if let Some(done) = self.commands_queued.pop_front() {
+            self.commands_in_flight.insert(pkid, done);
+        }
+    }
+
+    /// Mosquitto's answer to a command: delivered (or queued for a session away), no subscriber,
+    /// or refused (its reason code says why: not authorised, most likely).
+    fn on_command_acknowledged(&mut self, ack: &PubAck) {
+        let Some(done) = self.commands_in_flight.remove(&ack.pkid) else {
+            return;
+        };
+        let handed = match ack.reason {
+            PubAckReason::Success => Handed::Sent,
+            PubAckReason::NoMatchingSubscribers => Handed::NoSubscriber,
+            other => Handed::Refused(format!("{other:?}")),
+        };
+        let _ = done.send(handed);
+    }
+
+    /// The connection is gone: no PUBACK will come for the commands in hand. They fail now, and
+    /// whatever of them rumqttc kept to send again is dropped (see the module's documentation).
+    fn fail_commands(&mut self, reason: &str) {
+        self.events
+            .pending
+            .retain(|request| !matches!(request, Request::Publish(_)));
+        let queued = self.commands_queued.drain(..);
+        for done in queued.chain(self.commands_in_flight.drain().map(|(_, done)| done)) {
+            let _ = done.send(Handed::Failed(reason.to_owned()));
+        }
+    }
+
+    fn is_connected(&self) -> bool {
+        self.connected.load(Ordering::SeqCst)
+    }
+
     async fn on_connection_lost(&mut self, error: &ConnectionError) -> std::ops::ControlFlow<()> {
         self.set_connected(false);
+        self.fail_commands(&format!("MQTT connection lost: {error}"));
         if self.stopping() {
             return std::ops::ControlFlow::Break(());
         }
@@ -288,8 +385,22 @@ fn mqtt_options(settings: &Settings, client_id: &str) -> MqttOptions {
     options
 }
 
+/// The next command to publish; never, when this bridge forwards none.
+async fn next_command(
+    commands: &mut Option<mpsc::Receiver<CommandPublish>>,
+) -> Option<CommandPublish> {
+    match commands {
+        Some(commands) => commands.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Devices' readings, their answers to commands, and the seed's topic (when on).
 fn subscriptions(settings: &Settings) -> Vec<String> {
-    let mut filters = vec!["devices/+/readings".to_owned()];
+    let mut filters = vec![
+        "devices/+/readings".to_owned(),
+        "devices/+/commands/+/result".to_owned(),
+    ];
     if !settings.mqtt_legacy_topic.is_empty() {
         filters.push(settings.mqtt_legacy_topic.clone());
     }

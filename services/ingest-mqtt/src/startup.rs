@@ -10,8 +10,9 @@ use anyhow::Context;
 use bus::{Publisher, PublisherMetrics, Topology};
 use prometheus_client::registry::Registry;
 use service_kit::{Ops, Readiness};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
+use crate::commands::{COMMANDS_PREFETCH, CommandPublish, CommandsOut, Outlet};
 use crate::forward::Forwarder;
 use crate::metrics::MqttMetrics;
 use crate::mosquitto::MosquittoBridge;
@@ -31,6 +32,8 @@ pub(crate) struct Source<'a> {
     /// Set while the source is connected and taking messages (readiness).
     pub ready: Arc<AtomicBool>,
     pub shutdown: watch::Receiver<bool>,
+    /// Commands for the MQTT bridge to publish (broker mode `mosquitto`).
+    pub commands: Option<mpsc::Receiver<CommandPublish>>,
 }
 
 pub struct IngestMqtt {
@@ -108,6 +111,28 @@ impl IngestMqtt {
             self.metrics.clone(),
             shutdown_rx.clone(),
         ));
+        // Commands go out through Mosquitto's session, or the MQTT plugin's exchange.
+        let (commands, outlet) = match self.settings.mqtt_broker {
+            MqttBroker::Mosquitto => {
+                let (to_broker, commands) = mpsc::channel(usize::from(COMMANDS_PREFETCH));
+                (Some(commands), Outlet::Mosquitto(to_broker))
+            }
+            MqttBroker::Rabbitmq => {
+                let mqtt = bus::MqttTopology::with_prefix(&self.settings.bus.amqp_prefix);
+                (None, Outlet::Rabbitmq(mqtt.exchange))
+            }
+        };
+        let commands_out = tokio::spawn(
+            CommandsOut::new(
+                &self.settings,
+                &self.client_id,
+                self.publisher.clone(),
+                outlet,
+                self.metrics.clone(),
+                shutdown_rx.clone(),
+            )
+            .run(),
+        );
         let source = Source {
             settings: &self.settings,
             client_id: &self.client_id,
@@ -115,6 +140,7 @@ impl IngestMqtt {
             metrics: self.metrics.clone(),
             ready: self.source_ready.clone(),
             shutdown: shutdown_rx,
+            commands,
         };
         let source = match self.settings.mqtt_broker {
             MqttBroker::Mosquitto => tokio::spawn(MosquittoBridge::new(source).run()),
@@ -124,6 +150,9 @@ impl IngestMqtt {
         shutdown.send_replace(true);
         if let Err(e) = source.await {
             tracing::error!(error = %e, "the MQTT bridge failed");
+        }
+        if let Err(e) = commands_out.await {
+            tracing::error!(error = %e, "forwarding commands failed");
         }
         self.publisher.close().await;
         ops_handle.stop(true).await;

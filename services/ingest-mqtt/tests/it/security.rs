@@ -16,7 +16,7 @@ use testkit::mqtt::{Device, Listening, Mosquitto};
 use crate::Stack;
 use testkit::spawn::Running;
 
-const INGEST_PASSWORD: &str = "ingest-secret";
+pub const INGEST_PASSWORD: &str = "ingest-secret";
 /// ingest-mqtt replicas with an account, as `sensorctl mqtt init --ingest-replicas 2` makes them.
 const INGEST_REPLICAS: u32 = 2;
 
