@@ -11,8 +11,9 @@
 //! - `resource`: write to (publish) and read from (subscribe) the MQTT exchange; its own
 //!   subscription queues (`mqtt-subscription-<id>qos0|1`, named after the client id, which is the
 //!   device id). Nothing else.
-//! - `topic`: publish exactly `devices/<id>/readings`, subscribe exactly `devices/<id>/commands`.
-//!   Exactly, not a prefix: the plugin turns `/` into `.` and a device id may contain `.`, so
+//! - `topic`: publish exactly `devices/<id>/readings` and answers
+//!   `devices/<id>/commands/<command id>/result` (a command id holds no `.`), subscribe exactly
+//!   `devices/<id>/commands`. Exactly, not a prefix: the plugin turns `/` into `.` and a device id may contain `.`, so
 //!   device `pi` publishing `devices/pi/kitchen/readings` would otherwise be read as device
 //!   `pi.kitchen`'s readings.
 //!
@@ -104,12 +105,24 @@ impl MqttRules {
             return Decision::Deny;
         }
         match permission {
-            "write" => routing_key == format!("devices.{device}.readings"),
+            "write" => {
+                routing_key == format!("devices.{device}.readings")
+                    || is_own_answer(device, routing_key)
+            }
             "read" => routing_key == format!("devices.{device}.commands"),
             _ => false,
         }
         .into()
     }
+}
+
+/// `devices.<device>.commands.<command id>.result`, the command id without a `.`: so the key
+/// names no other device however many dots device ids hold.
+fn is_own_answer(device: &DeviceId, routing_key: &str) -> bool {
+    routing_key
+        .strip_prefix(&format!("devices.{device}.commands."))
+        .and_then(|rest| rest.strip_suffix(".result"))
+        .is_some_and(|command| !command.is_empty() && !command.contains('.'))
 }
 
 type Form = web::Form<HashMap<String, String>>;
@@ -240,13 +253,22 @@ mod tests {
     }
 
     #[test]
-    fn a_device_publishes_only_its_readings_and_reads_only_its_commands() {
+    fn a_device_publishes_only_its_readings_and_answers_and_reads_only_its_commands() {
         let r = rules();
         let pi = id("pi");
         let allow = |perm, key| r.topic(&pi, "/", "sensorhub.mqtt", perm, key);
         assert_eq!(allow("write", "devices.pi.readings"), Decision::Allow);
         assert_eq!(allow("read", "devices.pi.commands"), Decision::Allow);
+        assert_eq!(
+            allow("write", "devices.pi.commands.0193-ab.result"),
+            Decision::Allow
+        );
         for (perm, key) in [
+            ("write", "devices.other.commands.c1.result"),
+            ("write", "devices.pi.commands..result"),
+            ("write", "devices.pi.commands.x.y.result"),
+            ("write", "devices.pi.commands.c1"),
+            ("read", "devices.pi.commands.c1.result"),
             ("write", "devices.other.readings"),
             // would be read as device `pi.kitchen`'s
             ("write", "devices.pi.kitchen.readings"),
