@@ -8,7 +8,6 @@ use models::DeviceCommand;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::json;
 use store::commands::{Command, CommandEvent, Issued, NewCommand};
-use testkit::rabbitmq::MqttAuth;
 use testkit::spawn::{self, Running};
 use testkit::{TestDb, eventually};
 use tokio::sync::mpsc;
@@ -389,14 +388,16 @@ async fn ready_in(amqp_url: &str, queue: &str) -> u32 {
 
 #[tokio::test]
 async fn in_rabbitmq_mode_commands_go_out_through_the_mqtt_exchange_and_answers_come_back() {
-    let stack = DurableStack::new(MqttAuth::Anonymous);
+    // devices log in as in production: RabbitMQ asks ingest-http, which must let a device
+    // publish its answers
+    let stack = DurableStack::with_device_accounts().await;
     let _persister = stack.persister().await;
     let ingest = stack
         .ingest(&stack.settings("ingest-durable-commands"))
         .await;
-    stack.register("raspi-r");
+    let token = stack.register("raspi-r");
     stack.register("raspi-away");
-    let mut device = DeviceClient::connect_to(stack.node.mqtt_port, "raspi-r", None);
+    let mut device = DeviceClient::connect_to(stack.node.mqtt_port, "raspi-r", Some(&token));
     assert!(device.subscribe("devices/raspi-r/commands").await);
 
     let away = issue(&stack.db, "raspi-away", "led");
