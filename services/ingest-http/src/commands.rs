@@ -307,5 +307,7 @@ pub const NEXT: &str = "/v1/commands/next";
 pub const RESULT: &str = "/v1/commands/{id}/result";
 
 pub fn routes(cfg: &mut utoipa_actix_web::service_config::ServiceConfig) {
-    cfg.service(next_command).service(post_result);
+    cfg.service(next_command)
+        .service(post_result)
+        .service(crate::ws::websocket);
 }

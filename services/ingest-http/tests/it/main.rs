@@ -11,6 +11,7 @@ mod input;
 mod openapi;
 mod registry;
 mod security;
+mod ws;
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -518,7 +519,8 @@ async fn the_openapi_description_lists_exactly_the_served_routes() {
             "/readyz",
             "/v1/commands/next",
             "/v1/commands/{id}/result",
-            "/v1/readings"
+            "/v1/readings",
+            "/v1/ws"
         ]
     );
     // the ops endpoints are checked with the description's other claims (openapi.rs)
@@ -527,13 +529,13 @@ async fn the_openapi_description_lists_exactly_the_served_routes() {
         .filter(|p| *p == "/data" || p.starts_with("/v1/"))
     {
         let methods: Vec<&String> = doc["paths"][path].as_object().unwrap().keys().collect();
-        let expected = if path == "/v1/commands/next" {
+        let expected = if path == "/v1/commands/next" || path == "/v1/ws" {
             "get"
         } else {
             "post"
         };
         assert_eq!(methods, [expected]);
-        // served: a bad body (or query) is this route's 400, not the unknown-route 404
+        // served: a bad body (or query, or handshake) is this route's 400, not the unknown-route 404
         let url = format!("{}{}", ingest.url, path.replace("{id}", "c-1"));
         let (status, answer) = if expected == "get" {
             let token = stack.token("a").await;
