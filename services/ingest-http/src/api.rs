@@ -55,6 +55,9 @@ pub struct IngestState {
     pub public: PublicRoutes,
     pub audit: Arc<AuditTrail>,
     pub commands: crate::commands::CommandDesk,
+    /// Becomes true when the service starts stopping: long-polls answer and WebSockets close at
+    /// once, rather than holding the graceful shutdown for their whole wait.
+    pub stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 pub fn routes(cfg: &mut ServiceConfig) {

@@ -208,12 +208,14 @@ async fn next_command(
         // subscribed before reading: a command issued meanwhile is not missed
         let mut subscription = desk.router.subscribe(device).await?;
         let due = desk.due(device, 1).await?.into_iter().next();
+        let mut stopping = state.stopping.clone();
         let command = match due {
             Some(command) => Some(command),
-            None => tokio::time::timeout(wait, subscription.next())
-                .await
-                .ok()
-                .flatten(),
+            None => tokio::select! {
+                command = tokio::time::timeout(wait, subscription.next()) => command.ok().flatten(),
+                // stopping: no command, and the device asks again (another replica)
+                _ = stopping.wait_for(|s| *s) => None,
+            },
         };
         drop(subscription);
         let Some(command) = command else {

@@ -35,6 +35,7 @@ pub struct Application {
     publisher: Publisher,
     router: DeviceCommands,
     audit: Arc<AuditTrail>,
+    stopping: tokio::sync::watch::Sender<bool>,
 }
 
 impl Application {
@@ -85,6 +86,7 @@ impl Application {
         let audit = AuditTrail::new(settings.audit_accepted);
         audit.flush_every(Duration::from_secs(settings.audit_summary_interval_secs));
         let ops = Ops::new(registry, readiness);
+        let (stopping, stopping_rx) = tokio::sync::watch::channel(false);
         let state = web::Data::new(IngestState {
             publisher: publisher.clone(),
             metrics: ingest_metrics,
@@ -111,6 +113,7 @@ impl Application {
                 pool: commands_pool,
                 publisher: publisher.clone(),
             },
+            stopping: stopping_rx,
         });
 
         let (listener, port) = settings.http.bind()?;
@@ -151,6 +154,7 @@ impl Application {
             publisher,
             router,
             audit,
+            stopping,
         })
     }
 
@@ -162,6 +166,12 @@ impl Application {
     /// answers the requests in flight (each waits for its confirm), publishes anything still
     /// waiting, and closes the RabbitMQ connection.
     pub async fn run_until(self, stop: impl Future<Output = ()>) -> std::io::Result<()> {
+        let stopping = self.stopping;
+        let stop = async move {
+            stop.await;
+            // long-polls and WebSockets end now, so the requests in flight drain quickly
+            stopping.send_replace(true);
+        };
         let served = service_kit::shutdown::serve_until(self.server, stop).await;
         drop(self.notifications);
         self.router.close().await;

@@ -222,6 +222,7 @@ impl Socket {
                 return Ended::Gone;
             }
         }
+        let mut stopping = self.state.stopping.clone();
         let mut heard = Instant::now();
         let mut ping =
             tokio::time::interval_at(tokio::time::Instant::now() + PING_EVERY, PING_EVERY);
@@ -261,6 +262,9 @@ impl Socket {
                             return Ended::Close(CloseCode::Size, error.to_string());
                         }
                     }
+                }
+                _ = stopping.wait_for(|s| *s) => {
+                    return Ended::Close(CloseCode::Restart, "the service is stopping".into());
                 }
                 _ = ping.tick() => {
                     if heard.elapsed() >= SILENT_FOR {

@@ -219,3 +219,23 @@ async fn an_expired_or_finished_command_cannot_be_answered() {
     );
     ingest.stop().await;
 }
+
+#[tokio::test]
+async fn a_stopping_service_answers_its_long_polls_at_once() {
+    let stack = Stack::new();
+    let ingest = stack.ingest().await;
+    let request = stack
+        .client
+        .get(format!("{}/v1/commands/next?wait=60", ingest.url))
+        .bearer_auth(stack.token("pi-1").await);
+    let polling = tokio::spawn(async move { request.send().await.unwrap().status().as_u16() });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let started = Instant::now();
+    ingest.stop().await;
+    assert_eq!(polling.await.unwrap(), 204);
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "stopped after {:?}",
+        started.elapsed()
+    );
+}
