@@ -8,6 +8,9 @@
 //! - [`QueueConsumer`]: takes messages off one of the queues (readings, command reports, commands
 //!   for MQTT), with an acknowledgement handle per delivery, dead-lettering and the queue's depth;
 //!   what the persister and ingest-mqtt's command forwarding build on.
+//! - [`DeviceCommands`]: an ingest-http replica's command router: its own queue, bound to the
+//!   commands exchange for each device it holds a long-poll or WebSocket of, handing each command
+//!   to the local waiters.
 //! - [`Backoff`]: the one retry shape (exponential, jittered, capped) for every retrying loop.
 //! - `wire` (private): the queue's wire shape, in one place.
 //! - [`MqttTopology`]: where RabbitMQ's MQTT plugin routes what devices publish (broker mode
@@ -18,6 +21,7 @@ mod connection;
 mod consumer;
 mod metrics;
 mod publisher;
+mod router;
 mod topology;
 mod wire;
 
@@ -29,6 +33,7 @@ pub use consumer::{
 };
 pub use metrics::PublisherMetrics;
 pub use publisher::{PublishError, Publisher, PublisherSettings};
+pub use router::{DeviceCommands, RouterError, Subscription};
 pub use topology::{
     ALL_DEVICES_BINDING, INVALID_ROUTING_KEY, MQTT_ANSWERS_BINDING, MQTT_COMMANDS_BINDING,
     MQTT_READINGS_BINDING, MqttTopology, READINGS_ROUTING_KEY, REPORTS_ROUTING_KEY, Topology,

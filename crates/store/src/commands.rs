@@ -452,6 +452,16 @@ pub fn next_for_device(
     conn: &mut PgConnection,
     device_id: &str,
 ) -> Result<Option<Command>, StoreError> {
+    Ok(due_for_device(conn, device_id, 1)?.into_iter().next())
+}
+
+/// What a device's new WebSocket gets: up to `limit` of the commands [`next_for_device`] would
+/// hand out one by one, oldest first.
+pub fn due_for_device(
+    conn: &mut PgConnection,
+    device_id: &str,
+    limit: i64,
+) -> Result<Vec<Command>, StoreError> {
     use commands::dsl as c;
     let now = Utc::now();
     Ok(c::commands
@@ -463,9 +473,9 @@ pub fn next_for_device(
                 .and(c::deliver_after.le(now))),
         )
         .order(c::id)
+        .limit(limit)
         .select(Command::as_select())
-        .first(conn)
-        .optional()?)
+        .load(conn)?)
 }
 
 /// Why a report about a command is refused.

@@ -54,10 +54,15 @@ pub struct IngestState {
     pub trusted_proxies: TrustedProxies,
     pub public: PublicRoutes,
     pub audit: Arc<AuditTrail>,
+    pub commands: crate::commands::CommandDesk,
+    /// Becomes true when the service starts stopping: long-polls answer and WebSockets close at
+    /// once, rather than holding the graceful shutdown for their whole wait.
+    pub stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 pub fn routes(cfg: &mut ServiceConfig) {
     cfg.service(post_data).service(post_readings);
+    crate::commands::routes(cfg);
 }
 
 /// The flat seed format: `device_id`, optional `ts` and `id`, and every other field (1–64 of
@@ -253,8 +258,14 @@ async fn post_readings(
         .map(|accepted| HttpResponse::Accepted().json(Accepted { accepted }))
 }
 
-/// The routes that take readings, as metric and audit labels.
-pub const ENDPOINTS: [&str; 2] = ["/data", "/v1/readings"];
+/// The device routes (readings, commands, the WebSocket), as metric and audit labels.
+pub const ENDPOINTS: [&str; 5] = [
+    "/data",
+    "/v1/readings",
+    crate::commands::NEXT,
+    crate::commands::RESULT,
+    crate::ws::ROUTE,
+];
 
 /// `route` as one of [`ENDPOINTS`], or `unmatched`: a bounded label whatever the path was.
 pub fn endpoint_label(route: Option<&str>) -> &'static str {
@@ -352,7 +363,7 @@ fn check_content_type(req: &HttpRequest) -> Result<(), IngestError> {
 
 /// Reads the body, refusing it as soon as it is known to exceed `limit` (from Content-Length, or
 /// while streaming), so an oversized request costs at most `limit` bytes of memory.
-async fn read_json_body(
+pub(crate) async fn read_json_body(
     req: &HttpRequest,
     mut payload: web::Payload,
     limit: usize,

@@ -140,6 +140,21 @@ impl AuditTrail {
             detail = ?error.to_string());
     }
 
+    /// A command handed to its device (`sent`) or answered (`succeeded`, `failed`): a line each.
+    pub fn command(
+        &self,
+        endpoint: &'static str,
+        writer: &Writer,
+        client: Option<IpAddr>,
+        command: &str,
+        what: &'static str,
+    ) {
+        tracing::info!(target: "audit", outcome = "accepted", endpoint,
+            device.id = writer.device_id().unwrap_or("-"),
+            token.id = writer.token_id().unwrap_or("-"),
+            client.addr = %addr_text(client), command.id = ?command, command.event = what);
+    }
+
     /// One line per device and token that wrote since the last flush.
     pub fn flush(&self) {
         let pending = match self.pending.lock() {

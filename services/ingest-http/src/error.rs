@@ -4,6 +4,7 @@ use bus::PublishError;
 use models::ValidationError;
 use service_kit::ApiError;
 use service_kit::error::retry_after;
+use store::commands::Refusal;
 
 /// Everything an ingest request can fail with; mapped to HTTP in one place, below.
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +29,13 @@ pub enum IngestError {
     RegistryUnavailable,
     #[error("the request body took too long to arrive")]
     Timeout,
+    #[error("PostgreSQL cannot be read now: {0}")]
+    Database(String),
+    #[error(transparent)]
+    Router(#[from] bus::RouterError),
+    /// An answer refused: no such command, another device's, or finished or expired.
+    #[error("{0}")]
+    Command(store::commands::Refusal),
 }
 
 impl IngestError {
@@ -43,6 +51,8 @@ impl IngestError {
             IngestError::Forbidden(_) => "forbidden",
             IngestError::RateLimited(_) => "rate_limited",
             IngestError::Timeout => "timeout",
+            IngestError::Database(_) | IngestError::Router(_) => "unavailable",
+            IngestError::Command(refusal) => refusal.reason(),
         }
     }
 }
@@ -63,9 +73,13 @@ impl ResponseError for IngestError {
             IngestError::Invalid(_) | IngestError::Body(_) => StatusCode::BAD_REQUEST,
             IngestError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             IngestError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            IngestError::Publish(_) | IngestError::RegistryUnavailable => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            IngestError::Publish(_)
+            | IngestError::RegistryUnavailable
+            | IngestError::Database(_)
+            | IngestError::Router(_) => StatusCode::SERVICE_UNAVAILABLE,
+            IngestError::Command(Refusal::NoSuchCommand) => StatusCode::NOT_FOUND,
+            IngestError::Command(Refusal::NotTheDevices) => StatusCode::FORBIDDEN,
+            IngestError::Command(Refusal::Finished(_)) => StatusCode::CONFLICT,
             IngestError::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
             IngestError::Forbidden(_) => StatusCode::FORBIDDEN,
             IngestError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
@@ -102,6 +116,17 @@ impl ResponseError for IngestError {
             IngestError::Forbidden(reason) => ApiError::forbidden(reason.clone()),
             IngestError::RateLimited(wait) => ApiError::too_many_requests(*wait),
             IngestError::Timeout => ApiError::new(status, "timeout", self.to_string()),
+            IngestError::Database(_) => {
+                ApiError::unavailable(self.to_string(), retry_after::DATABASE_SECS)
+            }
+            IngestError::Router(_) => {
+                ApiError::unavailable(self.to_string(), retry_after::BROKER_SECS)
+            }
+            IngestError::Command(Refusal::NoSuchCommand) => ApiError::not_found(self.to_string()),
+            IngestError::Command(Refusal::NotTheDevices) => ApiError::forbidden(self.to_string()),
+            IngestError::Command(refusal @ Refusal::Finished(_)) => {
+                ApiError::new(status, refusal.reason(), self.to_string())
+            }
         };
         error.error_response()
     }

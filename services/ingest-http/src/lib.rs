@@ -3,12 +3,14 @@
 
 mod api;
 pub mod audit;
+mod commands;
 mod device_auth;
 mod error;
 mod metrics;
 pub mod rabbitmq_auth;
 pub mod settings;
 pub mod startup;
+mod ws;
 
 pub use api::ApiDoc;
 pub use settings::Settings;

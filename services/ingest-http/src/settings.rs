@@ -34,6 +34,7 @@ pub struct Settings {
     pub rabbitmq_mqtt_vhost: String,
     pub audit_accepted: AcceptedWrites,
     pub audit_summary_interval_secs: u64,
+    pub commands_db_max_connections: u32,
 }
 
 impl ServiceSettings for Settings {

@@ -7,7 +7,7 @@ use actix_web::middleware::from_fn;
 use actix_web::{App, HttpServer, web};
 use anyhow::Context;
 use auth::{CredentialChange, DeviceRegistry, Follower, TokenVerifier};
-use bus::{Publisher, PublisherMetrics};
+use bus::{DeviceCommands, Publisher, PublisherMetrics};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
@@ -20,6 +20,7 @@ use utoipa_actix_web::AppExt;
 
 use crate::api::{self, ApiDoc, IngestState};
 use crate::audit::AuditTrail;
+use crate::commands::CommandDesk;
 use crate::device_auth::{self, Authenticator};
 use crate::metrics::{CauseLabels, IngestMetrics};
 use crate::rabbitmq_auth::{self, MqttRules};
@@ -32,7 +33,9 @@ pub struct Application {
     /// The registry's change listener (none for anonymous devices): stops with the service.
     notifications: Option<store::listen::Listener>,
     publisher: Publisher,
+    router: DeviceCommands,
     audit: Arc<AuditTrail>,
+    stopping: tokio::sync::watch::Sender<bool>,
 }
 
 impl Application {
@@ -49,16 +52,41 @@ impl Application {
             PublisherMetrics::register(&mut registry),
             "ingest-http".to_owned(),
         );
+        let router = DeviceCommands::start(
+            settings.bus.amqp_url.clone(),
+            settings.bus.topology(),
+            "ingest-http commands".to_owned(),
+        );
         let ready_publisher = publisher.clone();
+        let ready_router = router.clone();
         let readiness = Readiness::default().with_check("rabbitmq", move || {
-            let available = ready_publisher.check_available().map_err(|e| e.to_string());
+            let available = ready_publisher
+                .check_available()
+                .map_err(|e| e.to_string())
+                .and_then(|()| {
+                    ready_router
+                        .is_connected()
+                        .then_some(())
+                        .ok_or_else(|| "the command router is not connected".to_owned())
+                });
             async move { available }
         });
+        // read only: what is due for a device, whose a command is (connections are made lazily)
+        let commands_pool = store::connect_pool(
+            &settings.database_url,
+            &store::PoolSettings {
+                max_connections: settings.commands_db_max_connections,
+                acquire_timeout_ms: 5_000,
+                statement_timeout_ms: 10_000,
+                application_name: "ingest-http commands".into(),
+            },
+        )?;
         let (authenticator, readiness, notifications) =
             authenticator(settings, readiness, ingest_metrics.registry_reads.clone())?;
         let audit = AuditTrail::new(settings.audit_accepted);
         audit.flush_every(Duration::from_secs(settings.audit_summary_interval_secs));
         let ops = Ops::new(registry, readiness);
+        let (stopping, stopping_rx) = tokio::sync::watch::channel(false);
         let state = web::Data::new(IngestState {
             publisher: publisher.clone(),
             metrics: ingest_metrics,
@@ -80,6 +108,12 @@ impl Application {
                 &[]
             }),
             audit: audit.clone(),
+            commands: CommandDesk {
+                router: router.clone(),
+                pool: commands_pool,
+                publisher: publisher.clone(),
+            },
+            stopping: stopping_rx,
         });
 
         let (listener, port) = settings.http.bind()?;
@@ -118,7 +152,9 @@ impl Application {
             server,
             notifications,
             publisher,
+            router,
             audit,
+            stopping,
         })
     }
 
@@ -130,8 +166,15 @@ impl Application {
     /// answers the requests in flight (each waits for its confirm), publishes anything still
     /// waiting, and closes the RabbitMQ connection.
     pub async fn run_until(self, stop: impl Future<Output = ()>) -> std::io::Result<()> {
+        let stopping = self.stopping;
+        let stop = async move {
+            stop.await;
+            // long-polls and WebSockets end now, so the requests in flight drain quickly
+            stopping.send_replace(true);
+        };
         let served = service_kit::shutdown::serve_until(self.server, stop).await;
         drop(self.notifications);
+        self.router.close().await;
         self.publisher.close().await;
         self.audit.flush();
         served

@@ -5,6 +5,8 @@
     reason = "a test stops at the first thing that is not as it must be"
 )]
 
+mod router;
+
 use std::time::Duration;
 
 use bus::lapin::options::{BasicAckOptions, BasicGetOptions};

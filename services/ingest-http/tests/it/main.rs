@@ -6,10 +6,12 @@
     reason = "a test stops at the first thing that is not as it must be"
 )]
 
+mod commands;
 mod input;
 mod openapi;
 mod registry;
 mod security;
+mod ws;
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -515,7 +517,10 @@ async fn the_openapi_description_lists_exactly_the_served_routes() {
             "/metrics",
             "/openapi.json",
             "/readyz",
-            "/v1/readings"
+            "/v1/commands/next",
+            "/v1/commands/{id}/result",
+            "/v1/readings",
+            "/v1/ws"
         ]
     );
     // the ops endpoints are checked with the description's other claims (openapi.rs)
@@ -524,11 +529,27 @@ async fn the_openapi_description_lists_exactly_the_served_routes() {
         .filter(|p| *p == "/data" || p.starts_with("/v1/"))
     {
         let methods: Vec<&String> = doc["paths"][path].as_object().unwrap().keys().collect();
-        assert_eq!(methods, ["post"]);
-        // served: a bad body is this route's 400, not the unknown-route 404
-        let (status, answer) = stack
-            .post(format!("{}{path}", ingest.url), json!(null))
-            .await;
+        let expected = if path == "/v1/commands/next" || path == "/v1/ws" {
+            "get"
+        } else {
+            "post"
+        };
+        assert_eq!(methods, [expected]);
+        // served: a bad body (or query, or handshake) is this route's 400, not the unknown-route 404
+        let url = format!("{}{}", ingest.url, path.replace("{id}", "c-1"));
+        let (status, answer) = if expected == "get" {
+            let token = stack.token("a").await;
+            let response = stack
+                .client
+                .get(format!("{url}?wait=never"))
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap();
+            (response.status().as_u16(), response.json().await.unwrap())
+        } else {
+            stack.post(url, json!(null)).await
+        };
         assert_eq!(status, 400, "{path}: {answer}");
     }
     ingest.stop().await;

@@ -426,6 +426,9 @@ async fn every_spelling_of_every_route_needs_a_device_token() {
         ("POST", "/data"),
         ("POST", "/v1/readings"),
         ("GET", "/data"),
+        ("GET", "/v1/commands/next"),
+        ("POST", "/v1/commands/c-1/result"),
+        ("GET", "/v1/ws"),
         ("POST", "/nothing-here"),
     ] {
         for target in testkit::path_spellings(path, &addr) {

@@ -311,6 +311,7 @@ async fn every_public_path_is_routed_over_tls_and_nothing_else() {
     for router in [
         "ingest@file",
         "ingest-openapi@file",
+        "ingest-commands@file",
         "read@file",
         "dashboard@file",
     ] {
@@ -368,6 +369,61 @@ async fn every_public_path_is_routed_over_tls_and_nothing_else() {
         )),
         "plain HTTP served on the TLS entry point"
     );
+}
+
+/// A device long-polls its command and answers it through Traefik (ingest-http's routes), while
+/// query-api keeps the rest of /v1/commands/ (an app follows the command there).
+#[tokio::test]
+async fn a_device_long_polls_and_answers_its_command_through_traefik() {
+    if !traefik_or_skip("a_device_long_polls_and_answers_its_command_through_traefik") {
+        return;
+    }
+    let (t, ref device) = topology_with_device("raspi-01").await;
+    let client = t.https();
+    let reader = t.app_token(Role::Reader);
+    // nothing due: 204 after the wait, from ingest-http
+    let r = client
+        .get(t.url("/v1/commands/next?wait=1"))
+        .bearer_auth(device)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    let issued: serde_json::Value = client
+        .post(t.url("/v1/devices/raspi-01/commands"))
+        .bearer_auth(t.app_token(Role::Operator))
+        .json(&json!({"name": "led", "args": {"on": true}}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = issued["id"].as_str().unwrap().to_owned();
+    let r = client
+        .get(t.url("/v1/commands/next?wait=10"))
+        .bearer_auth(device)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let command: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(command["id"], json!(id), "{command}");
+    let r = client
+        .post(t.url(&format!("/v1/commands/{id}/result")))
+        .bearer_auth(device)
+        .json(&json!({"status": "succeeded", "result": {"led": "on"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    let follow = t.url(&format!("/v1/commands/{id}"));
+    testkit::eventually(WAIT, "the command succeeded", || async {
+        let r = client.get(&follow).bearer_auth(&reader).send().await.ok()?;
+        let body: serde_json::Value = r.json().await.ok()?;
+        (body["status"] == "succeeded").then_some(())
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
