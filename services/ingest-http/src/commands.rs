@@ -18,9 +18,10 @@ use crate::api::{IngestState, read_json_body};
 use crate::device_auth::Writer;
 use crate::error::IngestError;
 
-/// A long-poll waits this long unless it says otherwise...
+/// A long-poll waits this long unless it says otherwise (or `command_poll_max_wait_secs` is
+/// lower)...
 pub const DEFAULT_WAIT_SECS: u64 = 30;
-/// ...and at most this long.
+/// ...and at most this long (`command_poll_max_wait_secs` may lower it).
 pub const MAX_WAIT_SECS: u64 = 60;
 
 /// What the command routes need beside the publisher: the router that brings a command to the
@@ -29,6 +30,8 @@ pub struct CommandDesk {
     pub router: DeviceCommands,
     pub pool: store::PgPool,
     pub publisher: Publisher,
+    /// The longest `wait` a long-poll may ask for: [`MAX_WAIT_SECS`] or less.
+    pub max_wait_secs: u64,
 }
 
 impl CommandDesk {
@@ -114,22 +117,23 @@ pub fn own_device(writer: &Writer) -> Result<&str, IngestError> {
     })
 }
 
-/// `wait`: 0 to 60 seconds, 30 when absent.
-fn wait_of(req: &HttpRequest) -> Result<Duration, IngestError> {
+/// `wait`: 0 to `max` seconds (60 unless configured lower), 30 (or `max`) when absent.
+fn wait_of(req: &HttpRequest, max: u64) -> Result<Duration, IngestError> {
+    let max = max.min(MAX_WAIT_SECS);
     let invalid = || {
         IngestError::Invalid(ValidationError::new(
             "wait",
-            format!("must be a whole number of seconds from 0 to {MAX_WAIT_SECS}"),
+            format!("must be a whole number of seconds from 0 to {max}"),
         ))
     };
     let query = web::Query::<HashMap<String, String>>::from_query(req.query_string())
         .map_err(|_| invalid())?;
     let secs = match query.get("wait") {
-        None => DEFAULT_WAIT_SECS,
+        None => DEFAULT_WAIT_SECS.min(max),
         Some(text) => text
             .parse::<u64>()
             .ok()
-            .filter(|s| *s <= MAX_WAIT_SECS)
+            .filter(|s| *s <= max)
             .ok_or_else(invalid)?,
     };
     Ok(Duration::from_secs(secs))
@@ -180,11 +184,11 @@ struct AnswerAccepted {
 #[utoipa::path(
     tag = "commands",
     params(("wait" = Option<u64>, Query, minimum = 0, maximum = 60,
-        description = "Seconds to wait for a command when none is due (0-60, default 30)")),
+        description = "Seconds to wait for a command when none is due (0-60, default 30; a service may be configured with a lower maximum)")),
     responses(
         (status = 200, description = "The device's next command", body = CommandOut),
         (status = 204, description = "No command within `wait`: ask again"),
-        (status = 400, description = "`wait` is not 0-60", body = service_kit::ErrorBody),
+        (status = 400, description = "`wait` is not 0-60 (or above the service's configured maximum)", body = service_kit::ErrorBody),
         (status = 403, description = "Not a device token", body = service_kit::ErrorBody),
         (status = 503, description = "RabbitMQ or PostgreSQL unavailable; no command was handed out. Retry after `Retry-After` seconds", body = service_kit::ErrorBody),
     )
@@ -203,8 +207,8 @@ async fn next_command(
             .rate_limit
             .check(device)
             .map_err(IngestError::RateLimited)?;
-        let wait = wait_of(&req)?;
         let desk = &state.commands;
+        let wait = wait_of(&req, desk.max_wait_secs)?;
         // subscribed before reading: a command issued meanwhile is not missed
         let mut subscription = desk.router.subscribe(device).await?;
         let due = desk.due(device, 1).await?.into_iter().next();

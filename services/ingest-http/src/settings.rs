@@ -35,6 +35,7 @@ pub struct Settings {
     pub audit_accepted: AcceptedWrites,
     pub audit_summary_interval_secs: u64,
     pub commands_db_max_connections: u32,
+    pub command_poll_max_wait_secs: u64,
 }
 
 impl ServiceSettings for Settings {

@@ -112,6 +112,7 @@ impl Application {
                 router: router.clone(),
                 pool: commands_pool,
                 publisher: publisher.clone(),
+                max_wait_secs: settings.command_poll_max_wait_secs,
             },
             stopping: stopping_rx,
         });

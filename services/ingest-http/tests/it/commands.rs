@@ -121,6 +121,22 @@ async fn with_nothing_due_a_long_poll_answers_204_after_its_wait() {
         assert_eq!((status, &body["field"]), (400, &json!("wait")), "{wait}");
     }
     ingest.stop().await;
+    // a lower configured maximum: longer waits refused, and the default no longer than it
+    let ingest = stack
+        .ingest_with(|s| s.command_poll_max_wait_secs = 1)
+        .await;
+    assert_eq!(poll(&stack, &ingest, "pi-1", "2").await.0, 400);
+    let started = Instant::now();
+    let response = stack
+        .client
+        .get(format!("{}/v1/commands/next", ingest.url))
+        .bearer_auth(stack.token("pi-1").await)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 204);
+    assert!(started.elapsed() < Duration::from_secs(5));
+    ingest.stop().await;
 }
 
 #[tokio::test]

@@ -426,6 +426,83 @@ async fn a_device_long_polls_and_answers_its_command_through_traefik() {
     .await;
 }
 
+/// The next JSON text frame of a WebSocket (pings and pongs skipped).
+async fn next_text<S>(socket: &mut S) -> serde_json::Value
+where
+    S: futures_util::Stream<
+            Item = Result<
+                tokio_tungstenite::tungstenite::Message,
+                tokio_tungstenite::tungstenite::Error,
+            >,
+        > + Unpin,
+{
+    loop {
+        let message = tokio::time::timeout(Duration::from_secs(15), socket.next())
+            .await
+            .expect("a frame within 15 s")
+            .expect("the socket open")
+            .unwrap();
+        if let tokio_tungstenite::tungstenite::Message::Text(text) = message {
+            return serde_json::from_str(text.as_str()).unwrap();
+        }
+    }
+}
+
+/// A device's WebSocket through Traefik (TLS, the upgrade, the ingest-commands router): a command
+/// issued through the read API is pushed, and its answer acknowledged.
+#[tokio::test]
+async fn a_device_websocket_gets_its_command_through_traefik() {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+    if !traefik_or_skip("a_device_websocket_gets_its_command_through_traefik") {
+        return;
+    }
+    let (t, ref device) = topology_with_device("raspi-01").await;
+    let pem = std::fs::read(t.traefik.cert_path()).unwrap();
+    let tls = native_tls::TlsConnector::builder()
+        .add_root_certificate(native_tls::Certificate::from_pem(&pem).unwrap())
+        .disable_built_in_roots(true)
+        .build()
+        .unwrap();
+    let mut request = format!("wss://localhost:{}/v1/ws", t.traefik.websecure)
+        .into_client_request()
+        .unwrap();
+    request
+        .headers_mut()
+        .insert("authorization", format!("Bearer {device}").parse().unwrap());
+    let connector = tokio_tungstenite::Connector::NativeTls(tls);
+    let (mut socket, _) =
+        tokio_tungstenite::connect_async_tls_with_config(request, None, false, Some(connector))
+            .await
+            .unwrap();
+    let client = t.https();
+    let issued: serde_json::Value = client
+        .post(t.url("/v1/devices/raspi-01/commands"))
+        .bearer_auth(t.app_token(Role::Operator))
+        .json(&json!({"name": "led", "args": {"on": true}}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = issued["id"].as_str().unwrap().to_owned();
+    let command = next_text(&mut socket).await;
+    assert_eq!(
+        (&command["type"], &command["id"]),
+        (&json!("command"), &json!(id))
+    );
+    let answer = json!({"type": "result", "id": id, "status": "succeeded"});
+    socket
+        .send(Message::Text(answer.to_string().into()))
+        .await
+        .unwrap();
+    let ack = next_text(&mut socket).await;
+    assert_eq!(ack, json!({"type": "ack", "id": id}));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_rate_limit_answers_429() {
     if !traefik_or_skip("the_rate_limit_answers_429") {
