@@ -18,11 +18,21 @@ use crate::api::{IngestState, read_json_body};
 use crate::device_auth::Writer;
 use crate::error::IngestError;
 
+/// Due commands a long-poll looks at, oldest first, for one it did not hand out just now.
+const DUE_LOOKED_AT: i64 = 8;
+
 /// A long-poll waits this long unless it says otherwise (or `command_poll_max_wait_secs` is
 /// lower)...
 pub const DEFAULT_WAIT_SECS: u64 = 30;
 /// ...and at most this long (`command_poll_max_wait_secs` may lower it).
 pub const MAX_WAIT_SECS: u64 = 60;
+
+/// A command this replica handed to a device by long-poll is not handed to it again by long-poll
+/// for this long. Without it, while the persister cannot record what happened (PostgreSQL or the
+/// persister down), a sent command whose re-send is due would be answered to every poll at once,
+/// and a device would spin through the same command as fast as it can ask (the chaos run saw 169
+/// deliveries of 8 commands in a 3 s database outage). Re-sends still come, after the window.
+const HANDED_AGAIN_AFTER: Duration = Duration::from_secs(5);
 
 /// What the command routes need beside the publisher: the router that brings a command to the
 /// replica a device waits on, and PostgreSQL (read only) for what is due and whose a command is.
@@ -32,9 +42,33 @@ pub struct CommandDesk {
     pub publisher: Publisher,
     /// The longest `wait` a long-poll may ask for: [`MAX_WAIT_SECS`] or less.
     pub max_wait_secs: u64,
+    /// (device, command) → when this replica last handed it out by long-poll; entries older than
+    /// [`HANDED_AGAIN_AFTER`] are forgotten as new ones come.
+    pub handed: std::sync::Mutex<HashMap<(String, String), std::time::Instant>>,
 }
 
 impl CommandDesk {
+    /// Whether `command` may be handed to `device` by long-poll now: not within
+    /// [`HANDED_AGAIN_AFTER`] of the last time.
+    fn may_hand(&self, device: &str, command: &str) -> bool {
+        let Ok(handed) = self.handed.lock() else {
+            return true;
+        };
+        handed
+            .get(&(device.to_owned(), command.to_owned()))
+            .is_none_or(|at| at.elapsed() >= HANDED_AGAIN_AFTER)
+    }
+
+    fn handed_out(&self, device: &str, command: &str) {
+        if let Ok(mut handed) = self.handed.lock() {
+            handed.retain(|_, at| at.elapsed() < HANDED_AGAIN_AFTER);
+            handed.insert(
+                (device.to_owned(), command.to_owned()),
+                std::time::Instant::now(),
+            );
+        }
+    }
+
     /// The commands due for `device` now, oldest first (at most `limit`).
     pub async fn due(&self, device: &str, limit: i64) -> Result<Vec<DeviceCommand>, IngestError> {
         let pool = self.pool.clone();
@@ -211,12 +245,23 @@ async fn next_command(
         let wait = wait_of(&req, desk.max_wait_secs)?;
         // subscribed before reading: a command issued meanwhile is not missed
         let mut subscription = desk.router.subscribe(device).await?;
-        let due = desk.due(device, 1).await?.into_iter().next();
+        let due = desk
+            .due(device, DUE_LOOKED_AT)
+            .await?
+            .into_iter()
+            .find(|c| desk.may_hand(device, &c.id));
         let mut stopping = state.stopping.clone();
         let command = match due {
             Some(command) => Some(command),
             None => tokio::select! {
-                command = tokio::time::timeout(wait, subscription.next()) => command.ok().flatten(),
+                command = tokio::time::timeout(wait, async {
+                    while let Some(command) = subscription.next().await {
+                        if desk.may_hand(device, &command.id) {
+                            return Some(command);
+                        }
+                    }
+                    None
+                }) => command.ok().flatten(),
                 // stopping: no command, and the device asks again (another replica)
                 _ = stopping.wait_for(|s| *s) => None,
             },
@@ -227,6 +272,7 @@ async fn next_command(
         };
         desk.report_sent(device, &command.id, Channel::LongPoll)
             .await?;
+        desk.handed_out(device, &command.id);
         Ok(Some(command))
     }
     .await;

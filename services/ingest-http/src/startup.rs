@@ -113,6 +113,7 @@ impl Application {
                 pool: commands_pool,
                 publisher: publisher.clone(),
                 max_wait_secs: settings.command_poll_max_wait_secs,
+                handed: Default::default(),
             },
             stopping: stopping_rx,
         });

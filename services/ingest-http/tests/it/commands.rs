@@ -255,3 +255,25 @@ async fn a_stopping_service_answers_its_long_polls_at_once() {
         started.elapsed()
     );
 }
+
+/// While nothing records that a command was sent (no persister running here, as during a
+/// database outage), the command stays due; a device polling again at once must not get it again
+/// at once, or it spins through it as fast as it can ask. It comes again after the window.
+#[tokio::test]
+async fn a_command_just_handed_out_is_not_handed_out_again_at_once() {
+    let stack = Stack::new();
+    stack.token("pi-1").await;
+    let ingest = stack.ingest().await;
+    let id = issue(&stack, "pi-1", chrono::Duration::minutes(5));
+    let (status, command) = poll(&stack, &ingest, "pi-1", "0").await;
+    assert_eq!((status, &command["id"]), (200, &json!(id)));
+    assert_eq!(poll(&stack, &ingest, "pi-1", "1").await.0, 204);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let (status, again) = poll(&stack, &ingest, "pi-1", "0").await;
+    assert_eq!(
+        (status, &again["id"]),
+        (200, &json!(id)),
+        "handed out again once the window passed"
+    );
+    ingest.stop().await;
+}
