@@ -275,6 +275,31 @@ pub fn endpoint_label(route: Option<&str>) -> &'static str {
         .unwrap_or("unmatched")
 }
 
+/// Publishes `readings` once they are all `device`'s (any device's for an anonymous writer), and
+/// returns what the audit trail says of them once RabbitMQ confirmed; the check every way of
+/// sending readings over HTTP (a request, a WebSocket frame) shares.
+pub(crate) async fn publish_own(
+    state: &IngestState,
+    device: Option<&str>,
+    readings: Vec<Reading>,
+) -> Result<AcceptedBatch, IngestError> {
+    if let Some(device) = device {
+        models::check_own_readings(device, &readings).map_err(|e| {
+            IngestError::Forbidden(format!(
+                "device_id {:?} is not this token's device {:?}; nothing was stored",
+                e.found, e.writer
+            ))
+        })?;
+    }
+    let batch = AcceptedBatch {
+        readings: readings.len(),
+        earliest: readings.iter().map(|r| r.ts).min().unwrap_or_default(),
+        latest: readings.iter().map(|r| r.ts).max().unwrap_or_default(),
+    };
+    state.publisher.publish(readings).await?;
+    Ok(batch)
+}
+
 /// Every write of an authenticated writer (the middleware in `device_auth` checked who), in
 /// order: how often (429), what (415/413/400), as whom (403), and then RabbitMQ (503); each
 /// outcome lands in the audit trail and the metrics.
@@ -303,21 +328,7 @@ async fn ingest(
         .await
         .map_err(|_| IngestError::Timeout)??;
         let readings = parse(&body, chrono::Utc::now())?;
-        if let Some(device) = writer.device_id() {
-            models::check_own_readings(device, &readings).map_err(|e| {
-                IngestError::Forbidden(format!(
-                    "device_id {:?} is not this token's device {:?}; nothing was stored",
-                    e.found, e.writer
-                ))
-            })?;
-        }
-        let batch = AcceptedBatch {
-            readings: readings.len(),
-            earliest: readings.iter().map(|r| r.ts).min().unwrap_or_default(),
-            latest: readings.iter().map(|r| r.ts).max().unwrap_or_default(),
-        };
-        state.publisher.publish(readings).await?;
-        Ok(batch)
+        publish_own(state, writer.device_id(), readings).await
     }
     .await;
 

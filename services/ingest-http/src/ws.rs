@@ -38,7 +38,6 @@ use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 
 use crate::api::IngestState;
-use crate::audit::AcceptedBatch;
 use crate::commands::own_device;
 use crate::device_auth::Writer;
 use crate::error::IngestError;
@@ -508,18 +507,7 @@ impl FrameTask {
         let body = serde_json::to_vec(&frame["readings"]).unwrap_or_default();
         let window = TimeWindow::new(chrono::Utc::now(), self.state.backfill_horizon);
         let readings = models::parse_readings_body(&body, window)?;
-        models::check_own_readings(&self.device, &readings).map_err(|e| {
-            IngestError::Forbidden(format!(
-                "device_id {:?} is not this token's device {:?}; nothing was stored",
-                e.found, e.writer
-            ))
-        })?;
-        let batch = AcceptedBatch {
-            readings: readings.len(),
-            earliest: readings.iter().map(|r| r.ts).min().unwrap_or_default(),
-            latest: readings.iter().map(|r| r.ts).max().unwrap_or_default(),
-        };
-        self.state.publisher.publish(readings).await?;
+        let batch = crate::api::publish_own(&self.state, Some(&self.device), readings).await?;
         self.state
             .metrics
             .readings_accepted
