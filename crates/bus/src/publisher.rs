@@ -212,18 +212,9 @@ impl Publisher {
         device: &str,
         command: &DeviceCommand,
     ) -> Result<(), PublishError> {
-        let ttl = (command.expires_at - chrono::Utc::now()).num_milliseconds();
-        if ttl <= 0 {
-            // Past its expiry it is never delivered; there is nothing to publish.
-            return Ok(());
-        }
-        self.submit(Content::Single(Box::new(Single {
-            exchange: self.topology.commands_exchange.clone(),
-            routing_key: device.to_owned(),
-            body: command.encode(),
-            properties: wire::command_properties(ttl as u64),
-        })))
-        .await
+        let exchange = self.topology.commands_exchange.clone();
+        self.publish_live(exchange, device.to_owned(), command)
+            .await
     }
 
     /// Publishes a command to its device's MQTT topic `devices/<device>/commands` through RabbitMQ's
@@ -235,13 +226,26 @@ impl Publisher {
         device: &str,
         command: &DeviceCommand,
     ) -> Result<(), PublishError> {
+        let routing_key = crate::topology::routing_key_of(&format!("devices/{device}/commands"));
+        self.publish_live(mqtt_exchange.to_owned(), routing_key, command)
+            .await
+    }
+
+    /// A command, living in any queue only until its expiry; past it, it is never delivered and
+    /// nothing is published.
+    async fn publish_live(
+        &self,
+        exchange: String,
+        routing_key: String,
+        command: &DeviceCommand,
+    ) -> Result<(), PublishError> {
         let ttl = (command.expires_at - chrono::Utc::now()).num_milliseconds();
         if ttl <= 0 {
             return Ok(());
         }
         self.submit(Content::Single(Box::new(Single {
-            exchange: mqtt_exchange.to_owned(),
-            routing_key: crate::topology::routing_key_of(&format!("devices/{device}/commands")),
+            exchange,
+            routing_key,
             body: command.encode(),
             properties: wire::command_properties(ttl as u64),
         })))
