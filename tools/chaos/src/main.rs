@@ -63,10 +63,9 @@ struct Args {
     #[arg(long, default_value_t = 5)]
     pace_ms: u64,
     /// Commands an app issues to each of a step's two commanded Pis (one on MQTT, one by
-    /// long-poll) before the fault and again after it; each must end succeeded. Default: 2 with
-    /// --full, none otherwise.
-    #[arg(long)]
-    commands: Option<usize>,
+    /// long-poll) before the fault and again after it; each must end succeeded (0: none).
+    #[arg(long, default_value_t = 2)]
+    commands: usize,
     /// Seconds of load before each fault.
     #[arg(long, default_value_t = 3.0)]
     before_secs: f64,
@@ -112,7 +111,7 @@ async fn main() -> std::process::ExitCode {
         out: args.out,
         strict: args.strict,
         commands: chaos::commands::CommandPlan {
-            per_device: args.commands.unwrap_or(if args.full { 2 } else { 0 }),
+            per_device: args.commands,
             mqtt: true,
         },
     };
