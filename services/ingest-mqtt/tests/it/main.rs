@@ -6,6 +6,7 @@
     reason = "a test stops at the first thing that is not as it must be"
 )]
 
+mod experiment;
 mod input;
 mod rabbitmq;
 mod readme;

@@ -498,6 +498,18 @@ async fn a_broker_killed_under_load_loses_nothing_it_acknowledged() {
                 break stored;
             }
             if tokio::time::Instant::now() > deadline {
+                let page = ingest.metrics().await;
+                let samples: Vec<&str> = page
+                    .lines()
+                    .filter(|l| {
+                        !l.starts_with('#')
+                            && (l.starts_with("mqtt_")
+                                || l.starts_with("amqp_publish_messages")
+                                || l.starts_with("amqp_publish_connected"))
+                    })
+                    .collect();
+                // received but not acked, with the queues empty: held by ingest-mqtt, unconfirmed
+                eprintln!("ingest-mqtt's metrics at the failure: {samples:?}");
                 panic!(
                     "kill-{d}: {} acknowledged (the last {:?}), {} stored, {} acknowledged and missing, e.g. {:?}; queues {:?}; ingest-mqtt received {} acked {} connected {}",
                     n,
