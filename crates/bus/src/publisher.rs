@@ -424,12 +424,14 @@ async fn open(
 /// (`connection.blocked`) turns callers away until it lifts.
 ///
 /// It also looks at the connection's and the channel's state every [`LIVENESS_CHECK`], as the
-/// consumers do ([`crate::QueueConsumer::next`]): after a SIGKILL of RabbitMQ, lapin was seen to
-/// mark a connection failed without an `Event::Error` ever reaching its listener. A publisher
-/// relying on the event alone then stayed "connected" to a dead connection for good after
-/// RabbitMQ came back: ingest-mqtt took the MQTT queue's messages again on its new consumer
-/// connection, could never get them confirmed, and held them unacknowledged (so no queue showed
-/// them, nothing stored them) until it was restarted.
+/// consumers do ([`crate::QueueConsumer::next`], where lapin was seen not to end a consumer's
+/// stream after a SIGKILL of RabbitMQ). Without this, the publisher's only ways to learn its
+/// connection died are this event and a failed `basic_publish`; should both be missed, it stays
+/// "connected" to a dead connection for good. That is one explanation (not proven: it did not
+/// reproduce on demand) of a failure seen under load after a SIGKILL of RabbitMQ: ingest-mqtt, in
+/// the durable MQTT mode, took the MQTT queue's messages again on its new consumer connection and
+/// held them unconfirmed and unacknowledged (no queue showed them, nothing stored them; they
+/// return to the queue when its connection closes). A failed confirm ends the session too.
 async fn watch_connection(
     mut events: impl futures_util::Stream<Item = Event> + Unpin,
     (connection, channel): (lapin::ConnectionStatus, Channel),

@@ -463,9 +463,9 @@ const PER_DEVICE: usize = 50_000;
 /// How to read a failure: the MQTT plugin and the quorum queue keep every PUBACKed message
 /// through the kill (the ignored `experiment_*` tests look at each layer). Acknowledged readings
 /// missing while every queue shows none ready and ingest-mqtt's `received` exceeds its `acked`
-/// were held by ingest-mqtt, delivered to it again after the restart and never confirmed: seen
-/// under load before the publisher watched its connection's state (bus::publisher's
-/// `watch_connection`). They return to the queue when ingest-mqtt's connection closes.
+/// were held by ingest-mqtt, delivered to it again after the restart and never confirmed (seen
+/// under load; see bus::publisher's `watch_connection` for the suspected cause and its guard).
+/// They return to the queue when ingest-mqtt's connection closes.
 #[tokio::test]
 async fn a_broker_killed_under_load_loses_nothing_it_acknowledged() {
     let mut stack = DurableStack::new(MqttAuth::Anonymous);
