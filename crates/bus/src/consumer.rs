@@ -305,9 +305,11 @@ impl MqttQueueConsumer {
         })
     }
 
-    /// Closes the connection, saying `reason`: what is unacknowledged returns to the queue.
+    /// Closes the connection, saying `reason`: what is unacknowledged returns to the queue. A
+    /// connection that does not answer within `CLOSE_TIMEOUT` (RabbitMQ gone) is dropped.
     pub async fn close(self, reason: &str) {
-        let _ = self.connection.close(200, reason.into()).await;
+        let _ =
+            tokio::time::timeout(CLOSE_TIMEOUT, self.connection.close(200, reason.into())).await;
     }
 }
 

@@ -24,10 +24,12 @@ use tokio::task::JoinHandle;
 
 use crate::metrics::PublisherMetrics;
 use crate::topology::READINGS_ROUTING_KEY;
-use crate::{Backoff, Topology, connect, declare_topology, wire};
+use crate::{Backoff, LIVENESS_CHECK, Topology, connect, declare_topology, wire};
 
 /// The first reconnection waits about this long; later ones back off up to `reconnect_max_backoff_ms`.
 const FIRST_RECONNECT: Duration = Duration::from_millis(100);
+/// The longest a close waits for RabbitMQ's answer (none comes from a broker that is gone).
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct PublisherSettings {
@@ -354,6 +356,7 @@ async fn run(
                 let lost_tx = Arc::new(lost_tx);
                 let watcher = tokio::spawn(watch_connection(
                     connection.events_listener(),
+                    (connection.status().clone(), channel.clone()),
                     state.clone(),
                     lost_tx.clone(),
                 ));
@@ -382,15 +385,24 @@ async fn run(
                 watcher.abort();
                 match stopped {
                     Stopped::Shutdown => {
-                        let _ = channel.close(200, "shutdown".into()).await;
-                        let _ = connection.close(200, "shutdown".into()).await;
+                        let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+                            let _ = channel.close(200, "shutdown".into()).await;
+                            let _ = connection.close(200, "shutdown".into()).await;
+                        })
+                        .await;
                         tracing::info!("publisher closed");
                         return;
                     }
                     Stopped::ConnectionLost(why) => {
                         tracing::warn!(error = %why, "publisher lost RabbitMQ; reconnecting");
                         state.record_error(why);
-                        let _ = connection.close(200, "reconnecting".into()).await;
+                        // Bounded: a close on a connection whose peer is gone may never be
+                        // answered, and the publisher would then never reconnect.
+                        let _ = tokio::time::timeout(
+                            CLOSE_TIMEOUT,
+                            connection.close(200, "reconnecting".into()),
+                        )
+                        .await;
                     }
                 }
                 None
@@ -436,12 +448,34 @@ async fn open(
 
 /// Follows the connection's events: a failure ends the publish loop; RabbitMQ's flow control
 /// (`connection.blocked`) turns callers away until it lifts.
+///
+/// It also looks at the connection's and the channel's state every [`LIVENESS_CHECK`], as the
+/// consumers do ([`crate::QueueConsumer::next`], where lapin was seen not to end a consumer's
+/// stream after a SIGKILL of RabbitMQ). Without this, the publisher's only ways to learn its
+/// connection died are this event and a failed `basic_publish`; should both be missed, it stays
+/// "connected" to a dead connection for good. That is one explanation (not proven: it did not
+/// reproduce on demand) of a failure seen under load after a SIGKILL of RabbitMQ: ingest-mqtt, in
+/// the durable MQTT mode, took the MQTT queue's messages again on its new consumer connection and
+/// held them unconfirmed and unacknowledged (no queue showed them, nothing stored them; they
+/// return to the queue when its connection closes). A failed confirm ends the session too.
 async fn watch_connection(
     mut events: impl futures_util::Stream<Item = Event> + Unpin,
+    (connection, channel): (lapin::ConnectionStatus, Channel),
     state: Arc<State>,
     lost: Arc<watch::Sender<Option<String>>>,
 ) {
-    while let Some(event) = events.next().await {
+    loop {
+        let event = tokio::select! {
+            event = events.next() => event,
+            _ = tokio::time::sleep(LIVENESS_CHECK) => {
+                if connection.connected() && channel.status().connected() {
+                    continue;
+                }
+                lost.send_replace(Some("the connection to RabbitMQ is gone".into()));
+                return;
+            }
+        };
+        let Some(event) = event else { break };
         match event {
             Event::Error(e) => {
                 lost.send_replace(Some(e.to_string()));
@@ -714,6 +748,9 @@ impl InFlight {
             }
             Ok(Err(e)) => {
                 metrics.message("failed");
+                // lapin fails a pending confirm when its channel or connection fails: this
+                // session is over, whether or not the connection's event said so.
+                self.fail.send_replace(Some(e.to_string()));
                 Err(PublishError::Unavailable(e.to_string()))
             }
             Err(_) => {

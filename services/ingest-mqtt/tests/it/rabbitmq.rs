@@ -460,6 +460,12 @@ async fn no_device_can_throw_another_off_by_taking_its_client_id() {
 /// Readings per device in the broker kill test: more than get through before the kill.
 const PER_DEVICE: usize = 50_000;
 
+/// How to read a failure: the MQTT plugin and the quorum queue keep every PUBACKed message
+/// through the kill (the ignored `experiment_*` tests look at each layer). Acknowledged readings
+/// missing while every queue shows none ready and ingest-mqtt's `received` exceeds its `acked`
+/// were held by ingest-mqtt, delivered to it again after the restart and never confirmed (seen
+/// under load; see bus::publisher's `watch_connection` for the suspected cause and its guard).
+/// They return to the queue when ingest-mqtt's connection closes.
 #[tokio::test]
 async fn a_broker_killed_under_load_loses_nothing_it_acknowledged() {
     let mut stack = DurableStack::new(MqttAuth::Anonymous);
@@ -498,6 +504,18 @@ async fn a_broker_killed_under_load_loses_nothing_it_acknowledged() {
                 break stored;
             }
             if tokio::time::Instant::now() > deadline {
+                let page = ingest.metrics().await;
+                let samples: Vec<&str> = page
+                    .lines()
+                    .filter(|l| {
+                        !l.starts_with('#')
+                            && (l.starts_with("mqtt_")
+                                || l.starts_with("amqp_publish_messages")
+                                || l.starts_with("amqp_publish_connected"))
+                    })
+                    .collect();
+                // received but not acked, with the queues empty: held by ingest-mqtt, unconfirmed
+                eprintln!("ingest-mqtt's metrics at the failure: {samples:?}");
                 panic!(
                     "kill-{d}: {} acknowledged (the last {:?}), {} stored, {} acknowledged and missing, e.g. {:?}; queues {:?}; ingest-mqtt received {} acked {} connected {}",
                     n,
