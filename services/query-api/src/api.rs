@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use actix_web::{HttpResponse, delete, get, post, web};
+use actix_web::{HttpRequest, HttpResponse, delete, get, post, web};
 use chrono::{DateTime, Duration, SubsecRound, Utc};
 use serde::{Deserialize, Serialize};
 use store::read::{Aggregate, ReadingsQuery, SeriesQuery};
@@ -250,22 +250,25 @@ pub struct ReadingsParams {
     pub cursor: Option<String>,
 }
 
-/// A device's readings, newest first, a page at a time.
+/// A device's readings, newest first, a page at a time; or, asked with `Accept: text/csv`, the
+/// whole range as one CSV download, streamed.
 #[utoipa::path(
     tag = "readings",
     params(DevicePath, ReadingsParams),
     responses(
-        (status = 200, description = "A page of readings (empty past the last one)", body = ReadingPage),
+        (status = 200, description = "A page of readings (empty past the last one). With `Accept: text/csv`: every reading of the range (`from`, `to`, `metric`; `limit` and `cursor` do not apply), newest first, as CSV: a header `ts,id,<metric>...` (the metrics asked for, or every metric the device has sent), one row a reading, an empty cell where it lacks a metric; streamed, so a download cut short has no last line",
+            content((ReadingPage = "application/json"), (String = "text/csv"))),
         (status = 400, description = "A bad parameter (`field` names it)", body = service_kit::ErrorBody),
         (status = 404, description = "No readings of this device are stored", body = service_kit::ErrorBody),
     )
 )]
 #[get("/v1/devices/{id}/readings")]
 async fn device_readings(
+    req: HttpRequest,
     pool: web::Data<PgPool>,
     path: web::Path<DevicePath>,
     query: web::Query<ReadingsParams>,
-) -> Result<web::Json<ReadingPage>, QueryError> {
+) -> Result<HttpResponse, QueryError> {
     let device_id = params::device_id(path.into_inner().id)?.into_string();
     let limit = params::limit(query.limit.as_deref())?;
     let metrics = params::metrics(query.metric.as_deref())?;
@@ -277,6 +280,9 @@ async fn device_readings(
         before: params::decode_reading_cursor(query.cursor.as_deref())?,
         limit: limit + 1,
     };
+    if crate::csv::wanted(&req) {
+        return crate::csv::readings(&pool, q).await;
+    }
     let mut rows = with_conn(&pool, move |conn| store::read::readings_page(conn, &q)).await?;
     if rows.is_empty() {
         require_device(&pool, &device_id).await?;
@@ -299,7 +305,7 @@ async fn device_readings(
             }
         })
         .collect();
-    Ok(web::Json(ReadingPage {
+    Ok(HttpResponse::Ok().json(ReadingPage {
         device_id,
         readings,
         next_cursor,

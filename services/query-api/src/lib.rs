@@ -1,11 +1,12 @@
-//! query-api: the read side of Sensorhub. Apps list devices, page through a device's readings, ask
-//! for the latest values, and get time buckets aggregated in PostgreSQL; operators and admins send
-//! devices commands and follow them.
+//! query-api: the read side of Sensorhub. Apps list devices, page through a device's readings (or
+//! download a range of them as CSV, streamed), ask for the latest values, and get time buckets
+//! aggregated in PostgreSQL; operators and admins send devices commands and follow them.
 
 mod access;
 mod api;
 mod body_deadline;
 mod commands;
+mod csv;
 mod error;
 mod params;
 pub mod settings;

@@ -370,3 +370,76 @@ async fn the_openapi_description_lists_exactly_the_served_routes() {
         );
     }
 }
+
+/// `Accept: text/csv`: the whole range, newest first, a column per metric, streamed in pages (the
+/// device here has more readings than one page holds), ids quoted; 404 for an unknown device.
+#[tokio::test]
+async fn readings_download_as_csv_over_many_pages() {
+    service_kit::telemetry::init_for_tests();
+    let db = TestDb::migrated();
+    let mut batch: Vec<Reading> = (0..12_001)
+        .map(|i| {
+            let ts = t0() + Duration::seconds(i);
+            if i % 2 == 0 {
+                reading("pi-c", &format!("c{i:05}"), ts, &[("t", i as f64 + 0.5)])
+            } else {
+                reading(
+                    "pi-c",
+                    &format!("c{i:05}"),
+                    ts,
+                    &[("t", 1.0), ("h", -(i as f64))],
+                )
+            }
+        })
+        .collect();
+    batch.push(reading(
+        "pi-c",
+        "a,\"quoted\"",
+        t0() - Duration::days(1),
+        &[("t", 7.0)],
+    ));
+    store::write_readings(&mut db.connect(), &batch, &mut Default::default()).unwrap();
+    let api = start(db, |_| {}).await;
+    let csv = |path: &str| {
+        api.client
+            .get(format!("{}{path}", api.url))
+            .bearer_auth(&api.reader)
+            .header("Accept", "text/csv")
+            .send()
+    };
+
+    let response = csv("/v1/devices/pi-c/readings").await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response.headers()["content-type"],
+        "text/csv; charset=utf-8"
+    );
+    let text = response.text().await.unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines[0], "ts,id,h,t", "every metric the device sent");
+    assert_eq!(lines.len(), 1 + 12_002, "a row per reading, across pages");
+    assert_eq!(lines[1], "2026-11-24T03:20:00Z,\"c12000\",,12000.5");
+    assert_eq!(lines[2], "2026-11-24T03:19:59Z,\"c11999\",-11999,1");
+    assert_eq!(
+        lines[12_002],
+        "2026-11-23T00:00:00Z,\"a,\"\"quoted\"\"\",,7"
+    );
+
+    let from_to = "?from=2026-11-24T00:00:00Z&to=2026-11-24T00:00:03Z&metric=h";
+    let text = csv(&format!("/v1/devices/pi-c/readings{from_to}"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        text, "ts,id,h\n2026-11-24T00:00:01Z,\"c00001\",-1\n",
+        "the range, and only readings with the metric asked for"
+    );
+    assert_eq!(
+        csv("/v1/devices/nobody/readings").await.unwrap().status(),
+        404
+    );
+    let json = api.ok("/v1/devices/pi-c/readings?limit=1").await;
+    assert_eq!(ids(&json), ["c12000"], "JSON unless CSV is asked for");
+}
