@@ -49,6 +49,16 @@ pub enum Outcome {
     Failed,
 }
 
+impl Outcome {
+    /// As the answer names it (and the command's status after it).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+        }
+    }
+}
+
 /// A device's answer to a command: `{"status": "succeeded" | "failed", "result": <any JSON>}`
 /// (`result` optional).
 #[derive(Debug, Clone, PartialEq)]

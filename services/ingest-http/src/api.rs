@@ -60,6 +60,34 @@ pub struct IngestState {
     pub stopping: tokio::sync::watch::Receiver<bool>,
 }
 
+impl IngestState {
+    /// A refused request in the metrics and the audit trail, as every route records it.
+    pub(crate) fn record_refusal(
+        &self,
+        endpoint: &'static str,
+        writer: Option<&Writer>,
+        client: Option<std::net::IpAddr>,
+        error: &IngestError,
+    ) {
+        self.metrics.rejected(endpoint, error);
+        self.audit.refused(endpoint, writer, client, error);
+    }
+
+    /// A request's JSON body, within `body_timeout` and `max_body_bytes`.
+    pub(crate) async fn json_body(
+        &self,
+        req: &HttpRequest,
+        payload: web::Payload,
+    ) -> Result<BytesMut, IngestError> {
+        tokio::time::timeout(
+            self.body_timeout,
+            read_json_body(req, payload, self.max_body_bytes),
+        )
+        .await
+        .map_err(|_| IngestError::Timeout)?
+    }
+}
+
 pub fn routes(cfg: &mut ServiceConfig) {
     cfg.service(post_data).service(post_readings);
     crate::commands::routes(cfg);
@@ -321,12 +349,7 @@ async fn ingest(
             .rate_limit
             .check(&limit_key)
             .map_err(IngestError::RateLimited)?;
-        let body = tokio::time::timeout(
-            state.body_timeout,
-            read_json_body(req, payload, state.max_body_bytes),
-        )
-        .await
-        .map_err(|_| IngestError::Timeout)??;
+        let body = state.json_body(req, payload).await?;
         let readings = parse(&body, chrono::Utc::now())?;
         publish_own(state, writer.device_id(), readings).await
     }
@@ -343,8 +366,7 @@ async fn ingest(
             Ok(batch.readings)
         }
         Err(error) => {
-            state.metrics.rejected(endpoint, &error);
-            state.audit.refused(endpoint, Some(writer), client, &error);
+            state.record_refusal(endpoint, Some(writer), client, &error);
             Err(error)
         }
     }

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use store::commands::{Command, Refusal};
 use utoipa::ToSchema;
 
-use crate::api::{IngestState, read_json_body};
+use crate::api::IngestState;
 use crate::device_auth::Writer;
 use crate::error::IngestError;
 
@@ -285,8 +285,7 @@ async fn next_command(
         }
         Ok(None) => Ok(HttpResponse::NoContent().finish()),
         Err(error) => {
-            state.metrics.rejected(endpoint, &error);
-            state.audit.refused(endpoint, Some(&writer), client, &error);
+            state.record_refusal(endpoint, Some(&writer), client, &error);
             Err(error)
         }
     }
@@ -325,12 +324,7 @@ async fn post_result(
             .rate_limit
             .check(device)
             .map_err(IngestError::RateLimited)?;
-        let body = tokio::time::timeout(
-            state.body_timeout,
-            read_json_body(&req, payload, state.max_body_bytes),
-        )
-        .await
-        .map_err(|_| IngestError::Timeout)??;
+        let body = state.json_body(&req, payload).await?;
         state
             .commands
             .answer(device, &id, &body, Channel::LongPoll)
@@ -339,16 +333,13 @@ async fn post_result(
     .await;
     match result {
         Ok(outcome) => {
-            let what = match outcome {
-                models::Outcome::Succeeded => "succeeded",
-                models::Outcome::Failed => "failed",
-            };
-            state.audit.command(endpoint, &writer, client, &id, what);
+            state
+                .audit
+                .command(endpoint, &writer, client, &id, outcome.as_str());
             Ok(HttpResponse::Accepted().json(AnswerAccepted { status: "accepted" }))
         }
         Err(error) => {
-            state.metrics.rejected(endpoint, &error);
-            state.audit.refused(endpoint, Some(&writer), client, &error);
+            state.record_refusal(endpoint, Some(&writer), client, &error);
             Err(error)
         }
     }

@@ -53,8 +53,7 @@ pub async fn require_device(
                 state.refusals.record(client);
             }
             let endpoint = endpoint_label(route.as_deref());
-            state.metrics.rejected(endpoint, &error);
-            state.audit.refused(endpoint, None, client, &error);
+            state.record_refusal(endpoint, None, client, &error);
             Ok(req.error_response(error).map_into_right_body())
         }
     }

@@ -94,8 +94,7 @@ pub(crate) async fn websocket(
             if error.is_refusal() {
                 state.refusals.record(client);
             }
-            state.metrics.rejected(ROUTE, &error);
-            state.audit.refused(ROUTE, None, client, &error);
+            state.record_refusal(ROUTE, None, client, &error);
             return Err(error);
         }
     };
@@ -416,8 +415,7 @@ impl Socket {
     }
 
     fn count_refusal(&self, writer: Option<&Writer>, error: &IngestError) {
-        self.state.metrics.rejected(ROUTE, error);
-        self.state.audit.refused(ROUTE, writer, self.client, error);
+        self.state.record_refusal(ROUTE, writer, self.client, error);
     }
 }
 
@@ -453,10 +451,8 @@ impl FrameTask {
             (Ok(()), Some((name, value))) => json!({"type": "ack", name: value}),
             (Ok(()), None) => return,
             (Err(error), key) => {
-                self.state.metrics.rejected(ROUTE, &error);
                 self.state
-                    .audit
-                    .refused(ROUTE, Some(&self.writer), self.client, &error);
+                    .record_refusal(ROUTE, Some(&self.writer), self.client, &error);
                 error_frame(key, &error)
             }
         };
@@ -488,13 +484,9 @@ impl FrameTask {
             .commands
             .answer(&self.device, id, &body, Channel::Websocket)
             .await?;
-        let what = match outcome {
-            models::Outcome::Succeeded => "succeeded",
-            models::Outcome::Failed => "failed",
-        };
         self.state
             .audit
-            .command(ROUTE, &self.writer, self.client, id, what);
+            .command(ROUTE, &self.writer, self.client, id, outcome.as_str());
         Ok(())
     }
 
