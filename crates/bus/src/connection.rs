@@ -68,16 +68,26 @@ pub async fn open_queue_consumer(
     consumer_tag: &str,
 ) -> lapin::Result<(Channel, Consumer)> {
     let channel = connection.create_channel().await?;
+    let consumer = start_consuming(&channel, queue, prefetch, consumer_tag).await?;
+    Ok((channel, consumer))
+}
+
+/// Consumes `queue` (already declared) on `channel`, `prefetch` unacknowledged messages at most.
+pub(crate) async fn start_consuming(
+    channel: &Channel,
+    queue: &str,
+    prefetch: u16,
+    consumer_tag: &str,
+) -> lapin::Result<Consumer> {
     channel
         .basic_qos(prefetch, BasicQosOptions::default())
         .await?;
-    let consumer = channel
+    channel
         .basic_consume(
             queue.into(),
             consumer_tag.into(),
             BasicConsumeOptions::default(),
             FieldTable::default(),
         )
-        .await?;
-    Ok((channel, consumer))
+        .await
 }

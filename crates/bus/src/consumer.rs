@@ -5,13 +5,13 @@
 use futures_util::StreamExt;
 use lapin::message::Delivery as LapinDelivery;
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    QueueDeclareOptions,
+    BasicAckOptions, BasicCancelOptions, BasicPublishOptions, QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{Acker, Channel, Confirmation, Connection};
 use models::{MessageError, Reading};
 
+use crate::connection::start_consuming;
 use crate::topology::{INVALID_ROUTING_KEY, REPORTS_ROUTING_KEY};
 use crate::wire::{self, ORIGINAL_MESSAGE_ID_HEADER, REASON_HEADER};
 use crate::{
@@ -124,17 +124,8 @@ impl QueueConsumer {
             let channel = connection.create_channel().await?;
             declare_topology(&channel, topology).await?;
             channel.confirm_select(Default::default()).await?;
-            channel
-                .basic_qos(prefetch.max(1), BasicQosOptions::default())
-                .await?;
-            let consumer = channel
-                .basic_consume(
-                    queue.name(topology).into(),
-                    "".into(),
-                    BasicConsumeOptions::default(),
-                    FieldTable::default(),
-                )
-                .await?;
+            let consumer =
+                start_consuming(&channel, queue.name(topology), prefetch.max(1), "").await?;
             Ok((connection, channel, consumer))
         })
         .await?;

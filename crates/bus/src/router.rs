@@ -17,14 +17,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueBindOptions, QueueDeclareOptions,
-};
+use lapin::options::{BasicAckOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
 use models::DeviceCommand;
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::connection::start_consuming;
 use crate::{Backoff, LIVENESS_CHECK, Topology, connect, declare_topology};
 
 /// Commands waiting for one subscriber at most; more are dropped (they are sent again).
@@ -321,17 +320,7 @@ impl Session {
             for device in &devices {
                 bind(&channel, &self.queue, &self.topology, device).await?;
             }
-            channel
-                .basic_qos(PREFETCH, BasicQosOptions::default())
-                .await?;
-            let consumer = channel
-                .basic_consume(
-                    self.queue.as_str().into(),
-                    "".into(),
-                    BasicConsumeOptions::default(),
-                    FieldTable::default(),
-                )
-                .await?;
+            let consumer = start_consuming(&channel, &self.queue, PREFETCH, "").await?;
             Ok((connection, channel, consumer))
         })
         .await?;
