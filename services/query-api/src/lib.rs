@@ -1,12 +1,14 @@
 //! query-api: the read side of Sensorhub. Apps list devices, page through a device's readings (or
 //! download a range of them as CSV, streamed), ask for the latest values, and get time buckets
-//! aggregated in PostgreSQL; operators and admins send devices commands and follow them.
+//! aggregated in PostgreSQL; operators and admins send devices commands and follow them. It also
+//! serves the web dashboard and the API docs viewer (`dashboard`).
 
 mod access;
 mod api;
 mod body_deadline;
 mod commands;
 mod csv;
+mod dashboard;
 mod error;
 mod params;
 pub mod settings;
