@@ -36,6 +36,17 @@ pub fn list_devices(
     after: Option<&str>,
     limit: i64,
 ) -> Result<Vec<DeviceSummary>, StoreError> {
+    find_devices(conn, None, after, limit)
+}
+
+/// Devices in id order, after `after`, whose id holds `search` (ignoring case) when one is given.
+/// A search reads the whole devices table (one row per device: milliseconds for 10,000).
+pub fn find_devices(
+    conn: &mut PgConnection,
+    search: Option<&str>,
+    after: Option<&str>,
+    limit: i64,
+) -> Result<Vec<DeviceSummary>, StoreError> {
     let mut query = devices::table
         .select(DeviceSummary::as_select())
         .order(devices::device_id)
@@ -44,7 +55,24 @@ pub fn list_devices(
     if let Some(after) = after {
         query = query.filter(devices::device_id.gt(after.to_owned()));
     }
+    if let Some(search) = search {
+        query = query.filter(devices::device_id.ilike(like_substring(search)));
+    }
     Ok(query.load(conn)?)
+}
+
+/// A LIKE pattern matching `text` anywhere, its own `%`, `_` and `\` taken literally.
+fn like_substring(text: &str) -> String {
+    let mut pattern = String::with_capacity(text.len() + 2);
+    pattern.push('%');
+    for c in text.chars() {
+        if matches!(c, '%' | '_' | '\\') {
+            pattern.push('\\');
+        }
+        pattern.push(c);
+    }
+    pattern.push('%');
+    pattern
 }
 
 #[derive(Debug, Clone, PartialEq, Queryable)]
@@ -123,6 +151,40 @@ pub fn latest(conn: &mut PgConnection, device_id: &str) -> Result<Vec<LatestValu
          ORDER BY m.name",
     )
     .bind::<Text, _>(device_id)
+    .load(conn)?)
+}
+
+#[derive(Debug, Clone, PartialEq, QueryableByName)]
+pub struct DeviceLatestValue {
+    #[diesel(sql_type = Text)]
+    pub device_id: String,
+    #[diesel(sql_type = Text)]
+    pub metric: String,
+    #[diesel(sql_type = Timestamptz)]
+    pub ts: DateTime<Utc>,
+    #[diesel(sql_type = Double)]
+    pub value: f64,
+}
+
+/// [`latest`] of several devices at once (a page of the fleet), by device and metric name.
+pub fn latest_of(
+    conn: &mut PgConnection,
+    device_ids: &[String],
+) -> Result<Vec<DeviceLatestValue>, StoreError> {
+    Ok(diesel::sql_query(
+        "SELECT d.device_id, m.name AS metric, r.ts, (r.metrics ->> m.name)::float8 AS value
+         FROM devices d
+         CROSS JOIN LATERAL unnest(d.metrics) AS m(name)
+         CROSS JOIN LATERAL (
+             SELECT ts, metrics FROM readings
+             WHERE device_id = d.device_id AND metrics ? m.name
+             ORDER BY ts DESC, reading_id DESC
+             LIMIT 1
+         ) r
+         WHERE d.device_id = ANY($1)
+         ORDER BY d.device_id, m.name",
+    )
+    .bind::<diesel::sql_types::Array<Text>, _>(device_ids)
     .load(conn)?)
 }
 

@@ -1,6 +1,8 @@
 //! query-api: the read side of Sensorhub. Apps list devices, page through a device's readings (or
 //! download a range of them as CSV, streamed), ask for the latest values, and get time buckets
-//! aggregated in PostgreSQL; operators and admins send devices commands and follow them.
+//! aggregated in PostgreSQL; operators and admins send devices commands and follow them. Browsers
+//! watch what is stored as it is stored (`GET /v1/live`, relayed from the persisters' announcements
+//! on RabbitMQ).
 
 mod access;
 mod api;
@@ -8,6 +10,7 @@ mod body_deadline;
 mod commands;
 mod csv;
 mod error;
+mod live;
 mod params;
 pub mod settings;
 pub mod startup;
