@@ -160,32 +160,36 @@ impl LiveHub {
         })
     }
 
-    /// Subscribes, and finds where `last_event_id` left off: the events to replay and the last
-    /// sequence number they cover, or `None` when this replica cannot resume from there.
-    fn join(
-        &self,
-        last_event_id: Option<&str>,
-    ) -> (
-        broadcast::Receiver<Arc<LiveEvent>>,
-        Option<Vec<Arc<LiveEvent>>>,
-        u64,
-    ) {
+    /// Subscribes, and finds where `last_event_id` left off.
+    fn join(&self, last_event_id: Option<&str>) -> Joined {
         // Events are stamped and sent under this lock: subscribed under it too, the receiver gets
         // exactly the events after `latest`, and nothing falls between the replay and the stream.
         let recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
         let receiver = self.events.subscribe();
         let latest = recent.next_seq - 1;
-        let Some(last) = last_event_id else {
-            return (receiver, Some(Vec::new()), latest);
+        let replay = match last_event_id {
+            None => Some(Vec::new()),
+            Some(last) => recent
+                .events
+                .iter()
+                .position(|e| e.id == last)
+                .map(|at| recent.events.iter().skip(at + 1).cloned().collect()),
         };
-        match recent.events.iter().position(|e| e.id == last) {
-            Some(at) => {
-                let replay: Vec<_> = recent.events.iter().skip(at + 1).cloned().collect();
-                (receiver, Some(replay), latest)
-            }
-            None => (receiver, None, latest),
+        Joined {
+            receiver,
+            replay,
+            latest,
         }
     }
+}
+
+/// A new stream's start.
+struct Joined {
+    receiver: broadcast::Receiver<Arc<LiveEvent>>,
+    /// What followed the client's last event; `None` when this replica cannot resume from there.
+    replay: Option<Vec<Arc<LiveEvent>>>,
+    /// The last sequence number the replay covers.
+    latest: u64,
 }
 
 async fn relay(hub: std::sync::Weak<LiveHub>, mut received: mpsc::Receiver<bus::FeedEvent>) {
@@ -326,7 +330,11 @@ pub async fn live(
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
         .filter(|v| !v.is_empty());
-    let (receiver, replay, latest) = hub.join(last_event_id);
+    let Joined {
+        receiver,
+        replay,
+        latest,
+    } = hub.join(last_event_id);
     let mut queued = VecDeque::new();
     queued.push_back(Bytes::from(format!("retry: {RETRY_MS}\n: live\n\n")));
     let sent_seq = match replay {
