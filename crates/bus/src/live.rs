@@ -11,16 +11,15 @@
 use std::sync::Mutex;
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use lapin::options::{BasicAckOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection};
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::{mpsc, watch};
 
-use crate::connection::start_consuming;
+use crate::connection::{next_delivery, start_consuming};
 use crate::topology::declare_stored_exchange;
-use crate::{Backoff, LIVENESS_CHECK, Topology, connect};
+use crate::{Backoff, Topology, connect};
 
 /// Announcements waiting in the replica's queue at most; past it RabbitMQ drops the oldest.
 const MAX_WAITING: i64 = 10_000;
@@ -204,21 +203,16 @@ impl Feed {
     ) -> Ended {
         loop {
             tokio::select! {
-                delivery = consumer.next() => match delivery {
-                    Some(Ok(delivery)) => {
-                        if self.events.send(FeedEvent::Stored(delivery.data)).await.is_err() {
-                            return Ended::Stopped;
-                        }
-                        if let Err(e) = delivery.acker.ack(BasicAckOptions::default()).await {
-                            return Ended::Lost(e.to_string());
-                        }
+                next = next_delivery(&mut consumer, connection, channel) => {
+                    let delivery = match next {
+                        Ok(delivery) => delivery,
+                        Err(why) => return Ended::Lost(why),
+                    };
+                    if self.events.send(FeedEvent::Stored(delivery.data)).await.is_err() {
+                        return Ended::Stopped;
                     }
-                    Some(Err(e)) => return Ended::Lost(e.to_string()),
-                    None => return Ended::Lost("the consumer was cancelled".into()),
-                },
-                _ = tokio::time::sleep(LIVENESS_CHECK) => {
-                    if !(connection.status().connected() && channel.status().connected()) {
-                        return Ended::Lost("the connection is gone".into());
+                    if let Err(e) = delivery.acker.ack(BasicAckOptions::default()).await {
+                        return Ended::Lost(e.to_string());
                     }
                 }
                 _ = stop.changed() => return Ended::Stopped,

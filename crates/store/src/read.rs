@@ -125,33 +125,23 @@ pub fn readings_page(
     Ok(query.load(conn)?)
 }
 
-#[derive(Debug, Clone, PartialEq, QueryableByName)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct LatestValue {
-    #[diesel(sql_type = Text)]
     pub metric: String,
-    #[diesel(sql_type = Timestamptz)]
     pub ts: DateTime<Utc>,
-    #[diesel(sql_type = Double)]
     pub value: f64,
 }
 
 /// The newest value of each of the device's metrics, by metric name.
 pub fn latest(conn: &mut PgConnection, device_id: &str) -> Result<Vec<LatestValue>, StoreError> {
-    Ok(diesel::sql_query(
-        "SELECT m.name AS metric, r.ts, (r.metrics ->> m.name)::float8 AS value
-         FROM devices d
-         CROSS JOIN LATERAL unnest(d.metrics) AS m(name)
-         CROSS JOIN LATERAL (
-             SELECT ts, metrics FROM readings
-             WHERE device_id = d.device_id AND metrics ? m.name
-             ORDER BY ts DESC, reading_id DESC
-             LIMIT 1
-         ) r
-         WHERE d.device_id = $1
-         ORDER BY m.name",
-    )
-    .bind::<Text, _>(device_id)
-    .load(conn)?)
+    Ok(latest_of(conn, &[device_id.to_owned()])?
+        .into_iter()
+        .map(|v| LatestValue {
+            metric: v.metric,
+            ts: v.ts,
+            value: v.value,
+        })
+        .collect())
 }
 
 #[derive(Debug, Clone, PartialEq, QueryableByName)]

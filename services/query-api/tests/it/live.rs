@@ -149,12 +149,17 @@ fn parse(block: &str) -> Option<Event> {
 }
 
 fn reading_ids(event: &Event) -> Vec<String> {
-    event.data["readings"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["id"].as_str().unwrap().to_owned())
-        .collect()
+    crate::ids(&event.data)
+}
+
+/// The status a new `GET /v1/live` with `token` gets (the stream, if any, is dropped).
+async fn live_status(url: &str, token: Option<&str>) -> (u16, reqwest::header::HeaderMap) {
+    let mut request = reqwest::Client::new().get(format!("{url}/v1/live"));
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let response = request.send().await.unwrap();
+    (response.status().as_u16(), response.headers().clone())
 }
 
 #[tokio::test]
@@ -308,22 +313,11 @@ async fn a_revoked_token_loses_its_stream_and_streams_are_bounded() {
     let mut stream = Stream::open(&api.url, &api.reader, None).await;
 
     // the one stream this replica allows is open
-    let response = reqwest::Client::new()
-        .get(format!("{}/v1/live", api.url))
-        .bearer_auth(&admin)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 503);
-    assert!(response.headers().contains_key("retry-after"));
-
+    let (status, headers) = live_status(&api.url, Some(&admin)).await;
+    assert_eq!(status, 503);
+    assert!(headers.contains_key("retry-after"));
     // no token: refused before any stream
-    let response = reqwest::Client::new()
-        .get(format!("{}/v1/live", api.url))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 401);
+    assert_eq!(live_status(&api.url, None).await.0, 401);
 
     assert!(
         !stream.ends_within(Duration::from_millis(2500)).await,
@@ -338,13 +332,7 @@ async fn a_revoked_token_loses_its_stream_and_streams_are_bounded() {
     );
     // its slot is free again
     testkit::eventually(WITHIN, "the stream's slot freed", || async {
-        let response = reqwest::Client::new()
-            .get(format!("{}/v1/live", api.url))
-            .bearer_auth(&admin)
-            .send()
-            .await
-            .unwrap();
-        (response.status() == 200).then_some(())
+        (live_status(&api.url, Some(&admin)).await.0 == 200).then_some(())
     })
     .await;
 }
