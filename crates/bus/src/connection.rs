@@ -91,3 +91,29 @@ pub(crate) async fn start_consuming(
         )
         .await
 }
+
+/// The next delivery of a consuming session, or why the session is lost: its consumer failed or
+/// was cancelled, or its connection or channel is gone. The latter is looked at every
+/// [`crate::LIVENESS_CHECK`], for lapin was seen not to end a consumer's stream after a SIGKILL of
+/// RabbitMQ.
+pub(crate) async fn next_delivery(
+    consumer: &mut Consumer,
+    connection: &Connection,
+    channel: &Channel,
+) -> Result<lapin::message::Delivery, String> {
+    use futures_util::StreamExt;
+    loop {
+        tokio::select! {
+            delivery = consumer.next() => return match delivery {
+                Some(Ok(delivery)) => Ok(delivery),
+                Some(Err(e)) => Err(e.to_string()),
+                None => Err("the consumer was cancelled".into()),
+            },
+            _ = tokio::time::sleep(crate::LIVENESS_CHECK) => {
+                if !(connection.status().connected() && channel.status().connected()) {
+                    return Err("the connection is gone".into());
+                }
+            }
+        }
+    }
+}

@@ -11,6 +11,8 @@
 //! - [`DeviceCommands`]: an ingest-http replica's command router: its own queue, bound to the
 //!   commands exchange for each device it holds a long-poll or WebSocket of, handing each command
 //!   to the local waiters.
+//! - [`LiveFeed`]: a query-api replica's feed of what the persisters stored (each commit's
+//!   announcement, published by [`Publisher::announce_stored`]), for its live views.
 //! - [`Backoff`]: the one retry shape (exponential, jittered, capped) for every retrying loop.
 //! - `wire` (private): the queue's wire shape, in one place.
 //! - [`MqttTopology`]: where RabbitMQ's MQTT plugin routes what devices publish (broker mode
@@ -19,6 +21,7 @@
 mod backoff;
 mod connection;
 mod consumer;
+mod live;
 mod metrics;
 mod publisher;
 mod router;
@@ -31,6 +34,7 @@ pub use consumer::{
     Ack, ChannelState, ConsumeError, ConsumedQueue, Delivery, LIVENESS_CHECK, MqttDelivery,
     MqttQueueConsumer, QueueConsumer, QueueDepth,
 };
+pub use live::{FeedEvent, LiveFeed};
 pub use metrics::PublisherMetrics;
 pub use publisher::{PublishError, Publisher, PublisherSettings};
 pub use router::{DeviceCommands, RouterError, Subscription};

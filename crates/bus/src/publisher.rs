@@ -78,6 +78,9 @@ struct Single {
     routing_key: String,
     body: Vec<u8>,
     properties: lapin::BasicProperties,
+    /// A message no queue takes is returned, and counts as not confirmed; false only for what may
+    /// go unheard (an announcement while no query-api listens).
+    mandatory: bool,
 }
 
 impl Job {
@@ -203,6 +206,7 @@ impl Publisher {
             routing_key: crate::topology::INVALID_ROUTING_KEY.to_owned(),
             body,
             properties,
+            mandatory: true,
         })))
         .await
     }
@@ -250,6 +254,7 @@ impl Publisher {
             routing_key,
             body: command.encode(),
             properties: wire::command_properties(ttl as u64),
+            mandatory: true,
         })))
         .await
     }
@@ -261,6 +266,20 @@ impl Publisher {
             routing_key: self.topology.reports_queue.clone(),
             body: report.encode(),
             properties: wire::report_properties(),
+            mandatory: true,
+        })))
+        .await
+    }
+
+    /// Announces a commit's stored readings (a [`models::StoredAnnouncement`] body) on the stored
+    /// exchange, for every query-api replica's live view; returns once RabbitMQ confirmed it.
+    pub async fn announce_stored(&self, body: Vec<u8>) -> Result<(), PublishError> {
+        self.submit(Content::Single(Box::new(Single {
+            exchange: self.topology.stored_exchange.clone(),
+            routing_key: String::new(),
+            body,
+            properties: wire::announcement_properties(),
+            mandatory: false,
         })))
         .await
     }
@@ -775,9 +794,8 @@ async fn publish_single(
         .basic_publish(
             single.exchange.as_str().into(),
             single.routing_key.as_str().into(),
-            // mandatory: a message no queue takes is returned, and counts as not confirmed
             BasicPublishOptions {
-                mandatory: true,
+                mandatory: single.mandatory,
                 ..Default::default()
             },
             &single.body,

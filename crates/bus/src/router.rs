@@ -16,15 +16,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use lapin::options::{BasicAckOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
 use models::DeviceCommand;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::connection::start_consuming;
-use crate::{Backoff, LIVENESS_CHECK, Topology, connect, declare_topology};
+use crate::connection::{next_delivery, start_consuming};
+use crate::{Backoff, Topology, connect, declare_topology};
 
 /// Commands waiting for one subscriber at most; more are dropped (they are sent again).
 const SUBSCRIBER_CAPACITY: usize = 16;
@@ -366,19 +365,14 @@ impl Session {
                     }
                     None => return Ended::Stopped,
                 },
-                delivery = consumer.next() => match delivery {
-                    Some(Ok(delivery)) => {
-                        self.hand_over(delivery.routing_key.as_str(), &delivery.data);
-                        if let Err(e) = delivery.acker.ack(BasicAckOptions::default()).await {
-                            return Ended::Lost(e.to_string());
-                        }
-                    }
-                    Some(Err(e)) => return Ended::Lost(e.to_string()),
-                    None => return Ended::Lost("the consumer was cancelled".into()),
-                },
-                _ = tokio::time::sleep(LIVENESS_CHECK) => {
-                    if !(connection.status().connected() && channel.status().connected()) {
-                        return Ended::Lost("the connection is gone".into());
+                next = next_delivery(&mut consumer, connection, channel) => {
+                    let delivery = match next {
+                        Ok(delivery) => delivery,
+                        Err(why) => return Ended::Lost(why),
+                    };
+                    self.hand_over(delivery.routing_key.as_str(), &delivery.data);
+                    if let Err(e) = delivery.acker.ack(BasicAckOptions::default()).await {
+                        return Ended::Lost(e.to_string());
                     }
                 }
                 _ = stop.changed() => return Ended::Stopped,

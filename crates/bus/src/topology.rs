@@ -19,6 +19,9 @@ use lapin::{Channel, ExchangeKind};
 ///     ──"<device id>"─► each ingest-http replica's own queue, bound while it holds the device's
 ///                       WebSocket or long-poll (declared by that replica, not here)
 /// (default exchange) ──► <p>.command-reports (quorum) ──► persisters: a command was sent, or answered
+///
+/// <p>.stored (fanout exchange) ──► each query-api replica's own queue (declared by that replica,
+///                                  see `LiveFeed`): what the persisters committed, for live views
 /// ```
 ///
 /// A command message carries its expiry as its TTL, so one that waited past it in a queue (no
@@ -35,6 +38,7 @@ pub struct Topology {
     pub mqtt_commands_queue: String,
     pub reports_queue: String,
     pub dead_reports_queue: String,
+    pub stored_exchange: String,
 }
 
 pub const READINGS_ROUTING_KEY: &str = "readings";
@@ -55,6 +59,7 @@ impl Topology {
             mqtt_commands_queue: format!("{prefix}.commands.mqtt"),
             reports_queue: format!("{prefix}.command-reports"),
             dead_reports_queue: format!("{prefix}.command-reports.dead"),
+            stored_exchange: format!("{prefix}.stored"),
         }
     }
 }
@@ -94,6 +99,7 @@ pub async fn declare_topology(channel: &Channel, t: &Topology) -> lapin::Result<
         FieldTable::default(),
     )
     .await?;
+    declare_stored_exchange(channel, t).await?;
     declare_bound_queues(
         channel,
         [
@@ -147,6 +153,17 @@ pub async fn declare_topology(channel: &Channel, t: &Topology) -> lapin::Result<
     Ok(())
 }
 
+/// The one exchange a reader of the live feed needs (query-api declares nothing else).
+pub async fn declare_stored_exchange(channel: &Channel, t: &Topology) -> lapin::Result<()> {
+    declare_exchange(
+        channel,
+        &t.stored_exchange,
+        ExchangeKind::Fanout,
+        FieldTable::default(),
+    )
+    .await
+}
+
 /// Removes everything (tests clean up after themselves with this).
 pub async fn delete_topology(channel: &Channel, t: &Topology) -> lapin::Result<()> {
     delete_all(
@@ -163,6 +180,7 @@ pub async fn delete_topology(channel: &Channel, t: &Topology) -> lapin::Result<(
             &t.readings_exchange,
             &t.dead_letter_exchange,
             &t.commands_exchange,
+            &t.stored_exchange,
         ],
     )
     .await

@@ -38,6 +38,13 @@ pub(crate) fn report_properties() -> BasicProperties {
         .with_content_type(CommandReport::CONTENT_TYPE.into())
 }
 
+/// An announcement of stored readings: transient (a live update; the readings are stored already).
+pub(crate) fn announcement_properties() -> BasicProperties {
+    BasicProperties::default()
+        .with_delivery_mode(1)
+        .with_content_type(models::StoredAnnouncement::CONTENT_TYPE.into())
+}
+
 /// A message set aside (dead letter, or a payload refused at ingest): persistent, with its headers.
 pub(crate) fn set_aside_properties<'a>(
     headers: impl IntoIterator<Item = (&'a str, &'a str)>,

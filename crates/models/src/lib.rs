@@ -8,6 +8,7 @@
 mod command;
 mod error;
 mod ids;
+mod live;
 mod message;
 mod ownership;
 mod parse;
@@ -20,6 +21,7 @@ pub use command::{
 };
 pub use error::{ValidationError, ValidationKind};
 pub use ids::{DeviceId, MetricName, ReadingId};
+pub use live::{ANNOUNCEMENT_VERSION, StoredAnnouncement, StoredDevice, StoredReading};
 pub use message::{MESSAGE_VERSION, MessageError, ReadingBatchMessage};
 pub use ownership::{NotOwnReading, check_own_readings};
 pub use parse::{

@@ -20,6 +20,8 @@ pub mod retry_after {
     pub const MQTT_ADMIN_SECS: u64 = 5;
     /// `/readyz` failed: a load balancer asks again after this.
     pub const NOT_READY_SECS: u64 = 5;
+    /// Every live stream a replica allows is open: another may close, or another replica serve.
+    pub const BUSY_SECS: u64 = 10;
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]

@@ -19,7 +19,9 @@ mod write;
 pub use error::StoreError;
 pub use migrate::{check_migrated, pending_migrations, run_migrations, wait_for_migrated_database};
 pub use pool::{PgPool, PoolSettings, connect_pool, ping};
-pub use write::{Expiring, KnownPartitions, WriteOutcome, forget_older_than, write_readings};
+pub use write::{
+    Expiring, KnownPartitions, WriteOutcome, Written, forget_older_than, write_readings,
+};
 
 pub use diesel::PgConnection;
 

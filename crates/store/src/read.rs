@@ -36,6 +36,17 @@ pub fn list_devices(
     after: Option<&str>,
     limit: i64,
 ) -> Result<Vec<DeviceSummary>, StoreError> {
+    find_devices(conn, None, after, limit)
+}
+
+/// Devices in id order, after `after`, whose id holds `search` (ignoring case) when one is given.
+/// A search reads the whole devices table (one row per device: milliseconds for 10,000).
+pub fn find_devices(
+    conn: &mut PgConnection,
+    search: Option<&str>,
+    after: Option<&str>,
+    limit: i64,
+) -> Result<Vec<DeviceSummary>, StoreError> {
     let mut query = devices::table
         .select(DeviceSummary::as_select())
         .order(devices::device_id)
@@ -44,7 +55,24 @@ pub fn list_devices(
     if let Some(after) = after {
         query = query.filter(devices::device_id.gt(after.to_owned()));
     }
+    if let Some(search) = search {
+        query = query.filter(devices::device_id.ilike(like_substring(search)));
+    }
     Ok(query.load(conn)?)
+}
+
+/// A LIKE pattern matching `text` anywhere, its own `%`, `_` and `\` taken literally.
+fn like_substring(text: &str) -> String {
+    let mut pattern = String::with_capacity(text.len() + 2);
+    pattern.push('%');
+    for c in text.chars() {
+        if matches!(c, '%' | '_' | '\\') {
+            pattern.push('\\');
+        }
+        pattern.push(c);
+    }
+    pattern.push('%');
+    pattern
 }
 
 #[derive(Debug, Clone, PartialEq, Queryable)]
@@ -97,8 +125,29 @@ pub fn readings_page(
     Ok(query.load(conn)?)
 }
 
-#[derive(Debug, Clone, PartialEq, QueryableByName)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct LatestValue {
+    pub metric: String,
+    pub ts: DateTime<Utc>,
+    pub value: f64,
+}
+
+/// The newest value of each of the device's metrics, by metric name.
+pub fn latest(conn: &mut PgConnection, device_id: &str) -> Result<Vec<LatestValue>, StoreError> {
+    Ok(latest_of(conn, &[device_id.to_owned()])?
+        .into_iter()
+        .map(|v| LatestValue {
+            metric: v.metric,
+            ts: v.ts,
+            value: v.value,
+        })
+        .collect())
+}
+
+#[derive(Debug, Clone, PartialEq, QueryableByName)]
+pub struct DeviceLatestValue {
+    #[diesel(sql_type = Text)]
+    pub device_id: String,
     #[diesel(sql_type = Text)]
     pub metric: String,
     #[diesel(sql_type = Timestamptz)]
@@ -107,10 +156,13 @@ pub struct LatestValue {
     pub value: f64,
 }
 
-/// The newest value of each of the device's metrics, by metric name.
-pub fn latest(conn: &mut PgConnection, device_id: &str) -> Result<Vec<LatestValue>, StoreError> {
+/// [`latest`] of several devices at once (a page of the fleet), by device and metric name.
+pub fn latest_of(
+    conn: &mut PgConnection,
+    device_ids: &[String],
+) -> Result<Vec<DeviceLatestValue>, StoreError> {
     Ok(diesel::sql_query(
-        "SELECT m.name AS metric, r.ts, (r.metrics ->> m.name)::float8 AS value
+        "SELECT d.device_id, m.name AS metric, r.ts, (r.metrics ->> m.name)::float8 AS value
          FROM devices d
          CROSS JOIN LATERAL unnest(d.metrics) AS m(name)
          CROSS JOIN LATERAL (
@@ -119,10 +171,10 @@ pub fn latest(conn: &mut PgConnection, device_id: &str) -> Result<Vec<LatestValu
              ORDER BY ts DESC, reading_id DESC
              LIMIT 1
          ) r
-         WHERE d.device_id = $1
-         ORDER BY m.name",
+         WHERE d.device_id = ANY($1)
+         ORDER BY d.device_id, m.name",
     )
-    .bind::<Text, _>(device_id)
+    .bind::<diesel::sql_types::Array<Text>, _>(device_ids)
     .load(conn)?)
 }
 

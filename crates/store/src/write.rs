@@ -28,6 +28,31 @@ pub struct WriteOutcome {
     pub conflicting: usize,
 }
 
+/// What a write did, and which readings of the batch it actually stored: what the persister
+/// announces as stored must leave out a redelivery's repeats.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Written {
+    pub outcome: WriteOutcome,
+    /// The positions in the batch of the readings that were not stored (duplicates and conflicts),
+    /// ascending; empty when all were new, as almost every batch is.
+    pub repeats: Vec<usize>,
+}
+
+impl Written {
+    /// The readings of `batch` (the batch written) this write stored.
+    pub fn stored<'a>(&'a self, batch: &'a [Reading]) -> impl Iterator<Item = &'a Reading> + 'a {
+        let mut repeats = self.repeats.iter().peekable();
+        batch.iter().enumerate().filter_map(move |(i, r)| {
+            if repeats.peek() == Some(&&i) {
+                repeats.next();
+                None
+            } else {
+                Some(r)
+            }
+        })
+    }
+}
+
 /// The monthly partitions this writer has seen created (or seen routed to the default partition),
 /// so it asks PostgreSQL only about new months; and the backfill horizon, which bounds the months
 /// PostgreSQL creates a partition for (see the migration `bounded_partitions`).
@@ -127,9 +152,9 @@ pub fn write_readings(
     conn: &mut PgConnection,
     batch: &[Reading],
     known: &mut KnownPartitions,
-) -> Result<WriteOutcome, StoreError> {
+) -> Result<Written, StoreError> {
     if batch.is_empty() {
-        return Ok(WriteOutcome::default());
+        return Ok(Written::default());
     }
     ensure_partitions(conn, batch, known)?;
     // In key order, consecutive rows go to the same pages of the primary key index: profiled under
@@ -162,9 +187,12 @@ pub fn write_readings(
         Ok(copied)
     });
     match copied {
-        Ok(copied) => Ok(WriteOutcome {
-            inserted: copied,
-            ..WriteOutcome::default()
+        Ok(copied) => Ok(Written {
+            outcome: WriteOutcome {
+                inserted: copied,
+                ..WriteOutcome::default()
+            },
+            repeats: Vec::new(),
         }),
         Err(StoreError::Query(diesel::result::Error::DatabaseError(
             diesel::result::DatabaseErrorKind::UniqueViolation,
@@ -188,10 +216,7 @@ enum Verdict {
 
 /// The slow path, for a batch that holds readings already stored: each reading is judged by its
 /// identity, in four steps, in the caller's transaction.
-fn write_with_repeats(
-    conn: &mut PgConnection,
-    batch: &[Reading],
-) -> Result<WriteOutcome, StoreError> {
+fn write_with_repeats(conn: &mut PgConnection, batch: &[Reading]) -> Result<Written, StoreError> {
     let mut verdicts = judge_within_batch(batch);
     claim_identities(conn, batch, &mut verdicts)?;
     let inserted = insert_new(conn, batch, &mut verdicts)?;
@@ -210,10 +235,19 @@ fn write_with_repeats(
         .iter()
         .filter(|v| matches!(v, Verdict::Conflict { .. }))
         .count();
-    Ok(WriteOutcome {
-        inserted,
-        duplicates: batch.len() - inserted - conflicting,
-        conflicting,
+    let repeats = verdicts
+        .iter()
+        .enumerate()
+        .filter(|(_, v)| **v != Verdict::New)
+        .map(|(i, _)| i)
+        .collect();
+    Ok(Written {
+        outcome: WriteOutcome {
+            inserted,
+            duplicates: batch.len() - inserted - conflicting,
+            conflicting,
+        },
+        repeats,
     })
 }
 

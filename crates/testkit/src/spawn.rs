@@ -203,6 +203,9 @@ pub fn query_api_settings(database_url: &str, verifying_key_file: &str) -> query
     s.http.http_workers = 1;
     s.database.database_url = database_url.to_owned();
     s.auth_public_key_file = verifying_key_file.to_owned();
+    // the live feed's exchange: one for every test that does not watch a persister of its own
+    s.bus.amqp_url = crate::amqp_url();
+    s.bus.amqp_prefix = "sensorhub-tests".to_owned();
     s
 }
 

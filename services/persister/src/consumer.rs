@@ -10,6 +10,7 @@ use models::MessageError;
 use tokio::sync::{Mutex, mpsc, watch};
 use tokio::task::JoinHandle;
 
+use crate::announce::Announcer;
 use crate::batch::Batch;
 use crate::metrics::{PersisterMetrics, ReasonLabels};
 use crate::settings::Settings;
@@ -29,6 +30,7 @@ pub async fn consume(
     settings: Settings,
     pool: store::PgPool,
     metrics: PersisterMetrics,
+    announcer: Announcer,
     amqp_connected: Arc<AtomicBool>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -55,7 +57,14 @@ pub async fn consume(
                 amqp_connected.store(true, Ordering::SeqCst);
                 metrics.amqp_connected.set(1);
                 tracing::info!(queue = %topology.readings_queue, "consuming");
-                let session = Session::start(&settings, &pool, &metrics, consumer, &mut shutdown);
+                let session = Session::start(
+                    &settings,
+                    &pool,
+                    &metrics,
+                    &announcer,
+                    consumer,
+                    &mut shutdown,
+                );
                 let (end, consumer) = session.await.run().await;
                 amqp_connected.store(false, Ordering::SeqCst);
                 metrics.amqp_connected.set(0);
@@ -102,6 +111,7 @@ impl<'a> Session<'a> {
         settings: &Settings,
         pool: &store::PgPool,
         metrics: &'a PersisterMetrics,
+        announcer: &Announcer,
         consumer: QueueConsumer,
         shutdown: &'a mut watch::Receiver<bool>,
     ) -> Self {
@@ -113,6 +123,7 @@ impl<'a> Session<'a> {
                 let writer = Writer::new(
                     pool.clone(),
                     metrics.clone(),
+                    announcer.clone(),
                     consumer.channel_state(),
                     Duration::from_millis(settings.retry_max_backoff_ms),
                     settings.backfill_horizon_days,

@@ -8,6 +8,9 @@
 //! sent again with other content, the first write stays and the newcomer is kept in
 //! `reading_conflicts` (counted as `readings_conflicting_total`).
 //!
+//! Live views: after each commit, the persister announces the readings it stored (see
+//! `announce`), for query-api to relay to browsers.
+//!
 //! Commands: the persister also publishes the commands that are due (new ones, and re-sends of
 //! those not answered) and records what the ingest services report about them (see `commands`).
 //!
@@ -15,6 +18,7 @@
 //! database that is down is waited for: writes are retried with backoff while the messages stay
 //! unacknowledged, and the queue holds everything else.
 
+mod announce;
 mod batch;
 mod commands;
 mod consumer;
@@ -107,10 +111,13 @@ impl Persister {
         let ops_handle: ServerHandle = self.ops_server.handle();
         let ops = tokio::spawn(self.ops_server);
         let shutdown = self.shutdown.clone();
+        let (announcer, announcing) =
+            announce::Announcer::start(self.publisher.clone(), self.metrics.clone());
         let consuming = tokio::spawn(consumer::consume(
             self.settings.clone(),
             self.pool.clone(),
             self.metrics.clone(),
+            announcer,
             self.amqp_connected.clone(),
             self.shutdown.subscribe(),
         ));
@@ -148,6 +155,7 @@ impl Persister {
         }
         let _ = recording.await;
         let _ = dispatching.await;
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), announcing).await;
         self.publisher.close().await;
         forgetting.abort();
         expiring.abort();

@@ -17,6 +17,10 @@ pub struct OutcomeLabels {
 
 #[derive(Clone)]
 pub struct PersisterMetrics {
+    /// Commits announced to the live views (query-api's `GET /v1/live`).
+    pub announcements_published: Counter,
+    /// Announcements that could not be published (RabbitMQ away, or too many waiting).
+    pub announcements_dropped: Counter,
     pub commands_published: Counter,
     pub command_publish_failures: Counter,
     /// Reports about commands, by what became of them (a fixed set of outcomes).
@@ -37,6 +41,8 @@ pub struct PersisterMetrics {
 impl PersisterMetrics {
     pub fn register(registry: &mut Registry) -> Self {
         let m = Self {
+            announcements_published: Counter::default(),
+            announcements_dropped: Counter::default(),
             commands_published: Counter::default(),
             command_publish_failures: Counter::default(),
             command_reports: Family::default(),
@@ -51,6 +57,16 @@ impl PersisterMetrics {
             queue_messages: Gauge::default(),
             amqp_connected: Gauge::default(),
         };
+        registry.register(
+            "announcements_published",
+            "Commits announced to the live views, after the commit",
+            m.announcements_published.clone(),
+        );
+        registry.register(
+            "announcements_dropped",
+            "Commits not announced to the live views (RabbitMQ away, or too many waiting); the readings are stored",
+            m.announcements_dropped.clone(),
+        );
         registry.register(
             "readings_stored",
             "Readings newly stored",

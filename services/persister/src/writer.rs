@@ -6,9 +6,10 @@ use std::time::{Duration, Instant};
 
 use bus::{Backoff, ChannelState};
 use models::Reading;
-use store::{KnownPartitions, StoreError, WriteOutcome};
+use store::{KnownPartitions, StoreError, WriteOutcome, Written};
 use tokio::sync::{Mutex, mpsc, watch};
 
+use crate::announce::Announcer;
 use crate::batch::Batch;
 use crate::metrics::PersisterMetrics;
 
@@ -19,6 +20,7 @@ const FIRST_RETRY: Duration = Duration::from_millis(100);
 pub struct Writer {
     pool: store::PgPool,
     metrics: PersisterMetrics,
+    announcer: Announcer,
     /// The channel the batches' messages were delivered on: once closed, they are back on the queue.
     channel: ChannelState,
     max_backoff: Duration,
@@ -31,6 +33,7 @@ impl Writer {
     pub fn new(
         pool: store::PgPool,
         metrics: PersisterMetrics,
+        announcer: Announcer,
         channel: ChannelState,
         max_backoff: Duration,
         backfill_horizon: models::BackfillHorizon,
@@ -39,6 +42,7 @@ impl Writer {
         Self {
             pool,
             metrics,
+            announcer,
             channel,
             max_backoff: max_backoff.max(FIRST_RETRY),
             known: Arc::new(std::sync::Mutex::new(KnownPartitions::with_horizon(
@@ -65,8 +69,9 @@ impl Writer {
         loop {
             let started = Instant::now();
             let error = match self.write(&readings).await {
-                Ok(outcome) => {
-                    self.record(&outcome, count, started);
+                Ok(written) => {
+                    self.record(&written.outcome, count, started);
+                    self.announcer.committed(&readings, &written);
                     self.ack(acks).await;
                     return;
                 }
@@ -92,9 +97,9 @@ impl Writer {
     }
 
     /// One attempt, in one transaction, off the async threads.
-    async fn write(&self, readings: &Arc<Vec<Reading>>) -> Result<WriteOutcome, String> {
+    async fn write(&self, readings: &Arc<Vec<Reading>>) -> Result<Written, String> {
         let (pool, known, readings) = (self.pool.clone(), self.known.clone(), readings.clone());
-        let attempt = tokio::task::spawn_blocking(move || -> Result<WriteOutcome, StoreError> {
+        let attempt = tokio::task::spawn_blocking(move || -> Result<Written, StoreError> {
             let mut conn = pool.get()?;
             let mut known = known
                 .lock()

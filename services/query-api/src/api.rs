@@ -61,7 +61,9 @@ pub fn routes(cfg: &mut ServiceConfig) {
         .service(crate::commands::get_command)
         .service(crate::commands::cancel_command)
         .service(crate::tokens::list_tokens)
-        .service(crate::tokens::revoke_token);
+        .service(crate::tokens::revoke_token)
+        .service(crate::tokens::me)
+        .service(crate::live::live);
 }
 
 /// Runs a store call on the blocking pool with a pooled connection, in the request's span.
@@ -100,17 +102,43 @@ pub struct Device {
     pub last_seen: DateTime<Utc>,
     /// Every metric name the device has sent.
     pub metrics: Vec<String>,
+    /// Its newest reading is at most `OFFLINE_AFTER_SECS` old.
+    pub online: bool,
+    /// The newest value of each metric, by name (with `latest=true`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub latest: Option<Vec<MetricLatest>>,
 }
 
-impl From<store::read::DeviceSummary> for Device {
-    fn from(d: store::read::DeviceSummary) -> Self {
+impl Device {
+    fn of(d: store::read::DeviceSummary, offline_after: &OfflineAfter) -> Self {
         Self {
+            online: offline_after.is_online(d.last_seen),
             device_id: d.device_id,
             first_seen: d.first_seen,
             last_seen: d.last_seen,
             metrics: d.metrics.into_iter().flatten().collect(),
+            latest: None,
         }
     }
+}
+
+/// How long a device may stay silent (since its newest reading's time) and still count as online.
+#[derive(Debug, Clone, Copy)]
+pub struct OfflineAfter(pub u64);
+
+impl OfflineAfter {
+    fn is_online(&self, last_seen: DateTime<Utc>) -> bool {
+        Utc::now() - last_seen
+            <= Duration::seconds(i64::try_from(self.0).unwrap_or(i64::MAX / 1000))
+    }
+}
+
+/// One metric's newest value, in a fleet listing.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct MetricLatest {
+    pub metric: String,
+    pub ts: DateTime<Utc>,
+    pub value: f64,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -118,7 +146,29 @@ pub struct DeviceList {
     pub devices: Vec<Device>,
     /// Pass as `cursor` for the next page; null when there is none.
     pub next_cursor: Option<String>,
+    /// A device whose newest reading is older than this is offline.
+    pub offline_after_secs: u64,
 }
+
+/// The query of `GET /v1/devices`, as sent: `params` parses and checks each value.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct DeviceListParams {
+    /// How many devices, 1–10,000 (1–1,000 with `latest=true`).
+    #[param(value_type = Option<i64>, minimum = 1, maximum = 10000, default = 100)]
+    pub limit: Option<String>,
+    /// `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+    /// Only devices whose id holds this (ignoring case): 1–64 characters of `[A-Za-z0-9._-]`.
+    #[param(pattern = "^[A-Za-z0-9._-]{1,64}$", example = "raspi")]
+    pub q: Option<String>,
+    /// With the newest value of each metric of each device.
+    #[param(value_type = Option<bool>, default = false)]
+    pub latest: Option<String>,
+}
+
+/// The most devices a page with their latest values may hold: each costs an index lookup per metric.
+const MAX_LATEST_PAGE: i64 = 1000;
 
 /// The query of `GET /v1/devices`, as sent: `params` parses and checks each value.
 #[derive(Debug, Deserialize, IntoParams)]
@@ -131,10 +181,10 @@ pub struct PageParams {
     pub cursor: Option<String>,
 }
 
-/// Every device that has sent readings, by id.
+/// Every device that has sent readings, by id; `q` finds devices by part of their id.
 #[utoipa::path(
     tag = "devices",
-    params(PageParams),
+    params(DeviceListParams),
     responses(
         (status = 200, description = "A page of devices", body = DeviceList),
         (status = 400, description = "A bad `limit` or `cursor` (`field` names it)", body = service_kit::ErrorBody),
@@ -143,13 +193,54 @@ pub struct PageParams {
 #[get("/v1/devices")]
 async fn list_devices(
     pool: web::Data<PgPool>,
-    query: web::Query<PageParams>,
+    offline_after: web::Data<OfflineAfter>,
+    query: web::Query<DeviceListParams>,
 ) -> Result<web::Json<DeviceList>, QueryError> {
-    let (devices, next_cursor) =
-        id_page(&pool, &query, store::read::list_devices, |d| &d.device_id).await?;
+    let query = query.into_inner();
+    let search = params::device_search(query.q.as_deref())?;
+    let with_latest = params::flag("latest", query.latest.as_deref())?;
+    if with_latest && params::limit(query.limit.as_deref())? > MAX_LATEST_PAGE {
+        return Err(QueryError::invalid(
+            "limit",
+            format!("must be at most {MAX_LATEST_PAGE} with latest=true"),
+        ));
+    }
+    let page = PageParams {
+        limit: query.limit,
+        cursor: query.cursor,
+    };
+    let (found, next_cursor) = id_page(
+        &pool,
+        &page,
+        move |conn, after, limit| store::read::find_devices(conn, search.as_deref(), after, limit),
+        |d| &d.device_id,
+    )
+    .await?;
+    let mut devices: Vec<Device> = found
+        .into_iter()
+        .map(|d| Device::of(d, &offline_after))
+        .collect();
+    if with_latest {
+        let ids: Vec<String> = devices.iter().map(|d| d.device_id.clone()).collect();
+        let values = with_conn(&pool, move |conn| store::read::latest_of(conn, &ids)).await?;
+        let mut values = values.into_iter().peekable();
+        // both in device id order
+        for device in &mut devices {
+            let mut latest = Vec::new();
+            while let Some(v) = values.next_if(|v| v.device_id == device.device_id) {
+                latest.push(MetricLatest {
+                    metric: v.metric,
+                    ts: v.ts,
+                    value: v.value,
+                });
+            }
+            device.latest = Some(latest);
+        }
+    }
     Ok(web::Json(DeviceList {
-        devices: devices.into_iter().map(Device::from).collect(),
+        devices,
         next_cursor,
+        offline_after_secs: offline_after.0,
     }))
 }
 
@@ -198,13 +289,14 @@ pub(crate) fn next_page<T>(items: &mut Vec<T>, limit: i64) -> Option<&T> {
 #[get("/v1/devices/{id}")]
 async fn get_device(
     pool: web::Data<PgPool>,
+    offline_after: web::Data<OfflineAfter>,
     path: web::Path<DevicePath>,
 ) -> Result<web::Json<Device>, QueryError> {
     let device_id = params::device_id(path.into_inner().id)?.into_string();
     let lookup = device_id.clone();
     with_conn(&pool, move |conn| store::read::device(conn, &lookup))
         .await?
-        .map(|d| web::Json(Device::from(d)))
+        .map(|d| web::Json(Device::of(d, &offline_after)))
         .ok_or(QueryError::UnknownDevice(device_id))
 }
 

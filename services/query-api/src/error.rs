@@ -53,6 +53,9 @@ pub enum QueryError {
     TooManyOpenCommands(String),
     #[error(transparent)]
     AppToken(#[from] auth::AppTokenRefusal),
+    /// A bounded resource is taken (every live stream this replica allows is open).
+    #[error("{0}")]
+    Busy(String),
 }
 
 /// The JSON extractor's failures, with the statuses ingest-http gives the same faults.
@@ -96,6 +99,7 @@ impl QueryError {
             QueryError::InvalidBody(_) => "invalid",
             QueryError::UnknownToken(_) | QueryError::UnknownCommand(_) => "not_found",
             QueryError::TooManyOpenCommands(_) => "too_many_commands",
+            QueryError::Busy(_) => "busy",
             QueryError::AppToken(auth::AppTokenRefusal::NotLoaded) => "unavailable",
             QueryError::AppToken(_) => "unauthorized",
         }
@@ -184,6 +188,9 @@ impl QueryError {
                 ApiError::unavailable(self.to_string(), retry_after::REGISTRY_SECS)
             }
             QueryError::AppToken(refusal) => ApiError::unauthorized(refusal.to_string(), true),
+            QueryError::Busy(reason) => {
+                ApiError::unavailable(reason.clone(), retry_after::BUSY_SECS)
+            }
             other => ApiError::internal(other),
         }
     }
@@ -216,6 +223,7 @@ impl ResponseError for QueryError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             QueryError::AppToken(_) => StatusCode::UNAUTHORIZED,
+            QueryError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

@@ -1,7 +1,8 @@
 //! query-api: the read side of Sensorhub. Apps list devices, page through a device's readings (or
 //! download a range of them as CSV, streamed), ask for the latest values, and get time buckets
-//! aggregated in PostgreSQL; operators and admins send devices commands and follow them. It also
-//! serves the web dashboard and the API docs viewer (`dashboard`).
+//! aggregated in PostgreSQL; operators and admins send devices commands and follow them. Browsers
+//! watch what is stored as it is stored (`GET /v1/live`, relayed from the persisters' announcements
+//! on RabbitMQ). It also serves the web dashboard and the API docs viewer (`dashboard`).
 
 mod access;
 mod api;
@@ -10,6 +11,7 @@ mod commands;
 mod csv;
 mod dashboard;
 mod error;
+mod live;
 mod params;
 pub mod settings;
 pub mod startup;

@@ -127,6 +127,25 @@ pub fn encode_device_cursor(device_id: &str) -> String {
 }
 
 /// The last device id of the previous page; only a valid device id can be one.
+/// A search for devices by part of their id: the id's own alphabet (so it cannot be a pattern).
+pub fn device_search(value: Option<&str>) -> Result<Option<String>, QueryError> {
+    match value {
+        None | Some("") => Ok(None),
+        Some(text) => DeviceId::parse(text)
+            .map(|id| Some(id.into_string()))
+            .map_err(|_| QueryError::invalid("q", "must be 1–64 characters of [A-Za-z0-9._-]")),
+    }
+}
+
+/// `true` or `false` (absent: false).
+pub fn flag(field: &'static str, value: Option<&str>) -> Result<bool, QueryError> {
+    match value {
+        None | Some("false") => Ok(false),
+        Some("true") => Ok(true),
+        Some(_) => Err(QueryError::invalid(field, "must be true or false")),
+    }
+}
+
 pub fn decode_device_cursor(value: Option<&str>) -> Result<Option<String>, QueryError> {
     value
         .map(|v| {

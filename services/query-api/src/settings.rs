@@ -11,6 +11,12 @@ pub struct Settings {
     pub http: HttpSettings,
     #[serde(flatten)]
     pub database: DatabaseSettings,
+    /// RabbitMQ, for the live feed (`GET /v1/live`).
+    #[serde(flatten)]
+    pub bus: bus::BusSettings,
+    pub live_max_streams: u32,
+    pub live_keepalive_secs: u64,
+    pub offline_after_secs: u64,
     pub auth_public_key_file: String,
     pub auth_signing_key_file: String,
     /// The same setting, and environment variable, as sensorctl's.

@@ -27,6 +27,8 @@ pub struct Application {
     server: Server,
     /// The app tokens' change listener: stops with the service.
     notifications: store::listen::Listener,
+    /// The live relay's feed from RabbitMQ: closed with the service.
+    live: std::sync::Arc<crate::live::LiveHub>,
 }
 
 impl Application {
@@ -40,6 +42,12 @@ impl Application {
 
         let mut registry = Registry::default();
         let http_metrics = HttpMetrics::register(&mut registry);
+        let live = crate::live::LiveHub::start(
+            &settings.bus,
+            settings.live_max_streams as usize,
+            std::time::Duration::from_secs(settings.live_keepalive_secs.max(1)),
+            &mut registry,
+        );
         let ready_pool = pool.clone();
         let readiness = Readiness::default().with_check("postgres", move || {
             service_kit::postgres::ping(ready_pool.clone())
@@ -49,6 +57,8 @@ impl Application {
         let ops = Ops::new(registry, readiness);
 
         let access = web::Data::new(access(settings, app_tokens.clone())?);
+        let live_data = web::Data::new(live.clone());
+        let offline_after = web::Data::new(api::OfflineAfter(settings.offline_after_secs));
         let app_tokens = web::Data::new(tokens::AppTokens::new(settings)?);
         let device_tokens =
             web::Data::new(DeviceTokens(if settings.auth_signing_key_file.is_empty() {
@@ -96,6 +106,8 @@ impl Application {
                 .app_data(mqtt_accounts.clone())
                 .app_data(app_tokens.clone())
                 .app_data(command_limits.clone())
+                .app_data(live_data.clone())
+                .app_data(offline_after.clone())
                 .app_data(
                     web::JsonConfig::default()
                         .limit(16 * 1024)
@@ -134,6 +146,7 @@ impl Application {
             port,
             server,
             notifications,
+            live,
         })
     }
 
@@ -141,10 +154,16 @@ impl Application {
         self.port
     }
 
+    /// Waits until the live feed is connected to RabbitMQ, up to `timeout`; for tests.
+    pub async fn wait_live(&self, timeout: std::time::Duration) -> bool {
+        self.live.wait_connected(timeout).await
+    }
+
     /// Serves until `stop` resolves (`service_kit::shutdown::signal()`: SIGTERM or SIGINT), then
     /// answers the requests in flight and returns.
     pub async fn run_until(self, stop: impl Future<Output = ()>) -> std::io::Result<()> {
         let served = service_kit::shutdown::serve_until(self.server, stop).await;
+        self.live.close().await;
         drop(self.notifications);
         served
     }

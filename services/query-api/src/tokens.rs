@@ -244,3 +244,44 @@ pub(crate) async fn revoke_token(
         Err(QueryError::UnknownToken(id))
     }
 }
+
+/// The token a request came with, as query-api sees it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Me {
+    /// The app's name (the token's `sub`).
+    #[schema(example = "dashboard")]
+    pub name: String,
+    /// `reader`, `operator` or `admin`: what the token may do.
+    #[schema(value_type = String, example = "operator")]
+    pub role: Role,
+    /// The token's id (its `jti`): what revocation names.
+    pub token_id: String,
+    pub expires_at: Option<DateTime<Utc>>,
+    /// May send devices commands and cancel them (operator, admin).
+    pub can_command: bool,
+    /// May register and revoke devices and tokens (admin).
+    pub can_manage: bool,
+}
+
+/// Who the token is: its name, role and expiry, so that an app (the dashboard) offers only what
+/// the role may do.
+#[utoipa::path(
+    tag = "tokens",
+    responses(
+        (status = 200, description = "The token's name, role and expiry", body = Me),
+    )
+)]
+#[get("/v1/me")]
+pub(crate) async fn me(claims: web::ReqData<auth::Claims>) -> web::Json<Me> {
+    let claims = claims.into_inner();
+    web::Json(Me {
+        can_command: claims.role.can_command(),
+        can_manage: claims.role == Role::Admin,
+        name: claims.sub,
+        role: claims.role,
+        token_id: claims.jti,
+        expires_at: claims
+            .exp
+            .and_then(|exp| DateTime::<Utc>::from_timestamp(exp, 0)),
+    })
+}

@@ -308,9 +308,9 @@ pub fn write_path_until(
             r.id = models::ReadingId::parse(format!("wp-w{worker}-r{round}-{i}"))
                 .map_err(anyhow::Error::msg)?;
         }
-        let outcome = store::write_readings(&mut conn, &readings, &mut known)
+        let written = store::write_readings(&mut conn, &readings, &mut known)
             .map_err(|e| anyhow::anyhow!("write_readings: {e}"))?;
-        Ok(outcome.inserted as u64)
+        Ok(written.outcome.inserted as u64)
     })
 }
 

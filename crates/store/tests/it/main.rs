@@ -35,7 +35,9 @@ impl Store {
 
     /// Writes `batch` as the persister does.
     fn write(&mut self, batch: &[Reading]) -> WriteOutcome {
-        write_readings(&mut self.conn, batch, &mut self.known).unwrap()
+        write_readings(&mut self.conn, batch, &mut self.known)
+            .unwrap()
+            .outcome
     }
 
     fn rows(&self, table: &str) -> i64 {
@@ -101,6 +103,35 @@ fn a_batch_is_stored_once_however_often_it_is_written() {
     assert_eq!(
         a.metrics,
         serde_json::json!({"humidity": 60.3, "temperature": 25.5})
+    );
+}
+
+/// What the persister announces as stored: the new readings of a batch, never a repeat.
+#[test]
+fn a_write_names_exactly_the_readings_it_stored() {
+    let mut s = Store::new();
+    let t = at("2026-11-25T10:00:00Z");
+    let first = vec![
+        reading("raspi-01", "a", t, &[("temperature", 20.0)]),
+        reading("raspi-01", "b", t, &[("temperature", 21.0)]),
+    ];
+    let written = write_readings(&mut s.conn, &first, &mut s.known).unwrap();
+    let ids: Vec<&str> = written.stored(&first).map(|r| r.id.as_str()).collect();
+    assert_eq!(ids, ["a", "b"], "the fast path stores them all");
+
+    let overlap = vec![
+        first[1].clone(),
+        reading("raspi-01", "c", t, &[("temperature", 22.0)]),
+        reading("raspi-01", "a", t, &[("temperature", 99.0)]),
+        reading("raspi-01", "c", t, &[("temperature", 22.0)]),
+    ];
+    let written = write_readings(&mut s.conn, &overlap, &mut s.known).unwrap();
+    assert_eq!(written.outcome, outcome(1, 2, 1));
+    let ids: Vec<&str> = written.stored(&overlap).map(|r| r.id.as_str()).collect();
+    assert_eq!(
+        ids,
+        ["c"],
+        "a duplicate, a conflict and a repeat within the batch are not stored"
     );
 }
 
@@ -345,7 +376,9 @@ fn readings_outside_the_horizon_are_stored_without_creating_partitions() {
         reading("spray", "later", too_old_start, &[("t", 1.0)]),
         reading("spray", "old-0", at("2000-01-01T00:00:00Z"), &[("t", 0.0)]),
     ];
-    let outcome = write_readings(&mut s.conn, &again, &mut century).unwrap();
+    let outcome = write_readings(&mut s.conn, &again, &mut century)
+        .unwrap()
+        .outcome;
     assert_eq!((outcome.inserted, outcome.duplicates), (1, 1));
     assert!(!partition_exists(&s.db, &too_old));
 }

@@ -13,6 +13,7 @@ use testkit::{TestDb, TestKeys};
 
 mod commands;
 mod input;
+mod live;
 mod openapi;
 mod security;
 mod tokens;
@@ -223,6 +224,75 @@ async fn devices_are_listed_with_their_metrics_in_pages() {
     assert_eq!(api.ok("/v1/devices/pi-2").await["metrics"], json!(["co2"]));
 }
 
+/// What the dashboard's fleet page asks: a search by part of the id, each device's latest values,
+/// and whether it is online.
+#[tokio::test]
+async fn devices_are_found_by_part_of_their_id_with_latest_values_and_online_state() {
+    let api = api_with_data().await;
+    let ids = |page: &Value| -> Vec<String> {
+        page["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["device_id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let found = api.ok("/v1/devices?q=DEV-00&limit=2").await;
+    assert_eq!(
+        ids(&found),
+        ["dev-000", "dev-001"],
+        "ignoring case, in pages"
+    );
+    let cursor = found["next_cursor"].as_str().unwrap();
+    let rest = api
+        .ok(&format!("/v1/devices?q=DEV-00&cursor={cursor}"))
+        .await;
+    assert_eq!(ids(&rest), ["dev-002", "dev-003", "dev-004"]);
+    assert_eq!(ids(&api.ok("/v1/devices?q=1").await), ["dev-001", "pi-1"]);
+    // `_` and `.` are the id's own characters, not patterns
+    assert!(ids(&api.ok("/v1/devices?q=_").await).is_empty());
+    assert!(ids(&api.ok("/v1/devices?q=pi.").await).is_empty());
+
+    let fleet = api.ok("/v1/devices?q=pi-&latest=true").await;
+    assert_eq!(fleet["offline_after_secs"], 300);
+    assert_eq!(
+        fleet["devices"][0]["latest"],
+        json!([
+            {"metric": "h", "ts": "2026-11-24T04:00:00Z", "value": 340.0},
+            {"metric": "t", "ts": "2026-11-24T04:09:00Z", "value": 249.0},
+        ])
+    );
+    assert_eq!(
+        fleet["devices"][1]["latest"],
+        json!([{"metric": "co2", "ts": "2026-11-24T00:00:00Z", "value": 415.0}])
+    );
+    assert_eq!(
+        fleet["devices"][0]["online"], false,
+        "silent since 2026-11-24"
+    );
+    assert!(
+        api.ok("/v1/devices").await["devices"][0]
+            .get("latest")
+            .is_none(),
+        "latest values only when asked for"
+    );
+
+    // a device that sent a moment ago is online
+    let now = chrono::SubsecRound::trunc_subsecs(Utc::now(), 6);
+    store::write_readings(
+        &mut api.db.connect(),
+        &[reading("pi-now", "x", now, &[("v", 1.0)])],
+        &mut Default::default(),
+    )
+    .unwrap();
+    assert_eq!(api.ok("/v1/devices/pi-now").await["online"], true);
+
+    for bad in ["q=%25", "q=a%20b", "latest=yes", "latest=true&limit=1001"] {
+        let (status, body) = api.get(&format!("/v1/devices?{bad}")).await;
+        assert_eq!(status, 400, "{bad}: {body}");
+    }
+}
+
 #[tokio::test]
 async fn latest_gives_each_metrics_newest_value() {
     let api = api_with_data().await;
@@ -336,6 +406,8 @@ async fn the_openapi_description_lists_exactly_the_served_routes() {
             "/v1/devices/{id}/latest",
             "/v1/devices/{id}/readings",
             "/v1/devices/{id}/series",
+            "/v1/live",
+            "/v1/me",
             "/v1/tokens",
             "/v1/tokens/{id}"
         ]
@@ -352,10 +424,12 @@ async fn the_openapi_description_lists_exactly_the_served_routes() {
         )
         .await;
     assert_eq!(status, 201, "{command}");
-    for path in paths
-        .iter()
-        .filter(|p| p.starts_with("/v1/") && doc["paths"][p.as_str()].get("get").is_some())
-    {
+    // (the live stream never ends: live.rs reads it)
+    for path in paths.iter().filter(|p| {
+        p.starts_with("/v1/")
+            && p.as_str() != "/v1/live"
+            && doc["paths"][p.as_str()].get("get").is_some()
+    }) {
         let id = match path.starts_with("/v1/commands/") {
             true => command["id"].as_str().unwrap(),
             false => "pi-1",

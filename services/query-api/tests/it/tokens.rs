@@ -210,3 +210,25 @@ async fn readyz_says_when_the_token_list_cannot_be_followed() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn me_tells_a_token_its_name_role_and_what_it_may_do() {
+    let api = start_empty(|_| {}).await;
+    let (status, reader) = api.get("/v1/me").await;
+    assert_eq!(status, 200);
+    assert_eq!(reader["role"], "reader");
+    assert_eq!(reader["can_command"], false);
+    assert_eq!(reader["can_manage"], false);
+    assert_eq!(reader["token_id"], api.token_id(&api.reader).as_str());
+    assert!(reader["expires_at"].as_str().unwrap().ends_with('Z'));
+
+    let operator = api.keys.app_token(Role::Operator);
+    let (status, _, body) = api.call(Method::GET, "/v1/me", Some(&operator), None).await;
+    assert_eq!(status, 200);
+    assert_eq!(body["role"], "operator");
+    assert_eq!(body["can_command"], true);
+    assert_eq!(body["can_manage"], false);
+
+    let (status, _, _) = api.call(Method::GET, "/v1/me", None, None).await;
+    assert_eq!(status, 401);
+}

@@ -33,6 +33,19 @@ async fn topology_with_device(device: &str) -> (Topology, String) {
     (t, token)
 }
 
+/// The JSON a GET of `url` with `token` answers.
+async fn get_json(client: &reqwest::Client, url: &str, token: &str) -> serde_json::Value {
+    client
+        .get(url)
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 /// One POST of `body` to `url` with `token`: its status, or why it got none.
 async fn post_reading(
     client: &reqwest::Client,
@@ -224,15 +237,7 @@ async fn every_public_path_is_routed_over_tls_and_nothing_else() {
             .unwrap();
         assert_eq!(r.status(), StatusCode::OK, "GET {path}");
     }
-    let readings: serde_json::Value = client
-        .get(t.url("/v1/devices/raspi-02/readings"))
-        .bearer_auth(&reader)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let readings = get_json(&client, &t.url("/v1/devices/raspi-02/readings"), &reader).await;
     assert!(readings.to_string().contains("mqtt-1"), "{readings}");
 
     // commands (an operator issues and cancels, a reader follows) and the token list (admins)
@@ -424,6 +429,66 @@ async fn a_device_long_polls_and_answers_its_command_through_traefik() {
         (body["status"] == "succeeded").then_some(())
     })
     .await;
+}
+
+/// A browser's live stream through Traefik: a reading posted through Traefik comes out of the
+/// stream at once (not held in a compression buffer), and `/v1/me` is routed.
+#[tokio::test]
+async fn a_live_stream_gets_a_posted_reading_through_traefik() {
+    if !traefik_or_skip("a_live_stream_gets_a_posted_reading_through_traefik") {
+        return;
+    }
+    let (t, ref device) = topology_with_device("raspi-01").await;
+    let client = t.https();
+    let reader = t.app_token(Role::Reader);
+    let me = get_json(&client, &t.url("/v1/me"), &reader).await;
+    assert_eq!(me["role"], "reader", "{me}");
+
+    let mut stream = client
+        .get(t.url("/v1/live"))
+        .bearer_auth(&reader)
+        .header("accept-encoding", "gzip")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), StatusCode::OK);
+    assert_eq!(stream.headers()["content-type"], "text/event-stream");
+    assert!(!stream.headers().contains_key("content-encoding"));
+    // the feed of query-api's replica is connected once its first bytes arrive; a reading
+    // posted now is announced to it
+    let first = tokio::time::timeout(WAIT, stream.chunk()).await;
+    assert!(matches!(first, Ok(Ok(Some(_)))), "the stream starts");
+    testkit::eventually(WAIT, "query-api's live feed connected", || async {
+        let text = testkit::get_text(
+            &reqwest::Client::new(),
+            &format!("{}/metrics", t.query_api.url()),
+        )
+        .await;
+        (testkit::metric(&text, "live_feed_connected") == 1.0).then_some(())
+    })
+    .await;
+    let batch = vec![reading("raspi-01", 0, chrono::Utc::now())];
+    let status = post_reading(&client, &t.url("/v1/readings"), device, &json!(batch))
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let id = batch[0]["id"].as_str().unwrap().to_owned();
+    let mut received = String::new();
+    let arrived = tokio::time::timeout(WAIT, async {
+        while !received.contains(&id) {
+            match stream.chunk().await {
+                Ok(Some(bytes)) => received.push_str(&String::from_utf8_lossy(&bytes)),
+                _ => return false,
+            }
+        }
+        true
+    })
+    .await;
+    assert!(
+        matches!(arrived, Ok(true)),
+        "the reading's event came through Traefik; got {received:?}"
+    );
+    assert!(received.contains("event: readings"), "{received}");
 }
 
 /// The next JSON text frame of a WebSocket (pings and pongs skipped).
