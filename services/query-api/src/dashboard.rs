@@ -214,7 +214,10 @@ mod tests {
             }
             let handler = html.match_indices(" on").any(|(at, _)| {
                 let rest = &html[at + 3..];
-                let name = rest.len() - rest.trim_start_matches(|c: char| c.is_ascii_lowercase()).len();
+                let name = rest.len()
+                    - rest
+                        .trim_start_matches(|c: char| c.is_ascii_lowercase())
+                        .len();
                 name > 0 && rest[name..].starts_with('=')
             });
             assert!(!handler, "an inline event handler");

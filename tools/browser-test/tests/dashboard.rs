@@ -36,7 +36,10 @@ fn chromium() -> String {
 
 /// `npm ci` of the pinned playwright-core, once, when it is not there yet.
 async fn node_modules() {
-    if here().join("node_modules/playwright-core/package.json").exists() {
+    if here()
+        .join("node_modules/playwright-core/package.json")
+        .exists()
+    {
         return;
     }
     let status = tokio::process::Command::new("npm")
@@ -134,6 +137,8 @@ async fn the_dashboard_works_in_chromium_within_its_budgets() {
     .await;
     let mut settings = spawn::query_api_settings(&db.url, &keys.verifying_key_file());
     settings.http.http_workers = 2;
+    // the persister's announcements of what it stored, relayed on GET /v1/live
+    settings.bus.amqp_prefix = prefix.to_string();
     let query = spawn::query_api(&settings).await;
     post_last_hour(&ingest.url, &device_token, &db).await;
 

@@ -80,18 +80,7 @@ function query(params) {
 
 export const api = {
   /** Who the token is: {name, role, token_id, expires_at}. A 401 is the caller's to tell. */
-  me: async () => {
-    try {
-      return await request("/v1/me", { quiet: true });
-    } catch (error) {
-      if (error.status !== 404) throw error;
-      // TEMPORARY, until GET /v1/me is merged: the token checked by a read, its role read from
-      // its own (unverified) claims
-      await request("/v1/devices?limit=1", { quiet: true });
-      const claims = JSON.parse(atob(token.split(".")[1].replace(/-/g, "+").replace(/_/g, "/")));
-      return { name: claims.sub, role: claims.role, token_id: claims.jti, expires_at: null };
-    }
-  },
+  me: () => request("/v1/me", { quiet: true }),
 
   /** A page of devices with their latest values: {devices, next_cursor, offline_after_secs}. */
   devices: ({ q, limit, cursor }, signal) =>

@@ -83,6 +83,7 @@ async function signIn(event) {
     input.value = "";
     session.signIn(token, me);
     showApp();
+    $("main").focus(); // the sign-in form is gone: the reader goes on with the page
   } catch (error) {
     setToken(null);
     showSignIn(refusal(error));

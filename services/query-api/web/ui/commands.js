@@ -16,7 +16,7 @@ export function mount(section, deviceId) {
   let stopped = false;
 
   const message = h("p", { class: "muted", role: "status", id: "command-message" });
-  const nameInput = h("input", { id: "command-name", value: "led", required: true, pattern: "[A-Za-z0-9._-]{1,64}", autocomplete: "off", spellcheck: "false" });
+  const nameInput = h("input", { id: "command-name", value: "led", required: true, pattern: "[A-Za-z0-9._\\-]{1,64}", autocomplete: "off", spellcheck: "false" });
   const argsInput = h("textarea", { id: "command-args", rows: 2, spellcheck: "false" }, '{"on": true}');
   const ttlInput = h("input", { id: "command-ttl", type: "number", min: 1, value: 300, inputmode: "numeric" });
   const body = h("tbody");

@@ -6,7 +6,7 @@
 import { api } from "./api.js";
 import { agoElement, debounce, fill, formatTime, formatValue, h } from "./dom.js";
 import { MetricChart, bucketStart, columns, loadUPlot, pickBucket } from "./chart.js";
-import { session } from "./state.js";
+import { online, session } from "./state.js";
 
 const RANGES = [
   ["hour", "Last hour", 3600],
@@ -149,9 +149,7 @@ export function mount(root, deviceId, params) {
   // ---- the device and its latest values
   function renderHead() {
     const { device } = state;
-    // as the fleet page: the server's default threshold (GET /v1/devices says it; one device does not)
-    const offlineAfter = 300 * 1000;
-    const up = Date.now() - new Date(device.last_seen).getTime() < offlineAfter;
+    const up = online(device);
     badge.className = `badge ${up ? "online" : "offline"}`;
     badge.textContent = up ? "online" : "offline";
     fill(seen, "Last seen ", agoElement(device.last_seen), " · first seen ", formatTime(device.first_seen));
@@ -330,6 +328,7 @@ export function mount(root, deviceId, params) {
     for (const reading of readings) {
       const ts = new Date(reading.ts);
       if (ts > new Date(state.device.last_seen)) state.device.last_seen = reading.ts;
+      state.device.online = true;
       for (const [metric, value] of Object.entries(reading.metrics)) {
         const before = state.latest.get(metric);
         if (!before || new Date(before.ts) <= ts) state.latest.set(metric, { value, ts: reading.ts });

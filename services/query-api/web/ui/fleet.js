@@ -5,18 +5,15 @@
 
 import { api } from "./api.js";
 import { agoElement, debounce, fill, formatTime, formatValue, h } from "./dom.js";
+import { offline, online } from "./state.js";
 
 const PAGE_SIZE = 50;
-/** The server's default; each page's answer says what it uses. */
-const DEFAULT_OFFLINE_AFTER_SECS = 300;
-
 export function mount(root, params) {
   const state = {
     q: params.get("q") || "",
     /** The cursors of the pages walked through: [null, page 2's, ...]. */
     cursors: [null],
     next: null,
-    offlineAfter: DEFAULT_OFFLINE_AFTER_SECS,
     /** device_id → {device, row}. */
     rows: new Map(),
     abort: null,
@@ -36,27 +33,27 @@ export function mount(root, params) {
   const next = h("button", { type: "button", disabled: true, onclick: () => turn(1) }, "Next →");
 
   const section = h("section", { class: "fleet", id: "fleet", "aria-labelledby": "fleet-title" },
-      h("div", { class: "page-head" },
-        h("h1", { id: "fleet-title" }, "Fleet"),
-        h("form", { class: "search", role: "search", onsubmit: (e) => { e.preventDefault(); find(); } },
-          h("label", { for: "fleet-search" }, "Search by device id"),
-          search,
-        ),
+    h("div", { class: "page-head" },
+      h("h1", { id: "fleet-title" }, "Fleet"),
+      h("form", { class: "search", role: "search", onsubmit: (e) => { e.preventDefault(); find(); } },
+        h("label", { for: "fleet-search" }, "Search by device id"),
+        search,
       ),
-      status,
-      h("div", { class: "table-wrap" },
-        h("table", { class: "fleet-table", id: "fleet-table" },
-          h("caption", { class: "visually-hidden" }, "Devices, by id"),
-          h("thead", {}, h("tr", {},
-            h("th", { scope: "col" }, "Device"),
-            h("th", { scope: "col" }, "Status"),
-            h("th", { scope: "col" }, "Last seen"),
-            h("th", { scope: "col" }, "Latest values"),
-          )),
-          body,
-        ),
+    ),
+    status,
+    h("div", { class: "table-wrap" },
+      h("table", { class: "fleet-table", id: "fleet-table" },
+        h("caption", { class: "visually-hidden" }, "Devices, by id"),
+        h("thead", {}, h("tr", {},
+          h("th", { scope: "col" }, "Device"),
+          h("th", { scope: "col" }, "Status"),
+          h("th", { scope: "col" }, "Last seen"),
+          h("th", { scope: "col" }, "Latest values"),
+        )),
+        body,
       ),
-      h("nav", { class: "pager", "aria-label": "Pages of devices" }, previous, next),
+    ),
+    h("nav", { class: "pager", "aria-label": "Pages of devices" }, previous, next),
   );
   root.append(section);
 
@@ -88,7 +85,7 @@ export function mount(root, params) {
       status.textContent = `Could not load the devices: ${error.message}`;
       return;
     }
-    state.offlineAfter = page.offline_after_secs ?? DEFAULT_OFFLINE_AFTER_SECS;
+    offline.afterSecs = page.offline_after_secs ?? offline.afterSecs;
     state.next = page.next_cursor;
     state.rows.clear();
     fill(body, page.devices.map((device) => {
@@ -105,11 +102,6 @@ export function mount(root, params) {
     previous.disabled = first;
     next.disabled = !state.next;
     section.dataset.loaded = String(performance.now());
-  }
-
-  function online(device) {
-    const recent = Date.now() - new Date(device.last_seen).getTime() < state.offlineAfter * 1000;
-    return device.online === undefined ? recent : device.online && recent;
   }
 
   function renderRow(device, row) {
@@ -131,7 +123,7 @@ export function mount(root, params) {
   }
 
   /** Shows readings of devices on this page; a device new to it reloads the page. */
-  const reload = debounce(() => load(), 300);
+  const reload = debounce(() => load(), 150);
   function onReadings({ device_id, readings }) {
     const known = state.rows.get(device_id);
     if (!known) {

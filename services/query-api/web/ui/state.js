@@ -57,3 +57,15 @@ export const theme = {
  * ({device_id, readings: [{id, ts, metrics}]}, each reading new to this tab) and `onResync()`.
  */
 export const current = { page: null };
+
+/**
+ * How long a device may be silent and still count as online: the server's, as GET /v1/devices
+ * last said (one device's answer says whether it is online, not for how long it stays so).
+ */
+export const offline = { afterSecs: 300 };
+
+/** Online: the server said so when it answered, and no longer ago than the threshold. */
+export function online(device) {
+  const recent = Date.now() - new Date(device.last_seen).getTime() < offline.afterSecs * 1000;
+  return device.online !== false && recent;
+}
