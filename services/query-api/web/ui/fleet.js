@@ -128,7 +128,7 @@ export function mount(root, params) {
     const known = state.rows.get(device_id);
     if (!known) {
       const onFirstPage = state.cursors.length === 1;
-      const matches = !state.q || device_id.includes(state.q);
+      const matches = !state.q || device_id.toLowerCase().includes(state.q.toLowerCase());
       const ids = [...state.rows.keys()];
       const fits = ids.length < PAGE_SIZE || device_id < ids[ids.length - 1];
       if (onFirstPage && matches && fits) reload();

@@ -27,9 +27,9 @@ export const session = {
     sessionStorage.removeItem(TOKEN_KEY);
   },
 
-  /** Operators and admins send commands; readers only read. */
+  /** Operators and admins send commands; readers only read (GET /v1/me says which). */
   get canCommand() {
-    return this.me?.role === "operator" || this.me?.role === "admin";
+    return this.me?.can_command ?? (this.me?.role === "operator" || this.me?.role === "admin");
   },
 };
 
