@@ -335,6 +335,22 @@ try {
   budget("one-year chart (click to drawn)", yearMs, BUDGETS.yearChartMs, "ms");
   figures.push(`one-year chart: ${yearPoints} buckets of 1d, min/max/avg from ~525,600 readings`);
   await screenshot(op, "desktop-light-year");
+  // a custom range: two days ending a day ago, in 10-minute buckets (5 would make 576, over 500)
+  await op.click("label.range:has-text('Custom')");
+  const local = (ms) => {
+    const d = new Date(ms);
+    const pad = (n) => String(n).padStart(2, "0");
+    return `${d.getFullYear()}-${pad(d.getMonth() + 1)}-${pad(d.getDate())}T${pad(d.getHours())}:${pad(d.getMinutes())}`;
+  };
+  await op.fill("#range-from", local(Date.now() - 3 * 86400000));
+  await op.fill("#range-to", local(Date.now() - 86400000));
+  await op.click(".custom-range button[type=submit]");
+  await op.waitForSelector("#charts[data-state=ready][data-range=custom]");
+  const customPoints = Number(await op.getAttribute("figure .plot", "data-points"));
+  const customNote = await op.textContent("#chart-note");
+  check(customNote.includes("buckets of 10m") && customPoints >= 288 && customPoints <= 289,
+    `a custom range of two days is drawn in ${customPoints} buckets of 10m`);
+  check(op.url().includes("range=custom") && op.url().includes("from="), "the custom range is kept in the URL's fragment");
   await op.context().close();
 
   step("/docs");

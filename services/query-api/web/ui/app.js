@@ -129,8 +129,8 @@ function applyTheme() {
   theme.apply();
   const dark = theme.current === "dark";
   const toggle = $("theme-toggle");
+  // a toggle button: its name stays, its pressed state says which theme is on
   toggle.setAttribute("aria-pressed", String(dark));
-  toggle.textContent = dark ? "Light theme" : "Dark theme";
 }
 
 async function start() {

@@ -49,6 +49,9 @@ export class SseParser {
   }
 }
 
+/** A stream open this long before it ended was not a failure: it is resumed without backing off. */
+const STREAM_LASTED_MS = 5000;
+
 /** Waits after a failed connection: doubling from 0.5 s to 15 s, each wait drawn between half and all of it. */
 class Backoff {
   constructor(first = 500, max = 15000) {
@@ -119,7 +122,10 @@ export class LiveFeed {
         this.onState("live");
         if (connectedBefore && !this.lastEventId) this.onResync(); // nothing to replay from
         connectedBefore = true;
+        const connectedAt = Date.now();
         await this.read(response.body, signal);
+        // a stream that lasted (a proxy closes them after its write timeout) is resumed at once
+        if (Date.now() - connectedAt > STREAM_LASTED_MS) this.backoff.reset();
       } catch (error) {
         if (signal.aborted) return;
         if (error.status === 401) return this.onState("stopped");
