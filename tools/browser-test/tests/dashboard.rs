@@ -4,6 +4,9 @@
 //! inserted with SQL, as only their size matters), mints the tokens, and runs `dashboard.mjs` in
 //! Node with Debian's Chromium, which drives the pages, prints the budgets and fails over them.
 //!
+//! The modules' own logic (the SSE parser, the charts' buckets) is tested in Node alone
+//! (`unit/`), without a browser.
+//!
 //! What it needs beyond `cargo`: `node` and `npm` (Debian's `nodejs`, `npm`), `/usr/bin/chromium`
 //! (Debian's `chromium`), and `npm ci` run in this directory (`scripts/test` sees to all three;
 //! the test runs `npm ci` itself when `node_modules` is missing).
@@ -108,6 +111,23 @@ async fn post_last_hour(ingest: &str, token: &str, db: &TestDb) {
         async move { (testkit::stored_readings(&url, DEVICE, 10).len() >= 6).then_some(()) }
     })
     .await;
+}
+
+/// The dashboard's modules on their own, in Node's test runner (`unit/*.test.mjs`): the live
+/// feed's SSE parser on streams cut anywhere, the charts' choice of bucket.
+#[tokio::test]
+async fn the_dashboards_modules_pass_their_unit_tests() {
+    let status = tokio::process::Command::new("node")
+        .args(["--test", "unit/"])
+        .current_dir(here())
+        .status()
+        .await
+        .expect("run node (Debian's nodejs)");
+    assert!(
+        status.success(),
+        "node --test unit/ in {}",
+        here().display()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

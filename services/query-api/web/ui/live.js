@@ -11,19 +11,23 @@ export class SseParser {
   constructor() {
     this.buffer = "";
     this.event = { type: "", id: null, data: [] };
+    /** The last chunk ended with \r: a \n starting the next one ends no other line. */
+    this.afterCr = false;
   }
 
   /** The events completed by `chunk`: [{type, id, data}] (`data` the joined data lines). */
   push(chunk) {
+    if (chunk === "") return [];
+    if (this.afterCr && chunk.startsWith("\n")) chunk = chunk.slice(1);
+    this.afterCr = false;
     this.buffer += chunk;
     const events = [];
     let end;
     while ((end = this.buffer.search(/\r\n|\r|\n/)) >= 0) {
       const line = this.buffer.slice(0, end);
-      const newline = this.buffer[end] === "\r" && this.buffer[end + 1] === "\n" ? 2 : 1;
-      // a lone \r at the end of a chunk may be the first half of \r\n: wait for more
-      if (this.buffer[end] === "\r" && end + 1 === this.buffer.length) break;
-      this.buffer = this.buffer.slice(end + newline);
+      const crlf = this.buffer[end] === "\r" && this.buffer[end + 1] === "\n";
+      if (this.buffer[end] === "\r" && end + 1 === this.buffer.length) this.afterCr = true;
+      this.buffer = this.buffer.slice(end + (crlf ? 2 : 1));
       const done = this.line(line);
       if (done) events.push(done);
     }
