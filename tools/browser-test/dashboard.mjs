@@ -163,6 +163,7 @@ try {
   await page.waitForSelector("#sign-in-error:not([hidden])");
   const refusal = await page.textContent("#sign-in-error");
   check(/refused/i.test(refusal), `a wrong token is refused with a clear message: "${refusal}"`);
+  await screenshot(page, "desktop-light-sign-in");
   await signIn(page, READER);
   await page.waitForSelector("#fleet-table tbody tr");
   // the live stream stays open (the network is never idle): the page is complete once it is live
