@@ -16,6 +16,9 @@ const live = new LiveFeed({
   onState: showLiveState,
 });
 
+/** The longest the first page waits for the live stream to open. */
+const OPEN_WAIT_MS = 1000;
+
 const LIVE_STATES = {
   connecting: "Connecting…",
   live: "Live",
@@ -60,8 +63,9 @@ function showApp() {
   fill($("who"), h("span", { class: "who-name" }, me.name || "app"), " ", h("span", { class: "role" }, me.role));
   $("who").hidden = false;
   $("sign-out").hidden = false;
-  live.start();
-  route();
+  // the page's data is read once the live stream is open, so nothing stored in between is
+  // missed; a stream slow to open does not hold the page back for long
+  Promise.race([live.start(), new Promise((resolve) => setTimeout(resolve, OPEN_WAIT_MS))]).then(route);
 }
 
 function refusal(error) {

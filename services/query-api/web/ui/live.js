@@ -98,17 +98,27 @@ export class LiveFeed {
   constructor({ onReadings, onResync, onState }) {
     this.onReadings = onReadings;
     this.onResync = onResync;
-    this.onState = onState;
+    this.onState = (state) => {
+      if (state !== "connecting") this.markOpened?.();
+      onState(state);
+    };
     this.lastEventId = null;
     this.seen = new SeenReadings();
     this.backoff = new Backoff();
     this.abort = null;
   }
 
+  /**
+   * Starts the feed. Answers when the stream is open (or cannot be had): a page that loads its
+   * data after that misses no reading stored in between (the stream starts at its opening).
+   */
   start() {
-    if (this.abort) return;
-    this.abort = new AbortController();
-    this.run(this.abort.signal);
+    if (!this.abort) {
+      this.abort = new AbortController();
+      this.opened = new Promise((resolve) => (this.markOpened = resolve));
+      this.run(this.abort.signal);
+    }
+    return this.opened;
   }
 
   stop() {
