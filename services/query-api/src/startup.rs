@@ -17,6 +17,7 @@ use utoipa_actix_web::AppExt;
 use crate::access::{self, Access};
 use crate::api::{self, ApiDoc, DeviceTokens, MqttAccounts};
 use crate::body_deadline;
+use crate::dashboard;
 use crate::settings::Settings;
 use crate::tokens;
 
@@ -132,6 +133,7 @@ impl Application {
                 .wrap(cors)
                 .configure(|cfg| ops.routes(cfg))
                 .route("/openapi.json", web::get().to(api::openapi_json))
+                .configure(dashboard::routes)
                 .default_service(web::to(service_kit::error::unknown_route))
         })
         .disable_signals()
@@ -205,7 +207,7 @@ fn access(
             settings.refusal_limit_per_second,
             settings.refusal_limit_burst,
         ),
-        public: PublicRoutes::ops_and(&[]),
+        public: PublicRoutes::ops_and(dashboard::PUBLIC_ROUTES),
         trusted_proxies: service_kit::net::TrustedProxies::parse(&settings.trusted_proxies)
             .map_err(anyhow::Error::msg)?,
     })

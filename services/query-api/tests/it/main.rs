@@ -12,6 +12,7 @@ use testkit::spawn;
 use testkit::{TestDb, TestKeys};
 
 mod commands;
+mod dashboard;
 mod input;
 mod live;
 mod openapi;

@@ -289,12 +289,34 @@ async fn every_public_path_is_routed_over_tls_and_nothing_else() {
         .unwrap();
     assert_eq!(r.headers()["content-encoding"], "gzip");
 
+    // the web dashboard and the docs viewer, served by query-api without a token (the page signs
+    // in itself), with query-api's Content-Security-Policy; its assets compressed
+    let page = client.get(t.url("/")).send().await.unwrap();
+    assert_eq!(page.status(), StatusCode::OK);
+    let csp = page.headers()["content-security-policy"].to_str().unwrap();
+    assert!(csp.starts_with("default-src 'self'"), "{csp}");
+    let page = page.text().await.unwrap();
+    let app = page
+        .split('"')
+        .find(|s| s.starts_with("/ui/") && s.ends_with("/app.js"))
+        .unwrap_or_else(|| panic!("no app.js in the page: {page}"));
+    let r = client
+        .get(t.url(app))
+        .header("accept-encoding", "gzip")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK, "GET {app}");
+    assert_eq!(r.headers()["content-encoding"], "gzip");
+    let docs = testkit::get_text(&client, &t.url("/docs")).await;
+    assert!(docs.contains("swagger-ui-bundle.js"), "{docs}");
+
     // nothing else is routed: the ops endpoints stay private
     for path in [
         "/metrics",
         "/healthz",
         "/readyz",
-        "/",
+        "/index.html",
         "/v1",
         "/v1/readingsx",
     ] {
@@ -318,6 +340,7 @@ async fn every_public_path_is_routed_over_tls_and_nothing_else() {
         "ingest-openapi@file",
         "ingest-commands@file",
         "read@file",
+        "web-ui@file",
         "dashboard@file",
     ] {
         let found = routers
