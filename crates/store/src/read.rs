@@ -223,12 +223,10 @@ impl Aggregate {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, QueryableByName)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Bucket {
-    #[diesel(sql_type = Timestamptz)]
     pub start: DateTime<Utc>,
     /// None when the exact result does not fit a float8 (a `sum` beyond ±1.8e308).
-    #[diesel(sql_type = Nullable<Double>)]
     pub value: Option<f64>,
 }
 
@@ -246,20 +244,81 @@ pub struct SeriesQuery {
 /// midnight UTC and `1w` buckets on Monday, as ISO weeks do), oldest first; buckets without values
 /// are left out.
 pub fn series(conn: &mut PgConnection, q: &SeriesQuery) -> Result<Vec<Bucket>, StoreError> {
+    Ok(series_of(conn, q, &[q.aggregate])?
+        .into_iter()
+        .map(|b| Bucket {
+            start: b.start,
+            value: b.values.into_iter().next().flatten(),
+        })
+        .collect())
+}
+
+/// The most aggregates [`series_of`] computes in one pass.
+pub const MAX_AGGREGATES: usize = 5;
+
+/// One bucket of several aggregates, in the order they were asked for.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Buckets {
+    pub start: DateTime<Utc>,
+    /// As [`Bucket::value`], one per aggregate asked for.
+    pub values: Vec<Option<f64>>,
+}
+
+/// [`series`] with several aggregates of each bucket (up to [`MAX_AGGREGATES`]; `q.aggregate` is
+/// not used) from one pass over the readings: a chart's min–max band and average cost one scan,
+/// not three.
+pub fn series_of(
+    conn: &mut PgConnection,
+    q: &SeriesQuery,
+    aggregates: &[Aggregate],
+) -> Result<Vec<Buckets>, StoreError> {
+    #[derive(QueryableByName)]
+    struct Row {
+        #[diesel(sql_type = Timestamptz)]
+        start: DateTime<Utc>,
+        #[diesel(sql_type = Nullable<Double>)]
+        v0: Option<f64>,
+        #[diesel(sql_type = Nullable<Double>)]
+        v1: Option<f64>,
+        #[diesel(sql_type = Nullable<Double>)]
+        v2: Option<f64>,
+        #[diesel(sql_type = Nullable<Double>)]
+        v3: Option<f64>,
+        #[diesel(sql_type = Nullable<Double>)]
+        v4: Option<f64>,
+    }
+    let aggregates = &aggregates[..aggregates.len().min(MAX_AGGREGATES)];
+    // the columns not asked for are NULL: the row's shape is fixed, its work is what was asked
+    let columns: Vec<String> = (0..MAX_AGGREGATES)
+        .map(|i| match aggregates.get(i) {
+            Some(a) => format!("{} AS v{i}", a.sql()),
+            None => format!("NULL::float8 AS v{i}"),
+        })
+        .collect();
     let sql = format!(
-        "SELECT date_bin($1, ts, TIMESTAMPTZ '2000-01-03 00:00:00+00') AS start,
-                {} AS value
+        "SELECT date_bin($1, ts, TIMESTAMPTZ '2000-01-03 00:00:00+00') AS start, {}
          FROM readings
          WHERE device_id = $3 AND ts >= $4 AND ts < $5 AND metrics ? $2
          GROUP BY 1
          ORDER BY 1",
-        q.aggregate.sql()
+        columns.join(", ")
     );
-    Ok(diesel::sql_query(sql)
+    let rows: Vec<Row> = diesel::sql_query(sql)
         .bind::<Interval, _>(PgInterval::from_microseconds(q.bucket_micros))
         .bind::<Text, _>(&q.metric)
         .bind::<Text, _>(&q.device_id)
         .bind::<Timestamptz, _>(q.from)
         .bind::<Timestamptz, _>(q.to)
-        .load(conn)?)
+        .load(conn)?;
+    Ok(rows
+        .into_iter()
+        .map(|r| {
+            let mut values = vec![r.v0, r.v1, r.v2, r.v3, r.v4];
+            values.truncate(aggregates.len());
+            Buckets {
+                start: r.start,
+                values,
+            }
+        })
+        .collect())
 }

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use actix_web::{HttpRequest, HttpResponse, delete, get, post, web};
 use chrono::{DateTime, Duration, SubsecRound, Utc};
 use serde::{Deserialize, Serialize};
-use store::read::{Aggregate, ReadingsQuery, SeriesQuery};
+use store::read::{ReadingsQuery, SeriesQuery};
 use store::{PgConnection, PgPool, StoreError};
 use utoipa::{IntoParams, OpenApi, ToSchema};
 use utoipa_actix_web::service_config::ServiceConfig;
@@ -474,8 +474,10 @@ pub struct SeriesParams {
     /// 10,000 buckets between `from` and `to`.
     #[param(pattern = "^[0-9]{1,9}[smhdw]$", default = "1h", example = "1h")]
     pub bucket: Option<String>,
-    /// How the values in a bucket are aggregated (default avg).
-    #[param(inline, value_type = Option<AggregateName>)]
+    /// How the values in a bucket are aggregated (default avg): `avg`, `min`, `max`, `sum` or
+    /// `count`, or several of them, comma-separated (`min,max,avg`: a chart's band and line from
+    /// one pass over the readings), each point then also carrying `values`.
+    #[param(value_type = Option<String>, pattern = "^(avg|min|max|sum|count)(,(avg|min|max|sum|count)){0,4}$", example = "avg")]
     pub agg: Option<String>,
 }
 
@@ -497,18 +499,6 @@ fn time_param() -> utoipa::openapi::schema::Schema {
         .into()
 }
 
-/// `agg` of `/series` (parsed by `store::read::Aggregate::parse`).
-#[derive(ToSchema)]
-#[schema(rename_all = "lowercase")]
-#[allow(dead_code, reason = "describes the parameter")]
-enum AggregateName {
-    Avg,
-    Min,
-    Max,
-    Sum,
-    Count,
-}
-
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Point {
     /// The bucket's start; buckets align to Monday 2000-01-03T00:00:00Z, so `1d` starts at midnight
@@ -518,10 +508,14 @@ pub struct Point {
     /// double; an average always fits one, but a sum beyond ±1.8e308 (the largest double) does not:
     /// then `value` is null and `reason` says so.
     pub value: Option<f64>,
-    /// Only when `value` is null: why.
+    /// Only when `value` (or one of `values`) is null: why.
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(example = json!(null))]
     pub reason: Option<&'static str>,
+    /// Only when `agg` names several aggregates: each one's value by name (`value` is the first's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(example = json!({"min": 20.5, "max": 23.0, "avg": 21.7}))]
+    pub values: Option<BTreeMap<String, Option<f64>>>,
 }
 
 /// Why a point has no value (see [`Point::value`]).
@@ -584,18 +578,21 @@ async fn device_series(
         ));
     }
     let agg = query.agg.clone().unwrap_or_else(|| "avg".to_owned());
-    let aggregate = Aggregate::parse(&agg).ok_or_else(|| {
-        QueryError::invalid("agg", format!("must be one of {}", Aggregate::NAMES))
-    })?;
+    let aggregates = params::aggregates(&agg)?;
+    let names: Vec<String> = agg.split(',').map(str::to_owned).collect();
     let q = SeriesQuery {
         device_id: device_id.clone(),
         metric: metric.clone(),
         from,
         to,
         bucket_micros,
-        aggregate,
+        aggregate: aggregates[0],
     };
-    let buckets = with_conn(&pool, move |conn| store::read::series(conn, &q)).await?;
+    let several = aggregates.len() > 1;
+    let buckets = with_conn(&pool, move |conn| {
+        store::read::series_of(conn, &q, &aggregates)
+    })
+    .await?;
     if buckets.is_empty() {
         require_device(&pool, &device_id).await?;
     }
@@ -610,8 +607,9 @@ async fn device_series(
             .into_iter()
             .map(|b| Point {
                 ts: b.start,
-                reason: b.value.is_none().then_some(SUM_OVERFLOW),
-                value: b.value,
+                value: b.values.first().copied().flatten(),
+                reason: b.values.iter().any(Option::is_none).then_some(SUM_OVERFLOW),
+                values: several.then(|| names.iter().cloned().zip(b.values).collect()),
             })
             .collect(),
     }))

@@ -137,6 +137,29 @@ pub fn device_search(value: Option<&str>) -> Result<Option<String>, QueryError> 
     }
 }
 
+/// The aggregates `agg` names: one, or up to five distinct ones, comma-separated.
+pub fn aggregates(value: &str) -> Result<Vec<store::read::Aggregate>, QueryError> {
+    let invalid = || {
+        QueryError::invalid(
+            "agg",
+            format!(
+                "must be one of {}, or up to {} distinct ones separated by commas",
+                store::read::Aggregate::NAMES,
+                store::read::MAX_AGGREGATES
+            ),
+        )
+    };
+    let mut aggregates = Vec::new();
+    for name in value.split(',') {
+        let aggregate = store::read::Aggregate::parse(name).ok_or_else(invalid)?;
+        if aggregates.contains(&aggregate) || aggregates.len() == store::read::MAX_AGGREGATES {
+            return Err(invalid());
+        }
+        aggregates.push(aggregate);
+    }
+    Ok(aggregates)
+}
+
 /// `true` or `false` (absent: false).
 pub fn flag(field: &'static str, value: Option<&str>) -> Result<bool, QueryError> {
     match value {

@@ -20,13 +20,14 @@ test("buckets start where the server's do: Monday 2000-01-03, UTC", () => {
   assert.equal(bucketStart(monday + 7201, 3600), monday + 7200);
 });
 
-test("min, max and avg answers merge into uPlot's columns, by time", () => {
-  const p = (ts, value) => ({ ts, value });
-  const [x, min, max, avg] = columns(
-    [p("2026-11-30T01:00:00Z", 1), p("2026-11-30T00:00:00Z", 0)],
-    [p("2026-11-30T00:00:00Z", 2)],
-    [p("2026-11-30T00:00:00Z", 1.5), p("2026-11-30T01:00:00Z", 1)],
-  );
+test("a min,max,avg answer becomes uPlot's columns, by time", () => {
+  const p = (ts, values) => ({ ts, value: values.min, values });
+  const [x, min, max, avg] = columns({
+    points: [
+      p("2026-11-30T01:00:00Z", { min: 1, max: null, avg: 1 }),
+      p("2026-11-30T00:00:00Z", { min: 0, max: 2, avg: 1.5 }),
+    ],
+  });
   const t0 = Date.UTC(2026, 10, 30) / 1000;
   assert.deepEqual(x, [t0, t0 + 3600]);
   assert.deepEqual(min, [0, 1]);

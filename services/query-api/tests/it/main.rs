@@ -331,6 +331,18 @@ async fn series_buckets_are_computed_exactly() {
         counts["points"],
         json!([{"ts": "2026-11-24T00:00:00Z", "value": 120.0}])
     );
+    // several aggregates from one pass: the same numbers, by name, `value` the first's
+    let band = api.ok(&format!("{base}&bucket=1h&agg=min,max,avg")).await;
+    assert_eq!(
+        band["points"],
+        json!([
+            {"ts": "2026-11-24T00:00:00Z", "value": 0.0,
+             "values": {"min": 0.0, "max": 59.0, "avg": 29.5}},
+            {"ts": "2026-11-24T01:00:00Z", "value": 60.0,
+             "values": {"min": 60.0, "max": 119.0, "avg": 89.5}},
+        ])
+    );
+    assert_eq!(band["agg"], "min,max,avg");
     let max_h = api.ok("/v1/devices/pi-1/series?metric=h&from=2026-11-24T00:00:00Z&to=2026-11-25T00:00:00Z&bucket=1d&agg=max").await;
     assert_eq!(max_h["points"][0]["value"], 340.0);
     let min_10m = api.ok(&format!("{base}&bucket=10m&agg=min")).await;

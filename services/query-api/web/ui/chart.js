@@ -47,23 +47,17 @@ export function loadUPlot() {
 
 const css = (name) => getComputedStyle(document.documentElement).getPropertyValue(name).trim();
 
+/** What a chart asks /series for: the band and the line, from one pass over the readings. */
+export const BAND = "min,max,avg";
+
 /**
- * Merges /series answers for min, max and avg into uPlot's columns [x, min, max, avg]
+ * A /series answer for `agg=min,max,avg` as uPlot's columns [x, min, max, avg]
  * (x in seconds, oldest first; null where an aggregate has no value).
  */
-export function columns(min, max, avg) {
-  const byTs = new Map();
-  const put = (points, index) => {
-    for (const p of points) {
-      const x = new Date(p.ts).getTime() / 1000;
-      if (!byTs.has(x)) byTs.set(x, [x, null, null, null]);
-      byTs.get(x)[index] = p.value;
-    }
-  };
-  put(min, 1);
-  put(max, 2);
-  put(avg, 3);
-  const rows = [...byTs.values()].sort((a, b) => a[0] - b[0]);
+export function columns(answer) {
+  const rows = answer.points
+    .map((p) => [new Date(p.ts).getTime() / 1000, p.values?.min ?? null, p.values?.max ?? null, p.values?.avg ?? null])
+    .sort((a, b) => a[0] - b[0]);
   return [0, 1, 2, 3].map((i) => rows.map((row) => row[i]));
 }
 

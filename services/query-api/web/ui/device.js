@@ -5,7 +5,7 @@
 
 import { api } from "./api.js";
 import { agoElement, debounce, fill, formatTime, formatValue, h } from "./dom.js";
-import { MetricChart, bucketStart, columns, loadUPlot, pickBucket } from "./chart.js";
+import { BAND, MetricChart, bucketStart, columns, loadUPlot, pickBucket } from "./chart.js";
 import { online, session } from "./state.js";
 
 const RANGES = [
@@ -196,9 +196,9 @@ export function mount(root, deviceId, params) {
     const toIso = to.toISOString();
     const [UPlot, series] = await Promise.all([
       loadUPlot(),
-      Promise.all(metrics.map((metric) => Promise.all(["min", "max", "avg"].map((agg) =>
-        api.series(deviceId, { metric, from: fromIso, to: toIso, bucket: bucket.name, agg }, signal)
-          .then((answer) => answer.points))))),
+      Promise.all(metrics.map((metric) =>
+        api.series(deviceId, { metric, from: fromIso, to: toIso, bucket: bucket.name, agg: BAND }, signal)
+          .then(columns))),
     ]).catch((error) => {
       if (!signal.aborted && turn === state.chartLoad) chartNote.textContent = `Could not load the charts: ${error.message}`;
       return [];
@@ -216,7 +216,7 @@ export function mount(root, deviceId, params) {
         fromSecs: from.getTime() / 1000,
         toSecs: to.getTime() / 1000,
         bucketSecs: bucket.secs,
-        data: columns(...series[i]),
+        data: series[i],
       }));
     });
     const ms = Math.round(performance.now() - started);
@@ -240,10 +240,9 @@ export function mount(root, deviceId, params) {
       const from = new Date(start * 1000).toISOString();
       const to = new Date((start + bucket.secs) * 1000).toISOString();
       try {
-        const [min, max, avg] = await Promise.all(["min", "max", "avg"].map((agg) =>
-          api.series(deviceId, { metric, from, to, bucket: bucket.name, agg }, signal)));
-        const value = (answer) => answer.points[0]?.value;
-        chart.replaceBucket(start, { min: value(min), max: value(max), avg: value(avg) });
+        const answer = await api.series(deviceId, { metric, from, to, bucket: bucket.name, agg: BAND }, signal);
+        const values = answer.points[0]?.values ?? {};
+        chart.replaceBucket(start, { min: values.min, max: values.max, avg: values.avg });
       } catch {
         // the first guess stays; the next range load is exact
       }
