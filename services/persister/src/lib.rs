@@ -6,7 +6,7 @@
 //! delivered again, and the store's unique keys make that second write a no-op. A reading whose id
 //! the device chose is recognised by `(device_id, id)` for `dedupe_window_days`, whatever its time;
 //! sent again with other content, the first write stays and the newcomer is kept in
-//! `reading_conflicts` (counted as `readings_conflicting_total`).
+//! `reading_conflicts` (counted as `sensorhub_readings_conflicting_total`).
 //!
 //! Commands: the persister also publishes the commands that are due (new ones, and re-sends of
 //! those not answered) and records what the ingest services report about them (see `commands`).
@@ -19,6 +19,7 @@ mod batch;
 mod commands;
 mod consumer;
 mod housekeeping;
+mod lag;
 mod metrics;
 pub mod settings;
 mod writer;
@@ -29,7 +30,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use actix_web::dev::ServerHandle;
 use anyhow::Context;
-use prometheus_client::registry::Registry;
 use service_kit::{Ops, Readiness};
 use tokio::sync::watch;
 
@@ -56,7 +56,7 @@ impl Persister {
         let pool =
             service_kit::postgres::connect_migrated(&settings.database, &settings.pool()).await?;
 
-        let mut registry = Registry::default();
+        let mut registry = service_kit::metrics_registry();
         let metrics = PersisterMetrics::register(&mut registry);
         let publisher = bus::Publisher::start(
             settings.bus.amqp_url.clone(),

@@ -557,7 +557,9 @@ async fn the_rate_limit_answers_429() {
     // what Traefik refused never reached ingest-http; what it let through is stored
     t.assert_stored_exactly(&accepted).await;
     assert_eq!(
-        t.ingest_http[0].metric("readings_accepted_total").await,
+        t.ingest_http[0]
+            .metric("sensorhub_readings_accepted_total")
+            .await,
         accepted.len() as f64
     );
 
@@ -632,19 +634,19 @@ async fn load_spreads_across_every_replica() {
 
     t.assert_stored_exactly(&acknowledged).await;
 
-    let per_ingest = metric_per_replica(&t.ingest_http, "readings_accepted_total").await;
+    let per_ingest = metric_per_replica(&t.ingest_http, "sensorhub_readings_accepted_total").await;
     assert_eq!(per_ingest.iter().sum::<f64>(), 600.0, "{per_ingest:?}");
     assert!(
         per_ingest.iter().all(|n| *n >= 60.0),
         "Traefik spreads the requests over the 3 ingest-http: {per_ingest:?}"
     );
-    let per_mqtt = metric_per_replica(&t.ingest_mqtt, "mqtt_messages_acked_total").await;
+    let per_mqtt = metric_per_replica(&t.ingest_mqtt, "sensorhub_mqtt_messages_acked_total").await;
     assert_eq!(per_mqtt.iter().sum::<f64>(), 200.0, "{per_mqtt:?}");
     assert!(
         per_mqtt.iter().all(|n| *n > 0.0),
         "the shared subscription spreads the messages: {per_mqtt:?}"
     );
-    let per_persister = metric_per_replica(&t.persisters, "readings_stored_total").await;
+    let per_persister = metric_per_replica(&t.persisters, "sensorhub_readings_stored_total").await;
     assert_eq!(
         per_persister.iter().sum::<f64>(),
         800.0,
@@ -735,7 +737,7 @@ async fn a_replica_killed_mid_load_is_taken_out_and_nothing_is_lost_or_doubled()
     eprintln!("readings a client had to send again around the kill: {retried}");
 
     // With the replica out, every request is answered by the two left, at the first attempt.
-    let before = metric_per_replica(&t.ingest_http[1..], "readings_accepted_total").await;
+    let before = metric_per_replica(&t.ingest_http[1..], "sensorhub_readings_accepted_total").await;
     let after_kill: Vec<_> = (1500..1560)
         .map(|i| reading(&format!("pi-{}", i % 11), i, base))
         .collect();
@@ -747,7 +749,7 @@ async fn a_replica_killed_mid_load_is_taken_out_and_nothing_is_lost_or_doubled()
             "a request after the replica was taken out"
         );
     }
-    let after = metric_per_replica(&t.ingest_http[1..], "readings_accepted_total").await;
+    let after = metric_per_replica(&t.ingest_http[1..], "sensorhub_readings_accepted_total").await;
     let grown: Vec<f64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
     assert_eq!(grown.iter().sum::<f64>(), 60.0, "{grown:?}");
     assert!(grown.iter().all(|n| *n > 0.0), "{grown:?}");
