@@ -21,6 +21,28 @@ pub fn not_at_zero<'a>(text: &str, series: &[&'a str]) -> Vec<(&'a str, Option<f
         .collect()
 }
 
+/// Every name a query can use on this page: those it shows samples of, and those its `# TYPE`
+/// lines declare (a labelled family none of whose label sets exists yet has no samples): a
+/// counter's `_total`, a histogram's `_bucket`, `_sum` and `_count`, a gauge's own name.
+pub fn exported_names(text: &str) -> std::collections::BTreeSet<String> {
+    let mut names = sample_names(text);
+    for line in text.lines() {
+        let mut words = line.split_whitespace();
+        let (Some("#"), Some("TYPE"), Some(name), Some(kind)) =
+            (words.next(), words.next(), words.next(), words.next())
+        else {
+            continue;
+        };
+        let suffixes: &[&str] = match kind {
+            "counter" => &["_total"],
+            "histogram" => &["_bucket", "_sum", "_count"],
+            _ => &[""],
+        };
+        names.extend(suffixes.iter().map(|suffix| format!("{name}{suffix}")));
+    }
+    names
+}
+
 /// Every metric name the page shows samples of (histograms' `_bucket`, `_sum` and `_count` each).
 pub fn sample_names(text: &str) -> std::collections::BTreeSet<String> {
     text.lines()
@@ -85,6 +107,11 @@ mod tests {
         assert_eq!(
             sample_names(PAGE).into_iter().collect::<Vec<_>>(),
             ["accepted_total", "accepted_total_created", "q"]
+        );
+        let declared = "# TYPE c counter\n# TYPE h histogram\n# TYPE g gauge\n";
+        assert_eq!(
+            exported_names(declared).into_iter().collect::<Vec<_>>(),
+            ["c_total", "g", "h_bucket", "h_count", "h_sum"]
         );
     }
 }

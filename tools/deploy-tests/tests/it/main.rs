@@ -931,3 +931,44 @@ async fn behind_traefik_the_audit_trail_has_the_real_client_address() {
         .collect();
     t.assert_stored_exactly(&acknowledged).await;
 }
+
+/// Every metric the Grafana dashboard and the alert rules name is one the running services export
+/// (scripts/check-deploy checks the same against the code's registrations, without running them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_and_the_alert_rules_name_only_exported_metrics() {
+    if !traefik_or_skip("the_dashboard_and_the_alert_rules_name_only_exported_metrics") {
+        return;
+    }
+    let t = Topology::start(Options::default()).await;
+    let client = reqwest::Client::new();
+    let mut exported = std::collections::BTreeSet::new();
+    let processes = t
+        .ingest_http
+        .iter()
+        .chain(&t.ingest_mqtt)
+        .chain(&t.persisters);
+    for process in processes.chain([&t.query_api]) {
+        let page = testkit::get_text(&client, &format!("{}/metrics", process.url())).await;
+        exported.extend(testkit::exported_names(&page));
+    }
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
+    for file in [
+        "deploy/prometheus/alerts.yml",
+        "deploy/grafana/dashboards/sensorhub.json",
+    ] {
+        let text = std::fs::read_to_string(format!("{root}/{file}")).unwrap();
+        let used: std::collections::BTreeSet<&str> = text
+            .split(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'))
+            .filter(|word| word.starts_with("sensorhub_"))
+            .collect();
+        assert!(used.len() > 5, "{file}: the metric names were found");
+        let missing: Vec<&&str> = used
+            .iter()
+            .filter(|name| !exported.contains(**name))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "{file} names metrics no service exports: {missing:?}"
+        );
+    }
+}
