@@ -346,6 +346,12 @@ impl Delivery {
         &self.message_id
     }
 
+    /// When the message was published, read from its id (a readings message's is a UUIDv7);
+    /// `None` for an id that carries no time.
+    pub fn published_at(&self) -> Option<std::time::SystemTime> {
+        wire::published_at(&self.message_id)
+    }
+
     /// The routing key it was published with (a command's: its device id).
     pub fn routing_key(&self) -> &str {
         &self.routing_key

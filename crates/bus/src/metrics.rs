@@ -10,6 +10,9 @@ pub struct OutcomeLabels {
     pub outcome: &'static str,
 }
 
+/// What can become of a published message (the `messages` metric's outcomes).
+pub(crate) const OUTCOMES: [&str; 5] = ["confirmed", "nacked", "unroutable", "timeout", "failed"];
+
 /// What the publisher did, for `/metrics`.
 #[derive(Clone)]
 pub struct PublisherMetrics {
@@ -59,6 +62,12 @@ impl PublisherMetrics {
             "1 while RabbitMQ blocks publishers (resource alarm)",
             metrics.blocked.clone(),
         );
+        // Each outcome exists from start-up at 0, so an alert sees the first failure.
+        for outcome in OUTCOMES {
+            metrics
+                .messages
+                .get_or_create_owned(&OutcomeLabels { outcome });
+        }
         metrics
     }
 

@@ -16,5 +16,5 @@ pub mod shutdown;
 pub mod telemetry;
 
 pub use error::{ApiError, ErrorBody};
-pub use ops::{Ops, Readiness};
+pub use ops::{Ops, Readiness, metrics_registry};
 pub use settings::{DatabaseSettings, HttpSettings};

@@ -15,9 +15,20 @@ use futures_util::future::{BoxFuture, join_all};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use serde::Serialize;
+
+/// Every metric a service exports starts with this (`sensorhub_`), so Sensorhub's series stand apart
+/// from everything else a Prometheus scrapes.
+pub const METRIC_PREFIX: &str = "sensorhub";
+
+/// The registry a service registers its metrics in: names get [`METRIC_PREFIX`], sub-registries
+/// add theirs after it (`sensorhub_mqtt_...`).
+pub fn metrics_registry() -> Registry {
+    Registry::with_prefix(METRIC_PREFIX)
+}
 
 /// How long one readiness check may take before it counts as down.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
@@ -79,13 +90,24 @@ impl ReadinessReport {
 pub struct Ops {
     registry: Arc<Registry>,
     readiness: Readiness,
+    /// `/readyz` as a metric, so an alert can see a service that is up but cannot work.
+    ready: Gauge,
 }
 
 impl Ops {
-    pub fn new(registry: Registry, readiness: Readiness) -> Self {
+    /// Registers `ready` in `registry` (1 when every readiness check passes, evaluated at each
+    /// scrape of `/metrics`).
+    pub fn new(mut registry: Registry, readiness: Readiness) -> Self {
+        let ready = Gauge::default();
+        registry.register(
+            "ready",
+            "1 when every readiness check passes (as /readyz answers 200), evaluated at each scrape",
+            ready.clone(),
+        );
         Self {
             registry: Arc::new(registry),
             readiness,
+            ready,
         }
     }
 
@@ -116,7 +138,10 @@ impl Ops {
         Ok((bound, server))
     }
 
-    pub fn render_metrics(&self) -> String {
+    /// Evaluates readiness (for `ready`), then encodes every metric.
+    pub async fn render_metrics(&self) -> String {
+        let report = self.readiness.evaluate().await;
+        self.ready.set(i64::from(report.is_ready()));
         let mut text = String::new();
         // Encoding into a String only fails if a metric's own encoder does; ours are the stock ones.
         if let Err(e) = prometheus_client::encoding::text::encode(&mut text, &self.registry) {
@@ -147,7 +172,7 @@ async fn readyz(ops: web::Data<Ops>) -> HttpResponse {
 async fn metrics(ops: web::Data<Ops>) -> HttpResponse {
     HttpResponse::Ok()
         .content_type("application/openmetrics-text; version=1.0.0; charset=utf-8")
-        .body(ops.render_metrics())
+        .body(ops.render_metrics().await)
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -253,5 +278,23 @@ mod tests {
             test::call_service(&app, test::TestRequest::get().uri("/metrics").to_request()).await;
         let text = String::from_utf8(test::read_body(response).await.to_vec()).unwrap();
         assert!(text.contains("things_total 3"), "{text}");
+        assert!(text.contains("\nready 0\n"), "{text}");
+    }
+
+    #[actix_web::test]
+    async fn metric_names_carry_the_sensorhub_prefix() {
+        let mut registry = metrics_registry();
+        let counter = Counter::<u64>::default();
+        registry.register("things", "Things counted", counter.clone());
+        registry.sub_registry_with_prefix("part").register(
+            "parts",
+            "Parts counted",
+            counter.clone(),
+        );
+        let ops = Ops::new(registry, Readiness::default());
+        let text = ops.render_metrics().await;
+        assert!(text.contains("\nsensorhub_things_total 0\n"), "{text}");
+        assert!(text.contains("\nsensorhub_part_parts_total 0\n"), "{text}");
+        assert!(text.contains("\nsensorhub_ready 1\n"), "{text}");
     }
 }

@@ -572,7 +572,9 @@ pub async fn wait_for_exactly(url: &str, table: &str, expected: i64, timeout: Du
 }
 
 // The Prometheus text reader the tools use, so a figure is read one way in tests and in the tools.
-pub use system::prometheus::{metric, metric_sum};
+pub use system::prometheus::{
+    exported_names, metric, metric_sum, not_at_zero, sample, sample_names,
+};
 
 /// A test's own AMQP names: a unique prefix for its exchanges and queues, which are deleted when
 /// this is dropped, so a test that fails (panics) half-way leaves nothing behind either.

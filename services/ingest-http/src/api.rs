@@ -295,12 +295,15 @@ pub const ENDPOINTS: [&str; 5] = [
     crate::ws::ROUTE,
 ];
 
-/// `route` as one of [`ENDPOINTS`], or `unmatched`: a bounded label whatever the path was.
+/// The endpoint label of a request that matched none of [`ENDPOINTS`].
+pub const UNMATCHED: &str = "unmatched";
+
+/// `route` as one of [`ENDPOINTS`], or [`UNMATCHED`]: a bounded label whatever the path was.
 pub fn endpoint_label(route: Option<&str>) -> &'static str {
     ENDPOINTS
         .into_iter()
         .find(|endpoint| Some(*endpoint) == route)
-        .unwrap_or("unmatched")
+        .unwrap_or(UNMATCHED)
 }
 
 /// Publishes `readings` once they are all `device`'s (any device's for an anonymous writer), and

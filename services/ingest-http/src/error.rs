@@ -39,6 +39,23 @@ pub enum IngestError {
 }
 
 impl IngestError {
+    /// Every value [`IngestError::kind`] can take (the metrics create each at start-up).
+    pub const KINDS: [&'static str; 13] = [
+        "invalid",
+        "too_large",
+        "unsupported_media_type",
+        "bad_body",
+        "unavailable",
+        "unauthorized",
+        "forbidden",
+        "rate_limited",
+        "timeout",
+        "no_such_command",
+        "not_the_devices",
+        "expired",
+        "finished",
+    ];
+
     /// A short label for metrics.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -129,5 +146,44 @@ impl ResponseError for IngestError {
             }
         };
         error.error_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use store::commands::{CommandStatus, Refusal};
+
+    use super::IngestError;
+
+    #[test]
+    fn every_kind_is_listed_in_kinds() {
+        let one_of_each = [
+            IngestError::Invalid(models::ValidationError::new("ts", "too old")),
+            IngestError::TooLarge { limit: 1 },
+            IngestError::UnsupportedMediaType("text/plain".into()),
+            IngestError::Body("cut".into()),
+            IngestError::Publish(bus::PublishError::Timeout),
+            IngestError::Unauthorized {
+                reason: "no token".into(),
+                token_sent: false,
+            },
+            IngestError::Forbidden("another device".into()),
+            IngestError::RateLimited(std::time::Duration::from_secs(1)),
+            IngestError::RegistryUnavailable,
+            IngestError::Timeout,
+            IngestError::Database("down".into()),
+            IngestError::Router(bus::RouterError::Stopped),
+            IngestError::Command(Refusal::NoSuchCommand),
+            IngestError::Command(Refusal::NotTheDevices),
+            IngestError::Command(Refusal::Finished(CommandStatus::Expired)),
+            IngestError::Command(Refusal::Finished(CommandStatus::Succeeded)),
+        ];
+        for error in &one_of_each {
+            assert!(
+                IngestError::KINDS.contains(&error.kind()),
+                "{:?} is not in KINDS",
+                error.kind()
+            );
+        }
     }
 }

@@ -10,7 +10,6 @@ use auth::{CredentialChange, DeviceRegistry, Follower, TokenVerifier};
 use bus::{DeviceCommands, Publisher, PublisherMetrics};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::registry::Registry;
 use service_kit::access::{PublicRoutes, RefusalLimit};
 use service_kit::net::{KeyedLimit, TrustedProxies};
 use service_kit::ops::HttpMetrics;
@@ -42,7 +41,7 @@ impl Application {
     /// Starts the publisher (it connects to RabbitMQ in the background; until it has, requests are
     /// answered 503) and binds `http_addr` (port 0 picks a free port: see [`Application::port`]).
     pub fn build(settings: &Settings) -> anyhow::Result<Self> {
-        let mut registry = Registry::default();
+        let mut registry = service_kit::metrics_registry();
         let http_metrics = HttpMetrics::register(&mut registry);
         let ingest_metrics = IngestMetrics::register(&mut registry);
         let publisher = Publisher::start(

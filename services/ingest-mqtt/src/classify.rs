@@ -7,6 +7,16 @@ use models::{Channel, CommandReport, DeviceId, Reading, TimeWindow, ValidationKi
 /// command's, and would only be refused by the persister after a trip through RabbitMQ.
 const MAX_COMMAND_ID_BYTES: usize = 64;
 
+/// Every kind of refused payload (`Classified::Invalid`'s `kind`; the metrics create each at
+/// start-up).
+pub const INVALID_KINDS: [&str; 5] = [
+    "not_json",
+    "invalid_reading",
+    "device_mismatch",
+    "topic",
+    "invalid_answer",
+];
+
 #[derive(Debug, PartialEq)]
 pub enum Classified {
     Readings(Vec<Reading>),

@@ -34,6 +34,17 @@ use crate::metrics::{MqttMetrics, OutcomeLabels};
 use crate::settings::Settings;
 use crate::startup::STOP_GRACE;
 
+/// What can become of a command taken from the queue (the `commands` metric's outcomes, each
+/// created at start-up).
+pub const OUTCOMES: [&str; 6] = [
+    "sent",
+    "no_subscriber",
+    "refused",
+    "failed",
+    "expired",
+    "undecodable",
+];
+
 /// Commands RabbitMQ may hand over unacknowledged: each waits for one MQTT round trip and one
 /// confirmed report, and commands are few.
 pub(crate) const COMMANDS_PREFETCH: u16 = 32;

@@ -19,13 +19,12 @@ pub struct OutcomeLabels {
 pub struct MqttMetrics {
     pub messages_received: Counter,
     pub messages_acked: Counter,
-    /// By kind: not_json, invalid_reading, device_mismatch, topic, invalid_answer.
+    /// By kind: `classify::INVALID_KINDS`.
     pub messages_invalid: Family<KindLabels, Counter>,
     pub readings_accepted: Counter,
     /// Devices' answers to commands handed to the persister (confirmed by RabbitMQ).
     pub command_answers: Counter,
-    /// Commands taken from the commands queue, by outcome: sent, no_subscriber, refused, failed,
-    /// expired, undecodable.
+    /// Commands taken from the commands queue, by outcome: `commands::OUTCOMES`.
     pub commands: Family<OutcomeLabels, Counter>,
     /// Messages received and not yet acknowledged (waiting for RabbitMQ).
     pub messages_in_flight: Gauge,
@@ -93,6 +92,14 @@ impl MqttMetrics {
             "Readings confirmed by RabbitMQ and acknowledged to the device",
             m.readings_accepted.clone(),
         );
+        // Every label set known in advance exists from start-up at 0, so an alert sees the first
+        // increase (a series that appears with its first event has no earlier value to rise from).
+        for kind in crate::classify::INVALID_KINDS {
+            m.messages_invalid.get_or_create_owned(&KindLabels { kind });
+        }
+        for outcome in crate::commands::OUTCOMES {
+            m.commands.get_or_create_owned(&OutcomeLabels { outcome });
+        }
         m
     }
 }

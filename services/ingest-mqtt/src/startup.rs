@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use anyhow::Context;
 use bus::{Publisher, PublisherMetrics, Topology};
-use prometheus_client::registry::Registry;
 use service_kit::{Ops, Readiness};
 use tokio::sync::{mpsc, watch};
 
@@ -52,7 +51,7 @@ impl IngestMqtt {
         if settings.mqtt_broker == MqttBroker::Mosquitto {
             settings.endpoint().map_err(anyhow::Error::msg)?;
         }
-        let mut registry = Registry::default();
+        let mut registry = service_kit::metrics_registry();
         let metrics = MqttMetrics::register(&mut registry);
         let publisher = Publisher::start(
             settings.bus.amqp_url.clone(),

@@ -3,8 +3,11 @@
 
 use models::Reading;
 
-#[derive(Default)]
+use crate::lag::Held;
+
 pub struct Batch {
     pub readings: Vec<Reading>,
     pub acks: Vec<bus::Ack>,
+    /// The messages' publish times, counted in the persister's lag until the batch is dropped.
+    pub held: Held,
 }

@@ -199,6 +199,19 @@ pub async fn record_reports(
     }
 }
 
+/// What becomes of a command report (`sensorhub_command_reports_total`'s outcomes, each created at
+/// start-up): recorded, a repeat, refused for one of [`store::commands::Refusal`]'s reasons, or
+/// undecodable.
+pub const REPORT_OUTCOMES: [&str; 7] = [
+    "recorded",
+    "unchanged",
+    "no_such_command",
+    "not_the_devices",
+    "expired",
+    "finished",
+    "undecodable",
+];
+
 /// One connection's worth of recording reports.
 struct Recorder<'a> {
     pool: &'a store::PgPool,

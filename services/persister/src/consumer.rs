@@ -12,11 +12,27 @@ use tokio::task::JoinHandle;
 
 use crate::announce::Announcer;
 use crate::batch::Batch;
+use crate::lag::{Held, HeldMessages};
 use crate::metrics::{PersisterMetrics, ReasonLabels};
 use crate::settings::Settings;
 use crate::writer::Writer;
 
 /// How often the queue's length is sampled for `/metrics`.
+/// Every reason a readings message is dead-lettered for (the metric's label values, each created
+/// at start-up).
+pub const DEAD_LETTER_REASONS: [&str; 3] = ["unsupported_version", "malformed", "empty"];
+
+fn dead_letter_reason(error: &MessageError) -> &'static str {
+    match error {
+        MessageError::UnsupportedVersion(_) => DEAD_LETTER_REASONS[0],
+        MessageError::Malformed(_) => DEAD_LETTER_REASONS[1],
+        MessageError::Empty => DEAD_LETTER_REASONS[2],
+    }
+}
+
+/// How often the lag gauge is brought up to date.
+const LAG_SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
+
 const QUEUE_SAMPLE_INTERVAL: Duration = Duration::from_secs(5);
 /// The first reconnection waits about this long; later ones back off up to `retry_max_backoff_ms`.
 const FIRST_RETRY: Duration = Duration::from_millis(100);
@@ -101,6 +117,9 @@ struct Session<'a> {
     batches: mpsc::Sender<Batch>,
     writers: Vec<JoinHandle<()>>,
     sampler: JoinHandle<()>,
+    /// The messages in hand, not yet stored: the lag.
+    held: Arc<HeldMessages>,
+    lag_sampler: JoinHandle<()>,
     linger: Duration,
     max_readings: usize,
 }
@@ -136,6 +155,8 @@ impl<'a> Session<'a> {
             consumer.queue_depth().await.ok(),
             metrics.clone(),
         ));
+        let held = Arc::new(HeldMessages::default());
+        let lag_sampler = tokio::spawn(sample_lag(held.clone(), metrics.clone()));
         Self {
             consumer,
             metrics,
@@ -143,6 +164,8 @@ impl<'a> Session<'a> {
             batches,
             writers,
             sampler,
+            held,
+            lag_sampler,
             linger: Duration::from_millis(settings.batch_linger_ms),
             max_readings: settings.batch_max_readings.max(1),
         }
@@ -166,7 +189,11 @@ impl<'a> Session<'a> {
     /// Waits for a delivery, then gathers more for the same transaction, up to the batch size or
     /// the linger. Whatever was gathered is returned also when the session ends meanwhile.
     async fn gather(&mut self) -> (Batch, Option<SessionEnd>) {
-        let mut batch = Batch::default();
+        let mut batch = Batch {
+            readings: Vec::new(),
+            acks: Vec::new(),
+            held: Held::new(self.held.clone()),
+        };
         let first = tokio::select! {
             next = self.consumer.next() => next,
             _ = self.shutdown.changed() => return (batch, Some(SessionEnd::Shutdown)),
@@ -196,19 +223,17 @@ impl<'a> Session<'a> {
     /// Decodes a delivery into the batch; a message that cannot be decoded is dead-lettered with
     /// the reason and acknowledged, so it never blocks the queue.
     async fn take(&self, batch: &mut Batch, delivery: Delivery) -> Result<(), SessionEnd> {
+        let published = delivery.published_at();
         let (error, delivery) = match delivery.into_readings() {
             Ok((readings, ack)) => {
                 batch.readings.extend(readings);
                 batch.acks.push(ack);
+                batch.held.add(published);
                 return Ok(());
             }
             Err(undecodable) => undecodable,
         };
-        let reason = match error {
-            MessageError::UnsupportedVersion(_) => "unsupported_version",
-            MessageError::Malformed(_) => "malformed",
-            MessageError::Empty => "empty",
-        };
+        let reason = dead_letter_reason(&error);
         tracing::warn!(%error, message.id = %delivery.message_id(), "dead-lettering a message that cannot be stored");
         self.consumer
             .dead_letter(*delivery, &error.to_string())
@@ -235,6 +260,8 @@ impl<'a> Session<'a> {
             batches,
             writers,
             sampler,
+            lag_sampler,
+            metrics,
             ..
         } = self;
         if matches!(end, SessionEnd::Shutdown) {
@@ -247,7 +274,18 @@ impl<'a> Session<'a> {
             let _ = task.await;
         }
         sampler.abort();
+        lag_sampler.abort();
+        // The writers are done: this session holds nothing any more.
+        metrics.readings_lag_seconds.set(0.0);
         consumer
+    }
+}
+
+async fn sample_lag(held: Arc<HeldMessages>, metrics: PersisterMetrics) {
+    loop {
+        let age = held.oldest_age(std::time::SystemTime::now());
+        metrics.readings_lag_seconds.set(age.as_secs_f64());
+        tokio::time::sleep(LAG_SAMPLE_INTERVAL).await;
     }
 }
 

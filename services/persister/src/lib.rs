@@ -6,7 +6,7 @@
 //! delivered again, and the store's unique keys make that second write a no-op. A reading whose id
 //! the device chose is recognised by `(device_id, id)` for `dedupe_window_days`, whatever its time;
 //! sent again with other content, the first write stays and the newcomer is kept in
-//! `reading_conflicts` (counted as `readings_conflicting_total`).
+//! `reading_conflicts` (counted as `sensorhub_readings_conflicting_total`).
 //!
 //! Live views: after each commit, the persister announces the readings it stored (see
 //! `announce`), for query-api to relay to browsers.
@@ -23,6 +23,7 @@ mod batch;
 mod commands;
 mod consumer;
 mod housekeeping;
+mod lag;
 mod metrics;
 pub mod settings;
 mod writer;
@@ -33,7 +34,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use actix_web::dev::ServerHandle;
 use anyhow::Context;
-use prometheus_client::registry::Registry;
 use service_kit::{Ops, Readiness};
 use tokio::sync::watch;
 
@@ -60,7 +60,7 @@ impl Persister {
         let pool =
             service_kit::postgres::connect_migrated(&settings.database, &settings.pool()).await?;
 
-        let mut registry = Registry::default();
+        let mut registry = service_kit::metrics_registry();
         let metrics = PersisterMetrics::register(&mut registry);
         let publisher = bus::Publisher::start(
             settings.bus.amqp_url.clone(),

@@ -1,3 +1,5 @@
+use std::sync::atomic::AtomicU64;
+
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -36,6 +38,8 @@ pub struct PersisterMetrics {
     /// Messages waiting in the readings queue, sampled every few seconds.
     pub queue_messages: Gauge,
     pub amqp_connected: Gauge,
+    /// Age of the oldest readings message held and not yet stored (see `lag`).
+    pub readings_lag_seconds: Gauge<f64, AtomicU64>,
 }
 
 impl PersisterMetrics {
@@ -56,6 +60,7 @@ impl PersisterMetrics {
             write_failures: Counter::default(),
             queue_messages: Gauge::default(),
             amqp_connected: Gauge::default(),
+            readings_lag_seconds: Gauge::default(),
         };
         registry.register(
             "announcements_published",
@@ -128,10 +133,25 @@ impl PersisterMetrics {
             m.command_reports.clone(),
         );
         registry.register(
+            "readings_lag_seconds",
+            "Age of the oldest readings message the persister holds and has not stored yet, from its publish (ingest's confirm) to now; 0 when it holds none",
+            m.readings_lag_seconds.clone(),
+        );
+        registry.register(
             "amqp_connected",
             "1 while consuming from RabbitMQ",
             m.amqp_connected.clone(),
         );
+        // Every label set known in advance exists from start-up at 0, so an alert sees the first
+        // increase (a series that appears with its first event has no earlier value to rise from).
+        for reason in crate::consumer::DEAD_LETTER_REASONS {
+            m.messages_dead_lettered
+                .get_or_create_owned(&ReasonLabels { reason });
+        }
+        for outcome in crate::commands::REPORT_OUTCOMES {
+            m.command_reports
+                .get_or_create_owned(&OutcomeLabels { outcome });
+        }
         m
     }
 }

@@ -62,7 +62,13 @@ impl Writer {
     }
 
     async fn store_then_ack(&mut self, batch: Batch) {
-        let Batch { readings, acks } = batch;
+        // `_held` lives until the batch is stored and acknowledged, or given up: its messages count
+        // in the lag until then.
+        let Batch {
+            readings,
+            acks,
+            held: _held,
+        } = batch;
         let readings = Arc::new(readings);
         let count = readings.len();
         let mut backoff = Backoff::new(FIRST_RETRY, self.max_backoff);

@@ -7,7 +7,6 @@ use actix_web::http::header;
 use actix_web::middleware::from_fn;
 use actix_web::{App, HttpServer, web};
 use anyhow::Context;
-use prometheus_client::registry::Registry;
 use service_kit::access::{PublicRoutes, RefusalLimit};
 use service_kit::ops::HttpMetrics;
 use service_kit::{Ops, Readiness};
@@ -40,7 +39,7 @@ impl Application {
 
         let (listener, port) = settings.http.bind()?;
 
-        let mut registry = Registry::default();
+        let mut registry = service_kit::metrics_registry();
         let http_metrics = HttpMetrics::register(&mut registry);
         let live = crate::live::LiveHub::start(
             &settings.bus,

@@ -383,7 +383,7 @@ async fn queue_depth(client: &reqwest::Client, ops_url: &str) -> Option<i64> {
     Some(prometheus::metric(&text, QUEUE_GAUGE) as i64)
 }
 
-const QUEUE_GAUGE: &str = "queue_messages";
+const QUEUE_GAUGE: &str = "sensorhub_queue_messages";
 
 #[cfg(test)]
 mod tests {
@@ -391,10 +391,10 @@ mod tests {
 
     #[test]
     fn reads_the_persisters_queue_gauge() {
-        let text = "# HELP queue_messages Messages waiting in the readings queue\n\
-                    # TYPE queue_messages gauge\n\
-                    queue_messages 1234\n\
-                    readings_stored_total 5\n";
+        let text = "# HELP sensorhub_queue_messages Messages waiting in the readings queue\n\
+                    # TYPE sensorhub_queue_messages gauge\n\
+                    sensorhub_queue_messages 1234\n\
+                    sensorhub_readings_stored_total 5\n";
         assert_eq!(prometheus::metric(text, QUEUE_GAUGE), 1234.0);
     }
 

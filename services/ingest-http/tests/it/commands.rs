@@ -196,7 +196,7 @@ async fn a_device_cannot_receive_or_answer_another_devices_command() {
     let metrics = ingest.metrics().await;
     for reason in ["not_the_devices", "no_such_command", "invalid"] {
         let sample = format!(
-            "requests_rejected_total{{endpoint=\"/v1/commands/{{id}}/result\",reason=\"{reason}\"}} 1"
+            "sensorhub_requests_rejected_total{{endpoint=\"/v1/commands/{{id}}/result\",reason=\"{reason}\"}} 1"
         );
         assert!(metrics.contains(&sample), "{sample} in\n{metrics}");
     }

@@ -393,7 +393,9 @@ async fn every_invalid_request_is_refused_with_its_field_and_nothing_is_queued()
     );
     let metrics = ingest.metrics().await;
     assert!(
-        metrics.contains("requests_rejected_total{endpoint=\"/data\",reason=\"invalid\"} 13"),
+        metrics.contains(
+            "sensorhub_requests_rejected_total{endpoint=\"/data\",reason=\"invalid\"} 13"
+        ),
         "{metrics}"
     );
     ingest.stop().await;
@@ -552,5 +554,49 @@ async fn the_openapi_description_lists_exactly_the_served_routes() {
         };
         assert_eq!(status, 400, "{path}: {answer}");
     }
+    ingest.stop().await;
+}
+
+/// What an operator alerts on exists from start-up at 0, so an alert on the first increase fires
+/// at the first refusal or failed publish; every name carries the `sensorhub_` prefix.
+#[tokio::test]
+async fn every_watched_counter_is_exported_at_zero_from_the_start() {
+    let stack = Stack::new();
+    let ingest = stack.ingest().await;
+    let text = ingest.metrics().await;
+    let mut series = Vec::new();
+    for endpoint in ["/data", "/v1/readings", "/v1/ws"] {
+        series.push(format!(
+            "sensorhub_readings_accepted_total{{endpoint=\"{endpoint}\"}}"
+        ));
+    }
+    for endpoint in ["/data", "/v1/readings", "/v1/ws", "unmatched"] {
+        for reason in [
+            "invalid",
+            "too_large",
+            "unavailable",
+            "unauthorized",
+            "forbidden",
+            "rate_limited",
+            "timeout",
+        ] {
+            series.push(format!(
+                "sensorhub_requests_rejected_total{{endpoint=\"{endpoint}\",reason=\"{reason}\"}}"
+            ));
+        }
+    }
+    for outcome in ["confirmed", "nacked", "unroutable", "timeout", "failed"] {
+        series.push(format!(
+            "sensorhub_amqp_publish_messages_total{{outcome=\"{outcome}\"}}"
+        ));
+    }
+    let series: Vec<&str> = series.iter().map(String::as_str).collect();
+    assert_eq!(testkit::not_at_zero(&text, &series), [], "{text}");
+    assert_eq!(testkit::sample(&text, "sensorhub_ready"), Some(1.0));
+    let unprefixed: Vec<String> = testkit::sample_names(&text)
+        .into_iter()
+        .filter(|name| !name.starts_with("sensorhub_"))
+        .collect();
+    assert_eq!(unprefixed, Vec::<String>::new());
     ingest.stop().await;
 }

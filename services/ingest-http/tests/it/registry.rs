@@ -15,7 +15,10 @@ const REFUSED_WITHIN: Duration = Duration::from_secs(1);
 
 /// Reads of the registry so far, whatever their cause.
 async fn registry_reads(ingest: &Running) -> f64 {
-    testkit::metric_sum(&ingest.metrics().await, "device_registry_reads_total")
+    testkit::metric_sum(
+        &ingest.metrics().await,
+        "sensorhub_device_registry_reads_total",
+    )
 }
 
 #[tokio::test]

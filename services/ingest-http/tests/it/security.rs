@@ -443,11 +443,11 @@ async fn every_spelling_of_every_route_needs_a_device_token() {
     assert!(probes > 40, "{probes} probes");
     let metrics = ingest.metrics().await;
     assert_eq!(
-        testkit::metric_sum(&metrics, "readings_accepted_total"),
+        testkit::metric_sum(&metrics, "sensorhub_readings_accepted_total"),
         0.0
     );
     assert!(
-        testkit::metric_sum(&metrics, "requests_rejected_total") >= probes as f64,
+        testkit::metric_sum(&metrics, "sensorhub_requests_rejected_total") >= probes as f64,
         "{metrics}"
     );
     // a device's wrong method on a known route is a 405 naming the right one

@@ -230,10 +230,15 @@ async fn a_command_reaches_its_device_over_mqtt_and_its_answer_is_recorded() {
     assert_eq!(history, ["pending", "sent", "succeeded"]);
     assert_eq!(done.result, Some(json!({"led": "on"})));
     assert_eq!(
-        ingest.metric("mqtt_commands_total{outcome=\"sent\"}").await,
+        ingest
+            .metric("sensorhub_mqtt_commands_total{outcome=\"sent\"}")
+            .await,
         1.0
     );
-    assert_eq!(ingest.metric("mqtt_command_answers_total").await, 1.0);
+    assert_eq!(
+        ingest.metric("sensorhub_mqtt_command_answers_total").await,
+        1.0
+    );
     ingest.stop().await;
 }
 
@@ -244,7 +249,11 @@ async fn a_device_offline_when_its_command_was_issued_gets_it_when_it_connects()
     let command = issue(&stack.db, "raspi-off", "reboot");
     // published while nobody listens: acknowledged by Mosquitto, received by no one, not sent
     ingest
-        .metrics_reaching("mqtt_commands_total{outcome=\"no_subscriber\"}", 1.0, STEP)
+        .metrics_reaching(
+            "sensorhub_mqtt_commands_total{outcome=\"no_subscriber\"}",
+            1.0,
+            STEP,
+        )
         .await;
     assert_eq!(stored(&stack.db, &command.id).0.stored_status, "pending");
 
@@ -307,13 +316,15 @@ async fn a_device_neither_reads_nor_answers_another_devices_commands() {
     .await;
     persister
         .metrics_reaching(
-            "command_reports_total{outcome=\"not_the_devices\"}",
+            "sensorhub_command_reports_total{outcome=\"not_the_devices\"}",
             1.0,
             STEP,
         )
         .await;
     assert_eq!(
-        ingest.metric("mqtt_messages_received_total").await,
+        ingest
+            .metric("sensorhub_mqtt_messages_received_total")
+            .await,
         1.0,
         "only B's answer on its own topic reached ingest"
     );
@@ -350,11 +361,14 @@ async fn an_invalid_answer_is_refused_counted_and_kept() {
         2
     );
     eventually(STEP, "both acknowledged", || async {
-        (ingest.metric("mqtt_messages_acked_total").await == 2.0).then_some(())
+        (ingest.metric("sensorhub_mqtt_messages_acked_total").await == 2.0).then_some(())
     })
     .await;
     assert_eq!(crate::invalid(&ingest, "invalid_answer").await, 2.0);
-    assert_eq!(ingest.metric("mqtt_command_answers_total").await, 0.0);
+    assert_eq!(
+        ingest.metric("sensorhub_mqtt_command_answers_total").await,
+        0.0
+    );
     let kept = stack.take_invalid().await;
     assert_eq!(kept.len(), 2);
     for (topic, payload) in answers {
@@ -419,7 +433,10 @@ async fn in_rabbitmq_mode_commands_go_out_through_the_mqtt_exchange_and_answers_
     status_becomes(&stack.db, &away.id, "sent").await;
     let unrouted = bus::MqttTopology::with_prefix(&stack.prefix).unrouted_queue;
     assert_eq!(ready_in(&stack.node.amqp_url(), &unrouted).await, 0);
-    assert_eq!(ingest.metric("mqtt_command_answers_total").await, 1.0);
+    assert_eq!(
+        ingest.metric("sensorhub_mqtt_command_answers_total").await,
+        1.0
+    );
     ingest.stop().await;
 }
 

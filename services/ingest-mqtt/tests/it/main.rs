@@ -145,7 +145,7 @@ async fn publish_until_acknowledged(
     assert_eq!(device.publish_all(messages, Duration::ZERO, WAIT).await, n);
     testkit::wait_for_exactly(database_url, "readings", stored, WAIT).await;
     eventually(WAIT, &format!("all {n} acknowledged"), || async {
-        (ingest.metric("mqtt_messages_acked_total").await == n as f64).then_some(())
+        (ingest.metric("sensorhub_mqtt_messages_acked_total").await == n as f64).then_some(())
     })
     .await;
 }
@@ -210,7 +210,9 @@ async fn publish_all_stored(
 /// How many messages of `kind` ingest-mqtt refused as invalid.
 async fn invalid(ingest: &Running, kind: &str) -> f64 {
     ingest
-        .metric(&format!("mqtt_messages_invalid_total{{kind=\"{kind}\"}}"))
+        .metric(&format!(
+            "sensorhub_mqtt_messages_invalid_total{{kind=\"{kind}\"}}"
+        ))
         .await
 }
 
@@ -280,7 +282,10 @@ async fn the_seed_snippet_and_device_topics_are_stored_exactly() {
             .collect::<Vec<_>>(),
         [("c2", json!({"co2": 416.5})), ("c1", json!({"co2": 415.0}))]
     );
-    assert_eq!(ingest.metric("mqtt_messages_acked_total").await, 2.0);
+    assert_eq!(
+        ingest.metric("sensorhub_mqtt_messages_acked_total").await,
+        2.0
+    );
     ingest.stop().await;
 }
 
@@ -296,7 +301,9 @@ async fn ten_thousand_messages_from_ten_devices_are_all_stored_once() {
         assert_eq!(ids.len(), 1000);
     }
     assert_eq!(
-        ingest.metric("mqtt_messages_received_total").await,
+        ingest
+            .metric("sensorhub_mqtt_messages_received_total")
+            .await,
         10_000.0,
         "none delivered twice"
     );
@@ -376,19 +383,22 @@ async fn while_rabbitmq_is_unreachable_nothing_is_acknowledged_and_everything_ar
         .await;
     assert_eq!(acked, 300, "Mosquitto holds them");
     eventually(WAIT, "ingest-mqtt to hold messages", || async {
-        (ingest.metric("mqtt_messages_in_flight").await > 0.0).then_some(())
+        (ingest.metric("sensorhub_mqtt_messages_in_flight").await > 0.0).then_some(())
     })
     .await;
     tokio::time::sleep(OUTAGE_HELD).await;
     assert_eq!(
-        ingest.metric("mqtt_messages_acked_total").await,
+        ingest.metric("sensorhub_mqtt_messages_acked_total").await,
         0.0,
         "nothing acknowledged while RabbitMQ is away"
     );
     assert_eq!(stack.stored(), 0);
     proxy.restore();
     stack.wait_stored(300).await;
-    assert_eq!(ingest.metric("mqtt_messages_acked_total").await, 300.0);
+    assert_eq!(
+        ingest.metric("sensorhub_mqtt_messages_acked_total").await,
+        300.0
+    );
     ingest.stop().await;
 }
 
@@ -401,8 +411,8 @@ async fn two_instances_share_the_load_and_nothing_is_stored_twice() {
     let devices = (0..4).map(|d| (stack.device(&format!("s{d}")), format!("s-{d}")));
     publish_all_stored(devices, 500, &stack.db.url).await;
     let (ra, rb) = (
-        a.metric("mqtt_messages_received_total").await,
-        b.metric("mqtt_messages_received_total").await,
+        a.metric("sensorhub_mqtt_messages_received_total").await,
+        b.metric("sensorhub_mqtt_messages_received_total").await,
     );
     assert_eq!(ra + rb, 2000.0, "each message went to one instance");
     assert!(ra > 0.0 && rb > 0.0, "both took a share: {ra} and {rb}");
@@ -450,5 +460,64 @@ async fn every_kind_of_bad_payload_is_refused_counted_and_kept_and_the_service_g
         .find(|k| k.payload.starts_with(br#"{"device_id": "b-2""#))
         .unwrap();
     assert!(mismatch.reason.contains("device_id"), "{}", mismatch.reason);
+    ingest.stop().await;
+}
+
+/// What an operator alerts on exists from start-up at 0, so an alert on the first increase fires
+/// at the first refused payload or failed command; every name carries the `sensorhub_` prefix.
+#[tokio::test]
+async fn every_watched_counter_is_exported_at_zero_from_the_start() {
+    let stack = Stack::new();
+    let ingest = stack.ingest(&stack.settings("ingest-zero")).await;
+    let text = ingest.metrics().await;
+    let mut series: Vec<String> = [
+        "sensorhub_mqtt_messages_received_total",
+        "sensorhub_mqtt_messages_acked_total",
+        "sensorhub_mqtt_publish_retries_total",
+        "sensorhub_mqtt_command_answers_total",
+        "sensorhub_readings_accepted_total",
+    ]
+    .map(String::from)
+    .into();
+    for kind in [
+        "not_json",
+        "invalid_reading",
+        "device_mismatch",
+        "topic",
+        "invalid_answer",
+    ] {
+        series.push(format!(
+            "sensorhub_mqtt_messages_invalid_total{{kind=\"{kind}\"}}"
+        ));
+    }
+    for outcome in [
+        "sent",
+        "no_subscriber",
+        "refused",
+        "failed",
+        "expired",
+        "undecodable",
+    ] {
+        series.push(format!(
+            "sensorhub_mqtt_commands_total{{outcome=\"{outcome}\"}}"
+        ));
+    }
+    for outcome in ["confirmed", "nacked", "unroutable", "timeout", "failed"] {
+        series.push(format!(
+            "sensorhub_amqp_publish_messages_total{{outcome=\"{outcome}\"}}"
+        ));
+    }
+    let series: Vec<&str> = series.iter().map(String::as_str).collect();
+    assert_eq!(testkit::not_at_zero(&text, &series), [], "{text}");
+    assert_eq!(testkit::sample(&text, "sensorhub_ready"), Some(1.0));
+    assert_eq!(
+        testkit::sample(&text, "sensorhub_mqtt_connected"),
+        Some(1.0)
+    );
+    let unprefixed: Vec<String> = testkit::sample_names(&text)
+        .into_iter()
+        .filter(|name| !name.starts_with("sensorhub_"))
+        .collect();
+    assert_eq!(unprefixed, Vec::<String>::new());
     ingest.stop().await;
 }

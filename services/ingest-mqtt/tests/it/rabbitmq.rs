@@ -214,14 +214,14 @@ async fn two_consumers_forward_every_acknowledged_message_exactly_once_and_nothi
         assert_eq!(stack.stored_ids(&format!("r.{d}")).len(), 500);
     }
     let (ra, rb) = (
-        a.metric("mqtt_messages_received_total").await,
-        b.metric("mqtt_messages_received_total").await,
+        a.metric("sensorhub_mqtt_messages_received_total").await,
+        b.metric("sensorhub_mqtt_messages_received_total").await,
     );
     assert_eq!(ra + rb, 2000.0, "each message went to one consumer, once");
     assert!(ra > 0.0 && rb > 0.0, "both took a share: {ra} and {rb}");
     eventually(WAIT, "every message acknowledged", || async {
-        let acked = a.metric("mqtt_messages_acked_total").await
-            + b.metric("mqtt_messages_acked_total").await;
+        let acked = a.metric("sensorhub_mqtt_messages_acked_total").await
+            + b.metric("sensorhub_mqtt_messages_acked_total").await;
         (acked == 2000.0).then_some(())
     })
     .await;
@@ -512,8 +512,8 @@ async fn a_broker_killed_under_load_loses_nothing_it_acknowledged() {
                     .filter(|l| {
                         !l.starts_with('#')
                             && (l.starts_with("mqtt_")
-                                || l.starts_with("amqp_publish_messages")
-                                || l.starts_with("amqp_publish_connected"))
+                                || l.starts_with("sensorhub_amqp_publish_messages")
+                                || l.starts_with("sensorhub_amqp_publish_connected"))
                     })
                     .collect();
                 // received but not acked, with the queues empty: held by ingest-mqtt, unconfirmed
@@ -526,9 +526,11 @@ async fn a_broker_killed_under_load_loses_nothing_it_acknowledged() {
                     missing.len(),
                     missing.iter().take(5).collect::<Vec<_>>(),
                     stack.queue_depths().await,
-                    ingest.metric("mqtt_messages_received_total").await,
-                    ingest.metric("mqtt_messages_acked_total").await,
-                    ingest.metric("mqtt_connected").await,
+                    ingest
+                        .metric("sensorhub_mqtt_messages_received_total")
+                        .await,
+                    ingest.metric("sensorhub_mqtt_messages_acked_total").await,
+                    ingest.metric("sensorhub_mqtt_connected").await,
                 );
             }
             tokio::time::sleep(Duration::from_millis(500)).await;

@@ -339,7 +339,9 @@ async fn behind_the_production_broker_ingest_stores_only_what_devices_may_write(
     }
     stack.wait_stored(1).await;
     assert_eq!(
-        ingest.metric("mqtt_messages_received_total").await,
+        ingest
+            .metric("sensorhub_mqtt_messages_received_total")
+            .await,
         1.0,
         "the others never reached ingest"
     );

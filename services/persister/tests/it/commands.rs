@@ -132,7 +132,7 @@ async fn a_command_is_published_and_its_reports_recorded_exactly() {
         ("not_the_devices", 1.0),
         ("no_such_command", 1.0),
     ] {
-        let series = format!("command_reports_total{{outcome=\"{outcome}\"}}");
+        let series = format!("sensorhub_command_reports_total{{outcome=\"{outcome}\"}}");
         assert_eq!(testkit::metric(&metrics, &series), count, "{series}");
     }
     let (command, history) = stored(&f, "cmd-1");

@@ -162,11 +162,17 @@ async fn readings_are_stored_exactly_and_an_undecodable_message_is_dead_lettered
     assert!(reason.starts_with("malformed message"), "{reason}");
     let text = running.metrics().await;
     assert_eq!(
-        testkit::metric(&text, "messages_dead_lettered_total{reason=\"malformed\"}"),
+        testkit::metric(
+            &text,
+            "sensorhub_messages_dead_lettered_total{reason=\"malformed\"}"
+        ),
         1.0,
         "{text}"
     );
-    assert_eq!(testkit::metric(&text, "readings_stored_total"), 5.0);
+    assert_eq!(
+        testkit::metric(&text, "sensorhub_readings_stored_total"),
+        5.0
+    );
 
     running.stop().await;
     publisher.close().await;
@@ -181,9 +187,12 @@ async fn a_reading_delivered_twice_is_stored_once() {
     publisher.publish(batch).await.unwrap();
     f.wait_stored(50).await;
     let text = running
-        .metrics_reaching("readings_duplicate_total", 60.0, WAIT)
+        .metrics_reaching("sensorhub_readings_duplicate_total", 60.0, WAIT)
         .await;
-    assert_eq!(testkit::metric(&text, "readings_duplicate_total"), 60.0);
+    assert_eq!(
+        testkit::metric(&text, "sensorhub_readings_duplicate_total"),
+        60.0
+    );
     running.stop().await;
     publisher.close().await;
 }
@@ -217,11 +226,20 @@ async fn a_reading_queued_again_with_another_time_is_stored_once_and_a_conflict_
         .await
         .unwrap();
     let text = running
-        .metrics_reaching("readings_conflicting_total", 1.0, WAIT)
+        .metrics_reaching("sensorhub_readings_conflicting_total", 1.0, WAIT)
         .await;
-    assert_eq!(testkit::metric(&text, "readings_stored_total"), 1.0);
-    assert_eq!(testkit::metric(&text, "readings_duplicate_total"), 1.0);
-    assert_eq!(testkit::metric(&text, "readings_conflicting_total"), 1.0);
+    assert_eq!(
+        testkit::metric(&text, "sensorhub_readings_stored_total"),
+        1.0
+    );
+    assert_eq!(
+        testkit::metric(&text, "sensorhub_readings_duplicate_total"),
+        1.0
+    );
+    assert_eq!(
+        testkit::metric(&text, "sensorhub_readings_conflicting_total"),
+        1.0
+    );
     assert_eq!(f.stored(), 1);
     assert_eq!(testkit::count_rows(&f.db.url, "reading_conflicts"), 1);
     running.stop().await;
@@ -257,7 +275,7 @@ async fn a_database_outage_is_waited_out_and_nothing_is_lost() {
     .await;
     // the outage lasts until the persister has tried to write and failed
     running
-        .metrics_reaching("write_failures_total", 1.0, WAIT)
+        .metrics_reaching("sensorhub_write_failures_total", 1.0, WAIT)
         .await;
 
     testkit::execute(
@@ -271,7 +289,7 @@ async fn a_database_outage_is_waited_out_and_nothing_is_lost() {
     .await;
     let text = running.metrics().await;
     assert!(
-        testkit::metric(&text, "write_failures_total") >= 1.0,
+        testkit::metric(&text, "sensorhub_write_failures_total") >= 1.0,
         "{text}"
     );
     running.stop().await;
@@ -329,8 +347,8 @@ async fn several_persisters_share_the_queue() {
     }
     f.wait_stored(2000).await;
     let (ma, mb) = (
-        testkit::metric(&a.metrics().await, "readings_stored_total"),
-        testkit::metric(&b.metrics().await, "readings_stored_total"),
+        testkit::metric(&a.metrics().await, "sensorhub_readings_stored_total"),
+        testkit::metric(&b.metrics().await, "sensorhub_readings_stored_total"),
     );
     assert_eq!(ma + mb, 2000.0);
     assert!(
@@ -435,11 +453,13 @@ async fn readings_queued_from_beyond_the_horizon_are_stored_without_new_partitio
         tables_before,
         "no partition was created"
     );
-    assert!(
-        !running
-            .metrics()
-            .await
-            .contains("messages_dead_lettered_total 1")
+    assert_eq!(
+        testkit::metric_sum(
+            &running.metrics().await,
+            "sensorhub_messages_dead_lettered_total"
+        ),
+        0.0,
+        "nothing was dead-lettered"
     );
     running.stop().await;
 }
@@ -485,4 +505,89 @@ async fn the_persister_records_expired_commands() {
         "a command within its ttl is left alone"
     );
     running.stop().await;
+}
+
+/// What an operator alerts on exists from start-up at 0, so an alert on the first increase fires
+/// at the first dead letter or refused command report; the lag and the queue start at 0; every
+/// name carries the `sensorhub_` prefix.
+#[tokio::test]
+async fn every_watched_counter_is_exported_at_zero_from_the_start() {
+    let f = Fixture::new();
+    let running = spawn::persister(&f.settings()).await;
+    let text = running.metrics().await;
+    let mut series: Vec<String> = [
+        "sensorhub_readings_stored_total",
+        "sensorhub_readings_duplicate_total",
+        "sensorhub_readings_conflicting_total",
+        "sensorhub_write_failures_total",
+        "sensorhub_commands_published_total",
+        "sensorhub_command_publish_failures_total",
+        "sensorhub_queue_messages",
+        "sensorhub_readings_lag_seconds",
+    ]
+    .map(String::from)
+    .into();
+    for reason in ["unsupported_version", "malformed", "empty"] {
+        series.push(format!(
+            "sensorhub_messages_dead_lettered_total{{reason=\"{reason}\"}}"
+        ));
+    }
+    for outcome in [
+        "recorded",
+        "unchanged",
+        "no_such_command",
+        "not_the_devices",
+        "expired",
+        "finished",
+        "undecodable",
+    ] {
+        series.push(format!(
+            "sensorhub_command_reports_total{{outcome=\"{outcome}\"}}"
+        ));
+    }
+    for outcome in ["confirmed", "nacked", "unroutable", "timeout", "failed"] {
+        series.push(format!(
+            "sensorhub_amqp_publish_messages_total{{outcome=\"{outcome}\"}}"
+        ));
+    }
+    let series: Vec<&str> = series.iter().map(String::as_str).collect();
+    assert_eq!(testkit::not_at_zero(&text, &series), [], "{text}");
+    assert_eq!(testkit::sample(&text, "sensorhub_ready"), Some(1.0));
+    let unprefixed: Vec<String> = testkit::sample_names(&text)
+        .into_iter()
+        .filter(|name| !name.starts_with("sensorhub_"))
+        .collect();
+    assert_eq!(unprefixed, Vec::<String>::new());
+    running.stop().await;
+}
+
+/// The lag gauge shows how long the oldest message in hand has waited since its publish: while
+/// PostgreSQL is away, the persister holds its batch and the age grows; once stored, it is 0.
+#[tokio::test]
+async fn the_lag_grows_while_a_batch_cannot_be_stored() {
+    let (f, running, publisher) = Fixture::running().await;
+    let mut admin = store::connect(&testkit::admin_database_url()).unwrap();
+    testkit::execute(
+        &mut admin,
+        &format!(
+            "ALTER DATABASE \"{0}\" ALLOW_CONNECTIONS false; \
+             SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{0}'",
+            f.db.name
+        ),
+    );
+    publisher.publish(readings("d", "held", 5)).await.unwrap();
+    running
+        .metrics_reaching("sensorhub_readings_lag_seconds", 3.0, WAIT)
+        .await;
+    testkit::execute(
+        &mut admin,
+        &format!("ALTER DATABASE \"{}\" ALLOW_CONNECTIONS true", f.db.name),
+    );
+    f.wait_stored(5).await;
+    eventually(WAIT, "the lag to return to 0", || async {
+        (running.metric("sensorhub_readings_lag_seconds").await == 0.0).then_some(())
+    })
+    .await;
+    running.stop().await;
+    publisher.close().await;
 }

@@ -53,7 +53,7 @@ async fn wait_feed(url: &str) {
     let client = reqwest::Client::new();
     testkit::eventually(WITHIN, "the live feed connected", || async {
         let text = testkit::get_text(&client, &format!("{url}/metrics")).await;
-        (testkit::metric(&text, "live_feed_connected") == 1.0).then_some(())
+        (testkit::metric(&text, "sensorhub_live_feed_connected") == 1.0).then_some(())
     })
     .await;
 }

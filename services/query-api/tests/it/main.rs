@@ -530,3 +530,23 @@ async fn readings_download_as_csv_over_many_pages() {
     let json = api.ok("/v1/devices/pi-c/readings?limit=1").await;
     assert_eq!(ids(&json), ["c12000"], "JSON unless CSV is asked for");
 }
+
+/// query-api's metrics carry the `sensorhub_` prefix, and its readiness is one of them (what the
+/// not-ready alert watches).
+#[tokio::test]
+async fn its_metrics_carry_the_prefix_and_its_readiness() {
+    let api = start_empty(|_| {}).await;
+    let text = testkit::get_text(&api.client, &format!("{}/metrics", api.url)).await;
+    assert_eq!(
+        testkit::sample(&text, "sensorhub_ready"),
+        Some(1.0),
+        "{text}"
+    );
+    let names = testkit::sample_names(&text);
+    assert!(names.contains("sensorhub_http_requests_total"), "{text}");
+    let unprefixed: Vec<&String> = names
+        .iter()
+        .filter(|name| !name.starts_with("sensorhub_"))
+        .collect();
+    assert_eq!(unprefixed, Vec::<&String>::new());
+}

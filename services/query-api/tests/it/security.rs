@@ -345,7 +345,7 @@ async fn a_wrong_method_is_405_with_allow_and_metrics_stay_bounded() {
     let metrics = testkit::get_text(&api.client, &format!("{}/metrics", api.url)).await;
     let series: Vec<&str> = metrics
         .lines()
-        .filter(|l| l.starts_with("http_requests_total{"))
+        .filter(|l| l.starts_with("sensorhub_http_requests_total{"))
         .collect();
     assert!(series.len() < 20, "{series:#?}");
     assert!(!metrics.contains("method=\"X1"), "{metrics}");

@@ -487,7 +487,7 @@ async fn a_live_stream_gets_a_posted_reading_through_traefik() {
             &format!("{}/metrics", t.query_api.url()),
         )
         .await;
-        (testkit::metric(&text, "live_feed_connected") == 1.0).then_some(())
+        (testkit::metric(&text, "sensorhub_live_feed_connected") == 1.0).then_some(())
     })
     .await;
     let batch = vec![reading("raspi-01", 0, chrono::Utc::now())];
@@ -645,7 +645,9 @@ async fn the_rate_limit_answers_429() {
     // what Traefik refused never reached ingest-http; what it let through is stored
     t.assert_stored_exactly(&accepted).await;
     assert_eq!(
-        t.ingest_http[0].metric("readings_accepted_total").await,
+        t.ingest_http[0]
+            .metric("sensorhub_readings_accepted_total")
+            .await,
         accepted.len() as f64
     );
 
@@ -720,19 +722,19 @@ async fn load_spreads_across_every_replica() {
 
     t.assert_stored_exactly(&acknowledged).await;
 
-    let per_ingest = metric_per_replica(&t.ingest_http, "readings_accepted_total").await;
+    let per_ingest = metric_per_replica(&t.ingest_http, "sensorhub_readings_accepted_total").await;
     assert_eq!(per_ingest.iter().sum::<f64>(), 600.0, "{per_ingest:?}");
     assert!(
         per_ingest.iter().all(|n| *n >= 60.0),
         "Traefik spreads the requests over the 3 ingest-http: {per_ingest:?}"
     );
-    let per_mqtt = metric_per_replica(&t.ingest_mqtt, "mqtt_messages_acked_total").await;
+    let per_mqtt = metric_per_replica(&t.ingest_mqtt, "sensorhub_mqtt_messages_acked_total").await;
     assert_eq!(per_mqtt.iter().sum::<f64>(), 200.0, "{per_mqtt:?}");
     assert!(
         per_mqtt.iter().all(|n| *n > 0.0),
         "the shared subscription spreads the messages: {per_mqtt:?}"
     );
-    let per_persister = metric_per_replica(&t.persisters, "readings_stored_total").await;
+    let per_persister = metric_per_replica(&t.persisters, "sensorhub_readings_stored_total").await;
     assert_eq!(
         per_persister.iter().sum::<f64>(),
         800.0,
@@ -823,7 +825,7 @@ async fn a_replica_killed_mid_load_is_taken_out_and_nothing_is_lost_or_doubled()
     eprintln!("readings a client had to send again around the kill: {retried}");
 
     // With the replica out, every request is answered by the two left, at the first attempt.
-    let before = metric_per_replica(&t.ingest_http[1..], "readings_accepted_total").await;
+    let before = metric_per_replica(&t.ingest_http[1..], "sensorhub_readings_accepted_total").await;
     let after_kill: Vec<_> = (1500..1560)
         .map(|i| reading(&format!("pi-{}", i % 11), i, base))
         .collect();
@@ -835,7 +837,7 @@ async fn a_replica_killed_mid_load_is_taken_out_and_nothing_is_lost_or_doubled()
             "a request after the replica was taken out"
         );
     }
-    let after = metric_per_replica(&t.ingest_http[1..], "readings_accepted_total").await;
+    let after = metric_per_replica(&t.ingest_http[1..], "sensorhub_readings_accepted_total").await;
     let grown: Vec<f64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
     assert_eq!(grown.iter().sum::<f64>(), 60.0, "{grown:?}");
     assert!(grown.iter().all(|n| *n > 0.0), "{grown:?}");
@@ -1016,4 +1018,45 @@ async fn behind_traefik_the_audit_trail_has_the_real_client_address() {
         .map(|&i| key(&reading("audit-pi", i, base)))
         .collect();
     t.assert_stored_exactly(&acknowledged).await;
+}
+
+/// Every metric the Grafana dashboard and the alert rules name is one the running services export
+/// (scripts/check-deploy checks the same against the code's registrations, without running them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_and_the_alert_rules_name_only_exported_metrics() {
+    if !traefik_or_skip("the_dashboard_and_the_alert_rules_name_only_exported_metrics") {
+        return;
+    }
+    let t = Topology::start(Options::default()).await;
+    let client = reqwest::Client::new();
+    let mut exported = std::collections::BTreeSet::new();
+    let processes = t
+        .ingest_http
+        .iter()
+        .chain(&t.ingest_mqtt)
+        .chain(&t.persisters);
+    for process in processes.chain([&t.query_api]) {
+        let page = testkit::get_text(&client, &format!("{}/metrics", process.url())).await;
+        exported.extend(testkit::exported_names(&page));
+    }
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
+    for file in [
+        "deploy/prometheus/alerts.yml",
+        "deploy/grafana/dashboards/sensorhub.json",
+    ] {
+        let text = std::fs::read_to_string(format!("{root}/{file}")).unwrap();
+        let used: std::collections::BTreeSet<&str> = text
+            .split(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'))
+            .filter(|word| word.starts_with("sensorhub_"))
+            .collect();
+        assert!(used.len() > 5, "{file}: the metric names were found");
+        let missing: Vec<&&str> = used
+            .iter()
+            .filter(|name| !exported.contains(**name))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "{file} names metrics no service exports: {missing:?}"
+        );
+    }
 }
