@@ -35,7 +35,7 @@ pub use consumer::{
     MqttQueueConsumer, QueueConsumer, QueueDepth,
 };
 pub use live::{FeedEvent, LiveFeed};
-pub use metrics::PublisherMetrics;
+pub use metrics::{OUTCOMES as PUBLISH_OUTCOMES, PublisherMetrics};
 pub use publisher::{PublishError, Publisher, PublisherSettings};
 pub use router::{DeviceCommands, RouterError, Subscription};
 pub use topology::{

@@ -11,7 +11,8 @@ pub struct OutcomeLabels {
 }
 
 /// What can become of a published message (the `messages` metric's outcomes).
-pub(crate) const OUTCOMES: [&str; 5] = ["confirmed", "nacked", "unroutable", "timeout", "failed"];
+/// Every outcome of a publish, as `sensorhub_amqp_publish_messages_total` labels it.
+pub const OUTCOMES: [&str; 5] = ["confirmed", "nacked", "unroutable", "timeout", "failed"];
 
 /// What the publisher did, for `/metrics`.
 #[derive(Clone)]

@@ -576,6 +576,28 @@ pub use system::prometheus::{
     exported_names, metric, metric_sum, not_at_zero, sample, sample_names,
 };
 
+/// A service's `/metrics` right after its start, as operators rely on it: each of `watched` is
+/// there at 0 (so an alert fires at its first increase), the service reports itself ready, and
+/// every sample's name carries the `sensorhub_` prefix.
+pub fn assert_fresh_metrics(text: &str, watched: &[String]) {
+    let watched: Vec<&str> = watched.iter().map(String::as_str).collect();
+    assert_eq!(not_at_zero(text, &watched), [], "{text}");
+    assert_eq!(sample(text, "sensorhub_ready"), Some(1.0), "{text}");
+    let unprefixed: Vec<String> = sample_names(text)
+        .into_iter()
+        .filter(|name| !name.starts_with("sensorhub_"))
+        .collect();
+    assert_eq!(unprefixed, Vec::<String>::new());
+}
+
+/// The publisher's series, one per outcome, of a service that publishes to RabbitMQ.
+pub fn publish_outcome_series() -> Vec<String> {
+    bus::PUBLISH_OUTCOMES
+        .iter()
+        .map(|outcome| format!("sensorhub_amqp_publish_messages_total{{outcome=\"{outcome}\"}}"))
+        .collect()
+}
+
 /// A test's own AMQP names: a unique prefix for its exchanges and queues, which are deleted when
 /// this is dropped, so a test that fails (panics) half-way leaves nothing behind either.
 pub struct AmqpPrefix(String);
