@@ -17,7 +17,6 @@ use crate::metrics::{PersisterMetrics, ReasonLabels};
 use crate::settings::Settings;
 use crate::writer::Writer;
 
-/// How often the queue's length is sampled for `/metrics`.
 /// Every reason a readings message is dead-lettered for (the metric's label values, each created
 /// at start-up).
 pub const DEAD_LETTER_REASONS: [&str; 3] = ["unsupported_version", "malformed", "empty"];
@@ -33,6 +32,7 @@ fn dead_letter_reason(error: &MessageError) -> &'static str {
 /// How often the lag gauge is brought up to date.
 const LAG_SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
 
+/// How often the queue's length is sampled for `/metrics`.
 const QUEUE_SAMPLE_INTERVAL: Duration = Duration::from_secs(5);
 /// The first reconnection waits about this long; later ones back off up to `retry_max_backoff_ms`.
 const FIRST_RETRY: Duration = Duration::from_millis(100);
