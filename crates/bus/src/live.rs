@@ -83,15 +83,6 @@ impl LiveFeed {
         *self.connected.borrow()
     }
 
-    /// Waits until connected, up to `timeout`; for tests.
-    pub async fn wait_connected(&self, timeout: Duration) -> bool {
-        let mut connected = self.connected.clone();
-        matches!(
-            tokio::time::timeout(timeout, connected.wait_for(|c| *c)).await,
-            Ok(Ok(_))
-        )
-    }
-
     /// Stops the task and closes the connection (RabbitMQ deletes the queue with it).
     pub async fn close(&self) {
         self.stop.send_replace(true);

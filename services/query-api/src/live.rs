@@ -1,8 +1,9 @@
 //! `GET /v1/live`: what the persisters store, relayed to browsers as server-sent events.
 //!
 //! Every replica gets every announcement (`bus::LiveFeed`: a queue of its own on the fanout
-//! exchange), splits it into one `readings` event per device, keeps the last `REPLAY_EVENTS` for
-//! clients that reconnect, and hands each event to every open stream. Nothing here reads the
+//! exchange), splits it into one `readings` event per device (per 200 readings of a device), keeps
+//! the last `REPLAY_EVENTS` (16 MiB at most) for clients that reconnect, and hands each event to
+//! every open stream. Nothing here reads the
 //! database: a thousand open dashboards cost PostgreSQL nothing.
 //!
 //! Catching up: a client that reconnects sends the id of the last event it got (`Last-Event-ID`);
@@ -25,7 +26,7 @@ use actix_web::web::Bytes;
 use actix_web::{HttpRequest, HttpResponse, get, web};
 use auth::Claims;
 use futures_util::stream;
-use models::StoredAnnouncement;
+use models::{StoredAnnouncement, StoredDevice};
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio::sync::{broadcast, mpsc};
@@ -33,8 +34,13 @@ use tokio::sync::{broadcast, mpsc};
 use crate::access::Access;
 use crate::error::QueryError;
 
-/// Events a replica keeps for clients that reconnect.
+/// Events a replica keeps for clients that reconnect, at most...
 const REPLAY_EVENTS: usize = 4096;
+/// ...and at most this many bytes of them.
+const REPLAY_BYTES: usize = 16 << 20;
+/// Readings in one event at most: a device's backfill of thousands in one commit becomes several
+/// events, so no event (and no replay or backlog of them) grows with a batch.
+const READINGS_PER_EVENT: usize = 200;
 /// Events waiting for a slow stream; past this it is told to resync.
 const STREAM_BACKLOG: usize = 1024;
 /// What a browser waits before reconnecting, told at the start of each stream.
@@ -52,7 +58,22 @@ struct LiveEvent {
 
 struct Recent {
     events: VecDeque<Arc<LiveEvent>>,
+    /// The size of `events`' texts.
+    bytes: usize,
     next_seq: u64,
+}
+
+impl Recent {
+    fn keep(&mut self, event: Arc<LiveEvent>) {
+        self.bytes += event.text.len();
+        self.events.push_back(event);
+        while self.events.len() > REPLAY_EVENTS || self.bytes > REPLAY_BYTES {
+            let Some(oldest) = self.events.pop_front() else {
+                break;
+            };
+            self.bytes -= oldest.text.len();
+        }
+    }
 }
 
 /// A replica's live relay: the feed from RabbitMQ, the recent events, and the open streams.
@@ -99,6 +120,7 @@ impl LiveHub {
         let hub = Arc::new(Self {
             recent: Mutex::new(Recent {
                 events: VecDeque::with_capacity(REPLAY_EVENTS),
+                bytes: 0,
                 next_seq: 1,
             }),
             events: broadcast::channel(STREAM_BACKLOG).0,
@@ -110,11 +132,6 @@ impl LiveHub {
         });
         tokio::spawn(relay(Arc::downgrade(&hub), received));
         hub
-    }
-
-    /// Waits until the feed is connected, up to `timeout`.
-    pub async fn wait_connected(&self, timeout: Duration) -> bool {
-        self.feed.wait_connected(timeout).await
     }
 
     pub async fn close(&self) {
@@ -130,14 +147,11 @@ impl LiveHub {
             }
         };
         let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
-        for (i, device) in announcement.devices.iter().enumerate() {
+        for (i, share) in event_shares(announcement.devices).enumerate() {
             let id = format!("{}.{i}", announcement.id);
-            let data = serde_json::to_string(device).unwrap_or_default();
+            let data = serde_json::to_string(&share).unwrap_or_default();
             let event = self.stamp(&mut recent, id, "readings", &data);
-            if recent.events.len() == REPLAY_EVENTS {
-                recent.events.pop_front();
-            }
-            recent.events.push_back(event.clone());
+            recent.keep(event.clone());
             let _ = self.events.send(event);
         }
     }
@@ -146,6 +160,7 @@ impl LiveHub {
     fn gap(&self) {
         let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
         recent.events.clear();
+        recent.bytes = 0;
         let event = self.stamp(&mut recent, String::new(), "resync", "{}");
         let _ = self.events.send(event);
     }
@@ -190,6 +205,23 @@ struct Joined {
     replay: Option<Vec<Arc<LiveEvent>>>,
     /// The last sequence number the replay covers.
     latest: u64,
+}
+
+/// What one announcement's events carry: each device's readings, `READINGS_PER_EVENT` at most.
+fn event_shares(devices: Vec<StoredDevice>) -> impl Iterator<Item = StoredDevice> {
+    devices.into_iter().flat_map(|device| {
+        let mut readings = device.readings;
+        let mut shares = Vec::new();
+        while !readings.is_empty() {
+            let rest = readings.split_off(readings.len().min(READINGS_PER_EVENT));
+            shares.push(StoredDevice {
+                device_id: device.device_id.clone(),
+                readings,
+            });
+            readings = rest;
+        }
+        shares
+    })
 }
 
 async fn relay(hub: std::sync::Weak<LiveHub>, mut received: mpsc::Receiver<bus::FeedEvent>) {
@@ -370,4 +402,66 @@ pub async fn live(
         // tells nginx-like proxies not to buffer the stream
         .insert_header(("x-accel-buffering", "no"))
         .streaming(body))
+}
+
+#[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    reason = "a test stops at the first thing that is not as it must be"
+)]
+mod tests {
+    use super::*;
+
+    fn device(id: &str, readings: usize) -> StoredDevice {
+        StoredDevice {
+            device_id: id.to_owned(),
+            readings: (0..readings)
+                .map(|i| models::StoredReading {
+                    id: format!("r{i}"),
+                    ts: chrono::Utc::now(),
+                    metrics: [("t".to_owned(), 1.0)].into(),
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn a_large_commit_becomes_events_of_bounded_size() {
+        let shares: Vec<StoredDevice> =
+            event_shares(vec![device("a", 450), device("b", 3)]).collect();
+        let sizes: Vec<(&str, usize)> = shares
+            .iter()
+            .map(|s| (s.device_id.as_str(), s.readings.len()))
+            .collect();
+        assert_eq!(sizes, [("a", 200), ("a", 200), ("a", 50), ("b", 3)]);
+        assert_eq!(shares[1].readings[0].id, "r200", "in order, none lost");
+    }
+
+    #[test]
+    fn the_replay_is_bounded_by_count_and_bytes() {
+        let mut recent = Recent {
+            events: VecDeque::new(),
+            bytes: 0,
+            next_seq: 1,
+        };
+        let event = |seq: u64, size: usize| {
+            Arc::new(LiveEvent {
+                seq,
+                id: seq.to_string(),
+                text: Bytes::from(vec![b'x'; size]),
+            })
+        };
+        for seq in 0..(REPLAY_EVENTS as u64 + 10) {
+            recent.keep(event(seq, 10));
+        }
+        assert_eq!(recent.events.len(), REPLAY_EVENTS);
+        assert_eq!(recent.events[0].seq, 10, "the oldest go first");
+        recent.keep(event(99_999, REPLAY_BYTES));
+        assert_eq!(
+            recent.events.len(),
+            1,
+            "one event as large as the budget leaves no room"
+        );
+        assert_eq!(recent.bytes, REPLAY_BYTES);
+    }
 }

@@ -153,11 +153,6 @@ impl Application {
         self.port
     }
 
-    /// Waits until the live feed is connected to RabbitMQ, up to `timeout`; for tests.
-    pub async fn wait_live(&self, timeout: std::time::Duration) -> bool {
-        self.live.wait_connected(timeout).await
-    }
-
     /// Serves until `stop` resolves (`service_kit::shutdown::signal()`: SIGTERM or SIGINT), then
     /// answers the requests in flight and returns.
     pub async fn run_until(self, stop: impl Future<Output = ()>) -> std::io::Result<()> {
