@@ -13,8 +13,10 @@ use tokio::sync::{Semaphore, mpsc};
 
 use crate::metrics::PersisterMetrics;
 
-/// Commits waiting to be announced; past this, announcements are dropped (and counted).
-const WAITING: usize = 256;
+/// Commits waiting to be announced; past this, announcements are dropped (and counted). Each holds
+/// its batch (up to `batch_max_readings`, about a megabyte at the default) until it is encoded, so
+/// this bounds what a slow RabbitMQ can make the persister hold.
+const WAITING: usize = 32;
 /// Announcements awaiting RabbitMQ's confirm at once.
 const IN_FLIGHT: usize = 16;
 
