@@ -227,6 +227,11 @@ browser_test_tools() {
     as_root apt-get -o DPkg::Lock::Timeout=600 update -qq || true
     as_root env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq "${wanted[@]}" >/dev/null
   fi
+  # playwright-core needs Node.js 20 or later; Debian 12's own nodejs is 18
+  local node_major
+  node_major="$(node -p 'process.versions.node.split(".")[0]' 2>/dev/null || echo 0)"
+  [ "$node_major" -ge 20 ] ||
+    die "the browser test needs Node.js 20 or later (this is $(node --version 2>/dev/null || echo none)): install it, e.g. from NodeSource's Debian packages, and run again"
   stamp="$dir/node_modules/.sensorhub-lock"
   lock="$(sha256sum "$dir/package-lock.json" | cut -d' ' -f1)"
   if [ "$(cat "$stamp" 2>/dev/null)" != "$lock" ]; then
