@@ -29,7 +29,7 @@ pub struct Announcer {
 
 struct Commit {
     batch: Arc<Vec<Reading>>,
-    repeats: Vec<usize>,
+    written: Written,
 }
 
 impl Announcer {
@@ -44,13 +44,13 @@ impl Announcer {
     }
 
     /// Announces the readings of `batch` that `written` stored. Never waits.
-    pub fn committed(&self, batch: &Arc<Vec<Reading>>, written: &Written) {
+    pub fn committed(&self, batch: &Arc<Vec<Reading>>, written: Written) {
         if written.outcome.inserted == 0 {
             return;
         }
         let commit = Commit {
             batch: batch.clone(),
-            repeats: written.repeats.clone(),
+            written,
         };
         if self.commits.try_send(commit).is_err() {
             self.metrics.announcements_dropped.inc();
@@ -65,11 +65,7 @@ async fn announce(
 ) {
     let in_flight = Arc::new(Semaphore::new(IN_FLIGHT));
     while let Some(commit) = waiting.recv().await {
-        let written = Written {
-            repeats: commit.repeats,
-            ..Written::default()
-        };
-        let Some(body) = StoredAnnouncement::encode(written.stored(&commit.batch)) else {
+        let Some(body) = StoredAnnouncement::encode(commit.written.stored(&commit.batch)) else {
             continue;
         };
         let Ok(permit) = in_flight.clone().acquire_owned().await else {

@@ -77,7 +77,7 @@ impl Writer {
             let error = match self.write(&readings).await {
                 Ok(written) => {
                     self.record(&written.outcome, count, started);
-                    self.announcer.committed(&readings, &written);
+                    self.announcer.committed(&readings, written);
                     self.ack(acks).await;
                     return;
                 }
