@@ -17,7 +17,6 @@
 //! closed.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -80,8 +79,7 @@ impl Recent {
 pub struct LiveHub {
     recent: Mutex<Recent>,
     events: broadcast::Sender<Arc<LiveEvent>>,
-    streams: AtomicUsize,
-    /// The same count, for `/metrics`.
+    /// The open streams: what `max_streams` bounds, and `sensorhub_live_streams` shows.
     open_streams: Gauge,
     max_streams: usize,
     /// A comment this often keeps proxies from closing an idle stream, and re-checks its token.
@@ -124,7 +122,6 @@ impl LiveHub {
                 next_seq: 1,
             }),
             events: broadcast::channel(STREAM_BACKLOG).0,
-            streams: AtomicUsize::new(0),
             open_streams,
             max_streams,
             keepalive,
@@ -260,18 +257,17 @@ struct StreamSlot(Arc<LiveHub>);
 impl StreamSlot {
     /// A slot, unless every stream this replica allows is open.
     fn take(hub: &Arc<LiveHub>) -> Option<Self> {
-        if hub.streams.fetch_add(1, Ordering::SeqCst) >= hub.max_streams {
-            hub.streams.fetch_sub(1, Ordering::SeqCst);
+        // the gauge's increment answers the count before it, atomically: the bound holds under races
+        if hub.open_streams.inc() >= i64::try_from(hub.max_streams).unwrap_or(i64::MAX) {
+            hub.open_streams.dec();
             return None;
         }
-        hub.open_streams.inc();
         Some(Self(hub.clone()))
     }
 }
 
 impl Drop for StreamSlot {
     fn drop(&mut self) {
-        self.0.streams.fetch_sub(1, Ordering::SeqCst);
         self.0.open_streams.dec();
     }
 }
