@@ -31,14 +31,6 @@ pub fn device(
 }
 
 /// Devices by id, after `after` (exclusive), at most `limit`.
-pub fn list_devices(
-    conn: &mut PgConnection,
-    after: Option<&str>,
-    limit: i64,
-) -> Result<Vec<DeviceSummary>, StoreError> {
-    find_devices(conn, None, after, limit)
-}
-
 /// Devices in id order, after `after`, whose id holds `search` (ignoring case) when one is given.
 /// A search reads the whole devices table (one row per device: milliseconds for 10,000).
 pub fn find_devices(

@@ -144,7 +144,7 @@ fn a_reading_twice_in_one_batch_is_stored_once_and_the_batch_is_kept() {
     let other = reading("raspi-02", "once", t, &[("humidity", 50.0)]);
     assert_eq!(s.write(&[r.clone(), other, r]), outcome(2, 1, 0));
     assert_eq!(s.rows("readings"), 2);
-    let devices = store::read::list_devices(&mut s.conn, None, 10).unwrap();
+    let devices = store::read::find_devices(&mut s.conn, None, None, 10).unwrap();
     assert_eq!(devices.len(), 2, "devices are updated on the slow path too");
 }
 
@@ -194,7 +194,7 @@ fn a_devices_id_sent_without_a_time_is_stored_once_however_often_it_is_stamped()
         &[("t", 20.0)],
     );
     assert_eq!(s.write(&[timed]), outcome(0, 1, 0));
-    let last_seen: Vec<DateTime<Utc>> = store::read::list_devices(&mut s.conn, None, 10)
+    let last_seen: Vec<DateTime<Utc>> = store::read::find_devices(&mut s.conn, None, None, 10)
         .unwrap()
         .into_iter()
         .filter(|d| d.device_id == "raspi-01")
@@ -455,12 +455,12 @@ fn devices_track_first_and_last_seen_and_metric_names() {
         d1.metrics,
         [Some("co2".into()), Some("h".into()), Some("t".into())]
     );
-    let all = store::read::list_devices(&mut s.conn, None, 10).unwrap();
+    let all = store::read::find_devices(&mut s.conn, None, None, 10).unwrap();
     assert_eq!(
         all.iter().map(|d| d.device_id.as_str()).collect::<Vec<_>>(),
         ["d0", "d1"]
     );
-    let after = store::read::list_devices(&mut s.conn, Some("d0"), 10).unwrap();
+    let after = store::read::find_devices(&mut s.conn, None, Some("d0"), 10).unwrap();
     assert_eq!(after.len(), 1);
     assert!(
         store::read::device(&mut s.conn, "nobody")
