@@ -236,6 +236,19 @@ pub async fn get_text(client: &reqwest::Client, url: &str) -> String {
     text_of(client.get(url), &format!("GET {url}")).await
 }
 
+/// The JSON body of `GET url` with `token` as bearer, whatever the status.
+pub async fn get_json(client: &reqwest::Client, url: &str, token: &str) -> serde_json::Value {
+    client
+        .get(url)
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"))
+        .json()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: not JSON: {e}"))
+}
+
 /// Sends `request` and answers its body as text; a failed request or an error status fails the
 /// test, naming `what`.
 pub async fn text_of(request: reqwest::RequestBuilder, what: &str) -> String {

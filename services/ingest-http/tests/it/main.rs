@@ -168,15 +168,8 @@ impl Stack {
     }
 
     async fn get(&self, url: String) -> Value {
-        self.client
-            .get(url)
-            .bearer_auth(self.keys.app_token(auth::Role::Reader))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
+        let reader = self.keys.app_token(auth::Role::Reader);
+        testkit::get_json(&self.client, &url, &reader).await
     }
 
     fn stored(&self) -> i64 {

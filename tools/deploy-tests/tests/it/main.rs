@@ -33,19 +33,6 @@ async fn topology_with_device(device: &str) -> (Topology, String) {
     (t, token)
 }
 
-/// The JSON a GET of `url` with `token` answers.
-async fn get_json(client: &reqwest::Client, url: &str, token: &str) -> serde_json::Value {
-    client
-        .get(url)
-        .bearer_auth(token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
-}
-
 /// One POST of `body` to `url` with `token`: its status, or why it got none.
 async fn post_reading(
     client: &reqwest::Client,
@@ -237,7 +224,8 @@ async fn every_public_path_is_routed_over_tls_and_nothing_else() {
             .unwrap();
         assert_eq!(r.status(), StatusCode::OK, "GET {path}");
     }
-    let readings = get_json(&client, &t.url("/v1/devices/raspi-02/readings"), &reader).await;
+    let readings =
+        testkit::get_json(&client, &t.url("/v1/devices/raspi-02/readings"), &reader).await;
     assert!(readings.to_string().contains("mqtt-1"), "{readings}");
 
     // commands (an operator issues and cancels, a reader follows) and the token list (admins)
@@ -464,7 +452,7 @@ async fn a_live_stream_gets_a_posted_reading_through_traefik() {
     let (t, ref device) = topology_with_device("raspi-01").await;
     let client = t.https();
     let reader = t.app_token(Role::Reader);
-    let me = get_json(&client, &t.url("/v1/me"), &reader).await;
+    let me = testkit::get_json(&client, &t.url("/v1/me"), &reader).await;
     assert_eq!(me["role"], "reader", "{me}");
 
     let mut stream = client
