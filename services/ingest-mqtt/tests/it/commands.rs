@@ -200,6 +200,20 @@ fn result_topic(device: &str, command: &str) -> String {
     format!("devices/{device}/commands/{command}/result")
 }
 
+/// `device` answers its `led` command as succeeded (`{"led": "on"}`), and the command ends so,
+/// with its full history.
+async fn turns_the_led_on(device: &mut DeviceClient, db: &TestDb, device_id: &str, command: &str) {
+    device
+        .publish(
+            &result_topic(device_id, command),
+            br#"{"status":"succeeded","result":{"led":"on"}}"#,
+        )
+        .await;
+    let (done, history) = status_becomes(db, command, "succeeded").await;
+    assert_eq!(history, ["pending", "sent", "succeeded"]);
+    assert_eq!(done.result, Some(json!({"led": "on"})));
+}
+
 #[tokio::test]
 async fn a_command_reaches_its_device_over_mqtt_and_its_answer_is_recorded() {
     let (p, stack, _persister, ingest) = commands_stack(30).await;
@@ -220,15 +234,7 @@ async fn a_command_reaches_its_device_over_mqtt_and_its_answer_is_recorded() {
     // reported sent once Mosquitto acknowledged it
     status_becomes(&stack.db, &command.id, "sent").await;
 
-    device
-        .publish(
-            &result_topic("raspi-a", &command.id),
-            br#"{"status":"succeeded","result":{"led":"on"}}"#,
-        )
-        .await;
-    let (done, history) = status_becomes(&stack.db, &command.id, "succeeded").await;
-    assert_eq!(history, ["pending", "sent", "succeeded"]);
-    assert_eq!(done.result, Some(json!({"led": "on"})));
+    turns_the_led_on(&mut device, &stack.db, "raspi-a", &command.id).await;
     assert_eq!(
         ingest
             .metric("sensorhub_mqtt_commands_total{outcome=\"sent\"}")
@@ -419,15 +425,7 @@ async fn in_rabbitmq_mode_commands_go_out_through_the_mqtt_exchange_and_answers_
     let (topic, payload) = device.message(STEP).await.expect("the command arrives");
     assert_eq!(topic, "devices/raspi-r/commands");
     assert_eq!(DeviceCommand::decode(&payload).unwrap(), as_sent(&command));
-    device
-        .publish(
-            &result_topic("raspi-r", &command.id),
-            br#"{"status":"succeeded","result":{"led":"on"}}"#,
-        )
-        .await;
-    let (done, history) = status_becomes(&stack.db, &command.id, "succeeded").await;
-    assert_eq!(history, ["pending", "sent", "succeeded"]);
-    assert_eq!(done.result, Some(json!({"led": "on"})));
+    turns_the_led_on(&mut device, &stack.db, "raspi-r", &command.id).await;
 
     // the command of the device that is not subscribed went nowhere, and is not kept unrouted
     status_becomes(&stack.db, &away.id, "sent").await;

@@ -30,15 +30,21 @@ fn run_python(code: &str) {
     );
 }
 
-#[tokio::test]
-async fn the_readmes_python_snippets_work_with_a_token() {
-    let clients = Command::new("python3")
-        .args(["-c", "import requests, paho.mqtt.client"])
+/// Python with `modules` (as an import list) importable, as the snippets need (`scripts/test`
+/// installs requests, paho-mqtt and websocket-client with pip).
+fn require_python(modules: &str) {
+    let importable = Command::new("python3")
+        .args(["-c", &format!("import {modules}")])
         .status();
     assert!(
-        clients.map(|s| s.success()).unwrap_or(false),
-        "python3 with requests and paho-mqtt is needed (scripts/test installs them with pip)"
+        importable.map(|s| s.success()).unwrap_or(false),
+        "python3 with {modules} is needed (scripts/test installs them with pip)"
     );
+}
+
+#[tokio::test]
+async fn the_readmes_python_snippets_work_with_a_token() {
+    require_python("requests, paho.mqtt.client");
     let blocks = python_blocks();
     let http = blocks
         .iter()
@@ -93,13 +99,7 @@ impl Drop for Snippet {
 /// history.
 #[tokio::test]
 async fn the_readmes_command_snippets_turn_the_led_on() {
-    let clients = Command::new("python3")
-        .args(["-c", "import requests, paho.mqtt.client, websocket"])
-        .status();
-    assert!(
-        clients.map(|s| s.success()).unwrap_or(false),
-        "python3 with requests, paho-mqtt and websocket-client is needed (scripts/test installs them)"
-    );
+    require_python("requests, paho.mqtt.client, websocket");
     let blocks = python_blocks();
     let snippet = |needle: &str| {
         blocks
