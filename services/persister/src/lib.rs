@@ -25,6 +25,7 @@ mod consumer;
 mod housekeeping;
 mod lag;
 mod metrics;
+mod rollups;
 pub mod settings;
 mod writer;
 
@@ -127,6 +128,11 @@ impl Persister {
             self.settings.conflicts_kept_days,
             self.shutdown.subscribe(),
         ));
+        let folding = tokio::spawn(rollups::fold(
+            self.pool.clone(),
+            self.metrics.rollup_deltas_folded.clone(),
+            self.shutdown.subscribe(),
+        ));
         let expiring = tokio::spawn(housekeeping::record_expired_commands(
             self.pool.clone(),
             self.shutdown.subscribe(),
@@ -158,6 +164,7 @@ impl Persister {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), announcing).await;
         self.publisher.close().await;
         forgetting.abort();
+        folding.abort();
         expiring.abort();
         ops_handle.stop(true).await;
         let _ = ops.await;

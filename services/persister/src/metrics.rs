@@ -40,6 +40,8 @@ pub struct PersisterMetrics {
     pub amqp_connected: Gauge,
     /// Age of the oldest readings message held and not yet stored (see `lag`).
     pub readings_lag_seconds: Gauge<f64, AtomicU64>,
+    /// Rollup deltas moved into the minute, hour and day summaries.
+    pub rollup_deltas_folded: Counter,
 }
 
 impl PersisterMetrics {
@@ -61,7 +63,13 @@ impl PersisterMetrics {
             queue_messages: Gauge::default(),
             amqp_connected: Gauge::default(),
             readings_lag_seconds: Gauge::default(),
+            rollup_deltas_folded: Counter::default(),
         };
+        registry.register(
+            "rollup_deltas_folded",
+            "Rollup deltas (each stored readings' per-minute summary) folded into the minute, hour and day summaries",
+            m.rollup_deltas_folded.clone(),
+        );
         registry.register(
             "announcements_published",
             "Commits announced to the live views, after the commit",

@@ -529,6 +529,12 @@ pub struct Series {
     pub bucket: String,
     pub from: DateTime<Utc>,
     pub to: DateTime<Utc>,
+    /// The coarsest table that answered: `1d`, `1h` or `1m` summaries, or `raw` readings. Whole
+    /// buckets come from the coarsest summary that fits the bucket (a `1h` series from hours or
+    /// minutes), the rest from finer ones; the numbers are those the raw readings give. A range
+    /// that starts before the raw readings' retention is answered from whole summary buckets only.
+    #[schema(example = "1h")]
+    pub source: &'static str,
     /// Oldest first; buckets without readings are left out.
     pub points: Vec<Point>,
 }
@@ -589,7 +595,7 @@ async fn device_series(
         aggregate: aggregates[0],
     };
     let several = aggregates.len() > 1;
-    let buckets = with_conn(&pool, move |conn| {
+    let store::read::SeriesAnswer { source, buckets } = with_conn(&pool, move |conn| {
         store::read::series_of(conn, &q, &aggregates)
     })
     .await?;
@@ -603,6 +609,7 @@ async fn device_series(
         bucket,
         from,
         to,
+        source: source.name(),
         points: buckets
             .into_iter()
             .map(|b| Point {

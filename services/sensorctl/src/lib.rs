@@ -7,6 +7,8 @@ use anyhow::{Context, bail};
 use auth::{Claims, Role, TokenSigner};
 use clap::{Parser, Subcommand};
 
+mod rollups;
+
 /// Sensorhub's operator tool: migrations, keys, devices and tokens.
 #[derive(Parser)]
 #[command(version)]
@@ -59,6 +61,9 @@ pub enum Command {
     /// kept for `CONFLICTS_KEPT_DAYS` (the persister's setting).
     #[command(subcommand)]
     Conflicts(ConflictsCommand),
+    /// The minute, hour and day summaries of the readings, which the persister keeps.
+    #[command(subcommand)]
+    Rollups(rollups::RollupsCommand),
 }
 
 #[derive(Subcommand)]
@@ -297,6 +302,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             );
             println!("{token}");
         }
+        Command::Rollups(command) => rollups::run(&cli.database_url, command)?,
         Command::Conflicts(ConflictsCommand::List { device, limit }) => {
             let mut conn = connect(&cli.database_url)?;
             let conflicts =

@@ -13,6 +13,7 @@ use store::{KnownPartitions, WriteOutcome, write_readings};
 use testkit::TestDb;
 
 mod commands;
+mod rollups;
 
 /// A test's own migrated database, a connection to it, and what its writer knows of the
 /// partitions (as one persister would).

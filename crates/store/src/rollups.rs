@@ -1,0 +1,644 @@
+//! Rollups: every metric of every device summarised per minute, hour and day (see the migration
+//! `rollups`). A trigger on `readings` appends what each statement inserted to `rollup_deltas`, in
+//! the writer's transaction; [`fold`] moves the deltas into the three tables; [`rebuild_day`]
+//! recomputes a day from the raw readings; [`plan`] chooses which tables answer a series.
+
+use chrono::{DateTime, Duration, DurationRound, Utc};
+use diesel::prelude::*;
+use diesel::sql_types::{BigInt, Nullable, Text, Timestamptz};
+
+use crate::StoreError;
+
+/// The advisory lock that makes folding and rebuilding take turns (and one folder at a time).
+const FOLD_LOCK: i64 = 0x5e45_0001;
+
+/// A summary table, or the raw readings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Source {
+    Raw,
+    Minutes,
+    Hours,
+    Days,
+}
+
+impl Source {
+    /// Coarsest first: the order a series tries them in.
+    pub const ROLLUPS: [Source; 3] = [Source::Days, Source::Hours, Source::Minutes];
+
+    /// As the API names it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Raw => "raw",
+            Self::Minutes => "1m",
+            Self::Hours => "1h",
+            Self::Days => "1d",
+        }
+    }
+
+    /// The width of one of its buckets; none for raw readings.
+    pub fn granularity(self) -> Option<Duration> {
+        match self {
+            Self::Raw => None,
+            Self::Minutes => Some(Duration::minutes(1)),
+            Self::Hours => Some(Duration::hours(1)),
+            Self::Days => Some(Duration::days(1)),
+        }
+    }
+
+    fn table(self) -> &'static str {
+        match self {
+            Self::Raw => "readings",
+            Self::Minutes => "rollups_1m",
+            Self::Hours => "rollups_1h",
+            Self::Days => "rollups_1d",
+        }
+    }
+}
+
+/// From when on each table still holds everything of one device's metric (none: kept forever),
+/// as the retention policy says.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Horizons {
+    pub raw: Option<DateTime<Utc>>,
+    pub m1: Option<DateTime<Utc>>,
+    pub h1: Option<DateTime<Utc>>,
+    pub d1: Option<DateTime<Utc>>,
+}
+
+impl Horizons {
+    fn of(&self, source: Source) -> Option<DateTime<Utc>> {
+        match source {
+            Source::Raw => self.raw,
+            Source::Minutes => self.m1,
+            Source::Hours => self.h1,
+            Source::Days => self.d1,
+        }
+    }
+
+    /// Whether `source` holds everything from `from` on.
+    fn complete_from(&self, source: Source, from: DateTime<Utc>) -> bool {
+        self.of(source).is_none_or(|horizon| horizon <= from)
+    }
+}
+
+/// One piece of a series' range and the table that answers it: `[from, to)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Segment {
+    pub source: Source,
+    pub from: DateTime<Utc>,
+    pub to: DateTime<Utc>,
+}
+
+/// Which tables answer a series of `bucket`-wide buckets over `[from, to)`: the coarsest table
+/// whose buckets fit the series' (a `1h` series from hours or minutes, never days) answers the
+/// whole buckets it can, the edges that are not whole buckets of it go to the next finer table,
+/// and what no table's buckets fit goes to the raw readings. Every piece is answered exactly, so
+/// the numbers are those raw readings give.
+///
+/// A table is used only if it still holds the whole range (`horizons`). When the raw readings of
+/// the range's start are gone (past their retention), no piece is answered from the raw readings,
+/// which would be partial: the edges are answered from whole buckets of the finest summary that
+/// holds the range, so the first and last points may take in up to one such bucket beyond `from`
+/// and `to`.
+pub fn plan(
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+    bucket: Duration,
+    horizons: &Horizons,
+) -> Vec<Segment> {
+    let fitting: Vec<Source> = Source::ROLLUPS
+        .into_iter()
+        .filter(|s| {
+            divides(
+                s.granularity().expect("a summary has a granularity"),
+                bucket,
+            )
+        })
+        .collect();
+    let mut usable: Vec<Source> = fitting
+        .iter()
+        .copied()
+        .filter(|s| horizons.complete_from(*s, from))
+        .collect();
+    let raw_complete = horizons.complete_from(Source::Raw, from);
+    if usable.is_empty() && !raw_complete {
+        // nothing holds the whole range any more: the table that holds the most of it answers
+        let most = fitting
+            .iter()
+            .copied()
+            .chain([Source::Raw])
+            .min_by_key(|s| horizons.of(*s));
+        usable.extend(most.filter(|s| *s != Source::Raw));
+    }
+    let bottom = match (raw_complete, usable.last()) {
+        (false, Some(&finest)) => finest,
+        _ => Source::Raw,
+    };
+    let mut segments = Vec::new();
+    cover(from, to, &usable, bottom, &mut segments);
+    segments.sort_by_key(|s| s.from);
+    // neighbours from the same table are one range of it
+    segments.dedup_by(|next, previous| {
+        let joined = previous.source == next.source && previous.to == next.from;
+        if joined {
+            previous.to = next.to;
+        }
+        joined
+    });
+    segments
+}
+
+fn divides(granularity: Duration, bucket: Duration) -> bool {
+    let (g, b) = (
+        granularity.num_microseconds().unwrap_or(i64::MAX),
+        bucket.num_microseconds().unwrap_or(0),
+    );
+    b > 0 && g > 0 && b % g == 0
+}
+
+fn cover(
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+    tables: &[Source],
+    bottom: Source,
+    out: &mut Vec<Segment>,
+) {
+    if from >= to {
+        return;
+    }
+    let Some((&table, finer)) = tables.split_first() else {
+        // what is left is not whole buckets of any table: raw readings, or whole buckets of the
+        // finest summary when the raw readings are gone
+        let (from, to) = match bottom.granularity() {
+            None => (from, to),
+            Some(g) => (floor(from, g), ceil(to, g)),
+        };
+        out.push(Segment {
+            source: bottom,
+            from,
+            to,
+        });
+        return;
+    };
+    let g = table.granularity().expect("a summary has a granularity");
+    let (whole_from, whole_to) = (ceil(from, g), floor(to, g));
+    if whole_from >= whole_to {
+        return cover(from, to, finer, bottom, out);
+    }
+    cover(from, whole_from, finer, bottom, out);
+    out.push(Segment {
+        source: table,
+        from: whole_from,
+        to: whole_to,
+    });
+    cover(whole_to, to, finer, bottom, out);
+}
+
+/// Bucket boundaries of minutes, hours and days are those of UTC, as the series' own (aligned to
+/// 2000-01-03T00:00Z).
+fn floor(t: DateTime<Utc>, g: Duration) -> DateTime<Utc> {
+    t.duration_trunc(g).unwrap_or(t)
+}
+
+fn ceil(t: DateTime<Utc>, g: Duration) -> DateTime<Utc> {
+    let down = floor(t, g);
+    if down == t { t } else { down + g }
+}
+
+/// Moves up to `limit` deltas into the three summary tables, in one transaction; returns how many,
+/// or none when another folder (or a rebuild) holds the turn. Run until it returns less than
+/// `limit`.
+pub fn fold(conn: &mut PgConnection, limit: i64) -> Result<Option<usize>, StoreError> {
+    conn.transaction(|conn| {
+        if !try_xact_lock(conn, FOLD_LOCK)? {
+            return Ok(None);
+        }
+        #[derive(QueryableByName)]
+        struct Folded {
+            #[diesel(sql_type = BigInt)]
+            deltas: i64,
+        }
+        let folded: Folded = diesel::sql_query(format!(
+            "WITH taken AS (
+                 DELETE FROM rollup_deltas
+                 WHERE ctid = ANY(ARRAY(SELECT ctid FROM rollup_deltas LIMIT $1))
+                 RETURNING device_id, metric, bucket, count, sum, min, max, first_ts, last_ts
+             ), minutes AS ({}), hours AS ({}), days AS ({})
+             SELECT count(*) AS deltas FROM taken",
+            upsert_from("rollups_1m", "bucket", "taken"),
+            upsert_from("rollups_1h", "date_trunc('hour', bucket, 'UTC')", "taken"),
+            upsert_from("rollups_1d", "date_trunc('day', bucket, 'UTC')", "taken"),
+        ))
+        .bind::<BigInt, _>(limit)
+        .get_result(conn)?;
+        Ok(Some(usize::try_from(folded.deltas).unwrap_or(0)))
+    })
+}
+
+/// Adds the summaries of `source`'s rows (deltas or finer summaries), grouped into `bucket`, to
+/// `table`. In key order, so two upserts of overlapping keys cannot deadlock.
+fn upsert_from(table: &str, bucket: &str, source: &str) -> String {
+    format!(
+        "INSERT INTO {table} AS r
+             (device_id, metric, bucket, count, sum, min, max, first_ts, last_ts)
+         SELECT device_id, metric, {bucket}, sum(count)::bigint, sum(sum), min(min), max(max),
+                min(first_ts), max(last_ts)
+         FROM {source}
+         GROUP BY 1, 2, 3
+         ORDER BY 1, 2, 3
+         ON CONFLICT (device_id, metric, bucket) DO UPDATE SET
+             count = r.count + EXCLUDED.count,
+             sum = r.sum + EXCLUDED.sum,
+             min = LEAST(r.min, EXCLUDED.min),
+             max = GREATEST(r.max, EXCLUDED.max),
+             first_ts = LEAST(r.first_ts, EXCLUDED.first_ts),
+             last_ts = GREATEST(r.last_ts, EXCLUDED.last_ts)"
+    )
+}
+
+fn try_xact_lock(conn: &mut PgConnection, key: i64) -> Result<bool, StoreError> {
+    #[derive(QueryableByName)]
+    struct Taken {
+        #[diesel(sql_type = diesel::sql_types::Bool)]
+        taken: bool,
+    }
+    let taken: Taken = diesel::sql_query("SELECT pg_try_advisory_xact_lock($1) AS taken")
+        .bind::<BigInt, _>(key)
+        .get_result(conn)?;
+    Ok(taken.taken)
+}
+
+/// How many deltas wait to be folded, and since when the oldest's minute.
+pub fn backlog(conn: &mut PgConnection) -> Result<(i64, Option<DateTime<Utc>>), StoreError> {
+    #[derive(QueryableByName)]
+    struct Backlog {
+        #[diesel(sql_type = BigInt)]
+        deltas: i64,
+        #[diesel(sql_type = Nullable<Timestamptz>)]
+        oldest: Option<DateTime<Utc>>,
+    }
+    // an estimate, not count(*): the table is small when the folder keeps up, and this is asked
+    // often (readiness, metrics)
+    let b: Backlog = diesel::sql_query(
+        "SELECT (SELECT count(*) FROM (SELECT 1 FROM rollup_deltas LIMIT 1000000) d) AS deltas,
+                (SELECT min(bucket) FROM rollup_deltas) AS oldest",
+    )
+    .get_result(conn)?;
+    Ok((b.deltas, b.oldest))
+}
+
+/// What [`rebuild_day`] did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Rebuilt {
+    /// Minute summaries written.
+    pub minutes: usize,
+}
+
+/// Recomputes the summaries of the UTC day starting at `day` (of `device`, or of every device)
+/// from the raw readings, safely while readings are being written: in one transaction that sees
+/// one snapshot, it forgets the day's summaries and the deltas of readings in that snapshot, and
+/// sums the snapshot's readings again; readings committed after the snapshot keep their deltas,
+/// which the folder adds later. Waits for a fold in progress.
+pub fn rebuild_day(
+    conn: &mut PgConnection,
+    device: Option<&str>,
+    day: DateTime<Utc>,
+) -> Result<Rebuilt, StoreError> {
+    let day = floor(day, Duration::days(1));
+    let next = day + Duration::days(1);
+    // a session lock, taken before the transaction's snapshot: a fold that commits while this waits
+    // is then seen by it (a transaction lock would be taken after the snapshot, and the deltas that
+    // fold deleted would make the delete below fail to serialize)
+    diesel::sql_query("SELECT pg_advisory_lock($1)")
+        .bind::<BigInt, _>(FOLD_LOCK)
+        .execute(conn)?;
+    let result = conn
+        .build_transaction()
+        .repeatable_read()
+        .run(|conn| rebuild_in_snapshot(conn, device, day, next));
+    diesel::sql_query("SELECT pg_advisory_unlock($1)")
+        .bind::<BigInt, _>(FOLD_LOCK)
+        .execute(conn)?;
+    result
+}
+
+fn rebuild_in_snapshot(
+    conn: &mut PgConnection,
+    device: Option<&str>,
+    day: DateTime<Utc>,
+    next: DateTime<Utc>,
+) -> Result<Rebuilt, StoreError> {
+    let of_device = "($3::text IS NULL OR device_id = $3)";
+    for table in ["rollup_deltas", "rollups_1m", "rollups_1h", "rollups_1d"] {
+        diesel::sql_query(format!(
+            "DELETE FROM {table} WHERE bucket >= $1 AND bucket < $2 AND {of_device}"
+        ))
+        .bind::<Timestamptz, _>(day)
+        .bind::<Timestamptz, _>(next)
+        .bind::<Nullable<Text>, _>(device)
+        .execute(conn)?;
+    }
+    let minutes = diesel::sql_query(format!(
+        "INSERT INTO rollups_1m (device_id, metric, bucket, count, sum, min, max, first_ts, last_ts)
+         SELECT r.device_id, m.key, date_trunc('minute', r.ts, 'UTC'), count(*),
+                sum(m.value::numeric), min(m.value::float8), max(m.value::float8),
+                min(r.ts), max(r.ts)
+         FROM readings r, jsonb_each(r.metrics) AS m
+         WHERE r.ts >= $1 AND r.ts < $2 AND ($3::text IS NULL OR r.device_id = $3)
+         GROUP BY 1, 2, 3
+         ORDER BY 1, 2, 3"
+    ))
+    .bind::<Timestamptz, _>(day)
+    .bind::<Timestamptz, _>(next)
+    .bind::<Nullable<Text>, _>(device)
+    .execute(conn)?;
+    for (table, bucket, finer) in [
+        (
+            "rollups_1h",
+            "date_trunc('hour', bucket, 'UTC')",
+            "rollups_1m",
+        ),
+        (
+            "rollups_1d",
+            "date_trunc('day', bucket, 'UTC')",
+            "rollups_1h",
+        ),
+    ] {
+        let day_of_finer = format!(
+            "(SELECT * FROM {finer} WHERE bucket >= $1 AND bucket < $2 AND {of_device}) AS f"
+        );
+        diesel::sql_query(upsert_from(table, bucket, &day_of_finer))
+            .bind::<Timestamptz, _>(day)
+            .bind::<Timestamptz, _>(next)
+            .bind::<Nullable<Text>, _>(device)
+            .execute(conn)?;
+    }
+    Ok(Rebuilt { minutes })
+}
+
+/// The UTC days that hold raw readings (of `device`, or of any), between `from` and `to`.
+pub fn days_with_readings(
+    conn: &mut PgConnection,
+    device: Option<&str>,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+) -> Result<Vec<DateTime<Utc>>, StoreError> {
+    #[derive(QueryableByName)]
+    struct Day {
+        #[diesel(sql_type = Timestamptz)]
+        day: DateTime<Utc>,
+    }
+    // one index probe a day, not a scan of every reading: the next reading at or after each day
+    let days: Vec<Day> = diesel::sql_query(
+        "WITH RECURSIVE day(d) AS (
+             SELECT date_trunc('day', min(ts), 'UTC') FROM readings
+             WHERE ts >= $1 AND ts < $2 AND ($3::text IS NULL OR device_id = $3)
+             UNION ALL
+             SELECT (SELECT date_trunc('day', min(ts), 'UTC') FROM readings
+                     WHERE ts >= day.d + interval '1 day' AND ts < $2
+                       AND ($3::text IS NULL OR device_id = $3))
+             FROM day WHERE day.d IS NOT NULL
+         )
+         SELECT d AS day FROM day WHERE d IS NOT NULL",
+    )
+    .bind::<Timestamptz, _>(from)
+    .bind::<Timestamptz, _>(to)
+    .bind::<Nullable<Text>, _>(device)
+    .load(conn)?;
+    Ok(days.into_iter().map(|d| d.day).collect())
+}
+
+/// A summary that differs from what the raw readings give.
+#[derive(Debug, Clone, PartialEq, QueryableByName)]
+pub struct Mismatch {
+    #[diesel(sql_type = Text)]
+    pub table: String,
+    #[diesel(sql_type = Text)]
+    pub device_id: String,
+    #[diesel(sql_type = Text)]
+    pub metric: String,
+    #[diesel(sql_type = Timestamptz)]
+    pub bucket: DateTime<Utc>,
+    /// What the summary (with the deltas not folded yet) says, and what the raw readings say:
+    /// `count sum min max first last`, or nothing where there is no row.
+    #[diesel(sql_type = Nullable<Text>)]
+    pub summary: Option<String>,
+    #[diesel(sql_type = Nullable<Text>)]
+    pub raw: Option<String>,
+}
+
+/// Compares every summary of readings in `[from, to)` (of `device`, or of every device), the
+/// deltas not folded yet included, with what the raw readings give; returns the first `limit`
+/// differences. The range is widened to whole UTC days, so that every summary it covers is whole.
+/// Meaningful where retention has not removed raw readings.
+pub fn verify(
+    conn: &mut PgConnection,
+    device: Option<&str>,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+    limit: i64,
+) -> Result<Vec<Mismatch>, StoreError> {
+    let (from, to) = (floor(from, Duration::days(1)), ceil(to, Duration::days(1)));
+    let mut found = Vec::new();
+    for (table, unit) in [
+        ("rollups_1m", "minute"),
+        ("rollups_1h", "hour"),
+        ("rollups_1d", "day"),
+    ] {
+        let sql = format!(
+            "WITH raw AS (
+                 SELECT r.device_id, m.key AS metric, date_trunc('{unit}', r.ts, 'UTC') AS bucket,
+                        count(*)::numeric AS count, sum(m.value::numeric) AS sum,
+                        min(m.value::float8) AS min, max(m.value::float8) AS max,
+                        min(r.ts) AS first_ts, max(r.ts) AS last_ts
+                 FROM readings r, jsonb_each(r.metrics) AS m
+                 WHERE r.ts >= $1 AND r.ts < $2 AND ($3::text IS NULL OR r.device_id = $3)
+                 GROUP BY 1, 2, 3
+             ), summary AS (
+                 SELECT device_id, metric, bucket, sum(count) AS count, sum(sum) AS sum,
+                        min(min) AS min, max(max) AS max,
+                        min(first_ts) AS first_ts, max(last_ts) AS last_ts
+                 FROM (SELECT device_id, metric, bucket, count, sum, min, max, first_ts, last_ts
+                       FROM {table}
+                       UNION ALL
+                       SELECT device_id, metric, date_trunc('{unit}', bucket, 'UTC'), count, sum,
+                              min, max, first_ts, last_ts
+                       FROM rollup_deltas) AS s
+                 WHERE bucket >= $1 AND bucket < $2
+                   AND ($3::text IS NULL OR device_id = $3)
+                 GROUP BY 1, 2, 3
+             )
+             SELECT '{table}' AS table, device_id, metric, bucket,
+                    CASE WHEN s.count IS NOT NULL THEN
+                         concat_ws(' ', s.count, s.sum, s.min, s.max, s.first_ts, s.last_ts) END
+                         AS summary,
+                    CASE WHEN r.count IS NOT NULL THEN
+                         concat_ws(' ', r.count, r.sum, r.min, r.max, r.first_ts, r.last_ts) END
+                         AS raw
+             FROM raw r FULL JOIN summary s USING (device_id, metric, bucket)
+             WHERE (r.count, r.sum, r.min, r.max, r.first_ts, r.last_ts)
+                   IS DISTINCT FROM (s.count, s.sum, s.min, s.max, s.first_ts, s.last_ts)
+             ORDER BY device_id, metric, bucket
+             LIMIT $4"
+        );
+        found.extend(
+            diesel::sql_query(sql)
+                .bind::<Timestamptz, _>(from)
+                .bind::<Timestamptz, _>(to)
+                .bind::<Nullable<Text>, _>(device)
+                .bind::<BigInt, _>(limit)
+                .load::<Mismatch>(conn)?,
+        );
+    }
+    Ok(found)
+}
+
+/// The SQL of one segment's rows, each a partial summary (`bucket`, `count`, `sum`, `min`, `max`)
+/// of the metric `$2` of the device `$3`, with its bounds as the parameters `$lo` and `$hi`. A
+/// summary table's segment takes in the deltas not folded yet, so it is exact at any moment.
+pub(crate) fn segment_sql(source: Source, lo: usize, hi: usize) -> String {
+    match source {
+        Source::Raw => format!(
+            "SELECT ts AS bucket, 1::bigint AS count, (metrics -> $2)::numeric AS sum,
+                    (metrics ->> $2)::float8 AS min, (metrics ->> $2)::float8 AS max
+             FROM readings
+             WHERE device_id = $3 AND ts >= ${lo} AND ts < ${hi} AND metrics ? $2"
+        ),
+        summary => format!(
+            "SELECT bucket, count, sum, min, max FROM {table}
+             WHERE device_id = $3 AND metric = $2 AND bucket >= ${lo} AND bucket < ${hi}
+             UNION ALL
+             SELECT bucket, count, sum, min, max FROM rollup_deltas
+             WHERE device_id = $3 AND metric = $2 AND bucket >= ${lo} AND bucket < ${hi}",
+            table = summary.table()
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(s: &str) -> DateTime<Utc> {
+        s.parse().unwrap()
+    }
+
+    fn seg(source: Source, from: &str, to: &str) -> Segment {
+        Segment {
+            source,
+            from: at(from),
+            to: at(to),
+        }
+    }
+
+    #[test]
+    fn whole_buckets_come_from_the_coarsest_table_and_edges_from_finer_ones() {
+        let plan = plan(
+            at("2026-01-01T10:30:15Z"),
+            at("2026-01-04T12:00:00Z"),
+            Duration::days(1),
+            &Horizons::default(),
+        );
+        assert_eq!(
+            plan,
+            vec![
+                seg(Source::Raw, "2026-01-01T10:30:15Z", "2026-01-01T10:31:00Z"),
+                seg(
+                    Source::Minutes,
+                    "2026-01-01T10:31:00Z",
+                    "2026-01-01T11:00:00Z"
+                ),
+                seg(
+                    Source::Hours,
+                    "2026-01-01T11:00:00Z",
+                    "2026-01-02T00:00:00Z"
+                ),
+                seg(Source::Days, "2026-01-02T00:00:00Z", "2026-01-04T00:00:00Z"),
+                seg(
+                    Source::Hours,
+                    "2026-01-04T00:00:00Z",
+                    "2026-01-04T12:00:00Z"
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_table_whose_buckets_do_not_fit_the_series_is_not_used() {
+        // 15-minute buckets: minutes only; 10-second buckets: raw only
+        let (from, to) = (at("2026-01-01T00:00:00Z"), at("2026-01-03T00:00:00Z"));
+        assert_eq!(
+            plan(from, to, Duration::minutes(15), &Horizons::default()),
+            vec![seg(
+                Source::Minutes,
+                "2026-01-01T00:00:00Z",
+                "2026-01-03T00:00:00Z"
+            )]
+        );
+        assert_eq!(
+            plan(from, to, Duration::seconds(10), &Horizons::default()),
+            vec![seg(
+                Source::Raw,
+                "2026-01-01T00:00:00Z",
+                "2026-01-03T00:00:00Z"
+            )]
+        );
+    }
+
+    #[test]
+    fn past_the_raw_retention_edges_are_whole_buckets_of_the_finest_summary_kept() {
+        let horizons = Horizons {
+            raw: Some(at("2026-06-01T00:00:00Z")),
+            m1: Some(at("2026-05-01T00:00:00Z")),
+            ..Horizons::default()
+        };
+        // the range starts before the minutes' horizon too: hours are the finest kept
+        assert_eq!(
+            plan(
+                at("2026-01-01T10:30:15Z"),
+                at("2026-01-03T00:00:00Z"),
+                Duration::days(1),
+                &horizons
+            ),
+            vec![
+                seg(
+                    Source::Hours,
+                    "2026-01-01T10:00:00Z",
+                    "2026-01-02T00:00:00Z"
+                ),
+                seg(Source::Days, "2026-01-02T00:00:00Z", "2026-01-03T00:00:00Z"),
+            ]
+        );
+        // when no table holds the whole range any more, the one that holds the most of it answers
+        assert_eq!(
+            plan(
+                at("2026-04-01T00:00:00Z"),
+                at("2026-04-02T00:00:00Z"),
+                Duration::minutes(1),
+                &horizons
+            ),
+            vec![seg(
+                Source::Minutes,
+                "2026-04-01T00:00:00Z",
+                "2026-04-02T00:00:00Z"
+            )]
+        );
+        // within the raw retention, raw readings answer what summaries cannot
+        assert_eq!(
+            plan(
+                at("2026-06-02T00:00:30Z"),
+                at("2026-06-02T00:02:00Z"),
+                Duration::minutes(1),
+                &horizons
+            ),
+            vec![
+                seg(Source::Raw, "2026-06-02T00:00:30Z", "2026-06-02T00:01:00Z"),
+                seg(
+                    Source::Minutes,
+                    "2026-06-02T00:01:00Z",
+                    "2026-06-02T00:02:00Z"
+                ),
+            ]
+        );
+    }
+}

@@ -1,0 +1,43 @@
+//! Folding rollup deltas: the trigger on `readings` appends, in each writer's transaction, what the
+//! transaction stored to `rollup_deltas` (appending takes no row lock, so writers never wait for
+//! each other); this moves them into the minute, hour and day summaries soon after. One persister
+//! folds at a time (the others find the turn taken and wait for the next tick); readers add the
+//! deltas not folded yet, so how far behind this runs changes how much they add, never the answer.
+
+use std::time::Duration;
+
+use prometheus_client::metrics::counter::Counter;
+use tokio::sync::watch;
+
+/// How often the deltas are folded: often enough that readers add few of them.
+const FOLD_INTERVAL: Duration = Duration::from_secs(1);
+/// Deltas folded per transaction.
+const DELTAS_PER_FOLD: i64 = 20_000;
+
+pub async fn fold(pool: store::PgPool, folded: Counter, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        let (pool, folded) = (pool.clone(), folded.clone());
+        let run = tokio::task::spawn_blocking(move || fold_all(&pool, &folded)).await;
+        match run {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "folding rollup deltas failed; trying again"),
+            Err(e) => tracing::warn!(error = %e, "the rollup folding task failed"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(FOLD_INTERVAL) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+/// Folds until fewer than a transaction's worth are left, or another persister holds the turn.
+fn fold_all(pool: &store::PgPool, folded: &Counter) -> Result<(), store::StoreError> {
+    let mut conn = pool.get()?;
+    while let Some(deltas) = store::rollups::fold(&mut conn, DELTAS_PER_FOLD)? {
+        folded.inc_by(deltas as u64);
+        if (deltas as i64) < DELTAS_PER_FOLD {
+            break;
+        }
+    }
+    Ok(())
+}
