@@ -108,12 +108,7 @@ pub fn plan(
 ) -> Vec<Segment> {
     let fitting: Vec<Source> = Source::ROLLUPS
         .into_iter()
-        .filter(|s| {
-            divides(
-                s.granularity().expect("a summary has a granularity"),
-                bucket,
-            )
-        })
+        .filter(|s| s.granularity().is_some_and(|g| divides(g, bucket)))
         .collect();
     let mut usable: Vec<Source> = fitting
         .iter()
@@ -180,7 +175,9 @@ fn cover(
         });
         return;
     };
-    let g = table.granularity().expect("a summary has a granularity");
+    let Some(g) = table.granularity() else {
+        return cover(from, to, finer, bottom, out);
+    };
     let (whole_from, whole_to) = (ceil(from, g), floor(to, g));
     if whole_from >= whole_to {
         return cover(from, to, finer, bottom, out);
@@ -338,7 +335,7 @@ fn rebuild_in_snapshot(
         .bind::<Nullable<Text>, _>(device)
         .execute(conn)?;
     }
-    let minutes = diesel::sql_query(format!(
+    let minutes = diesel::sql_query(
         "INSERT INTO rollups_1m (device_id, metric, bucket, count, sum, min, max, first_ts, last_ts)
          SELECT r.device_id, m.key, date_trunc('minute', r.ts, 'UTC'), count(*),
                 sum(m.value::numeric), min(m.value::float8), max(m.value::float8),
@@ -346,8 +343,8 @@ fn rebuild_in_snapshot(
          FROM readings r, jsonb_each(r.metrics) AS m
          WHERE r.ts >= $1 AND r.ts < $2 AND ($3::text IS NULL OR r.device_id = $3)
          GROUP BY 1, 2, 3
-         ORDER BY 1, 2, 3"
-    ))
+         ORDER BY 1, 2, 3",
+    )
     .bind::<Timestamptz, _>(day)
     .bind::<Timestamptz, _>(next)
     .bind::<Nullable<Text>, _>(device)
