@@ -111,10 +111,7 @@ pub fn run(database_url: &str, command: RollupsCommand) -> anyhow::Result<()> {
 /// A UTC date (`2026-11-01`) or an RFC 3339 time.
 fn parse_time(text: &str) -> Result<DateTime<Utc>, String> {
     if let Ok(date) = NaiveDate::parse_from_str(text, "%Y-%m-%d") {
-        return Ok(date
-            .and_hms_opt(0, 0, 0)
-            .expect("midnight exists")
-            .and_utc());
+        return Ok(date.and_time(chrono::NaiveTime::MIN).and_utc());
     }
     DateTime::parse_from_rfc3339(text)
         .map(|t| t.with_timezone(&Utc))
