@@ -292,6 +292,37 @@ pub fn series_of(
     q: &SeriesQuery,
     aggregates: &[Aggregate],
 ) -> Result<SeriesAnswer, StoreError> {
+    let horizons = rollup_horizons(conn, q)?;
+    let segments = rollups::plan(
+        q.from,
+        q.to,
+        chrono::Duration::microseconds(q.bucket_micros),
+        &horizons,
+    );
+    answer(conn, q, aggregates, &segments)
+}
+
+/// [`series_of`] from the raw readings alone, whatever summaries could answer: what the benchmark
+/// compares the summaries with.
+pub fn series_of_raw(
+    conn: &mut PgConnection,
+    q: &SeriesQuery,
+    aggregates: &[Aggregate],
+) -> Result<SeriesAnswer, StoreError> {
+    let whole = rollups::Segment {
+        source: Source::Raw,
+        from: q.from,
+        to: q.to,
+    };
+    answer(conn, q, aggregates, &[whole])
+}
+
+fn answer(
+    conn: &mut PgConnection,
+    q: &SeriesQuery,
+    aggregates: &[Aggregate],
+    segments: &[rollups::Segment],
+) -> Result<SeriesAnswer, StoreError> {
     #[derive(QueryableByName)]
     struct Row {
         #[diesel(sql_type = Timestamptz)]
@@ -308,13 +339,6 @@ pub fn series_of(
         v4: Option<f64>,
     }
     let aggregates = &aggregates[..aggregates.len().min(MAX_AGGREGATES)];
-    let horizons = rollup_horizons(conn, q)?;
-    let segments = rollups::plan(
-        q.from,
-        q.to,
-        chrono::Duration::microseconds(q.bucket_micros),
-        &horizons,
-    );
     let source = segments
         .iter()
         .map(|s| s.source)
@@ -363,7 +387,7 @@ pub fn series_of(
             .bind::<Timestamptz, _>(q.from)
             .bind::<Timestamptz, _>(q.to);
     } else {
-        for s in &segments {
+        for s in segments {
             query = query
                 .bind::<Timestamptz, _>(s.from)
                 .bind::<Timestamptz, _>(s.to);

@@ -163,6 +163,10 @@ impl Bench {
                 "devices".into(),
                 "reading_ids".into(),
                 "reading_conflicts".into(),
+                "rollup_deltas".into(),
+                "rollups_1m".into(),
+                "rollups_1h".into(),
+                "rollups_1d".into(),
             ],
             mqtt,
             format: Format::DeviceTopic,
@@ -255,9 +259,32 @@ impl Bench {
                 self.args.batch_connections,
             )
             .await?;
+            // and again without rollups, to show what keeping them costs
+            if self.args.reset_db {
+                self.set_rollups(&sides[0], false).await?;
+                let without = self
+                    .http_workload(
+                        &sides[..1],
+                        &format!("{label}, rollups off"),
+                        Body::Batch(self.args.batch_size),
+                        self.args.batch_connections,
+                    )
+                    .await;
+                self.set_rollups(&sides[0], true).await?;
+                without?;
+            }
         }
         if only.contains(&Workload::Mqtt) {
             self.mqtt_workload(&sides).await?;
+        }
+        if only.contains(&Workload::Series) {
+            if self.args.reset_db {
+                self.year_series(&sides[0]).await?;
+            } else {
+                self.notes.push(
+                    "The series workload needs --reset-db (it writes a year of readings).".into(),
+                );
+            }
         }
         if only.contains(&Workload::E2e) {
             self.half_load(&sides[0]).await?;
@@ -309,31 +336,77 @@ impl Bench {
         Ok(())
     }
 
-    /// The persister's write path alone, 2 connections as the persister's default `db_writers`.
+    /// The persister's write path alone, 2 connections as the persister's default `db_writers`;
+    /// each run with rollups kept (as deployed) and again without (the rollup trigger disabled),
+    /// to show what keeping them costs.
     async fn write_path(&mut self, side: &Side) -> anyhow::Result<()> {
         for batch in self.args.write_batches.clone() {
             for run in 1..=self.args.runs {
-                self.prepare(side).await?;
-                let phase = format!(
-                    "persister write path, batches of {batch}, 2 conn, run {run}/{}",
-                    self.args.runs
-                );
-                let (url, fleet) = (side.db_url.clone(), self.args.fleet);
-                let rate = self
-                    .timed_run(
-                        phase,
-                        &format!("writer{batch}"),
-                        2,
-                        move |worker, deadline| {
+                for rollups in [true, false] {
+                    self.prepare(side).await?;
+                    self.set_rollups(side, rollups).await?;
+                    let kept = if rollups { "rollups on" } else { "rollups off" };
+                    let phase = format!(
+                        "persister write path, batches of {batch}, {kept}, 2 conn, run {run}/{}",
+                        self.args.runs
+                    );
+                    let (url, fleet) = (side.db_url.clone(), self.args.fleet);
+                    let key = if rollups {
+                        format!("writer{batch}")
+                    } else {
+                        format!("writer{batch}|off")
+                    };
+                    let rate = self
+                        .timed_run(phase, &key, 2, move |worker, deadline| {
                             db::write_path_until(&url, worker, batch, fleet, deadline)
-                        },
-                    )
-                    .await
-                    .context("a writer failed")?;
-                self.say(format!(
-                    "persister write path, batches of {batch}, run {run}: {} readings/s",
-                    readable(rate)
-                ));
+                        })
+                        .await;
+                    self.set_rollups(side, true).await?;
+                    let rate = rate.context("a writer failed")?;
+                    self.say(format!(
+                        "persister write path, batches of {batch}, {kept}, run {run}: {} readings/s",
+                        readable(rate)
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Turns the rollup trigger on or off in the side's (dedicated) database.
+    async fn set_rollups(&self, side: &Side, on: bool) -> anyhow::Result<()> {
+        let url = side.db_url.clone();
+        blocking(move || db::set_rollups(&mut db::connect(&url)?, on)).await
+    }
+
+    /// A year of one device's readings, one a minute (525,600), then the one-year chart's series
+    /// (daily buckets; min, max and average) answered from the summaries and from the raw readings.
+    async fn year_series(&mut self, side: &Side) -> anyhow::Result<()> {
+        self.prepare(side).await?;
+        let counter = self
+            .progress
+            .phase("series: writing a year of one-minute readings");
+        let url = side.db_url.clone();
+        blocking(move || db::write_year(&url, &counter)).await?;
+        let counter = self.progress.phase("series: folding the rollups");
+        let url = side.db_url.clone();
+        blocking(move || db::fold_rollups(&url, &counter)).await?;
+        for (key, from_summaries) in [("series|rollups", true), ("series|raw", false)] {
+            let times = if from_summaries { 50 } else { 5 };
+            let counter = self.progress.phase(format!(
+                "series: one year in days, from {}, {times} times",
+                if from_summaries {
+                    "the summaries"
+                } else {
+                    "raw readings"
+                }
+            ));
+            let url = side.db_url.clone();
+            let timings =
+                blocking(move || db::time_year_series(&url, from_summaries, times, &counter))
+                    .await?;
+            for ms in timings {
+                self.runs.push(key, SideKind::Sensorhub, ms);
             }
         }
         Ok(())
@@ -832,14 +905,54 @@ impl Bench {
             (copy2.clone(), None),
         ));
         for batch in &self.args.write_batches {
+            let w = "persister write path alone (store::write_readings, 2 conn)";
+            let (on, off) = (format!("writer{batch}"), format!("writer{batch}|off"));
+            add(
+                Figure::new(w, &format!("batches of {batch}"), "readings/s", ours(&on))
+                    .vs("COPY, 2 conn", copy2.as_ref()),
+            );
+            let without = s(&off, Sensorhub);
             add(Figure::new(
-                "persister write path alone (store::write_readings, 2 conn)",
-                &format!("batches of {batch}"),
+                w,
+                &format!("batches of {batch}, rollups off"),
                 "readings/s",
-                ours(&format!("writer{batch}")),
+                (without.clone(), None),
+            ));
+            add(Figure::new(
+                w,
+                &format!("batches of {batch}, rollups on"),
+                "readings/s",
+                ours(&on),
             )
-            .vs("COPY, 2 conn", copy2.as_ref()));
+            .vs("rollups off", without.as_ref())
+            .target("≥ 0.85× off", |f| f.ratio.map(|r| r >= 0.85)));
         }
+        let batch_label = format!(
+            "HTTP POST /v1/readings ×{}, {} conn",
+            self.args.batch_size, self.args.batch_connections
+        );
+        if let Some(off) = s(&format!("{batch_label}, rollups off|persisted"), Sensorhub) {
+            add(Figure::new(
+                &batch_label,
+                "persisted, rollups on",
+                "readings/s",
+                ours(&format!("{batch_label}|persisted")),
+            )
+            .vs("rollups off", Some(&off))
+            .target("≥ 0.85× off", |f| f.ratio.map(|r| r >= 0.85)));
+        }
+        let w = "one-year chart of one device (525,600 one-minute readings; daily min, max, avg)";
+        add(
+            Figure::new(w, "from the summaries (1d)", "ms", ours("series|rollups"))
+                .vs("raw", s("series|raw", Sensorhub).as_ref())
+                .target("< 50 ms", |f| f.sensorhub.as_ref().map(|p| p.median < 50.0)),
+        );
+        add(Figure::new(
+            w,
+            "from the raw readings",
+            "ms",
+            ours("series|raw"),
+        ));
 
         // the memory target, over every workload
         let ours: Vec<&str> = sides

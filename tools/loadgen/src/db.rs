@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use anyhow::Context;
-use chrono::{DateTime, TimeZone, Utc};
+use chrono::{DateTime, DurationRound, TimeZone, Utc};
 use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Text};
@@ -312,6 +312,118 @@ pub fn write_path_until(
             .map_err(|e| anyhow::anyhow!("write_readings: {e}"))?;
         Ok(written.outcome.inserted as u64)
     })
+}
+
+/// Turns the trigger that keeps the rollups on or off (the benchmark's own database only).
+pub fn set_rollups(conn: &mut PgConnection, on: bool) -> anyhow::Result<()> {
+    let how = if on { "ENABLE" } else { "DISABLE" };
+    conn.batch_execute(&format!(
+        "ALTER TABLE readings {how} TRIGGER readings_rollup_deltas"
+    ))
+    .context("turning the rollup trigger on or off")?;
+    Ok(())
+}
+
+/// The device whose year the series workload charts.
+pub const YEAR_DEVICE: &str = "bench-year";
+
+/// A year of [`YEAR_DEVICE`]'s readings, one a minute up to now (525,600), written as the
+/// persister writes them (so the rollups are kept as in production), 10,000 at a time.
+pub fn write_year(url: &str, counter: &std::sync::atomic::AtomicU64) -> anyhow::Result<()> {
+    let mut conn = connect(url)?;
+    let mut known = store::KnownPartitions::default();
+    let end = Utc::now().duration_trunc(chrono::Duration::minutes(1))?;
+    let minutes: i64 = 525_600;
+    let device = models::DeviceId::parse(YEAR_DEVICE).map_err(anyhow::Error::msg)?;
+    let temperature = models::MetricName::parse("temperature").map_err(anyhow::Error::msg)?;
+    let mut written = 0u64;
+    let mut batch = Vec::with_capacity(10_000);
+    for m in 0..minutes {
+        let ts = end - chrono::Duration::minutes(minutes - m);
+        // a daily swing and some noise, with two decimals as a sensor gives
+        let swing = 5.0 * ((m % 1440) as f64 / 1440.0 * std::f64::consts::TAU).sin();
+        let value = ((20.0 + swing + (m % 7) as f64 / 10.0) * 100.0).round() / 100.0;
+        let metrics = models::Metrics::new(vec![(temperature.clone(), value)])
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        batch.push(
+            models::Reading::new(
+                device.clone(),
+                models::ReadingId::parse(format!("y{m}")).map_err(anyhow::Error::msg)?,
+                ts,
+                metrics,
+            )
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?,
+        );
+        if batch.len() == 10_000 || m == minutes - 1 {
+            written += store::write_readings(&mut conn, &batch, &mut known)
+                .map_err(|e| anyhow::anyhow!("write_readings: {e}"))?
+                .outcome
+                .inserted as u64;
+            counter.store(written, std::sync::atomic::Ordering::Relaxed);
+            batch.clear();
+        }
+    }
+    Ok(())
+}
+
+/// Folds every rollup delta into the summaries (the persister does it within a second; this
+/// does not wait for it).
+pub fn fold_rollups(url: &str, counter: &std::sync::atomic::AtomicU64) -> anyhow::Result<()> {
+    let mut conn = connect(url)?;
+    let mut folded = 0u64;
+    loop {
+        match store::rollups::fold(&mut conn, 50_000)? {
+            Some(n) => {
+                folded += n as u64;
+                counter.store(folded, std::sync::atomic::Ordering::Relaxed);
+                if n < 50_000 {
+                    break;
+                }
+            }
+            // the persister is folding: wait for its turn to end
+            None => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+    Ok(())
+}
+
+/// Milliseconds of each of `times` one-year series of [`YEAR_DEVICE`] (daily buckets; min, max
+/// and average, as the dashboard's chart asks), from the summaries or from the raw readings.
+pub fn time_year_series(
+    url: &str,
+    from_summaries: bool,
+    times: usize,
+    counter: &std::sync::atomic::AtomicU64,
+) -> anyhow::Result<Vec<f64>> {
+    use store::read::{Aggregate, SeriesQuery};
+    let mut conn = connect(url)?;
+    let to = Utc::now();
+    let q = SeriesQuery {
+        device_id: YEAR_DEVICE.into(),
+        metric: "temperature".into(),
+        from: to - chrono::Duration::days(365),
+        to,
+        bucket_micros: 86_400_000_000,
+        aggregate: Aggregate::Avg,
+    };
+    let aggregates = [Aggregate::Min, Aggregate::Max, Aggregate::Avg];
+    let mut timings = Vec::with_capacity(times);
+    for i in 0..times {
+        let started = std::time::Instant::now();
+        let answer = if from_summaries {
+            store::read::series_of(&mut conn, &q, &aggregates)?
+        } else {
+            store::read::series_of_raw(&mut conn, &q, &aggregates)?
+        };
+        timings.push(started.elapsed().as_secs_f64() * 1000.0);
+        anyhow::ensure!(
+            answer.buckets.len() >= 365,
+            "the one-year series has {} buckets",
+            answer.buckets.len()
+        );
+        counter.store(i as u64 + 1, std::sync::atomic::Ordering::Relaxed);
+    }
+    Ok(timings)
 }
 
 /// `round(n, ts)` for n = 0, 1, … until `deadline`, `ts` moving a microsecond a round from `base`

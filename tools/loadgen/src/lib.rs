@@ -162,7 +162,7 @@ pub struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "copy,writer,http,batch,mqtt,e2e"
+        default_value = "copy,writer,http,batch,mqtt,e2e,series"
     )]
     pub only: Vec<Workload>,
     /// Directory for the JSON figures (`bench-<time>.json` and `latest.json`).
@@ -184,6 +184,9 @@ pub enum Workload {
     Batch,
     Mqtt,
     E2e,
+    /// A year of one device's one-minute readings charted from the rollups and from raw readings
+    /// (needs --reset-db).
+    Series,
 }
 
 /// Runs the workloads `args` names and writes the figures.
