@@ -1,5 +1,3 @@
-DROP TRIGGER readings_rollup_deltas ON readings;
-DROP FUNCTION sensorhub_rollup_deltas();
 DROP TABLE rollups_1d;
 DROP TABLE rollups_1h;
 DROP TABLE rollups_1m;

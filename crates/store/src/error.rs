@@ -14,6 +14,9 @@ pub enum StoreError {
     Unmigrated { pending: Vec<String> },
     #[error("migrations failed: {0}")]
     Migration(String),
+    /// A number with no decimal form (never a finite double, which every stored reading holds).
+    #[error("cannot summarise a reading: {0}")]
+    Unrepresentable(String),
 }
 
 impl StoreError {

@@ -22,6 +22,7 @@ pub use migrate::{check_migrated, pending_migrations, run_migrations, wait_for_m
 pub use pool::{PgPool, PoolSettings, connect_pool, ping};
 pub use write::{
     Expiring, KnownPartitions, WriteOutcome, Written, forget_older_than, write_readings,
+    write_readings_without_rollups,
 };
 
 pub use diesel::PgConnection;

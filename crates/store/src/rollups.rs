@@ -1,13 +1,37 @@
 //! Rollups: every metric of every device summarised per minute, hour and day (see the migration
-//! `rollups`). A trigger on `readings` appends what each statement inserted to `rollup_deltas`, in
-//! the writer's transaction; [`fold`] moves the deltas into the three tables; [`rebuild_day`]
-//! recomputes a day from the raw readings; [`plan`] chooses which tables answer a series.
+//! `rollups`). The writer appends the per-minute summary of what each transaction stored to
+//! `rollup_deltas` ([`append_deltas`], in that transaction); [`fold`] moves the deltas into the
+//! three tables; [`rebuild_day`] recomputes a day from the raw readings; [`plan`] chooses which
+//! tables answer a series.
 
+use std::collections::HashMap;
+use std::str::FromStr;
+
+use bigdecimal::BigDecimal;
 use chrono::{DateTime, Duration, DurationRound, Utc};
+use diesel::pg::data_types::PgNumeric;
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Nullable, Text, Timestamptz};
+use models::Reading;
 
 use crate::StoreError;
+
+// Not in schema.rs: `diesel print-schema` leaves out tables without a primary key, and this one has
+// none (it is a queue that only COPY appends to and the folder empties). The key declared here is
+// only diesel's.
+diesel::table! {
+    rollup_deltas (device_id, metric, bucket) {
+        device_id -> Text,
+        metric -> Text,
+        bucket -> Timestamptz,
+        count -> BigInt,
+        sum -> Numeric,
+        min -> Double,
+        max -> Double,
+        first_ts -> Timestamptz,
+        last_ts -> Timestamptz,
+    }
+}
 
 /// The advisory lock that makes folding and rebuilding take turns (and one folder at a time).
 const FOLD_LOCK: i64 = 0x5e45_0001;
@@ -200,6 +224,171 @@ fn floor(t: DateTime<Utc>, g: Duration) -> DateTime<Utc> {
 fn ceil(t: DateTime<Utc>, g: Duration) -> DateTime<Utc> {
     let down = floor(t, g);
     if down == t { t } else { down + g }
+}
+
+/// One device's metric over one minute, of the readings a transaction stored.
+struct Delta {
+    count: i64,
+    sum: ExactSum,
+    min: f64,
+    max: f64,
+    first_ts: DateTime<Utc>,
+    last_ts: DateTime<Utc>,
+}
+
+/// The exact sum of numbers as the readings' jsonb holds them: the text serde_json writes for a
+/// double (the shortest that reads back as the same double), with that text's scale (`1.0` has one
+/// decimal, `1e300` none), which PostgreSQL keeps in a numeric sum and uses to divide an average.
+/// `units × 10^-scale` in an i128 while it fits, which is every sum of sensor values; beyond it
+/// (`1e300 + 5e-324`), an arbitrary-precision decimal.
+#[derive(Debug, Clone, PartialEq)]
+enum ExactSum {
+    Small { units: i128, scale: i64 },
+    Big(BigDecimal),
+}
+
+impl ExactSum {
+    /// `value` as its jsonb number: written as the readings' JSON writes it (into `text`, a
+    /// buffer kept between calls), and read back as a decimal.
+    fn of(value: f64, text: &mut Vec<u8>) -> Self {
+        text.clear();
+        // writing a double into a Vec cannot fail, and every number serde_json writes is a
+        // decimal BigDecimal reads
+        let _ = serde_json::to_writer(&mut *text, &value);
+        let text = std::str::from_utf8(text).unwrap_or_default();
+        small(text).unwrap_or_else(|| Self::Big(BigDecimal::from_str(text).unwrap_or_default()))
+    }
+
+    fn add(&mut self, other: &Self) {
+        if let (Self::Small { units, scale }, Self::Small { units: u, scale: s }) = (&*self, other)
+        {
+            let to = (*scale).max(*s);
+            let sum = rescale(*units, *scale, to)
+                .zip(rescale(*u, *s, to))
+                .and_then(|(a, b)| a.checked_add(b));
+            if let Some(units) = sum {
+                *self = Self::Small { units, scale: to };
+                return;
+            }
+        }
+        *self = Self::Big(self.big() + other.big());
+    }
+
+    fn big(&self) -> BigDecimal {
+        match self {
+            Self::Small { units, scale } => BigDecimal::new((*units).into(), *scale),
+            Self::Big(big) => big.clone(),
+        }
+    }
+}
+
+/// `units × 10^-from` as units of `10^-to` (`to ≥ from`), if that fits.
+fn rescale(units: i128, from: i64, to: i64) -> Option<i128> {
+    let factor = 10i128.checked_pow(u32::try_from(to - from).ok()?)?;
+    units.checked_mul(factor)
+}
+
+/// A number as serde_json writes it (`-21.5`, `1.0`, `1e+300`, `5e-324`), as units and scale when they
+/// fit an i128 and the scale is not negative (as PostgreSQL's scale never is).
+fn small(text: &str) -> Option<ExactSum> {
+    let (negative, text) = match text.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, text),
+    };
+    let (digits, exponent) = match text.split_once('e') {
+        Some((digits, exponent)) => (digits, exponent.parse::<i64>().ok()?),
+        None => (text, 0),
+    };
+    let (whole, fraction) = digits.split_once('.').unwrap_or((digits, ""));
+    let mut units: i128 = 0;
+    for d in whole.bytes().chain(fraction.bytes()) {
+        units = units
+            .checked_mul(10)?
+            .checked_add(i128::from(d.checked_sub(b'0')?))?;
+    }
+    let mut scale = i64::try_from(fraction.len()).ok()? - exponent;
+    if scale < 0 {
+        units = rescale(units, scale, 0)?;
+        scale = 0;
+    }
+    Some(ExactSum::Small {
+        units: if negative { -units } else { units },
+        scale,
+    })
+}
+
+#[derive(Insertable)]
+#[diesel(table_name = rollup_deltas)]
+#[diesel(treat_none_as_default_value = false)]
+struct NewDelta<'a> {
+    device_id: &'a str,
+    metric: &'a str,
+    bucket: DateTime<Utc>,
+    count: i64,
+    sum: PgNumeric,
+    min: f64,
+    max: f64,
+    first_ts: DateTime<Utc>,
+    last_ts: DateTime<Utc>,
+}
+
+/// Appends the per-minute summary of `stored` (the readings this transaction inserted, and only
+/// those) to `rollup_deltas`, with binary COPY, in the caller's transaction.
+pub(crate) fn append_deltas<'a>(
+    conn: &mut PgConnection,
+    stored: impl Iterator<Item = &'a Reading>,
+) -> Result<(), StoreError> {
+    let mut deltas: HashMap<(&str, &str, DateTime<Utc>), Delta> = HashMap::new();
+    let mut text = Vec::with_capacity(32);
+    for r in stored {
+        let minute = floor(r.ts, Duration::minutes(1));
+        for (name, value) in r.metrics.iter() {
+            let exact = ExactSum::of(value, &mut text);
+            match deltas.entry((r.device_id.as_str(), name.as_str(), minute)) {
+                std::collections::hash_map::Entry::Occupied(mut slot) => {
+                    let d = slot.get_mut();
+                    d.count += 1;
+                    d.sum.add(&exact);
+                    d.min = d.min.min(value);
+                    d.max = d.max.max(value);
+                    d.first_ts = d.first_ts.min(r.ts);
+                    d.last_ts = d.last_ts.max(r.ts);
+                }
+                std::collections::hash_map::Entry::Vacant(slot) => {
+                    slot.insert(Delta {
+                        count: 1,
+                        sum: exact,
+                        min: value,
+                        max: value,
+                        first_ts: r.ts,
+                        last_ts: r.ts,
+                    });
+                }
+            }
+        }
+    }
+    if deltas.is_empty() {
+        return Ok(());
+    }
+    let rows: Vec<NewDelta> = deltas
+        .into_iter()
+        .map(|((device_id, metric, bucket), d)| NewDelta {
+            device_id,
+            metric,
+            bucket,
+            count: d.count,
+            sum: PgNumeric::from(d.sum.big()),
+            // as PostgreSQL reads the stored number: it has no negative zero
+            min: d.min + 0.0,
+            max: d.max + 0.0,
+            first_ts: d.first_ts,
+            last_ts: d.last_ts,
+        })
+        .collect();
+    diesel::copy_from(rollup_deltas::table)
+        .from_insertable(rows)
+        .execute(conn)?;
+    Ok(())
 }
 
 /// Moves up to `limit` deltas into the three summary tables, in one transaction; returns how many,
@@ -515,6 +704,55 @@ pub(crate) fn segment_sql(source: Source, lo: usize, hi: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn numbers_are_summed_exactly_with_the_scale_of_their_json_text() {
+        let text = &mut Vec::new();
+        let of = |v: f64, text: &mut Vec<u8>| ExactSum::of(v, text);
+        for value in [
+            0.1,
+            21.5,
+            1.0,
+            -0.0,
+            1e300,
+            5e-324,
+            -1.5e-7,
+            123456789.125,
+            f64::MAX,
+        ] {
+            let json = serde_json::to_string(&value).unwrap();
+            assert_eq!(
+                of(value, text).big(),
+                BigDecimal::from_str(&json).unwrap(),
+                "{json}"
+            );
+        }
+        let mut sum = of(0.1, text);
+        sum.add(&of(0.2, text));
+        assert_eq!(sum, ExactSum::Small { units: 3, scale: 1 });
+        sum.add(&of(1.0, text));
+        assert_eq!(sum.big().to_string(), "1.3");
+        // a whole number written with a decimal keeps it, as PostgreSQL's numeric does
+        assert_eq!(
+            of(1.0, text),
+            ExactSum::Small {
+                units: 10,
+                scale: 1
+            }
+        );
+        assert_eq!(
+            of(1.5e-7, text),
+            ExactSum::Small {
+                units: 15,
+                scale: 8
+            }
+        );
+        // beyond an i128: arbitrary precision, still exact
+        let mut huge = of(1e300, text);
+        huge.add(&of(5e-324, text));
+        huge.add(&of(-1e300, text));
+        assert_eq!(huge.big(), BigDecimal::from_str("5e-324").unwrap());
+    }
 
     fn at(s: &str) -> DateTime<Utc> {
         s.parse().unwrap()

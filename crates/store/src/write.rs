@@ -153,6 +153,33 @@ pub fn write_readings(
     batch: &[Reading],
     known: &mut KnownPartitions,
 ) -> Result<Written, StoreError> {
+    write(conn, batch, known, Rollups::Kept)
+}
+
+/// Whether a write appends its rollup deltas: always, but for the benchmark's comparison.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Rollups {
+    Kept,
+    Skipped,
+}
+
+/// [`write_readings`] without keeping the rollups: what the benchmark compares the write path
+/// with, to show what rollups cost. Never for real readings (the summaries would miss them).
+#[doc(hidden)]
+pub fn write_readings_without_rollups(
+    conn: &mut PgConnection,
+    batch: &[Reading],
+    known: &mut KnownPartitions,
+) -> Result<Written, StoreError> {
+    write(conn, batch, known, Rollups::Skipped)
+}
+
+fn write(
+    conn: &mut PgConnection,
+    batch: &[Reading],
+    known: &mut KnownPartitions,
+    rollups: Rollups,
+) -> Result<Written, StoreError> {
     if batch.is_empty() {
         return Ok(Written::default());
     }
@@ -184,6 +211,9 @@ pub fn write_readings(
                 .execute(conn)?;
         }
         upsert_devices(conn, &device_updates(batch.iter()))?;
+        if rollups == Rollups::Kept {
+            crate::rollups::append_deltas(conn, batch.iter())?;
+        }
         Ok(copied)
     });
     match copied {
@@ -197,7 +227,7 @@ pub fn write_readings(
         Err(StoreError::Query(diesel::result::Error::DatabaseError(
             diesel::result::DatabaseErrorKind::UniqueViolation,
             _,
-        ))) => conn.transaction(|conn| write_with_repeats(conn, batch)),
+        ))) => conn.transaction(|conn| write_with_repeats(conn, batch, rollups)),
         Err(e) => Err(e),
     }
 }
@@ -216,21 +246,26 @@ enum Verdict {
 
 /// The slow path, for a batch that holds readings already stored: each reading is judged by its
 /// identity, in four steps, in the caller's transaction.
-fn write_with_repeats(conn: &mut PgConnection, batch: &[Reading]) -> Result<Written, StoreError> {
+fn write_with_repeats(
+    conn: &mut PgConnection,
+    batch: &[Reading],
+    rollups: Rollups,
+) -> Result<Written, StoreError> {
     let mut verdicts = judge_within_batch(batch);
     claim_identities(conn, batch, &mut verdicts)?;
     let inserted = insert_new(conn, batch, &mut verdicts)?;
     record_conflicts(conn, batch, &verdicts)?;
-    upsert_devices(
-        conn,
-        &device_updates(
-            batch
-                .iter()
-                .zip(&verdicts)
-                .filter(|(_, v)| **v == Verdict::New)
-                .map(|(r, _)| r),
-        ),
-    )?;
+    let new = || {
+        batch
+            .iter()
+            .zip(&verdicts)
+            .filter(|(_, v)| **v == Verdict::New)
+            .map(|(r, _)| r)
+    };
+    upsert_devices(conn, &device_updates(new()))?;
+    if rollups == Rollups::Kept {
+        crate::rollups::append_deltas(conn, new())?;
+    }
     let conflicting = verdicts
         .iter()
         .filter(|v| matches!(v, Verdict::Conflict { .. }))

@@ -1,5 +1,5 @@
-//! Folding rollup deltas: the trigger on `readings` appends, in each writer's transaction, what the
-//! transaction stored to `rollup_deltas` (appending takes no row lock, so writers never wait for
+//! Folding rollup deltas: each write appends, in its transaction, the per-minute summary of the
+//! readings it stored to `rollup_deltas` (appending takes no row lock, so writers never wait for
 //! each other); this moves them into the minute, hour and day summaries soon after. One persister
 //! folds at a time (the others find the turn taken and wait for the next tick); readers add the
 //! deltas not folded yet, so how far behind this runs changes how much they add, never the answer.

@@ -19,8 +19,8 @@ fn verdict(outcome: &StepOutcome) -> String {
 
 pub fn table(outcomes: &[StepOutcome]) -> String {
     let mut out = String::from(
-        "| fault | sent | acknowledged | stored | lost | duplicated | retries | caught up in | |\n\
-         |---|---|---|---|---|---|---|---|---|\n",
+        "| fault | sent | acknowledged | stored | lost | duplicated | rollups ≠ raw | retries | caught up in | |\n\
+         |---|---|---|---|---|---|---|---|---|---|\n",
     );
     for o in outcomes {
         let catch_up = o
@@ -28,13 +28,14 @@ pub fn table(outcomes: &[StepOutcome]) -> String {
             .map_or_else(|| "never".to_owned(), |s| format!("{s:.1} s"));
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             o.name,
             thousands(o.sent),
             thousands(o.acknowledged),
             thousands(o.stored),
             thousands(o.lost),
             thousands(o.duplicated),
+            thousands(o.rollups_differing),
             thousands(o.retries),
             catch_up,
             verdict(o)
@@ -104,6 +105,7 @@ mod tests {
             stored: 12_000 - lost,
             lost,
             duplicated: 0,
+            rollups_differing: 0,
             unacknowledged: 0,
             retries: 7,
             refusals: BTreeMap::from([("HTTP 503".to_owned(), 7)]),
@@ -119,7 +121,7 @@ mod tests {
         let text = table(&[outcome(0, None), outcome(3, None), outcome(3, Some("why"))]);
         let rows: Vec<&str> = text.lines().skip(2).collect();
         assert_eq!(rows.len(), 3);
-        assert!(rows[0].contains("| 12,345 | 12,000 | 12,000 | 0 | 0 | 7 | 1.2 s | ✅ |"));
+        assert!(rows[0].contains("| 12,345 | 12,000 | 12,000 | 0 | 0 | 0 | 7 | 1.2 s | ✅ |"));
         assert!(rows[1].ends_with("❌ |"));
         assert!(rows[2].ends_with("⚠️ known gap |"));
         let details = details(&[outcome(3, Some("why"))]);

@@ -44,6 +44,9 @@ pub struct StepOutcome {
     pub stored: u64,
     pub lost: u64,
     pub duplicated: u64,
+    /// The step's devices' rollups (minute, hour and day) that differ from what their raw readings
+    /// give: a reading counted twice, or not at all.
+    pub rollups_differing: u64,
     /// Readings the devices gave up on (never acknowledged): not lost, but a system that did not
     /// recover.
     pub unacknowledged: u64,
@@ -63,6 +66,7 @@ impl StepOutcome {
     pub fn clean(&self) -> bool {
         self.lost == 0
             && self.duplicated == 0
+            && self.rollups_differing == 0
             && self.unacknowledged == 0
             && self.catch_up_secs.is_some()
             && self.acknowledged > 0
@@ -130,6 +134,7 @@ impl Runner<'_> {
             .filter(|(device, _)| mqtt_devices.contains(device))
             .count() as u64;
         let (catch_up, stored) = self.wait_stored(&tag, &acknowledged, load_stopped).await;
+        let rollups_differing = self.rollups_differing(&tag).await?;
         let commands = match commands {
             Some(commands) => Some(
                 commands
@@ -153,6 +158,7 @@ impl Runner<'_> {
             stored: stored.distinct(),
             lost: stored.missing(&acknowledged),
             duplicated: stored.duplicated(),
+            rollups_differing,
             unacknowledged: ledger
                 .unacknowledged
                 .load(std::sync::atomic::Ordering::Relaxed),
@@ -362,7 +368,21 @@ impl Runner<'_> {
         outcome.stored = stored.distinct();
         outcome.lost = stored.missing(&outcome.acknowledged_ids);
         outcome.duplicated = stored.duplicated();
+        outcome.rollups_differing = self.rollups_differing(&outcome.tag).await?;
         Ok(())
+    }
+
+    /// How many of the step's devices' rollups differ from their raw readings.
+    async fn rollups_differing(&self, tag: &str) -> anyhow::Result<u64> {
+        let url = self.stack.database_url();
+        let devices: Vec<String> = self
+            .fleet
+            .devices(tag)
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        tokio::task::spawn_blocking(move || crate::verify::rollups_differing(&url, &devices))
+            .await?
     }
 }
 

@@ -22,6 +22,25 @@ pub struct Stored {
     copies: HashMap<(String, String), i64>,
 }
 
+/// How many rollups of `devices` (minute, hour and day, over the day around now) differ from
+/// what their raw readings give, the deltas not folded yet included.
+pub fn rollups_differing(database_url: &str, devices: &[String]) -> anyhow::Result<u64> {
+    let mut conn = store::connect(database_url)?;
+    let now = chrono::Utc::now();
+    let mut differing = 0;
+    for device in devices {
+        differing += store::rollups::verify(
+            &mut conn,
+            Some(device),
+            now - chrono::Duration::days(1),
+            now + chrono::Duration::days(1),
+            1_000,
+        )?
+        .len() as u64;
+    }
+    Ok(differing)
+}
+
 impl Stored {
     pub fn load(database_url: &str, step_tag: &str) -> anyhow::Result<Self> {
         let mut conn = store::connect(database_url)?;

@@ -259,20 +259,6 @@ impl Bench {
                 self.args.batch_connections,
             )
             .await?;
-            // and again without rollups, to show what keeping them costs
-            if self.args.reset_db {
-                self.set_rollups(&sides[0], false).await?;
-                let without = self
-                    .http_workload(
-                        &sides[..1],
-                        &format!("{label}, rollups off"),
-                        Body::Batch(self.args.batch_size),
-                        self.args.batch_connections,
-                    )
-                    .await;
-                self.set_rollups(&sides[0], true).await?;
-                without?;
-            }
         }
         if only.contains(&Workload::Mqtt) {
             self.mqtt_workload(&sides).await?;
@@ -337,14 +323,12 @@ impl Bench {
     }
 
     /// The persister's write path alone, 2 connections as the persister's default `db_writers`;
-    /// each run with rollups kept (as deployed) and again without (the rollup trigger disabled),
-    /// to show what keeping them costs.
+    /// each run with rollups kept (as deployed) and again without, to show what keeping them costs.
     async fn write_path(&mut self, side: &Side) -> anyhow::Result<()> {
         for batch in self.args.write_batches.clone() {
             for run in 1..=self.args.runs {
                 for rollups in [true, false] {
                     self.prepare(side).await?;
-                    self.set_rollups(side, rollups).await?;
                     let kept = if rollups { "rollups on" } else { "rollups off" };
                     let phase = format!(
                         "persister write path, batches of {batch}, {kept}, 2 conn, run {run}/{}",
@@ -358,11 +342,10 @@ impl Bench {
                     };
                     let rate = self
                         .timed_run(phase, &key, 2, move |worker, deadline| {
-                            db::write_path_until(&url, worker, batch, fleet, deadline)
+                            db::write_path_until(&url, worker, batch, fleet, rollups, deadline)
                         })
-                        .await;
-                    self.set_rollups(side, true).await?;
-                    let rate = rate.context("a writer failed")?;
+                        .await
+                        .context("a writer failed")?;
                     self.say(format!(
                         "persister write path, batches of {batch}, {kept}, run {run}: {} readings/s",
                         readable(rate)
@@ -371,12 +354,6 @@ impl Bench {
             }
         }
         Ok(())
-    }
-
-    /// Turns the rollup trigger on or off in the side's (dedicated) database.
-    async fn set_rollups(&self, side: &Side, on: bool) -> anyhow::Result<()> {
-        let url = side.db_url.clone();
-        blocking(move || db::set_rollups(&mut db::connect(&url)?, on)).await
     }
 
     /// A year of one device's readings, one a minute (525,600), then the one-year chart's series
@@ -925,20 +902,6 @@ impl Bench {
                 ours(&on),
             )
             .vs("rollups off", without.as_ref())
-            .target("≥ 0.85× off", |f| f.ratio.map(|r| r >= 0.85)));
-        }
-        let batch_label = format!(
-            "HTTP POST /v1/readings ×{}, {} conn",
-            self.args.batch_size, self.args.batch_connections
-        );
-        if let Some(off) = s(&format!("{batch_label}, rollups off|persisted"), Sensorhub) {
-            add(Figure::new(
-                &batch_label,
-                "persisted, rollups on",
-                "readings/s",
-                ours(&format!("{batch_label}|persisted")),
-            )
-            .vs("rollups off", Some(&off))
             .target("≥ 0.85× off", |f| f.ratio.map(|r| r >= 0.85)));
         }
         let w = "one-year chart of one device (525,600 one-minute readings; daily min, max, avg)";

@@ -274,6 +274,7 @@ pub fn write_path_until(
     worker: usize,
     batch: usize,
     fleet: usize,
+    rollups: bool,
     deadline: std::time::Instant,
 ) -> anyhow::Result<u64> {
     let mut conn = connect(url)?;
@@ -308,20 +309,14 @@ pub fn write_path_until(
             r.id = models::ReadingId::parse(format!("wp-w{worker}-r{round}-{i}"))
                 .map_err(anyhow::Error::msg)?;
         }
-        let written = store::write_readings(&mut conn, &readings, &mut known)
-            .map_err(|e| anyhow::anyhow!("write_readings: {e}"))?;
+        let written = if rollups {
+            store::write_readings(&mut conn, &readings, &mut known)
+        } else {
+            store::write_readings_without_rollups(&mut conn, &readings, &mut known)
+        }
+        .map_err(|e| anyhow::anyhow!("write_readings: {e}"))?;
         Ok(written.outcome.inserted as u64)
     })
-}
-
-/// Turns the trigger that keeps the rollups on or off (the benchmark's own database only).
-pub fn set_rollups(conn: &mut PgConnection, on: bool) -> anyhow::Result<()> {
-    let how = if on { "ENABLE" } else { "DISABLE" };
-    conn.batch_execute(&format!(
-        "ALTER TABLE readings {how} TRIGGER readings_rollup_deltas"
-    ))
-    .context("turning the rollup trigger on or off")?;
-    Ok(())
 }
 
 /// The device whose year the series workload charts.

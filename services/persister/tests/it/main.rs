@@ -80,6 +80,23 @@ impl Fixture {
         testkit::wait_for_exactly(&self.db.url, "readings", expected, WAIT).await;
     }
 
+    /// Waits until the persisters have folded every rollup delta, then checks that every summary
+    /// equals what the stored readings give.
+    async fn wait_folded(&self) {
+        testkit::wait_for_exactly(&self.db.url, "rollup_deltas", 0, WAIT).await;
+        let mut conn = self.db.connect();
+        let differences = store::rollups::verify(
+            &mut conn,
+            None,
+            "2026-11-01T00:00:00Z".parse().unwrap(),
+            "2027-01-01T00:00:00Z".parse().unwrap(),
+            10,
+        )
+        .unwrap();
+        assert!(differences.is_empty(), "{differences:#?}");
+        assert!(count_rows(&self.db.url, "rollups_1d") > 0);
+    }
+
     async fn channel(&self) -> (bus::lapin::Connection, bus::lapin::Channel) {
         let conn = bus::connect(&testkit::amqp_url(), "persister-test")
             .await
@@ -193,6 +210,7 @@ async fn a_reading_delivered_twice_is_stored_once() {
         testkit::metric(&text, "sensorhub_readings_duplicate_total"),
         60.0
     );
+    f.wait_folded().await;
     running.stop().await;
     publisher.close().await;
 }
@@ -355,6 +373,8 @@ async fn several_persisters_share_the_queue() {
         ma > 0.0 && mb > 0.0,
         "both persisters worked: {ma} and {mb}"
     );
+    // both kept the rollups, and one at a time folded them: every reading counted once
+    f.wait_folded().await;
     a.stop().await;
     b.stop().await;
     publisher.close().await;

@@ -124,6 +124,50 @@ fn conflicts_are_listed_newest_first_and_by_device() {
 }
 
 #[test]
+fn rollups_are_verified_against_raw_readings_and_rebuilt_from_them() {
+    let op = Operator::new();
+    let mut conn = op.db.connect();
+    // readings written by hand, around the persister: no summary holds them yet
+    testkit::execute(
+        &mut conn,
+        "SELECT sensorhub_ensure_readings_partition(now());
+         INSERT INTO readings (device_id, ts, reading_id, metrics)
+         VALUES ('raspi-01', now() - interval '2 minutes', 'a', '{\"t\": 0.1}'),
+                ('raspi-01', now() - interval '1 minute', 'b', '{\"t\": 0.2, \"h\": 50}'),
+                ('raspi-02', now(), 'c', '{\"t\": 7}')",
+    );
+    let differences = op.fails(&["rollups", "verify"]);
+    assert!(
+        differences.contains("differ from the raw readings"),
+        "{differences}"
+    );
+    let listed = String::from_utf8(op.run(&["rollups", "verify"]).stdout).unwrap();
+    assert!(
+        listed.contains("rollups_1m raspi-01 t") && listed.contains("summary [none]"),
+        "{listed}"
+    );
+
+    let one = op.ok(&["rollups", "rebuild", "--device", "raspi-01"]);
+    assert!(one.contains("rebuilt"), "{one}");
+    let still = String::from_utf8(op.run(&["rollups", "verify"]).stdout).unwrap();
+    assert!(
+        !still.contains("raspi-01") && still.contains("raspi-02"),
+        "{still}"
+    );
+    op.ok(&["rollups", "rebuild", "--from", "2026-01-01"]);
+    assert!(
+        op.ok(&["rollups", "verify"])
+            .contains("every summary equals")
+    );
+    assert!(op.ok(&["rollups", "status"]).contains("no deltas wait"));
+
+    let bad = op.fails(&["rollups", "rebuild", "--from", "yesterday"]);
+    assert!(bad.contains("neither a date"), "{bad}");
+    let bad = op.fails(&["rollups", "rebuild", "--device", "no spaces"]);
+    assert!(bad.contains("--device"), "{bad}");
+}
+
+#[test]
 fn keys_devices_and_tokens_from_the_command_line() {
     let op = Operator::new();
     op.ok(&["keys", "init"]);
