@@ -13,6 +13,7 @@ pub mod listen;
 mod migrate;
 mod pool;
 pub mod read;
+pub mod retention;
 mod schema;
 mod write;
 
