@@ -616,6 +616,23 @@ fn latest_and_series_compute_exact_values() {
             "{aggregate:?}"
         );
     }
+
+    // metrics whose newest reading is days older than the device's newest are found all the same
+    s.write(&[reading("d", "6", t0 + Duration::days(3), &[("co2", 415.0)])]);
+    let ids = ["d".to_owned(), "other".to_owned()];
+    let latest: Vec<_> = store::read::latest_of(&mut s.conn, &ids)
+        .unwrap()
+        .into_iter()
+        .map(|v| (v.device_id, v.metric, v.value))
+        .collect();
+    let expected = [
+        ("d", "co2", 415.0),
+        ("d", "h", 40.0),
+        ("d", "t", 20.0),
+        ("other", "t", 1000.0),
+    ]
+    .map(|(d, m, v)| (d.to_owned(), m.to_owned(), v));
+    assert_eq!(latest, expected);
 }
 
 #[test]
