@@ -21,8 +21,9 @@ use crate::StoreError;
 /// Rows deleted per statement.
 pub const ROWS_PER_DELETE: i64 = 10_000;
 /// How long dropping a partition waits for its lock on `readings` before giving up until the next
-/// run: writers queue behind a waiting DETACH, so it must not wait long.
-const DROP_LOCK_TIMEOUT: &str = "2s";
+/// run: writers queue behind a waiting DETACH, so it must not wait long (and after one such wait,
+/// the run tries no other partition: what held the lock most likely still does).
+const DROP_LOCK_TIMEOUT: &str = "1s";
 /// The advisory lock that lets one applier run at a time (persisters, sensorctl).
 const APPLY_LOCK: i64 = 0x5e45_7e7e;
 /// The longest keep accepted: 100 years, in hours.
@@ -490,12 +491,18 @@ pub fn apply_with_progress(
     let rules = show(conn)?;
     let mut report = ApplyReport::default();
     drop_raw_partitions(conn, &rules, now, &mut report, &mut progress)?;
+    // a partition due to be dropped whose lock was not had is dropped next run, not emptied row
+    // by row now
+    let partitions: Vec<String> = raw_partitions(conn)?
+        .into_iter()
+        .filter(|p| !report.partitions_skipped.contains(p))
+        .collect();
     for table in Table::ALL {
         for rule in rules.iter().filter(|r| r.table == table) {
             let Some(cutoff) = rule.cutoff(now) else {
                 continue;
             };
-            let rows = delete_under(conn, rule, cutoff)?;
+            let rows = delete_under(conn, rule, cutoff, &partitions)?;
             if rows > 0 {
                 progress(&Progress::Deleted {
                     table,
@@ -544,10 +551,10 @@ struct Partition {
     name: String,
 }
 
-/// The end of the range a partition named by `sensorhub_ensure_readings_partition` holds:
+/// The range a partition named by `sensorhub_ensure_readings_partition` holds:
 /// `readings_YYYY_MM_DD` a day, `readings_YYYY_MM` a month. None for any other name (the default
 /// partition, or one made by hand), which is never dropped.
-fn partition_end(name: &str) -> Option<DateTime<Utc>> {
+fn partition_range(name: &str) -> Option<(DateTime<Utc>, DateTime<Utc>)> {
     let rest = name.strip_prefix("readings_")?;
     let parts: Vec<&str> = rest.split('_').collect();
     let number = |s: &str, len: usize| {
@@ -555,28 +562,46 @@ fn partition_end(name: &str) -> Option<DateTime<Utc>> {
             .then(|| s.parse::<u32>().ok())
             .flatten()
     };
-    let end = match parts.as_slice() {
+    let (start, end) = match parts.as_slice() {
         [y, m, d] => {
-            let day = NaiveDate::from_ymd_opt(
-                i32::try_from(number(y, 4)?).ok()?,
-                number(m, 2)?,
-                number(d, 2)?,
-            )?;
-            day.succ_opt()?
+            let year = i32::try_from(number(y, 4)?).ok()?;
+            let day = NaiveDate::from_ymd_opt(year, number(m, 2)?, number(d, 2)?)?;
+            (day, day.succ_opt()?)
         }
         [y, m] => {
-            let first =
-                NaiveDate::from_ymd_opt(i32::try_from(number(y, 4)?).ok()?, number(m, 2)?, 1)?;
+            let year = i32::try_from(number(y, 4)?).ok()?;
+            let first = NaiveDate::from_ymd_opt(year, number(m, 2)?, 1)?;
             let (year, month) = if first.month() == 12 {
                 (first.year() + 1, 1)
             } else {
                 (first.year(), first.month() + 1)
             };
-            NaiveDate::from_ymd_opt(year, month, 1)?
+            (first, NaiveDate::from_ymd_opt(year, month, 1)?)
         }
         _ => return None,
     };
-    Some(end.and_hms_opt(0, 0, 0)?.and_utc())
+    Some((
+        start.and_hms_opt(0, 0, 0)?.and_utc(),
+        end.and_hms_opt(0, 0, 0)?.and_utc(),
+    ))
+}
+
+fn partition_end(name: &str) -> Option<DateTime<Utc>> {
+    partition_range(name).map(|(_, end)| end)
+}
+
+/// The partitions of `readings`, by name.
+fn raw_partitions(conn: &mut PgConnection) -> Result<Vec<String>, StoreError> {
+    let partitions: Vec<Partition> = diesel::sql_query(
+        "SELECT c.relname AS name FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+         WHERE i.inhparent = 'readings'::regclass ORDER BY c.relname",
+    )
+    .load(conn)?;
+    Ok(partitions.into_iter().map(|p| p.name).collect())
+}
+
+fn quoted(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
 }
 
 /// Step 1: partitions past the longest raw keep of any device.
@@ -600,31 +625,34 @@ fn drop_raw_partitions(
         return Ok(());
     };
     let cutoff = now - longest;
-    let partitions: Vec<Partition> = diesel::sql_query(
-        "SELECT c.relname AS name FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
-         WHERE i.inhparent = 'readings'::regclass ORDER BY c.relname",
-    )
-    .load(conn)?;
-    for partition in partitions {
-        if partition_end(&partition.name).is_none_or(|end| end > cutoff) {
+    let mut timed_out = false;
+    for partition in raw_partitions(conn)? {
+        if partition_end(&partition).is_none_or(|end| end > cutoff) {
             continue;
         }
-        match drop_partition(conn, &partition.name) {
+        let dropped = if timed_out {
+            Err(None)
+        } else {
+            drop_partition(conn, &partition).map_err(Some)
+        };
+        match dropped {
             Ok(()) => {
                 progress(&Progress::Dropped {
-                    partition: partition.name.clone(),
+                    partition: partition.clone(),
                 });
-                report.partitions_dropped.push(partition.name);
+                report.partitions_dropped.push(partition);
             }
-            Err(e) if is_lock_timeout(&e) => {
-                tracing::warn!(partition = %partition.name,
+            Err(e) if e.as_ref().is_none_or(is_lock_timeout) => {
+                timed_out = true;
+                tracing::warn!(partition = %partition,
                     "retention: the partition's lock was not had in time; trying at the next run");
                 progress(&Progress::Skipped {
-                    partition: partition.name.clone(),
+                    partition: partition.clone(),
                 });
-                report.partitions_skipped.push(partition.name);
+                report.partitions_skipped.push(partition);
             }
-            Err(e) => return Err(e),
+            Err(Some(e)) => return Err(e),
+            Err(None) => {}
         }
     }
     Ok(())
@@ -652,60 +680,69 @@ fn is_lock_timeout(e: &StoreError) -> bool {
 /// Steps 2 and 3: deletes, `ROWS_PER_DELETE` at a time, what `rule` removes at `cutoff`: the rows
 /// it names (its device, its metric) that no more specific rule names, older than the cutoff (raw)
 /// or in buckets ending at or before it (rollups).
+///
+/// Raw rows are deleted partition by partition (those that can hold rows older than the cutoff,
+/// the default one included), each batch by its rows' ctid within that partition: one statement
+/// on the parent would join the batch back to every old partition, reading all of them again for
+/// each batch.
 fn delete_under(
     conn: &mut PgConnection,
     rule: &Rule,
     cutoff: DateTime<Utc>,
+    raw_partitions: &[String],
 ) -> Result<u64, StoreError> {
-    let relation = rule.table.relation();
-    let (key, time, before) = match rule.table.bucket() {
-        None => ("device_id, ts, reading_id", "ts", cutoff),
-        Some(bucket) => ("device_id, metric, bucket", "bucket", cutoff - bucket),
+    let (relations, older, before, metric_of_row) = match rule.table.bucket() {
+        None => (
+            raw_partitions
+                .iter()
+                .filter(|p| partition_range(p).is_none_or(|(start, _)| start < cutoff))
+                .map(|p| quoted(p))
+                .collect::<Vec<_>>(),
+            "r.ts < $1",
+            cutoff,
+            "''",
+        ),
+        Some(bucket) => (
+            vec![rule.table.relation().to_owned()],
+            "r.bucket <= $1",
+            cutoff - bucket,
+            "r.metric",
+        ),
     };
-    let older = if rule.table.bucket().is_some() {
-        format!("r.{time} <= $1")
-    } else {
-        format!("r.{time} < $1")
-    };
-    let metric_of_row = if rule.table == Table::Raw {
-        "''"
-    } else {
-        "r.metric"
-    };
-    // $2/$3: the rule's device and metric ('' for any); $4 its rank; $5 the table
-    // the age condition on the outer statement too, so PostgreSQL leaves out the newer
-    // partitions of readings when planning it
-    let outer = older.replacen("r.", "", 1);
-    let sql = format!(
-        "DELETE FROM {relation} WHERE {outer} AND ({key}) IN (
-             SELECT {key} FROM {relation} r
-             WHERE {older}
-               AND ($2 = '' OR r.device_id = $2)
-               AND ($3 = '' OR {metric_of_row} = $3)
-               AND NOT EXISTS (
-                   SELECT 1 FROM retention_policy p
-                   WHERE p.table_name = $5
-                     AND p.device_id IN ('', r.device_id)
-                     AND p.metric IN ('', {metric_of_row})
-                     AND (CASE WHEN p.device_id <> '' THEN 2 ELSE 0 END
-                          + CASE WHEN p.metric <> '' THEN 1 ELSE 0 END) > $4)
-             LIMIT $6)"
-    );
     let mut total = 0u64;
-    loop {
-        let rows = diesel::sql_query(&sql)
-            .bind::<Timestamptz, _>(before)
-            .bind::<Text, _>(rule.device.as_deref().unwrap_or(""))
-            .bind::<Text, _>(rule.metric.as_deref().unwrap_or(""))
-            .bind::<Integer, _>(rule.rank())
-            .bind::<Text, _>(rule.table.as_str())
-            .bind::<BigInt, _>(ROWS_PER_DELETE)
-            .execute(conn)?;
-        total += rows as u64;
-        if (rows as i64) < ROWS_PER_DELETE {
-            return Ok(total);
+    for relation in relations {
+        // $2/$3: the rule's device and metric ('' for any); $4 its rank; $5 the table
+        let sql = format!(
+            "DELETE FROM {relation} WHERE ctid = ANY(ARRAY(
+                 SELECT ctid FROM {relation} r
+                 WHERE {older}
+                   AND ($2 = '' OR r.device_id = $2)
+                   AND ($3 = '' OR {metric_of_row} = $3)
+                   AND NOT EXISTS (
+                       SELECT 1 FROM retention_policy p
+                       WHERE p.table_name = $5
+                         AND p.device_id IN ('', r.device_id)
+                         AND p.metric IN ('', {metric_of_row})
+                         AND (CASE WHEN p.device_id <> '' THEN 2 ELSE 0 END
+                              + CASE WHEN p.metric <> '' THEN 1 ELSE 0 END) > $4)
+                 LIMIT $6))"
+        );
+        loop {
+            let rows = diesel::sql_query(&sql)
+                .bind::<Timestamptz, _>(before)
+                .bind::<Text, _>(rule.device.as_deref().unwrap_or(""))
+                .bind::<Text, _>(rule.metric.as_deref().unwrap_or(""))
+                .bind::<Integer, _>(rule.rank())
+                .bind::<Text, _>(rule.table.as_str())
+                .bind::<BigInt, _>(ROWS_PER_DELETE)
+                .execute(conn)?;
+            total += rows as u64;
+            if (rows as i64) < ROWS_PER_DELETE {
+                break;
+            }
         }
     }
+    Ok(total)
 }
 
 #[cfg(test)]

@@ -269,3 +269,23 @@ fn the_policy_refuses_what_it_cannot_honour() {
             .all(|r| r.keep == Keep::Forever && r.scope() == "global")
     );
 }
+
+#[test]
+fn a_partition_whose_lock_is_not_had_in_time_is_left_for_the_next_run() {
+    let mut s = Store::daily();
+    write_days(&mut s, &["a"], &[-41, -40, -1]);
+    set(&mut s, Table::Raw, "30d", None, None);
+    // a long reader of readings: DETACH must wait for it, and gives up after its lock timeout,
+    // trying no other partition in that run (nor emptying them row by row)
+    let mut reader = s.db.connect();
+    testkit::execute(&mut reader, "BEGIN; SELECT count(*) FROM readings;");
+    let due = [day_partition(-41).0, day_partition(-40).0];
+    let report = retention::apply(&mut s.conn, noon()).unwrap();
+    assert_eq!(report.partitions_skipped, due);
+    assert!(report.is_empty(), "{report:?}");
+    assert_eq!(s.rows("readings"), 3);
+    testkit::execute(&mut reader, "COMMIT");
+    let report = retention::apply(&mut s.conn, noon()).unwrap();
+    assert_eq!(report.partitions_dropped, due);
+    assert_eq!(s.rows("readings"), 1);
+}
