@@ -13,6 +13,7 @@ pub mod listen;
 mod migrate;
 mod pool;
 pub mod read;
+pub mod retention;
 pub mod rollups;
 mod schema;
 mod write;

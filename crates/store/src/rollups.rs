@@ -79,15 +79,7 @@ impl Source {
     }
 }
 
-/// From when on each table still holds everything of one device's metric (none: kept forever),
-/// as the retention policy says.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Horizons {
-    pub raw: Option<DateTime<Utc>>,
-    pub m1: Option<DateTime<Utc>>,
-    pub h1: Option<DateTime<Utc>>,
-    pub d1: Option<DateTime<Utc>>,
-}
+pub use crate::retention::Horizons;
 
 impl Horizons {
     fn of(&self, source: Source) -> Option<DateTime<Utc>> {
@@ -103,6 +95,25 @@ impl Horizons {
     fn complete_from(&self, source: Source, from: DateTime<Utc>) -> bool {
         self.of(source).is_none_or(|horizon| horizon <= from)
     }
+}
+
+/// From when on the raw readings of `device` (or of every device) are all still kept: the latest
+/// cutoff of the raw retention rules that apply (none: all kept forever). A rebuild must not start
+/// before it, or it would replace summaries with sums of what retention left.
+pub fn raw_complete_from(
+    conn: &mut PgConnection,
+    device: Option<&str>,
+    now: DateTime<Utc>,
+) -> Result<Option<DateTime<Utc>>, StoreError> {
+    Ok(crate::retention::show(conn)?
+        .iter()
+        .filter(|r| r.table == crate::retention::Table::Raw)
+        .filter(|r| match (device, r.device.as_deref()) {
+            (Some(device), Some(named)) => device == named,
+            _ => true,
+        })
+        .filter_map(|r| r.cutoff(now))
+        .max())
 }
 
 /// One piece of a series' range and the table that answers it: `[from, to)`.

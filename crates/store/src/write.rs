@@ -4,7 +4,7 @@ use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::io::Write;
 
-use chrono::{DateTime, Datelike, Utc};
+use chrono::{DateTime, NaiveDate, Utc};
 use diesel::pg::Pg;
 use diesel::pg::data_types::PgInterval;
 use diesel::prelude::*;
@@ -53,21 +53,22 @@ impl Written {
     }
 }
 
-/// The monthly partitions this writer has seen created (or seen routed to the default partition),
-/// so it asks PostgreSQL only about new months; and the backfill horizon, which bounds the months
-/// PostgreSQL creates a partition for (see the migration `bounded_partitions`).
+/// The days (UTC) whose partition this writer has seen exist (a day's own, or its month's from
+/// before daily partitions), so it asks PostgreSQL only about new days; and the backfill horizon,
+/// which bounds the days PostgreSQL creates a partition for (see the migrations
+/// `bounded_partitions` and `retention`).
 #[derive(Debug, Default)]
 pub struct KnownPartitions {
-    months: HashSet<(i32, u32)>,
+    days: HashSet<NaiveDate>,
     horizon: BackfillHorizon,
 }
 
 impl KnownPartitions {
-    /// Partitions are created for the months from `horizon` ago to next month; readings outside them
-    /// are stored in the default partition.
+    /// Partitions are created for the days from `horizon` ago to tomorrow; readings outside them are
+    /// stored in the default partition.
     pub fn with_horizon(horizon: BackfillHorizon) -> Self {
         Self {
-            months: HashSet::new(),
+            days: HashSet::new(),
             horizon,
         }
     }
@@ -617,33 +618,37 @@ pub fn forget_older_than(
         .execute(conn)?)
 }
 
-/// Where PostgreSQL keeps readings of months it may not create a partition for.
+/// Where PostgreSQL keeps readings of days it may not create a partition for.
 const DEFAULT_PARTITION: &str = "readings_default";
 
-/// Creates missing monthly partitions in their own short transactions, before the batch's: creating
+/// Creates missing daily partitions in their own short transactions, before the batch's: creating
 /// a partition locks the parent table, which must not be held while the batch is written. PostgreSQL
-/// creates only the months from the horizon ago to next month; readings of other months (queued
-/// before ingest refused them) go to the default partition, so they are stored all the same.
+/// creates only the days from the horizon ago to tomorrow (a month that has a partition of its own,
+/// from before daily partitions, keeps it); readings of other days (queued before ingest refused
+/// them) go to the default partition, so they are stored all the same.
+///
+/// A day retention has dropped since this writer saw it is still "known": its late readings go to
+/// the default partition, and the next retention run removes them.
 fn ensure_partitions(
     conn: &mut PgConnection,
     batch: &[Reading],
     known: &mut KnownPartitions,
 ) -> Result<(), StoreError> {
-    let mut months: BTreeMap<(i32, u32), DateTime<Utc>> = BTreeMap::new();
+    let mut days: BTreeMap<NaiveDate, DateTime<Utc>> = BTreeMap::new();
     for reading in batch {
-        let month = (reading.ts.year(), reading.ts.month());
-        if !known.months.contains(&month) {
-            months.entry(month).or_insert(reading.ts);
+        let day = reading.ts.date_naive();
+        if !known.days.contains(&day) {
+            days.entry(day).or_insert(reading.ts);
         }
     }
     let horizon = PgInterval::from_days(i32::try_from(known.horizon.as_days()).unwrap_or(i32::MAX));
-    for (month, ts) in months {
+    for (day, ts) in days {
         let partition: String =
             diesel::select(ensure_readings_partition(ts, horizon)).get_result(conn)?;
-        // A month sent to the default partition is asked about again next time: it may become
-        // creatable (next month, as the clock moves on), and such stragglers are rare.
+        // A day sent to the default partition is asked about again next time: it may become
+        // creatable (tomorrow's, as the clock moves on), and such stragglers are rare.
         if partition != DEFAULT_PARTITION {
-            known.months.insert(month);
+            known.days.insert(day);
         }
     }
     Ok(())

@@ -14,6 +14,9 @@
 //! Commands: the persister also publishes the commands that are due (new ones, and re-sends of
 //! those not answered) and records what the ingest services report about them (see `commands`).
 //!
+//! Retention: every `retention_interval_secs` one persister applies the retention policy (see
+//! `retention`).
+//!
 //! A message that cannot be decoded goes to the dead-letter queue with the reason, counted. A
 //! database that is down is waited for: writes are retried with backoff while the messages stay
 //! unacknowledged, and the queue holds everything else.
@@ -25,6 +28,7 @@ mod consumer;
 mod housekeeping;
 mod lag;
 mod metrics;
+mod retention;
 mod rollups;
 pub mod settings;
 mod writer;
@@ -137,6 +141,12 @@ impl Persister {
             self.pool.clone(),
             self.shutdown.subscribe(),
         ));
+        let retaining = tokio::spawn(retention::apply_periodically(
+            self.pool.clone(),
+            self.settings.retention_interval_secs,
+            self.metrics.clone(),
+            self.shutdown.subscribe(),
+        ));
         let dispatching = tokio::spawn(commands::dispatch(
             self.settings.clone(),
             self.pool.clone(),
@@ -166,6 +176,7 @@ impl Persister {
         forgetting.abort();
         folding.abort();
         expiring.abort();
+        retaining.abort();
         ops_handle.stop(true).await;
         let _ = ops.await;
     }

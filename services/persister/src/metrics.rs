@@ -17,8 +17,19 @@ pub struct OutcomeLabels {
     pub outcome: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TableLabels {
+    pub table: &'static str,
+}
+
 #[derive(Clone)]
 pub struct PersisterMetrics {
+    /// Rows retention deleted one batch at a time, by table (raw, 1m, 1h, 1d).
+    pub retention_rows_deleted: Family<TableLabels, Counter>,
+    /// Raw partitions retention dropped whole.
+    pub retention_partitions_dropped: Counter,
+    /// Partitions retention left for its next run: their lock was not had in time.
+    pub retention_skipped: Counter,
     /// Commits announced to the live views (query-api's `GET /v1/live`).
     pub announcements_published: Counter,
     /// Announcements that could not be published (RabbitMQ away, or too many waiting).
@@ -47,6 +58,9 @@ pub struct PersisterMetrics {
 impl PersisterMetrics {
     pub fn register(registry: &mut Registry) -> Self {
         let m = Self {
+            retention_rows_deleted: Family::default(),
+            retention_partitions_dropped: Counter::default(),
+            retention_skipped: Counter::default(),
             announcements_published: Counter::default(),
             announcements_dropped: Counter::default(),
             commands_published: Counter::default(),
@@ -150,6 +164,21 @@ impl PersisterMetrics {
             "1 while consuming from RabbitMQ",
             m.amqp_connected.clone(),
         );
+        registry.register(
+            "retention_rows_deleted",
+            "Rows the retention policy deleted one batch at a time, by table (raw, 1m, 1h, 1d); whole dropped partitions are not counted here",
+            m.retention_rows_deleted.clone(),
+        );
+        registry.register(
+            "retention_partitions_dropped",
+            "Raw partitions (days, or months from before daily partitions) the retention policy dropped whole",
+            m.retention_partitions_dropped.clone(),
+        );
+        registry.register(
+            "retention_skipped",
+            "Partitions due to be dropped that were left for the next run because their lock was not had within the timeout",
+            m.retention_skipped.clone(),
+        );
         // Every label set known in advance exists from start-up at 0, so an alert sees the first
         // increase (a series that appears with its first event has no earlier value to rise from).
         for reason in crate::consumer::DEAD_LETTER_REASONS {
@@ -159,6 +188,11 @@ impl PersisterMetrics {
         for outcome in crate::commands::REPORT_OUTCOMES {
             m.command_reports
                 .get_or_create_owned(&OutcomeLabels { outcome });
+        }
+        for table in store::retention::Table::ALL {
+            m.retention_rows_deleted.get_or_create_owned(&TableLabels {
+                table: table.as_str(),
+            });
         }
         m
     }

@@ -24,6 +24,8 @@ pub struct Settings {
     pub conflicts_kept_days: u32,
     /// An unanswered command is published again this long after it was last sent.
     pub command_resend_secs: u32,
+    /// The retention policy is applied this often (by one persister at a time).
+    pub retention_interval_secs: u64,
     /// How commands are published (see the bus crate).
     #[serde(flatten)]
     pub publisher: PublisherSettings,

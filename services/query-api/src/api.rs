@@ -19,7 +19,7 @@ use crate::params;
         title = "Sensorhub query API",
         description = "Read the readings Sensorhub stored: devices, readings by time range, latest values, time buckets. \
             Every `/v1` route needs `Authorization: Bearer <token>`: a reader, operator or admin token to read, an operator \
-            or admin token to send devices commands, an admin token to register or revoke devices."
+            or admin token to send devices commands, an admin token to register or revoke devices and to change the retention policy."
     ),
     components(schemas(service_kit::ErrorBody))
 )]
@@ -63,6 +63,9 @@ pub fn routes(cfg: &mut ServiceConfig) {
         .service(crate::tokens::list_tokens)
         .service(crate::tokens::revoke_token)
         .service(crate::tokens::me)
+        .service(crate::retention::get_retention)
+        .service(crate::retention::set_retention)
+        .service(crate::retention::unset_retention)
         .service(crate::live::live);
 }
 

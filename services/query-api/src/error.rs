@@ -49,6 +49,8 @@ pub enum QueryError {
     UnknownToken(String),
     #[error("no command {0:?}")]
     UnknownCommand(String),
+    #[error("no retention {0}")]
+    UnknownRetentionOverride(String),
     #[error("{0}")]
     TooManyOpenCommands(String),
     #[error(transparent)]
@@ -97,7 +99,9 @@ impl QueryError {
             QueryError::BodyTooLarge(_) => "too_large",
             QueryError::NotJson => "unsupported_media_type",
             QueryError::InvalidBody(_) => "invalid",
-            QueryError::UnknownToken(_) | QueryError::UnknownCommand(_) => "not_found",
+            QueryError::UnknownToken(_)
+            | QueryError::UnknownCommand(_)
+            | QueryError::UnknownRetentionOverride(_) => "not_found",
             QueryError::TooManyOpenCommands(_) => "too_many_commands",
             QueryError::Busy(_) => "busy",
             QueryError::AppToken(auth::AppTokenRefusal::NotLoaded) => "unavailable",
@@ -178,9 +182,9 @@ impl QueryError {
             }
             // anything else, a database error that is not an outage included, is a bug or an
             // input the checks missed: logged, and answered without details
-            QueryError::UnknownToken(_) | QueryError::UnknownCommand(_) => {
-                ApiError::not_found(self.to_string())
-            }
+            QueryError::UnknownToken(_)
+            | QueryError::UnknownCommand(_)
+            | QueryError::UnknownRetentionOverride(_) => ApiError::not_found(self.to_string()),
             QueryError::TooManyOpenCommands(reason) => {
                 ApiError::new(StatusCode::TOO_MANY_REQUESTS, "too_many_commands", reason)
             }
@@ -217,7 +221,9 @@ impl ResponseError for QueryError {
             QueryError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             QueryError::NotJson => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             QueryError::InvalidBody(_) => StatusCode::BAD_REQUEST,
-            QueryError::UnknownToken(_) | QueryError::UnknownCommand(_) => StatusCode::NOT_FOUND,
+            QueryError::UnknownToken(_)
+            | QueryError::UnknownCommand(_)
+            | QueryError::UnknownRetentionOverride(_) => StatusCode::NOT_FOUND,
             QueryError::TooManyOpenCommands(_) => StatusCode::TOO_MANY_REQUESTS,
             QueryError::AppToken(auth::AppTokenRefusal::NotLoaded) => {
                 StatusCode::SERVICE_UNAVAILABLE

@@ -13,6 +13,7 @@ mod dashboard;
 mod error;
 mod live;
 mod params;
+mod retention;
 pub mod settings;
 pub mod startup;
 mod tokens;

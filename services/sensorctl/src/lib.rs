@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 
 mod rollups;
 
-/// Sensorhub's operator tool: migrations, keys, devices and tokens.
+/// Sensorhub's operator tool: migrations, keys, devices, tokens and retention.
 #[derive(Parser)]
 #[command(version)]
 pub struct Cli {
@@ -64,6 +64,46 @@ pub enum Command {
     /// The minute, hour and day summaries of the readings, which the persister keeps.
     #[command(subcommand)]
     Rollups(rollups::RollupsCommand),
+    /// How long raw readings and the rollups (1m, 1h, 1d) are kept: a global default per table,
+    /// overridden per device, per metric or per device and metric (the most specific wins). The
+    /// persisters apply it every RETENTION_INTERVAL_SECS; `apply` does it now.
+    #[command(subcommand)]
+    Retention(RetentionCommand),
+}
+
+#[derive(Subcommand)]
+pub enum RetentionCommand {
+    /// Every rule: table, scope, keep, and the cutoff it gives now (what is older goes).
+    Show,
+    /// Set how long a table keeps what it holds, globally or for a device, a metric, or both.
+    /// Raw readings cannot be kept per metric (a reading holds all its metrics in one row).
+    #[command(after_help = "Examples:\n  sensorctl retention set raw 30d\n  \
+        sensorctl retention set raw 90d --device raspi-01\n  \
+        sensorctl retention set 1m 7d --metric co2\n  sensorctl retention set 1d forever")]
+    Set {
+        /// raw, 1m, 1h or 1d.
+        table: String,
+        /// Whole days or hours (30d, 12h), or forever.
+        keep: String,
+        /// Only this device's.
+        #[arg(long)]
+        device: Option<String>,
+        /// Only this metric's (not for raw).
+        #[arg(long)]
+        metric: Option<String>,
+    },
+    /// Remove an override (the global default of a table can only be set, e.g. to forever).
+    Unset {
+        /// raw, 1m, 1h or 1d.
+        table: String,
+        #[arg(long)]
+        device: Option<String>,
+        #[arg(long)]
+        metric: Option<String>,
+    },
+    /// Apply the policy now, printing what it removes as it goes (one applier at a time: a
+    /// persister applying it meanwhile makes this wait for nothing and say so).
+    Apply,
 }
 
 #[derive(Subcommand)]
@@ -331,6 +371,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             }
             eprintln!("{} conflict(s) shown", conflicts.len());
         }
+        Command::Retention(command) => retention(&cli.database_url, command)?,
         Command::Token(TokenCommand::List) => {
             let mut conn = connect(&cli.database_url)?;
             println!(
@@ -407,6 +448,103 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+fn retention(database_url: &str, command: RetentionCommand) -> anyhow::Result<()> {
+    use store::retention::{self, Keep, Progress, Table, Target};
+    match command {
+        RetentionCommand::Show => {
+            let mut conn = connect(database_url)?;
+            let now = chrono::Utc::now();
+            println!("{:<6} {:<40} {:<8} cutoff", "table", "scope", "keep");
+            for rule in retention::show(&mut conn)? {
+                let cutoff = rule.cutoff(now).map_or_else(
+                    || "-".to_owned(),
+                    |c| c.format("%Y-%m-%dT%H:%M:%SZ").to_string(),
+                );
+                println!(
+                    "{:<6} {:<40} {:<8} {cutoff}",
+                    rule.table.as_str(),
+                    rule.scope(),
+                    rule.keep.to_string()
+                );
+            }
+        }
+        RetentionCommand::Set {
+            table,
+            keep,
+            device,
+            metric,
+        } => {
+            let target = Target::new(Table::parse(&table)?, device.as_deref(), metric.as_deref())?;
+            let keep = Keep::parse(&keep)?;
+            retention::set(&mut connect(database_url)?, &target, keep)?;
+            eprintln!(
+                "{} keeps {keep} ({}); the persisters apply it within RETENTION_INTERVAL_SECS, \
+                 or run `sensorctl retention apply`",
+                target.table,
+                scope(&target)
+            );
+        }
+        RetentionCommand::Unset {
+            table,
+            device,
+            metric,
+        } => {
+            let target =
+                Target::override_of(Table::parse(&table)?, device.as_deref(), metric.as_deref())?;
+            if !retention::unset(&mut connect(database_url)?, &target)? {
+                bail!("{} has no override for {}", target.table, scope(&target));
+            }
+            eprintln!(
+                "removed the override of {} for {}",
+                target.table,
+                scope(&target)
+            );
+        }
+        RetentionCommand::Apply => {
+            let mut conn = connect(database_url)?;
+            let report =
+                retention::apply_exclusively(&mut conn, chrono::Utc::now(), |step| match step {
+                    Progress::Dropped { partition } => println!("dropped partition {partition}"),
+                    Progress::Skipped { partition } => println!(
+                        "skipped partition {partition} (its lock was not had in time; try again)"
+                    ),
+                    Progress::Deleted {
+                        table,
+                        scope,
+                        cutoff,
+                        rows,
+                    } => println!(
+                        "deleted {rows} row(s) of {table} ({scope}) older than {}",
+                        cutoff.format("%Y-%m-%dT%H:%M:%SZ")
+                    ),
+                })?;
+            let Some(report) = report else {
+                bail!("another applier (a persister) is applying the policy now: try again later");
+            };
+            let rows = report.rows_deleted;
+            println!(
+                "removed: {} partition(s); rows raw {}, 1m {}, 1h {}, 1d {}; skipped {} partition(s)",
+                report.partitions_dropped.len(),
+                rows.raw,
+                rows.m1,
+                rows.h1,
+                rows.d1,
+                report.partitions_skipped.len()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn scope(target: &store::retention::Target) -> String {
+    match (&target.device, &target.metric) {
+        (None, None) => "global".to_owned(),
+        (Some(d), None) => format!("device {d}"),
+        (None, Some(m)) => format!("metric {m}"),
+        (Some(d), Some(m)) => format!("device {d}, metric {m}"),
+    }
 }
 
 fn broker(url: Option<&str>) -> anyhow::Result<Option<mqtt_admin::Broker>> {

@@ -48,9 +48,31 @@ pub fn run(database_url: &str, command: RollupsCommand) -> anyhow::Result<()> {
                     .map_err(|reason| anyhow::anyhow!("--device: {reason}"))?;
             }
             let to = to.unwrap_or_else(Utc::now);
-            let from = from.unwrap_or(DateTime::UNIX_EPOCH);
+            let mut from = from.unwrap_or(DateTime::UNIX_EPOCH);
             if from >= to {
                 bail!("--from must be before --to");
+            }
+            // days whose raw readings retention has begun to remove keep their summaries
+            if let Some(kept) =
+                store::rollups::raw_complete_from(&mut conn, device.as_deref(), Utc::now())?
+            {
+                let first_whole_day = kept
+                    .date_naive()
+                    .succ_opt()
+                    .map(|d| d.and_time(chrono::NaiveTime::MIN).and_utc())
+                    .unwrap_or(kept);
+                if first_whole_day > from {
+                    println!(
+                        "raw readings before {} may have been removed by retention: rebuilding from {}",
+                        kept.format("%Y-%m-%dT%H:%MZ"),
+                        first_whole_day.format("%Y-%m-%d")
+                    );
+                    from = first_whole_day;
+                }
+            }
+            if from >= to {
+                println!("nothing to rebuild");
+                return Ok(());
             }
             let days = store::rollups::days_with_readings(&mut conn, device.as_deref(), from, to)
                 .context("cannot list the days that hold readings")?;

@@ -55,12 +55,12 @@ async fn node_modules() {
 }
 
 /// 10,000 devices with one reading each, a year of one-minute readings for one device, and the
-/// monthly partitions they need, as plain SQL: their size is what the budgets are about.
+/// daily partitions they need, as plain SQL: their size is what the budgets are about.
 fn fill_database(db: &TestDb) {
     let mut conn = db.connect();
     conn.batch_execute(&format!(
-        "SELECT sensorhub_ensure_readings_partition(m)
-           FROM generate_series(date_trunc('month', now() - interval '365 days'), now(), interval '1 month') m;
+        "SELECT sensorhub_ensure_readings_partition(d)
+           FROM generate_series(date_trunc('day', now() - interval '365 days'), now(), interval '1 day') d;
          SELECT sensorhub_ensure_readings_partition(now());
          INSERT INTO devices (device_id, first_seen, last_seen, metrics)
            SELECT format('fleet-%s', lpad(i::text, 5, '0')), now() - interval '1 day',

@@ -13,6 +13,7 @@ use store::{KnownPartitions, WriteOutcome, write_readings};
 use testkit::TestDb;
 
 mod commands;
+mod retention;
 mod rollups;
 
 /// A test's own migrated database, a connection to it, and what its writer knows of the
@@ -32,6 +33,22 @@ impl Store {
             conn,
             known: KnownPartitions::default(),
         }
+    }
+
+    /// A store whose readings all go to daily partitions: the monthly partition the first
+    /// migration made (empty here) would otherwise take this month's readings, as it does in a
+    /// deployment from before daily partitions.
+    fn daily() -> Self {
+        let mut s = Self::new();
+        testkit::execute(
+            &mut s.conn,
+            "DO $$ DECLARE p text; BEGIN
+                 FOR p IN SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+                          WHERE i.inhparent = 'readings'::regclass AND c.relname ~ '^readings_\\d{4}_\\d{2}$'
+                 LOOP EXECUTE format('DROP TABLE %I', p); END LOOP;
+             END $$",
+        );
+        s
     }
 
     /// Writes `batch` as the persister does.
@@ -270,8 +287,17 @@ fn an_identity_is_forgotten_after_the_dedupe_window() {
     assert_eq!(s.rows("readings"), 2);
 }
 
-/// `readings_YYYY_MM` of the month `months` away from this one.
-fn partition_of(months: i32) -> (String, DateTime<Utc>) {
+/// `readings_YYYY_MM_DD` of the day `days` away from today (UTC), and its start.
+fn day_partition(days: i64) -> (String, DateTime<Utc>) {
+    let day = (Utc::now() + Duration::days(days)).date_naive();
+    (
+        format!("readings_{}", day.format("%Y_%m_%d")),
+        day.and_hms_opt(0, 0, 0).unwrap().and_utc(),
+    )
+}
+
+/// `readings_YYYY_MM` of the month `months` away from this one, and its start.
+fn month_partition(months: i32) -> (String, DateTime<Utc>) {
     use chrono::Datelike;
     let now = Utc::now();
     let index = now.year() * 12 + now.month0() as i32 + months;
@@ -295,46 +321,59 @@ fn partition_exists(db: &TestDb, name: &str) -> bool {
 }
 
 #[test]
-fn readings_in_new_months_within_the_horizon_get_their_partitions() {
-    let mut s = Store::new();
-    let (last_month, last_start) = partition_of(-1);
-    let (this_month, this_start) = partition_of(0);
-    let (next_month, next_start) = partition_of(1);
-    let batch = vec![
-        reading("d", "1", last_start, &[("t", 1.0)]),
-        reading("d", "2", this_start, &[("t", 2.0)]),
-        reading("d", "3", next_start, &[("t", 3.0)]),
-    ];
+fn readings_in_new_days_within_the_horizon_get_their_partitions_and_old_months_keep_theirs() {
+    let mut s = Store::daily();
+    let days: Vec<(String, DateTime<Utc>)> = (-1..=1).map(day_partition).collect();
+    let mut batch: Vec<Reading> = days
+        .iter()
+        .enumerate()
+        .map(|(i, (_, start))| reading("d", &i.to_string(), *start, &[("t", 1.0)]))
+        .collect();
+    // a month partitioned before daily partitions: its readings keep going there
+    let (month, month_start) = month_partition(-3);
+    testkit::execute(
+        &mut s.conn,
+        &format!(
+            "CREATE TABLE {month} PARTITION OF readings FOR VALUES FROM ('{month_start}') TO ('{}')",
+            month_partition(-2).1
+        ),
+    );
+    let in_month = month_start + Duration::days(3);
+    batch.push(reading("d", "m", in_month, &[("t", 1.0)]));
     s.write(&batch);
-    for partition in [&last_month, &this_month, &next_month] {
+    for (partition, _) in &days {
         assert_eq!(s.rows(partition), 1, "{partition}");
     }
-    // a second writer that has not seen these months yet finds them existing
+    assert_eq!(s.rows(&month), 1);
+    assert!(!partition_exists(
+        &s.db,
+        &format!("readings_{}", in_month.format("%Y_%m_%d"))
+    ));
+    // a second writer that has not seen these days yet finds them existing
     write_readings(&mut s.conn, &batch, &mut KnownPartitions::default()).unwrap();
-    assert_eq!(s.rows("readings"), 3);
+    assert_eq!(s.rows("readings"), 4);
     assert_eq!(s.rows("readings_default"), 0);
 }
 
 #[test]
 fn readings_outside_the_horizon_are_stored_without_creating_partitions() {
-    // What an attacker's batch asked for before ingest refused old readings: a month each, back to
+    // What an attacker's batch asked for before ingest refused old readings: a day a month, back to
     // 2000. Already queued, such readings must still be stored, but no table is made for them.
-    let mut s = Store::new();
-    let (too_old, too_old_start) = partition_of(-14);
-    let (too_new, too_new_start) = partition_of(2);
-    // 11 months back is inside 365 days whatever today is (12 may not be, on 29 February)
-    let (oldest_allowed, oldest_allowed_start) = partition_of(-11);
+    let mut s = Store::daily();
+    let (too_old, too_old_start) = day_partition(-400);
+    let (too_new, too_new_start) = day_partition(2);
+    let (oldest_allowed, oldest_allowed_start) = day_partition(-300);
     let mut batch: Vec<Reading> = (0..300)
         .map(|i| {
             let ts = at("2000-01-01T00:00:00Z") + Duration::days(31 * i);
             reading("spray", &format!("old-{i}"), ts, &[("t", i as f64)])
         })
-        .filter(|r| r.ts < too_old_start + Duration::days(31))
+        .filter(|r| r.ts < too_old_start)
         .collect();
     batch.push(reading(
         "spray",
         "stray",
-        too_old_start + Duration::days(1),
+        too_old_start + Duration::hours(1),
         &[("t", 1.0)],
     ));
     let old_count = batch.len() as i64;
@@ -342,7 +381,7 @@ fn readings_outside_the_horizon_are_stored_without_creating_partitions() {
     batch.push(reading(
         "d",
         "edge",
-        oldest_allowed_start + Duration::days(20),
+        oldest_allowed_start + Duration::hours(20),
         &[("t", 1.0)],
     ));
     let partitions_before = partitions(&s.db);
@@ -352,25 +391,25 @@ fn readings_outside_the_horizon_are_stored_without_creating_partitions() {
     assert_eq!(s.rows("readings_default"), old_count + 1);
     assert!(!partition_exists(&s.db, &too_old));
     assert!(!partition_exists(&s.db, &too_new));
-    assert!(!partition_exists(&s.db, "readings_2000_01"));
+    assert!(!partition_exists(&s.db, "readings_2000_01_01"));
     assert!(partition_exists(&s.db, &oldest_allowed));
     assert_eq!(partitions(&s.db), partitions_before + 1);
 
-    // a shorter horizon, configured: last month's readings go to the default partition too
+    // a shorter horizon, configured: readings of 20 days ago go to the default partition too
     let mut week = KnownPartitions::with_horizon(models::BackfillHorizon::days(7).unwrap());
-    let (two_months_ago, start) = partition_of(-2);
+    let (twenty_days_ago, start) = day_partition(-20);
     write_readings(
         &mut s.conn,
         &[reading("d", "w", start, &[("t", 1.0)])],
         &mut week,
     )
     .unwrap();
-    assert!(!partition_exists(&s.db, &two_months_ago));
+    assert!(!partition_exists(&s.db, &twenty_days_ago));
 
     // what the default partition holds reads back like any other reading
     let page = testkit::stored_readings(&s.db.url, "spray", 1_000);
     assert_eq!(page.len() as i64, old_count);
-    // and a later, longer horizon cannot strand them: the month is not created while the default
+    // and a later, longer horizon cannot strand them: the day is not created while the default
     // partition holds its readings, which stay where they are, and new ones join them
     let mut century = KnownPartitions::with_horizon(models::BackfillHorizon::days(36_525).unwrap());
     let again = vec![
@@ -578,6 +617,23 @@ fn latest_and_series_compute_exact_values() {
             "{aggregate:?}"
         );
     }
+
+    // metrics whose newest reading is days older than the device's newest are found all the same
+    s.write(&[reading("d", "6", t0 + Duration::days(3), &[("co2", 415.0)])]);
+    let ids = ["d".to_owned(), "other".to_owned()];
+    let latest: Vec<_> = store::read::latest_of(&mut s.conn, &ids)
+        .unwrap()
+        .into_iter()
+        .map(|v| (v.device_id, v.metric, v.value))
+        .collect();
+    let expected = [
+        ("d", "co2", 415.0),
+        ("d", "h", 40.0),
+        ("d", "t", 20.0),
+        ("other", "t", 1000.0),
+    ]
+    .map(|(d, m, v)| (d.to_owned(), m.to_owned(), v));
+    assert_eq!(latest, expected);
 }
 
 #[test]

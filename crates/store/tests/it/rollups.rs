@@ -228,3 +228,42 @@ fn a_rebuild_recomputes_a_day_from_the_raw_readings_and_keeps_what_came_after() 
     rollups::rebuild_day(&mut s.conn, None, days[0]).unwrap();
     assert_exact(&mut s.conn);
 }
+
+#[test]
+fn past_the_raw_retention_series_come_from_the_summaries_with_the_same_numbers() {
+    use store::retention::{Keep, Table, Target};
+    let mut s = Store::new();
+    let t0 = Utc::now() - Duration::days(5);
+    s.write(&day_of_readings("d", "old", t0));
+    s.write(&day_of_readings(
+        "d",
+        "new",
+        Utc::now() - Duration::hours(12),
+    ));
+    fold_all(&mut s.conn);
+    let query = SeriesQuery {
+        device_id: "d".into(),
+        metric: "t".into(),
+        from: t0 - Duration::days(1),
+        to: Utc::now(),
+        bucket_micros: Duration::hours(1).num_microseconds().unwrap(),
+        aggregate: Aggregate::Avg,
+    };
+    let aggregates = [Aggregate::Avg, Aggregate::Count, Aggregate::Sum];
+    let before = store::read::series_of(&mut s.conn, &query, &aggregates).unwrap();
+    assert_eq!(before.source, Source::Hours);
+
+    // raw readings kept 2 days: the old day's are removed, its summaries stay
+    let raw = Target::new(Table::Raw, None, None).unwrap();
+    store::retention::set(&mut s.conn, &raw, Keep::parse("2d").unwrap()).unwrap();
+    store::retention::apply(&mut s.conn, Utc::now()).unwrap();
+    assert_eq!(s.rows("readings"), 40);
+    let after = store::read::series_of(&mut s.conn, &query, &aggregates).unwrap();
+    // the range starts before the raw retention: whole hours only, never partial raw data
+    assert_eq!(after.source, Source::Hours);
+    assert_eq!(after.buckets, before.buckets);
+    // and a rebuild leaves the days retention has begun on alone
+    let days =
+        rollups::days_with_readings(&mut s.conn, None, t0 - Duration::days(1), Utc::now()).unwrap();
+    assert!(days.iter().all(|d| *d > t0), "{days:?}");
+}

@@ -16,6 +16,7 @@ mod dashboard;
 mod input;
 mod live;
 mod openapi;
+mod retention;
 mod security;
 mod tokens;
 
@@ -421,6 +422,7 @@ async fn the_openapi_description_lists_exactly_the_served_routes() {
             "/v1/devices/{id}/series",
             "/v1/live",
             "/v1/me",
+            "/v1/retention",
             "/v1/tokens",
             "/v1/tokens/{id}"
         ]

@@ -460,3 +460,86 @@ async fn mqtt_init_brings_the_accounts_of_earlier_versions_in_line() {
         "the old shared ingest account is gone (its role, which init extends, would allow this)"
     );
 }
+
+#[test]
+fn retention_is_set_shown_and_applied_from_the_command_line() {
+    let op = Operator::new();
+    let mut conn = op.db.connect();
+    testkit::execute(
+        &mut conn,
+        "INSERT INTO readings (device_id, ts, reading_id, metrics) VALUES
+             ('raspi-01', now() - interval '10 days', 'old', '{\"t\": 1}'),
+             ('raspi-01', now() - interval '1 day', 'new', '{\"t\": 2}'),
+             ('raspi-02', now() - interval '10 days', 'old', '{\"t\": 3}');
+         INSERT INTO rollups_1h (device_id, metric, bucket, count, sum, min, max, first_ts, last_ts)
+         VALUES ('raspi-01', 't', date_trunc('hour', now()) - interval '3 days', 1, 1, 1, 1, now(), now())",
+    );
+    op.ok(&["retention", "set", "raw", "7d"]);
+    op.ok(&["retention", "set", "raw", "30d", "--device", "raspi-02"]);
+    op.ok(&["retention", "set", "1h", "48h", "--metric", "t"]);
+    let shown = op.ok(&["retention", "show"]);
+    let line = |needle: &str| {
+        shown
+            .lines()
+            .find(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("{needle}: {shown}"))
+            .split_whitespace()
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(line("global")[..3], ["raw", "global", "7d"], "{shown}");
+    assert_eq!(
+        line("device=raspi-02")[..3],
+        ["raw", "device=raspi-02", "30d"]
+    );
+    assert_eq!(line("metric=t")[..3], ["1h", "metric=t", "2d"]);
+    assert_eq!(line("1d ")[..3], ["1d", "global", "forever"]);
+
+    let applied = op.ok(&["retention", "apply"]);
+    assert!(
+        applied.contains("deleted 1 row(s) of raw (global)"),
+        "{applied}"
+    );
+    assert!(
+        applied.contains("deleted 1 row(s) of 1h (metric=t)"),
+        "{applied}"
+    );
+    assert!(
+        applied.contains("rows raw 1, 1m 0, 1h 1, 1d 0"),
+        "{applied}"
+    );
+    assert_eq!(testkit::count_rows(&op.db.url, "readings"), 2);
+    let again = op.ok(&["retention", "apply"]);
+    assert!(
+        again.contains("0 partition(s); rows raw 0, 1m 0, 1h 0, 1d 0"),
+        "{again}"
+    );
+
+    // what the policy cannot hold is refused, and changes nothing
+    assert!(
+        op.fails(&["retention", "set", "raw", "7d", "--metric", "t"])
+            .contains("per metric")
+    );
+    assert!(
+        op.fails(&["retention", "set", "raw", "7x"])
+            .contains("keep")
+    );
+    assert!(
+        op.fails(&["retention", "set", "2h", "7d"])
+            .contains("table")
+    );
+    assert!(
+        op.fails(&["retention", "set", "1h", "7d", "--device", "no spaces"])
+            .contains("device")
+    );
+    assert!(
+        op.fails(&["retention", "unset", "raw"])
+            .contains("cannot be removed")
+    );
+    op.ok(&["retention", "unset", "raw", "--device", "raspi-02"]);
+    assert!(
+        op.fails(&["retention", "unset", "raw", "--device", "raspi-02"])
+            .contains("no override")
+    );
+    let shown = op.ok(&["retention", "show"]);
+    assert_eq!(shown.lines().count(), 1 + 4 + 1, "{shown}");
+}
