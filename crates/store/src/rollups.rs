@@ -11,30 +11,19 @@ use bigdecimal::BigDecimal;
 use chrono::{DateTime, Duration, DurationRound, Utc};
 use diesel::pg::data_types::PgNumeric;
 use diesel::prelude::*;
-use diesel::sql_types::{BigInt, Nullable, Text, Timestamptz};
+use diesel::sql_types::{Array, BigInt, Double, Nullable, Numeric, Text, Timestamptz};
 use models::Reading;
 
 use crate::StoreError;
 
-// Not in schema.rs: `diesel print-schema` leaves out tables without a primary key, and this one has
-// none (it is a queue that only COPY appends to and the folder empties). The key declared here is
-// only diesel's.
-diesel::table! {
-    rollup_deltas (device_id, metric, bucket) {
-        device_id -> Text,
-        metric -> Text,
-        bucket -> Timestamptz,
-        count -> BigInt,
-        sum -> Numeric,
-        min -> Double,
-        max -> Double,
-        first_ts -> Timestamptz,
-        last_ts -> Timestamptz,
-    }
-}
-
 /// The advisory lock that makes folding and rebuilding take turns (and one folder at a time).
 const FOLD_LOCK: i64 = 0x5e45_0001;
+
+/// The entries of the delta rows `d` (one row per writing transaction, its entries in parallel
+/// arrays), as rows.
+const ENTRIES: &str = "unnest(d.device_ids, d.metrics, d.buckets, d.counts, d.sums, d.mins, d.maxs,
+                             d.first_ts, d.last_ts)
+                      AS e(device_id, metric, bucket, count, sum, min, max, first_ts, last_ts)";
 
 /// A summary table, or the raw readings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -328,23 +317,8 @@ fn small(text: &str) -> Option<ExactSum> {
     })
 }
 
-#[derive(Insertable)]
-#[diesel(table_name = rollup_deltas)]
-#[diesel(treat_none_as_default_value = false)]
-struct NewDelta<'a> {
-    device_id: &'a str,
-    metric: &'a str,
-    bucket: DateTime<Utc>,
-    count: i64,
-    sum: PgNumeric,
-    min: f64,
-    max: f64,
-    first_ts: DateTime<Utc>,
-    last_ts: DateTime<Utc>,
-}
-
 /// Appends the per-minute summary of `stored` (the readings this transaction inserted, and only
-/// those) to `rollup_deltas`, with binary COPY, in the caller's transaction.
+/// those) to `rollup_deltas`, as one row, in the caller's transaction.
 pub(crate) fn append_deltas<'a>(
     conn: &mut PgConnection,
     stored: impl Iterator<Item = &'a Reading>,
@@ -381,55 +355,81 @@ pub(crate) fn append_deltas<'a>(
     if deltas.is_empty() {
         return Ok(());
     }
-    let rows: Vec<NewDelta> = deltas
-        .into_iter()
-        .map(|((device_id, metric, bucket), d)| NewDelta {
-            device_id,
-            metric,
-            bucket,
-            count: d.count,
-            sum: PgNumeric::from(d.sum.big()),
-            // as PostgreSQL reads the stored number: it has no negative zero
-            min: d.min + 0.0,
-            max: d.max + 0.0,
-            first_ts: d.first_ts,
-            last_ts: d.last_ts,
-        })
-        .collect();
-    diesel::copy_from(rollup_deltas::table)
-        .from_insertable(rows)
+    let n = deltas.len();
+    let (mut devices, mut metrics, mut buckets) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    let (mut counts, mut sums, mut mins, mut maxs, mut firsts, mut lasts) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    for ((device, metric, bucket), d) in deltas {
+        devices.push(device);
+        metrics.push(metric);
+        buckets.push(bucket);
+        counts.push(d.count);
+        sums.push(PgNumeric::from(d.sum.big()));
+        // as PostgreSQL reads the stored number: it has no negative zero
+        mins.push(d.min + 0.0);
+        maxs.push(d.max + 0.0);
+        firsts.push(d.first_ts);
+        lasts.push(d.last_ts);
+    }
+    diesel::sql_query("INSERT INTO rollup_deltas VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)")
+        .bind::<Array<Text>, _>(devices)
+        .bind::<Array<Text>, _>(metrics)
+        .bind::<Array<Timestamptz>, _>(buckets)
+        .bind::<Array<BigInt>, _>(counts)
+        .bind::<Array<Numeric>, _>(sums)
+        .bind::<Array<Double>, _>(mins)
+        .bind::<Array<Double>, _>(maxs)
+        .bind::<Array<Timestamptz>, _>(firsts)
+        .bind::<Array<Timestamptz>, _>(lasts)
         .execute(conn)?;
     Ok(())
 }
 
-/// Moves up to `limit` deltas into the three summary tables, in one transaction; returns how many,
-/// or none when another folder (or a rebuild) holds the turn. Run until it returns less than
-/// `limit`.
+/// Moves up to `limit` delta rows (each a writing transaction's) into the three summary tables,
+/// in one transaction; returns how many, or none when another folder (or a rebuild) holds the
+/// turn. Run until it returns less than `limit`.
 pub fn fold(conn: &mut PgConnection, limit: i64) -> Result<Option<usize>, StoreError> {
     conn.transaction(|conn| {
         if !try_xact_lock(conn, FOLD_LOCK)? {
             return Ok(None);
         }
-        #[derive(QueryableByName)]
-        struct Folded {
-            #[diesel(sql_type = BigInt)]
-            deltas: i64,
-        }
-        let folded: Folded = diesel::sql_query(format!(
-            "WITH taken AS (
-                 DELETE FROM rollup_deltas
-                 WHERE ctid = ANY(ARRAY(SELECT ctid FROM rollup_deltas LIMIT $1))
-                 RETURNING device_id, metric, bucket, count, sum, min, max, first_ts, last_ts
-             ), minutes AS ({}), hours AS ({}), days AS ({})
-             SELECT count(*) AS deltas FROM taken",
-            upsert_from("rollups_1m", "bucket", "taken"),
-            upsert_from("rollups_1h", "date_trunc('hour', bucket, 'UTC')", "taken"),
-            upsert_from("rollups_1d", "date_trunc('day', bucket, 'UTC')", "taken"),
-        ))
-        .bind::<BigInt, _>(limit)
-        .get_result(conn)?;
-        Ok(Some(usize::try_from(folded.deltas).unwrap_or(0)))
+        fold_visible(conn, limit).map(Some)
     })
+}
+
+/// Folds up to `limit` delta rows this transaction sees, in it (its caller holds the turn).
+fn fold_visible(conn: &mut PgConnection, limit: i64) -> Result<usize, StoreError> {
+    #[derive(QueryableByName)]
+    struct Folded {
+        #[diesel(sql_type = BigInt)]
+        deltas: i64,
+    }
+    let folded: Folded = diesel::sql_query(format!(
+        "WITH taken AS (
+             DELETE FROM rollup_deltas
+             WHERE ctid = ANY(ARRAY(SELECT ctid FROM rollup_deltas LIMIT $1))
+             RETURNING *
+         ), entries AS (
+             SELECT e.* FROM taken d, {ENTRIES}
+         ), minutes AS ({}), hours AS ({}), days AS ({})
+         SELECT count(*) AS deltas FROM taken",
+        upsert_from("rollups_1m", "bucket", "entries"),
+        upsert_from("rollups_1h", "date_trunc('hour', bucket, 'UTC')", "entries"),
+        upsert_from("rollups_1d", "date_trunc('day', bucket, 'UTC')", "entries"),
+    ))
+    .bind::<BigInt, _>(limit)
+    .get_result(conn)?;
+    Ok(usize::try_from(folded.deltas).unwrap_or(0))
 }
 
 /// Adds the summaries of `source`'s rows (deltas or finer summaries), grouped into `bucket`, to
@@ -465,7 +465,7 @@ fn try_xact_lock(conn: &mut PgConnection, key: i64) -> Result<bool, StoreError> 
     Ok(taken.taken)
 }
 
-/// How many deltas wait to be folded, and since when the oldest's minute.
+/// How many delta rows (writing transactions) wait to be folded, and the oldest minute they hold.
 pub fn backlog(conn: &mut PgConnection) -> Result<(i64, Option<DateTime<Utc>>), StoreError> {
     #[derive(QueryableByName)]
     struct Backlog {
@@ -474,11 +474,10 @@ pub fn backlog(conn: &mut PgConnection) -> Result<(i64, Option<DateTime<Utc>>), 
         #[diesel(sql_type = Nullable<Timestamptz>)]
         oldest: Option<DateTime<Utc>>,
     }
-    // an estimate, not count(*): the table is small when the folder keeps up, and this is asked
-    // often (readiness, metrics)
     let b: Backlog = diesel::sql_query(
-        "SELECT (SELECT count(*) FROM (SELECT 1 FROM rollup_deltas LIMIT 1000000) d) AS deltas,
-                (SELECT min(bucket) FROM rollup_deltas) AS oldest",
+        "SELECT count(*) AS deltas,
+                (SELECT min(b) FROM rollup_deltas d, unnest(d.buckets) AS b) AS oldest
+         FROM rollup_deltas",
     )
     .get_result(conn)?;
     Ok((b.deltas, b.oldest))
@@ -493,8 +492,8 @@ pub struct Rebuilt {
 
 /// Recomputes the summaries of the UTC day starting at `day` (of `device`, or of every device)
 /// from the raw readings, safely while readings are being written: in one transaction that sees
-/// one snapshot, it forgets the day's summaries and the deltas of readings in that snapshot, and
-/// sums the snapshot's readings again; readings committed after the snapshot keep their deltas,
+/// one snapshot, it folds the deltas of the readings in that snapshot, forgets the day's summaries,
+/// and sums the snapshot's readings again; readings committed after the snapshot keep their deltas,
 /// which the folder adds later. Waits for a fold in progress.
 pub fn rebuild_day(
     conn: &mut PgConnection,
@@ -526,7 +525,10 @@ fn rebuild_in_snapshot(
     next: DateTime<Utc>,
 ) -> Result<Rebuilt, StoreError> {
     let of_device = "($3::text IS NULL OR device_id = $3)";
-    for table in ["rollup_deltas", "rollups_1m", "rollups_1h", "rollups_1d"] {
+    // what the folder has not moved yet is in the snapshot's readings: folded now, it is then
+    // forgotten with the rest of the day's summaries
+    while fold_visible(conn, 1_000)? == 1_000 {}
+    for table in ["rollups_1m", "rollups_1h", "rollups_1d"] {
         diesel::sql_query(format!(
             "DELETE FROM {table} WHERE bucket >= $1 AND bucket < $2 AND {of_device}"
         ))
@@ -658,9 +660,9 @@ pub fn verify(
                  FROM (SELECT device_id, metric, bucket, count, sum, min, max, first_ts, last_ts
                        FROM {table}
                        UNION ALL
-                       SELECT device_id, metric, date_trunc('{unit}', bucket, 'UTC'), count, sum,
-                              min, max, first_ts, last_ts
-                       FROM rollup_deltas) AS s
+                       SELECT e.device_id, e.metric, date_trunc('{unit}', e.bucket, 'UTC'),
+                              e.count, e.sum, e.min, e.max, e.first_ts, e.last_ts
+                       FROM rollup_deltas d, {ENTRIES}) AS s
                  WHERE bucket >= $1 AND bucket < $2
                    AND ($3::text IS NULL OR device_id = $3)
                  GROUP BY 1, 2, 3
@@ -705,8 +707,8 @@ pub(crate) fn segment_sql(source: Source, lo: usize, hi: usize) -> String {
             "SELECT bucket, count, sum, min, max FROM {table}
              WHERE device_id = $3 AND metric = $2 AND bucket >= ${lo} AND bucket < ${hi}
              UNION ALL
-             SELECT bucket, count, sum, min, max FROM rollup_deltas
-             WHERE device_id = $3 AND metric = $2 AND bucket >= ${lo} AND bucket < ${hi}",
+             SELECT e.bucket, e.count, e.sum, e.min, e.max FROM rollup_deltas d, {ENTRIES}
+             WHERE e.device_id = $3 AND e.metric = $2 AND e.bucket >= ${lo} AND e.bucket < ${hi}",
             table = summary.table()
         ),
     }

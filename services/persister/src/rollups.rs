@@ -9,10 +9,11 @@ use std::time::Duration;
 use prometheus_client::metrics::counter::Counter;
 use tokio::sync::watch;
 
-/// How often the deltas are folded: often enough that readers add few of them.
-const FOLD_INTERVAL: Duration = Duration::from_secs(1);
-/// Deltas folded per transaction.
-const DELTAS_PER_FOLD: i64 = 20_000;
+/// How often the deltas are folded: often enough that readers, who add the deltas not folded yet,
+/// have few to add.
+const FOLD_INTERVAL: Duration = Duration::from_millis(200);
+/// Delta rows (each a writing transaction's) folded per transaction.
+const DELTAS_PER_FOLD: i64 = 500;
 
 pub async fn fold(pool: store::PgPool, folded: Counter, mut shutdown: watch::Receiver<bool>) {
     loop {

@@ -49,9 +49,11 @@ fn summaries_equal_the_raw_readings_through_repeats_conflicts_late_readings_and_
     let mut s = Store::new();
     let t0 = at("2026-11-20T22:10:00.5Z");
     let batch = day_of_readings("d1", "a", t0);
-    s.write(&batch);
-    // half folded, half not: readers and verify add the unfolded deltas
-    rollups::fold(&mut s.conn, 30).unwrap();
+    s.write(&batch[..20]);
+    s.write(&batch[20..]);
+    // half folded, half not: readers and verify add the deltas not folded yet
+    assert_eq!(rollups::fold(&mut s.conn, 1).unwrap(), Some(1));
+    assert_eq!(s.rows("rollup_deltas"), 1);
     assert_exact(&mut s.conn);
 
     // the same batch again (a redelivery) and with one reading changed (a conflict): nothing counted
