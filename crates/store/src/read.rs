@@ -9,7 +9,7 @@ use diesel::prelude::*;
 use diesel::sql_types::{Double, Interval, Nullable, Text, Timestamptz};
 
 use crate::StoreError;
-use crate::rollups::{self, Source};
+use crate::rollups::{self, Table};
 use crate::schema::{devices, readings};
 
 #[derive(Debug, Clone, PartialEq, Queryable, Selectable)]
@@ -349,7 +349,7 @@ pub struct Buckets {
 /// A series, and the coarsest table that answered it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SeriesAnswer {
-    pub source: Source,
+    pub source: Table,
     pub buckets: Vec<Buckets>,
 }
 
@@ -383,7 +383,7 @@ pub fn series_of_raw(
     aggregates: &[Aggregate],
 ) -> Result<SeriesAnswer, StoreError> {
     let whole = rollups::Segment {
-        source: Source::Raw,
+        source: Table::Raw,
         from: q.from,
         to: q.to,
     };
@@ -416,9 +416,9 @@ fn answer(
         .iter()
         .map(|s| s.source)
         .max()
-        .unwrap_or(Source::Raw);
+        .unwrap_or(Table::Raw);
     // the columns not asked for are NULL: the row's shape is fixed, its work is what was asked
-    let raw_only = segments.iter().all(|s| s.source == Source::Raw);
+    let raw_only = segments.iter().all(|s| s.source == Table::Raw);
     let columns: Vec<String> = (0..MAX_AGGREGATES)
         .map(|i| match aggregates.get(i) {
             Some(a) if raw_only => format!("{} AS v{i}", a.sql()),

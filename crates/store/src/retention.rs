@@ -60,7 +60,7 @@ impl Table {
     }
 
     /// The bucket length of a rollup table; none for raw readings.
-    fn bucket(self) -> Option<Duration> {
+    pub fn bucket(self) -> Option<Duration> {
         match self {
             Table::Raw => None,
             Table::M1 => Some(Duration::minutes(1)),
@@ -70,7 +70,7 @@ impl Table {
     }
 
     /// The PostgreSQL table (fixed names, never from input).
-    fn relation(self) -> &'static str {
+    pub(crate) fn relation(self) -> &'static str {
         match self {
             Table::Raw => "readings",
             Table::M1 => "rollups_1m",

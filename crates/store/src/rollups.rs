@@ -25,63 +25,23 @@ const ENTRIES: &str = "unnest(d.device_ids, d.metrics, d.buckets, d.counts, d.su
                              d.first_ts, d.last_ts)
                       AS e(device_id, metric, bucket, count, sum, min, max, first_ts, last_ts)";
 
-/// A summary table, or the raw readings.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Source {
-    Raw,
-    Minutes,
-    Hours,
-    Days,
-}
+/// The summary tables, coarsest first: the order a series tries them in.
+const COARSEST_FIRST: [Table; 3] = [Table::D1, Table::H1, Table::M1];
 
-impl Source {
-    /// Coarsest first: the order a series tries them in.
-    pub const ROLLUPS: [Source; 3] = [Source::Days, Source::Hours, Source::Minutes];
-
-    /// As the API names it.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Raw => "raw",
-            Self::Minutes => "1m",
-            Self::Hours => "1h",
-            Self::Days => "1d",
-        }
-    }
-
-    /// The width of one of its buckets; none for raw readings.
-    pub fn granularity(self) -> Option<Duration> {
-        match self {
-            Self::Raw => None,
-            Self::Minutes => Some(Duration::minutes(1)),
-            Self::Hours => Some(Duration::hours(1)),
-            Self::Days => Some(Duration::days(1)),
-        }
-    }
-
-    fn table(self) -> &'static str {
-        match self {
-            Self::Raw => "readings",
-            Self::Minutes => "rollups_1m",
-            Self::Hours => "rollups_1h",
-            Self::Days => "rollups_1d",
-        }
-    }
-}
-
-pub use crate::retention::Horizons;
+pub use crate::retention::{Horizons, Table};
 
 impl Horizons {
-    fn of(&self, source: Source) -> Option<DateTime<Utc>> {
+    fn of(&self, source: Table) -> Option<DateTime<Utc>> {
         match source {
-            Source::Raw => self.raw,
-            Source::Minutes => self.m1,
-            Source::Hours => self.h1,
-            Source::Days => self.d1,
+            Table::Raw => self.raw,
+            Table::M1 => self.m1,
+            Table::H1 => self.h1,
+            Table::D1 => self.d1,
         }
     }
 
     /// Whether `source` holds everything from `from` on.
-    fn complete_from(&self, source: Source, from: DateTime<Utc>) -> bool {
+    fn complete_from(&self, source: Table, from: DateTime<Utc>) -> bool {
         self.of(source).is_none_or(|horizon| horizon <= from)
     }
 }
@@ -108,7 +68,7 @@ pub fn raw_complete_from(
 /// One piece of a series' range and the table that answers it: `[from, to)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Segment {
-    pub source: Source,
+    pub source: Table,
     pub from: DateTime<Utc>,
     pub to: DateTime<Utc>,
 }
@@ -130,28 +90,28 @@ pub fn plan(
     bucket: Duration,
     horizons: &Horizons,
 ) -> Vec<Segment> {
-    let fitting: Vec<Source> = Source::ROLLUPS
+    let fitting: Vec<Table> = COARSEST_FIRST
         .into_iter()
-        .filter(|s| s.granularity().is_some_and(|g| divides(g, bucket)))
+        .filter(|s| s.bucket().is_some_and(|g| divides(g, bucket)))
         .collect();
-    let mut usable: Vec<Source> = fitting
+    let mut usable: Vec<Table> = fitting
         .iter()
         .copied()
         .filter(|s| horizons.complete_from(*s, from))
         .collect();
-    let raw_complete = horizons.complete_from(Source::Raw, from);
+    let raw_complete = horizons.complete_from(Table::Raw, from);
     if usable.is_empty() && !raw_complete {
         // nothing holds the whole range any more: the table that holds the most of it answers
         let most = fitting
             .iter()
             .copied()
-            .chain([Source::Raw])
+            .chain([Table::Raw])
             .min_by_key(|s| horizons.of(*s));
-        usable.extend(most.filter(|s| *s != Source::Raw));
+        usable.extend(most.filter(|s| *s != Table::Raw));
     }
     let bottom = match (raw_complete, usable.last()) {
         (false, Some(&finest)) => finest,
-        _ => Source::Raw,
+        _ => Table::Raw,
     };
     let mut segments = Vec::new();
     cover(from, to, &usable, bottom, &mut segments);
@@ -178,8 +138,8 @@ fn divides(granularity: Duration, bucket: Duration) -> bool {
 fn cover(
     from: DateTime<Utc>,
     to: DateTime<Utc>,
-    tables: &[Source],
-    bottom: Source,
+    tables: &[Table],
+    bottom: Table,
     out: &mut Vec<Segment>,
 ) {
     if from >= to {
@@ -188,7 +148,7 @@ fn cover(
     let Some((&table, finer)) = tables.split_first() else {
         // what is left is not whole buckets of any table: raw readings, or whole buckets of the
         // finest summary when the raw readings are gone
-        let (from, to) = match bottom.granularity() {
+        let (from, to) = match bottom.bucket() {
             None => (from, to),
             Some(g) => (floor(from, g), ceil(to, g)),
         };
@@ -199,7 +159,7 @@ fn cover(
         });
         return;
     };
-    let Some(g) = table.granularity() else {
+    let Some(g) = table.bucket() else {
         return cover(from, to, finer, bottom, out);
     };
     let (whole_from, whole_to) = (ceil(from, g), floor(to, g));
@@ -695,9 +655,9 @@ pub fn verify(
 /// The SQL of one segment's rows, each a partial summary (`bucket`, `count`, `sum`, `min`, `max`)
 /// of the metric `$2` of the device `$3`, with its bounds as the parameters `$lo` and `$hi`. A
 /// summary table's segment takes in the deltas not folded yet, so it is exact at any moment.
-pub(crate) fn segment_sql(source: Source, lo: usize, hi: usize) -> String {
+pub(crate) fn segment_sql(source: Table, lo: usize, hi: usize) -> String {
     match source {
-        Source::Raw => format!(
+        Table::Raw => format!(
             "SELECT ts AS bucket, 1::bigint AS count, (metrics -> $2)::numeric AS sum,
                     (metrics ->> $2)::float8 AS min, (metrics ->> $2)::float8 AS max
              FROM readings
@@ -709,7 +669,7 @@ pub(crate) fn segment_sql(source: Source, lo: usize, hi: usize) -> String {
              UNION ALL
              SELECT e.bucket, e.count, e.sum, e.min, e.max FROM rollup_deltas d, {ENTRIES}
              WHERE e.device_id = $3 AND e.metric = $2 AND e.bucket >= ${lo} AND e.bucket < ${hi}",
-            table = summary.table()
+            table = summary.relation()
         ),
     }
 }
@@ -771,7 +731,7 @@ mod tests {
         s.parse().unwrap()
     }
 
-    fn seg(source: Source, from: &str, to: &str) -> Segment {
+    fn seg(source: Table, from: &str, to: &str) -> Segment {
         Segment {
             source,
             from: at(from),
@@ -790,23 +750,11 @@ mod tests {
         assert_eq!(
             plan,
             vec![
-                seg(Source::Raw, "2026-01-01T10:30:15Z", "2026-01-01T10:31:00Z"),
-                seg(
-                    Source::Minutes,
-                    "2026-01-01T10:31:00Z",
-                    "2026-01-01T11:00:00Z"
-                ),
-                seg(
-                    Source::Hours,
-                    "2026-01-01T11:00:00Z",
-                    "2026-01-02T00:00:00Z"
-                ),
-                seg(Source::Days, "2026-01-02T00:00:00Z", "2026-01-04T00:00:00Z"),
-                seg(
-                    Source::Hours,
-                    "2026-01-04T00:00:00Z",
-                    "2026-01-04T12:00:00Z"
-                ),
+                seg(Table::Raw, "2026-01-01T10:30:15Z", "2026-01-01T10:31:00Z"),
+                seg(Table::M1, "2026-01-01T10:31:00Z", "2026-01-01T11:00:00Z"),
+                seg(Table::H1, "2026-01-01T11:00:00Z", "2026-01-02T00:00:00Z"),
+                seg(Table::D1, "2026-01-02T00:00:00Z", "2026-01-04T00:00:00Z"),
+                seg(Table::H1, "2026-01-04T00:00:00Z", "2026-01-04T12:00:00Z"),
             ]
         );
     }
@@ -818,7 +766,7 @@ mod tests {
         assert_eq!(
             plan(from, to, Duration::minutes(15), &Horizons::default()),
             vec![seg(
-                Source::Minutes,
+                Table::M1,
                 "2026-01-01T00:00:00Z",
                 "2026-01-03T00:00:00Z"
             )]
@@ -826,7 +774,7 @@ mod tests {
         assert_eq!(
             plan(from, to, Duration::seconds(10), &Horizons::default()),
             vec![seg(
-                Source::Raw,
+                Table::Raw,
                 "2026-01-01T00:00:00Z",
                 "2026-01-03T00:00:00Z"
             )]
@@ -849,12 +797,8 @@ mod tests {
                 &horizons
             ),
             vec![
-                seg(
-                    Source::Hours,
-                    "2026-01-01T10:00:00Z",
-                    "2026-01-02T00:00:00Z"
-                ),
-                seg(Source::Days, "2026-01-02T00:00:00Z", "2026-01-03T00:00:00Z"),
+                seg(Table::H1, "2026-01-01T10:00:00Z", "2026-01-02T00:00:00Z"),
+                seg(Table::D1, "2026-01-02T00:00:00Z", "2026-01-03T00:00:00Z"),
             ]
         );
         // when no table holds the whole range any more, the one that holds the most of it answers
@@ -866,7 +810,7 @@ mod tests {
                 &horizons
             ),
             vec![seg(
-                Source::Minutes,
+                Table::M1,
                 "2026-04-01T00:00:00Z",
                 "2026-04-02T00:00:00Z"
             )]
@@ -880,12 +824,8 @@ mod tests {
                 &horizons
             ),
             vec![
-                seg(Source::Raw, "2026-06-02T00:00:30Z", "2026-06-02T00:01:00Z"),
-                seg(
-                    Source::Minutes,
-                    "2026-06-02T00:01:00Z",
-                    "2026-06-02T00:02:00Z"
-                ),
+                seg(Table::Raw, "2026-06-02T00:00:30Z", "2026-06-02T00:01:00Z"),
+                seg(Table::M1, "2026-06-02T00:01:00Z", "2026-06-02T00:02:00Z"),
             ]
         );
     }

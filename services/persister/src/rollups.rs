@@ -11,7 +11,7 @@ use tokio::sync::watch;
 
 /// How often the deltas are folded: often enough that readers, who add the deltas not folded yet,
 /// have few to add.
-const FOLD_INTERVAL: Duration = Duration::from_millis(200);
+const FOLD_INTERVAL: Duration = Duration::from_secs(1);
 /// Delta rows (each a writing transaction's) folded per transaction.
 const DELTAS_PER_FOLD: i64 = 500;
 

@@ -612,7 +612,7 @@ async fn device_series(
         bucket,
         from,
         to,
-        source: source.name(),
+        source: source.as_str(),
         points: buckets
             .into_iter()
             .map(|b| Point {

@@ -8,124 +8,134 @@ use clap::Subcommand;
 pub enum RollupsCommand {
     /// Recompute the summaries from the raw readings, a UTC day at a time (each day one short
     /// transaction; safe while readings are being written): after an upgrade, or after readings
-    /// were changed by hand. Days whose raw readings retention has removed are left alone, since
-    /// their summaries are all that is left of them.
-    Rebuild {
-        /// Only this device's summaries.
-        #[arg(long)]
-        device: Option<String>,
-        /// The first day (`2026-11-01` or an RFC 3339 time; its whole UTC day is rebuilt). Default:
-        /// the oldest raw reading's.
-        #[arg(long, value_parser = parse_time)]
-        from: Option<DateTime<Utc>>,
-        /// Up to this time (exclusive; the day holding it is rebuilt whole). Default: now.
-        #[arg(long, value_parser = parse_time)]
-        to: Option<DateTime<Utc>>,
-    },
+    /// were changed by hand. Days whose raw readings retention has begun to remove are left alone,
+    /// since their summaries are all that is left of them. Default: every day that holds readings.
+    Rebuild(Days),
     /// Compare the summaries with what the raw readings give (whole UTC days); exits 1 and lists
     /// the first differences if any differ. Only meaningful where retention kept the raw readings.
-    Verify {
-        /// Only this device's summaries.
-        #[arg(long)]
-        device: Option<String>,
-        /// From this day (default: a week ago).
-        #[arg(long, value_parser = parse_time)]
-        from: Option<DateTime<Utc>>,
-        /// Up to this time (default: now).
-        #[arg(long, value_parser = parse_time)]
-        to: Option<DateTime<Utc>>,
-    },
+    /// Default: the last 7 days.
+    Verify(Days),
     /// How many deltas wait to be folded into the summaries by the persister.
     Status,
+}
+
+/// Whole UTC days of one device's summaries, or of every device's.
+#[derive(clap::Args)]
+pub struct Days {
+    /// Only this device's summaries.
+    #[arg(long)]
+    device: Option<String>,
+    /// From the day holding this time (`2026-11-01`, or an RFC 3339 time).
+    #[arg(long, value_parser = parse_time)]
+    from: Option<DateTime<Utc>>,
+    /// Up to this time (exclusive; the day holding it is taken whole). Default: now.
+    #[arg(long, value_parser = parse_time)]
+    to: Option<DateTime<Utc>>,
+}
+
+impl Days {
+    /// The device, checked; `from` (or `default_from`) and `to`, in order.
+    fn checked(
+        self,
+        default_from: DateTime<Utc>,
+    ) -> anyhow::Result<(Option<String>, DateTime<Utc>, DateTime<Utc>)> {
+        if let Some(device) = &self.device {
+            models::DeviceId::parse(device.clone())
+                .map_err(|reason| anyhow::anyhow!("--device: {reason}"))?;
+        }
+        let to = self.to.unwrap_or_else(Utc::now);
+        let from = self.from.unwrap_or(default_from);
+        if from >= to {
+            bail!("--from must be before --to");
+        }
+        Ok((self.device, from, to))
+    }
 }
 
 pub fn run(database_url: &str, command: RollupsCommand) -> anyhow::Result<()> {
     let mut conn = crate::connect(database_url)?;
     match command {
-        RollupsCommand::Rebuild { device, from, to } => {
-            if let Some(device) = &device {
-                models::DeviceId::parse(device.clone())
-                    .map_err(|reason| anyhow::anyhow!("--device: {reason}"))?;
-            }
-            let to = to.unwrap_or_else(Utc::now);
-            let mut from = from.unwrap_or(DateTime::UNIX_EPOCH);
-            if from >= to {
-                bail!("--from must be before --to");
-            }
-            // days whose raw readings retention has begun to remove keep their summaries
-            if let Some(kept) =
-                store::rollups::raw_complete_from(&mut conn, device.as_deref(), Utc::now())?
-            {
-                let first_whole_day = kept
-                    .date_naive()
-                    .succ_opt()
-                    .map(|d| d.and_time(chrono::NaiveTime::MIN).and_utc())
-                    .unwrap_or(kept);
-                if first_whole_day > from {
-                    println!(
-                        "raw readings before {} may have been removed by retention: rebuilding from {}",
-                        kept.format("%Y-%m-%dT%H:%MZ"),
-                        first_whole_day.format("%Y-%m-%d")
-                    );
-                    from = first_whole_day;
-                }
-            }
-            if from >= to {
-                println!("nothing to rebuild");
-                return Ok(());
-            }
-            let days = store::rollups::days_with_readings(&mut conn, device.as_deref(), from, to)
-                .context("cannot list the days that hold readings")?;
-            let total = days.len();
-            println!("rebuilding {total} day(s) that hold readings");
-            let mut minutes = 0;
-            for (i, day) in days.into_iter().enumerate() {
-                let rebuilt = store::rollups::rebuild_day(&mut conn, device.as_deref(), day)
-                    .with_context(|| format!("rebuilding {}", day.format("%Y-%m-%d")))?;
-                minutes += rebuilt.minutes;
-                println!(
-                    "[{}/{total}] {}: {} minute summaries",
-                    i + 1,
-                    day.format("%Y-%m-%d"),
-                    rebuilt.minutes
-                );
-            }
-            println!("rebuilt {total} day(s), {minutes} minute summaries");
+        RollupsCommand::Rebuild(days) => rebuild(&mut conn, days),
+        RollupsCommand::Verify(days) => verify(&mut conn, days),
+        RollupsCommand::Status => status(&mut conn),
+    }
+}
+
+fn rebuild(conn: &mut store::PgConnection, days: Days) -> anyhow::Result<()> {
+    let (device, mut from, to) = days.checked(DateTime::UNIX_EPOCH)?;
+    // days whose raw readings retention has begun to remove keep their summaries
+    if let Some(kept) = store::rollups::raw_complete_from(conn, device.as_deref(), Utc::now())? {
+        let first_whole_day = kept
+            .date_naive()
+            .succ_opt()
+            .map(|d| d.and_time(chrono::NaiveTime::MIN).and_utc())
+            .unwrap_or(kept);
+        if first_whole_day > from {
+            println!(
+                "raw readings before {} may have been removed by retention: rebuilding from {}",
+                kept.format("%Y-%m-%dT%H:%MZ"),
+                first_whole_day.format("%Y-%m-%d")
+            );
+            from = first_whole_day;
         }
-        RollupsCommand::Verify { device, from, to } => {
-            let to = to.unwrap_or_else(Utc::now);
-            let from = from.unwrap_or(to - chrono::Duration::days(7));
-            let differences = store::rollups::verify(&mut conn, device.as_deref(), from, to, 20)?;
-            if differences.is_empty() {
-                println!("every summary equals what the raw readings give");
-            } else {
-                for d in &differences {
-                    println!(
-                        "{} {} {} {}: summary [{}] raw [{}]",
-                        d.table,
-                        d.device_id,
-                        d.metric,
-                        d.bucket.format("%Y-%m-%dT%H:%MZ"),
-                        d.summary.as_deref().unwrap_or("none"),
-                        d.raw.as_deref().unwrap_or("none")
-                    );
-                }
-                bail!(
-                    "{} summaries differ from the raw readings (at most 20 per table shown)",
-                    differences.len()
-                );
-            }
+    }
+    if from >= to {
+        println!("nothing to rebuild");
+        return Ok(());
+    }
+    let days = store::rollups::days_with_readings(conn, device.as_deref(), from, to)
+        .context("cannot list the days that hold readings")?;
+    let total = days.len();
+    println!("rebuilding {total} day(s) that hold readings");
+    let mut minutes = 0;
+    for (i, day) in days.into_iter().enumerate() {
+        let rebuilt = store::rollups::rebuild_day(conn, device.as_deref(), day)
+            .with_context(|| format!("rebuilding {}", day.format("%Y-%m-%d")))?;
+        minutes += rebuilt.minutes;
+        println!(
+            "[{}/{total}] {}: {} minute summaries",
+            i + 1,
+            day.format("%Y-%m-%d"),
+            rebuilt.minutes
+        );
+    }
+    println!("rebuilt {total} day(s), {minutes} minute summaries");
+    Ok(())
+}
+
+fn verify(conn: &mut store::PgConnection, days: Days) -> anyhow::Result<()> {
+    let (device, from, to) = days.checked(Utc::now() - chrono::Duration::days(7))?;
+    let differences = store::rollups::verify(conn, device.as_deref(), from, to, 20)?;
+    if differences.is_empty() {
+        println!("every summary equals what the raw readings give");
+    } else {
+        for d in &differences {
+            println!(
+                "{} {} {} {}: summary [{}] raw [{}]",
+                d.table,
+                d.device_id,
+                d.metric,
+                d.bucket.format("%Y-%m-%dT%H:%MZ"),
+                d.summary.as_deref().unwrap_or("none"),
+                d.raw.as_deref().unwrap_or("none")
+            );
         }
-        RollupsCommand::Status => {
-            let (deltas, oldest) = store::rollups::backlog(&mut conn)?;
-            match oldest {
-                Some(oldest) => println!(
-                    "{deltas} deltas wait to be folded (the oldest of the minute {})",
-                    oldest.format("%Y-%m-%dT%H:%MZ")
-                ),
-                None => println!("no deltas wait to be folded"),
-            }
-        }
+        bail!(
+            "{} summaries differ from the raw readings (at most 20 per table shown)",
+            differences.len()
+        );
+    }
+    Ok(())
+}
+
+fn status(conn: &mut store::PgConnection) -> anyhow::Result<()> {
+    let (deltas, oldest) = store::rollups::backlog(conn)?;
+    match oldest {
+        Some(oldest) => println!(
+            "{deltas} deltas wait to be folded (the oldest of the minute {})",
+            oldest.format("%Y-%m-%dT%H:%MZ")
+        ),
+        None => println!("no deltas wait to be folded"),
     }
     Ok(())
 }

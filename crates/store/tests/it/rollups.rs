@@ -4,7 +4,7 @@
 use chrono::{DateTime, Duration, Utc};
 use diesel::PgConnection;
 use store::read::{Aggregate, SeriesQuery};
-use store::rollups::{self, Source};
+use store::rollups::{self, Table};
 
 use crate::{Store, at, reading};
 
@@ -117,25 +117,15 @@ fn series_give_the_numbers_of_the_raw_readings_whichever_table_answers() {
             Duration::days(1),
             t0 - Duration::hours(3),
             t0 + Duration::days(6),
-            Source::Days,
+            Table::D1,
         ),
-        (
-            Duration::hours(2),
-            t0,
-            t0 + Duration::days(3),
-            Source::Hours,
-        ),
-        (
-            Duration::minutes(30),
-            t0,
-            t0 + Duration::days(2),
-            Source::Minutes,
-        ),
+        (Duration::hours(2), t0, t0 + Duration::days(3), Table::H1),
+        (Duration::minutes(30), t0, t0 + Duration::days(2), Table::M1),
         (
             Duration::seconds(20),
             t0,
             t0 + Duration::days(1),
-            Source::Raw,
+            Table::Raw,
         ),
     ] {
         let query = SeriesQuery {
@@ -233,7 +223,7 @@ fn a_rebuild_recomputes_a_day_from_the_raw_readings_and_keeps_what_came_after() 
 
 #[test]
 fn past_the_raw_retention_series_come_from_the_summaries_with_the_same_numbers() {
-    use store::retention::{Keep, Table, Target};
+    use store::retention::{Keep, Target};
     let mut s = Store::new();
     let t0 = Utc::now() - Duration::days(5);
     s.write(&day_of_readings("d", "old", t0));
@@ -253,7 +243,7 @@ fn past_the_raw_retention_series_come_from_the_summaries_with_the_same_numbers()
     };
     let aggregates = [Aggregate::Avg, Aggregate::Count, Aggregate::Sum];
     let before = store::read::series_of(&mut s.conn, &query, &aggregates).unwrap();
-    assert_eq!(before.source, Source::Hours);
+    assert_eq!(before.source, Table::H1);
 
     // raw readings kept 2 days: the old day's are removed, its summaries stay
     let raw = Target::new(Table::Raw, None, None).unwrap();
@@ -262,7 +252,7 @@ fn past_the_raw_retention_series_come_from_the_summaries_with_the_same_numbers()
     assert_eq!(s.rows("readings"), 40);
     let after = store::read::series_of(&mut s.conn, &query, &aggregates).unwrap();
     // the range starts before the raw retention: whole hours only, never partial raw data
-    assert_eq!(after.source, Source::Hours);
+    assert_eq!(after.source, Table::H1);
     assert_eq!(after.buckets, before.buckets);
     // and a rebuild leaves the days retention has begun on alone
     let days =
