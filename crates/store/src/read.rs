@@ -273,35 +273,41 @@ impl Aggregate {
     /// `sum` and `avg` are computed in `numeric`, from the jsonb numbers as stored (jsonb keeps
     /// numbers as numeric): exact, and a numeric sum cannot overflow, where a float8 sum of two values
     /// near 1e308 makes PostgreSQL fail the whole query. An average lies between the smallest and
-    /// largest value, so it always fits a float8; a sum may not, and is then NULL (the API says why).
+    /// largest value, so it never overflows a float8; a sum may, and is then NULL (the API says why).
+    /// Either may be nearer zero than the smallest float8 (the average of 5e-324 and 0), which
+    /// PostgreSQL refuses to convert: it is 0, as a float8 sum would round it.
     /// `min`, `max` and `count` cannot overflow and stay in float8, which is cheaper.
-    fn sql(self) -> &'static str {
+    fn sql(self) -> String {
         match self {
-            Self::Avg => "avg((metrics -> $2)::numeric)::float8",
-            Self::Min => "min((metrics ->> $2)::float8)",
-            Self::Max => "max((metrics ->> $2)::float8)",
-            Self::Sum => {
-                "CASE WHEN abs(sum((metrics -> $2)::numeric)) <= 1.7976931348623157e308
-                      THEN sum((metrics -> $2)::numeric)::float8 END"
-            }
-            Self::Count => "count(*)::float8",
+            Self::Avg => to_double("avg((metrics -> $2)::numeric)"),
+            Self::Min => "min((metrics ->> $2)::float8)".to_owned(),
+            Self::Max => "max((metrics ->> $2)::float8)".to_owned(),
+            Self::Sum => to_double("sum((metrics -> $2)::numeric)"),
+            Self::Count => "count(*)::float8".to_owned(),
         }
     }
 
     /// As [`Self::sql`], over partial summaries (`count`, exact `sum`, `min`, `max`): the same
     /// numbers to the last digit, since an average is the `numeric` sum divided by the count, as
     /// PostgreSQL's `avg` computes it.
-    fn summary_sql(self) -> &'static str {
+    fn summary_sql(self) -> String {
         match self {
-            Self::Avg => "(sum(sum) / sum(count))::float8",
-            Self::Min => "min(min)",
-            Self::Max => "max(max)",
-            Self::Sum => {
-                "CASE WHEN abs(sum(sum)) <= 1.7976931348623157e308 THEN sum(sum)::float8 END"
-            }
-            Self::Count => "sum(count)::float8",
+            Self::Avg => to_double("(sum(sum) / sum(count))"),
+            Self::Min => "min(min)".to_owned(),
+            Self::Max => "max(max)".to_owned(),
+            Self::Sum => to_double("sum(sum)"),
+            Self::Count => "sum(count)::float8".to_owned(),
         }
     }
+}
+
+/// The exact `numeric` value `exact` as the nearest float8: 0 when it is at most half the smallest
+/// float8 (which PostgreSQL refuses to convert rather than round to 0), NULL beyond the largest.
+fn to_double(exact: &str) -> String {
+    format!(
+        "CASE WHEN abs({exact}) <= 2.4703282292062328e-324 THEN 0::float8
+              WHEN abs({exact}) <= 1.7976931348623157e308 THEN ({exact})::float8 END"
+    )
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -259,3 +259,31 @@ fn past_the_raw_retention_series_come_from_the_summaries_with_the_same_numbers()
         rollups::days_with_readings(&mut s.conn, None, t0 - Duration::days(1), Utc::now()).unwrap();
     assert!(days.iter().all(|d| *d > t0), "{days:?}");
 }
+
+#[test]
+fn an_average_nearer_zero_than_a_double_can_hold_is_zero_not_an_error() {
+    let mut s = Store::new();
+    let t0 = at("2026-11-10T10:00:00Z");
+    s.write(&[
+        reading("d", "a", t0, &[("t", 5e-324)]),
+        reading("d", "b", t0 + Duration::seconds(1), &[("t", 0.0)]),
+        reading("d", "c", t0 + Duration::seconds(2), &[("t", 0.0)]),
+    ]);
+    for (bucket, source) in [
+        (Duration::minutes(1), Table::M1),
+        (Duration::seconds(10), Table::Raw),
+    ] {
+        let query = SeriesQuery {
+            device_id: "d".into(),
+            metric: "t".into(),
+            from: t0,
+            to: t0 + Duration::minutes(1),
+            bucket_micros: bucket.num_microseconds().unwrap(),
+            aggregate: Aggregate::Avg,
+        };
+        let answer =
+            store::read::series_of(&mut s.conn, &query, &[Aggregate::Avg, Aggregate::Sum]).unwrap();
+        assert_eq!(answer.source, source);
+        assert_eq!(answer.buckets[0].values, [Some(0.0), Some(5e-324)]);
+    }
+}
