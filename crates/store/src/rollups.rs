@@ -1,6 +1,6 @@
 //! Rollups: every metric of every device summarised per minute, hour and day (see the migration
 //! `rollups`). The writer appends the per-minute summary of what each transaction stored to
-//! `rollup_deltas` ([`append_deltas`], in that transaction); [`fold`] moves the deltas into the
+//! `rollup_deltas` (`append_deltas`, in that transaction); [`fold`] moves the deltas into the
 //! three tables; [`rebuild_day`] recomputes a day from the raw readings; [`plan`] chooses which
 //! tables answer a series.
 
