@@ -54,8 +54,9 @@ async fn node_modules() {
     assert!(status.success(), "npm ci in {}", here().display());
 }
 
-/// 10,000 devices with one reading each, a year of one-minute readings for one device, and the
-/// daily partitions they need, as plain SQL: their size is what the budgets are about.
+/// 10,000 devices with one reading each, a year of one-minute readings for one device, the daily
+/// partitions they need and their rollups (as the migration computes them for readings stored
+/// before rollups), as plain SQL: their size is what the budgets are about.
 fn fill_database(db: &TestDb) {
     let mut conn = db.connect();
     conn.batch_execute(&format!(
@@ -79,7 +80,19 @@ fn fill_database(db: &TestDb) {
          INSERT INTO devices (device_id, first_seen, last_seen, metrics)
            SELECT '{YEAR_DEVICE}', min(ts), max(ts), ARRAY['temperature'] FROM readings
             WHERE device_id = '{YEAR_DEVICE}';
-         ANALYZE readings; ANALYZE devices;"
+         INSERT INTO rollups_1m (device_id, metric, bucket, count, sum, min, max, first_ts, last_ts)
+           SELECT r.device_id, m.key, date_trunc('minute', r.ts, 'UTC'), count(*), sum(m.value::numeric),
+                  min(m.value::float8), max(m.value::float8), min(r.ts), max(r.ts)
+             FROM readings r, jsonb_each(r.metrics) AS m GROUP BY 1, 2, 3;
+         INSERT INTO rollups_1h (device_id, metric, bucket, count, sum, min, max, first_ts, last_ts)
+           SELECT device_id, metric, date_trunc('hour', bucket, 'UTC'), sum(count), sum(sum), min(min),
+                  max(max), min(first_ts), max(last_ts)
+             FROM rollups_1m GROUP BY 1, 2, 3;
+         INSERT INTO rollups_1d (device_id, metric, bucket, count, sum, min, max, first_ts, last_ts)
+           SELECT device_id, metric, date_trunc('day', bucket, 'UTC'), sum(count), sum(sum), min(min),
+                  max(max), min(first_ts), max(last_ts)
+             FROM rollups_1h GROUP BY 1, 2, 3;
+         ANALYZE readings; ANALYZE devices; ANALYZE rollups_1m; ANALYZE rollups_1h; ANALYZE rollups_1d;"
     ))
     .expect("fill the database");
 }
