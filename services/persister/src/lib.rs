@@ -134,7 +134,7 @@ impl Persister {
         ));
         let folding = tokio::spawn(rollups::fold(
             self.pool.clone(),
-            self.metrics.rollup_deltas_folded.clone(),
+            self.metrics.clone(),
             self.shutdown.subscribe(),
         ));
         let expiring = tokio::spawn(housekeeping::record_expired_commands(

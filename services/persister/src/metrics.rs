@@ -53,6 +53,8 @@ pub struct PersisterMetrics {
     pub readings_lag_seconds: Gauge<f64, AtomicU64>,
     /// Rollup deltas moved into the minute, hour and day summaries.
     pub rollup_deltas_folded: Counter,
+    /// Rollup delta rows (one per writing transaction) not folded yet, after the last fold.
+    pub rollup_deltas_waiting: Gauge,
 }
 
 impl PersisterMetrics {
@@ -78,11 +80,17 @@ impl PersisterMetrics {
             amqp_connected: Gauge::default(),
             readings_lag_seconds: Gauge::default(),
             rollup_deltas_folded: Counter::default(),
+            rollup_deltas_waiting: Gauge::default(),
         };
         registry.register(
             "rollup_deltas_folded",
             "Rollup deltas (each stored readings' per-minute summary) folded into the minute, hour and day summaries",
             m.rollup_deltas_folded.clone(),
+        );
+        registry.register(
+            "rollup_deltas_waiting",
+            "Rollup delta rows (one per writing transaction) not folded into the summaries yet, after this persister's last fold",
+            m.rollup_deltas_waiting.clone(),
         );
         registry.register(
             "announcements_published",

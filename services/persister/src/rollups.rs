@@ -6,8 +6,9 @@
 
 use std::time::Duration;
 
-use prometheus_client::metrics::counter::Counter;
 use tokio::sync::watch;
+
+use crate::metrics::PersisterMetrics;
 
 /// How often the deltas are folded: often enough that readers, who add the deltas not folded yet,
 /// have few to add.
@@ -15,10 +16,14 @@ const FOLD_INTERVAL: Duration = Duration::from_secs(1);
 /// Delta rows (each a writing transaction's) folded per transaction.
 const DELTAS_PER_FOLD: i64 = 500;
 
-pub async fn fold(pool: store::PgPool, folded: Counter, mut shutdown: watch::Receiver<bool>) {
+pub async fn fold(
+    pool: store::PgPool,
+    metrics: PersisterMetrics,
+    mut shutdown: watch::Receiver<bool>,
+) {
     loop {
-        let (pool, folded) = (pool.clone(), folded.clone());
-        let run = tokio::task::spawn_blocking(move || fold_all(&pool, &folded)).await;
+        let (pool, metrics) = (pool.clone(), metrics.clone());
+        let run = tokio::task::spawn_blocking(move || fold_all(&pool, &metrics)).await;
         match run {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::warn!(error = %e, "folding rollup deltas failed; trying again"),
@@ -31,14 +36,17 @@ pub async fn fold(pool: store::PgPool, folded: Counter, mut shutdown: watch::Rec
     }
 }
 
-/// Folds until fewer than a transaction's worth are left, or another persister holds the turn.
-fn fold_all(pool: &store::PgPool, folded: &Counter) -> Result<(), store::StoreError> {
+/// Folds until fewer than a transaction's worth are left, or another persister holds the turn;
+/// then says how many wait (a folder that cannot keep up, or fails, shows there).
+fn fold_all(pool: &store::PgPool, metrics: &PersisterMetrics) -> Result<(), store::StoreError> {
     let mut conn = pool.get()?;
     while let Some(deltas) = store::rollups::fold(&mut conn, DELTAS_PER_FOLD)? {
-        folded.inc_by(deltas as u64);
+        metrics.rollup_deltas_folded.inc_by(deltas as u64);
         if (deltas as i64) < DELTAS_PER_FOLD {
             break;
         }
     }
+    let (waiting, _) = store::rollups::backlog(&mut conn)?;
+    metrics.rollup_deltas_waiting.set(waiting);
     Ok(())
 }

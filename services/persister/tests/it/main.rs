@@ -551,6 +551,8 @@ async fn every_watched_counter_is_exported_at_zero_from_the_start() {
         "sensorhub_readings_lag_seconds",
         "sensorhub_retention_partitions_dropped_total",
         "sensorhub_retention_skipped_total",
+        "sensorhub_rollup_deltas_waiting",
+        "sensorhub_rollup_deltas_folded_total",
     ]
     .map(String::from)
     .into();
