@@ -248,8 +248,8 @@ fn rescale(units: i128, from: i64, to: i64) -> Option<i128> {
     units.checked_mul(factor)
 }
 
-/// A number as serde_json writes it (`-21.5`, `1.0`, `1e+300`, `5e-324`), as units and scale when they
-/// fit an i128 and the scale is not negative (as PostgreSQL's scale never is).
+/// A number as serde_json writes it (`-21.5`, `1.0`, `1e+300`, `5e-324`), as units and scale when
+/// they fit an i128 and the scale is not negative (as PostgreSQL's scale never is).
 fn small(text: &str) -> Option<ExactSum> {
     let (negative, text) = match text.strip_prefix('-') {
         Some(rest) => (true, rest),
