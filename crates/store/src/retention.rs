@@ -11,7 +11,7 @@
 
 use std::fmt;
 
-use chrono::{DateTime, Datelike, Duration, NaiveDate, TimeZone, Utc};
+use chrono::{DateTime, Datelike, Duration, NaiveDate, Utc};
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Bool, Integer, Nullable, Text, Timestamptz};
 use models::{DeviceId, MetricName};
@@ -376,7 +376,7 @@ pub fn horizons(
     let horizon = |table: Table| {
         let cutoff = effective(&rules, table, device_id, metric)?.cutoff(now)?;
         Some(match table.bucket() {
-            Some(bucket) => bucket_start(cutoff, bucket),
+            Some(bucket) => crate::rollups::floor(cutoff, bucket),
             None => cutoff,
         })
     };
@@ -396,13 +396,6 @@ fn effective<'a>(rules: &'a [Rule], table: Table, device: &str, metric: &str) ->
         .filter(|r| r.device.as_deref().is_none_or(|d| d == device))
         .filter(|r| r.metric.as_deref().is_none_or(|m| m == metric))
         .max_by_key(|r| r.rank())
-}
-
-/// The start of the UTC bucket of length `bucket` (a whole number of seconds) holding `at`.
-fn bucket_start(at: DateTime<Utc>, bucket: Duration) -> DateTime<Utc> {
-    let secs = bucket.num_seconds().max(1);
-    let start = at.timestamp().div_euclid(secs) * secs;
-    Utc.timestamp_opt(start, 0).single().unwrap_or(at)
 }
 
 /// What one application of the policy removed.
@@ -794,11 +787,11 @@ mod tests {
         let at = |s: &str| models::parse_timestamp_rfc3339(s).unwrap();
         let t = at("2026-11-30T10:17:42.5Z");
         assert_eq!(
-            bucket_start(t, Duration::minutes(1)),
+            crate::rollups::floor(t, Duration::minutes(1)),
             at("2026-11-30T10:17:00Z")
         );
         assert_eq!(
-            bucket_start(t, Duration::days(1)),
+            crate::rollups::floor(t, Duration::days(1)),
             at("2026-11-30T00:00:00Z")
         );
     }

@@ -46,10 +46,11 @@ impl Horizons {
     }
 }
 
-/// From when on the raw readings of `device` (or of every device) are all still kept: the latest
-/// cutoff of the raw retention rules that apply (none: all kept forever). A rebuild must not start
-/// before it, or it would replace summaries with sums of what retention left.
-pub fn raw_complete_from(
+/// The first UTC day from which the raw readings of `device` (or of every device) are all still
+/// kept: the day after the latest cutoff of the raw retention rules that apply (none: all kept
+/// forever). A rebuild must not start before it, or it would replace summaries with sums of what
+/// retention left.
+pub fn rebuildable_from(
     conn: &mut PgConnection,
     device: Option<&str>,
     now: DateTime<Utc>,
@@ -62,7 +63,8 @@ pub fn raw_complete_from(
             _ => true,
         })
         .filter_map(|r| r.cutoff(now))
-        .max())
+        .max()
+        .map(|cutoff| ceil(cutoff, Duration::days(1))))
 }
 
 /// One piece of a series' range and the table that answers it: `[from, to)`.
@@ -177,7 +179,7 @@ fn cover(
 
 /// Bucket boundaries of minutes, hours and days are those of UTC, as the series' own (aligned to
 /// 2000-01-03T00:00Z).
-fn floor(t: DateTime<Utc>, g: Duration) -> DateTime<Utc> {
+pub(crate) fn floor(t: DateTime<Utc>, g: Duration) -> DateTime<Utc> {
     t.duration_trunc(g).unwrap_or(t)
 }
 
@@ -425,6 +427,19 @@ fn try_xact_lock(conn: &mut PgConnection, key: i64) -> Result<bool, StoreError> 
     Ok(taken.taken)
 }
 
+/// How many delta rows (writing transactions) wait to be folded: counted, not unnested, since the
+/// persisters ask after every fold.
+pub fn waiting(conn: &mut PgConnection) -> Result<i64, StoreError> {
+    #[derive(QueryableByName)]
+    struct Waiting {
+        #[diesel(sql_type = BigInt)]
+        deltas: i64,
+    }
+    let w: Waiting =
+        diesel::sql_query("SELECT count(*) AS deltas FROM rollup_deltas").get_result(conn)?;
+    Ok(w.deltas)
+}
+
 /// How many delta rows (writing transactions) wait to be folded, and the oldest minute they hold.
 pub fn backlog(conn: &mut PgConnection) -> Result<(i64, Option<DateTime<Utc>>), StoreError> {
     #[derive(QueryableByName)]
@@ -497,16 +512,12 @@ fn rebuild_in_snapshot(
         .bind::<Nullable<Text>, _>(device)
         .execute(conn)?;
     }
-    let minutes = diesel::sql_query(
+    let minutes = diesel::sql_query(format!(
         "INSERT INTO rollups_1m (device_id, metric, bucket, count, sum, min, max, first_ts, last_ts)
-         SELECT r.device_id, m.key, date_trunc('minute', r.ts, 'UTC'), count(*),
-                sum(m.value::numeric), min(m.value::float8), max(m.value::float8),
-                min(r.ts), max(r.ts)
-         FROM readings r, jsonb_each(r.metrics) AS m
-         WHERE r.ts >= $1 AND r.ts < $2 AND ($3::text IS NULL OR r.device_id = $3)
-         GROUP BY 1, 2, 3
+         {}
          ORDER BY 1, 2, 3",
-    )
+        summarise_readings("minute")
+    ))
     .bind::<Timestamptz, _>(day)
     .bind::<Timestamptz, _>(next)
     .bind::<Nullable<Text>, _>(device)
@@ -567,6 +578,21 @@ pub fn days_with_readings(
     Ok(days.into_iter().map(|d| d.day).collect())
 }
 
+/// The summaries by `unit` (`minute`, `hour`, `day`) of the raw readings in `[$1, $2)` of the
+/// device `$3` (or of every device when it is NULL), as columns named as the rollup tables' are:
+/// what a rebuild writes and what `verify` compares with.
+fn summarise_readings(unit: &str) -> String {
+    format!(
+        "SELECT r.device_id, m.key AS metric, date_trunc('{unit}', r.ts, 'UTC') AS bucket,
+                count(*) AS count, sum(m.value::numeric) AS sum,
+                min(m.value::float8) AS min, max(m.value::float8) AS max,
+                min(r.ts) AS first_ts, max(r.ts) AS last_ts
+         FROM readings r, jsonb_each(r.metrics) AS m
+         WHERE r.ts >= $1 AND r.ts < $2 AND ($3::text IS NULL OR r.device_id = $3)
+         GROUP BY 1, 2, 3"
+    )
+}
+
 /// A summary that differs from what the raw readings give.
 #[derive(Debug, Clone, PartialEq, QueryableByName)]
 pub struct Mismatch {
@@ -605,15 +631,7 @@ pub fn verify(
         ("rollups_1d", "day"),
     ] {
         let sql = format!(
-            "WITH raw AS (
-                 SELECT r.device_id, m.key AS metric, date_trunc('{unit}', r.ts, 'UTC') AS bucket,
-                        count(*)::numeric AS count, sum(m.value::numeric) AS sum,
-                        min(m.value::float8) AS min, max(m.value::float8) AS max,
-                        min(r.ts) AS first_ts, max(r.ts) AS last_ts
-                 FROM readings r, jsonb_each(r.metrics) AS m
-                 WHERE r.ts >= $1 AND r.ts < $2 AND ($3::text IS NULL OR r.device_id = $3)
-                 GROUP BY 1, 2, 3
-             ), summary AS (
+            "WITH raw AS ({raw}), summary AS (
                  SELECT device_id, metric, bucket, sum(count) AS count, sum(sum) AS sum,
                         min(min) AS min, max(max) AS max,
                         min(first_ts) AS first_ts, max(last_ts) AS last_ts
@@ -638,7 +656,8 @@ pub fn verify(
              WHERE (r.count, r.sum, r.min, r.max, r.first_ts, r.last_ts)
                    IS DISTINCT FROM (s.count, s.sum, s.min, s.max, s.first_ts, s.last_ts)
              ORDER BY device_id, metric, bucket
-             LIMIT $4"
+             LIMIT $4",
+            raw = summarise_readings(unit)
         );
         found.extend(
             diesel::sql_query(sql)

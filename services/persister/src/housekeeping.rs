@@ -64,20 +64,36 @@ pub async fn record_expired_commands(pool: store::PgPool, shutdown: watch::Recei
 
 /// Runs `job` on a blocking thread now and then every `interval` until shutdown, logging how many
 /// rows it handled as `done`; a failure is logged and tried again at the next turn.
-async fn every<F>(
+async fn every<F>(interval: Duration, shutdown: watch::Receiver<bool>, done: &'static str, job: F)
+where
+    F: Fn() -> Result<usize, StoreError> + Clone + Send + 'static,
+{
+    repeat(interval, shutdown, done, move || {
+        let rows = job()?;
+        if rows > 0 {
+            tracing::info!(rows, "{done}");
+        }
+        Ok(())
+    })
+    .await
+}
+
+/// Runs `job` on a blocking thread now and then every `interval` until shutdown; a failure is
+/// logged as `task`'s and tried again at the next turn. The persister's periodic work (forgetting,
+/// expiring, folding rollups, applying retention) all runs this way.
+pub(crate) async fn repeat<F>(
     interval: Duration,
     mut shutdown: watch::Receiver<bool>,
-    done: &'static str,
+    task: &'static str,
     job: F,
 ) where
-    F: Fn() -> Result<usize, StoreError> + Clone + Send + 'static,
+    F: Fn() -> Result<(), StoreError> + Clone + Send + 'static,
 {
     loop {
         match tokio::task::spawn_blocking(job.clone()).await {
-            Ok(Ok(0)) => {}
-            Ok(Ok(rows)) => tracing::info!(rows, "{done}"),
-            Ok(Err(e)) => tracing::warn!(error = %e, task = done, "failed; trying again later"),
-            Err(e) => tracing::warn!(error = %e, task = done, "the task failed"),
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, task, "failed; trying again later"),
+            Err(e) => tracing::warn!(error = %e, task, "the task failed"),
         }
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}

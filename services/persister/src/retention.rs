@@ -12,22 +12,13 @@ pub async fn apply_periodically(
     pool: store::PgPool,
     interval_secs: u64,
     metrics: PersisterMetrics,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
     let interval = Duration::from_secs(interval_secs.max(1));
-    loop {
-        let pool = pool.clone();
-        let metrics = metrics.clone();
-        match tokio::task::spawn_blocking(move || apply_once(&pool, &metrics)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!(error = %e, "retention failed; trying again later"),
-            Err(e) => tracing::warn!(error = %e, "the retention task failed"),
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(interval) => {}
-            _ = shutdown.changed() => return,
-        }
-    }
+    crate::housekeeping::repeat(interval, shutdown, "applying retention", move || {
+        apply_once(&pool, &metrics)
+    })
+    .await
 }
 
 fn apply_once(pool: &store::PgPool, metrics: &PersisterMetrics) -> Result<(), store::StoreError> {

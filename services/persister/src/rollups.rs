@@ -16,24 +16,14 @@ const FOLD_INTERVAL: Duration = Duration::from_secs(1);
 /// Delta rows (each a writing transaction's) folded per transaction.
 const DELTAS_PER_FOLD: i64 = 500;
 
-pub async fn fold(
-    pool: store::PgPool,
-    metrics: PersisterMetrics,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    loop {
-        let (pool, metrics) = (pool.clone(), metrics.clone());
-        let run = tokio::task::spawn_blocking(move || fold_all(&pool, &metrics)).await;
-        match run {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!(error = %e, "folding rollup deltas failed; trying again"),
-            Err(e) => tracing::warn!(error = %e, "the rollup folding task failed"),
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(FOLD_INTERVAL) => {}
-            _ = shutdown.changed() => return,
-        }
-    }
+pub async fn fold(pool: store::PgPool, metrics: PersisterMetrics, shutdown: watch::Receiver<bool>) {
+    crate::housekeeping::repeat(
+        FOLD_INTERVAL,
+        shutdown,
+        "folding rollup deltas",
+        move || fold_all(&pool, &metrics),
+    )
+    .await
 }
 
 /// Folds until fewer than a transaction's worth are left, or another persister holds the turn;
@@ -46,7 +36,8 @@ fn fold_all(pool: &store::PgPool, metrics: &PersisterMetrics) -> Result<(), stor
             break;
         }
     }
-    let (waiting, _) = store::rollups::backlog(&mut conn)?;
-    metrics.rollup_deltas_waiting.set(waiting);
+    metrics
+        .rollup_deltas_waiting
+        .set(store::rollups::waiting(&mut conn)?);
     Ok(())
 }

@@ -64,20 +64,13 @@ pub fn run(database_url: &str, command: RollupsCommand) -> anyhow::Result<()> {
 fn rebuild(conn: &mut store::PgConnection, days: Days) -> anyhow::Result<()> {
     let (device, mut from, to) = days.checked(DateTime::UNIX_EPOCH)?;
     // days whose raw readings retention has begun to remove keep their summaries
-    if let Some(kept) = store::rollups::raw_complete_from(conn, device.as_deref(), Utc::now())? {
-        let first_whole_day = kept
-            .date_naive()
-            .succ_opt()
-            .map(|d| d.and_time(chrono::NaiveTime::MIN).and_utc())
-            .unwrap_or(kept);
-        if first_whole_day > from {
-            println!(
-                "raw readings before {} may have been removed by retention: rebuilding from {}",
-                kept.format("%Y-%m-%dT%H:%MZ"),
-                first_whole_day.format("%Y-%m-%d")
-            );
-            from = first_whole_day;
-        }
+    let rebuildable = store::rollups::rebuildable_from(conn, device.as_deref(), Utc::now())?;
+    if let Some(first_whole_day) = rebuildable.filter(|day| *day > from) {
+        println!(
+            "raw readings before {} may have been removed by retention: rebuilding from there",
+            first_whole_day.format("%Y-%m-%d")
+        );
+        from = first_whole_day;
     }
     if from >= to {
         println!("nothing to rebuild");
