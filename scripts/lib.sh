@@ -20,6 +20,7 @@ RABBITMQ_MQTT_PORT="${RABBITMQ_MQTT_PORT:-1884}"
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 die() { printf '\033[31merror: %s\033[0m\n' "$*" >&2; exit 1; }
+warn() { printf '\033[33mwarning: %s\033[0m\n' "$*" >&2; }
 
 as_root() {
   if [ "$(id -u)" -eq 0 ]; then "$@"
@@ -438,4 +439,46 @@ Tokens: .run/tokens-scaled/raspi-01 (the device's), .run/tokens-scaled/reader (a
 More devices: DATABASE_URL=$DATABASE_URL SENSORHUB_KEYS_DIR=.run/keys $bin/sensorctl device add <id>
 Logs: .run/*.log    Stop: scripts/down
 TXT
+}
+
+# The cross toolchain for one Raspberry Pi target (scripts/pi-build): the Rust target's standard
+# library, Debian's cross gcc and libc (the linker, and the C compiler the `cc` crate uses for
+# SQLite and ring), its binutils (strip), and qemu-user to run the result here. Installs only what
+# is missing; nothing when all is there. Returns non-zero with the reason on stderr, rather than
+# dying, when it cannot install (no rustup, no apt-get, no root), so a caller can say
+# "cross toolchain unavailable: testing the host build only" and carry on. Sets PI_PREFIX (the
+# tools' prefix, e.g. aarch64-linux-gnu) and PI_QEMU (e.g. qemu-aarch64).
+pi_toolchain() { # triple: aarch64-unknown-linux-gnu | armv7-unknown-linux-gnueabihf
+  local triple=$1 libc
+  case "$triple" in
+    aarch64-unknown-linux-gnu) PI_PREFIX=aarch64-linux-gnu libc=libc6-dev-arm64-cross PI_QEMU=qemu-aarch64 ;;
+    armv7-unknown-linux-gnueabihf) PI_PREFIX=arm-linux-gnueabihf libc=libc6-dev-armhf-cross PI_QEMU=qemu-arm ;;
+    *) warn "no Pi toolchain for $triple (aarch64-unknown-linux-gnu or armv7-unknown-linux-gnueabihf)"; return 2 ;;
+  esac
+  command -v rustc >/dev/null || { warn "rustc not found: install Rust (https://rustup.rs)"; return 1; }
+  # the target's standard library, whoever installed it (rustup, or a distribution's package)
+  if [ ! -d "$(rustc --print sysroot)/lib/rustlib/$triple/lib" ]; then
+    command -v rustup >/dev/null || { warn "Rust's $triple standard library is missing and rustup is not here to add it"; return 1; }
+    say "adding the Rust target $triple:  rustup target add $triple"
+    rustup target add "$triple" >&2 || { warn "rustup target add $triple failed"; return 1; }
+  fi
+  local wanted=()
+  command -v "$PI_PREFIX-gcc" >/dev/null || wanted+=("gcc-$PI_PREFIX")
+  [ -e "/usr/$PI_PREFIX/include/stdio.h" ] || wanted+=("$libc")
+  command -v "$PI_PREFIX-strip" >/dev/null || wanted+=("binutils-$PI_PREFIX")
+  command -v "$PI_QEMU" >/dev/null || wanted+=(qemu-user)
+  if [ ${#wanted[@]} -gt 0 ]; then
+    command -v apt-get >/dev/null || { warn "missing ${wanted[*]}, and no apt-get to install them"; return 1; }
+    if [ "$(id -u)" -ne 0 ] && ! command -v sudo >/dev/null; then
+      warn "missing ${wanted[*]}: installing them needs root (or sudo)"; return 1
+    fi
+    say "installing Debian packages for $triple: ${wanted[*]}"
+    as_root apt-get -o DPkg::Lock::Timeout=600 update -qq || true
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq "${wanted[@]}" >/dev/null ||
+      { warn "apt-get install ${wanted[*]} failed"; return 1; }
+  fi
+  local tool
+  for tool in "$PI_PREFIX-gcc" "$PI_PREFIX-strip" "$PI_QEMU"; do
+    command -v "$tool" >/dev/null || { warn "$tool is still missing"; return 1; }
+  done
 }
