@@ -137,6 +137,9 @@ impl Outbox {
                 source,
             },
         )?;
+        // the running agent may hold the write lock for a moment
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(outbox_error(&shown))?;
         Ok(Self {
             conn,
             path: shown,
