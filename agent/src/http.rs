@@ -65,9 +65,11 @@ pub struct Server {
 impl Server {
     pub fn new(config: &Config) -> Result<Self, Error> {
         let mut roots = rustls::RootCertStore::empty();
-        // a certificate the system cannot parse is skipped; none at all is fine over plain HTTP
-        let native = rustls_native_certs::load_native_certs();
-        roots.add_parsable_certificates(native.certs);
+        // the system's roots (a certificate it cannot parse is skipped), only where they are
+        // used: parsed, they are a megabyte of the agent's memory
+        if config.base_url().starts_with("https://") {
+            roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+        }
         if let Some(ca) = &config.server.ca_file {
             use rustls::pki_types::{CertificateDer, pem::PemObject};
             let certificates: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(ca)

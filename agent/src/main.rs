@@ -43,6 +43,8 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // colours only for a person at a terminal, not in the journal
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     // one thread: a Pi Zero has one core, and the agent waits on the network and the disk
     let runtime = match tokio::runtime::Builder::new_current_thread()

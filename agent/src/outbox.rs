@@ -137,6 +137,9 @@ impl Outbox {
                 source,
             },
         )?;
+        // the running agent may hold the write lock for a moment
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(outbox_error(&shown))?;
         Ok(Self {
             conn,
             path: shown,
@@ -148,9 +151,12 @@ impl Outbox {
         let wrap = outbox_error(&self.path);
         // WAL lets `status` read beside the writer; FULL makes each commit durable before it
         // returns, which is the outbox's whole point. 5 s of patience for a concurrent reader.
+        // A 512 KiB page cache (SQLite's default is 2 MiB): the agent reads the oldest pages and
+        // appends to the newest, and its memory stays small whatever the outbox holds.
         self.conn
             .execute_batch(
-                "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA busy_timeout = 5000;",
+                "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA busy_timeout = 5000; \
+                 PRAGMA cache_size = -512;",
             )
             .map_err(wrap)?;
         self.conn
@@ -509,4 +515,111 @@ fn trim_set_aside(conn: &Connection) -> rusqlite::Result<()> {
         [REJECTED_KEPT],
     )
     .map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "a test stops at the first surprise")]
+    use super::*;
+    use serde_json::json;
+
+    fn outbox(max: u64) -> (Outbox, std::path::PathBuf) {
+        let path = std::env::temp_dir().join(format!("agent-outbox-{}.db", uuid::Uuid::new_v4()));
+        (Outbox::open(&path, max).unwrap(), path)
+    }
+
+    fn taken(n: i64, boot: &str, boottime_s: i64, synced: bool) -> Taken {
+        let mut metrics = serde_json::Map::new();
+        metrics.insert("n".into(), json!(n));
+        Taken {
+            id: format!("r{n}"),
+            boot_id: boot.into(),
+            at: Now {
+                wall: Utc.timestamp_opt(1_000 + boottime_s, 0).unwrap(),
+                boottime_ns: boottime_s * 1_000_000_000,
+                synced,
+            },
+            metrics,
+        }
+    }
+
+    #[test]
+    fn untimed_readings_get_their_boot_time_mapped_and_an_earlier_boots_are_set_aside() {
+        let (mut outbox, path) = outbox(100);
+        outbox.append(&taken(1, "old", 5, false)).unwrap();
+        outbox.append(&taken(2, "now", 10, false)).unwrap();
+        outbox.append(&taken(3, "now", 20, false)).unwrap();
+        assert!(
+            outbox.oldest(10).unwrap().is_empty(),
+            "nothing has a time yet"
+        );
+        // synchronised at boot time 30 s: the wall clock says 1,800,000,000
+        let synced = Now {
+            wall: Utc.timestamp_opt(1_800_000_000, 0).unwrap(),
+            boottime_ns: 30_000_000_000,
+            synced: true,
+        };
+        assert_eq!(outbox.stamp(&synced, "now").unwrap(), (2, 1));
+        let pending = outbox.oldest(10).unwrap();
+        let times: Vec<i64> = pending.iter().map(|p| p.ts.timestamp()).collect();
+        assert_eq!(times, [1_799_999_980, 1_799_999_990]);
+        let status = outbox.status().unwrap();
+        assert_eq!((status.depth, status.untimed_total), (2, 1));
+        outbox.remove(&pending).unwrap();
+        assert_eq!(outbox.status().unwrap().depth, 0);
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn a_full_outbox_drops_its_oldest_and_counts_them() {
+        let (mut outbox, path) = outbox(3);
+        for n in 1..=5 {
+            let dropped = outbox.append(&taken(n, "b", n, true)).unwrap();
+            assert_eq!(dropped, i64::from(n > 3));
+        }
+        let ids: Vec<String> = outbox
+            .oldest(10)
+            .unwrap()
+            .into_iter()
+            .map(|p| p.id)
+            .collect();
+        assert_eq!(ids, ["r3", "r4", "r5"]);
+        let pending = outbox.oldest(1).unwrap();
+        outbox.reject(&pending[0], "400: no").unwrap();
+        let status = outbox.status().unwrap();
+        assert_eq!(
+            (status.depth, status.dropped_total, status.rejected_total),
+            (2, 2, 1)
+        );
+        // the counters survive a restart, and the depth is recounted
+        drop(outbox);
+        let reopened = Outbox::open(&path, 3).unwrap();
+        assert_eq!(reopened.status().unwrap().depth, 2);
+        assert_eq!(reopened.dropped_total().unwrap(), 2);
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn a_command_is_recorded_before_it_runs_and_answered_once() {
+        let (mut outbox, path) = outbox(3);
+        assert!(outbox.command("c1").unwrap().is_none());
+        outbox.command_started("c1", "led").unwrap();
+        assert_eq!(outbox.command("c1").unwrap().unwrap().status, "running");
+        assert!(outbox.unanswered().unwrap().is_empty(), "not finished yet");
+        outbox
+            .command_finished("c1", "succeeded", &json!({"led": "on"}))
+            .unwrap();
+        assert_eq!(
+            outbox.unanswered().unwrap(),
+            [(
+                "c1".to_owned(),
+                "succeeded".to_owned(),
+                json!({"led": "on"})
+            )]
+        );
+        outbox.command_answered("c1").unwrap();
+        assert!(outbox.unanswered().unwrap().is_empty());
+        assert!(outbox.command("c1").unwrap().unwrap().answered);
+        std::fs::remove_file(path).unwrap();
+    }
 }
