@@ -57,12 +57,21 @@ struct Publish {
     done: oneshot::Sender<Result<(), String>>,
 }
 
+/// Where the connection is.
+#[derive(Debug, Clone)]
+enum Connection {
+    /// Not yet connected since the start: a publish waits for it (up to its timeout).
+    Starting,
+    Up,
+    /// Lost, and why: a publish fails at once (the sender backs off, the outbox keeps it).
+    Down(String),
+}
+
 /// The connection's handle: cheap to clone, shared by the sender and the commands loop.
 #[derive(Clone)]
 pub struct Mqtt {
     publishes: mpsc::Sender<Publish>,
-    /// `Ok` while connected, else why not.
-    state: watch::Receiver<Result<(), String>>,
+    state: watch::Receiver<Connection>,
     device: DeviceId,
 }
 
@@ -74,7 +83,7 @@ impl Mqtt {
         let (client, events) = AsyncClient::new(options(config, false)?, 16);
         let (publishes, to_publish) = mpsc::channel(16);
         let (commands, received) = mpsc::channel(COMMANDS_WAITING);
-        let (tell, state) = watch::channel(Err("not connected yet".to_owned()));
+        let (tell, state) = watch::channel(Connection::Starting);
         let driver = Driver {
             client,
             events,
@@ -140,17 +149,21 @@ impl Mqtt {
         }
     }
 
-    /// One QoS 1 publish: waits (within `timeout`) for the connection, then for the PUBACK.
+    /// One QoS 1 publish: waits (within `timeout`) for the first connection, then for the
+    /// PUBACK; fails at once while the connection is down.
     async fn publish(
         &self,
         topic: String,
         payload: Vec<u8>,
         timeout: Duration,
     ) -> Result<(), String> {
+        if let Connection::Down(why) = &*self.state.borrow() {
+            return Err(format!("the MQTT connection is down: {why}"));
+        }
         let mut state = self.state.clone();
         let exchange = async {
             state
-                .wait_for(Result::is_ok)
+                .wait_for(|s| !matches!(s, Connection::Starting))
                 .await
                 .map_err(|_| "the MQTT connection's task stopped".to_owned())?;
             let (done, acked) = oneshot::channel();
@@ -170,8 +183,9 @@ impl Mqtt {
             Ok(outcome) => outcome,
             Err(_) => {
                 let why = match &*self.state.borrow() {
-                    Ok(()) => "connected".to_owned(),
-                    Err(e) => e.clone(),
+                    Connection::Starting => "not connected yet".to_owned(),
+                    Connection::Up => "connected".to_owned(),
+                    Connection::Down(e) => e.clone(),
                 };
                 Err(format!(
                     "no PUBACK within {} ({why})",
@@ -212,7 +226,7 @@ struct Driver {
     to_publish: mpsc::Receiver<Publish>,
     commands: mpsc::Sender<DeviceCommand>,
     commands_topic: String,
-    state: watch::Sender<Result<(), String>>,
+    state: watch::Sender<Connection>,
     /// Publishes handed to rumqttc and not yet written, in the order they were handed over.
     queued: VecDeque<oneshot::Sender<Result<(), String>>>,
     /// Publishes written, by packet id, waiting for their PUBACK.
@@ -225,7 +239,7 @@ impl Driver {
         let mut backoff = self.backoff();
         let mut failing = false;
         loop {
-            let connected = self.state.borrow().is_ok();
+            let connected = matches!(*self.state.borrow(), Connection::Up);
             tokio::select! {
                 event = self.events.poll() => match event {
                     Ok(event) => {
@@ -277,7 +291,7 @@ impl Driver {
                 {
                     tracing::error!(error = %e, "cannot subscribe to the commands");
                 }
-                let _previous = self.state.send_replace(Ok(()));
+                let _previous = self.state.send_replace(Connection::Up);
             }
             Event::Incoming(Packet::SubAck(ack))
                 if ack
@@ -337,7 +351,7 @@ impl Driver {
     /// No PUBACK will come for what is in hand: it fails now, and rumqttc is not to send it again
     /// on the next connection (under packet ids this task would not know).
     fn on_connection_lost(&mut self, error: &str) {
-        let _previous = self.state.send_replace(Err(error.to_owned()));
+        let _previous = self.state.send_replace(Connection::Down(error.to_owned()));
         let reason = format!("the MQTT connection was lost: {error}");
         for done in self
             .queued

@@ -1,12 +1,14 @@
-//! A simulated Pi: its own database and queue names, ingest-http (behind a TCP proxy the test
-//! can cut) and the persister running in the test; a folder with the agent's configuration, token,
-//! outbox, a counting sensor script and an LED handler script; the agent as a process.
+//! A simulated Pi: its own database and queue names, the server's way in (ingest-http, or a
+//! private Mosquitto with ingest-mqtt, behind a TCP proxy the test can cut) and the persister
+//! running in the test; a folder with the agent's configuration, token, outbox, a counting sensor
+//! script and an LED handler script; the agent as a process.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use serde_json::Value;
+use testkit::mqtt::Mosquitto;
 use testkit::spawn::{self, Running};
 use testkit::{AmqpPrefix, TcpProxy, TestDb, TestKeys};
 
@@ -35,10 +37,20 @@ esac
 printf '{"led": "%s", "args": %s}\n' "$state" "$args"
 "#;
 
+/// How the agent reaches the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// ingest-http.
+    Http,
+    /// A Mosquitto of the test's own (anonymous), with ingest-mqtt bridging it to RabbitMQ.
+    Mqtt,
+}
+
 /// What a test may change in the agent's configuration.
 pub struct Settings {
     pub max_readings: u64,
     pub batch: usize,
+    pub transport: Transport,
 }
 
 pub struct Pi {
@@ -49,6 +61,8 @@ pub struct Pi {
     _prefix: AmqpPrefix,
     _ingest: Running,
     _persister: Running,
+    /// The broker, with transport MQTT (declared after ingest-mqtt, so it is dropped after it).
+    _broker: Option<Mosquitto>,
 }
 
 impl Pi {
@@ -64,30 +78,58 @@ impl Pi {
         let prefix = AmqpPrefix::new("agent-test");
         let device = format!("pi-{tag}");
         let token = keys.register_device(&db.url, &device);
-        let mut ingest = spawn::ingest_http_settings(&db.url, &prefix, &keys.verifying_key_file());
-        ingest.max_body_bytes = 256 * 1024;
-        let ingest = spawn::ingest_http(&ingest).await;
-        let persister = spawn::persister(&spawn::persister_settings(&db.url, &prefix)).await;
-        let proxy = TcpProxy::start(&format!("127.0.0.1:{}", ingest.port())).await;
+        let mut settings = Settings {
+            max_readings: 100_000,
+            batch: 5,
+            transport: Transport::Http,
+        };
+        adjust(&mut settings);
+        let mut persister = spawn::persister_settings(&db.url, &prefix);
+        let (ingest, broker, proxy, server) = match settings.transport {
+            Transport::Http => {
+                let mut ingest =
+                    spawn::ingest_http_settings(&db.url, &prefix, &keys.verifying_key_file());
+                ingest.max_body_bytes = 256 * 1024;
+                let ingest = spawn::ingest_http(&ingest).await;
+                let proxy = TcpProxy::start(&format!("127.0.0.1:{}", ingest.port())).await;
+                let server = format!(
+                    "transport = \"http\"\nurl = \"http://127.0.0.1:{}\"",
+                    proxy.port
+                );
+                (ingest, None, proxy, server)
+            }
+            Transport::Mqtt => {
+                // a command published before the agent subscribed goes again this soon
+                persister.command_resend_secs = 2;
+                let broker = Mosquitto::anonymous();
+                let ingest = spawn::ingest_mqtt(&spawn::ingest_mqtt_settings(
+                    broker.port,
+                    "ingest-mqtt:agent-test",
+                    &prefix,
+                ))
+                .await;
+                let proxy = TcpProxy::start(&format!("127.0.0.1:{}", broker.port)).await;
+                let server = format!(
+                    "transport = \"mqtt\"\nmqtt_url = \"mqtt://127.0.0.1:{}\"",
+                    proxy.port
+                );
+                (ingest, Some(broker), proxy, server)
+            }
+        };
+        let persister = spawn::persister(&persister).await;
 
         let dir = std::env::temp_dir().join(format!("agent-it-{tag}-{}", uuid::Uuid::new_v4()));
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("token"), token).unwrap();
         std::fs::write(dir.join("sensor.sh"), SENSOR).unwrap();
         std::fs::write(dir.join("led.sh"), LED).unwrap();
-        let mut settings = Settings {
-            max_readings: 100_000,
-            batch: 5,
-        };
-        adjust(&mut settings);
         let config = format!(
             r#"
 device_id = "{device}"
 token_file = "{dir}/token"
 
 [server]
-transport = "http"
-url = "http://127.0.0.1:{port}"
+{server}
 timeout = "5s"
 backoff_max = "1s"
 
@@ -109,7 +151,6 @@ run = ["sh", "{dir}/led.sh"]
 timeout = "5s"
 "#,
             dir = dir.display(),
-            port = proxy.port,
             max = settings.max_readings,
             batch = settings.batch,
         );
@@ -122,6 +163,7 @@ timeout = "5s"
             _prefix: prefix,
             _ingest: ingest,
             _persister: persister,
+            _broker: broker,
         };
         pi.set_clock(0, true);
         pi
@@ -287,6 +329,17 @@ timeout = "5s"
         .await
     }
 
+    /// Waits until command `id`'s stored status is `status`.
+    pub async fn wait_command_status(&self, id: &str, status: &str) {
+        self.wait(&format!("command {id} {status}"), || {
+            store::commands::command(&mut self.db.connect(), id)
+                .unwrap()
+                .filter(|(command, _)| command.stored_status == status)
+                .map(|_| ())
+        })
+        .await
+    }
+
     /// Polls `check` until it answers, or fails the test with the agent's log.
     async fn wait<T>(&self, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
         let deadline = std::time::Instant::now() + WAIT;
@@ -338,6 +391,20 @@ impl Agent {
             String::from_utf8_lossy(&output.stderr)
         );
         serde_json::from_slice(&output.stdout).unwrap()
+    }
+
+    /// Its resident memory (`VmRSS`), in KiB.
+    pub fn rss_kib(&self) -> Option<u64> {
+        let pid = self.child.as_ref()?.id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))?
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()
     }
 
     /// SIGKILL, as a power cut would.

@@ -11,6 +11,7 @@
 )]
 
 mod fixture;
+mod mqtt;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -21,7 +22,10 @@ use serde_json::{Value, json};
 /// Every `seq` from 1 to the last taken is stored exactly once, except at most `gaps` of them
 /// (a reading the counter script counted but the agent had not yet kept when it was killed),
 /// and the stored times rise with `seq`. Answers the stored (seq → time).
-fn assert_each_once_in_order(pi: &Pi, gaps: usize) -> BTreeMap<u64, chrono::DateTime<chrono::Utc>> {
+pub(crate) fn assert_each_once_in_order(
+    pi: &Pi,
+    gaps: usize,
+) -> BTreeMap<u64, chrono::DateTime<chrono::Utc>> {
     let stored = pi.stored_seqs();
     let taken = pi.taken();
     let mut by_seq = BTreeMap::new();
