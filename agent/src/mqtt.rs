@@ -166,6 +166,9 @@ impl Mqtt {
                 .wait_for(|s| !matches!(s, Connection::Starting))
                 .await
                 .map_err(|_| "the MQTT connection's task stopped".to_owned())?;
+            if let Connection::Down(why) = &*state.borrow() {
+                return Err(format!("the MQTT connection is down: {why}"));
+            }
             let (done, acked) = oneshot::channel();
             self.publishes
                 .send(Publish {
@@ -353,6 +356,10 @@ impl Driver {
     fn on_connection_lost(&mut self, error: &str) {
         let _previous = self.state.send_replace(Connection::Down(error.to_owned()));
         let reason = format!("the MQTT connection was lost: {error}");
+        // what was asked for but not yet handed to rumqttc fails too, rather than waiting
+        while let Ok(publish) = self.to_publish.try_recv() {
+            let _ = publish.done.send(Err(reason.clone()));
+        }
         for done in self
             .queued
             .drain(..)
@@ -378,8 +385,12 @@ fn describe(error: &ConnectionError) -> String {
             let mut text = other.to_string();
             let mut source = std::error::Error::source(other);
             while let Some(cause) = source {
-                text.push_str(": ");
-                text.push_str(&cause.to_string());
+                // rumqttc's errors often say their cause already
+                let cause_text = cause.to_string();
+                if !text.contains(&cause_text) {
+                    text.push_str(": ");
+                    text.push_str(&cause_text);
+                }
                 source = cause.source();
             }
             text

@@ -116,3 +116,104 @@ async fn over_mqtt_check_sees_the_broker_accept_the_login() {
     assert!(out.contains("FAIL  broker mqtt://"), "{out}");
     assert_eq!(pi.stored_seqs().len(), 0, "check stores nothing");
 }
+
+/// `mqtts://`: the broker's certificate checked against `server.ca_file` (beside the system's
+/// roots, which do not know this test's CA), through the same rustls configuration as HTTPS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_mqtts_check_trusts_the_ca_file_and_nothing_else() {
+    let pi = pi("mqtts-check").await;
+    let tls = testkit::mqtt::Mosquitto::start_with(|port, dir| {
+        // a CA, and the broker's certificate signed by it (a self-signed certificate is a CA
+        // used as an end entity, which rustls refuses)
+        let run = |args: &[&str]| {
+            let out = std::process::Command::new("openssl")
+                .args(args)
+                .current_dir(dir)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        run(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=agent test CA",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+        ]);
+        run(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=localhost",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+        ]);
+        std::fs::write(
+            dir.join("server.ext"),
+            "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+        )
+        .unwrap();
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-extfile",
+            "server.ext",
+            "-out",
+            "server.crt",
+        ]);
+        format!(
+            "listener {port} 127.0.0.1\nallow_anonymous true\ncertfile {dir}/server.crt\n\
+             keyfile {dir}/server.key\nlog_dest stderr\nlog_type error\n",
+            dir = dir.display()
+        )
+    });
+    let config_path = pi.dir.join("agent.toml");
+    let config = std::fs::read_to_string(&config_path).unwrap();
+    let start = config.find("mqtt_url = ").unwrap();
+    let end = start + config[start..].find('\n').unwrap();
+    let plain = &config[start..end];
+    let with_tls = |ca_file: bool| {
+        let mut line = format!("mqtt_url = \"mqtts://localhost:{}\"", tls.port);
+        if ca_file {
+            line.push_str(&format!("\nca_file = \"{}/ca.crt\"", tls.dir.display()));
+        }
+        config.replace(plain, &line)
+    };
+
+    std::fs::write(&config_path, with_tls(true)).unwrap();
+    let (ok, out) = pi.check();
+    assert!(ok, "{out}");
+    assert!(out.contains("broker mqtts://localhost"), "{out}");
+    assert!(out.contains("the token is accepted"), "{out}");
+
+    std::fs::write(&config_path, with_tls(false)).unwrap();
+    let (ok, out) = pi.check();
+    assert!(!ok, "an unknown CA: {out}");
+    assert!(out.contains("FAIL  broker mqtts://"), "{out}");
+    eprintln!("{out}");
+}
