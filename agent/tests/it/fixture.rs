@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use testkit::mqtt::Mosquitto;
+use testkit::rabbitmq::{MqttAuth, RabbitMqtt};
 use testkit::spawn::{self, Running};
 use testkit::{AmqpPrefix, TcpProxy, TestDb, TestKeys};
 
@@ -44,6 +45,19 @@ pub enum Transport {
     Http,
     /// A Mosquitto of the test's own (anonymous), with ingest-mqtt bridging it to RabbitMQ.
     Mqtt,
+    /// A RabbitMQ node of the test's own with the MQTT plugin, the whole stack on it: broker mode
+    /// `rabbitmq`, which new deployments use. Devices log in as in production: RabbitMQ asks
+    /// ingest-http, which checks the device's token.
+    RabbitMqtt,
+}
+
+/// The MQTT broker a test started, if any: stopped when dropped.
+#[allow(dead_code, reason = "held only to be dropped last")]
+enum Broker {
+    None,
+    Mosquitto(Mosquitto),
+    /// The node, and the ingest-http it asks about devices' logins.
+    RabbitMqtt(RabbitMqtt, Running),
 }
 
 /// What a test may change in the agent's configuration.
@@ -62,7 +76,7 @@ pub struct Pi {
     _ingest: Running,
     _persister: Running,
     /// The broker, with transport MQTT (declared after ingest-mqtt, so it is dropped after it).
-    _broker: Option<Mosquitto>,
+    _broker: Broker,
 }
 
 impl Pi {
@@ -96,7 +110,7 @@ impl Pi {
                     "transport = \"http\"\nurl = \"http://127.0.0.1:{}\"",
                     proxy.port
                 );
-                (ingest, None, proxy, server)
+                (ingest, Broker::None, proxy, server)
             }
             Transport::Mqtt => {
                 // a command published before the agent subscribed goes again this soon
@@ -113,7 +127,32 @@ impl Pi {
                     "transport = \"mqtt\"\nmqtt_url = \"mqtt://127.0.0.1:{}\"",
                     proxy.port
                 );
-                (ingest, Some(broker), proxy, server)
+                (ingest, Broker::Mosquitto(broker), proxy, server)
+            }
+            Transport::RabbitMqtt => {
+                persister.command_resend_secs = 2;
+                let mut auth =
+                    spawn::ingest_http_settings(&db.url, &prefix, &keys.verifying_key_file());
+                auth.rabbitmq_mqtt_auth = true;
+                let auth = spawn::ingest_http(&auth).await;
+                let node = RabbitMqtt::start(
+                    &prefix,
+                    MqttAuth::Http {
+                        base_url: format!("{}/internal/rabbitmq", auth.url),
+                    },
+                );
+                persister.bus.amqp_url = node.amqp_url();
+                let mut ingest =
+                    spawn::ingest_mqtt_settings(node.mqtt_port, "ingest-mqtt:agent-test", &prefix);
+                ingest.mqtt_broker = ingest_mqtt::MqttBroker::Rabbitmq;
+                ingest.bus.amqp_url = node.amqp_url();
+                let ingest = spawn::ingest_mqtt(&ingest).await;
+                let proxy = TcpProxy::start(&format!("127.0.0.1:{}", node.mqtt_port)).await;
+                let server = format!(
+                    "transport = \"mqtt\"\nmqtt_url = \"mqtt://127.0.0.1:{}\"",
+                    proxy.port
+                );
+                (ingest, Broker::RabbitMqtt(node, auth), proxy, server)
             }
         };
         let persister = spawn::persister(&persister).await;

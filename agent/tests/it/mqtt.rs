@@ -217,3 +217,27 @@ async fn over_mqtts_check_trusts_the_ca_file_and_nothing_else() {
     assert!(out.contains("FAIL  broker mqtts://"), "{out}");
     eprintln!("{out}");
 }
+
+/// Broker mode `rabbitmq` (RabbitMQ's MQTT plugin, what new deployments use): the same agent,
+/// readings through an outage stored once, and a command there and back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_rabbitmq_mqtt_readings_survive_an_outage_and_a_command_comes_and_goes() {
+    let pi = Pi::with("rmqtt", |c| c.transport = Transport::RabbitMqtt).await;
+    let mut agent = pi.start_agent();
+    pi.wait_stored_at_least(5).await;
+    let id = pi.issue_command("led", json!({"on": true}));
+    let command = pi.wait_command_finished(&id).await;
+    assert_eq!(
+        command.result,
+        Some(json!({"led": "on", "args": {"on": true}}))
+    );
+    pi.proxy.cut();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(agent.status()["last_error"].is_string());
+    pi.proxy.restore();
+    pi.wait_all_taken_stored(&mut agent).await;
+    assert_small(&agent);
+    agent.stop().await;
+    assert_each_once_in_order(&pi, 0);
+    assert_eq!(pi.handler_runs(), 1);
+}
