@@ -53,6 +53,15 @@ impl Link {
         }
     }
 
+    /// Resolves when a connection that was lost is back (MQTT); never over HTTP, which has no
+    /// connection to wait for.
+    pub async fn reconnected(&self) {
+        match self {
+            Link::Http(_) => std::future::pending().await,
+            Link::Mqtt(mqtt) => mqtt.reconnected().await,
+        }
+    }
+
     /// Answers command `id`.
     pub async fn answer(
         &self,

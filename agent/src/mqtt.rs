@@ -133,6 +133,21 @@ impl Mqtt {
         }
     }
 
+    /// Resolves at the next time the connection is (re)established.
+    pub async fn reconnected(&self) {
+        let mut state = self.state.clone();
+        state.mark_unchanged();
+        loop {
+            if state.changed().await.is_err() {
+                // the connection's task is gone: it never comes back
+                return std::future::pending().await;
+            }
+            if matches!(*state.borrow(), Connection::Up) {
+                return;
+            }
+        }
+    }
+
     /// Publishes the answer to command `id`, done at its PUBACK.
     pub async fn answer(
         &self,

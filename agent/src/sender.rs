@@ -62,7 +62,11 @@ impl Sender {
             }
             let sent = self.link.send(&batch, self.timeout).await;
             if let Some(wait) = self.settle(&mut round, &batch, sent) {
-                tokio::time::sleep(wait).await;
+                // a connection that comes back (MQTT) ends the wait: the broker takes them now
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = self.link.reconnected() => {}
+                }
             }
         }
     }
