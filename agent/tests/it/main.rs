@@ -84,7 +84,17 @@ async fn an_outage_loses_nothing_and_the_backlog_arrives_in_order_with_its_times
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_flush_stores_everything_once() {
-    let pi = Pi::with("killed", |c| c.batch = 2).await;
+    sigkill_mid_flush(fixture::Transport::Http).await;
+}
+
+/// Kills the agent three times while it flushes a backlog (over `transport`): every reading is
+/// stored once all the same (a batch whose acknowledgement the kill lost goes again, same ids).
+pub(crate) async fn sigkill_mid_flush(transport: fixture::Transport) {
+    let pi = Pi::with(&format!("killed-{transport:?}"), |c| {
+        c.batch = 2;
+        c.transport = transport;
+    })
+    .await;
     let mut agent = pi.start_agent();
     pi.wait_stored_at_least(3).await;
     pi.proxy.cut();

@@ -53,6 +53,11 @@ async fn over_mqtt_an_outage_loses_nothing_and_each_reading_is_stored_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_mqtt_sigkill_mid_flush_stores_everything_once() {
+    crate::sigkill_mid_flush(Transport::Mqtt).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_mqtt_a_command_runs_its_handler_once_and_its_result_is_stored() {
     let pi = pi("mqtt-command").await;
     let mut agent = pi.start_agent();
