@@ -224,9 +224,11 @@ async fn over_mqtts_check_trusts_the_ca_file_and_nothing_else() {
 }
 
 /// Broker mode `rabbitmq` (RabbitMQ's MQTT plugin, what new deployments use): the same agent,
-/// readings through an outage stored once, and a command there and back.
+/// readings through an outage stored once, a command there and back, and `check` told whether
+/// the token is accepted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn over_rabbitmq_mqtt_readings_survive_an_outage_and_a_command_comes_and_goes() {
+async fn over_rabbitmq_mqtt_readings_survive_an_outage_a_command_comes_and_goes_and_check_sees_the_token()
+ {
     let pi = Pi::with("rmqtt", |c| c.transport = Transport::RabbitMqtt).await;
     let mut agent = pi.start_agent();
     pi.wait_stored_at_least(5).await;
@@ -245,4 +247,13 @@ async fn over_rabbitmq_mqtt_readings_survive_an_outage_and_a_command_comes_and_g
     agent.stop().await;
     assert_each_once_in_order(&pi, 0);
     assert_eq!(pi.handler_runs(), 1);
+
+    // RabbitMQ asks ingest-http about the login: check hears the token accepted, or refused
+    std::fs::remove_file(pi.dir.join("pause")).unwrap();
+    let (ok, out) = pi.check();
+    assert!(ok && out.contains("the token is accepted"), "{out}");
+    std::fs::write(pi.dir.join("token"), "not-a-token").unwrap();
+    let (ok, out) = pi.check();
+    assert!(!ok, "{out}");
+    assert!(out.contains("refuses the token"), "{out}");
 }
