@@ -76,6 +76,11 @@ impl Commands {
         loop {
             self.answer_unanswered().await;
             match tokio::time::timeout(ANSWER_AGAIN, incoming.recv()).await {
+                // the broker keeps a command in the session for as long as the Pi is away, past
+                // its expiry too (ingest-http's long-poll never hands out an expired one)
+                Ok(Some(command)) if !command.is_live(chrono::Utc::now()) => {
+                    tracing::warn!(id = %command.id, name = %command.name, expired = %command.expires_at, "a command that expired before it arrived: not run");
+                }
                 Ok(Some(command)) => self.act_on(command).await,
                 Ok(None) => {
                     // the connection's task is gone: nothing more can arrive

@@ -341,6 +341,11 @@ timeout = "5s"
 
     /// Issues command `name` to this Pi as query-api does; its id.
     pub fn issue_command(&self, name: &str, args: Value) -> String {
+        self.issue_command_living(name, args, chrono::Duration::minutes(5))
+    }
+
+    /// The same, the command expiring after `ttl`.
+    pub fn issue_command_living(&self, name: &str, args: Value, ttl: chrono::Duration) -> String {
         let id = uuid::Uuid::now_v7().to_string();
         let new = store::commands::NewCommand {
             id: &id,
@@ -348,7 +353,7 @@ timeout = "5s"
             name,
             args: &args,
             issued_by: "test",
-            ttl: chrono::Duration::minutes(5),
+            ttl,
         };
         let issued = store::commands::issue_command(&mut self.db.connect(), &new, 10).unwrap();
         assert!(
