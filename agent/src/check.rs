@@ -5,7 +5,8 @@
 use std::path::Path;
 use std::time::Duration;
 
-use crate::config::Config;
+use crate::config::{Config, Transport};
+use crate::mqtt::Probe;
 use crate::outbox::Outbox;
 use crate::sources;
 
@@ -125,9 +126,13 @@ fn find_program(program: &str) -> Option<std::path::PathBuf> {
     })
 }
 
-/// The server is reachable, and takes the token: an empty batch with the token is refused for
-/// being empty (400) by a server that let the token in, and for the token (401, 403) otherwise.
+/// The server is reachable, and takes the token: over HTTP, an empty batch with the token is
+/// refused for being empty (400) by a server that let the token in, and for the token (401, 403)
+/// otherwise; over MQTT, the broker accepts the device's login (CONNACK) or refuses it.
 async fn server(config: &Config) -> (bool, String) {
+    if config.server.transport == Transport::Mqtt {
+        return broker(config).await;
+    }
     let base = config.base_url();
     let client = match crate::http::Server::new(config) {
         Ok(server) => server,
@@ -149,5 +154,23 @@ async fn server(config: &Config) -> (bool, String) {
             format!("server {base}: answered {status} (is server.url ingest's address?)"),
         ),
         Err(e) => (false, format!("server {base}: {e}")),
+    }
+}
+
+/// Connects to the MQTT broker as the device, sees the CONNACK, and disconnects.
+async fn broker(config: &Config) -> (bool, String) {
+    let url = config.server_address();
+    match crate::mqtt::probe(config, Duration::from_secs(10)).await {
+        Probe::Accepted => (
+            true,
+            format!("broker {url}: reachable, the token is accepted"),
+        ),
+        Probe::Refused(why) => (
+            false,
+            format!(
+                "broker {url}: reachable, but it refuses the token ({why}): is it this device's, and not revoked?"
+            ),
+        ),
+        Probe::Failed(why) => (false, format!("broker {url}: {why}")),
     }
 }

@@ -1,6 +1,6 @@
-//! Commands from the server: long-polled, each run once by the handler configured for its name
-//! (a program given the args as JSON on stdin), its exit status and output sent back as the
-//! answer.
+//! Commands from the server: long-polled over HTTP or received over MQTT, each run once by the
+//! handler configured for its name (a program given the args as JSON on stdin), its exit status
+//! and output sent back as the answer (by HTTP POST, or MQTT publish: the [`Link`]).
 //!
 //! The server sends a command at least once (again every 30 s until it is answered), so the
 //! outbox remembers every command id it has seen: a repeat is answered with the first outcome,
@@ -16,18 +16,23 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 use models::{DeviceCommand, MAX_ANSWER_BYTES};
 use serde_json::{Value, json};
 use tokio::io::AsyncWriteExt;
+use tokio::sync::mpsc;
 
 use crate::config::Handler;
-use crate::http::{Answered, Server};
+use crate::http::Server;
+use crate::link::{Answered, Link};
 use crate::{Shared, lock};
 
 /// How long one long-poll waits for a command.
 const POLL_WAIT: Duration = Duration::from_secs(30);
+/// Over MQTT, with no command arriving, how often answers not yet acknowledged are sent again.
+const ANSWER_AGAIN: Duration = Duration::from_secs(5);
 /// The most of a handler's stdout kept in its answer (the answer is at most 8 KiB).
 const OUTPUT_KEPT: usize = 4096;
 
 pub struct Commands {
-    pub server: Server,
+    /// Where answers go.
+    pub link: Link,
     pub outbox: Shared,
     pub handlers: BTreeMap<String, Handler>,
     pub device_id: String,
@@ -36,12 +41,13 @@ pub struct Commands {
 }
 
 impl Commands {
-    pub async fn run(self) {
+    /// Over HTTP: long-polls `server` for the next command, for ever.
+    pub async fn poll(self, server: Server) {
         let mut backoff = self.backoff();
         let mut failing = false;
         loop {
             self.answer_unanswered().await;
-            match self.server.next_command(POLL_WAIT, self.timeout).await {
+            match server.next_command(POLL_WAIT, self.timeout).await {
                 Ok(next) => {
                     if failing {
                         tracing::info!("commands can be fetched again");
@@ -60,6 +66,28 @@ impl Commands {
                     let wait = backoff.next().unwrap_or(self.backoff_max);
                     tokio::time::sleep(retry_after.map_or(wait, |r| r.max(wait))).await;
                 }
+            }
+        }
+    }
+
+    /// Over MQTT: acts on each command the connection received, for ever; answers that could
+    /// not be sent go again every few seconds meanwhile.
+    pub async fn receive(self, mut incoming: mpsc::Receiver<DeviceCommand>) {
+        loop {
+            self.answer_unanswered().await;
+            match tokio::time::timeout(ANSWER_AGAIN, incoming.recv()).await {
+                // the broker keeps a command in the session for as long as the Pi is away, past
+                // its expiry too (ingest-http's long-poll never hands out an expired one)
+                Ok(Some(command)) if !command.is_live(chrono::Utc::now()) => {
+                    tracing::warn!(id = %command.id, name = %command.name, expired = %command.expires_at, "a command that expired before it arrived: not run");
+                }
+                Ok(Some(command)) => self.act_on(command).await,
+                Ok(None) => {
+                    // the connection's task is gone: nothing more can arrive
+                    tracing::error!("the MQTT connection's task stopped; no more commands");
+                    return;
+                }
+                Err(_) => {}
             }
         }
     }
@@ -128,11 +156,7 @@ impl Commands {
             }
         };
         for (id, status, result) in unanswered {
-            match self
-                .server
-                .answer(&id, &status, &result, self.timeout)
-                .await
-            {
+            match self.link.answer(&id, &status, &result, self.timeout).await {
                 Answered::Done => {
                     if let Err(e) = lock(&self.outbox).command_answered(&id) {
                         tracing::error!(error = %e, %id, "the outbox cannot be written");

@@ -38,14 +38,60 @@ pub struct Config {
 pub enum Transport {
     /// `POST /v1/readings`, and commands by long-poll.
     Http,
+    /// One MQTT connection (client id and user name the device id, password the token): readings
+    /// published at QoS 1 on `devices/<id>/readings`, commands received on `devices/<id>/commands`
+    /// in a persistent session, answers published on `devices/<id>/commands/<command id>/result`.
+    Mqtt,
+}
+
+/// `server.mqtt_url`, parsed: `mqtt://host[:1883]` or `mqtts://host[:8883]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MqttUrl {
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+}
+
+impl MqttUrl {
+    pub fn parse(url: &str) -> Result<Self, String> {
+        let bad = |why: &str| Err(format!("server.mqtt_url {url:?}: {why}"));
+        let (tls, rest) = match url.split_once("://") {
+            Some(("mqtt", rest)) => (false, rest),
+            Some(("mqtts", rest)) => (true, rest),
+            _ => return bad("must start with mqtt:// or mqtts://"),
+        };
+        let address = rest.trim_end_matches('/');
+        if address.contains(['/', '@', '?', '#']) {
+            return bad("must be mqtt[s]://host[:port] (the device id and token are the login)");
+        }
+        let (host, port) = match address.rsplit_once(':') {
+            // an IPv6 address without a port ("[::1]") has colons but no port after `]`
+            Some((host, port)) if !port.ends_with(']') => match port.parse::<u16>() {
+                Ok(port) if port > 0 => (host, port),
+                _ => return bad(&format!("bad port {port:?}")),
+            },
+            _ => (address, if tls { 8883 } else { 1883 }),
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() {
+            return bad("no host");
+        }
+        Ok(Self {
+            tls,
+            host: host.to_owned(),
+            port,
+        })
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Server {
     pub transport: Transport,
-    /// ingest's base URL, e.g. `https://sensorhub.example.com`.
-    pub url: String,
+    /// ingest's base URL, e.g. `https://sensorhub.example.com` (transport `http`).
+    pub url: Option<String>,
+    /// The MQTT broker, e.g. `mqtts://sensorhub.example.com:8883` (transport `mqtt`).
+    pub mqtt_url: Option<String>,
     /// A private CA's certificate (PEM) for the server's, beside the system's roots.
     pub ca_file: Option<PathBuf>,
     /// How long one request may take before it counts as failed.
@@ -247,12 +293,23 @@ impl Config {
         if let Err(e) = DeviceId::parse(self.device_id.as_str()) {
             return bad(format!("device_id {:?}: {e}", self.device_id));
         }
-        let url = self.server.url.trim_end_matches('/');
-        if !(url.starts_with("http://") || url.starts_with("https://")) {
-            return bad(format!(
-                "server.url {:?}: must start with http:// or https://",
-                self.server.url
-            ));
+        match self.server.transport {
+            Transport::Http => {
+                let Some(url) = &self.server.url else {
+                    return bad("server.url: required with transport = \"http\"".to_owned());
+                };
+                if !(url.starts_with("http://") || url.starts_with("https://")) {
+                    return bad(format!(
+                        "server.url {url:?}: must start with http:// or https://"
+                    ));
+                }
+            }
+            Transport::Mqtt => {
+                if self.server.mqtt_url.is_none() {
+                    return bad("server.mqtt_url: required with transport = \"mqtt\"".to_owned());
+                }
+                self.mqtt_url().map_err(Error::Config)?;
+            }
         }
         if self.outbox.batch == 0 || self.outbox.batch > MAX_BATCH {
             return bad(format!("outbox.batch: must be 1 to {MAX_BATCH}"));
@@ -287,9 +344,26 @@ impl Config {
         Ok(())
     }
 
-    /// The server's base URL without a trailing slash.
+    /// The server's base URL without a trailing slash (empty without one: transport `mqtt`).
     pub fn base_url(&self) -> &str {
-        self.server.url.trim_end_matches('/')
+        self.server
+            .url
+            .as_deref()
+            .unwrap_or("")
+            .trim_end_matches('/')
+    }
+
+    /// `server.mqtt_url`, parsed.
+    pub fn mqtt_url(&self) -> Result<MqttUrl, String> {
+        MqttUrl::parse(self.server.mqtt_url.as_deref().unwrap_or(""))
+    }
+
+    /// Where the transport goes, for people (the log, `check`).
+    pub fn server_address(&self) -> &str {
+        match self.server.transport {
+            Transport::Http => self.base_url(),
+            Transport::Mqtt => self.server.mqtt_url.as_deref().unwrap_or(""),
+        }
     }
 
     /// The device's token, read from `token_file` (surrounding whitespace removed).
@@ -369,5 +443,54 @@ url = "http://127.0.0.1:8080/"
             .unwrap_err()
             .to_string();
         assert!(error.contains("device_id"), "{error}");
+    }
+
+    const MQTT: &str = r#"
+device_id = "raspi-01"
+token_file = "/tmp/token"
+[server]
+transport = "mqtt"
+"#;
+
+    #[test]
+    fn mqtt_needs_a_broker_and_no_url() {
+        let config = parse(&format!(
+            "{MQTT}mqtt_url = \"mqtts://broker.example.com\"\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            config.mqtt_url().unwrap(),
+            MqttUrl {
+                tls: true,
+                host: "broker.example.com".into(),
+                port: 8883
+            }
+        );
+        assert_eq!(config.server_address(), "mqtts://broker.example.com");
+        let plain = parse(&format!("{MQTT}mqtt_url = \"mqtt://10.0.0.2:1884/\"\n")).unwrap();
+        assert_eq!(
+            plain.mqtt_url().unwrap(),
+            MqttUrl {
+                tls: false,
+                host: "10.0.0.2".into(),
+                port: 1884
+            }
+        );
+        assert_eq!(MqttUrl::parse("mqtt://[::1]").unwrap().host, "::1");
+        assert_eq!(MqttUrl::parse("mqtt://[::1]:1885").unwrap().port, 1885);
+        for (extra, says) in [
+            ("", "server.mqtt_url: required"),
+            ("mqtt_url = \"http://broker\"", "mqtt:// or mqtts://"),
+            ("mqtt_url = \"mqtt://user:pw@broker\"", "host[:port]"),
+            ("mqtt_url = \"mqtt://broker:x\"", "bad port"),
+            ("mqtt_url = \"mqtt://\"", "no host"),
+        ] {
+            let error = parse(&format!("{MQTT}{extra}\n")).unwrap_err().to_string();
+            assert!(error.contains(says), "{extra}: {error}");
+        }
+        let error = parse(&MINIMAL.replace("url = \"http://127.0.0.1:8080/\"", ""))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("server.url: required"), "{error}");
     }
 }

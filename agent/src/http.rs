@@ -17,35 +17,10 @@ use serde_json::{Value, json};
 
 use crate::config::Config;
 use crate::error::Error;
+use crate::link::{Answered, Sent, readings_body};
 use crate::outbox::Pending;
 
 type Https = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
-
-/// What became of a batch of readings.
-#[derive(Debug)]
-pub enum Sent {
-    /// 2xx: the server has them (RabbitMQ confirmed); they may leave the outbox.
-    Stored,
-    /// 400: something in the batch can never be stored; the server's message.
-    Refused(String),
-    /// 413: the batch is too big for the server's body limit.
-    TooLarge,
-    /// Anything else (the network, 5xx, 503, 429, a refused token): try again later, not before
-    /// `retry_after` if the server said.
-    Failed {
-        error: String,
-        retry_after: Option<Duration>,
-    },
-}
-
-/// What became of a command's answer.
-#[derive(Debug)]
-pub enum Answered {
-    /// 2xx, or a 4xx that says the server will never take it (finished, expired, unknown):
-    /// either way there is nothing more to send.
-    Done,
-    Failed(String),
-}
 
 /// A response: its status, headers and whole body.
 struct Answer {
@@ -64,35 +39,12 @@ pub struct Server {
 
 impl Server {
     pub fn new(config: &Config) -> Result<Self, Error> {
-        let mut roots = rustls::RootCertStore::empty();
-        // the system's roots (a certificate it cannot parse is skipped), only where they are
-        // used: parsed, they are a megabyte of the agent's memory
-        if config.base_url().starts_with("https://") {
-            roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
-        }
-        if let Some(ca) = &config.server.ca_file {
-            use rustls::pki_types::{CertificateDer, pem::PemObject};
-            let certificates: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(ca)
-                .and_then(|certs| certs.collect::<Result<_, _>>())
-                .map_err(|e| Error::Config(format!("server.ca_file {}: {e}", ca.display())))?;
-            for certificate in certificates {
-                roots
-                    .add(certificate)
-                    .map_err(|e| Error::Config(format!("server.ca_file {}: {e}", ca.display())))?;
-            }
-        }
-        let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| Error::Client(e.to_string()))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        let tls = crate::tls::client_config(config)?;
         let mut http = HttpConnector::new();
         http.set_connect_timeout(Some(Duration::from_secs(10)));
         http.enforce_http(false);
         let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
+            .with_tls_config((*tls).clone())
             .https_or_http()
             .enable_http1()
             .wrap_connector(http);
@@ -154,24 +106,9 @@ impl Server {
 
     /// Sends `batch` in one request, within `timeout`.
     pub async fn send(&self, batch: &[Pending], timeout: Duration) -> Sent {
-        let body: Vec<Value> = batch
-            .iter()
-            .map(|r| {
-                json!({
-                    "device_id": self.device_id,
-                    "id": r.id,
-                    "ts": r.ts.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-                    "metrics": r.metrics,
-                })
-            })
-            .collect();
+        let body = readings_body(batch, Some(&self.device_id));
         let answer = match self
-            .request(
-                Method::POST,
-                "/v1/readings",
-                Some(&Value::Array(body)),
-                timeout,
-            )
+            .request(Method::POST, "/v1/readings", Some(&body), timeout)
             .await
         {
             Ok(answer) => answer,
@@ -249,7 +186,7 @@ impl Server {
         result: &Value,
         timeout: Duration,
     ) -> Answered {
-        let body = json!({"status": status, "result": result});
+        let body = crate::link::answer_body(status, result);
         match self
             .request(
                 Method::POST,

@@ -6,6 +6,11 @@
 //! server ─► GET /v1/commands/next ─► commands ─► handler program ─► POST /v1/commands/{id}/result
 //! ```
 //!
+//! With `transport = "mqtt"` the same parts talk through one MQTT connection instead (see
+//! `mqtt`): batches published on `devices/<id>/readings`, commands received on
+//! `devices/<id>/commands`, answers published on `devices/<id>/commands/<id>/result`. The sender
+//! and the commands loop hold a `link::Link`, either way.
+//!
 //! The outbox is the one shared thing: the sampler appends to it, the sender empties it, the
 //! commands loop keeps its ledger in it, and `status` reads it from another process.
 
@@ -15,12 +20,15 @@ pub mod commands;
 pub mod config;
 pub mod error;
 pub mod http;
+pub mod link;
+pub mod mqtt;
 pub mod outbox;
 pub mod run;
 pub mod sampler;
 pub mod sender;
 pub mod sources;
 pub mod status;
+pub mod tls;
 
 use std::sync::{Arc, Mutex, MutexGuard};
 

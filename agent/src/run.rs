@@ -10,9 +10,11 @@ use tokio::task::JoinSet;
 
 use crate::clock::Clock;
 use crate::commands::Commands;
-use crate::config::Config;
+use crate::config::{Config, Transport};
 use crate::error::Error;
 use crate::http::Server;
+use crate::link::Link;
+use crate::mqtt::Mqtt;
 use crate::outbox::Outbox;
 use crate::sampler;
 use crate::sender::Sender;
@@ -20,12 +22,30 @@ use crate::sender::Sender;
 /// How often the drop count is reported when it changed.
 const DROPS_REPORT: Duration = Duration::from_secs(10);
 
+/// How commands come in.
+enum Incoming {
+    /// Long-polled from ingest-http.
+    Poll(Box<Server>),
+    /// Received on the MQTT connection's subscription.
+    Received(tokio::sync::mpsc::Receiver<models::DeviceCommand>),
+}
+
 pub async fn run(config: Config) -> Result<(), Error> {
     let outbox = Arc::new(Mutex::new(Outbox::open(
         &config.outbox.path,
         config.outbox.max_readings,
     )?));
-    let server = Server::new(&config)?;
+    // the commands' way in: a long-poll over HTTP, the connection's subscription over MQTT
+    let (link, incoming) = match config.server.transport {
+        Transport::Http => {
+            let server = Server::new(&config)?;
+            (Link::Http(server.clone()), Incoming::Poll(Box::new(server)))
+        }
+        Transport::Mqtt => {
+            let (mqtt, received) = Mqtt::start(&config)?;
+            (Link::Mqtt(mqtt), Incoming::Received(received))
+        }
+    };
     let clock = Clock::new(config.clock.sync);
     let wake = Arc::new(Notify::new());
     let mut tasks = JoinSet::new();
@@ -45,7 +65,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
     ));
     tasks.spawn(
         Sender {
-            server: server.clone(),
+            link: link.clone(),
             outbox: outbox.clone(),
             clock: clock.clone(),
             wake,
@@ -55,20 +75,22 @@ pub async fn run(config: Config) -> Result<(), Error> {
         }
         .run(),
     );
-    tasks.spawn(
-        Commands {
-            server,
-            outbox,
-            handlers: config.commands.clone(),
-            device_id: config.device_id.clone(),
-            timeout: config.server.timeout,
-            backoff_max: config.server.backoff_max,
-        }
-        .run(),
-    );
+    let commands = Commands {
+        link: link.clone(),
+        outbox,
+        handlers: config.commands.clone(),
+        device_id: config.device_id.clone(),
+        timeout: config.server.timeout,
+        backoff_max: config.server.backoff_max,
+    };
+    match incoming {
+        Incoming::Poll(server) => tasks.spawn(commands.poll(*server)),
+        Incoming::Received(received) => tasks.spawn(commands.receive(received)),
+    };
     tracing::info!(
         device = %config.device_id,
-        server = %config.base_url(),
+        transport = ?config.server.transport,
+        server = %config.server_address(),
         sources = config.sources.len(),
         commands = config.commands.len(),
         outbox = %config.outbox.path.display(),

@@ -9,7 +9,7 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 use tokio::sync::Notify;
 
 use crate::clock::Clock;
-use crate::http::{Sent, Server};
+use crate::link::{Link, Sent};
 use crate::outbox::Pending;
 use crate::{Shared, lock};
 
@@ -17,7 +17,7 @@ use crate::{Shared, lock};
 const IDLE_LOOK: Duration = Duration::from_secs(1);
 
 pub struct Sender {
-    pub server: Server,
+    pub link: Link,
     pub outbox: Shared,
     pub clock: Clock,
     pub wake: Arc<Notify>,
@@ -60,9 +60,13 @@ impl Sender {
                 let _ = tokio::time::timeout(IDLE_LOOK, self.wake.notified()).await;
                 continue;
             }
-            let sent = self.server.send(&batch, self.timeout).await;
+            let sent = self.link.send(&batch, self.timeout).await;
             if let Some(wait) = self.settle(&mut round, &batch, sent) {
-                tokio::time::sleep(wait).await;
+                // a connection that comes back (MQTT) ends the wait: the broker takes them now
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = self.link.reconnected() => {}
+                }
             }
         }
     }

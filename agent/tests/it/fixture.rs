@@ -1,12 +1,15 @@
-//! A simulated Pi: its own database and queue names, ingest-http (behind a TCP proxy the test
-//! can cut) and the persister running in the test; a folder with the agent's configuration, token,
-//! outbox, a counting sensor script and an LED handler script; the agent as a process.
+//! A simulated Pi: its own database and queue names, the server's way in (ingest-http, or a
+//! private Mosquitto with ingest-mqtt, behind a TCP proxy the test can cut) and the persister
+//! running in the test; a folder with the agent's configuration, token, outbox, a counting sensor
+//! script and an LED handler script; the agent as a process.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use serde_json::Value;
+use testkit::mqtt::Mosquitto;
+use testkit::rabbitmq::{MqttAuth, RabbitMqtt};
 use testkit::spawn::{self, Running};
 use testkit::{AmqpPrefix, TcpProxy, TestDb, TestKeys};
 
@@ -35,10 +38,33 @@ esac
 printf '{"led": "%s", "args": %s}\n' "$state" "$args"
 "#;
 
+/// How the agent reaches the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// ingest-http.
+    Http,
+    /// A Mosquitto of the test's own (anonymous), with ingest-mqtt bridging it to RabbitMQ.
+    Mqtt,
+    /// A RabbitMQ node of the test's own with the MQTT plugin, the whole stack on it: broker mode
+    /// `rabbitmq`, which new deployments use. Devices log in as in production: RabbitMQ asks
+    /// ingest-http, which checks the device's token.
+    RabbitMqtt,
+}
+
+/// The MQTT broker a test started, if any: stopped when dropped.
+#[allow(dead_code, reason = "held only to be dropped last")]
+enum Broker {
+    None,
+    Mosquitto(Mosquitto),
+    /// The node, and the ingest-http it asks about devices' logins.
+    RabbitMqtt(RabbitMqtt, Running),
+}
+
 /// What a test may change in the agent's configuration.
 pub struct Settings {
     pub max_readings: u64,
     pub batch: usize,
+    pub transport: Transport,
 }
 
 pub struct Pi {
@@ -49,6 +75,8 @@ pub struct Pi {
     _prefix: AmqpPrefix,
     _ingest: Running,
     _persister: Running,
+    /// The broker, with transport MQTT (declared after ingest-mqtt, so it is dropped after it).
+    _broker: Broker,
 }
 
 impl Pi {
@@ -64,30 +92,83 @@ impl Pi {
         let prefix = AmqpPrefix::new("agent-test");
         let device = format!("pi-{tag}");
         let token = keys.register_device(&db.url, &device);
-        let mut ingest = spawn::ingest_http_settings(&db.url, &prefix, &keys.verifying_key_file());
-        ingest.max_body_bytes = 256 * 1024;
-        let ingest = spawn::ingest_http(&ingest).await;
-        let persister = spawn::persister(&spawn::persister_settings(&db.url, &prefix)).await;
-        let proxy = TcpProxy::start(&format!("127.0.0.1:{}", ingest.port())).await;
+        let mut settings = Settings {
+            max_readings: 100_000,
+            batch: 5,
+            transport: Transport::Http,
+        };
+        adjust(&mut settings);
+        let mut persister = spawn::persister_settings(&db.url, &prefix);
+        let (ingest, broker, proxy, server) = match settings.transport {
+            Transport::Http => {
+                let mut ingest =
+                    spawn::ingest_http_settings(&db.url, &prefix, &keys.verifying_key_file());
+                ingest.max_body_bytes = 256 * 1024;
+                let ingest = spawn::ingest_http(&ingest).await;
+                let proxy = TcpProxy::start(&format!("127.0.0.1:{}", ingest.port())).await;
+                let server = format!(
+                    "transport = \"http\"\nurl = \"http://127.0.0.1:{}\"",
+                    proxy.port
+                );
+                (ingest, Broker::None, proxy, server)
+            }
+            Transport::Mqtt => {
+                // a command published before the agent subscribed goes again this soon
+                persister.command_resend_secs = 2;
+                let broker = Mosquitto::anonymous();
+                let ingest = spawn::ingest_mqtt(&spawn::ingest_mqtt_settings(
+                    broker.port,
+                    "ingest-mqtt:agent-test",
+                    &prefix,
+                ))
+                .await;
+                let proxy = TcpProxy::start(&format!("127.0.0.1:{}", broker.port)).await;
+                let server = format!(
+                    "transport = \"mqtt\"\nmqtt_url = \"mqtt://127.0.0.1:{}\"",
+                    proxy.port
+                );
+                (ingest, Broker::Mosquitto(broker), proxy, server)
+            }
+            Transport::RabbitMqtt => {
+                persister.command_resend_secs = 2;
+                let mut auth =
+                    spawn::ingest_http_settings(&db.url, &prefix, &keys.verifying_key_file());
+                auth.rabbitmq_mqtt_auth = true;
+                let auth = spawn::ingest_http(&auth).await;
+                let node = RabbitMqtt::start(
+                    &prefix,
+                    MqttAuth::Http {
+                        base_url: format!("{}/internal/rabbitmq", auth.url),
+                    },
+                );
+                persister.bus.amqp_url = node.amqp_url();
+                let mut ingest =
+                    spawn::ingest_mqtt_settings(node.mqtt_port, "ingest-mqtt:agent-test", &prefix);
+                ingest.mqtt_broker = ingest_mqtt::MqttBroker::Rabbitmq;
+                ingest.bus.amqp_url = node.amqp_url();
+                let ingest = spawn::ingest_mqtt(&ingest).await;
+                let proxy = TcpProxy::start(&format!("127.0.0.1:{}", node.mqtt_port)).await;
+                let server = format!(
+                    "transport = \"mqtt\"\nmqtt_url = \"mqtt://127.0.0.1:{}\"",
+                    proxy.port
+                );
+                (ingest, Broker::RabbitMqtt(node, auth), proxy, server)
+            }
+        };
+        let persister = spawn::persister(&persister).await;
 
         let dir = std::env::temp_dir().join(format!("agent-it-{tag}-{}", uuid::Uuid::new_v4()));
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("token"), token).unwrap();
         std::fs::write(dir.join("sensor.sh"), SENSOR).unwrap();
         std::fs::write(dir.join("led.sh"), LED).unwrap();
-        let mut settings = Settings {
-            max_readings: 100_000,
-            batch: 5,
-        };
-        adjust(&mut settings);
         let config = format!(
             r#"
 device_id = "{device}"
 token_file = "{dir}/token"
 
 [server]
-transport = "http"
-url = "http://127.0.0.1:{port}"
+{server}
 timeout = "5s"
 backoff_max = "1s"
 
@@ -109,7 +190,6 @@ run = ["sh", "{dir}/led.sh"]
 timeout = "5s"
 "#,
             dir = dir.display(),
-            port = proxy.port,
             max = settings.max_readings,
             batch = settings.batch,
         );
@@ -122,6 +202,7 @@ timeout = "5s"
             _prefix: prefix,
             _ingest: ingest,
             _persister: persister,
+            _broker: broker,
         };
         pi.set_clock(0, true);
         pi
@@ -260,6 +341,11 @@ timeout = "5s"
 
     /// Issues command `name` to this Pi as query-api does; its id.
     pub fn issue_command(&self, name: &str, args: Value) -> String {
+        self.issue_command_living(name, args, chrono::Duration::minutes(5))
+    }
+
+    /// The same, the command expiring after `ttl`.
+    pub fn issue_command_living(&self, name: &str, args: Value, ttl: chrono::Duration) -> String {
         let id = uuid::Uuid::now_v7().to_string();
         let new = store::commands::NewCommand {
             id: &id,
@@ -267,7 +353,7 @@ timeout = "5s"
             name,
             args: &args,
             issued_by: "test",
-            ttl: chrono::Duration::minutes(5),
+            ttl,
         };
         let issued = store::commands::issue_command(&mut self.db.connect(), &new, 10).unwrap();
         assert!(
@@ -283,6 +369,17 @@ timeout = "5s"
                 .unwrap()
                 .map(|(command, _)| command)
                 .filter(|c| c.finished_at.is_some())
+        })
+        .await
+    }
+
+    /// Waits until command `id`'s stored status is `status`.
+    pub async fn wait_command_status(&self, id: &str, status: &str) {
+        self.wait(&format!("command {id} {status}"), || {
+            store::commands::command(&mut self.db.connect(), id)
+                .unwrap()
+                .filter(|(command, _)| command.stored_status == status)
+                .map(|_| ())
         })
         .await
     }
@@ -338,6 +435,20 @@ impl Agent {
             String::from_utf8_lossy(&output.stderr)
         );
         serde_json::from_slice(&output.stdout).unwrap()
+    }
+
+    /// Its resident memory (`VmRSS`), in KiB.
+    pub fn rss_kib(&self) -> Option<u64> {
+        let pid = self.child.as_ref()?.id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))?
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()
     }
 
     /// SIGKILL, as a power cut would.

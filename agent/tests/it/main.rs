@@ -11,6 +11,7 @@
 )]
 
 mod fixture;
+mod mqtt;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -21,7 +22,10 @@ use serde_json::{Value, json};
 /// Every `seq` from 1 to the last taken is stored exactly once, except at most `gaps` of them
 /// (a reading the counter script counted but the agent had not yet kept when it was killed),
 /// and the stored times rise with `seq`. Answers the stored (seq → time).
-fn assert_each_once_in_order(pi: &Pi, gaps: usize) -> BTreeMap<u64, chrono::DateTime<chrono::Utc>> {
+pub(crate) fn assert_each_once_in_order(
+    pi: &Pi,
+    gaps: usize,
+) -> BTreeMap<u64, chrono::DateTime<chrono::Utc>> {
     let stored = pi.stored_seqs();
     let taken = pi.taken();
     let mut by_seq = BTreeMap::new();
@@ -80,7 +84,17 @@ async fn an_outage_loses_nothing_and_the_backlog_arrives_in_order_with_its_times
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_flush_stores_everything_once() {
-    let pi = Pi::with("killed", |c| c.batch = 2).await;
+    sigkill_mid_flush(fixture::Transport::Http).await;
+}
+
+/// Kills the agent three times while it flushes a backlog (over `transport`): every reading is
+/// stored once all the same (a batch whose acknowledgement the kill lost goes again, same ids).
+pub(crate) async fn sigkill_mid_flush(transport: fixture::Transport) {
+    let pi = Pi::with(&format!("killed-{transport:?}"), |c| {
+        c.batch = 2;
+        c.transport = transport;
+    })
+    .await;
     let mut agent = pi.start_agent();
     pi.wait_stored_at_least(3).await;
     pi.proxy.cut();
