@@ -12,7 +12,6 @@ use std::collections::BTreeMap;
 use std::process::Stdio;
 use std::time::Duration;
 
-use backon::{BackoffBuilder, ExponentialBuilder};
 use models::{DeviceCommand, MAX_ANSWER_BYTES};
 use serde_json::{Value, json};
 use tokio::io::AsyncWriteExt;
@@ -93,12 +92,7 @@ impl Commands {
     }
 
     fn backoff(&self) -> backon::ExponentialBackoff {
-        ExponentialBuilder::new()
-            .with_min_delay(Duration::from_secs(1))
-            .with_max_delay(self.backoff_max)
-            .with_jitter()
-            .without_max_times()
-            .build()
+        crate::backoff(Duration::from_secs(1), self.backoff_max)
     }
 
     /// Runs `command` unless it was seen before, then answers it.

@@ -45,3 +45,16 @@ pub fn lock(outbox: &Shared) -> MutexGuard<'_, outbox::Outbox> {
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
+
+/// The agent's one retry backoff: from `min`, doubling (backon's default factor) up to `max`,
+/// with jitter, never giving up. Waiting to reach the server, fetching commands and reconnecting
+/// to the broker all use it.
+pub fn backoff(min: std::time::Duration, max: std::time::Duration) -> backon::ExponentialBackoff {
+    use backon::BackoffBuilder;
+    backon::ExponentialBuilder::new()
+        .with_min_delay(min)
+        .with_max_delay(max)
+        .with_jitter()
+        .without_max_times()
+        .build()
+}

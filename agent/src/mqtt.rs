@@ -26,7 +26,6 @@
 use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
-use backon::{BackoffBuilder, ExponentialBuilder};
 use models::{BackfillHorizon, DeviceCommand, DeviceId, TimeWindow};
 use rumqttc::{
     AsyncClient, ConnectReturnCode, ConnectionError, Event, EventLoop, MqttOptions, Outgoing,
@@ -290,12 +289,7 @@ impl Driver {
     }
 
     fn backoff(&self) -> backon::ExponentialBackoff {
-        ExponentialBuilder::new()
-            .with_min_delay(Duration::from_millis(500))
-            .with_max_delay(self.backoff_max)
-            .with_jitter()
-            .without_max_times()
-            .build()
+        crate::backoff(Duration::from_millis(500), self.backoff_max)
     }
 
     fn on_event(&mut self, event: Event) {

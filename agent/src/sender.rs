@@ -5,7 +5,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use backon::{BackoffBuilder, ExponentialBuilder};
 use tokio::sync::Notify;
 
 use crate::clock::Clock;
@@ -72,13 +71,7 @@ impl Sender {
     }
 
     fn backoff(&self) -> backon::ExponentialBackoff {
-        ExponentialBuilder::new()
-            .with_min_delay(Duration::from_secs(1))
-            .with_max_delay(self.backoff_max)
-            .with_factor(2.0)
-            .with_jitter()
-            .without_max_times()
-            .build()
+        crate::backoff(Duration::from_secs(1), self.backoff_max)
     }
 
     /// Stamps what waited for the clock, once it can be believed.
