@@ -29,7 +29,9 @@ mod topology;
 mod wire;
 
 pub use backoff::Backoff;
-pub use connection::{BusSettings, SETUP_TIMEOUT, bounded_setup, connect, open_queue_consumer};
+pub use connection::{
+    BusSettings, SETUP_TIMEOUT, amqp_addresses, bounded_setup, connect, open_queue_consumer,
+};
 pub use consumer::{
     Ack, ChannelState, ConsumeError, ConsumedQueue, Delivery, LIVENESS_CHECK, MqttDelivery,
     MqttQueueConsumer, QueueConsumer, QueueDepth,

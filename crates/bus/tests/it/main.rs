@@ -242,3 +242,24 @@ async fn refused_payloads_are_kept_on_the_invalid_queue_with_their_reason() {
     );
     publisher.close().await;
 }
+
+/// A cluster's addresses: a node that refuses (nothing listens on port 1) is skipped, whichever
+/// address this process's rotation starts at.
+#[tokio::test]
+async fn connect_skips_a_dead_node_of_several() {
+    let urls = format!(
+        "amqp://guest:guest@127.0.0.1:1/%2f, {}",
+        testkit::amqp_url()
+    );
+    for _ in 0..2 {
+        let connection = bus::connect(&urls, "bus-test-cluster")
+            .await
+            .expect("the live node accepts");
+        assert!(connection.status().connected());
+    }
+    let error = bus::connect("amqp://guest:guest@127.0.0.1:1/%2f,", "bus-test-cluster")
+        .await
+        .expect_err("no node listens");
+    assert!(!error.to_string().is_empty());
+    assert!(bus::connect(" , ", "bus-test-cluster").await.is_err());
+}
