@@ -34,11 +34,14 @@ pub fn metrics_registry() -> Registry {
 const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
 type CheckFn = Arc<dyn Fn() -> BoxFuture<'static, Result<(), String>> + Send + Sync>;
+type DetailFn = Arc<dyn Fn() -> BoxFuture<'static, String> + Send + Sync>;
 
-/// Named checks of what a service needs to do its work (its broker connection, its database pool).
+/// Named checks of what a service needs to do its work (its broker connection, its database pool),
+/// and named details that say how it is connected (where its reads go) without deciding readiness.
 #[derive(Clone, Default)]
 pub struct Readiness {
     checks: Vec<(&'static str, CheckFn)>,
+    details: Vec<(&'static str, DetailFn)>,
 }
 
 impl Readiness {
@@ -54,8 +57,28 @@ impl Readiness {
         self
     }
 
-    /// Runs every check at once; ready when all pass.
+    /// A fact `/readyz` shows under `details` (e.g. which server reads go to), looked up at each
+    /// request; it does not decide readiness.
+    pub fn with_detail<F, Fut>(mut self, name: &'static str, detail: F) -> Self
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = String> + Send + 'static,
+    {
+        self.details.push((
+            name,
+            Arc::new(move || Box::pin(detail()) as BoxFuture<'_, _>),
+        ));
+        self
+    }
+
+    /// Runs every check (and looks up every detail) at once; ready when all checks pass.
     pub async fn evaluate(&self) -> ReadinessReport {
+        let details = join_all(self.details.iter().map(|(name, detail)| async move {
+            let value = tokio::time::timeout(CHECK_TIMEOUT, detail())
+                .await
+                .unwrap_or_else(|_| format!("unknown: no answer within {CHECK_TIMEOUT:?}"));
+            (*name, value)
+        }));
         let results = join_all(self.checks.iter().map(|(name, check)| async move {
             let outcome = match tokio::time::timeout(CHECK_TIMEOUT, check()).await {
                 Ok(Ok(())) => "up".to_owned(),
@@ -63,12 +86,13 @@ impl Readiness {
                 Err(_) => format!("down: no answer within {CHECK_TIMEOUT:?}"),
             };
             (*name, outcome)
-        }))
-        .await;
+        }));
+        let (results, details) = futures_util::future::join(results, details).await;
         let ready = results.iter().all(|(_, outcome)| outcome == "up");
         ReadinessReport {
             status: if ready { "ready" } else { "not_ready" },
             checks: results.into_iter().collect(),
+            details: details.into_iter().collect(),
         }
     }
 }
@@ -77,6 +101,8 @@ impl Readiness {
 pub struct ReadinessReport {
     pub status: &'static str,
     pub checks: BTreeMap<&'static str, String>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub details: BTreeMap<&'static str, String>,
 }
 
 impl ReadinessReport {

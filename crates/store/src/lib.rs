@@ -20,7 +20,7 @@ mod write;
 
 pub use error::StoreError;
 pub use migrate::{check_migrated, pending_migrations, run_migrations, wait_for_migrated_database};
-pub use pool::{PgPool, PoolSettings, connect_pool, ping};
+pub use pool::{PgPool, PoolSettings, ServerRole, connect_pool, ping, server_role};
 pub use write::{
     Expiring, KnownPartitions, WriteOutcome, Written, forget_older_than, write_readings,
     write_readings_without_rollups,

@@ -54,3 +54,36 @@ pub fn ping(pool: &PgPool) -> Result<(), StoreError> {
     pool.get()?.batch_execute("SELECT 1")?;
     Ok(())
 }
+
+/// The server a pool's connections reach, as `/readyz` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerRole {
+    /// A standby (in recovery: it replays the primary's WAL and refuses writes).
+    pub standby: bool,
+    /// `host:port` as the server sees itself (`inet_server_addr()`), or "a local socket".
+    pub address: String,
+}
+
+/// Which server one of `pool`'s connections reaches: with a multi-host URL, libpq picks it by
+/// `target_session_attrs`, so this is how a service can tell where its reads actually go.
+pub fn server_role(pool: &PgPool) -> Result<ServerRole, StoreError> {
+    use diesel::RunQueryDsl;
+    use diesel::sql_types::{Bool, Text};
+    #[derive(diesel::QueryableByName)]
+    struct Found {
+        #[diesel(sql_type = Bool)]
+        standby: bool,
+        #[diesel(sql_type = Text)]
+        address: String,
+    }
+    let found: Found = diesel::sql_query(
+        "SELECT pg_is_in_recovery() AS standby,
+                coalesce(host(inet_server_addr()) || ':' || inet_server_port(), 'a local socket')
+                  AS address",
+    )
+    .get_result(&mut pool.get()?)?;
+    Ok(ServerRole {
+        standby: found.standby,
+        address: found.address,
+    })
+}

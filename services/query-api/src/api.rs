@@ -69,8 +69,23 @@ pub fn routes(cfg: &mut ServiceConfig) {
         .service(crate::live::live);
 }
 
+/// The pool the read-only API reads from: `database_read_url` (a standby, or any server libpq's
+/// `target_session_attrs` picks there) when it is set, else the primary's pool itself. Only readings
+/// and the device registry's views go here; writes, what must see a write at once (commands,
+/// tokens, retention) and the token registry's LISTEN (a standby cannot LISTEN) stay on the primary.
+#[derive(Clone)]
+pub struct ReadPool(pub PgPool);
+
+impl std::ops::Deref for ReadPool {
+    type Target = PgPool;
+
+    fn deref(&self) -> &PgPool {
+        &self.0
+    }
+}
+
 /// Runs a store call on the blocking pool with a pooled connection, in the request's span.
-pub(crate) async fn with_conn<T, F>(pool: &web::Data<PgPool>, call: F) -> Result<T, QueryError>
+pub(crate) async fn with_conn<T, F>(pool: &PgPool, call: F) -> Result<T, QueryError>
 where
     T: Send + 'static,
     F: FnOnce(&mut PgConnection) -> Result<T, StoreError> + Send + 'static,
@@ -87,7 +102,7 @@ where
     .map_err(QueryError::from)
 }
 
-async fn require_device(pool: &web::Data<PgPool>, device_id: &str) -> Result<(), QueryError> {
+async fn require_device(pool: &PgPool, device_id: &str) -> Result<(), QueryError> {
     let id = device_id.to_owned();
     match with_conn(pool, move |conn| store::read::device(conn, &id)).await? {
         Some(_) => Ok(()),
@@ -195,7 +210,7 @@ pub struct PageParams {
 )]
 #[get("/v1/devices")]
 async fn list_devices(
-    pool: web::Data<PgPool>,
+    pool: web::Data<ReadPool>,
     offline_after: web::Data<OfflineAfter>,
     query: web::Query<DeviceListParams>,
 ) -> Result<web::Json<DeviceList>, QueryError> {
@@ -250,7 +265,7 @@ async fn list_devices(
 /// A page of a list in id order (devices, app tokens), as `query` asks: `fetch` reads up to a given
 /// number of rows after an id; the next cursor is the id of the page's last row when more follow.
 pub(crate) async fn id_page<T, F>(
-    pool: &web::Data<PgPool>,
+    pool: &PgPool,
     query: &PageParams,
     fetch: F,
     id: impl Fn(&T) -> &str,
@@ -291,7 +306,7 @@ pub(crate) fn next_page<T>(items: &mut Vec<T>, limit: i64) -> Option<&T> {
 )]
 #[get("/v1/devices/{id}")]
 async fn get_device(
-    pool: web::Data<PgPool>,
+    pool: web::Data<ReadPool>,
     offline_after: web::Data<OfflineAfter>,
     path: web::Path<DevicePath>,
 ) -> Result<web::Json<Device>, QueryError> {
@@ -360,7 +375,7 @@ pub struct ReadingsParams {
 #[get("/v1/devices/{id}/readings")]
 async fn device_readings(
     req: HttpRequest,
-    pool: web::Data<PgPool>,
+    pool: web::Data<ReadPool>,
     path: web::Path<DevicePath>,
     query: web::Query<ReadingsParams>,
 ) -> Result<HttpResponse, QueryError> {
@@ -433,7 +448,7 @@ pub struct Latest {
 )]
 #[get("/v1/devices/{id}/latest")]
 async fn device_latest(
-    pool: web::Data<PgPool>,
+    pool: web::Data<ReadPool>,
     path: web::Path<DevicePath>,
 ) -> Result<web::Json<Latest>, QueryError> {
     let device_id = params::device_id(path.into_inner().id)?.into_string();
@@ -556,7 +571,7 @@ pub struct Series {
 )]
 #[get("/v1/devices/{id}/series")]
 async fn device_series(
-    pool: web::Data<PgPool>,
+    pool: web::Data<ReadPool>,
     path: web::Path<DevicePath>,
     query: web::Query<SeriesParams>,
 ) -> Result<web::Json<Series>, QueryError> {

@@ -9,7 +9,7 @@ use std::fmt::Write as _;
 
 use actix_web::http::header;
 use actix_web::web::Bytes;
-use actix_web::{HttpRequest, HttpResponse, web};
+use actix_web::{HttpRequest, HttpResponse};
 use chrono::SecondsFormat;
 use store::PgPool;
 use store::read::{ReadingsQuery, StoredReading};
@@ -42,10 +42,7 @@ pub fn wanted(req: &HttpRequest) -> bool {
 /// The readings `q` asks for (its `before` and `limit` are the stream's own), as a CSV download.
 /// The columns: the metrics asked for, or every metric the device has sent; 404 for a device with
 /// no readings.
-pub async fn readings(
-    pool: &web::Data<PgPool>,
-    mut q: ReadingsQuery,
-) -> Result<HttpResponse, QueryError> {
+pub async fn readings(pool: &PgPool, mut q: ReadingsQuery) -> Result<HttpResponse, QueryError> {
     let device = q.device_id.clone();
     let lookup = device.clone();
     let Some(summary) = with_conn(pool, move |conn| store::read::device(conn, &lookup)).await?

@@ -11,6 +11,8 @@ pub struct Settings {
     pub http: HttpSettings,
     #[serde(flatten)]
     pub database: DatabaseSettings,
+    /// Where the read-only API reads (a standby); empty: `database_url`.
+    pub database_read_url: String,
     /// RabbitMQ, for the live feed (`GET /v1/live`).
     #[serde(flatten)]
     pub bus: bus::BusSettings,
@@ -44,5 +46,19 @@ impl ServiceSettings for Settings {
 impl Settings {
     pub fn pool(&self) -> PoolSettings {
         self.database.pool("query-api")
+    }
+
+    /// The read pool's settings: the primary's, but for the URL and the name it shows in
+    /// `pg_stat_activity`; `None` when reads go to the primary's pool.
+    pub fn read_database(&self) -> Option<(DatabaseSettings, PoolSettings)> {
+        if self.database_read_url.trim().is_empty() {
+            return None;
+        }
+        let database = DatabaseSettings {
+            database_url: self.database_read_url.clone(),
+            ..self.database.clone()
+        };
+        let pool = database.pool("query-api-reads");
+        Some((database, pool))
     }
 }

@@ -47,10 +47,13 @@ impl Application {
             std::time::Duration::from_secs(settings.live_keepalive_secs.max(1)),
             &mut registry,
         );
-        let ready_pool = pool.clone();
-        let readiness = Readiness::default().with_check("postgres", move || {
-            service_kit::postgres::ping(ready_pool.clone())
-        });
+        let read_pool = match settings.read_database() {
+            Some((database, pool_settings)) => {
+                service_kit::postgres::connect_migrated(&database, &pool_settings).await?
+            }
+            None => pool.clone(),
+        };
+        let readiness = readiness(settings, &pool, &read_pool);
         let (app_tokens, readiness, notifications) =
             tokens::follow_app_tokens(settings, &pool, readiness).await?;
         let ops = Ops::new(registry, readiness);
@@ -100,6 +103,7 @@ impl Application {
                 .into_utoipa_app()
                 .openapi(ApiDoc::openapi())
                 .app_data(web::Data::new(pool.clone()))
+                .app_data(web::Data::new(api::ReadPool(read_pool.clone())))
                 .app_data(access.clone())
                 .app_data(device_tokens.clone())
                 .app_data(mqtt_accounts.clone())
@@ -176,6 +180,40 @@ impl service_kit::service::Service for Application {
     async fn run(self, stop: impl Future<Output = ()>) -> anyhow::Result<()> {
         Ok(self.run_until(stop).await?)
     }
+}
+
+/// `/readyz`: the primary's pool and, when reads go elsewhere, the read pool; and, as a detail,
+/// which server the reads reach (a standby or the primary, and where).
+fn readiness(settings: &Settings, pool: &store::PgPool, read_pool: &store::PgPool) -> Readiness {
+    let primary = pool.clone();
+    let mut readiness = Readiness::default().with_check("postgres", move || {
+        service_kit::postgres::ping(primary.clone())
+    });
+    let source = if settings.read_database().is_some() {
+        let reads = read_pool.clone();
+        readiness = readiness.with_check("postgres_reads", move || {
+            service_kit::postgres::ping(reads.clone())
+        });
+        "database_read_url"
+    } else {
+        "database_url; database_read_url is not set"
+    };
+    let reads = read_pool.clone();
+    readiness.with_detail("postgres_reads", move || {
+        let reads = reads.clone();
+        async move {
+            let role = tokio::task::spawn_blocking(move || store::server_role(&reads)).await;
+            match role {
+                Ok(Ok(role)) => format!(
+                    "{} at {} ({source})",
+                    if role.standby { "standby" } else { "primary" },
+                    role.address
+                ),
+                Ok(Err(e)) => format!("unknown: {e} ({source})"),
+                Err(e) => format!("unknown: {e} ({source})"),
+            }
+        }
+    })
 }
 
 fn access(

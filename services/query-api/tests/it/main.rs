@@ -16,6 +16,7 @@ mod dashboard;
 mod input;
 mod live;
 mod openapi;
+mod reads;
 mod retention;
 mod security;
 mod tokens;
