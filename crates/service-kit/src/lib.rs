@@ -5,6 +5,7 @@
 pub mod access;
 pub mod cli;
 pub mod config;
+pub mod connections;
 pub mod error;
 pub mod net;
 pub mod openapi;

@@ -11,6 +11,8 @@ use crate::audit::AcceptedWrites;
 pub struct Settings {
     #[serde(flatten)]
     pub http: HttpSettings,
+    /// See [`service_kit::connections::ConnectionCap`]; 0: no cap.
+    pub http_max_connections: usize,
     pub max_body_bytes: usize,
     pub backfill_horizon_days: models::BackfillHorizon,
     #[serde(flatten)]

@@ -11,6 +11,7 @@ use bus::{DeviceCommands, Publisher, PublisherMetrics};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use service_kit::access::{PublicRoutes, RefusalLimit};
+use service_kit::connections::ConnectionCap;
 use service_kit::net::{KeyedLimit, TrustedProxies};
 use service_kit::ops::HttpMetrics;
 use service_kit::{Ops, Readiness};
@@ -43,6 +44,7 @@ impl Application {
     pub fn build(settings: &Settings) -> anyhow::Result<Self> {
         let mut registry = service_kit::metrics_registry();
         let http_metrics = HttpMetrics::register(&mut registry);
+        let connections = ConnectionCap::new(settings.http_max_connections, &mut registry);
         let ingest_metrics = IngestMetrics::register(&mut registry);
         let publisher = Publisher::start(
             settings.bus.amqp_url.clone(),
@@ -122,6 +124,7 @@ impl Application {
             exchange: bus::MqttTopology::with_prefix(&settings.bus.amqp_prefix).exchange,
             vhost: settings.rabbitmq_mqtt_vhost.clone(),
         });
+        let connections_for_workers = connections.clone();
         let server = HttpServer::new(move || {
             let (app, openapi) = App::new()
                 .into_utoipa_app()
@@ -133,6 +136,10 @@ impl Application {
                 .app_data(web::Data::new(http_metrics.clone()))
                 .wrap(from_fn(device_auth::require_device))
                 .wrap(from_fn(HttpMetrics::record))
+                .wrap(from_fn({
+                    let connections = connections_for_workers.clone();
+                    move |req, next| connections.clone().admit(req, next)
+                }))
                 .configure(|cfg| ops.routes(cfg))
                 .route("/openapi.json", web::get().to(api::openapi_json))
                 .configure(|cfg| {
@@ -142,6 +149,10 @@ impl Application {
                 })
                 .default_service(web::to(service_kit::error::unknown_route))
         })
+        .on_connect(move |io, data| connections.on_connect(io, data))
+        // actix's own limit (per worker) stays above the cap, so the cap answers before actix stops
+        // accepting
+        .max_connections(hard_connection_limit(settings.http_max_connections))
         .disable_signals()
         .workers(settings.http.workers())
         .client_request_timeout(settings.http.header_timeout())
@@ -190,6 +201,17 @@ impl Application {
     ) {
         let handle = self.server.handle();
         (handle, self.run_until(std::future::pending()))
+    }
+}
+
+/// actix's per-worker accept limit: past the cap (which counts every worker's connections), room for
+/// the connections that are answered 503; actix's default without a cap.
+fn hard_connection_limit(cap: usize) -> usize {
+    const ACTIX_DEFAULT: usize = 25_600;
+    if cap == 0 {
+        ACTIX_DEFAULT
+    } else {
+        cap.saturating_add(1_024)
     }
 }
 

@@ -7,6 +7,7 @@
 )]
 
 mod commands;
+mod connections;
 mod input;
 mod openapi;
 mod registry;
