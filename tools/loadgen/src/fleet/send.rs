@@ -136,7 +136,7 @@ impl Fleet {
         }
     }
 
-    pub fn len(&self) -> usize {
+    pub fn devices(&self) -> usize {
         self.names.len()
     }
 
@@ -202,7 +202,7 @@ struct Shared {
 /// Runs one step: schedules `rate × hold` sends over the fleet, waits for every answer (or its
 /// timeout), and returns the figures. `acked` counts 2xx answers as they come (the progress line).
 pub async fn run(step: Step, fleet: Arc<Fleet>, acked: Arc<AtomicU64>) -> Outcome {
-    let devices = fleet.len().max(1);
+    let devices = fleet.devices().max(1);
     // each device sends once per period; the phases are spread at random over one period so the
     // fleet's sends neither line up nor follow the device order
     let period = Duration::from_secs_f64(devices as f64 / step.rate.max(0.001));
