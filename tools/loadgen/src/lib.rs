@@ -12,17 +12,49 @@
 
 mod bench;
 mod db;
+pub mod fleet;
 mod http;
 mod mqtt;
 mod progress;
 pub mod report;
+pub mod responder;
 mod stats;
 
 use std::path::PathBuf;
 
-use clap::{Parser, ValueEnum};
+use clap::{Parser, Subcommand, ValueEnum};
 
 use system::procs::Watched;
+
+/// Sensorhub's load generator and benchmark. Without a subcommand: the benchmark of workloads
+/// (the flags below); `loadgen fleet`: the open-loop fleet step search; `loadgen responder`: the
+/// do-nothing backend that measures Traefik's own ceiling.
+#[derive(Parser, Debug)]
+#[command(version, args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub bench: Args,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Open-loop fleet benchmark: N devices each posting one reading on its own schedule, offered
+    /// rates stepped up per target and connection mode until p99 or refusals break the bound.
+    Fleet(fleet::FleetArgs),
+    /// An HTTP server that answers every request 200 and does nothing else (Traefik's ceiling).
+    Responder(responder::ResponderArgs),
+}
+
+/// Runs what the command line asks for.
+pub async fn main_with(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Some(Command::Fleet(args)) => fleet::run(args).await,
+        Some(Command::Responder(args)) => responder::run(args).await,
+        None => run(cli.bench).await,
+    }
+}
 
 /// Sensorhub's load generator and benchmark: simulates a fleet of Raspberry Pis posting readings over
 /// HTTP and MQTT, and measures accepted, persisted (rows visible in PostgreSQL) and end-to-end

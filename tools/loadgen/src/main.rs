@@ -7,5 +7,5 @@ use clap::Parser;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    loadgen::run(loadgen::Args::parse()).await
+    loadgen::main_with(loadgen::Cli::parse()).await
 }

@@ -1,0 +1,670 @@
+//! `loadgen fleet`: a fleet of simulated devices, each posting one reading at a time on its own
+//! schedule (open loop), stepped up in offered rate against each target until the latency bound
+//! breaks; the highest rate each target held, what the whole path spent in CPU per stored reading,
+//! and charts of both (`docs/bench/*.svg`).
+
+mod plot;
+pub mod send;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+
+use crate::db;
+use crate::progress::Progress;
+use crate::report::Machine;
+use send::{ConnectionMode, Destination, Fleet};
+use system::numbers::readable;
+use system::procs::{CpuWindow, Watched};
+
+/// Open-loop fleet benchmark: N simulated devices, each sending one reading (POST /data, with its
+/// own device token) at its own jittered phase once per period, never waiting for its previous
+/// answer; latency counts from each reading's scheduled send time. For each target and connection
+/// mode, the offered rate steps up (--rates), each step held --hold-secs, until a step breaks the
+/// bound (p99 ≥ --p99-bound-ms, or anything refused, failed or not sent). Prints a Markdown table,
+/// writes it with JSON to --out and the charts to --plots.
+#[derive(clap::Args, Debug, Clone)]
+pub struct FleetArgs {
+    /// JSON file naming the targets, benchmarked in its order (scripts/bench --fleet writes one):
+    /// `{"registry": {"database_url", "ingest_url"}, "targets": [{"name", "role", "url",
+    /// "ca_file", "database_url", "table", "reset": [tables], "tokens": bool, "processes":
+    /// [{"name", "pid", "tree"}]}]}`. `role` is one of sensorhub, sensorhub-traefik, seed,
+    /// node-red, traefik-ceiling, other (what the summary compares); `url` http:// or https://
+    /// (checked against `ca_file`); readings are counted in `table` of `database_url` (none: acks
+    /// only); `processes` are the path's processes whose CPU is charged to the stored readings
+    /// (`tree`: with their children); `registry` is where the fleet's devices are registered
+    /// (with --keys-dir) and the ingest-http that must let them in.
+    #[arg(long)]
+    pub targets: PathBuf,
+    /// Simulated devices (1,000 to 20,000 is a fleet); each sends once per devices/rate seconds.
+    #[arg(long, default_value_t = 1000)]
+    pub devices: usize,
+    /// Offered rates to step through, readings/s over the whole fleet, lowest first.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "250,500,1000,2000,4000,8000,16000"
+    )]
+    pub rates: Vec<f64>,
+    /// Seconds each rate is held.
+    #[arg(long, default_value_t = 60.0)]
+    pub hold_secs: f64,
+    /// Connection modes, each a step search of its own: new-connection (a TCP and TLS connection
+    /// per reading, closed after it, as Python's requests.post without a session) and keep-alive
+    /// (a connection per device, kept between its readings).
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "new-connection,keep-alive"
+    )]
+    pub modes: Vec<ConnectionMode>,
+    /// The latency bound a held rate keeps: p99 of acknowledgements below this.
+    #[arg(long, default_value_t = 100.0)]
+    pub p99_bound_ms: f64,
+    /// The operator's key directory (`signing-key.pem`): the fleet's devices are registered in
+    /// the registry's database and each sends with its own token (to every target: the seed and
+    /// Node-RED ignore it, so each request is the same size everywhere).
+    #[arg(long, env = "LOADGEN_KEYS_DIR")]
+    pub keys_dir: Option<PathBuf>,
+    /// A request unanswered after this long counts as failed.
+    #[arg(long, default_value_t = 5.0)]
+    pub timeout_secs: f64,
+    /// Requests in flight at most (each holds a socket: keep it under `ulimit -n`); a send due
+    /// beyond it is not made and counts as failed.
+    #[arg(long, default_value_t = 15_000)]
+    pub max_inflight: u64,
+    /// Go on stepping up after a step broke the bound (default: stop at the first that did).
+    #[arg(long)]
+    pub keep_going: bool,
+    /// Empty each target's `reset` tables before each step (dedicated benchmark databases only).
+    #[arg(long)]
+    pub reset_db: bool,
+    /// After a step, how long to wait for its acknowledged readings to be stored.
+    #[arg(long, default_value_t = 120.0)]
+    pub drain_timeout_secs: f64,
+    /// ...giving up earlier when the count has not grown for this long.
+    #[arg(long, default_value_t = 10.0)]
+    pub stall_secs: f64,
+    /// Directory for the figures (`fleet-<time>.json`, `latest.json`, `latest.md`).
+    #[arg(long, default_value = "target/bench/fleet")]
+    pub out: PathBuf,
+    /// Directory for the charts (`fleet-throughput.svg`, `fleet-latency.svg`); empty: none.
+    #[arg(long, default_value = "docs/bench")]
+    pub plots: PathBuf,
+    /// A short run to try things out: 10 s holds (overrides --hold-secs).
+    #[arg(long)]
+    pub quick: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    Sensorhub,
+    SensorhubTraefik,
+    Seed,
+    NodeRed,
+    TraefikCeiling,
+    Other,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct TargetsFile {
+    registry: Option<Registry>,
+    targets: Vec<Target>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct Registry {
+    database_url: String,
+    ingest_url: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct Target {
+    pub name: String,
+    pub role: Role,
+    pub url: String,
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    #[serde(default)]
+    pub database_url: Option<String>,
+    #[serde(default)]
+    pub table: Option<String>,
+    #[serde(default)]
+    pub reset: Vec<String>,
+    #[serde(default)]
+    pub tokens: bool,
+    #[serde(default)]
+    pub processes: Vec<Process>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct Process {
+    pub name: String,
+    pub pid: u32,
+    #[serde(default)]
+    pub tree: bool,
+}
+
+/// One held rate of one target in one mode.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepResult {
+    pub target: String,
+    pub role: Role,
+    pub mode: ConnectionMode,
+    pub offered: f64,
+    pub scheduled: u64,
+    /// 2xx answers per second of the hold.
+    pub achieved: f64,
+    pub p50_ms: Option<f64>,
+    pub p90_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+    pub max_ms: Option<f64>,
+    pub refused: u64,
+    pub failed: u64,
+    pub connections_opened: u64,
+    /// Rows that reached the target's table (None: the target stores nothing).
+    pub stored: Option<i64>,
+    pub all_stored: bool,
+    /// CPU seconds of each path process over the hold and the drain.
+    pub cpu_seconds: Vec<(String, f64)>,
+    /// The path's CPU (every process named, loadgen not) per 1,000 stored readings, in ms of one core.
+    pub cpu_ms_per_1000: Option<f64>,
+    /// loadgen's own CPU over the hold, percent of one core.
+    pub loadgen_cpu_percent: Option<f64>,
+    /// How late loadgen made its sends, p99.
+    pub send_lag_p99_ms: Option<f64>,
+    /// The machine's 1-minute load average when the step ended (`uptime`).
+    pub load_average: String,
+    /// Below the latency bound with nothing refused, failed or unsent, and ≥ 95% of the offered rate.
+    pub held: bool,
+    /// loadgen near a core of its own, or late with its sends: the step measured loadgen too.
+    pub loadgen_limited: bool,
+}
+
+/// The name of loadgen's own process among the watched.
+const LOADGEN: &str = "loadgen";
+
+pub async fn run(mut args: FleetArgs) -> anyhow::Result<()> {
+    if args.quick {
+        args.hold_secs = 10.0;
+    }
+    anyhow::ensure!(args.devices >= 1, "--devices must be at least 1");
+    anyhow::ensure!(!args.rates.is_empty(), "--rates needs at least one rate");
+    let file: TargetsFile = serde_json::from_slice(
+        &std::fs::read(&args.targets)
+            .with_context(|| format!("reading {}", args.targets.display()))?,
+    )
+    .with_context(|| format!("{}: not a targets file", args.targets.display()))?;
+    for t in &file.targets {
+        if let Some(table) = &t.table {
+            db::check_table_name(table)?;
+        }
+        for table in &t.reset {
+            db::check_table_name(table)?;
+        }
+    }
+    let started_at = chrono::Utc::now();
+    let progress = Progress::start();
+    let names: Vec<String> = (0..args.devices).map(crate::http::device_name).collect();
+    let tokens = register(&args, file.registry.as_ref(), &progress).await?;
+    let mut course = Course {
+        args: args.clone(),
+        progress: progress.clone(),
+        results: Vec::new(),
+        tag: format!("f{:x}", started_at.timestamp() % 0x100_0000),
+        steps_run: 0,
+    };
+    for mode in args.modes.clone() {
+        for target in &file.targets {
+            let fleet = Arc::new(Fleet::new(
+                names.clone(),
+                tokens.clone().filter(|_| target.tokens),
+            ));
+            course.step_search(target, mode, &fleet).await?;
+            fleet.hang_up();
+        }
+    }
+    progress.done();
+    let report = Report {
+        started_at: started_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        machine: Machine::here(),
+        devices: args.devices,
+        hold_secs: args.hold_secs,
+        p99_bound_ms: args.p99_bound_ms,
+        targets: file.targets.clone(),
+        steps: course.results,
+    };
+    let markdown = report.markdown();
+    println!("{markdown}");
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let json = serde_json::to_string_pretty(&report)?;
+    let stamp = report.started_at.replace(':', "");
+    std::fs::write(args.out.join(format!("fleet-{stamp}.json")), &json)?;
+    std::fs::write(args.out.join("latest.json"), &json)?;
+    std::fs::write(args.out.join("latest.md"), &markdown)?;
+    if !args.plots.as_os_str().is_empty() {
+        let written = plot::write(&report, &args.plots)?;
+        for path in written {
+            eprintln!("chart written to {}", path.display());
+        }
+    }
+    eprintln!(
+        "figures written to {}",
+        args.out.join("latest.md").display()
+    );
+    Ok(())
+}
+
+/// Registers the fleet in the registry's database and waits until ingest-http lets the last one
+/// in; `None` without --keys-dir.
+async fn register(
+    args: &FleetArgs,
+    registry: Option<&Registry>,
+    progress: &Progress,
+) -> anyhow::Result<Option<Vec<String>>> {
+    let (Some(keys), Some(registry)) = (args.keys_dir.clone(), registry) else {
+        return Ok(None);
+    };
+    progress.phase(format!("registering {} devices", args.devices));
+    let (url, devices) = (registry.database_url.clone(), args.devices);
+    let tokens = tokio::task::spawn_blocking(move || db::register_fleet(&url, &keys, devices))
+        .await?
+        .context("registering the fleet's devices")?;
+    if let Some(last) = tokens.last() {
+        system::service::wait_token_accepted(&registry.ingest_url, last, Duration::from_secs(60))
+            .await
+            .context("ingest-http to let the fleet in")?;
+    }
+    Ok(Some(tokens))
+}
+
+struct Course {
+    args: FleetArgs,
+    progress: Progress,
+    results: Vec<StepResult>,
+    tag: String,
+    steps_run: u64,
+}
+
+impl Course {
+    /// Steps the offered rate up for one target in one mode, until a step breaks the bound.
+    async fn step_search(
+        &mut self,
+        target: &Target,
+        mode: ConnectionMode,
+        fleet: &Arc<Fleet>,
+    ) -> anyhow::Result<()> {
+        let destination = Destination::resolve(&target.url, "/data", target.ca_file.as_deref())
+            .await
+            .with_context(|| format!("{}: its URL", target.name))?;
+        for &rate in &self.args.rates.clone() {
+            let result = self.step(target, mode, fleet, &destination, rate).await?;
+            let held = result.held;
+            self.progress.say(&step_line(&result));
+            self.results.push(result);
+            if !held && !self.args.keep_going {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// One held rate: empty (or count) the table, offer the load, wait for the readings to be
+    /// stored, and charge the path's CPU over all of it to what was stored.
+    async fn step(
+        &mut self,
+        target: &Target,
+        mode: ConnectionMode,
+        fleet: &Arc<Fleet>,
+        destination: &Destination,
+        rate: f64,
+    ) -> anyhow::Result<StepResult> {
+        self.steps_run += 1;
+        let phase = format!(
+            "{}, {}, {} readings/s offered",
+            target.name,
+            mode.label(),
+            readable(rate)
+        );
+        let before = self.prepare(target).await?;
+        let path: Vec<Watched> = target
+            .processes
+            .iter()
+            .map(|p| Watched {
+                name: p.name.clone(),
+                pid: p.pid,
+                tree: p.tree,
+            })
+            .collect();
+        let me = [Watched {
+            name: LOADGEN.into(),
+            pid: std::process::id(),
+            tree: false,
+        }];
+        let path_cpu = CpuWindow::start(&path);
+        let loadgen_cpu = CpuWindow::start(&me);
+        let window = Instant::now();
+        let counter = self.progress.phase(&phase);
+        let step = send::Step {
+            destination: destination.clone(),
+            mode,
+            rate,
+            hold: Duration::from_secs_f64(self.args.hold_secs),
+            timeout: Duration::from_secs_f64(self.args.timeout_secs),
+            max_inflight: self.args.max_inflight,
+            run_tag: format!("{}s{}", self.tag, self.steps_run),
+        };
+        let mut outcome = send::run(step, fleet.clone(), counter).await;
+        let loadgen_cpu_percent = loadgen_cpu.finish().first().and_then(|u| u.cpu_percent);
+        let stored = self
+            .drain(target, &phase, before, outcome.ok as i64)
+            .await?;
+        let seconds = window.elapsed().as_secs_f64();
+        let cpu_seconds: Vec<(String, f64)> = path_cpu
+            .finish()
+            .into_iter()
+            .filter_map(|u| Some((u.name, u.cpu_percent? / 100.0 * seconds)))
+            .collect();
+        let path_total: f64 = cpu_seconds.iter().map(|(_, s)| s).sum();
+        // a target that stores nothing (the ceiling's responder) is charged per answered request
+        let counted = stored.map_or(outcome.ok as f64, |(n, _)| n as f64);
+        let cpu_ms_per_1000 = (counted > 0.0 && !cpu_seconds.is_empty())
+            .then(|| path_total * 1000.0 / counted * 1000.0);
+        let hold = self.args.hold_secs;
+        let achieved = outcome.ok as f64 / outcome.elapsed.as_secs_f64().max(hold);
+        let p99 = outcome.latencies.percentile_ms(99.0);
+        let send_lag_p99_ms = outcome.send_lag.percentile_ms(99.0);
+        let held = p99.is_some_and(|p| p < self.args.p99_bound_ms)
+            && outcome.refused == 0
+            && outcome.failed == 0
+            && achieved >= 0.95 * rate;
+        let loadgen_limited = loadgen_cpu_percent.is_some_and(|c| c >= 80.0)
+            || send_lag_p99_ms.is_some_and(|l| l >= 10.0)
+            || outcome.not_sent > 0;
+        Ok(StepResult {
+            target: target.name.clone(),
+            role: target.role,
+            mode,
+            offered: rate,
+            scheduled: outcome.scheduled,
+            achieved,
+            p50_ms: outcome.latencies.percentile_ms(50.0),
+            p90_ms: outcome.latencies.percentile_ms(90.0),
+            p99_ms: p99,
+            max_ms: outcome.latencies.percentile_ms(100.0),
+            refused: outcome.refused,
+            failed: outcome.failed,
+            connections_opened: outcome.connections_opened,
+            stored: stored.map(|(n, _)| n),
+            all_stored: stored.is_none_or(|(_, complete)| complete),
+            cpu_seconds,
+            cpu_ms_per_1000,
+            loadgen_cpu_percent,
+            send_lag_p99_ms,
+            load_average: load_average(),
+            held,
+            loadgen_limited,
+        })
+    }
+
+    /// Empties the target's tables when allowed; the rows there now (None: it stores nothing).
+    async fn prepare(&self, target: &Target) -> anyhow::Result<Option<i64>> {
+        let (Some(url), Some(table)) = (target.database_url.clone(), target.table.clone()) else {
+            return Ok(None);
+        };
+        let reset = self.args.reset_db.then(|| target.reset.clone());
+        tokio::task::spawn_blocking(move || {
+            let mut conn = db::connect(&url)?;
+            if let Some(tables) = reset.filter(|t| !t.is_empty()) {
+                let tables: Vec<&str> = tables.iter().map(String::as_str).collect();
+                db::truncate(&mut conn, &tables)?;
+            }
+            db::count_rows(&mut conn, &table).map(Some)
+        })
+        .await?
+    }
+
+    /// Waits for the step's acknowledged readings to be stored: (stored, all of them).
+    async fn drain(
+        &self,
+        target: &Target,
+        phase: &str,
+        before: Option<i64>,
+        acked: i64,
+    ) -> anyhow::Result<Option<(i64, bool)>> {
+        let (Some(before), Some(url), Some(table)) =
+            (before, target.database_url.clone(), target.table.clone())
+        else {
+            return Ok(None);
+        };
+        let counter = self
+            .progress
+            .phase(format!("{phase}: waiting for PostgreSQL"));
+        let (stall, timeout) = (
+            Duration::from_secs_f64(self.args.stall_secs),
+            Duration::from_secs_f64(self.args.drain_timeout_secs),
+        );
+        let drained = tokio::task::spawn_blocking(move || {
+            db::wait_stored(
+                &mut db::connect(&url)?,
+                &table,
+                before,
+                acked,
+                stall,
+                timeout,
+                |n| counter.store(n.max(0) as u64, std::sync::atomic::Ordering::Relaxed),
+            )
+        })
+        .await??;
+        Ok(Some((drained.stored, drained.complete)))
+    }
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+fn ms(v: Option<f64>) -> String {
+    v.map_or("–".into(), readable)
+}
+
+fn step_line(r: &StepResult) -> String {
+    format!(
+        "{}, {}, {}/s offered: {}/s acked, p50 {} p99 {} max {} ms, {} refused, {} failed, {} stored, path CPU {} ms/1,000, loadgen {}% CPU{}{}",
+        r.target,
+        r.mode.label(),
+        readable(r.offered),
+        readable(r.achieved),
+        ms(r.p50_ms),
+        ms(r.p99_ms),
+        ms(r.max_ms),
+        r.refused,
+        r.failed,
+        r.stored.map_or("–".into(), |n| readable(n as f64)),
+        ms(r.cpu_ms_per_1000),
+        ms(r.loadgen_cpu_percent),
+        if r.held { ", held" } else { ", NOT held" },
+        if r.loadgen_limited {
+            " (loadgen limited)"
+        } else {
+            ""
+        }
+    )
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub started_at: String,
+    pub machine: Machine,
+    pub devices: usize,
+    pub hold_secs: f64,
+    pub p99_bound_ms: f64,
+    pub targets: Vec<Target>,
+    pub steps: Vec<StepResult>,
+}
+
+impl Report {
+    /// The highest held rate of a target in a mode, and its step.
+    pub fn best(&self, target: &str, mode: ConnectionMode) -> Option<&StepResult> {
+        self.steps
+            .iter()
+            .filter(|s| s.target == target && s.mode == mode && s.held)
+            .max_by(|a, b| a.offered.total_cmp(&b.offered))
+    }
+
+    fn best_of(&self, role: Role, mode: ConnectionMode) -> Option<&StepResult> {
+        let target = self.targets.iter().find(|t| t.role == role)?;
+        self.best(&target.name, mode)
+    }
+
+    fn modes(&self) -> Vec<ConnectionMode> {
+        let mut modes: Vec<ConnectionMode> = self.steps.iter().map(|s| s.mode).collect();
+        modes.sort();
+        modes.dedup();
+        modes
+    }
+
+    pub fn markdown(&self) -> String {
+        use std::fmt::Write as _;
+        let mut out = String::new();
+        let m = &self.machine;
+        // Writing to a String cannot fail.
+        let _ = writeln!(
+            out,
+            "Fleet benchmark, {} — {} devices, open loop, {} s per step, bound p99 < {} ms; {} cores ({}), {:.1} GiB, Linux {}\n",
+            self.started_at,
+            readable(self.devices as f64),
+            readable(self.hold_secs),
+            readable(self.p99_bound_ms),
+            m.nproc,
+            m.cpu_model,
+            m.memory_gib,
+            m.kernel
+        );
+        let _ = writeln!(
+            out,
+            "| target | connections | highest rate held (readings/s) | p99 there (ms) | path CPU per 1,000 stored (core-ms) | loadgen CPU there |\n|---|---|---|---|---|---|"
+        );
+        for mode in self.modes() {
+            for t in &self.targets {
+                let best = self.best(&t.name, mode);
+                let _ = writeln!(
+                    out,
+                    "| {} | {} | {} | {} | {} | {} |",
+                    t.name,
+                    mode.label(),
+                    best.map_or("none".into(), |b| readable(b.offered)),
+                    ms(best.and_then(|b| b.p99_ms)),
+                    ms(best.and_then(|b| b.cpu_ms_per_1000)),
+                    best.and_then(|b| b.loadgen_cpu_percent)
+                        .map_or("–".into(), |c| format!("{}%", readable(c)))
+                );
+            }
+        }
+        let _ = writeln!(out, "\n{}", self.comparisons().join("\n"));
+        let _ = writeln!(
+            out,
+            "\n| target | connections | offered/s | acked/s | p50 | p90 | p99 | max (ms) | refused | failed | conns opened | stored | path CPU ms/1,000 | loadgen CPU | send lag p99 (ms) | load avg | held |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+        );
+        for s in &self.steps {
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {}{} | {} | {} | {} | {} | {}{} |",
+                s.target,
+                s.mode.label(),
+                readable(s.offered),
+                readable(s.achieved),
+                ms(s.p50_ms),
+                ms(s.p90_ms),
+                ms(s.p99_ms),
+                ms(s.max_ms),
+                s.refused,
+                s.failed,
+                readable(s.connections_opened as f64),
+                s.stored.map_or("–".into(), |n| readable(n as f64)),
+                if s.all_stored { "" } else { " (NOT ALL)" },
+                ms(s.cpu_ms_per_1000),
+                s.loadgen_cpu_percent
+                    .map_or("–".into(), |c| format!("{}%", readable(c))),
+                ms(s.send_lag_p99_ms),
+                s.load_average,
+                if s.held { "yes" } else { "no" },
+                if s.loadgen_limited {
+                    " (loadgen limited)"
+                } else {
+                    ""
+                }
+            );
+        }
+        out
+    }
+
+    /// The targets, measured: Sensorhub against the seed, and through Traefik against
+    /// Traefik's own ceiling.
+    fn comparisons(&self) -> Vec<String> {
+        let mut lines = Vec::new();
+        for mode in self.modes() {
+            let ours = self.best_of(Role::Sensorhub, mode);
+            let seed = self.best_of(Role::Seed, mode);
+            let red = self.best_of(Role::NodeRed, mode);
+            let via = self.best_of(Role::SensorhubTraefik, mode);
+            let ceiling = self.best_of(Role::TraefikCeiling, mode);
+            let rate = |s: Option<&StepResult>| s.map(|s| s.offered);
+            let cpu = |s: Option<&StepResult>| s.and_then(|s| s.cpu_ms_per_1000);
+            let limited = |s: Option<&StepResult>| s.is_some_and(|s| s.loadgen_limited);
+            let mut say = |what: String| lines.push(format!("- {}: {what}", mode.label()));
+            for (peer, name) in [(seed, "the seed"), (red, "Node-RED")] {
+                if let (Some(a), Some(b)) = (rate(ours), rate(peer)) {
+                    say(format!(
+                        "Sensorhub held {}× the rate {name} held ({} vs {} readings/s; target ≥ 10× the seed){}",
+                        readable(a / b),
+                        readable(a),
+                        readable(b),
+                        if limited(ours) {
+                            "; loadgen was near its limit at Sensorhub's step"
+                        } else {
+                            ""
+                        }
+                    ));
+                }
+                if let (Some(a), Some(b)) = (cpu(ours), cpu(peer)) {
+                    say(format!(
+                        "path CPU per stored reading, Sensorhub / {name}: {} ({} vs {} core-ms per 1,000, each at its highest held rate; target ≤ 0.1 of the seed's)",
+                        readable(a / b),
+                        readable(a),
+                        readable(b)
+                    ));
+                }
+            }
+            if let (Some(a), Some(b)) = (rate(via), rate(ceiling)) {
+                say(format!(
+                    "Sensorhub through Traefik (TLS) held {}% of Traefik's own ceiling in front of a do-nothing responder ({} vs {} readings/s; target ≥ 80%)",
+                    readable(a / b * 100.0),
+                    readable(a),
+                    readable(b)
+                ));
+            }
+        }
+        if lines.is_empty() {
+            lines.push("- (no comparison: a target held no rate)".into());
+        }
+        lines
+    }
+}
+
+/// Where the charts go, relative to the working directory.
+pub fn chart_paths(dir: &Path) -> [PathBuf; 2] {
+    [
+        dir.join("fleet-throughput.svg"),
+        dir.join("fleet-latency.svg"),
+    ]
+}
