@@ -128,6 +128,11 @@ impl Ledger {
         acked.extend(ids.into_iter().map(|id| (device.to_owned(), id)));
     }
 
+    /// Readings acknowledged so far.
+    pub fn acknowledged_count(&self) -> usize {
+        self.acknowledged.lock().expect("ledger lock").len()
+    }
+
     pub fn acknowledged(&self) -> Vec<(String, String)> {
         self.acknowledged.lock().expect("ledger lock").clone()
     }
@@ -213,7 +218,12 @@ impl RunningFleet {
     }
 
     pub fn acknowledged_so_far(&self) -> usize {
-        self.ledger.acknowledged.lock().expect("ledger lock").len()
+        self.ledger.acknowledged_count()
+    }
+
+    /// The ledger, to watch while the devices run.
+    pub fn ledger(&self) -> Arc<Ledger> {
+        self.ledger.clone()
     }
 
     /// No new readings; those not acknowledged yet are sent again until `deadline`.
