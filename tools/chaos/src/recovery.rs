@@ -113,7 +113,7 @@ impl Recovery {
         }
     }
 
-    /// As the table shows it.
+    /// As the table shows it: when progress came back after the longest pause, and that pause.
     pub fn cell(recovery: Option<&Recovery>) -> String {
         match recovery {
             None => "–".to_owned(),
@@ -127,8 +127,8 @@ impl Recovery {
             }) if *s == 0.0 => "no pause".to_owned(),
             Some(Recovery {
                 back_after_secs: Some(s),
-                ..
-            }) => format!("{s:.1} s"),
+                longest_pause_secs,
+            }) => format!("{s:.1} s (paused {longest_pause_secs:.1} s)"),
         }
     }
 }
@@ -163,7 +163,7 @@ mod tests {
         let r = Recovery::from_samples(&s, fault, t0 + Duration::from_millis(4200));
         assert_eq!(r.back_after_secs, Some(3.0));
         assert!((r.longest_pause_secs - 3.0).abs() < 1e-9);
-        assert_eq!(Recovery::cell(Some(&r)), "3.0 s");
+        assert_eq!(Recovery::cell(Some(&r)), "3.0 s (paused 3.0 s)");
     }
 
     #[test]

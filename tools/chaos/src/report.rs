@@ -72,7 +72,7 @@ pub fn details(outcomes: &[StepOutcome]) -> String {
         )];
         if let (Some(acks), Some(stores)) = (&o.acks_recovery, &o.stores_recovery) {
             parts.push(format!(
-                "longest pause after the fault: {:.1} s without an acknowledgement, {:.1} s \
+                "longest pause after the fault: {:.1} s without an HTTP acknowledgement, {:.1} s \
                  without a reading stored",
                 acks.longest_pause_secs, stores.longest_pause_secs
             ));
@@ -160,7 +160,7 @@ mod tests {
     fn with_recovery_watched_the_table_says_when_acks_and_stores_came_back() {
         let mut step = outcome(0, None);
         step.acks_recovery = Some(Recovery {
-            longest_pause_secs: 2.5,
+            longest_pause_secs: 2.0,
             back_after_secs: Some(2.5),
         });
         step.stores_recovery = Some(Recovery {
@@ -176,7 +176,7 @@ mod tests {
             text.lines()
                 .nth(2)
                 .unwrap()
-                .contains("| 7 | 2.5 s | no pause | 1.2 s | ✅ |")
+                .contains("| 7 | 2.5 s (paused 2.0 s) | no pause | 1.2 s | ✅ |")
         );
     }
 

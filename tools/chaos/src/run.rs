@@ -62,7 +62,8 @@ pub struct StepOutcome {
     pub notes: Vec<String>,
     /// The step's commands (when the run issues any).
     pub commands: Option<CommandOutcome>,
-    /// Cluster mode: how long after the fault the devices were acknowledged again.
+    /// Cluster mode: how long after the fault the HTTP devices were acknowledged again (their
+    /// answer waits for RabbitMQ's confirm; Mosquitto's PUBACK does not).
     pub acks_recovery: Option<Recovery>,
     /// Cluster mode: how long after the fault the step's readings were being stored again.
     pub stores_recovery: Option<Recovery>,
@@ -204,9 +205,24 @@ impl Runner<'_> {
     /// Samples, while the load runs, how many readings were acknowledged to the step's devices
     /// and how many of theirs are stored.
     fn watch_progress(&self, tag: &str, fleet: &RunningFleet) -> (Watch, Watch) {
+        // HTTP devices only: Mosquitto PUBACKs on its own, whether RabbitMQ is there or not, so
+        // only an HTTP answer says that the RabbitMQ cluster confirmed
         let ledger = fleet.ledger();
+        let http_devices: std::collections::HashSet<String> = self
+            .fleet
+            .devices(tag)
+            .into_iter()
+            .filter(|(_, kind)| *kind != Kind::Mqtt)
+            .map(|(id, _)| id)
+            .collect();
+        let (mut seen, mut http_acks) = (0, 0u64);
         let acks = Watch::start(Duration::from_millis(50), move || {
-            Some(ledger.acknowledged_count() as u64)
+            seen = ledger.acknowledged_from(seen, |device| {
+                if http_devices.contains(device) {
+                    http_acks += 1;
+                }
+            });
+            Some(http_acks)
         });
         let (url, pattern) = (self.stack.database_url(), format!("{tag}-%"));
         let mut conn: Option<diesel::PgConnection> = None;

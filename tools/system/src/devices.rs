@@ -128,6 +128,16 @@ impl Ledger {
         acked.extend(ids.into_iter().map(|id| (device.to_owned(), id)));
     }
 
+    /// Calls `each` with every acknowledgement from the `from`-th on; returns how many there are
+    /// now (the next call's `from`), so a watcher goes through each once.
+    pub fn acknowledged_from(&self, from: usize, mut each: impl FnMut(&str)) -> usize {
+        let acked = self.acknowledged.lock().expect("ledger lock");
+        for (device, _) in acked.iter().skip(from) {
+            each(device);
+        }
+        acked.len()
+    }
+
     /// Readings acknowledged so far.
     pub fn acknowledged_count(&self) -> usize {
         self.acknowledged.lock().expect("ledger lock").len()
