@@ -342,8 +342,8 @@ impl RabbitCluster {
             .filter(|i| *i != index)
             .map(|i| self.ports[i].dist.to_string())
             .collect();
-        // what it sends to the others' distribution ports (connections it opened, and its
-        // answers on connections they opened to it are caught by the second rule's other half)
+        // what it sends to the others' distribution ports: the connections it opened to them
+        // (dropping one direction of a TCP connection is enough to break it)
         iptables(&[
             "-A",
             CHAIN,
@@ -360,7 +360,8 @@ impl RabbitCluster {
             "-j",
             "DROP",
         ])?;
-        // what anything else sends to its distribution port (the other nodes, and the CLI)
+        // what anything else sends to its distribution port: the connections they opened to it
+        // (rabbitmqctl cannot reach it either while it is cut off)
         iptables(&[
             "-A",
             CHAIN,
