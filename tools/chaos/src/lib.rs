@@ -12,6 +12,7 @@
 
 pub mod commands;
 pub mod plan;
+pub mod recovery;
 pub mod report;
 pub mod run;
 pub mod verify;
@@ -22,6 +23,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use serde::Serialize;
+use system::cluster::Cluster;
+use system::cluster::rabbitmq::{NODES, node_label};
 use system::devices::FleetPlan;
 use system::stack::{AMQP_PREFIX, Broker, Component, Ports, Stack};
 
@@ -41,12 +44,18 @@ pub struct Options {
     pub strict: bool,
     /// Commands issued in each step (none by default).
     pub commands: commands::CommandPlan,
+    /// PostgreSQL and RabbitMQ replicated (`system::cluster`) instead of one of each.
+    pub cluster: bool,
 }
 
 #[derive(Serialize)]
 struct Figures<'a> {
     finished_at: String,
     broker: Broker,
+    /// Run against the RabbitMQ cluster and the PostgreSQL formation.
+    cluster: bool,
+    /// What was checked of the cluster before and after the steps.
+    cluster_checks: &'a [String],
     fleet: String,
     strict: bool,
     passed: bool,
@@ -62,6 +71,9 @@ fn progress(message: &str) {
 
 /// Runs every step and prints the table; Ok(true) when nothing acknowledged was lost or duplicated.
 pub async fn run(options: Options) -> anyhow::Result<bool> {
+    if options.cluster {
+        return run_on_cluster(options).await;
+    }
     let started = std::time::Instant::now();
     progress(&format!(
         "starting PostgreSQL, {} and the services in {}",
@@ -98,13 +110,141 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
         options.fleet.mqtt_devices
     ));
 
-    let mut runner = Runner {
+    let runner = Runner {
         stack: &mut stack,
+        cluster: None,
+        nodes_hit: Default::default(),
         fleet: options.fleet.clone(),
         tokens,
         timing: options.timing.clone(),
         commands: options.commands,
     };
+    let (outcomes, drained) = run_steps(runner, &options).await?;
+    let dead = stack.queue_messages("readings.dead").unwrap_or(0);
+    stack.shutdown().await;
+    finish(&options, started, &outcomes, drained, dead, &[])
+}
+
+/// The same steps in cluster mode: the cluster formed first, the stack's services given its
+/// addresses, and what makes it a cluster checked before and after the steps.
+async fn run_on_cluster(options: Options) -> anyhow::Result<bool> {
+    let started = std::time::Instant::now();
+    progress(&format!(
+        "forming a {NODES}-node RabbitMQ cluster and a PostgreSQL formation (pg_auto_failover: \
+         monitor, primary, synchronous standby) in {}: a minute or two",
+        options.work_dir.display()
+    ));
+    if options.work_dir.exists() {
+        std::fs::remove_dir_all(&options.work_dir)
+            .with_context(|| format!("cannot remove {}", options.work_dir.display()))?;
+    }
+    let mut cluster = Cluster::prepare(&options.work_dir.join("cluster"), options.port_base)?;
+    cluster
+        .form(Duration::from_secs(300))
+        .await
+        .context("the cluster did not form")?;
+    let mut checks = vec![sync_check(&cluster, "before the steps")?];
+    let backends = cluster.backends()?;
+    progress(&format!(
+        "cluster formed in {:.0} s; {}; the services get AMQP_URL={} and DATABASE_URL={}",
+        started.elapsed().as_secs_f64(),
+        checks[0],
+        backends.amqp_url,
+        backends.database_url
+    ));
+    let mut stack = Stack::prepare_on(
+        &options.work_dir.join("stack"),
+        &options.bin_dir,
+        Ports::from_base(options.port_base),
+        options.broker,
+        backends,
+    )?;
+    stack.create_database()?;
+    let tokens = register_devices(&stack, &options)?;
+    let ready = options.timing.ready_timeout;
+    for component in stack.components() {
+        stack
+            .start_ready(component, ready)
+            .await
+            .with_context(|| format!("{} did not start", component.name()))?;
+    }
+    // the services have declared the readings queue: it must have a member on every node
+    checks.push(members_check(&cluster, "before the steps")?);
+    progress(&format!(
+        "up in {:.0} s; {}; {} steps, each with {} HTTP, {} batch ({} readings) and {} MQTT \
+         devices (MQTT broker: one Mosquitto)",
+        started.elapsed().as_secs_f64(),
+        checks[1],
+        options.steps.len(),
+        options.fleet.http_devices,
+        options.fleet.batch_devices,
+        options.fleet.batch_size,
+        options.fleet.mqtt_devices
+    ));
+
+    let runner = Runner {
+        stack: &mut stack,
+        cluster: Some(&mut cluster),
+        nodes_hit: Default::default(),
+        fleet: options.fleet.clone(),
+        tokens,
+        timing: options.timing.clone(),
+        commands: options.commands,
+    };
+    let (outcomes, drained) = run_steps(runner, &options).await?;
+    checks.push(members_check(&cluster, "after the steps")?);
+    checks.push(sync_check(&cluster, "after the steps")?);
+    let dead = cluster
+        .rabbitmq
+        .queue_messages(&format!("{AMQP_PREFIX}.readings.dead"))
+        .unwrap_or(0);
+    stack.shutdown().await;
+    cluster.shutdown().await;
+    let checks_passed = checks.iter().all(|c| !c.starts_with('❌'));
+    Ok(finish(&options, started, &outcomes, drained, dead, &checks)? && checks_passed)
+}
+
+/// Whether the primary commits only once its standby has the commit too; a line for the report
+/// (starting ❌ when not).
+fn sync_check(cluster: &Cluster, when: &str) -> anyhow::Result<String> {
+    let primary = cluster
+        .postgres
+        .primary()
+        .context("no PostgreSQL primary")?;
+    let sync = cluster.postgres.sync_settings(primary)?;
+    Ok(format!(
+        "{}PostgreSQL {when}: primary {}, synchronous_commit = {}, synchronous_standby_names = '{}'",
+        if sync.synchronous() { "" } else { "❌ " },
+        system::cluster::postgres::PgFormation::node_name(primary),
+        sync.synchronous_commit,
+        sync.synchronous_standby_names
+    ))
+}
+
+/// Whether the readings queue has a member on each of the three nodes; a line for the report.
+fn members_check(cluster: &Cluster, when: &str) -> anyhow::Result<String> {
+    let queue = format!("{AMQP_PREFIX}.readings");
+    let rabbitmq = &cluster.rabbitmq;
+    let nodes = tokio::task::block_in_place(|| rabbitmq.quorum_queue(&queue, None))?;
+    let members: Vec<String> = nodes.members.iter().map(|i| node_label(*i)).collect();
+    Ok(format!(
+        "{}quorum queue {queue} {when}: {} members ({}), leader {}",
+        if nodes.members.len() == NODES {
+            ""
+        } else {
+            "❌ "
+        },
+        nodes.members.len(),
+        members.join(" "),
+        nodes.leader.map_or_else(|| "none".to_owned(), node_label)
+    ))
+}
+
+/// Every step in turn; then waits for the readings queue to empty and counts again.
+async fn run_steps(
+    mut runner: Runner<'_>,
+    options: &Options,
+) -> anyhow::Result<(Vec<StepOutcome>, Result<Duration, u64>)> {
     let mut outcomes = Vec::new();
     for (index, step) in options.steps.iter().enumerate() {
         progress(&format!(
@@ -134,22 +274,33 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
     // Everything acknowledged is stored; what is left on the queue are repeats (messages published
     // again after a lost confirm, redeliveries). The persister must still get through them: a queue
     // that does not empty means messages stuck somewhere.
-    let drained = wait_queue_empty(runner.stack, Duration::from_secs(60)).await;
+    let drained = wait_queue_empty(&runner, Duration::from_secs(60)).await;
     // late redeliveries, if any, have arrived by now: count again
     for outcome in &mut outcomes {
         runner.recount(outcome).await?;
     }
-    drop(runner);
-    let dead = stack.queue_messages("readings.dead").unwrap_or(0);
-    stack.shutdown().await;
+    Ok((outcomes, drained))
+}
 
+/// Prints and writes the table and the figures; Ok(true) when the steps passed.
+fn finish(
+    options: &Options,
+    started: std::time::Instant,
+    outcomes: &[StepOutcome],
+    drained: Result<Duration, u64>,
+    dead: u64,
+    cluster_checks: &[String],
+) -> anyhow::Result<bool> {
     let passed = drained.is_ok()
         && dead == 0
         && outcomes
             .iter()
             .all(|o| o.clean() || (o.known_gap.is_some() && !options.strict));
-    let table = report::table(&outcomes);
-    let details = report::details(&outcomes);
+    let table = report::table(outcomes);
+    let mut details = report::details(outcomes);
+    for check in cluster_checks {
+        details.push_str(&format!("- {check}\n"));
+    }
     println!("\n{table}\n{details}");
     match &drained {
         Ok(took) => println!(
@@ -164,10 +315,12 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
     let figures = Figures {
         finished_at: chrono::Utc::now().to_rfc3339(),
         broker: options.broker,
+        cluster: options.cluster,
+        cluster_checks,
         fleet: format!("{:?}", options.fleet),
         strict: options.strict,
         passed,
-        steps: &outcomes,
+        steps: outcomes,
         queue_drained_secs: drained.as_ref().ok().map(Duration::as_secs_f64),
         dead_lettered: dead,
     };
@@ -199,11 +352,11 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
 }
 
 /// Ok(how long it took), or Err(messages left).
-async fn wait_queue_empty(stack: &Stack, timeout: Duration) -> Result<Duration, u64> {
+async fn wait_queue_empty(runner: &Runner<'_>, timeout: Duration) -> Result<Duration, u64> {
     let started = std::time::Instant::now();
     let mut left = u64::MAX;
     while started.elapsed() < timeout {
-        if let Ok(messages) = stack.queue_messages("readings") {
+        if let Ok(messages) = tokio::task::block_in_place(|| runner.queue_messages("readings")) {
             left = messages;
             if messages == 0 {
                 return Ok(started.elapsed());

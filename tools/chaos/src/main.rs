@@ -22,6 +22,12 @@ use system::stack::Broker;
 /// RabbitMQ's own MQTT plugin, devices logging in with their token) (on --port-base and the next ports, data
 /// in --work-dir), so the machine's are not disturbed. Exits 1 when an acknowledged reading was lost
 /// or stored twice (steps marked as a known gap only with --strict).
+///
+/// With --cluster, PostgreSQL and RabbitMQ are replicated instead: a three-node RabbitMQ cluster
+/// and a pg_auto_failover formation (monitor, primary, synchronous standby), all on this machine,
+/// and the faults are theirs (each RabbitMQ node killed, the PostgreSQL primary killed, a node cut
+/// off, the whole RabbitMQ cluster killed); the table also says how soon after each fault the
+/// devices were acknowledged, and readings stored, again.
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Args {
@@ -32,19 +38,28 @@ struct Args {
     /// A step marked as a known gap (a limit of a component we do not control) fails the run too.
     #[arg(long)]
     strict: bool,
+    /// Against a three-node RabbitMQ cluster (pause_minority) and PostgreSQL with a synchronous
+    /// standby and automatic failover (pg_auto_failover; needs Debian's
+    /// postgresql-15-auto-failover, pg-auto-failover-cli and iptables, and root), with the
+    /// cluster's faults; MQTT through one Mosquitto. Default --port-base 28500.
+    #[arg(long, conflicts_with_all = ["full", "broker"])]
+    cluster: bool,
     /// The MQTT broker mode (the services' MQTT_BROKER).
     #[arg(long, value_enum, default_value_t = BrokerArg::Mosquitto)]
     broker: BrokerArg,
     /// Where ingest-http, ingest-mqtt and persister are.
     #[arg(long, default_value = "target/debug")]
     bin_dir: PathBuf,
-    /// Data directories and logs of this run's processes (emptied first).
-    #[arg(long, default_value_os_t = std::env::temp_dir().join("sensorhub-chaos"))]
-    work_dir: PathBuf,
+    /// Data directories and logs of this run's processes (emptied first) [default:
+    /// $TMPDIR/sensorhub-chaos, with --cluster $TMPDIR/sensorhub-chaos-cluster].
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
     /// First of 7 consecutive ports: PostgreSQL, AMQP, RabbitMQ's distribution, MQTT, ingest-http,
-    /// persister, ingest-mqtt.
-    #[arg(long, default_value_t = 28400)]
-    port_base: u16,
+    /// persister, ingest-mqtt; with --cluster also base+10..12 (the RabbitMQ nodes' AMQP),
+    /// base+20..22 (their distribution), base+30 (pg_auto_failover's monitor) and base+31..32 (the
+    /// PostgreSQL nodes) [default: 28400, with --cluster 28500].
+    #[arg(long)]
+    port_base: Option<u16>,
     /// Where the table (latest.md) and the figures (latest.json) go.
     #[arg(long, default_value = "target/chaos")]
     out: PathBuf,
@@ -88,11 +103,14 @@ async fn main() -> std::process::ExitCode {
         BrokerArg::Rabbitmq => Broker::Rabbitmq,
     };
     let options = Options {
-        steps: if args.full {
+        steps: if args.cluster {
+            plan::cluster()
+        } else if args.full {
             plan::full(broker)
         } else {
             plan::short()
         },
+        cluster: args.cluster,
         broker,
         fleet: FleetPlan {
             http_devices: args.http_devices,
@@ -106,8 +124,16 @@ async fn main() -> std::process::ExitCode {
             Duration::from_secs_f64(args.after_secs),
         ),
         bin_dir: args.bin_dir,
-        work_dir: args.work_dir,
-        port_base: args.port_base,
+        work_dir: args.work_dir.unwrap_or_else(|| {
+            std::env::temp_dir().join(if args.cluster {
+                "sensorhub-chaos-cluster"
+            } else {
+                "sensorhub-chaos"
+            })
+        }),
+        port_base: args
+            .port_base
+            .unwrap_or(if args.cluster { 28500 } else { 28400 }),
         out: args.out,
         strict: args.strict,
         commands: chaos::commands::CommandPlan {

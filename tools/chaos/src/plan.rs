@@ -22,6 +22,36 @@ pub enum Fault {
         #[serde(with = "secs")]
         held: Duration,
     },
+    /// Cluster mode: SIGKILL to one RabbitMQ node, started again after `down`.
+    KillRabbitmqNode {
+        pick: NodePick,
+        #[serde(with = "secs")]
+        down: Duration,
+    },
+    /// Cluster mode: SIGKILL to the PostgreSQL primary (its pg_autoctl and PostgreSQL); the
+    /// monitor promotes the standby; the old primary is started again and comes back as standby.
+    KillPostgresPrimary,
+    /// Cluster mode: one RabbitMQ node cut off from the other two (its distribution traffic
+    /// dropped) for `held`, then healed.
+    CutOffRabbitmqNode {
+        pick: NodePick,
+        #[serde(with = "secs")]
+        held: Duration,
+    },
+    /// Cluster mode: SIGKILL to all three RabbitMQ nodes at once; all started again.
+    KillRabbitmqCluster,
+}
+
+/// Which RabbitMQ node of the cluster a fault hits, chosen when it hits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NodePick {
+    /// The node leading the readings queue (its quorum's leader) at that moment.
+    Leader,
+    /// A node following it, one no earlier step has killed.
+    Follower,
+    /// A node no earlier step has killed, whatever its role.
+    NotYetHit,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -117,6 +147,47 @@ pub fn full(broker: Broker) -> Vec<Step> {
     steps
 }
 
+/// Cluster mode (`--cluster`): each RabbitMQ node killed in turn (the readings queue's leader
+/// first), the PostgreSQL primary killed (failover to the synchronous standby), the leader cut off
+/// from the other two, and the whole RabbitMQ cluster killed and started again.
+pub fn cluster() -> Vec<Step> {
+    let step = |name: &str, fault: Fault| Step {
+        name: name.to_owned(),
+        fault,
+        known_gap: None,
+    };
+    let kill_node = |pick| Fault::KillRabbitmqNode {
+        pick,
+        down: Duration::from_secs(1),
+    };
+    vec![
+        step(
+            "SIGKILL the readings queue's leader node",
+            kill_node(NodePick::Leader),
+        ),
+        step("SIGKILL a follower node", kill_node(NodePick::Follower)),
+        step(
+            "SIGKILL the node not killed yet",
+            kill_node(NodePick::NotYetHit),
+        ),
+        step(
+            "SIGKILL postgres primary (failover)",
+            Fault::KillPostgresPrimary,
+        ),
+        step(
+            "partition: the leader node cut off, 20 s",
+            Fault::CutOffRabbitmqNode {
+                pick: NodePick::Leader,
+                held: Duration::from_secs(20),
+            },
+        ),
+        step(
+            "SIGKILL all three rabbitmq nodes",
+            Fault::KillRabbitmqCluster,
+        ),
+    ]
+}
+
 mod secs {
     use std::time::Duration;
 
@@ -158,6 +229,32 @@ mod tests {
         assert_eq!(names.len(), full.len());
         assert!(names.contains(&"SIGKILL persister (mid-batch)".to_owned()));
         assert!(names.contains(&"SIGKILL postgres, down 30 s".to_owned()));
+    }
+
+    #[test]
+    fn the_cluster_run_kills_every_node_and_the_primary_and_cuts_the_leader_off() {
+        let steps = cluster();
+        let picks: Vec<NodePick> = steps
+            .iter()
+            .filter_map(|s| match s.fault {
+                Fault::KillRabbitmqNode { pick, .. } => Some(pick),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            picks,
+            [NodePick::Leader, NodePick::Follower, NodePick::NotYetHit]
+        );
+        for wanted in [Fault::KillPostgresPrimary, Fault::KillRabbitmqCluster] {
+            assert!(steps.iter().any(|s| s.fault == wanted));
+        }
+        assert!(steps.iter().any(|s| matches!(
+            s.fault,
+            Fault::CutOffRabbitmqNode {
+                pick: NodePick::Leader,
+                ..
+            }
+        )));
     }
 
     #[test]

@@ -4,6 +4,7 @@ use std::fmt::Write as _;
 
 use system::numbers::thousands;
 
+use crate::recovery::Recovery;
 use crate::run::StepOutcome;
 
 /// What a step's row says in its last column.
@@ -17,15 +18,32 @@ fn verdict(outcome: &StepOutcome) -> String {
     }
 }
 
+/// One row per step. In cluster mode (steps that watched their recovery) two more columns say
+/// when, after the fault, the devices were acknowledged again and readings stored again.
 pub fn table(outcomes: &[StepOutcome]) -> String {
-    let mut out = String::from(
-        "| fault | sent | acknowledged | stored | lost | duplicated | rollups ≠ raw | retries | caught up in | |\n\
-         |---|---|---|---|---|---|---|---|---|---|\n",
-    );
+    let recovery = outcomes.iter().any(|o| o.acks_recovery.is_some());
+    let mut out = if recovery {
+        String::from(
+            "| fault | sent | acknowledged | stored | lost | duplicated | rollups ≠ raw | retries | acks back after | stored again after | caught up in | |\n\
+             |---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        )
+    } else {
+        String::from(
+            "| fault | sent | acknowledged | stored | lost | duplicated | rollups ≠ raw | retries | caught up in | |\n\
+             |---|---|---|---|---|---|---|---|---|---|\n",
+        )
+    };
     for o in outcomes {
-        let catch_up = o
+        let mut catch_up = o
             .catch_up_secs
             .map_or_else(|| "never".to_owned(), |s| format!("{s:.1} s"));
+        if recovery {
+            catch_up = format!(
+                "{} | {} | {catch_up}",
+                Recovery::cell(o.acks_recovery.as_ref()),
+                Recovery::cell(o.stores_recovery.as_ref())
+            );
+        }
         let _ = writeln!(
             out,
             "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
@@ -52,6 +70,13 @@ pub fn details(outcomes: &[StepOutcome]) -> String {
             "{} of the acknowledged over MQTT",
             thousands(o.acknowledged_mqtt)
         )];
+        if let (Some(acks), Some(stores)) = (&o.acks_recovery, &o.stores_recovery) {
+            parts.push(format!(
+                "longest pause after the fault: {:.1} s without an HTTP acknowledgement, {:.1} s \
+                 without a reading stored",
+                acks.longest_pause_secs, stores.longest_pause_secs
+            ));
+        }
         parts.extend(o.notes.iter().cloned());
         if !o.refusals.is_empty() {
             let seen: Vec<String> = o
@@ -112,6 +137,8 @@ mod tests {
             catch_up_secs: Some(1.25),
             notes: vec!["killed while a batch was being written".into()],
             commands: None,
+            acks_recovery: None,
+            stores_recovery: None,
             acknowledged_ids: vec![],
         }
     }
@@ -127,6 +154,30 @@ mod tests {
         let details = details(&[outcome(3, Some("why"))]);
         assert!(details.contains("HTTP 503 ×7") && details.contains("known gap: why"));
         assert!(details.contains("4,000 of the acknowledged over MQTT"));
+    }
+
+    #[test]
+    fn with_recovery_watched_the_table_says_when_acks_and_stores_came_back() {
+        let mut step = outcome(0, None);
+        step.acks_recovery = Some(Recovery {
+            longest_pause_secs: 2.0,
+            back_after_secs: Some(2.5),
+        });
+        step.stores_recovery = Some(Recovery {
+            longest_pause_secs: 0.1,
+            back_after_secs: Some(0.0),
+        });
+        let text = table(&[step]);
+        assert!(
+            text.starts_with("| fault |")
+                && text.contains("| acks back after | stored again after |")
+        );
+        assert!(
+            text.lines()
+                .nth(2)
+                .unwrap()
+                .contains("| 7 | 2.5 s (paused 2.0 s) | no pause | 1.2 s | ✅ |")
+        );
     }
 
     #[test]

@@ -5,16 +5,20 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
+use anyhow::Context;
 use diesel::sql_types::BigInt;
 use diesel::{QueryableByName, RunQueryDsl};
 use serde::Serialize;
+use system::cluster::Cluster;
+use system::cluster::rabbitmq::node_label;
 use system::devices::{FleetPlan, Kind, MqttLogin, RunningFleet, Targets};
 use system::prometheus;
-use system::stack::{Broker, Component, Stack};
+use system::stack::{AMQP_PREFIX, Broker, Component, Stack};
 use tokio::time::Instant;
 
 use crate::commands::{CommandOutcome, CommandPlan, Reach, StepCommands};
-use crate::plan::{Fault, Step};
+use crate::plan::{Fault, NodePick, Step};
+use crate::recovery::{Recovery, Watch};
 use crate::verify::Stored;
 
 #[derive(Debug, Clone)]
@@ -58,6 +62,11 @@ pub struct StepOutcome {
     pub notes: Vec<String>,
     /// The step's commands (when the run issues any).
     pub commands: Option<CommandOutcome>,
+    /// Cluster mode: how long after the fault the HTTP devices were acknowledged again (their
+    /// answer waits for RabbitMQ's confirm; Mosquitto's PUBACK does not).
+    pub acks_recovery: Option<Recovery>,
+    /// Cluster mode: how long after the fault the step's readings were being stored again.
+    pub stores_recovery: Option<Recovery>,
     #[serde(skip)]
     pub acknowledged_ids: Vec<(String, String)>,
 }
@@ -76,6 +85,10 @@ impl StepOutcome {
 
 pub struct Runner<'a> {
     pub stack: &'a mut Stack,
+    /// Cluster mode: the RabbitMQ cluster and the PostgreSQL formation the stack's services use.
+    pub cluster: Option<&'a mut Cluster>,
+    /// RabbitMQ nodes an earlier step has killed (so each is killed once).
+    pub nodes_hit: std::collections::BTreeSet<usize>,
     pub fleet: FleetPlan,
     pub tokens: HashMap<String, String>,
     pub timing: Timing,
@@ -113,13 +126,24 @@ impl Runner<'_> {
         if let Some(commands) = commands.as_mut() {
             commands.issue().await?;
         }
-        self.inject(&step.fault, &mut notes).await?;
+        let watches = self
+            .cluster
+            .is_some()
+            .then(|| self.watch_progress(&tag, &fleet));
+        let fault_at = self.inject(&step.fault, &mut notes).await?;
         if let Some(commands) = commands.as_mut() {
             commands.issue().await?;
         }
         tokio::time::sleep(self.timing.after).await;
 
         let load_stopped = Instant::now();
+        let (acks_recovery, stores_recovery) = match watches {
+            Some((acks, stores)) => (
+                Some(acks.finish(fault_at.into_std())),
+                Some(stores.finish(fault_at.into_std())),
+            ),
+            None => (None, None),
+        };
         let ledger = fleet.finish(load_stopped + self.timing.retry_for).await;
         let acknowledged = ledger.acknowledged();
         let mqtt_devices: std::collections::HashSet<String> = self
@@ -146,6 +170,11 @@ impl Runner<'_> {
         for (component, status) in self.stack.exited() {
             notes.push(format!("{} exited by itself ({status})", component.name()));
         }
+        if let Some(cluster) = self.cluster.as_deref_mut() {
+            for (name, status) in cluster.exited() {
+                notes.push(format!("{name} exited by itself ({status})"));
+            }
+        }
         let refusals = ledger.refusals();
         Ok(StepOutcome {
             name: step.name.clone(),
@@ -167,8 +196,59 @@ impl Runner<'_> {
             catch_up_secs: catch_up.map(|d| d.as_secs_f64()),
             notes,
             commands,
+            acks_recovery,
+            stores_recovery,
             acknowledged_ids: acknowledged,
         })
+    }
+
+    /// Samples, while the load runs, how many readings were acknowledged to the step's devices
+    /// and how many of theirs are stored.
+    fn watch_progress(&self, tag: &str, fleet: &RunningFleet) -> (Watch, Watch) {
+        // HTTP devices only: Mosquitto PUBACKs on its own, whether RabbitMQ is there or not, so
+        // only an HTTP answer says that the RabbitMQ cluster confirmed
+        let ledger = fleet.ledger();
+        let http_devices: std::collections::HashSet<String> = self
+            .fleet
+            .devices(tag)
+            .into_iter()
+            .filter(|(_, kind)| *kind != Kind::Mqtt)
+            .map(|(id, _)| id)
+            .collect();
+        let (mut seen, mut http_acks) = (0, 0u64);
+        let acks = Watch::start(Duration::from_millis(50), move || {
+            seen = ledger.acknowledged_from(seen, |device| {
+                if http_devices.contains(device) {
+                    http_acks += 1;
+                }
+            });
+            Some(http_acks)
+        });
+        let (url, pattern) = (self.stack.database_url(), format!("{tag}-%"));
+        let mut conn: Option<diesel::PgConnection> = None;
+        let stores = Watch::start(Duration::from_millis(200), move || {
+            #[derive(QueryableByName)]
+            struct Count {
+                #[diesel(sql_type = BigInt)]
+                n: i64,
+            }
+            if conn.is_none() {
+                conn = store::connect(&url).ok();
+            }
+            let counted: Result<Vec<Count>, _> =
+                diesel::sql_query("SELECT count(*) AS n FROM readings WHERE device_id LIKE $1")
+                    .bind::<diesel::sql_types::Text, _>(&pattern)
+                    .load(conn.as_mut()?);
+            match counted {
+                Ok(rows) => rows.first().map(|c| c.n as u64),
+                // a connection to a primary that is gone: a new one next time
+                Err(_) => {
+                    conn = None;
+                    None
+                }
+            }
+        });
+        (acks, stores)
     }
 
     /// The step's commanded devices, started, when the run issues commands.
@@ -185,7 +265,9 @@ impl Runner<'_> {
         StepCommands::start(&self.commands, tag, &self.tokens, reach).map(Some)
     }
 
-    async fn inject(&mut self, fault: &Fault, notes: &mut Vec<String>) -> anyhow::Result<()> {
+    /// Injects the fault and repairs it; returns the moment it hit.
+    async fn inject(&mut self, fault: &Fault, notes: &mut Vec<String>) -> anyhow::Result<Instant> {
+        let mut fault_at = Instant::now();
         match fault {
             Fault::Kill { components, down } => {
                 if components.contains(&Component::Persister) {
@@ -195,6 +277,7 @@ impl Runner<'_> {
                         "no write in progress was seen before the kill".to_owned()
                     });
                 }
+                fault_at = Instant::now();
                 for component in components {
                     self.stack.kill(*component)?;
                 }
@@ -239,8 +322,156 @@ impl Runner<'_> {
                 self.stack
                     .rabbitmqctl(&["set_vm_memory_high_watermark", "0.4"])?;
             }
+            Fault::KillRabbitmqNode { .. }
+            | Fault::KillPostgresPrimary
+            | Fault::CutOffRabbitmqNode { .. }
+            | Fault::KillRabbitmqCluster => {
+                fault_at = self.inject_into_cluster(fault, notes).await?;
+            }
         }
-        Ok(())
+        Ok(fault_at)
+    }
+
+    /// A fault of cluster mode; returns the moment it hit.
+    async fn inject_into_cluster(
+        &mut self,
+        fault: &Fault,
+        notes: &mut Vec<String>,
+    ) -> anyhow::Result<Instant> {
+        let ready = self.timing.ready_timeout;
+        let cluster = self
+            .cluster
+            .as_deref_mut()
+            .context("a cluster fault needs --cluster")?;
+        let fault_at;
+        match fault {
+            Fault::KillRabbitmqNode { pick, down } => {
+                let node = pick_node(cluster, *pick, &self.nodes_hit, notes)?;
+                fault_at = Instant::now();
+                cluster.rabbitmq.kill(node)?;
+                self.nodes_hit.insert(node);
+                tokio::time::sleep(*down).await;
+                cluster.rabbitmq.start(node)?;
+                cluster.rabbitmq.wait_ready(node, ready).await?;
+                notes.push(format!(
+                    "{} back in the cluster {:.1} s after the kill",
+                    node_label(node),
+                    fault_at.elapsed().as_secs_f64()
+                ));
+            }
+            Fault::KillPostgresPrimary => {
+                let old = cluster
+                    .postgres
+                    .primary()
+                    .context("no PostgreSQL primary before the fault")?;
+                fault_at = Instant::now();
+                cluster.postgres.kill(old)?;
+                let deadline = std::time::Instant::now() + ready;
+                let old_port = cluster
+                    .postgres
+                    .states()?
+                    .iter()
+                    .find(|(i, _)| *i == old)
+                    .map(|(_, s)| s.port);
+                let taken_over = cluster
+                    .postgres
+                    .wait_for(deadline, "the standby to take over", |states| {
+                        states
+                            .iter()
+                            .any(|s| s.writable() && Some(s.port) != old_port)
+                    })
+                    .await?;
+                let new = taken_over
+                    .iter()
+                    .find(|(_, s)| s.writable())
+                    .map_or(1 - old, |(i, _)| *i);
+                let took_over_after = fault_at.elapsed();
+                // the old primary comes back on its data: pg_autoctl rewinds it into a standby
+                cluster.postgres.start_node(old, false)?;
+                cluster
+                    .postgres
+                    .wait_for(deadline, "a primary with a secondary again", |states| {
+                        states.iter().any(|s| s.settled("primary"))
+                            && states.iter().any(|s| s.settled("secondary"))
+                    })
+                    .await?;
+                let settled_after = fault_at.elapsed();
+                let sync = cluster.postgres.sync_settings(new)?;
+                notes.push(format!(
+                    "{} took over from {} {:.1} s after the kill; {} back as its synchronous \
+                     standby after {:.1} s (until then the new primary was in wait_primary, \
+                     committing without a standby); now synchronous_commit = {}, \
+                     synchronous_standby_names = '{}'",
+                    system::cluster::postgres::PgFormation::node_name(new),
+                    system::cluster::postgres::PgFormation::node_name(old),
+                    took_over_after.as_secs_f64(),
+                    system::cluster::postgres::PgFormation::node_name(old),
+                    settled_after.as_secs_f64(),
+                    sync.synchronous_commit,
+                    sync.synchronous_standby_names
+                ));
+                if !sync.synchronous() {
+                    notes.push(
+                        "❌ the primary has no synchronous standby after the step".to_owned(),
+                    );
+                }
+            }
+            Fault::CutOffRabbitmqNode { pick, held } => {
+                let node = pick_node(cluster, *pick, &self.nodes_hit, notes)?;
+                fault_at = Instant::now();
+                cluster.rabbitmq.cut_off(node)?;
+                let until = Instant::now() + *held;
+                let mut paused_after = None;
+                while Instant::now() < until {
+                    if paused_after.is_none() && !cluster.rabbitmq.listening(node) {
+                        paused_after = Some(fault_at.elapsed());
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                cluster.rabbitmq.heal()?;
+                let healed_at = Instant::now();
+                notes.push(match paused_after {
+                    Some(after) => format!(
+                        "{} cut off for {} s: paused by pause_minority (AMQP closed) {:.1} s \
+                         after the cut",
+                        node_label(node),
+                        held.as_secs(),
+                        after.as_secs_f64()
+                    ),
+                    None => format!(
+                        "{} cut off for {} s: it never paused",
+                        node_label(node),
+                        held.as_secs()
+                    ),
+                });
+                let rabbitmq = &cluster.rabbitmq;
+                tokio::task::block_in_place(|| rabbitmq.wait_all_clustered(ready))?;
+                notes.push(format!(
+                    "all three nodes together again {:.1} s after the heal",
+                    healed_at.elapsed().as_secs_f64()
+                ));
+            }
+            Fault::KillRabbitmqCluster => {
+                fault_at = Instant::now();
+                for node in 0..system::cluster::rabbitmq::NODES {
+                    cluster.rabbitmq.kill(node)?;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                // all at once: a node that was not the last to stop waits for its peers' tables
+                for node in 0..system::cluster::rabbitmq::NODES {
+                    cluster.rabbitmq.start(node)?;
+                }
+                for node in 0..system::cluster::rabbitmq::NODES {
+                    cluster.rabbitmq.wait_ready(node, ready).await?;
+                }
+                notes.push(format!(
+                    "all three nodes taking connections again {:.1} s after the kill",
+                    fault_at.elapsed().as_secs_f64()
+                ));
+            }
+            _ => anyhow::bail!("not a cluster fault: {fault:?}"),
+        }
+        Ok(fault_at)
     }
 
     /// While a fault lasts: how deep the readings queue grew (persister's /metrics) and what the
@@ -362,6 +593,16 @@ impl Runner<'_> {
         }
     }
 
+    /// Messages in a queue of the run's prefix, asked of the cluster in cluster mode.
+    pub fn queue_messages(&self, queue_suffix: &str) -> anyhow::Result<u64> {
+        match self.cluster.as_deref() {
+            Some(cluster) => cluster
+                .rabbitmq
+                .queue_messages(&format!("{AMQP_PREFIX}.{queue_suffix}")),
+            None => self.stack.queue_messages(queue_suffix),
+        }
+    }
+
     /// Counts again at the end of the run, when redeliveries have long settled.
     pub async fn recount(&self, outcome: &mut StepOutcome) -> anyhow::Result<()> {
         let stored = self.load_stored(&outcome.tag).await?;
@@ -384,6 +625,44 @@ impl Runner<'_> {
         tokio::task::spawn_blocking(move || crate::verify::rollups_differing(&url, &devices))
             .await?
     }
+}
+
+/// The RabbitMQ node a fault is to hit, and a note of the readings queue's leader and members.
+fn pick_node(
+    cluster: &Cluster,
+    pick: NodePick,
+    hit: &std::collections::BTreeSet<usize>,
+    notes: &mut Vec<String>,
+) -> anyhow::Result<usize> {
+    let queue = format!("{AMQP_PREFIX}.readings");
+    let rabbitmq = &cluster.rabbitmq;
+    let nodes = tokio::task::block_in_place(|| rabbitmq.quorum_queue(&queue, None))?;
+    let leader = nodes.leader.context("the readings queue has no leader")?;
+    let not_hit = |i: &usize| !hit.contains(i);
+    let all = 0..system::cluster::rabbitmq::NODES;
+    let node = match pick {
+        NodePick::Leader => leader,
+        NodePick::Follower => all
+            .clone()
+            .filter(|i| *i != leader)
+            .find(not_hit)
+            .or_else(|| all.clone().find(|i| *i != leader))
+            .context("no follower")?,
+        NodePick::NotYetHit => all.clone().find(not_hit).unwrap_or(leader),
+    };
+    let members: Vec<String> = nodes.members.iter().map(|i| node_label(*i)).collect();
+    notes.push(format!(
+        "hit {} ({}); the readings queue's leader was {}, its members {}",
+        node_label(node),
+        if node == leader {
+            "the leader"
+        } else {
+            "a follower"
+        },
+        node_label(leader),
+        members.join(" ")
+    ));
+    Ok(node)
 }
 
 pub fn step_tag(index: usize) -> String {

@@ -128,6 +128,21 @@ impl Ledger {
         acked.extend(ids.into_iter().map(|id| (device.to_owned(), id)));
     }
 
+    /// Calls `each` with every acknowledgement from the `from`-th on; returns how many there are
+    /// now (the next call's `from`), so a watcher goes through each once.
+    pub fn acknowledged_from(&self, from: usize, mut each: impl FnMut(&str)) -> usize {
+        let acked = self.acknowledged.lock().expect("ledger lock");
+        for (device, _) in acked.iter().skip(from) {
+            each(device);
+        }
+        acked.len()
+    }
+
+    /// Readings acknowledged so far.
+    pub fn acknowledged_count(&self) -> usize {
+        self.acknowledged.lock().expect("ledger lock").len()
+    }
+
     pub fn acknowledged(&self) -> Vec<(String, String)> {
         self.acknowledged.lock().expect("ledger lock").clone()
     }
@@ -213,7 +228,12 @@ impl RunningFleet {
     }
 
     pub fn acknowledged_so_far(&self) -> usize {
-        self.ledger.acknowledged.lock().expect("ledger lock").len()
+        self.ledger.acknowledged_count()
+    }
+
+    /// The ledger, to watch while the devices run.
+    pub fn ledger(&self) -> Arc<Ledger> {
+        self.ledger.clone()
     }
 
     /// No new readings; those not acknowledged yet are sent again until `deadline`.

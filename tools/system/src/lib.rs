@@ -7,6 +7,8 @@
 //!   they get, waiting for `/readyz`).
 //! - [`stack`]: a private PostgreSQL, RabbitMQ node and Mosquitto and the services of the write
 //!   path, on their own ports and data directories.
+//! - [`cluster`]: a three-node RabbitMQ cluster and PostgreSQL with a synchronous standby and
+//!   automatic failover (pg_auto_failover), for the stack to run the services against.
 //! - [`procs`]: CPU time and peak memory from `/proc`, and the processes below a process.
 //! - [`prometheus`]: reading figures out of a `/metrics` page.
 //! - [`mqtt`]: an MQTT client's clean goodbye.
@@ -20,6 +22,7 @@
     reason = "a measuring tool stops, with the message, where the system it drives is not as it must be; it serves no one"
 )]
 
+pub mod cluster;
 pub mod commanded;
 pub mod devices;
 pub mod mqtt;

@@ -121,6 +121,16 @@ impl Ports {
 }
 
 pub const AMQP_PREFIX: &str = "sensorhub-chaos";
+
+/// PostgreSQL and RabbitMQ that run elsewhere (the cluster of [`crate::cluster`]): the stack then
+/// runs only the MQTT broker and the services, and gives them these addresses.
+#[derive(Debug, Clone)]
+pub struct Backends {
+    /// A libpq URL, several hosts allowed (`target_session_attrs=read-write` finds the primary).
+    pub database_url: String,
+    /// AMQP URLs separated by commas: the services try them in turn.
+    pub amqp_url: String,
+}
 const DATABASE: &str = "sensorhub";
 const RABBITMQ_NODE: &str = "sensorhub-chaos@localhost";
 
@@ -136,6 +146,8 @@ pub struct Stack {
     postgres_user: Option<(u32, u32)>,
     rabbitmq_user: Option<(u32, u32)>,
     running: HashMap<Component, Process>,
+    /// Where PostgreSQL and RabbitMQ are when this stack does not run its own.
+    backends: Option<Backends>,
 }
 
 impl Stack {
@@ -146,6 +158,31 @@ impl Stack {
         bin_dir: &Path,
         ports: Ports,
         broker: Broker,
+    ) -> anyhow::Result<Self> {
+        Self::prepare_with(dir, bin_dir, ports, broker, None)
+    }
+
+    /// As [`Self::prepare`], but with `backends` for PostgreSQL and RabbitMQ instead of its own
+    /// (their data directories are not made; [`Self::components`] leaves them out).
+    pub fn prepare_on(
+        dir: &Path,
+        bin_dir: &Path,
+        ports: Ports,
+        broker: Broker,
+        backends: Backends,
+    ) -> anyhow::Result<Self> {
+        if broker != Broker::Mosquitto {
+            bail!("with PostgreSQL and RabbitMQ elsewhere the MQTT broker is Mosquitto");
+        }
+        Self::prepare_with(dir, bin_dir, ports, broker, Some(backends))
+    }
+
+    fn prepare_with(
+        dir: &Path,
+        bin_dir: &Path,
+        ports: Ports,
+        broker: Broker,
+        backends: Option<Backends>,
     ) -> anyhow::Result<Self> {
         for port in ports.all() {
             if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
@@ -177,9 +214,12 @@ impl Stack {
                 None
             },
             running: HashMap::new(),
+            backends,
         };
-        stack.prepare_postgres()?;
-        stack.prepare_rabbitmq()?;
+        if stack.backends.is_none() {
+            stack.prepare_postgres()?;
+            stack.prepare_rabbitmq()?;
+        }
         if broker == Broker::Mosquitto {
             stack.prepare_mosquitto(root)?;
         }
@@ -187,11 +227,26 @@ impl Stack {
         Ok(stack)
     }
 
+    /// The components this stack runs, in the order they are started: the broker mode's, less
+    /// PostgreSQL and RabbitMQ when they run elsewhere.
+    pub fn components(&self) -> Vec<Component> {
+        self.broker
+            .components()
+            .into_iter()
+            .filter(|c| {
+                self.backends.is_none() || !matches!(c, Component::Postgres | Component::Rabbitmq)
+            })
+            .collect()
+    }
+
     pub fn keys_dir(&self) -> PathBuf {
         self.dir.join("keys")
     }
 
     pub fn database_url(&self) -> String {
+        if let Some(backends) = &self.backends {
+            return backends.database_url.clone();
+        }
         format!(
             "postgres://postgres@127.0.0.1:{}/{DATABASE}",
             self.ports.postgres
@@ -206,6 +261,9 @@ impl Stack {
     }
 
     pub fn amqp_url(&self) -> String {
+        if let Some(backends) = &self.backends {
+            return backends.amqp_url.clone();
+        }
         format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.ports.amqp)
     }
 
@@ -482,11 +540,13 @@ impl Stack {
         }
     }
 
-    /// Creates the database and migrates it.
+    /// Creates the database (elsewhere it exists already) and migrates it.
     pub fn create_database(&self) -> anyhow::Result<()> {
         use diesel::RunQueryDsl;
-        let mut admin = store::connect(&self.admin_database_url())?;
-        diesel::sql_query(format!("CREATE DATABASE {DATABASE}")).execute(&mut admin)?;
+        if self.backends.is_none() {
+            let mut admin = store::connect(&self.admin_database_url())?;
+            diesel::sql_query(format!("CREATE DATABASE {DATABASE}")).execute(&mut admin)?;
+        }
         let mut conn = store::connect(&self.database_url())?;
         store::run_migrations(&mut conn)?;
         Ok(())
@@ -584,7 +644,7 @@ fn note(message: &str) {
 }
 
 /// (uid, gid) from /etc/passwd.
-fn user_ids(name: &str) -> anyhow::Result<(u32, u32)> {
+pub(crate) fn user_ids(name: &str) -> anyhow::Result<(u32, u32)> {
     let passwd = fs::read_to_string("/etc/passwd")?;
     passwd
         .lines()
@@ -597,13 +657,13 @@ fn user_ids(name: &str) -> anyhow::Result<(u32, u32)> {
         .with_context(|| format!("no user {name}: is the Debian package installed?"))
 }
 
-fn as_user(cmd: &mut Command, user: Option<(u32, u32)>) {
+pub(crate) fn as_user(cmd: &mut Command, user: Option<(u32, u32)>) {
     if let Some((uid, gid)) = user {
         cmd.uid(uid).gid(gid).env_remove("LD_PRELOAD");
     }
 }
 
-fn chown(path: &Path, user: Option<(u32, u32)>) -> anyhow::Result<()> {
+pub(crate) fn chown(path: &Path, user: Option<(u32, u32)>) -> anyhow::Result<()> {
     if let Some((uid, gid)) = user {
         std::os::unix::fs::chown(path, Some(uid), Some(gid))
             .with_context(|| format!("cannot chown {}", path.display()))?;
@@ -611,7 +671,7 @@ fn chown(path: &Path, user: Option<(u32, u32)>) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn chown_tree(path: &Path, user: Option<(u32, u32)>) -> anyhow::Result<()> {
+pub(crate) fn chown_tree(path: &Path, user: Option<(u32, u32)>) -> anyhow::Result<()> {
     chown(path, user)?;
     if path.is_dir() {
         for entry in fs::read_dir(path)? {
@@ -622,7 +682,7 @@ fn chown_tree(path: &Path, user: Option<(u32, u32)>) -> anyhow::Result<()> {
 }
 
 /// The newest installed PostgreSQL's programs (Debian keeps them out of PATH).
-fn postgres_bin_dir() -> anyhow::Result<PathBuf> {
+pub(crate) fn postgres_bin_dir() -> anyhow::Result<PathBuf> {
     let mut versions: Vec<u32> = fs::read_dir("/usr/lib/postgresql")
         .context("PostgreSQL is not installed (/usr/lib/postgresql)")?
         .flatten()
