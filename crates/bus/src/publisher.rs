@@ -617,7 +617,11 @@ impl PublishLoop<'_> {
     ///
     /// Lingering pays only under load: while a confirm is outstanding, requests pile up anyway and
     /// a larger message saves the broker work. With nothing in flight, the broker is idle and a
-    /// linger would only add itself to every acknowledgement (it was most of ack p50 at half load).
+    /// linger would only add itself to an acknowledgement. Measured at 4,000 readings/s (half of
+    /// what one replica held here): lingering whenever a confirm is outstanding puts 7.9 readings in
+    /// a message and costs the whole path 169 core-ms per 1,000 readings, ingest-http answering in
+    /// 2.1 ms on average; lingering only when half the in-flight window is taken, 2.3 readings,
+    /// 253 core-ms, 1.3 ms. The first is the default; `publish_linger_ms = 0` buys the latency.
     async fn gather(&mut self, first: Job) -> Gathered {
         let mut gathered = Gathered {
             readings: Vec::new(),

@@ -14,6 +14,7 @@ mod bench;
 mod db;
 pub mod fleet;
 mod http;
+pub mod idle;
 mod mqtt;
 mod progress;
 pub mod report;
@@ -28,7 +29,8 @@ use system::procs::Watched;
 
 /// Sensorhub's load generator and benchmark. Without a subcommand: the benchmark of workloads
 /// (the flags below); `loadgen fleet`: the open-loop fleet step search; `loadgen responder`: the
-/// do-nothing backend that measures Traefik's own ceiling.
+/// do-nothing backend that measures Traefik's own ceiling; `loadgen idle`: memory per idle
+/// connection.
 #[derive(Parser, Debug)]
 #[command(version, args_conflicts_with_subcommands = true)]
 pub struct Cli {
@@ -45,6 +47,9 @@ pub enum Command {
     Fleet(fleet::FleetArgs),
     /// An HTTP server that answers every request 200 and does nothing else (Traefik's ceiling).
     Responder(responder::ResponderArgs),
+    /// What an idle keep-alive connection costs a server: N held connections, its resident
+    /// memory's growth per connection.
+    Idle(idle::IdleArgs),
 }
 
 /// Runs what the command line asks for.
@@ -52,6 +57,7 @@ pub async fn main_with(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Some(Command::Fleet(args)) => fleet::run(args).await,
         Some(Command::Responder(args)) => responder::run(args).await,
+        Some(Command::Idle(args)) => idle::run(args).await,
         None => run(cli.bench).await,
     }
 }
