@@ -682,7 +682,12 @@ impl Report {
             "| target | connections | highest rate held (readings/s) | p99 there (ms) | path CPU per 1,000 stored (core-ms) | loadgen CPU there |\n|---|---|---|---|---|---|"
         );
         for mode in self.modes() {
-            for t in &self.targets {
+            // a target not run in a mode (no MQTT broker) has no row there, rather than "none"
+            for t in self.targets.iter().filter(|t| {
+                self.steps
+                    .iter()
+                    .any(|s| s.target == t.name && s.mode == mode)
+            }) {
                 let best = self.best(&t.name, mode);
                 let _ = writeln!(
                     out,
