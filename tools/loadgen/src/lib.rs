@@ -15,7 +15,7 @@ mod db;
 pub mod fleet;
 mod http;
 pub mod idle;
-mod mqtt;
+pub mod mqtt;
 mod progress;
 pub mod report;
 pub mod responder;

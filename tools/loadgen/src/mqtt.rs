@@ -42,7 +42,8 @@ impl Broker {
 }
 
 /// Which topic and payload format the devices use.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Format {
     /// `devices/<id>/readings`, `{"id", "ts", "metrics": {...}}`: Sensorhub's recommended topic.
     DeviceTopic,
@@ -210,11 +211,20 @@ async fn device(
 }
 
 fn message(plan: &Plan, device_id: &str, index: usize, n: usize) -> (String, Vec<u8>) {
-    let id = format!("{}-d{index}-{n}", plan.run_tag);
+    reading(
+        plan.format,
+        device_id,
+        &format!("{}-d{index}-{n}", plan.run_tag),
+        n as u64,
+    )
+}
+
+/// One reading as `format` wants it: its topic and payload, with its own `id` and the time now.
+pub fn reading(format: Format, device_id: &str, id: &str, n: u64) -> (String, Vec<u8>) {
     let ts = chrono::Utc::now().timestamp_millis();
     let temperature = 15.0 + (n % 200) as f64 / 10.0;
     let humidity = 40.0 + (n % 300) as f64 / 10.0;
-    match plan.format {
+    match format {
         Format::DeviceTopic => (
             format!("devices/{device_id}/readings"),
             format!(

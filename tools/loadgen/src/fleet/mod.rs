@@ -1,8 +1,9 @@
 //! `loadgen fleet`: a fleet of simulated devices, each posting one reading at a time on its own
 //! schedule (open loop), stepped up in offered rate against each target until the latency bound
 //! breaks; the highest rate each target held, what the whole path spent in CPU per stored reading,
-//! and charts of both (`docs/bench/*.svg`).
+//! and charts of both (`docs/bench/*.svg`). Over HTTP (`send`) or MQTT (`mqtt`).
 
+pub mod mqtt;
 mod plot;
 pub mod send;
 
@@ -17,15 +18,18 @@ use tokio::time::Instant;
 use crate::db;
 use crate::progress::Progress;
 use crate::report::Machine;
+use mqtt::{MqttFleet, MqttTarget};
 use send::{ConnectionMode, Destination, Fleet};
 use system::numbers::readable;
 use system::procs::{CpuWindow, Watched};
 
 /// Open-loop fleet benchmark: N simulated devices, each sending one reading (POST /data, with its
-/// own device token) at its own jittered phase once per period, never waiting for its previous
-/// answer; latency counts from each reading's scheduled send time. For each target and connection
-/// mode, the offered rate steps up (--rates), each step held --hold-secs, until a step breaks the
-/// bound (p99 ≥ --p99-bound-ms, or anything refused, failed or not sent). Prints a Markdown table,
+/// own device token; or an MQTT publish at QoS 1) at its own jittered phase once per period, never
+/// waiting for its previous answer; latency counts from each reading's scheduled send time to its
+/// answer (to the broker's PUBACK over MQTT). For each target and connection mode, the offered
+/// rate steps up (--rates), each step held --hold-secs, until a step breaks the bound (p99 ≥
+/// --p99-bound-ms, or anything refused, failed or not sent; over MQTT also: PostgreSQL behind by
+/// more than a tenth of the acknowledged readings at the last PUBACK). Prints a Markdown table,
 /// writes it with JSON to --out and the charts to --plots.
 #[derive(clap::Args, Debug, Clone)]
 pub struct FleetArgs {
@@ -37,7 +41,10 @@ pub struct FleetArgs {
     /// (checked against `ca_file`); readings are counted in `table` of `database_url` (none: acks
     /// only); `processes` are the path's processes whose CPU is charged to the stored readings
     /// (`tree`: with their children); `registry` is where the fleet's devices are registered
-    /// (with --keys-dir) and the ingest-http that must let them in.
+    /// (with --keys-dir) and the ingest-http that must let them in. A target with `"mqtt": {"url":
+    /// "mqtt://host:port", "format": "device-topic" | "seed", "logins": bool, "processes": [...]}`
+    /// is benchmarked in mode mqtt too (`logins`: each device logs in with its id and token;
+    /// `processes`: the MQTT path's, charged in that mode).
     #[arg(long)]
     pub targets: PathBuf,
     /// Simulated devices (1,000 to 20,000 is a fleet); each sends once per devices/rate seconds.
@@ -54,8 +61,10 @@ pub struct FleetArgs {
     #[arg(long, default_value_t = 60.0)]
     pub hold_secs: f64,
     /// Connection modes, each a step search of its own: new-connection (a TCP and TLS connection
-    /// per reading, closed after it, as Python's requests.post without a session) and keep-alive
-    /// (a connection per device, kept between its readings).
+    /// per reading, closed after it, as Python's requests.post without a session), keep-alive
+    /// (a connection per device, kept between its readings) and mqtt (an MQTT connection per
+    /// device, opened before the first step and held through all of them; QoS 1; only the targets
+    /// with an `mqtt` broker).
     #[arg(
         long,
         value_enum,
@@ -93,7 +102,8 @@ pub struct FleetArgs {
     /// Directory for the figures (`fleet-<time>.json`, `latest.json`, `latest.md`).
     #[arg(long, default_value = "target/bench/fleet")]
     pub out: PathBuf,
-    /// Directory for the charts (`fleet-throughput.svg`, `fleet-latency.svg`); empty: none.
+    /// Directory for the charts (`fleet-throughput.svg`, `fleet-latency.svg`, a panel per mode;
+    /// `fleet-mqtt-*.svg` when mqtt is the only mode); empty: none.
     #[arg(long, default_value = "docs/bench")]
     pub plots: PathBuf,
     /// A short run to try things out: 10 s holds (overrides --hold-secs).
@@ -141,6 +151,9 @@ pub struct Target {
     pub tokens: bool,
     #[serde(default)]
     pub processes: Vec<Process>,
+    /// Where its devices publish over MQTT (mode mqtt); none: HTTP only.
+    #[serde(default)]
+    pub mqtt: Option<MqttTarget>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -170,6 +183,9 @@ pub struct StepResult {
     pub connections_opened: u64,
     /// Rows that reached the target's table (None: the target stores nothing).
     pub stored: Option<i64>,
+    /// ...of them, those there when the last answer came (over MQTT, where a broker answers for
+    /// the target, whether storing kept up).
+    pub stored_by_last_answer: Option<i64>,
     pub all_stored: bool,
     /// CPU seconds of each path process over the hold and the drain.
     pub cpu_seconds: Vec<(String, f64)>,
@@ -181,7 +197,8 @@ pub struct StepResult {
     pub send_lag_p99_ms: Option<f64>,
     /// The machine's 1-minute load average when the step ended (`uptime`).
     pub load_average: String,
-    /// Below the latency bound with nothing refused, failed or unsent, and ≥ 95% of the offered rate.
+    /// Below the latency bound with nothing refused, failed or unsent, and ≥ 95% of the offered rate;
+    /// over MQTT also ≥ 90% of the acknowledged readings stored by the last PUBACK.
     pub held: bool,
     /// loadgen near a core of its own, or late with its sends: the step measured loadgen too.
     pub loadgen_limited: bool,
@@ -221,13 +238,15 @@ pub async fn run(mut args: FleetArgs) -> anyhow::Result<()> {
         steps_run: 0,
     };
     for mode in args.modes.clone() {
+        if mode == ConnectionMode::Mqtt && file.targets.iter().all(|t| t.mqtt.is_none()) {
+            progress.say("mode mqtt: no target names an MQTT broker (\"mqtt\"), skipped");
+        }
         for target in &file.targets {
-            let fleet = Arc::new(Fleet::new(
-                names.clone(),
-                tokens.clone().filter(|_| target.tokens),
-            ));
-            course.step_search(target, mode, &fleet).await?;
-            fleet.hang_up();
+            if mode == ConnectionMode::Mqtt && target.mqtt.is_none() {
+                continue;
+            }
+            let tokens = tokens.as_deref().filter(|_| target.tokens);
+            course.step_search(target, mode, &names, tokens).await?;
         }
     }
     progress.done();
@@ -293,19 +312,38 @@ struct Course {
     steps_run: u64,
 }
 
+/// What carries one target's readings in one mode: HTTP requests (its destination, and the
+/// fleet's kept connections), or the fleet's MQTT connections to its broker.
+enum Carrier {
+    Http {
+        destination: Destination,
+        fleet: Arc<Fleet>,
+    },
+    Mqtt(MqttFleet),
+}
+
+impl Carrier {
+    /// Closes whatever the fleet holds open (before it turns to another target).
+    fn hang_up(self) {
+        match self {
+            Carrier::Http { fleet, .. } => fleet.hang_up(),
+            Carrier::Mqtt(fleet) => fleet.hang_up(),
+        }
+    }
+}
+
 impl Course {
     /// Steps the offered rate up for one target in one mode, until a step breaks the bound.
     async fn step_search(
         &mut self,
         target: &Target,
         mode: ConnectionMode,
-        fleet: &Arc<Fleet>,
+        names: &[String],
+        tokens: Option<&[String]>,
     ) -> anyhow::Result<()> {
-        let destination = Destination::resolve(&target.url, "/data", target.ca_file.as_deref())
-            .await
-            .with_context(|| format!("{}: its URL", target.name))?;
+        let carrier = self.carrier(target, mode, names, tokens).await?;
         for &rate in &self.args.rates.clone() {
-            let result = self.step(target, mode, fleet, &destination, rate).await?;
+            let result = self.step(target, mode, &carrier, rate).await?;
             let held = result.held;
             self.progress.say(&step_line(&result));
             self.results.push(result);
@@ -313,7 +351,51 @@ impl Course {
                 break;
             }
         }
+        carrier.hang_up();
         Ok(())
+    }
+
+    /// Resolves the target's URL, or connects the whole fleet to its broker (ramped, before the
+    /// first step: 10,000 MQTT connections take seconds to open).
+    async fn carrier(
+        &self,
+        target: &Target,
+        mode: ConnectionMode,
+        names: &[String],
+        tokens: Option<&[String]>,
+    ) -> anyhow::Result<Carrier> {
+        let Some(broker) = target
+            .mqtt
+            .as_ref()
+            .filter(|_| mode == ConnectionMode::Mqtt)
+        else {
+            let destination = Destination::resolve(&target.url, "/data", target.ca_file.as_deref())
+                .await
+                .with_context(|| format!("{}: its URL", target.name))?;
+            let fleet = Arc::new(Fleet::new(names.to_vec(), tokens.map(<[String]>::to_vec)));
+            return Ok(Carrier::Http { destination, fleet });
+        };
+        let counter = self.progress.phase(format!(
+            "{}: connecting {} devices to {}",
+            target.name,
+            readable(names.len() as f64),
+            broker.url
+        ));
+        let started = Instant::now();
+        let (fleet, refusals) = MqttFleet::connect(broker, names, tokens, &self.tag, counter)
+            .await
+            .with_context(|| format!("{}: connecting the fleet over MQTT", target.name))?;
+        self.progress.say(&format!(
+            "{}: {} devices connected over MQTT in {:.1} s{}",
+            target.name,
+            readable(fleet.connected() as f64),
+            started.elapsed().as_secs_f64(),
+            refusals.first().map_or(String::new(), |first| format!(
+                "; {} could not connect (first: {first})",
+                refusals.len()
+            ))
+        ));
+        Ok(Carrier::Mqtt(fleet))
     }
 
     /// One held rate: empty (or count) the table, offer the load, wait for the readings to be
@@ -322,8 +404,7 @@ impl Course {
         &mut self,
         target: &Target,
         mode: ConnectionMode,
-        fleet: &Arc<Fleet>,
-        destination: &Destination,
+        carrier: &Carrier,
         rate: f64,
     ) -> anyhow::Result<StepResult> {
         self.steps_run += 1;
@@ -334,8 +415,11 @@ impl Course {
             readable(rate)
         );
         let before = self.prepare(target).await?;
-        let path: Vec<Watched> = target
-            .processes
+        let processes = match (carrier, &target.mqtt) {
+            (Carrier::Mqtt(_), Some(mqtt)) => &mqtt.processes,
+            _ => &target.processes,
+        };
+        let path: Vec<Watched> = processes
             .iter()
             .map(|p| Watched {
                 name: p.name.clone(),
@@ -352,17 +436,9 @@ impl Course {
         let loadgen_cpu = CpuWindow::start(&me);
         let window = Instant::now();
         let counter = self.progress.phase(&phase);
-        let step = send::Step {
-            destination: destination.clone(),
-            mode,
-            rate,
-            hold: Duration::from_secs_f64(self.args.hold_secs),
-            timeout: Duration::from_secs_f64(self.args.timeout_secs),
-            max_inflight: self.args.max_inflight,
-            run_tag: format!("{}s{}", self.tag, self.steps_run),
-        };
-        let mut outcome = send::run(step, fleet.clone(), counter).await;
+        let mut outcome = self.offer(carrier, mode, rate, counter).await;
         let loadgen_cpu_percent = loadgen_cpu.finish().first().and_then(|u| u.cpu_percent);
+        let stored_by_last_answer = self.stored_now(target, before).await?;
         let stored = self
             .drain(target, &phase, before, outcome.ok as i64)
             .await?;
@@ -381,10 +457,15 @@ impl Course {
         let achieved = outcome.ok as f64 / outcome.elapsed.as_secs_f64().max(hold);
         let p99 = outcome.latencies.percentile_ms(99.0);
         let send_lag_p99_ms = outcome.send_lag.percentile_ms(99.0);
+        // a broker's PUBACK does not say the target kept up: what PostgreSQL had by the last one does
+        // (a tenth behind allowed: the readings of the step's last second or so still on their way)
+        let kept_up = !matches!(carrier, Carrier::Mqtt(_))
+            || stored_by_last_answer.is_none_or(|n| n as f64 >= 0.9 * outcome.ok as f64);
         let held = p99.is_some_and(|p| p < self.args.p99_bound_ms)
             && outcome.refused == 0
             && outcome.failed == 0
-            && achieved >= 0.95 * rate;
+            && achieved >= 0.95 * rate
+            && kept_up;
         let loadgen_limited = loadgen_cpu_percent.is_some_and(|c| c >= 80.0)
             || send_lag_p99_ms.is_some_and(|l| l >= 10.0)
             || outcome.not_sent > 0;
@@ -403,6 +484,7 @@ impl Course {
             failed: outcome.failed,
             connections_opened: outcome.connections_opened,
             stored: stored.map(|(n, _)| n),
+            stored_by_last_answer,
             all_stored: stored.is_none_or(|(_, complete)| complete),
             cpu_seconds,
             cpu_ms_per_1000,
@@ -412,6 +494,51 @@ impl Course {
             held,
             loadgen_limited,
         })
+    }
+
+    /// Offers one step's load: over HTTP (a task per request) or over the held MQTT connections.
+    async fn offer(
+        &self,
+        carrier: &Carrier,
+        mode: ConnectionMode,
+        rate: f64,
+        acked: Arc<std::sync::atomic::AtomicU64>,
+    ) -> send::Outcome {
+        let hold = Duration::from_secs_f64(self.args.hold_secs);
+        let timeout = Duration::from_secs_f64(self.args.timeout_secs);
+        let run_tag = format!("{}s{}", self.tag, self.steps_run);
+        match carrier {
+            Carrier::Http { destination, fleet } => {
+                let step = send::Step {
+                    destination: destination.clone(),
+                    mode,
+                    rate,
+                    hold,
+                    timeout,
+                    max_inflight: self.args.max_inflight,
+                    run_tag,
+                };
+                send::run(step, fleet.clone(), acked).await
+            }
+            Carrier::Mqtt(fleet) => fleet.run(rate, hold, timeout, &run_tag, acked).await,
+        }
+    }
+
+    /// The step's readings in the target's table now (None: it stores nothing).
+    async fn stored_now(
+        &self,
+        target: &Target,
+        before: Option<i64>,
+    ) -> anyhow::Result<Option<i64>> {
+        let (Some(before), Some(url), Some(table)) =
+            (before, target.database_url.clone(), target.table.clone())
+        else {
+            return Ok(None);
+        };
+        tokio::task::spawn_blocking(move || {
+            db::count_rows(&mut db::connect(&url)?, &table).map(|n| Some(n - before))
+        })
+        .await?
     }
 
     /// Empties the target's tables when allowed; the rows there now (None: it stores nothing).
@@ -555,7 +682,12 @@ impl Report {
             "| target | connections | highest rate held (readings/s) | p99 there (ms) | path CPU per 1,000 stored (core-ms) | loadgen CPU there |\n|---|---|---|---|---|---|"
         );
         for mode in self.modes() {
-            for t in &self.targets {
+            // a target not run in a mode (no MQTT broker) has no row there, rather than "none"
+            for t in self.targets.iter().filter(|t| {
+                self.steps
+                    .iter()
+                    .any(|s| s.target == t.name && s.mode == mode)
+            }) {
                 let best = self.best(&t.name, mode);
                 let _ = writeln!(
                     out,
@@ -573,12 +705,12 @@ impl Report {
         let _ = writeln!(out, "\n{}", self.comparisons().join("\n"));
         let _ = writeln!(
             out,
-            "\n| target | connections | offered/s | acked/s | p50 | p90 | p99 | max (ms) | refused | failed | conns opened | stored | path CPU ms/1,000 | loadgen CPU | send lag p99 (ms) | load avg | held |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+            "\n| target | connections | offered/s | acked/s | p50 | p90 | p99 | max (ms) | refused | failed | conns opened | stored | stored by last answer | path CPU ms/1,000 | loadgen CPU | send lag p99 (ms) | load avg | held |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
         );
         for s in &self.steps {
             let _ = writeln!(
                 out,
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {}{} | {} | {} | {} | {} | {}{} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {}{} | {} | {} | {} | {} | {} | {}{} |",
                 s.target,
                 s.mode.label(),
                 readable(s.offered),
@@ -592,6 +724,8 @@ impl Report {
                 readable(s.connections_opened as f64),
                 s.stored.map_or("–".into(), |n| readable(n as f64)),
                 if s.all_stored { "" } else { " (NOT ALL)" },
+                s.stored_by_last_answer
+                    .map_or("–".into(), |n| readable(n as f64)),
                 ms(s.cpu_ms_per_1000),
                 s.loadgen_cpu_percent
                     .map_or("–".into(), |c| format!("{}%", readable(c))),
@@ -661,10 +795,16 @@ impl Report {
     }
 }
 
-/// Where the charts go, relative to the working directory.
-pub fn chart_paths(dir: &Path) -> [PathBuf; 2] {
+/// Where the charts go, relative to the working directory: a run of mode mqtt alone writes its own
+/// (`fleet-mqtt-*.svg`), so it does not replace the charts of the HTTP modes.
+pub fn chart_paths(dir: &Path, modes: &[ConnectionMode]) -> [PathBuf; 2] {
+    let prefix = if modes == [ConnectionMode::Mqtt] {
+        "fleet-mqtt"
+    } else {
+        "fleet"
+    };
     [
-        dir.join("fleet-throughput.svg"),
-        dir.join("fleet-latency.svg"),
+        dir.join(format!("{prefix}-throughput.svg")),
+        dir.join(format!("{prefix}-latency.svg")),
     ]
 }

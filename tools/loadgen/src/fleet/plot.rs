@@ -1,7 +1,7 @@
 //! The fleet benchmark's charts, as SVG (plotters' SVG backend: text is left to the viewer's
 //! fonts, so nothing here needs fontconfig or any system library): acknowledged against offered
 //! rate, and p50/p99 latency against offered rate, every target on the same axes, a panel per
-//! connection mode.
+//! connection mode (MQTT's among them).
 
 use std::path::{Path, PathBuf};
 
@@ -16,7 +16,7 @@ type Drawn = Result<(), Box<dyn std::error::Error>>;
 /// Writes both charts into `dir`; returns their paths.
 pub fn write(report: &Report, dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     std::fs::create_dir_all(dir)?;
-    let [throughput, latency] = super::chart_paths(dir);
+    let [throughput, latency] = super::chart_paths(dir, &report.modes());
     draw_throughput(report, &throughput)
         .map_err(|e| anyhow!("drawing {}: {e}", throughput.display()))?;
     draw_latency(report, &latency).map_err(|e| anyhow!("drawing {}: {e}", latency.display()))?;

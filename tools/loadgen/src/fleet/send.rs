@@ -32,6 +32,9 @@ pub enum ConnectionMode {
     /// Each device keeps its own connection open between readings (reopened when the server closed
     /// it); a device whose previous reading is still unanswered opens another for the next.
     KeepAlive,
+    /// Each device holds its own MQTT connection for the whole search and publishes each reading
+    /// at QoS 1; its latency runs to the broker's PUBACK (targets with an `mqtt` broker only).
+    Mqtt,
 }
 
 impl ConnectionMode {
@@ -39,6 +42,7 @@ impl ConnectionMode {
         match self {
             ConnectionMode::NewConnection => "new connection per reading",
             ConnectionMode::KeepAlive => "keep-alive, a connection per device",
+            ConnectionMode::Mqtt => "MQTT QoS 1, a connection per device",
         }
     }
 }
@@ -162,7 +166,7 @@ impl Fleet {
     }
 }
 
-/// What one step measured.
+/// What one step measured (over HTTP or MQTT).
 #[derive(Default)]
 pub struct Outcome {
     pub scheduled: u64,
@@ -202,18 +206,7 @@ struct Shared {
 /// Runs one step: schedules `rate × hold` sends over the fleet, waits for every answer (or its
 /// timeout), and returns the figures. `acked` counts 2xx answers as they come (the progress line).
 pub async fn run(step: Step, fleet: Arc<Fleet>, acked: Arc<AtomicU64>) -> Outcome {
-    let devices = fleet.devices().max(1);
-    // each device sends once per period; the phases are spread at random over one period so the
-    // fleet's sends neither line up nor follow the device order
-    let period = Duration::from_secs_f64(devices as f64 / step.rate.max(0.001));
-    let mut phases: Vec<(Duration, usize)> = {
-        let mut rng = rand::thread_rng();
-        (0..devices)
-            .map(|d| (period.mul_f64(rng.r#gen::<f64>()), d))
-            .collect()
-    };
-    phases.sort_unstable();
-    let hold = step.hold;
+    let (rate, hold) = (step.rate, step.hold);
     let shared = Arc::new(Shared {
         step,
         fleet,
@@ -221,10 +214,80 @@ pub async fn run(step: Step, fleet: Arc<Fleet>, acked: Arc<AtomicU64>) -> Outcom
         latencies: Mutex::new(Latencies::with_capacity(1 << 16)),
         last_answer: Mutex::new(None),
     });
-    let mut outcome = Outcome::default();
+    let mut not_sent = 0;
     let mut tasks = tokio::task::JoinSet::new();
-    let started = Instant::now();
-    // the schedule, in time order: round after round, each round the devices in phase order
+    let schedule = open_loop(
+        shared.fleet.devices(),
+        rate,
+        hold,
+        |device, seq, scheduled| {
+            if shared.counters.inflight.load(Ordering::Relaxed) >= shared.step.max_inflight {
+                not_sent += 1;
+                return;
+            }
+            shared.counters.inflight.fetch_add(1, Ordering::Relaxed);
+            let (shared, acked) = (shared.clone(), acked.clone());
+            tasks.spawn(async move {
+                send_one(&shared, device, seq, scheduled, &acked).await;
+                shared.counters.inflight.fetch_sub(1, Ordering::Relaxed);
+            });
+            // reap finished tasks as we go, so the set stays small
+            while tasks.try_join_next().is_some() {}
+        },
+    )
+    .await;
+    while tasks.join_next().await.is_some() {}
+    let c = &shared.counters;
+    let last = shared.last_answer.lock().ok().and_then(|l| *l);
+    Outcome {
+        scheduled: schedule.scheduled,
+        ok: c.ok.load(Ordering::Relaxed),
+        refused: c.refused.load(Ordering::Relaxed),
+        failed: c.failed.load(Ordering::Relaxed) + not_sent,
+        not_sent,
+        connections_opened: c.opened.load(Ordering::Relaxed),
+        latencies: shared
+            .latencies
+            .lock()
+            .map(|mut l| std::mem::take(&mut *l))
+            .unwrap_or_default(),
+        send_lag: schedule.send_lag,
+        elapsed: last.unwrap_or_else(Instant::now) - schedule.started,
+    }
+}
+
+/// What the schedule itself did: sends made due, how late each was made, and when it began.
+pub struct Schedule {
+    pub scheduled: u64,
+    pub send_lag: Latencies,
+    pub started: Instant,
+}
+
+/// The open-loop schedule, shared by HTTP and MQTT: each of `devices` sends once per period
+/// (devices/rate) for `hold`, at a phase spread at random over one period so the fleet's sends
+/// neither line up nor follow the device order; `send(device, seq, scheduled)` is called at each
+/// due time, in time order, and must not wait for the answer.
+pub async fn open_loop(
+    devices: usize,
+    rate: f64,
+    hold: Duration,
+    mut send: impl FnMut(usize, u64, Instant),
+) -> Schedule {
+    let devices = devices.max(1);
+    let period = Duration::from_secs_f64(devices as f64 / rate.max(0.001));
+    let mut phases: Vec<(Duration, usize)> = {
+        let mut rng = rand::thread_rng();
+        (0..devices)
+            .map(|d| (period.mul_f64(rng.r#gen::<f64>()), d))
+            .collect()
+    };
+    phases.sort_unstable();
+    let mut schedule = Schedule {
+        scheduled: 0,
+        send_lag: Latencies::with_capacity(1 << 16),
+        started: Instant::now(),
+    };
+    // round after round, each round the devices in phase order
     'rounds: for round in 0u64.. {
         for &(phase, device) in &phases {
             let due = period.mul_f64(round as f64) + phase;
@@ -232,39 +295,16 @@ pub async fn run(step: Step, fleet: Arc<Fleet>, acked: Arc<AtomicU64>) -> Outcom
             if due >= hold {
                 break 'rounds;
             }
-            let scheduled = started + due;
+            let scheduled = schedule.started + due;
             if scheduled > Instant::now() {
                 tokio::time::sleep_until(scheduled).await;
             }
-            outcome.scheduled += 1;
-            outcome.send_lag.record(Instant::now() - scheduled);
-            if shared.counters.inflight.load(Ordering::Relaxed) >= shared.step.max_inflight {
-                outcome.not_sent += 1;
-                continue;
-            }
-            shared.counters.inflight.fetch_add(1, Ordering::Relaxed);
-            let (shared, acked) = (shared.clone(), acked.clone());
-            let seq = outcome.scheduled;
-            tasks.spawn(async move {
-                send_one(&shared, device, seq, scheduled, &acked).await;
-                shared.counters.inflight.fetch_sub(1, Ordering::Relaxed);
-            });
-            // reap finished tasks as we go, so the set stays small
-            while tasks.try_join_next().is_some() {}
+            schedule.scheduled += 1;
+            schedule.send_lag.record(Instant::now() - scheduled);
+            send(device, schedule.scheduled, scheduled);
         }
     }
-    while tasks.join_next().await.is_some() {}
-    let c = &shared.counters;
-    outcome.ok = c.ok.load(Ordering::Relaxed);
-    outcome.refused = c.refused.load(Ordering::Relaxed);
-    outcome.failed = c.failed.load(Ordering::Relaxed) + outcome.not_sent;
-    outcome.connections_opened = c.opened.load(Ordering::Relaxed);
-    if let Ok(mut l) = shared.latencies.lock() {
-        outcome.latencies = std::mem::take(&mut *l);
-    }
-    let last = shared.last_answer.lock().ok().and_then(|l| *l);
-    outcome.elapsed = last.unwrap_or_else(Instant::now) - started;
-    outcome
+    schedule
 }
 
 async fn send_one(shared: &Shared, device: usize, seq: u64, scheduled: Instant, acked: &AtomicU64) {
