@@ -11,6 +11,7 @@
 )]
 
 mod bench;
+pub mod crash;
 mod db;
 pub mod fleet;
 mod http;
@@ -30,7 +31,7 @@ use system::procs::Watched;
 /// Sensorhub's load generator and benchmark. Without a subcommand: the benchmark of workloads
 /// (the flags below); `loadgen fleet`: the open-loop fleet step search; `loadgen responder`: the
 /// do-nothing backend that measures Traefik's own ceiling; `loadgen idle`: memory per idle
-/// connection.
+/// connection; `loadgen crash`: readings lost or doubled when a consumer is killed or stopped.
 #[derive(Parser, Debug)]
 #[command(version, args_conflicts_with_subcommands = true)]
 pub struct Cli {
@@ -50,6 +51,9 @@ pub enum Command {
     /// What an idle keep-alive connection costs a server: N held connections, its resident
     /// memory's growth per connection.
     Idle(idle::IdleArgs),
+    /// Crash comparison: an MQTT burst at QoS 1, the consumer sent SIGKILL or SIGTERM part way and
+    /// started again; PUBACKed readings against stored ones, per target and signal.
+    Crash(crash::CrashArgs),
 }
 
 /// Runs what the command line asks for.
@@ -58,6 +62,7 @@ pub async fn main_with(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Fleet(args)) => fleet::run(args).await,
         Some(Command::Responder(args)) => responder::run(args).await,
         Some(Command::Idle(args)) => idle::run(args).await,
+        Some(Command::Crash(args)) => crash::run(args).await,
         None => run(cli.bench).await,
     }
 }
