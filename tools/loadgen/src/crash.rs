@@ -14,7 +14,7 @@ use std::time::Duration;
 use anyhow::Context;
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Text};
-use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS};
+use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
 use serde::{Deserialize, Serialize};
 use system::numbers::{readable, thousands};
 use system::process::Process;
@@ -719,7 +719,9 @@ async fn device(
         .set_inflight(plan.inflight.max(1))
         .set_max_packet_size(1 << 16, 1 << 16);
     let (client, mut events) = AsyncClient::new(options, 64);
-    let connected = connect(&mut events).await;
+    let connected = system::mqtt::connected(&mut events, Duration::from_secs(30))
+        .await
+        .is_ok();
     // whatever happened, take part in the barrier so the others are not held up
     barrier.wait().await;
     if !connected {
@@ -775,20 +777,6 @@ async fn device(
     out.published = next as u64;
     system::mqtt::disconnect(&client, &mut events, Duration::from_secs(2)).await;
     out
-}
-
-async fn connect(events: &mut EventLoop) -> bool {
-    tokio::time::timeout(Duration::from_secs(30), async {
-        loop {
-            match events.poll().await {
-                Ok(Event::Incoming(Packet::ConnAck(_))) => return true,
-                Ok(_) => {}
-                Err(_) => return false,
-            }
-        }
-    })
-    .await
-    .unwrap_or(false)
 }
 
 impl Report {

@@ -150,17 +150,9 @@ async fn device(
     let (client, mut events) = AsyncClient::new(options, 64);
 
     // Connect; whatever happens, take part in the barrier so the others are not held up.
-    let connected = tokio::time::timeout(Duration::from_secs(30), async {
-        loop {
-            match events.poll().await {
-                Ok(Event::Incoming(Packet::ConnAck(_))) => return true,
-                Ok(_) => {}
-                Err(_) => return false,
-            }
-        }
-    })
-    .await
-    .unwrap_or(false);
+    let connected = system::mqtt::connected(&mut events, Duration::from_secs(30))
+        .await
+        .is_ok();
     barrier.wait().await;
     if !connected {
         out.failed = true;

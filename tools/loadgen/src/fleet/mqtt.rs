@@ -13,7 +13,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::Context;
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS};
 use serde::{Deserialize, Serialize};
 use tokio::task::{JoinHandle, JoinSet};
@@ -320,15 +319,7 @@ fn options(
 /// Opens one connection: until the broker's CONNACK.
 async fn open(options: MqttOptions) -> anyhow::Result<(AsyncClient, EventLoop)> {
     let (client, mut events) = AsyncClient::new(options, 64);
-    tokio::time::timeout(Duration::from_secs(30), async {
-        loop {
-            if let Event::Incoming(Packet::ConnAck(_)) = events.poll().await? {
-                return anyhow::Ok(());
-            }
-        }
-    })
-    .await
-    .context("no CONNACK within 30 s")??;
+    system::mqtt::connected(&mut events, Duration::from_secs(30)).await?;
     Ok((client, events))
 }
 
