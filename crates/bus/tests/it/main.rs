@@ -141,6 +141,39 @@ async fn concurrent_requests_share_messages_and_each_is_answered() {
     publisher.close().await;
 }
 
+/// Requests a millisecond apart, with a linger far longer than a confirm: each that comes while
+/// a message awaits its confirm lingers, and must be published once that confirm is back rather
+/// than after the whole linger.
+#[tokio::test]
+async fn a_linger_ends_when_the_outstanding_confirm_comes_back() {
+    let bus = TestBus::new().await;
+    let settings = PublisherSettings {
+        publish_linger_ms: 10_000,
+        ..testkit::publisher_settings()
+    };
+    let publisher = bus.publisher(settings).await;
+    let started = std::time::Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..100 {
+        let publisher = publisher.clone();
+        tasks.push(tokio::spawn(async move {
+            publisher.publish(readings(&format!("d{i}"), 1)).await
+        }));
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    for task in tasks {
+        task.await.unwrap().unwrap();
+    }
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(5),
+        "100 requests took {took:?}: a request lingered for the whole 10 s"
+    );
+    let stored: usize = bus.drain().await.iter().map(Vec::len).sum();
+    assert_eq!(stored, 100, "every reading arrives once");
+    publisher.close().await;
+}
+
 #[tokio::test]
 async fn an_unreachable_broker_is_refused_at_once_not_buffered() {
     // nothing listens on port 1 of localhost
