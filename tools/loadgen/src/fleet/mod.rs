@@ -90,6 +90,15 @@ pub struct FleetArgs {
     /// Go on stepping up after a step broke the bound (default: stop at the first that did).
     #[arg(long)]
     pub keep_going: bool,
+    /// After the steps, this many more between the highest rate held and the lowest above it not
+    /// held, each halving the gap (a ladder doubling its rate says only "between 1,000 and 2,000";
+    /// 2 more say it within 250).
+    #[arg(long, default_value_t = 0)]
+    pub refine: u32,
+    /// Only the targets of these roles (sensorhub, sensorhub-traefik, seed, node-red,
+    /// traefik-ceiling, other); default: every target in the file.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub roles: Vec<Role>,
     /// Empty each target's `reset` tables before each step (dedicated benchmark databases only).
     #[arg(long)]
     pub reset_db: bool,
@@ -111,7 +120,7 @@ pub struct FleetArgs {
     pub quick: bool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Role {
     Sensorhub,
@@ -175,6 +184,9 @@ pub struct StepResult {
     /// 2xx answers per second of the hold.
     pub achieved: f64,
     pub p50_ms: Option<f64>,
+    /// p50 from the moment loadgen made each send rather than when it was due: without loadgen's
+    /// timer tick (up to 1 ms), what the server made the device wait.
+    pub p50_from_send_ms: Option<f64>,
     pub p90_ms: Option<f64>,
     pub p99_ms: Option<f64>,
     pub max_ms: Option<f64>,
@@ -213,11 +225,19 @@ pub async fn run(mut args: FleetArgs) -> anyhow::Result<()> {
     }
     anyhow::ensure!(args.devices >= 1, "--devices must be at least 1");
     anyhow::ensure!(!args.rates.is_empty(), "--rates needs at least one rate");
-    let file: TargetsFile = serde_json::from_slice(
+    let mut file: TargetsFile = serde_json::from_slice(
         &std::fs::read(&args.targets)
             .with_context(|| format!("reading {}", args.targets.display()))?,
     )
     .with_context(|| format!("{}: not a targets file", args.targets.display()))?;
+    if !args.roles.is_empty() {
+        file.targets.retain(|t| args.roles.contains(&t.role));
+        anyhow::ensure!(
+            !file.targets.is_empty(),
+            "no target in {} has a role named by --roles",
+            args.targets.display()
+        );
+    }
     for t in &file.targets {
         if let Some(table) = &t.table {
             db::check_table_name(table)?;
@@ -342,17 +362,36 @@ impl Course {
         tokens: Option<&[String]>,
     ) -> anyhow::Result<()> {
         let carrier = self.carrier(target, mode, names, tokens).await?;
+        let mut bracket = Bracket::default();
         for &rate in &self.args.rates.clone() {
-            let result = self.step(target, mode, &carrier, rate).await?;
-            let held = result.held;
-            self.progress.say(&step_line(&result));
-            self.results.push(result);
+            let held = self.step_and_say(target, mode, &carrier, rate).await?;
+            bracket.record(rate, held);
             if !held && !self.args.keep_going {
                 break;
             }
         }
+        for _ in 0..self.args.refine {
+            let Some(rate) = bracket.middle() else { break };
+            let held = self.step_and_say(target, mode, &carrier, rate).await?;
+            bracket.record(rate, held);
+        }
         carrier.hang_up();
         Ok(())
+    }
+
+    /// One step, said on the progress line and kept; whether it held.
+    async fn step_and_say(
+        &mut self,
+        target: &Target,
+        mode: ConnectionMode,
+        carrier: &Carrier,
+        rate: f64,
+    ) -> anyhow::Result<bool> {
+        let result = self.step(target, mode, carrier, rate).await?;
+        let held = result.held;
+        self.progress.say(&step_line(&result));
+        self.results.push(result);
+        Ok(held)
     }
 
     /// Resolves the target's URL, or connects the whole fleet to its broker (ramped, before the
@@ -477,6 +516,7 @@ impl Course {
             scheduled: outcome.scheduled,
             achieved,
             p50_ms: outcome.latencies.percentile_ms(50.0),
+            p50_from_send_ms: outcome.from_send.percentile_ms(50.0),
             p90_ms: outcome.latencies.percentile_ms(90.0),
             p99_ms: p99,
             max_ms: outcome.latencies.percentile_ms(100.0),
@@ -594,6 +634,43 @@ impl Course {
     }
 }
 
+/// Where a target's limit lies so far: the highest rate held, and the lowest above it not held.
+#[derive(Debug, Default)]
+struct Bracket {
+    held: Option<f64>,
+    broke: Option<f64>,
+}
+
+impl Bracket {
+    fn record(&mut self, rate: f64, held: bool) {
+        if held {
+            self.held = Some(self.held.map_or(rate, |h| h.max(rate)));
+            // a rate held above one that broke (noise): the bracket starts again above it
+            self.broke = self.broke.filter(|&b| b > rate);
+        } else if self.held.is_none_or(|h| rate > h) {
+            self.broke = Some(self.broke.map_or(rate, |b| b.min(rate)));
+        }
+    }
+
+    /// The next rate to try: halfway between (from 0 when nothing held), rounded to a round figure;
+    /// none when nothing broke yet or the gap is down to 2%.
+    fn middle(&self) -> Option<f64> {
+        let broke = self.broke?;
+        let held = self.held.unwrap_or(0.0);
+        let middle = round_rate((held + broke) / 2.0);
+        (broke - held > 0.02 * broke && middle > held && middle < broke).then_some(middle)
+    }
+}
+
+/// A rate rounded to two significant figures (1,500, 750, 3,500), so steps read as round numbers.
+fn round_rate(rate: f64) -> f64 {
+    if rate <= 0.0 {
+        return rate;
+    }
+    let unit = 10f64.powf(rate.log10().floor() - 1.0);
+    (rate / unit).round() * unit
+}
+
 fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
@@ -606,12 +683,13 @@ fn ms(v: Option<f64>) -> String {
 
 fn step_line(r: &StepResult) -> String {
     format!(
-        "{}, {}, {}/s offered: {}/s acked, p50 {} p99 {} max {} ms, {} refused, {} failed, {} stored, path CPU {} ms/1,000, loadgen {}% CPU{}{}",
+        "{}, {}, {}/s offered: {}/s acked, p50 {} (from send {}) p99 {} max {} ms, {} refused, {} failed, {} stored, path CPU {} ms/1,000, loadgen {}% CPU{}{}",
         r.target,
         r.mode.label(),
         readable(r.offered),
         readable(r.achieved),
         ms(r.p50_ms),
+        ms(r.p50_from_send_ms),
         ms(r.p99_ms),
         ms(r.max_ms),
         r.refused,
@@ -705,17 +783,18 @@ impl Report {
         let _ = writeln!(out, "\n{}", self.comparisons().join("\n"));
         let _ = writeln!(
             out,
-            "\n| target | connections | offered/s | acked/s | p50 | p90 | p99 | max (ms) | refused | failed | conns opened | stored | stored by last answer | path CPU ms/1,000 | loadgen CPU | send lag p99 (ms) | load avg | held |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+            "\n| target | connections | offered/s | acked/s | p50 | p50 from send | p90 | p99 | max (ms) | refused | failed | conns opened | stored | stored by last answer | path CPU ms/1,000 | loadgen CPU | send lag p99 (ms) | load avg | held |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
         );
         for s in &self.steps {
             let _ = writeln!(
                 out,
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {}{} | {} | {} | {} | {} | {} | {}{} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {}{} | {} | {} | {} | {} | {} | {}{} |",
                 s.target,
                 s.mode.label(),
                 readable(s.offered),
                 readable(s.achieved),
                 ms(s.p50_ms),
+                ms(s.p50_from_send_ms),
                 ms(s.p90_ms),
                 ms(s.p99_ms),
                 ms(s.max_ms),
@@ -807,4 +886,58 @@ pub fn chart_paths(dir: &Path, modes: &[ConnectionMode]) -> [PathBuf; 2] {
         dir.join(format!("{prefix}-throughput.svg")),
         dir.join(format!("{prefix}-latency.svg")),
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Bracket, round_rate};
+
+    #[test]
+    fn rates_round_to_two_figures() {
+        assert_eq!(round_rate(1500.0), 1500.0);
+        assert_eq!(round_rate(1234.0), 1200.0);
+        assert_eq!(round_rate(750.0), 750.0);
+        assert_eq!(round_rate(3333.0), 3300.0);
+        assert_eq!(round_rate(62.5), 63.0);
+    }
+
+    #[test]
+    fn the_bracket_halves_between_held_and_broken() {
+        let mut b = Bracket::default();
+        assert_eq!(b.middle(), None, "nothing broke yet");
+        b.record(500.0, true);
+        b.record(1000.0, true);
+        assert_eq!(b.middle(), None, "nothing broke yet");
+        b.record(2000.0, false);
+        assert_eq!(b.middle(), Some(1500.0));
+        b.record(1500.0, false);
+        assert_eq!(b.middle(), Some(1300.0), "1,250 rounded to two figures");
+        b.record(1300.0, true);
+        assert_eq!(b.middle(), Some(1400.0));
+    }
+
+    #[test]
+    fn a_bracket_with_nothing_held_starts_from_zero() {
+        let mut b = Bracket::default();
+        b.record(500.0, false);
+        assert_eq!(b.middle(), Some(250.0));
+    }
+
+    #[test]
+    fn a_held_rate_above_a_broken_one_moves_the_bracket_up() {
+        let mut b = Bracket::default();
+        b.record(1000.0, false);
+        b.record(2000.0, true);
+        assert_eq!(b.middle(), None, "nothing above 2,000 broke");
+        b.record(4000.0, false);
+        assert_eq!(b.middle(), Some(3000.0));
+    }
+
+    #[test]
+    fn the_search_stops_when_the_gap_is_small() {
+        let mut b = Bracket::default();
+        b.record(1000.0, true);
+        b.record(1010.0, false);
+        assert_eq!(b.middle(), None);
+    }
 }

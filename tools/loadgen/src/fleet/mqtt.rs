@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 
-use super::send::{Outcome, open_loop};
+use super::send::{Due, Outcome, open_loop};
 use crate::mqtt::{Broker, Format, reading};
 use crate::stats::Latencies;
 
@@ -72,7 +72,7 @@ struct DeviceState {
 }
 
 struct Pending {
-    scheduled: Instant,
+    due: Due,
     tally: Arc<Tally>,
 }
 
@@ -86,24 +86,28 @@ struct Tally {
     closed: AtomicBool,
     timeout: Duration,
     latencies: Mutex<Latencies>,
+    from_send: Mutex<Latencies>,
     last_ack: Mutex<Option<Instant>>,
     acked: Arc<AtomicU64>,
 }
 
 impl Tally {
-    fn puback(&self, scheduled: Instant) {
+    fn puback(&self, due: Due) {
         let now = Instant::now();
         if self.closed.load(Ordering::Relaxed) {
             return;
         }
         self.waiting.fetch_sub(1, Ordering::Relaxed);
-        if now - scheduled > self.timeout {
+        if now - due.scheduled > self.timeout {
             return;
         }
         self.ok.fetch_add(1, Ordering::Relaxed);
         self.acked.fetch_add(1, Ordering::Relaxed);
         if let Ok(mut l) = self.latencies.lock() {
-            l.record(now - scheduled);
+            l.record(now - due.scheduled);
+        }
+        if let Ok(mut l) = self.from_send.lock() {
+            l.record(now - due.made);
         }
         if let Ok(mut last) = self.last_ack.lock() {
             *last = Some(last.map_or(now, |l| l.max(now)));
@@ -197,20 +201,18 @@ impl MqttFleet {
             closed: AtomicBool::new(false),
             timeout,
             latencies: Mutex::new(Latencies::with_capacity(1 << 16)),
+            from_send: Mutex::new(Latencies::with_capacity(1 << 16)),
             last_ack: Mutex::new(None),
             acked,
         });
         let (mut not_sent, mut disconnected) = (0, 0);
-        let schedule = open_loop(
-            self.devices.len(),
-            rate,
-            hold,
-            |index, seq, scheduled| match self.publish(index, seq, scheduled, run_tag, &tally) {
-                Ok(()) => {}
-                Err(Unsent::QueueFull) => not_sent += 1,
-                Err(Unsent::Disconnected) => disconnected += 1,
-            },
-        )
+        let schedule = open_loop(self.devices.len(), rate, hold, |index, seq, due| match self
+            .publish(index, seq, due, run_tag, &tally)
+        {
+            Ok(()) => {}
+            Err(Unsent::QueueFull) => not_sent += 1,
+            Err(Unsent::Disconnected) => disconnected += 1,
+        })
         .await;
         // every PUBACK, or the timeout after the last scheduled send
         let deadline = Instant::now() + timeout;
@@ -234,6 +236,11 @@ impl MqttFleet {
                 .lock()
                 .map(|mut l| std::mem::take(&mut *l))
                 .unwrap_or_default(),
+            from_send: tally
+                .from_send
+                .lock()
+                .map(|mut l| std::mem::take(&mut *l))
+                .unwrap_or_default(),
             send_lag: schedule.send_lag,
             elapsed: last.unwrap_or_else(Instant::now) - schedule.started,
         }
@@ -244,7 +251,7 @@ impl MqttFleet {
         &self,
         index: usize,
         seq: u64,
-        scheduled: Instant,
+        due: Due,
         tag: &str,
         tally: &Arc<Tally>,
     ) -> Result<(), Unsent> {
@@ -260,7 +267,7 @@ impl MqttFleet {
         };
         // queued before it is handed over, so the connection task finds it when it goes out
         queued.push_back(Pending {
-            scheduled,
+            due,
             tally: tally.clone(),
         });
         tally.waiting.fetch_add(1, Ordering::Relaxed);
@@ -357,7 +364,7 @@ async fn drive(mut events: EventLoop, state: Arc<DeviceState>) {
                     .ok()
                     .and_then(|mut i| i.remove(&ack.pkid));
                 if let Some(pending) = pending {
-                    pending.tally.puback(pending.scheduled);
+                    pending.tally.puback(pending.due);
                 }
             }
             Ok(_) => {}

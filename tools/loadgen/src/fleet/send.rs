@@ -180,6 +180,9 @@ pub struct Outcome {
     pub connections_opened: u64,
     /// From the scheduled send to the whole answer, 2xx only.
     pub latencies: Latencies,
+    /// From the moment loadgen made the send (its timer fired, up to a 1 ms tick late) to the whole
+    /// answer, 2xx only: what the device waited, without loadgen's own lateness.
+    pub from_send: Latencies,
     /// How late the load generator made each send (its own lag).
     pub send_lag: Latencies,
     /// From the first scheduled send to the last answer.
@@ -200,6 +203,7 @@ struct Shared {
     fleet: Arc<Fleet>,
     counters: Counters,
     latencies: Mutex<Latencies>,
+    from_send: Mutex<Latencies>,
     last_answer: Mutex<Option<Instant>>,
 }
 
@@ -212,29 +216,25 @@ pub async fn run(step: Step, fleet: Arc<Fleet>, acked: Arc<AtomicU64>) -> Outcom
         fleet,
         counters: Counters::default(),
         latencies: Mutex::new(Latencies::with_capacity(1 << 16)),
+        from_send: Mutex::new(Latencies::with_capacity(1 << 16)),
         last_answer: Mutex::new(None),
     });
     let mut not_sent = 0;
     let mut tasks = tokio::task::JoinSet::new();
-    let schedule = open_loop(
-        shared.fleet.devices(),
-        rate,
-        hold,
-        |device, seq, scheduled| {
-            if shared.counters.inflight.load(Ordering::Relaxed) >= shared.step.max_inflight {
-                not_sent += 1;
-                return;
-            }
-            shared.counters.inflight.fetch_add(1, Ordering::Relaxed);
-            let (shared, acked) = (shared.clone(), acked.clone());
-            tasks.spawn(async move {
-                send_one(&shared, device, seq, scheduled, &acked).await;
-                shared.counters.inflight.fetch_sub(1, Ordering::Relaxed);
-            });
-            // reap finished tasks as we go, so the set stays small
-            while tasks.try_join_next().is_some() {}
-        },
-    )
+    let schedule = open_loop(shared.fleet.devices(), rate, hold, |device, seq, due| {
+        if shared.counters.inflight.load(Ordering::Relaxed) >= shared.step.max_inflight {
+            not_sent += 1;
+            return;
+        }
+        shared.counters.inflight.fetch_add(1, Ordering::Relaxed);
+        let (shared, acked) = (shared.clone(), acked.clone());
+        tasks.spawn(async move {
+            send_one(&shared, device, seq, due, &acked).await;
+            shared.counters.inflight.fetch_sub(1, Ordering::Relaxed);
+        });
+        // reap finished tasks as we go, so the set stays small
+        while tasks.try_join_next().is_some() {}
+    })
     .await;
     while tasks.join_next().await.is_some() {}
     let c = &shared.counters;
@@ -251,9 +251,23 @@ pub async fn run(step: Step, fleet: Arc<Fleet>, acked: Arc<AtomicU64>) -> Outcom
             .lock()
             .map(|mut l| std::mem::take(&mut *l))
             .unwrap_or_default(),
+        from_send: shared
+            .from_send
+            .lock()
+            .map(|mut l| std::mem::take(&mut *l))
+            .unwrap_or_default(),
         send_lag: schedule.send_lag,
         elapsed: last.unwrap_or_else(Instant::now) - schedule.started,
     }
+}
+
+/// When a send was due, and when loadgen made it (tokio's timer fires on 1 ms ticks, so up to one
+/// late): latency counts from the first (no coordinated omission) and, for the server's own share,
+/// from the second.
+#[derive(Debug, Clone, Copy)]
+pub struct Due {
+    pub scheduled: Instant,
+    pub made: Instant,
 }
 
 /// What the schedule itself did: sends made due, how late each was made, and when it began.
@@ -265,13 +279,13 @@ pub struct Schedule {
 
 /// The open-loop schedule, shared by HTTP and MQTT: each of `devices` sends once per period
 /// (devices/rate) for `hold`, at a phase spread at random over one period so the fleet's sends
-/// neither line up nor follow the device order; `send(device, seq, scheduled)` is called at each
-/// due time, in time order, and must not wait for the answer.
+/// neither line up nor follow the device order; `send(device, seq, due)` is called at each due
+/// time, in time order, and must not wait for the answer.
 pub async fn open_loop(
     devices: usize,
     rate: f64,
     hold: Duration,
-    mut send: impl FnMut(usize, u64, Instant),
+    mut send: impl FnMut(usize, u64, Due),
 ) -> Schedule {
     let devices = devices.max(1);
     let period = Duration::from_secs_f64(devices as f64 / rate.max(0.001));
@@ -300,14 +314,15 @@ pub async fn open_loop(
                 tokio::time::sleep_until(scheduled).await;
             }
             schedule.scheduled += 1;
-            schedule.send_lag.record(Instant::now() - scheduled);
-            send(device, schedule.scheduled, scheduled);
+            let made = Instant::now();
+            schedule.send_lag.record(made - scheduled);
+            send(device, schedule.scheduled, Due { scheduled, made });
         }
     }
     schedule
 }
 
-async fn send_one(shared: &Shared, device: usize, seq: u64, scheduled: Instant, acked: &AtomicU64) {
+async fn send_one(shared: &Shared, device: usize, seq: u64, due: Due, acked: &AtomicU64) {
     let step = &shared.step;
     let answer = tokio::time::timeout(step.timeout, exchange(shared, device, seq)).await;
     let now = Instant::now();
@@ -317,7 +332,10 @@ async fn send_one(shared: &Shared, device: usize, seq: u64, scheduled: Instant, 
             c.ok.fetch_add(1, Ordering::Relaxed);
             acked.fetch_add(1, Ordering::Relaxed);
             if let Ok(mut l) = shared.latencies.lock() {
-                l.record(now - scheduled);
+                l.record(now - due.scheduled);
+            }
+            if let Ok(mut l) = shared.from_send.lock() {
+                l.record(now - due.made);
             }
             if let Ok(mut last) = shared.last_answer.lock() {
                 *last = Some(last.map_or(now, |l| l.max(now)));
