@@ -647,8 +647,8 @@ impl PublishLoop<'_> {
         {
             return gathered;
         }
-        let confirm_back = self.confirm_back.clone();
-        let confirm_back = confirm_back.notified();
+        let notify = self.confirm_back.clone();
+        let confirm_back = notify.notified();
         tokio::pin!(confirm_back);
         // registered before looking, so a confirm coming back in between is not missed
         confirm_back.as_mut().enable();
