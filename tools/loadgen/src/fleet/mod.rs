@@ -62,7 +62,8 @@ pub struct FleetArgs {
     pub hold_secs: f64,
     /// Connection modes, each a step search of its own: new-connection (a TCP and TLS connection
     /// per reading, closed after it, as Python's requests.post without a session), keep-alive
-    /// (a connection per device, kept between its readings) and mqtt (an MQTT connection per
+    /// (a connection per device, opened in an uncounted warm-up before the first step, each
+    /// device sending one reading, and kept between its readings) and mqtt (an MQTT connection per
     /// device, opened before the first step and held through all of them; QoS 1; only the targets
     /// with an `mqtt` broker).
     #[arg(
@@ -216,6 +217,11 @@ pub struct StepResult {
     pub loadgen_limited: bool,
 }
 
+/// A keep-alive warm-up lasts at least this long...
+const WARM_UP_SECS: f64 = 10.0;
+/// ...and opens at most this many connections a second (a TLS handshake costs Traefik milliseconds).
+const WARM_UP_CONNECTIONS_PER_SEC: f64 = 200.0;
+
 /// The name of loadgen's own process among the watched.
 const LOADGEN: &str = "loadgen";
 
@@ -362,6 +368,9 @@ impl Course {
         tokens: Option<&[String]>,
     ) -> anyhow::Result<()> {
         let carrier = self.carrier(target, mode, names, tokens).await?;
+        if mode == ConnectionMode::KeepAlive {
+            self.warm_up(target, &carrier).await?;
+        }
         let mut bracket = Bracket::default();
         for &rate in &self.args.rates.clone() {
             let held = self.step_and_say(target, mode, &carrier, rate).await?;
@@ -376,6 +385,40 @@ impl Course {
             bracket.record(rate, held);
         }
         carrier.hang_up();
+        Ok(())
+    }
+
+    /// Opens the fleet's keep-alive connections before the first step, as the MQTT fleet connects
+    /// before its first: each device sends one reading, spread over at least
+    /// [`WARM_UP_SECS`] and at most [`WARM_UP_CONNECTIONS_PER_SEC`] new connections a second,
+    /// and nothing of it is counted. Without it the first step also paid for a thousand TLS
+    /// handshakes in its first second, and a p99 measured the handshake storm rather than the
+    /// rate (a new connection per reading is its own mode).
+    async fn warm_up(&mut self, target: &Target, carrier: &Carrier) -> anyhow::Result<()> {
+        let Carrier::Http { fleet, .. } = carrier else {
+            return Ok(());
+        };
+        let devices = fleet.devices() as f64;
+        let seconds = WARM_UP_SECS.max(devices / WARM_UP_CONNECTIONS_PER_SEC);
+        let hold = std::mem::replace(&mut self.args.hold_secs, seconds);
+        // a rate a little above one reading per device, so that every device has sent once
+        let warm = self
+            .step(
+                target,
+                ConnectionMode::KeepAlive,
+                carrier,
+                devices * 1.1 / seconds,
+            )
+            .await;
+        self.args.hold_secs = hold;
+        let warm = warm?;
+        self.progress.say(&format!(
+            "{}: keep-alive warm-up (not counted), {} connections opened over {} s, {} refused or failed",
+            target.name,
+            readable(warm.connections_opened as f64),
+            readable(seconds),
+            warm.refused + warm.failed
+        ));
         Ok(())
     }
 
