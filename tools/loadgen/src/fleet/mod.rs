@@ -372,17 +372,22 @@ impl Course {
             self.warm_up(target, &carrier).await?;
         }
         let mut bracket = Bracket::default();
-        for &rate in &self.args.rates.clone() {
-            let held = self.step_and_say(target, mode, &carrier, rate).await?;
-            bracket.record(rate, held);
-            if !held && !self.args.keep_going {
+        let mut broke = false;
+        for rate in self.args.rates.clone() {
+            if broke && !self.args.keep_going {
                 break;
             }
+            broke = !self
+                .search_step(target, mode, &carrier, rate, broke)
+                .await?;
+            bracket.record(rate, !broke);
         }
         for _ in 0..self.args.refine {
             let Some(rate) = bracket.middle() else { break };
-            let held = self.step_and_say(target, mode, &carrier, rate).await?;
-            bracket.record(rate, held);
+            broke = !self
+                .search_step(target, mode, &carrier, rate, broke)
+                .await?;
+            bracket.record(rate, !broke);
         }
         carrier.hang_up();
         Ok(())
@@ -420,6 +425,23 @@ impl Course {
             warm.refused + warm.failed
         ));
         Ok(())
+    }
+
+    /// One step of the search; after one that broke, keep-alive connections are opened again
+    /// first: the broken step may have left them closed or half-dead, and the next would measure a
+    /// reconnection storm rather than its rate. Whether it held.
+    async fn search_step(
+        &mut self,
+        target: &Target,
+        mode: ConnectionMode,
+        carrier: &Carrier,
+        rate: f64,
+        after_a_break: bool,
+    ) -> anyhow::Result<bool> {
+        if after_a_break && mode == ConnectionMode::KeepAlive {
+            self.warm_up(target, carrier).await?;
+        }
+        self.step_and_say(target, mode, carrier, rate).await
     }
 
     /// One step, said on the progress line and kept; whether it held.
