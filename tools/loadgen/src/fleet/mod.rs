@@ -405,7 +405,6 @@ impl Course {
         };
         let devices = fleet.devices() as f64;
         let seconds = WARM_UP_SECS.max(devices / WARM_UP_CONNECTIONS_PER_SEC);
-        let hold = std::mem::replace(&mut self.args.hold_secs, seconds);
         // a rate a little above one reading per device, so that every device has sent once
         let warm = self
             .step(
@@ -413,10 +412,9 @@ impl Course {
                 ConnectionMode::KeepAlive,
                 carrier,
                 devices * 1.1 / seconds,
+                seconds,
             )
-            .await;
-        self.args.hold_secs = hold;
-        let warm = warm?;
+            .await?;
         self.progress.say(&format!(
             "{}: keep-alive warm-up (not counted), {} connections opened over {} s, {} refused or failed",
             target.name,
@@ -427,9 +425,9 @@ impl Course {
         Ok(())
     }
 
-    /// One step of the search; after one that broke, keep-alive connections are opened again
-    /// first: the broken step may have left them closed or half-dead, and the next would measure a
-    /// reconnection storm rather than its rate. Whether it held.
+    /// One step of the search, said on the progress line and kept; whether it held. After one that
+    /// broke, keep-alive connections are opened again first: the broken step may have left them
+    /// closed or half-dead, and the next would measure a reconnection storm rather than its rate.
     async fn search_step(
         &mut self,
         target: &Target,
@@ -441,18 +439,9 @@ impl Course {
         if after_a_break && mode == ConnectionMode::KeepAlive {
             self.warm_up(target, carrier).await?;
         }
-        self.step_and_say(target, mode, carrier, rate).await
-    }
-
-    /// One step, said on the progress line and kept; whether it held.
-    async fn step_and_say(
-        &mut self,
-        target: &Target,
-        mode: ConnectionMode,
-        carrier: &Carrier,
-        rate: f64,
-    ) -> anyhow::Result<bool> {
-        let result = self.step(target, mode, carrier, rate).await?;
+        let result = self
+            .step(target, mode, carrier, rate, self.args.hold_secs)
+            .await?;
         let held = result.held;
         self.progress.say(&step_line(&result));
         self.results.push(result);
@@ -510,6 +499,7 @@ impl Course {
         mode: ConnectionMode,
         carrier: &Carrier,
         rate: f64,
+        hold_secs: f64,
     ) -> anyhow::Result<StepResult> {
         self.steps_run += 1;
         let phase = format!(
@@ -540,7 +530,7 @@ impl Course {
         let loadgen_cpu = CpuWindow::start(&me);
         let window = Instant::now();
         let counter = self.progress.phase(&phase);
-        let mut outcome = self.offer(carrier, mode, rate, counter).await;
+        let mut outcome = self.offer(carrier, mode, rate, hold_secs, counter).await;
         let loadgen_cpu_percent = loadgen_cpu.finish().first().and_then(|u| u.cpu_percent);
         let stored_by_last_answer = self.stored_now(target, before).await?;
         let stored = self
@@ -557,8 +547,7 @@ impl Course {
         let counted = stored.map_or(outcome.ok as f64, |(n, _)| n as f64);
         let cpu_ms_per_1000 = (counted > 0.0 && !cpu_seconds.is_empty())
             .then(|| path_total * 1000.0 / counted * 1000.0);
-        let hold = self.args.hold_secs;
-        let achieved = outcome.ok as f64 / outcome.elapsed.as_secs_f64().max(hold);
+        let achieved = outcome.ok as f64 / outcome.elapsed.as_secs_f64().max(hold_secs);
         let p99 = outcome.latencies.percentile_ms(99.0);
         let send_lag_p99_ms = outcome.send_lag.percentile_ms(99.0);
         // a broker's PUBACK does not say the target kept up: what PostgreSQL had by the last one does
@@ -607,9 +596,10 @@ impl Course {
         carrier: &Carrier,
         mode: ConnectionMode,
         rate: f64,
+        hold_secs: f64,
         acked: Arc<std::sync::atomic::AtomicU64>,
     ) -> send::Outcome {
-        let hold = Duration::from_secs_f64(self.args.hold_secs);
+        let hold = Duration::from_secs_f64(hold_secs);
         let timeout = Duration::from_secs_f64(self.args.timeout_secs);
         let run_tag = format!("{}s{}", self.tag, self.steps_run);
         match carrier {

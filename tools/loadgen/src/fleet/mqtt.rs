@@ -18,9 +18,8 @@ use serde::{Deserialize, Serialize};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 
-use super::send::{Due, Outcome, open_loop};
+use super::send::{AnswerTimes, Due, Outcome, open_loop};
 use crate::mqtt::{Broker, Format, reading};
-use crate::stats::Latencies;
 
 /// A target's MQTT side, in the targets file: `{"url", "format", "logins", "processes"}`.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -85,8 +84,7 @@ struct Tally {
     /// Set when the step's figures are taken: later PUBACKs are not counted.
     closed: AtomicBool,
     timeout: Duration,
-    latencies: Mutex<Latencies>,
-    from_send: Mutex<Latencies>,
+    answers: AnswerTimes,
     last_ack: Mutex<Option<Instant>>,
     acked: Arc<AtomicU64>,
 }
@@ -103,12 +101,7 @@ impl Tally {
         }
         self.ok.fetch_add(1, Ordering::Relaxed);
         self.acked.fetch_add(1, Ordering::Relaxed);
-        if let Ok(mut l) = self.latencies.lock() {
-            l.record(now - due.scheduled);
-        }
-        if let Ok(mut l) = self.from_send.lock() {
-            l.record(now - due.made);
-        }
+        self.answers.record(due, now);
         if let Ok(mut last) = self.last_ack.lock() {
             *last = Some(last.map_or(now, |l| l.max(now)));
         }
@@ -200,8 +193,7 @@ impl MqttFleet {
             waiting: AtomicU64::new(0),
             closed: AtomicBool::new(false),
             timeout,
-            latencies: Mutex::new(Latencies::with_capacity(1 << 16)),
-            from_send: Mutex::new(Latencies::with_capacity(1 << 16)),
+            answers: AnswerTimes::default(),
             last_ack: Mutex::new(None),
             acked,
         });
@@ -223,6 +215,7 @@ impl MqttFleet {
         let ok = tally.ok.load(Ordering::Relaxed);
         let sent = schedule.scheduled - not_sent - disconnected;
         let last = tally.last_ack.lock().ok().and_then(|l| *l);
+        let (latencies, from_send) = tally.answers.take();
         Outcome {
             scheduled: schedule.scheduled,
             ok,
@@ -231,16 +224,8 @@ impl MqttFleet {
             failed: sent - ok + not_sent + disconnected,
             not_sent,
             connections_opened: self.opened.swap(0, Ordering::Relaxed),
-            latencies: tally
-                .latencies
-                .lock()
-                .map(|mut l| std::mem::take(&mut *l))
-                .unwrap_or_default(),
-            from_send: tally
-                .from_send
-                .lock()
-                .map(|mut l| std::mem::take(&mut *l))
-                .unwrap_or_default(),
+            latencies,
+            from_send,
             send_lag: schedule.send_lag,
             elapsed: last.unwrap_or_else(Instant::now) - schedule.started,
         }

@@ -202,8 +202,7 @@ struct Shared {
     step: Step,
     fleet: Arc<Fleet>,
     counters: Counters,
-    latencies: Mutex<Latencies>,
-    from_send: Mutex<Latencies>,
+    answers: AnswerTimes,
     last_answer: Mutex<Option<Instant>>,
 }
 
@@ -215,8 +214,7 @@ pub async fn run(step: Step, fleet: Arc<Fleet>, acked: Arc<AtomicU64>) -> Outcom
         step,
         fleet,
         counters: Counters::default(),
-        latencies: Mutex::new(Latencies::with_capacity(1 << 16)),
-        from_send: Mutex::new(Latencies::with_capacity(1 << 16)),
+        answers: AnswerTimes::default(),
         last_answer: Mutex::new(None),
     });
     let mut not_sent = 0;
@@ -239,6 +237,7 @@ pub async fn run(step: Step, fleet: Arc<Fleet>, acked: Arc<AtomicU64>) -> Outcom
     while tasks.join_next().await.is_some() {}
     let c = &shared.counters;
     let last = shared.last_answer.lock().ok().and_then(|l| *l);
+    let (latencies, from_send) = shared.answers.take();
     Outcome {
         scheduled: schedule.scheduled,
         ok: c.ok.load(Ordering::Relaxed),
@@ -246,16 +245,8 @@ pub async fn run(step: Step, fleet: Arc<Fleet>, acked: Arc<AtomicU64>) -> Outcom
         failed: c.failed.load(Ordering::Relaxed) + not_sent,
         not_sent,
         connections_opened: c.opened.load(Ordering::Relaxed),
-        latencies: shared
-            .latencies
-            .lock()
-            .map(|mut l| std::mem::take(&mut *l))
-            .unwrap_or_default(),
-        from_send: shared
-            .from_send
-            .lock()
-            .map(|mut l| std::mem::take(&mut *l))
-            .unwrap_or_default(),
+        latencies,
+        from_send,
         send_lag: schedule.send_lag,
         elapsed: last.unwrap_or_else(Instant::now) - schedule.started,
     }
@@ -268,6 +259,43 @@ pub async fn run(step: Step, fleet: Arc<Fleet>, acked: Arc<AtomicU64>) -> Outcom
 pub struct Due {
     pub scheduled: Instant,
     pub made: Instant,
+}
+
+/// A step's answers timed both ways (see [`Due`]), under one lock.
+pub struct AnswerTimes(Mutex<Timed>);
+
+#[derive(Default)]
+struct Timed {
+    from_due: Latencies,
+    from_made: Latencies,
+}
+
+impl Default for AnswerTimes {
+    fn default() -> Self {
+        Self(Mutex::new(Timed {
+            from_due: Latencies::with_capacity(1 << 16),
+            from_made: Latencies::with_capacity(1 << 16),
+        }))
+    }
+}
+
+impl AnswerTimes {
+    pub fn record(&self, due: Due, answered: Instant) {
+        if let Ok(mut timed) = self.0.lock() {
+            timed.from_due.record(answered - due.scheduled);
+            timed.from_made.record(answered - due.made);
+        }
+    }
+
+    /// (from when each was due, from when it was made), leaving both empty.
+    pub fn take(&self) -> (Latencies, Latencies) {
+        let timed = self
+            .0
+            .lock()
+            .map(|mut timed| std::mem::take(&mut *timed))
+            .unwrap_or_default();
+        (timed.from_due, timed.from_made)
+    }
 }
 
 /// What the schedule itself did: sends made due, how late each was made, and when it began.
@@ -331,12 +359,7 @@ async fn send_one(shared: &Shared, device: usize, seq: u64, due: Due, acked: &At
         Ok(Ok(status)) if status.is_success() => {
             c.ok.fetch_add(1, Ordering::Relaxed);
             acked.fetch_add(1, Ordering::Relaxed);
-            if let Ok(mut l) = shared.latencies.lock() {
-                l.record(now - due.scheduled);
-            }
-            if let Ok(mut l) = shared.from_send.lock() {
-                l.record(now - due.made);
-            }
+            shared.answers.record(due, now);
             if let Ok(mut last) = shared.last_answer.lock() {
                 *last = Some(last.map_or(now, |l| l.max(now)));
             }
