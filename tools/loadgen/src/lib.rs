@@ -46,6 +46,9 @@ pub enum Command {
     /// Open-loop fleet benchmark: N devices each posting one reading on its own schedule, offered
     /// rates stepped up per target and connection mode until p99 or refusals break the bound.
     Fleet(fleet::FleetArgs),
+    /// A fleet run's markdown and charts written again from its JSON (after a change to the
+    /// report, without running the benchmark again).
+    FleetReport(fleet::ReportArgs),
     /// An HTTP server that answers every request 200 and does nothing else (Traefik's ceiling).
     Responder(responder::ResponderArgs),
     /// What an idle keep-alive connection costs a server: N held connections, its resident
@@ -60,6 +63,7 @@ pub enum Command {
 pub async fn main_with(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Some(Command::Fleet(args)) => fleet::run(args).await,
+        Some(Command::FleetReport(args)) => fleet::report(args),
         Some(Command::Responder(args)) => responder::run(args).await,
         Some(Command::Idle(args)) => idle::run(args).await,
         Some(Command::Crash(args)) => crash::run(args).await,

@@ -2,7 +2,7 @@
 
 use std::fmt::Write as _;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use system::numbers::readable;
 
@@ -88,7 +88,7 @@ pub struct Resource {
     pub peak_since_workload_start: bool,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct Machine {
     pub nproc: usize,
     pub cpu_model: String,

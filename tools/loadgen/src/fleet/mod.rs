@@ -177,7 +177,7 @@ pub struct Process {
 }
 
 /// One held rate of one target in one mode.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct StepResult {
     pub target: String,
     pub role: Role,
@@ -223,6 +223,9 @@ pub struct StepResult {
 const WARM_UP_SECS: f64 = 10.0;
 /// ...and opens at most this many connections a second (a TLS handshake costs Traefik milliseconds).
 const WARM_UP_CONNECTIONS_PER_SEC: f64 = 200.0;
+/// ...and is run again while anything in it was refused or failed, at most this many times in all
+/// (a minute at 1,000 devices: longer than Traefik's health check takes to see a backend back).
+const WARM_UP_ROUNDS: u32 = 6;
 
 /// The name of loadgen's own process among the watched.
 const LOADGEN: &str = "loadgen";
@@ -287,26 +290,51 @@ pub async fn run(mut args: FleetArgs) -> anyhow::Result<()> {
         targets: file.targets.clone(),
         steps: course.results,
     };
+    write(&report, &args.out, &args.plots)
+}
+
+/// Writes a run's figures: its markdown (also printed) and JSON to `out`, its charts to `plots`
+/// (none when empty).
+fn write(report: &Report, out: &Path, plots: &Path) -> anyhow::Result<()> {
     let markdown = report.markdown();
     println!("{markdown}");
-    std::fs::create_dir_all(&args.out)
-        .with_context(|| format!("creating {}", args.out.display()))?;
-    let json = serde_json::to_string_pretty(&report)?;
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let json = serde_json::to_string_pretty(report)?;
     let stamp = report.started_at.replace(':', "");
-    std::fs::write(args.out.join(format!("fleet-{stamp}.json")), &json)?;
-    std::fs::write(args.out.join("latest.json"), &json)?;
-    std::fs::write(args.out.join("latest.md"), &markdown)?;
-    if !args.plots.as_os_str().is_empty() {
-        let written = plot::write(&report, &args.plots)?;
+    std::fs::write(out.join(format!("fleet-{stamp}.json")), &json)?;
+    std::fs::write(out.join("latest.json"), &json)?;
+    std::fs::write(out.join("latest.md"), &markdown)?;
+    if !plots.as_os_str().is_empty() {
+        let written = plot::write(report, plots)?;
         for path in written {
             eprintln!("chart written to {}", path.display());
         }
     }
-    eprintln!(
-        "figures written to {}",
-        args.out.join("latest.md").display()
-    );
+    eprintln!("figures written to {}", out.join("latest.md").display());
     Ok(())
+}
+
+/// Arguments of `loadgen fleet-report`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ReportArgs {
+    /// A fleet run's JSON (`latest.json` or `fleet-<time>.json` of its --out directory).
+    pub json: PathBuf,
+    /// Where the markdown and JSON go again.
+    #[arg(long, default_value = "target/bench/fleet")]
+    pub out: PathBuf,
+    /// Where the charts go (relative to the working directory); empty: none.
+    #[arg(long, default_value = "docs/bench")]
+    pub plots: PathBuf,
+}
+
+/// Writes a finished run's markdown, JSON and charts again from its JSON, as the run would write
+/// them now: after a change to the report, without running the benchmark again.
+pub fn report(args: ReportArgs) -> anyhow::Result<()> {
+    let report: Report = serde_json::from_slice(
+        &std::fs::read(&args.json).with_context(|| format!("reading {}", args.json.display()))?,
+    )
+    .with_context(|| format!("{}: not a fleet run's JSON", args.json.display()))?;
+    write(&report, &args.out, &args.plots)
 }
 
 /// Registers the fleet in the registry's database and waits until ingest-http lets the last one
@@ -401,29 +429,45 @@ impl Course {
     /// and nothing of it is counted. Without it the first step also paid for a thousand TLS
     /// handshakes in its first second, and a p99 measured the handshake storm rather than the
     /// rate (a new connection per reading is its own mode).
+    ///
+    /// A warm-up in which anything was refused or failed is run again, up to
+    /// [`WARM_UP_ROUNDS`] in all: after a step that broke, a target can take a while to come
+    /// back (Traefik marks its backend healthy again only at its next health check), and the
+    /// next step would measure that recovery rather than its rate.
     async fn warm_up(&mut self, target: &Target, carrier: &Carrier) -> anyhow::Result<()> {
         let Carrier::Http { fleet, .. } = carrier else {
             return Ok(());
         };
         let devices = fleet.devices() as f64;
         let seconds = WARM_UP_SECS.max(devices / WARM_UP_CONNECTIONS_PER_SEC);
-        // a rate a little above one reading per device, so that every device has sent once
-        let warm = self
-            .step(
-                target,
-                ConnectionMode::KeepAlive,
-                carrier,
-                devices * 1.1 / seconds,
-                seconds,
-            )
-            .await?;
-        self.progress.say(&format!(
-            "{}: keep-alive warm-up (not counted), {} connections opened over {} s, {} refused or failed",
-            target.name,
-            readable(warm.connections_opened as f64),
-            readable(seconds),
-            warm.refused + warm.failed
-        ));
+        for round in 1..=WARM_UP_ROUNDS {
+            // a rate a little above one reading per device, so that every device has sent once
+            let warm = self
+                .step(
+                    target,
+                    ConnectionMode::KeepAlive,
+                    carrier,
+                    devices * 1.1 / seconds,
+                    seconds,
+                )
+                .await?;
+            let troubles = warm.refused + warm.failed;
+            self.progress.say(&format!(
+                "{}: keep-alive warm-up (not counted), {} connections opened over {} s, {} refused or failed{}",
+                target.name,
+                readable(warm.connections_opened as f64),
+                readable(seconds),
+                troubles,
+                match (troubles, round) {
+                    (0, _) => "",
+                    (_, WARM_UP_ROUNDS) => "; the next step goes ahead anyway",
+                    _ => "; again",
+                }
+            ));
+            if troubles == 0 {
+                break;
+            }
+        }
         Ok(())
     }
 

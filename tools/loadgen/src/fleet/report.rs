@@ -1,13 +1,13 @@
 //! What a fleet run found: the step table, the targets compared, and where the path's CPU went.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::send::ConnectionMode;
 use super::{Role, StepResult, Target};
 use crate::report::Machine;
 use system::numbers::readable;
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct Report {
     pub started_at: String,
     pub machine: Machine,

@@ -23,7 +23,18 @@ use tokio::time::Instant;
 use crate::stats::Latencies;
 
 /// How a simulated device uses TCP.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum, serde::Serialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    clap::ValueEnum,
+    serde::Deserialize,
+    serde::Serialize,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum ConnectionMode {
     /// A new TCP (and TLS) connection for every reading, closed after the answer: what Python's
