@@ -223,6 +223,9 @@ impl Report {
     /// the CPU and Traefik targets.
     fn cpu_table(&self) -> String {
         use std::fmt::Write as _;
+        if !self.steps.iter().any(|s| s.held) {
+            return String::new();
+        }
         let mut out = String::from(
             "\nWhere the CPU went at each target's highest held rate, core-ms per 1,000 readings stored (answered, for the ceiling); the databases are the machine's shared instances, background included:\n\n| target | connections | rate | path, by process | loadgen | whole machine |\n|---|---|---|---|---|---|\n",
         );
@@ -495,6 +498,8 @@ mod tests {
         );
         // 150 / 0.8 = 187.5, less Traefik's 100 and loadgen's 100: nothing is left
         assert!(line.ends_with("at most nothing at all"), "{line}");
+        let nothing_held = report(Vec::new());
+        assert_eq!(nothing_held.cpu_table(), "", "no held step, no table");
         let table = r.cpu_table();
         assert!(
             table.contains("| via | keep-alive, a connection per device | 1,000 | traefik 100 · ingest-http 60 · rabbitmq 40 | 100 | 300 |"),
