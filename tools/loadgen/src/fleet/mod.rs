@@ -111,13 +111,8 @@ pub struct FleetArgs {
     /// ...giving up earlier when the count has not grown for this long.
     #[arg(long, default_value_t = 10.0)]
     pub stall_secs: f64,
-    /// Directory for the figures (`fleet-<time>.json`, `latest.json`, `latest.md`).
-    #[arg(long, default_value = "target/bench/fleet")]
-    pub out: PathBuf,
-    /// Directory for the charts (`fleet-throughput.svg`, `fleet-latency.svg`, a panel per mode;
-    /// `fleet-mqtt-*.svg` when mqtt is the only mode); empty: none.
-    #[arg(long, default_value = "docs/bench")]
-    pub plots: PathBuf,
+    #[command(flatten)]
+    pub written: Written,
     /// A short run to try things out: 10 s holds (overrides --hold-secs).
     #[arg(long)]
     pub quick: bool,
@@ -290,12 +285,24 @@ pub async fn run(mut args: FleetArgs) -> anyhow::Result<()> {
         targets: file.targets.clone(),
         steps: course.results,
     };
-    write(&report, &args.out, &args.plots)
+    write(&report, &args.written)
 }
 
-/// Writes a run's figures: its markdown (also printed) and JSON to `out`, its charts to `plots`
-/// (none when empty).
-fn write(report: &Report, out: &Path, plots: &Path) -> anyhow::Result<()> {
+/// Where a run's figures go: `loadgen fleet` writes them there, `loadgen fleet-report` again.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Written {
+    /// Directory for the figures (`fleet-<time>.json`, `latest.json`, `latest.md`).
+    #[arg(long, default_value = "target/bench/fleet")]
+    pub out: PathBuf,
+    /// Directory for the charts (`fleet-throughput.svg`, `fleet-latency.svg`, a panel per mode;
+    /// `fleet-mqtt-*.svg` when mqtt is the only mode); empty: none.
+    #[arg(long, default_value = "docs/bench")]
+    pub plots: PathBuf,
+}
+
+/// Writes a run's figures: its markdown (also printed) and JSON to `--out`, its charts to
+/// `--plots` (none when empty).
+fn write(report: &Report, Written { out, plots }: &Written) -> anyhow::Result<()> {
     let markdown = report.markdown();
     println!("{markdown}");
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
@@ -319,12 +326,8 @@ fn write(report: &Report, out: &Path, plots: &Path) -> anyhow::Result<()> {
 pub struct ReportArgs {
     /// A fleet run's JSON (`latest.json` or `fleet-<time>.json` of its --out directory).
     pub json: PathBuf,
-    /// Where the markdown and JSON go again.
-    #[arg(long, default_value = "target/bench/fleet")]
-    pub out: PathBuf,
-    /// Where the charts go (relative to the working directory); empty: none.
-    #[arg(long, default_value = "docs/bench")]
-    pub plots: PathBuf,
+    #[command(flatten)]
+    pub written: Written,
 }
 
 /// Writes a finished run's markdown, JSON and charts again from its JSON, as the run would write
@@ -334,7 +337,7 @@ pub fn report(args: ReportArgs) -> anyhow::Result<()> {
         &std::fs::read(&args.json).with_context(|| format!("reading {}", args.json.display()))?,
     )
     .with_context(|| format!("{}: not a fleet run's JSON", args.json.display()))?;
-    write(&report, &args.out, &args.plots)
+    write(&report, &args.written)
 }
 
 /// Registers the fleet in the registry's database and waits until ingest-http lets the last one
